@@ -1,0 +1,64 @@
+"""Reference VLA models: pi0, pi0.5 (PI0Model) and GR00T-style (GR00TModel)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import name_attention_modules
+from .base import Batch, FlowMatchingVLA
+from .groot import GR00TModel
+from .layers import AdaRMSNorm
+from .pi0 import PI0Model
+
+__all__ = ["Batch", "FlowMatchingVLA", "PI0Model", "GR00TModel", "build_model", "component_of",
+           "COMPONENTS"]
+
+COMPONENTS = ("vision", "backbone", "expert", "other")
+
+_COMPONENT_PREFIXES = (
+    ("paligemma_with_expert.paligemma.model.vision_tower.", "vision"),
+    ("paligemma_with_expert.paligemma.model.multi_modal_projector.", "vision"),
+    ("paligemma_with_expert.paligemma.model.language_model.", "backbone"),
+    ("paligemma_with_expert.gemma_expert.", "expert"),
+    ("backbone.eagle_model.vision_model.", "vision"),
+    ("backbone.eagle_model.mlp1.", "vision"),
+    ("backbone.eagle_model.language_model.", "backbone"),
+    ("action_head.", "expert"),
+)
+
+
+def component_of(name: str) -> str:
+    """Which component a parameter/module belongs to: vision, backbone, expert (action head), other."""
+    for prefix, comp in _COMPONENT_PREFIXES:
+        if name.startswith(prefix) or name + "." == prefix:
+            return comp
+    return "other"
+
+
+def build_model(cfg: ModelConfig, *, seed: int | None = 0, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> FlowMatchingVLA:
+    """Build a reference model. device='meta' allocates nothing (shape/memory accounting)."""
+    if seed is not None and str(device) != "meta":
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model: nn.Module = (GR00TModel if cfg.arch == "groot" else PI0Model)(cfg)
+    if str(device) != "meta":
+        _init_weights(model)
+    name_attention_modules(model)
+    return model.to(dtype=dtype).eval()
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Small truncated-normal linears, so random models produce finite, non-trivial actions."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=min(0.02, 1.0 / m.in_features ** 0.5))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+    for m in model.modules():
+        if isinstance(m, AdaRMSNorm):  # gates open at init so the expert's layers contribute
+            with torch.no_grad():
+                m.dense.bias[2 * m.dense.out_features // 3:] = 1.0

@@ -1,0 +1,122 @@
+"""What every reference VLA shares: the batch format, flow matching, Euler sampling.
+
+A chunk is produced in three stages that the runtime times separately: `encode_images`
+(vision), `encode_prefix` (backbone over images + instruction, cached once per chunk) and
+`num_steps` calls of `denoise_step` (the action head only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+
+@dataclass
+class Batch:
+    """Model inputs, already preprocessed.
+
+    images: (B, C, 3, S, S) float in [-1, 1]; image_mask: (B, C) bool (False = camera absent);
+    tokens: (B, L) long; token_mask: (B, L) bool; state: (B, state_dim) normalised float.
+    """
+    images: torch.Tensor
+    image_mask: torch.Tensor
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+    state: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+        f = lambda x: x.to(device=device, dtype=dtype) if (dtype and x.is_floating_point()) else x.to(device)  # noqa: E731
+        return Batch(f(self.images), self.image_mask.to(device), self.tokens.to(device),
+                     self.token_mask.to(device), f(self.state))
+
+
+class FlowMatchingVLA(nn.Module):
+    """Base class. Subclasses define the three stages and the flow-time convention.
+
+    `noise_at_one=True` (pi0): x_t = t * noise + (1 - t) * actions, sampling t: 1 -> 0.
+    `noise_at_one=False` (GR00T): x_t = (1 - t) * noise + t * actions, sampling t: 0 -> 1.
+    In both, the network predicts d x_t / d t and sampling takes Euler steps.
+    """
+
+    noise_at_one = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    # -- stages (subclasses) -------------------------------------------------------------
+    def encode_images(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_prefix(self, batch: Batch, image_tokens: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def denoise_step(self, cache: Any, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def velocity_joint(self, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Training-time path (no cache); must equal encode_prefix + denoise_step."""
+        raise NotImplementedError
+
+    # -- flow matching --------------------------------------------------------------------
+    def time_grid(self, num_steps: int) -> list[float]:
+        dt = 1.0 / num_steps
+        if self.noise_at_one:
+            return [1.0 - i * dt for i in range(num_steps)]
+        return [i * dt for i in range(num_steps)]
+
+    def step_size(self, num_steps: int) -> float:
+        return -1.0 / num_steps if self.noise_at_one else 1.0 / num_steps
+
+    def noisy_actions(self, actions: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, target velocity) for training."""
+        tt = t[:, None, None]
+        if self.noise_at_one:
+            return tt * noise + (1 - tt) * actions, noise - actions
+        return (1 - tt) * noise + tt * actions, actions - noise
+
+    def sample_noise(self, batch_size: int, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.randn(batch_size, self.cfg.horizon, self.cfg.action_dim, generator=generator,
+                           device=device, dtype=torch.float32)
+
+    def flow_loss(self, batch: Batch, actions: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+        b = actions.shape[0]
+        noise = torch.randn(actions.shape, generator=generator, device=actions.device)
+        u = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(actions.device)
+        t = u * 0.999 + 0.001
+        if not self.noise_at_one:
+            t = 1.0 - t  # GR00T puts more weight near the data end of its (0 -> 1) time axis
+        x_t, target = self.noisy_actions(actions, noise, t)
+        v = self.velocity_joint(batch, x_t.to(actions.dtype), t)
+        return torch.mean((v.float() - target.float()) ** 2)
+
+    @torch.no_grad()
+    def sample_actions(self, batch: Batch, noise: torch.Tensor, num_steps: int | None = None,
+                       on_stage: Callable[[str], None] | None = None) -> torch.Tensor:
+        """Euler integration from noise to actions (normalised space), using the prefix cache.
+
+        `on_stage(name)` is called after each stage ('vision', 'prefix', 'denoise_step_i') so
+        that a caller can time stages without this code knowing about clocks.
+        """
+        num_steps = num_steps or self.cfg.num_steps
+        mark = on_stage or (lambda _name: None)
+        image_tokens = self.encode_images(batch)
+        mark("vision")
+        cache = self.encode_prefix(batch, image_tokens)
+        mark("prefix")
+        x = noise.to(batch.state.dtype)
+        dt = self.step_size(num_steps)
+        for i, t in enumerate(self.time_grid(num_steps)):
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+            v = self.denoise_step(cache, x, tt, batch.state)
+            x = x + dt * v.to(x.dtype)
+            mark(f"denoise_step_{i}")
+        return x
+

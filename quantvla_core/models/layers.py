@@ -1,0 +1,223 @@
+"""Building blocks shared by the reference VLAs (Gemma/Qwen decoders, SigLIP ViT, DiT).
+
+Module attribute names match the real checkpoints (q_proj, gate_proj, to_q, ff.net.0.proj, ...)
+so that the quantization layout rules written once apply to real models too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DecoderConfig
+from .attention import attention
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {name!r}; accepted: gelu_tanh, silu")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; `offset=1` is Gemma's x * (1 + w) with w initialised to zero."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 1.0):
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (self.offset + self.weight.float())).to(x.dtype)
+
+
+class AdaRMSNorm(nn.Module):
+    """pi0.5 adaptive RMSNorm: (scale, shift, gate) = dense(cond); returns (normed, gate)."""
+
+    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.dense = nn.Linear(cond_dim, 3 * dim)
+        nn.init.normal_(self.dense.weight, std=0.02 / math.sqrt(cond_dim))
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale, shift, gate = self.dense(cond).unsqueeze(1).chunk(3, dim=-1)
+        return (y * (1 + scale.float()) + shift.float()).to(x.dtype), gate
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, 1, T, D) for rotate-half RoPE at integer positions (B, T)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                         dtype=torch.float32) / head_dim))
+    ang = positions.float()[..., None] * inv
+    ang = torch.cat([ang, ang], dim=-1)[:, None]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class GatedMLP(nn.Module):
+    """GeGLU (Gemma) / SwiGLU (Llama, Qwen): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.act = act
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderAttention(nn.Module):
+    """GQA self-attention with RoPE; q/k/v/o names as in Gemma/Llama/Qwen."""
+
+    attn_name = ""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.width, cfg.heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.width, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.width, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.width, bias=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, mask) -> torch.Tensor:
+        out = attention(q, k, v, mask, name=self.attn_name)
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer. With `cond_dim` the norms are adaRMS with gated residuals (pi0.5)."""
+
+    def __init__(self, cfg: DecoderConfig, cond_dim: int | None = None, norm_offset: float = 1.0):
+        super().__init__()
+        self.self_attn = DecoderAttention(cfg)
+        self.mlp = GatedMLP(cfg.width, cfg.mlp, cfg.act)
+        self.adaptive = cond_dim is not None
+        if self.adaptive:
+            self.input_layernorm = AdaRMSNorm(cfg.width, cond_dim)
+            self.post_attention_layernorm = AdaRMSNorm(cfg.width, cond_dim)
+        else:
+            self.input_layernorm = RMSNorm(cfg.width, offset=norm_offset)
+            self.post_attention_layernorm = RMSNorm(cfg.width, offset=norm_offset)
+
+    def norm(self, which: nn.Module, x: torch.Tensor, cond: torch.Tensor | None):
+        if self.adaptive:
+            return which(x, cond)
+        return which(x), None
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor, gate1, cond) -> torch.Tensor:
+        """Residual after attention, then the MLP half of the layer."""
+        x = x + (attn_out if gate1 is None else attn_out * gate1)
+        h, gate2 = self.norm(self.post_attention_layernorm, x, cond)
+        h = self.mlp(h)
+        return x + (h if gate2 is None else h * gate2)
+
+
+class Decoder(nn.Module):
+    """A stack of decoder layers (`layers.N`) with a final `norm`; optional token embedding."""
+
+    def __init__(self, cfg: DecoderConfig, embed: bool, cond_dim: int | None = None,
+                 norm_offset: float = 1.0):
+        super().__init__()
+        self.cfg = cfg
+        if embed:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cond_dim, norm_offset) for _ in range(cfg.depth))
+        self.norm = AdaRMSNorm(cfg.width, cond_dim) if cond_dim else RMSNorm(cfg.width, offset=norm_offset)
+
+    def final_norm(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.norm(x, cond)[0] if cond is not None else self.norm(x)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                cond: torch.Tensor | None = None, return_kv: bool = False):
+        """Plain self-attention pass; with return_kv also the per-layer (K, V) (the prefix cache)."""
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        kv = []
+        for layer in self.layers:
+            h, gate = layer.norm(layer.input_layernorm, x, cond)
+            q, k, v = layer.self_attn.qkv(h, cos, sin)
+            if return_kv:
+                kv.append((k, v))
+            x = layer.finish(x, layer.self_attn.attend(q, k, v, mask), gate, cond)
+        return (x, kv) if return_kv else x
+
+
+class Attention(nn.Module):
+    """diffusers-style attention (to_q, to_k, to_v, to_out.0) used by SigLIP-free DiT blocks."""
+
+    attn_name = ""
+
+    def __init__(self, width: int, heads: int, head_dim: int, kv_dim: int | None = None, bias: bool = True):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(width, inner, bias=bias)
+        self.to_k = nn.Linear(kv_dim or width, inner, bias=bias)
+        self.to_v = nn.Linear(kv_dim or width, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, width, bias=bias)])
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.to_k(context)), self.split(self.to_v(context))
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.split(self.to_q(x))
+        k, v = kv if kv is not None else self.kv(x)
+        out = attention(q, k, v, mask, name=self.attn_name)
+        b, _, t, _ = out.shape
+        return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """diffusers FeedForward naming: ff.net.0.proj (in, GELU-tanh) and ff.net.2 (out)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        proj = nn.Module()
+        proj.proj = nn.Linear(width, hidden)
+        self.net = nn.ModuleList([proj, nn.Dropout(0.0), nn.Linear(hidden, width)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3,
+                         max_period: float = 4.0) -> torch.Tensor:
+    """pi0's sine-cosine embedding of the flow time t in [0, 1]; t (B,) -> (B, dim) fp32."""
+    if dim % 2:
+        raise ValueError(f"time embedding dim must be even, got {dim}")
+    frac = torch.linspace(0.0, 1.0, dim // 2, device=t.device, dtype=torch.float64)
+    period = min_period * (max_period / min_period) ** frac
+    ang = (2 * math.pi / period)[None] * t.double()[:, None]
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).float()

@@ -1,0 +1,197 @@
+"""The runtime API: `Policy.load(...)` then `policy.predict(Observation) -> ActionChunk`.
+
+One object hides the model family, quantization, device and normalisation so that the ROS node,
+the simulator and the CLI all run policies the same way, with per-stage timings that
+synchronise the GPU (timings taken without a sync measure launch queues, not work).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_state_into, read_config, verify_manifest
+from .config import PRESETS, ModelConfig, preset
+from .models import Batch, FlowMatchingVLA, build_model, component_of
+from .preprocess import Normalizer, images_to_array
+from .tokenizer import ByteTokenizer, prompt_text
+
+DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "assets" / "default_policy"
+QUANT_FILE = "quantization.json"
+
+
+@dataclass
+class Observation:
+    images: list[np.ndarray]  # 1..max_cameras frames, uint8 HxWx3 RGB, any size
+    instruction: str
+    state: np.ndarray  # (state_dim,) raw (un-normalised) proprioception
+
+
+@dataclass
+class ActionChunk:
+    actions: np.ndarray  # (horizon, action_dim) float32, in the robot's units
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _dtype_from_name(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; accepted: fp32, bf16, fp16")
+    return table[name]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; accepted here: cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; accepted: cpu, cuda, cuda:N, auto")
+    return dev
+
+
+class Policy:
+    """A loaded VLA policy on one device."""
+
+    def __init__(self, model: FlowMatchingVLA, config: ModelConfig, *, name: str = "custom",
+                 device: str | torch.device | None = "cpu", dtype: str | None = None,
+                 scheme: str = "fp", quant_meta: dict[str, Any] | None = None, seed: int = 0):
+        self.config = config
+        self.name = name
+        self.device = resolve_device(device)
+        self.dtype = _dtype_from_name(dtype, self.device)
+        self.model = model.to(device=self.device)
+        if scheme == "fp":
+            self.model = self.model.to(dtype=self.dtype)
+        self.scheme = scheme if scheme != "fp" else {torch.float32: "fp32", torch.bfloat16: "bf16",
+                                                      torch.float16: "fp16"}[self.dtype]
+        self.quant_meta = quant_meta or {}
+        self.model.eval()
+        self.tokenizer = ByteTokenizer()
+        self.state_norm = Normalizer(config.state_mean, config.state_std, config.state_dim, "state")
+        self.action_norm = Normalizer(config.action_mean, config.action_std, config.action_dim, "action")
+        self._generator = torch.Generator().manual_seed(seed)
+
+    # -- loading ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str | Path = "default", device: str | torch.device | None = "cpu",
+             dtype: str | None = None, seed: int = 0) -> "Policy":
+        """'default' (the committed trained policy, else `small` with seeded random weights),
+        a preset name (seeded random weights) or a model / quantized-artifact directory."""
+        src = str(source)
+        if src == "default":
+            if (DEFAULT_POLICY_DIR / "config.json").is_file():
+                return cls.load(DEFAULT_POLICY_DIR, device, dtype, seed)
+            return cls(build_model(preset("small")), preset("small"), name="default(small, random)",
+                       device=device, dtype=dtype, seed=seed)
+        if src in PRESETS:
+            cfg = preset(src)
+            return cls(build_model(cfg), cfg, name=src, device=device, dtype=dtype, seed=seed)
+        path = Path(src)
+        if not path.exists():
+            raise CheckpointError(f"{src}: no such model directory or preset; accepted: 'default', "
+                                  f"a preset ({', '.join(PRESETS)}) or a directory with config.json")
+        if not path.is_dir():
+            raise CheckpointError(f"{src}: is a file; a model is a directory with config.json, "
+                                  "model.safetensors and manifest.json")
+        if not (path / "manifest.json").is_file() and (path / "model.safetensors").is_file():
+            from .loaders import load_external  # real checkpoints (LeRobot / openpi layouts)
+            return load_external(path, device=device, dtype=dtype, seed=seed)
+        verify_manifest(path)
+        cfg = read_config(path)
+        model = build_model(cfg, seed=None)
+        if (path / QUANT_FILE).is_file():
+            from .quant.artifact import load_quantized
+            model, meta = load_quantized(model, path)
+            return cls(model, cfg, name=path.name, device=device, dtype=dtype,
+                       scheme=meta.get("scheme", "quantized"), quant_meta=meta, seed=seed)
+        load_state_into(model, path)
+        return cls(model, cfg, name=path.name, device=device, dtype=dtype, seed=seed)
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def horizon(self) -> int:
+        return self.config.horizon
+
+    @property
+    def action_dim(self) -> int:
+        return self.config.action_dim
+
+    @property
+    def state_dim(self) -> int:
+        return self.config.state_dim
+
+    @property
+    def num_steps(self) -> int:
+        return self.config.num_steps
+
+    def describe(self) -> dict[str, Any]:
+        params = 0
+        weight_bytes = 0
+        per_component: dict[str, int] = {}
+        for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            nbytes = t.numel() * t.element_size()
+            weight_bytes += nbytes
+            per_component[component_of(n)] = per_component.get(component_of(n), 0) + nbytes
+            if t.is_floating_point() or t.dtype in (torch.int8, torch.uint8):
+                params += t.numel()
+        return {"name": self.name, "arch": self.config.arch, "scheme": self.scheme,
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "weight_bytes": weight_bytes, "weight_bytes_per_component": per_component,
+                "horizon": self.horizon, "action_dim": self.action_dim, "num_steps": self.num_steps,
+                "max_cameras": self.config.max_cameras}
+
+    # -- inference ----------------------------------------------------------------------
+    def preprocess(self, obs: Observation) -> Batch:
+        cfg = self.config
+        images, image_mask = images_to_array(obs.images, cfg.vision.image_size, cfg.max_cameras)
+        state = self.state_norm.normalize(obs.state)
+        text = prompt_text(cfg.arch, obs.instruction, state)
+        tokens, token_mask = self.tokenizer.encode(text, cfg.max_text_tokens)
+        batch = Batch(torch.from_numpy(images)[None], torch.from_numpy(image_mask)[None],
+                      torch.from_numpy(tokens)[None], torch.from_numpy(token_mask)[None],
+                      torch.from_numpy(state)[None])
+        return batch.to(self.device, self.dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def predict(self, obs: Observation, seed: int | None = None, noise: torch.Tensor | None = None
+                ) -> ActionChunk:
+        """One action chunk. Raises ValueError (naming the field) on invalid observations."""
+        timings: dict[str, float] = {}
+        self._sync()
+        t0 = last = time.perf_counter()
+
+        def mark(stage: str) -> None:
+            nonlocal last
+            self._sync()
+            now = time.perf_counter()
+            timings[stage] = (now - last) * 1e3
+            last = now
+
+        batch = self.preprocess(obs)
+        if noise is None:
+            gen = torch.Generator().manual_seed(seed) if seed is not None else self._generator
+            noise = self.model.sample_noise(1, gen)
+        mark("preprocess")
+        x = self.model.sample_actions(batch, noise.to(self.device), on_stage=mark)
+        actions = x[0].float().cpu().numpy()
+        actions = self.action_norm.unnormalize(actions).astype(np.float32)
+        mark("postprocess")
+        if not np.all(np.isfinite(actions)):
+            raise FloatingPointError("the model produced non-finite actions; refusing to return them")
+        steps = [v for k, v in timings.items() if k.startswith("denoise_step_")]
+        timings["denoise"] = float(sum(steps))
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        return ActionChunk(actions=actions, timings_ms=timings)

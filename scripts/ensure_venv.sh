@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create or reuse ./.venv with the pinned requirements and this package installed (editable).
+# Idempotent: re-installs only when requirements.txt or setup.py changed.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$root/.venv"
+stamp="$venv/.quantvla-installed"
+want=$(cat "$root/requirements.txt" "$root/setup.py" | sha256sum | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[quantvla] creating virtual environment in $venv" >&2
+  python3 -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[quantvla] installing pinned requirements (torch==2.13.0 CPU build from disk)" >&2
+  "$venv/bin/python" -m pip install -q --upgrade pip >&2
+  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt" >&2
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2
+  echo "$want" > "$stamp"
+fi

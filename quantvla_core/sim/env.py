@@ -11,8 +11,10 @@ its flags are changed, can produce black frames in later environments of the sam
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import weakref
 import zlib
 from dataclasses import dataclass
 
@@ -79,6 +81,12 @@ def _benchmark(task: str, seed: int):
     return metaworld.MT1(task, seed=seed)
 
 
+def _close_at_exit(ref) -> None:
+    env = ref()
+    if env is not None:
+        env.close()
+
+
 class MT10Env:
     """One MT10 task with rendering; `reset(seed, index)` then `step(action)` until `done`."""
 
@@ -113,6 +121,9 @@ class MT10Env:
         for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
                      mujoco.mjtRndFlag.mjRND_SKYBOX):
             self._renderer.scene.flags[flag] = 0
+        # Registered after the GL context exists, so it runs before mujoco's own atexit
+        # eglTerminate; freeing a context after that raises EGL errors at shutdown.
+        atexit.register(_close_at_exit, weakref.ref(self))
         self.start: StartState | None = None
         self.instruction = ""
         self.sim_obs: np.ndarray | None = None  # full Meta-World observation (experts only)
@@ -167,8 +178,10 @@ class MT10Env:
         return images
 
     def close(self) -> None:
-        self._renderer.close()
-        self._env.close()
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+            self._env.close()
 
     def __enter__(self):
         return self

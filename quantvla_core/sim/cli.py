@@ -1,0 +1,99 @@
+"""`quantvla sim demos` and `quantvla eval --sim mt10`: argparse wiring only.
+
+`register(subparsers)` is called by quantvla_core/cli.py; each subcommand sets `func(args)`
+returning an exit code. `python -m quantvla_core.sim.cli ...` works on its own as well.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _env_args(p: argparse.ArgumentParser) -> None:
+    from quantvla_core.sim import env
+
+    p.add_argument("--tasks", nargs="+", default=list(env.TASKS), metavar="TASK", choices=env.TASKS,
+                   help="MT10 tasks (default: all ten)")
+    p.add_argument("--cameras", nargs="+", default=list(env.DEFAULT_CAMERAS),
+                   choices=env.CAMERAS, help="cameras, in image order (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=env.DEFAULT_IMAGE_SIZE,
+                   help="square image side in pixels (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=env.DEFAULT_MAX_STEPS,
+                   help="episode step limit (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (default: 2)")
+
+
+def _settings(args):
+    from quantvla_core.sim.demos import EnvSettings
+
+    return EnvSettings(tuple(args.cameras), args.image_size, args.max_steps)
+
+
+def _run_demos(args) -> int:
+    from quantvla_core.sim.demos import generate_demos
+
+    index = generate_demos(args.out, args.tasks, args.per_task, args.workers, _settings(args),
+                           chunk=args.chunk)
+    print(f"{index['episodes']} episodes, {index['steps']} steps in {index['seconds']} s "
+          f"-> {args.out}")
+    for task, row in index["tasks"].items():
+        rate = row["expert_success"]
+        print(f"  {task:<26} {row['episodes']:>4} / {row['attempted']:<4} "
+              f"expert success {'-' if rate is None else f'{100 * rate:.0f}%'}")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from quantvla_core.sim.evaluate import EvalConfig, evaluate, save_report
+
+    if args.sim != "mt10":
+        print(f"--sim {args.sim!r} is not supported; accepted: mt10", file=sys.stderr)
+        return 2
+    cfg = EvalConfig(tasks=tuple(args.tasks), episodes_per_task=args.episodes,
+                     replan_steps=args.replan_steps, workers=args.workers,
+                     settings=_settings(args), device=args.device, seed=args.seed)
+    report = evaluate(args.policy, cfg)
+    paths = save_report(report, args.out)
+    print(f"report: {', '.join(str(p) for p in paths)}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    sim = subparsers.add_parser("sim", help="Meta-World MT10 simulation tools")
+    sim_sub = sim.add_subparsers(dest="sim_command", required=True)
+    demos = sim_sub.add_parser("demos", help="record scripted-expert demonstrations")
+    demos.add_argument("--out", default="runs/demos", help="shard folder (default: %(default)s)")
+    demos.add_argument("--per-task", type=int, default=50,
+                       help="successful episodes per task (default: %(default)s)")
+    demos.add_argument("--chunk", type=int, default=10, help="episodes per shard/job")
+    _env_args(demos)
+    demos.set_defaults(func=_run_demos)
+
+    ev = subparsers.add_parser("eval", help="closed-loop success rates of policies on MT10")
+    ev.add_argument("--sim", default="mt10", help="benchmark (only: mt10)")
+    ev.add_argument("--policy", action="append", required=True, metavar="SPEC",
+                    help="repeatable: 'expert', 'default', a preset or a model/artifact dir; "
+                         "NAME=SPEC gives it a display name")
+    ev.add_argument("--episodes", type=int, default=20, help="episodes per task (default: 20)")
+    ev.add_argument("--replan-steps", type=int, default=8,
+                    help="actions executed from each chunk before re-inferring (default: 8)")
+    ev.add_argument("--device", default="cpu", help="torch device for the policies")
+    ev.add_argument("--seed", type=int, default=0, help="policy sampling seed")
+    ev.add_argument("--out", default="runs/eval", help="report folder (default: %(default)s)")
+    ev.add_argument("--json", action="store_true", help="also print the JSON report")
+    _env_args(ev)
+    ev.set_defaults(func=_run_eval)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="quantvla")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

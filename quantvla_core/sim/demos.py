@@ -1,0 +1,192 @@
+"""Scripted-expert demonstrations on MT10 train starts, successes only, in parallel workers.
+
+Work is split into jobs of up to `chunk` consecutive starts of one task; each job writes one
+shard named after its starts, so an interrupted run resumes by skipping shards already on disk.
+Starts are taken in a fixed order from TRAIN_SEEDS; a task whose expert failed on some starts
+gets more starts in the next round until it has `per_task` successes (or starts run out).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from quantvla_core.sim.env import (DEFAULT_CAMERAS, DEFAULT_GOAL_MARKER_SCALE,
+                                   DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS, TASKS, TRAIN_SEEDS,
+                                   MT10Env, StartState, check_task, starts_for)
+from quantvla_core.sim.shards import Episode, read_shard, write_shard
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    cameras: tuple[str, ...] = DEFAULT_CAMERAS
+    image_size: int = DEFAULT_IMAGE_SIZE
+    max_steps: int = DEFAULT_MAX_STEPS
+    goal_marker_scale: float = DEFAULT_GOAL_MARKER_SCALE
+
+    def make(self, task: str) -> MT10Env:
+        return MT10Env(task, self.cameras, self.image_size, self.max_steps,
+                       self.goal_marker_scale)
+
+
+@dataclass
+class JobResult:
+    task: str
+    attempted: int
+    succeeded: int
+    steps: int
+    seconds: float
+    shard: str | None
+    failures: list = field(default_factory=list)
+
+
+_ENVS: dict = {}  # per-process cache: building an env costs ~0.5 s
+
+
+def _env(task: str, settings: EnvSettings) -> MT10Env:
+    key = (task, settings)
+    if key not in _ENVS:
+        for env in _ENVS.values():
+            env.close()
+        _ENVS.clear()
+        _ENVS[key] = settings.make(task)
+    return _ENVS[key]
+
+
+def record_episode(env: MT10Env, expert, start: StartState) -> tuple[Episode, bool]:
+    """Run the expert from `start`; the episode holds each observation and its action."""
+    obs = env.reset(start.seed, start.index)
+    images, states, actions = [], [], []
+    while not env.done:
+        action = expert.action(env.sim_obs)
+        images.append(np.stack(obs["images"]))
+        states.append(obs["state"])
+        actions.append(action)
+        obs, info = env.step(action)
+    ep = Episode(start.task, start.seed, start.index, env.instruction, np.stack(images),
+                 np.stack(states), np.stack(actions))
+    return ep, env.success
+
+
+def shard_name(starts: list[StartState]) -> str:
+    s = starts[0]
+    return f"{s.task}__s{s.seed}_i{s.index:02d}-{starts[-1].index:02d}.npz"
+
+
+def run_job(args) -> JobResult:
+    """Record the starts of one job and write its successful episodes as one shard."""
+    starts, out_dir, settings = args
+    from quantvla_core.sim.expert import ScriptedExpert
+
+    task = starts[0].task
+    t0 = time.perf_counter()
+    env, expert = _env(task, settings), ScriptedExpert(task)
+    episodes, failures, steps = [], [], 0
+    for start in starts:
+        ep, ok = record_episode(env, expert, start)
+        steps += len(ep.actions)
+        (episodes if ok else failures).append(ep if ok else [start.seed, start.index])
+    shard = None
+    if episodes:
+        meta = {"image_size": settings.image_size, "max_steps": settings.max_steps,
+                "goal_marker_scale": settings.goal_marker_scale, "source": "metaworld expert"}
+        shard = str(write_shard(Path(out_dir) / shard_name(starts), episodes,
+                                settings.cameras, meta))
+    return JobResult(task, len(starts), len(episodes), steps, time.perf_counter() - t0,
+                     shard, failures)
+
+
+def _existing(path: Path, starts: list[StartState]) -> JobResult | None:
+    """A shard from an earlier, interrupted run counts as done if it is readable."""
+    if not path.exists():
+        return None
+    try:
+        shard = read_shard(path)
+    except ValueError:
+        path.unlink()
+        return None
+    return JobResult(starts[0].task, len(starts), shard.num_episodes, len(shard.actions), 0.0,
+                     str(path))
+
+
+def generate_demos(out_dir, tasks=TASKS, per_task: int = 50, workers: int = 2,
+                   settings: EnvSettings = EnvSettings(), chunk: int = 10,
+                   seeds=TRAIN_SEEDS, progress: bool = True) -> dict:
+    """Make `per_task` successful expert episodes per task in `out_dir`; returns the index."""
+    from tqdm import tqdm
+
+    tasks = [check_task(t) for t in tasks]
+    if per_task < 1 or workers < 1 or chunk < 1:
+        raise ValueError(f"per_task, workers and chunk must be >= 1, got "
+                         f"{per_task}, {workers}, {chunk}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pending = {t: starts_for(t, seeds) for t in tasks}
+    done = {t: 0 for t in tasks}
+    results: list[JobResult] = []
+    t0 = time.perf_counter()
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    bar = tqdm(total=per_task * len(tasks), desc="expert demos", unit="ep", disable=not progress)
+    try:
+        while True:
+            jobs = []
+            for t in tasks:
+                need = min(per_task - done[t], len(pending[t]))
+                take, pending[t] = pending[t][:need], pending[t][need:]
+                jobs += [take[i:i + chunk] for i in range(0, len(take), chunk)]
+            if not jobs:
+                break
+            todo = []
+            for job in jobs:
+                prior = _existing(out / shard_name(job), job)
+                (todo.append(job) if prior is None else _collect(prior, results, done, bar))
+            args = [(job, str(out), settings) for job in todo]
+            for res in (pool.imap_unordered(run_job, args) if pool else map(run_job, args)):
+                _collect(res, results, done, bar)
+    finally:
+        bar.close()
+        if pool:
+            pool.close()
+            pool.join()
+    index = _index(results, tasks, settings, time.perf_counter() - t0, workers)
+    _write_json(out / "index.json", index)
+    return index
+
+
+def _collect(res: JobResult, results: list, done: dict, bar) -> None:
+    results.append(res)
+    done[res.task] += res.succeeded
+    bar.update(res.succeeded)
+    bar.set_postfix(task=res.task.removesuffix("-v3"), fails=sum(r.attempted - r.succeeded
+                                                                  for r in results))
+
+
+def _index(results, tasks, settings: EnvSettings, seconds: float, workers: int) -> dict:
+    per_task = {}
+    for t in tasks:
+        rs = [r for r in results if r.task == t]
+        ok, tried = sum(r.succeeded for r in rs), sum(r.attempted for r in rs)
+        per_task[t] = {"episodes": ok, "attempted": tried,
+                       "expert_success": ok / tried if tried else None,
+                       "failed_starts": [f for r in rs for f in r.failures]}
+    return {"format": "quantvla-mt10-demos-index", "version": 1,
+            "cameras": list(settings.cameras), "image_size": settings.image_size,
+            "max_steps": settings.max_steps, "goal_marker_scale": settings.goal_marker_scale,
+            "episodes": sum(v["episodes"] for v in per_task.values()),
+            "steps": sum(r.steps for r in results), "seconds": round(seconds, 1),
+            "workers": workers, "tasks": per_task,
+            "shards": sorted(os.path.basename(r.shard) for r in results if r.shard)}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -1,0 +1,293 @@
+"""QuantLinear: a drop-in nn.Linear replacement holding packed integer weights and scales.
+
+Backends (``forward`` dispatches, per module or globally):
+- ``reference``: dequantize and compute in float64 (the oracle; independent of the kernels);
+- ``cpu``: exact integer GEMM through ``quantvla_kernels`` ops on the CPU;
+- ``triton``: the ``quantvla_kernels`` Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1);
+- ``auto`` (default): ``triton`` on CUDA, ``cpu`` elsewhere.
+It keeps ``in_features``, ``out_features`` and a ``weight`` whose ``.dtype`` is the float
+compute dtype, because host models read those attributes (pi0's ``.weight.dtype`` lookups).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import dequantize_weight, qmax, quantize_per_token, quantize_static, quantize_weight
+from .transforms import InputTransform, hadamard
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+_FP32_BUFFERS = ("wscale", "bias", "inv_smooth", "rotation", "act_scale")
+_default = threading.local()
+
+
+def _kernels():
+    """quantvla_kernels, imported lazily (the kernels are compiled on first use)."""
+    try:
+        import quantvla_kernels
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError("the 'cpu' and 'triton' QuantLinear backends need the quantvla_kernels "
+                           "package; use backend='reference' or install the project") from e
+    return quantvla_kernels
+
+
+def get_default_backend() -> str:
+    return getattr(_default, "backend", "auto")
+
+
+def set_default_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown QuantLinear backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+    _default.backend = backend
+
+
+@contextlib.contextmanager
+def quant_backend(backend: str) -> Iterator[None]:
+    """Temporarily route every QuantLinear without its own backend through ``backend``."""
+    old = get_default_backend()
+    set_default_backend(backend)
+    try:
+        yield
+    finally:
+        set_default_backend(old)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored as int8 (8-bit) or packed int4 (4-bit) codes and fp32 scales.
+
+    ``a_bits`` 8 / 4 quantizes activations per token (dynamic) or with a static per-tensor
+    ``act_scale``; ``a_bits=None`` is weight-only (W8A16 / W4A16). An optional input transform
+    (inv_smooth, permutation, block rotation) is applied inside the activation-quantization
+    step; its weight side is already folded into the codes.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, w_bits: int, a_bits: int | None,
+                 group_size: int | None = None, bias: bool = False, smooth: bool = False,
+                 permute: bool = False, rotation_kind: str | None = None, rotation_block: int = 0,
+                 static_act: bool = False, dtype: torch.dtype = torch.float32, backend: str | None = None):
+        super().__init__()
+        qmax(w_bits)
+        if a_bits is not None:
+            qmax(a_bits)
+        if w_bits == 4 and in_features % 2:
+            raise ValueError(f"4-bit weights need an even in_features, got {in_features}")
+        if group_size is not None and in_features % group_size:
+            raise ValueError(f"group_size {group_size} must divide in_features {in_features}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"unknown QuantLinear backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.a_bits, self.group_size = w_bits, a_bits, group_size
+        self.rotation_kind, self.rotation_block = rotation_kind, rotation_block
+        self.backend = backend
+        cols = in_features // 2 if w_bits == 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, cols,
+                                                    dtype=torch.uint8 if w_bits == 4 else torch.int8))
+        nscale = (out_features, in_features // group_size) if group_size else (out_features,)
+        self.register_buffer("wscale", torch.ones(nscale, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        self.register_buffer("inv_smooth", torch.ones(in_features, dtype=torch.float32) if smooth else None)
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int64) if permute else None)
+        if rotation_kind == "hadamard":  # deterministic: rebuilt, not stored
+            b = rotation_block
+            rot = hadamard(b).to(torch.float32).expand(in_features // b, b, b).contiguous()
+            self.register_buffer("rotation", rot, persistent=False)
+        elif rotation_kind == "svd":
+            b = rotation_block
+            self.register_buffer("rotation", torch.eye(b).expand(in_features // b, b, b).contiguous())
+        elif rotation_kind is None:
+            self.register_buffer("rotation", None)
+        else:
+            raise ValueError(f"unknown rotation {rotation_kind!r}; accepted: hadamard, svd")
+        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if static_act else None)
+        # Host models read .weight.dtype: an empty float buffer that follows .to(dtype).
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, w_bits: int, a_bits: int | None, group_size: int | None = None,
+                    transform: InputTransform | None = None, clip_grid=None, act_scale: float | None = None,
+                    backend: str | None = None, fold_smooth_in_weight_only: bool = False) -> "QuantLinear":
+        """Quantize a float linear (weight side of ``transform`` folded before rounding)."""
+        from .quantizers import DEFAULT_CLIP_GRID
+        t = transform or InputTransform()
+        k, n = linear.in_features, linear.out_features
+        w = t.fold_weight(linear.weight.detach()).to(torch.float32)
+        rot_block = int(t.rotation.shape[-1]) if t.rotation is not None else 0
+        mod = cls(k, n, w_bits=w_bits, a_bits=a_bits, group_size=group_size, bias=linear.bias is not None,
+                  smooth=t.inv_smooth is not None, permute=t.perm is not None, rotation_kind=t.rotation_kind,
+                  rotation_block=rot_block, static_act=act_scale is not None, dtype=linear.weight.dtype,
+                  backend=backend)
+        qw = quantize_weight(w, w_bits, group_size, DEFAULT_CLIP_GRID if clip_grid is None else clip_grid)
+        mod.set_codes(qw.q, qw.scale)
+        with torch.no_grad():
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach().float())
+            if t.inv_smooth is not None:
+                mod.inv_smooth.copy_(t.inv_smooth.float())
+            if t.perm is not None:
+                mod.perm.copy_(t.perm)
+            if t.rotation is not None and t.rotation_kind == "svd":
+                mod.rotation.copy_(t.rotation.float())
+            if act_scale is not None:
+                mod.act_scale.fill_(float(act_scale))
+        return mod.to(linear.weight.device)
+
+    def set_codes(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Store int8 codes (N, K) (packed here for 4-bit) and their scales."""
+        m = qmax(self.w_bits)
+        if q.shape != (self.out_features, self.in_features):
+            raise ValueError(f"codes must be {(self.out_features, self.in_features)}, got {tuple(q.shape)}")
+        if int(q.min()) < -m or int(q.max()) > m:
+            raise ValueError(f"{self.w_bits}-bit codes must lie in [-{m}, {m}]")
+        if self.w_bits == 4:
+            q = _kernels().pack_int4(q.to(torch.int8).cpu()).to(self.qweight.device)
+        self.qweight = q.to(self.qweight.dtype).contiguous()
+        self.wscale = scale.to(torch.float32).reshape(self.wscale.shape).contiguous()
+
+    def int_weight(self) -> torch.Tensor:
+        """Unpacked int8 codes (N, K)."""
+        if self.w_bits == 4:
+            return _kernels().unpack_int4(self.qweight)
+        return self.qweight
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W' (the transformed-input weight) as float; x' W'^T is the layer's output."""
+        return dequantize_weight(self.int_weight(), self.wscale, self.group_size, dtype)
+
+    def input_transform(self) -> InputTransform:
+        return InputTransform(self.inv_smooth, self.perm, self.rotation, self.rotation_kind)
+
+    @property
+    def has_transform(self) -> bool:
+        return self.inv_smooth is not None or self.perm is not None or self.rotation is not None
+
+    def extra_repr(self) -> str:
+        a = f"a{self.a_bits}" if self.a_bits else "a16"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w{self.w_bits}{a}, "
+                f"group={self.group_size}, bias={self.bias is not None}, rotation={self.rotation_kind}")
+
+    def spec(self) -> dict:
+        """Constructor arguments (what an artifact needs to rebuild the empty module)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "w_bits": self.w_bits,
+                "a_bits": self.a_bits, "group_size": self.group_size, "bias": self.bias is not None,
+                "smooth": self.inv_smooth is not None, "permute": self.perm is not None,
+                "rotation_kind": self.rotation_kind, "rotation_block": self.rotation_block,
+                "static_act": self.act_scale is not None}
+
+    def storage_bytes(self) -> int:
+        """Bytes this layer needs on disk / in memory (codes, scales, bias, stored transforms)."""
+        total = 0
+        for name, buf in self._buffers.items():
+            if buf is None or name == "weight" or name in self._non_persistent_buffers_set:
+                continue
+            total += buf.numel() * buf.element_size()
+        return total
+
+    # ---- dtype handling: scales stay fp32 under model.to(bf16) --------------------------------
+    def _apply(self, fn, recurse=True):
+        saved = {n: self._buffers.pop(n) for n in _FP32_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, b in saved.items():
+            moved = fn(b)
+            self._buffers[n] = b.to(moved.device) if moved.dtype != b.dtype else moved
+        return self
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        backend = self.backend or get_default_backend()
+        if backend == "auto":
+            backend = "triton" if x.is_cuda else "cpu"
+        if backend == "reference":
+            y = self.forward_reference(x2)
+        elif backend in ("cpu", "triton"):
+            y = self._forward_kernels(x2, backend)
+        else:
+            raise ValueError(f"unknown QuantLinear backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def quantize_input(self, x2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference activation quantization of the transformed input: (int8 codes, scales)."""
+        xt = self.input_transform().apply(x2.to(dtype))
+        if self.act_scale is not None:
+            s = self.act_scale.to(dtype)
+            return quantize_static(xt, self.a_bits, s), s.expand(xt.shape[0])
+        return quantize_per_token(xt, self.a_bits)
+
+    def forward_reference(self, x2: torch.Tensor) -> torch.Tensor:
+        """Float64 oracle: transform, quantize, dequantize, matmul (no integer kernels used)."""
+        w = self.dequantized_weight(torch.float64)
+        if self.a_bits is None:
+            xd = self.input_transform().apply(x2.to(torch.float64))
+        else:
+            q, s = self.quantize_input(x2, torch.float64)
+            xd = q.to(torch.float64) * s[:, None]
+        y = xd @ w.T
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float64)
+        return y
+
+    def _forward_kernels(self, x2: torch.Tensor, backend: str) -> torch.Tensor:
+        if self.a_bits is None:  # weight-only: dequantize into the compute dtype
+            dt = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+            xt = self.input_transform().apply(x2.to(dt)) if self.has_transform else x2.to(dt)
+            return F.linear(xt, self.dequantized_weight(dt), None if self.bias is None else self.bias.to(dt))
+        k = _kernels()
+        xf = x2.float()
+        # Smoothing alone goes into the quantization kernel; permutation/rotation run first.
+        inv_smooth = self.inv_smooth
+        if self.perm is not None or self.rotation is not None:
+            xf = self.input_transform().apply(xf)
+            inv_smooth = None
+        if self.act_scale is not None:
+            if inv_smooth is not None:
+                xf = xf * inv_smooth
+            xq = quantize_static(xf, self.a_bits, self.act_scale)
+            xs = self.act_scale.expand(xf.shape[0]).contiguous()
+            if self.a_bits == 4:
+                xq = k.pack_int4(xq)
+        else:
+            xq, xs = k.quantize_per_token(xf, bits=self.a_bits, inv_smooth=inv_smooth, backend=backend)
+        bias = self.bias
+        if self.a_bits == 8 and self.w_bits == 8:
+            return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, bias=bias, out_dtype=torch.float32,
+                               backend=backend)
+        if self.a_bits == 8 and self.w_bits == 4:
+            return k.gemm_w4a8(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=bias,
+                               out_dtype=torch.float32, backend=backend)
+        if self.a_bits == 4 and self.w_bits == 4:
+            return k.gemm_w4a4(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=bias,
+                               out_dtype=torch.float32, backend=backend)
+        raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
+
+
+def scale_output_channels(module: nn.Module, factor: torch.Tensor | float) -> None:
+    """Multiply a linear's outputs by ``factor`` (scalar or (N,)), folded into weight/scale + bias.
+
+    This is how ATM (q rows per head) and OHB (o_proj output) are applied at zero run-time cost.
+    """
+    with torch.no_grad():
+        if isinstance(module, QuantLinear):
+            f = torch.as_tensor(factor, dtype=torch.float64).to(module.wscale.device)
+            f = f.expand(module.out_features) if f.dim() == 0 else f
+            ws = module.wscale.to(torch.float64)
+            module.wscale.copy_((ws * (f[:, None] if ws.dim() == 2 else f)).to(torch.float32))
+            if module.bias is not None:
+                module.bias.copy_((module.bias.to(torch.float64) * f).to(torch.float32))
+            return
+        if isinstance(module, nn.Linear):
+            f = torch.as_tensor(factor, dtype=torch.float64).to(module.weight.device)
+            f = f.expand(module.out_features) if f.dim() == 0 else f
+            module.weight.copy_((module.weight.to(torch.float64) * f[:, None]).to(module.weight.dtype))
+            if module.bias is not None:
+                module.bias.copy_((module.bias.to(torch.float64) * f).to(module.bias.dtype))
+            return
+    raise TypeError(f"cannot scale outputs of {type(module).__name__}; accepted: nn.Linear, QuantLinear")

@@ -1,0 +1,587 @@
+"""Public integer ops: activation quantization and W8A8 / W4A8 / W4A4 GEMMs, dispatched by device.
+
+Backends (``backend=`` keyword, or :func:`set_default_backend` / :func:`backend_scope`):
+
+* ``"triton"``  - the Triton kernels (default on CUDA).  On CPU tensors it needs the Triton
+  interpreter (``TRITON_INTERPRET=1`` in the environment before these kernels are imported).
+* ``"cpu"``     - exact integer math in torch: ``torch._int_mm`` (int32 accumulation) where it
+  applies, else float64 matmul, which is exact for these int8 products (default on CPU).
+* ``"reference"`` - deliberately plain: unpack everything, float64 matmul, loop over groups.
+
+All backends share one epilogue: ``y = acc.float() * xs[m] * ws[n] (+ bias[n])`` cast to
+``out_dtype``; with group-wise weight scales ``y = (sum_g acc_g.float() * ws[n, g]) * xs[m]``.
+
+Activation quantization (symmetric, per token): ``q = round_half_even(y * QMAX / absmax(y))``
+clamped to +-QMAX (127 for 8 bits, 7 for 4 bits), ``scale = absmax / QMAX``; an all-zero row
+gets scale 1 and q 0.  ``y`` is built as ``v = x * (offset + w)`` (RMSNorm weight),
+``v = v * inv_smooth``, ``v = v @ R`` on each block of B channels, ``y = v * rstd`` where
+``rstd = 1 / sqrt(sum(x^2) / K + eps)``.  Folding into weights: with smoothing factors s and
+rotation R, the matching weight is ``W' = (W * s) @ R`` per block, so ``y W'^T`` equals the
+original ``norm(x) W^T``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+from .packing import PACK_GROUP, unpack_int4
+
+BACKENDS = ("triton", "cpu", "reference")
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROTATION_BLOCKS = (16, 32, 64)
+_QMAX = {8: 127, 4: 7}
+
+_state = threading.local()
+_global_default: str | None = None
+
+
+# ----------------------------------------------------------------------------- backend choice
+def set_default_backend(name: str | None) -> None:
+    """Force every op (unless given ``backend=``) onto one backend; None restores dispatch."""
+    global _global_default
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; accepted: {BACKENDS} or None")
+    _global_default = name
+
+
+@contextlib.contextmanager
+def backend_scope(name: str | None) -> Iterator[None]:
+    """Context manager: ops inside run on ``name`` (thread-local); lets a whole Policy be
+    compared between backends without touching its modules."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; accepted: {BACKENDS} or None")
+    prev = getattr(_state, "backend", None)
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = prev
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend an op will use for tensors on ``device``."""
+    name = backend or getattr(_state, "backend", None) or _global_default
+    if name is None:
+        return "triton" if device.type == "cuda" else "cpu"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; accepted: {BACKENDS}")
+    return name
+
+
+def _triton_modules(device: torch.device):
+    """Import the Triton kernels lazily (the interpreter flag is read at import time)."""
+    from triton import knobs
+
+    interpreted = bool(knobs.runtime.interpret)
+    if device.type != "cuda" and not interpreted:
+        raise RuntimeError(
+            "backend='triton' got CPU tensors but the Triton interpreter is off: set "
+            "TRITON_INTERPRET=1 before importing quantvla_kernels' Triton kernels, or use "
+            "backend='cpu' / 'reference'")
+    from . import triton_gemm, triton_quant
+
+    return triton_gemm, triton_quant
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_tensor(t, name: str, dtypes: tuple, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({what}), got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]} ({what}), got {t.dtype}")
+
+
+def _check_out_dtype(out_dtype) -> torch.dtype:
+    out_dtype = torch.float32 if out_dtype is None else out_dtype
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
+    return out_dtype
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in _QMAX:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    return bits
+
+
+def _flatten_act(xq: torch.Tensor, xs: torch.Tensor, name: str):
+    if xq.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (..., K)")
+    lead = tuple(xq.shape[:-1])
+    m = math.prod(lead)
+    if xs.numel() != m:
+        raise ValueError(f"xs must hold one scale per row of {name}: expected {m} values "
+                         f"(shape {lead}), got shape {tuple(xs.shape)}")
+    return lead, xq.reshape(m, xq.shape[-1]).contiguous(), xs.reshape(m).to(torch.float32).contiguous()
+
+
+def _check_weight_scales(ws: torch.Tensor, n: int, k: int, group_size: int | None):
+    _check_tensor(ws, "ws", (torch.float32, torch.float16, torch.bfloat16), "weight scales")
+    if group_size is None:
+        if ws.dim() == 2 and ws.shape[1] == 1:
+            ws = ws[:, 0]
+        if tuple(ws.shape) != (n,):
+            raise ValueError(f"per-channel ws must have shape ({n},) (one scale per output channel), "
+                             f"got {tuple(ws.shape)}; pass group_size for group-wise scales")
+    else:
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+        g = -(-k // group_size)
+        if tuple(ws.shape) != (n, g):
+            raise ValueError(f"group-wise ws must have shape (N, ceil(K / group_size)) = ({n}, {g}) "
+                             f"for K={k}, group_size={group_size}; got {tuple(ws.shape)}")
+    return ws.to(torch.float32).contiguous()
+
+
+def _check_bias(bias, n: int, device: torch.device):
+    if bias is None:
+        return None
+    _check_tensor(bias, "bias", OUT_DTYPES, "per-output-channel bias")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias is on {bias.device} but the activations are on {device}")
+    return bias.contiguous()
+
+
+def _check_same_device(device: torch.device, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the activations are on {device}; "
+                             "all operands must be on one device")
+
+
+# ----------------------------------------------------------------------------- torch math
+def _epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor | None, bias, out_dtype):
+    y = acc.to(torch.float32) * xs[:, None]
+    if ws is not None:
+        y = y * ws[None, :]
+    if bias is not None:
+        y = y + bias.to(torch.float32)[None, :]
+    return y.to(out_dtype)
+
+
+def _int_dot_exact(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
+    """Exact int32 (M, N) = x8 (M, K) @ w8 (N, K)^T for int8 operands."""
+    m, k = x8.shape
+    if k * 128 * 128 >= 2**31:
+        raise ValueError(f"K={k} could overflow the int32 accumulator (max K is 131071)")
+    if x8.device.type == "cpu" and m > 0:
+        return torch._int_mm(x8, w8.t())
+    if x8.device.type == "cuda" and m > 16 and k % 8 == 0 and w8.shape[0] % 8 == 0:
+        return torch._int_mm(x8, w8.t())
+    return (x8.to(torch.float64) @ w8.to(torch.float64).t()).to(torch.int32)
+
+
+def _grouped_acc_torch(x8, w8, ws, group_size, dot):
+    """sum over groups of dot(x_g, w_g).float() * ws[:, g], accumulated in group order."""
+    k = x8.shape[1]
+    y = torch.zeros((x8.shape[0], w8.shape[0]), dtype=torch.float32, device=x8.device)
+    for g, k0 in enumerate(range(0, k, group_size)):
+        acc = dot(x8[:, k0:k0 + group_size].contiguous(), w8[:, k0:k0 + group_size].contiguous())
+        y = y + acc.to(torch.float32) * ws[None, :, g]
+    return y
+
+
+def _reference_dot(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
+    return x8.to(torch.float64) @ w8.to(torch.float64).t()
+
+
+def _gemm_torch(x8, xs, w8, ws, group_size, bias, out_dtype, backend):
+    dot = _reference_dot if backend == "reference" else _int_dot_exact
+    if group_size is None:
+        return _epilogue(dot(x8, w8), xs, ws, bias, out_dtype)
+    y = _grouped_acc_torch(x8, w8, ws, group_size, dot)
+    return _epilogue(y, xs, None, bias, out_dtype)
+
+
+def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, rotation, bits):
+    m, k = x.shape
+    qmax = _QMAX[bits]
+    xf = x.to(torch.float32)
+    v = xf
+    if norm_weight is not None:
+        v = v * (float(offset) + norm_weight.to(torch.float32))[None, :]
+    if inv_smooth is not None:
+        v = v * inv_smooth.to(torch.float32)[None, :]
+    if rotation is not None:
+        b = rotation.shape[0]
+        v = (v.reshape(m, k // b, b) @ rotation.to(torch.float32)).reshape(m, k)
+    if norm_weight is not None:
+        ms = (xf * xf).sum(dim=1) / k
+        rstd = 1.0 / torch.sqrt(ms + eps)
+        v = v * rstd[:, None]
+    amax = v.abs().amax(dim=1) if k else torch.zeros(m, device=x.device)
+    pos = amax > 0
+    safe = torch.where(pos, amax, torch.ones_like(amax))
+    scale = torch.where(pos, safe / qmax, torch.ones_like(amax))
+    inv = torch.where(pos, qmax / safe, torch.zeros_like(amax))
+    q = torch.clamp(torch.round(v * inv[:, None]), -qmax, qmax).to(torch.int8)
+    if bits == 4:
+        from .packing import pack_int4
+        q = pack_int4(q)
+    return q, scale
+
+
+# ----------------------------------------------------------------------------- quantization
+_ROT_CACHE: dict = {}
+
+
+def _check_rotation(rotation, k: int, bits: int, device: torch.device):
+    if rotation is None:
+        return None
+    _check_tensor(rotation, "rotation", (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+                  "orthogonal (B, B) block rotation")
+    if rotation.dim() != 2 or rotation.shape[0] != rotation.shape[1]:
+        raise ValueError(f"rotation must be a square (B, B) matrix, got shape {tuple(rotation.shape)}")
+    b = rotation.shape[0]
+    if b not in ROTATION_BLOCKS:
+        raise ValueError(f"rotation block size B must be one of {ROTATION_BLOCKS}, got {b}")
+    if k % b:
+        raise ValueError(f"K={k} must be a multiple of the rotation block size B={b}")
+    if bits == 4 and ((k % PACK_GROUP) // 2) % b:
+        raise ValueError(
+            f"with bits=4 the last packing group of K={k} has half-width {(k % PACK_GROUP) // 2}, "
+            f"not a multiple of the rotation block B={b}; use a smaller B or K % 128 == 0")
+    if rotation.device != device:
+        raise ValueError(f"rotation is on {rotation.device} but x is on {device}")
+    return rotation
+
+
+def _expanded_rotation(rotation: torch.Tensor) -> torch.Tensor:
+    """(B, B) -> (64, 64) block-diagonal float32, cached per tensor version."""
+    key = (rotation.data_ptr(), rotation._version, tuple(rotation.shape), rotation.device)
+    r = _ROT_CACHE.get(key)
+    if r is None:
+        b = rotation.shape[0]
+        r = torch.block_diag(*([rotation.to(torch.float32)] * (64 // b))).contiguous()
+        if len(_ROT_CACHE) > 256:
+            _ROT_CACHE.clear()
+        _ROT_CACHE[key] = r
+    return r
+
+
+def _quantize_impl(x, norm_weight, eps, offset, inv_smooth, rotation, bits, backend):
+    _check_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16), "activations (..., K)")
+    bits = _check_bits(bits)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., K)")
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+    if bits == 4 and k % 2:
+        raise ValueError(f"bits=4 packs two values per byte: K must be even, got K={k}")
+    device = x.device
+    if norm_weight is not None:
+        _check_tensor(norm_weight, "norm_weight", OUT_DTYPES, "RMSNorm weight (K,)")
+        if tuple(norm_weight.shape) != (k,):
+            raise ValueError(f"norm_weight must have shape ({k},), got {tuple(norm_weight.shape)}")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if inv_smooth is not None:
+        _check_tensor(inv_smooth, "inv_smooth", OUT_DTYPES, "inverse smoothing factors (K,)")
+        if tuple(inv_smooth.shape) != (k,):
+            raise ValueError(f"inv_smooth must have shape ({k},), got {tuple(inv_smooth.shape)}")
+    _check_same_device(device, norm_weight=norm_weight, inv_smooth=inv_smooth)
+    rotation = _check_rotation(rotation, k, bits, device)
+    m = math.prod(lead)
+    x2 = x.reshape(m, k)
+    name = resolve_backend(backend, device)
+    if name != "triton" or m == 0:
+        q, s = _quantize_torch(x2, norm_weight, eps, offset, inv_smooth, rotation, bits)
+    else:
+        q, s = _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, rotation, bits)
+    return q.reshape(*lead, q.shape[-1]), s.reshape(lead)
+
+
+def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, rotation, bits):
+    _, tq = _triton_modules(x2.device)
+    m, k = x2.shape
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    kq = k // 2 if bits == 4 else k
+    q = torch.empty((m, kq), dtype=torch.uint8 if bits == 4 else torch.int8, device=x2.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    has_rot = rotation is not None
+    if has_rot or bits == 4:
+        block_k = 64
+    else:
+        block_k = min(1024, max(16, triton_next_pow2(k)))
+    block_m = 16 if has_rot else 4
+    dummy = s
+    tq.norm_quant_kernel[(triton_cdiv(m, block_m),)](
+        x2, norm_weight.contiguous() if norm_weight is not None else dummy,
+        inv_smooth.contiguous() if inv_smooth is not None else dummy,
+        _expanded_rotation(rotation) if has_rot else dummy, q, s,
+        m, k, x2.stride(0), q.stride(0), float(eps), float(offset),
+        HAS_NORM=norm_weight is not None, HAS_SMOOTH=inv_smooth is not None, HAS_ROT=has_rot,
+        QMAX=_QMAX[bits], PACK4=bits == 4, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+    return q, s
+
+
+def quantize_per_token(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = None,
+                       rotation: torch.Tensor | None = None, *, backend: str | None = None):
+    """Symmetric per-token quantization of x (..., K) -> (q, scale (...,) float32).
+
+    q is int8 (..., K) for bits=8, packed uint8 (..., K // 2) for bits=4 (layout of
+    packing.py).  ``inv_smooth`` (K,) multiplies x first; ``rotation`` (B, B), B in 16/32/64,
+    then maps each block of B channels ``v_blk -> v_blk @ R``.
+    """
+    return _quantize_impl(x, None, 0.0, 0.0, inv_smooth, rotation, bits, backend)
+
+
+def rmsnorm_quantize(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, bits: int = 8,
+                     offset: float = 0.0, inv_smooth: torch.Tensor | None = None,
+                     rotation: torch.Tensor | None = None, *, backend: str | None = None):
+    """RMSNorm ``x * rstd * (offset + w)`` (Gemma: offset=1) fused with smoothing, rotation and
+    per-token quantization, in one kernel on Triton.  Returns (q, scale) as quantize_per_token."""
+    if norm_weight is None:
+        raise ValueError("rmsnorm_quantize needs norm_weight (K,); use quantize_per_token without a norm")
+    return _quantize_impl(x, norm_weight, eps, offset, inv_smooth, rotation, bits, backend)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- GEMM configs
+_SMS: dict = {}
+_TUNED: dict = {}
+_AUTOTUNE = os.environ.get("QUANTVLA_AUTOTUNE", "0") == "1"
+
+
+def set_autotune(enabled: bool) -> None:
+    """Benchmark a few tile configs per (kernel, M bucket, N, K) on first use (CUDA only,
+    never during CUDA-graph capture, where the fixed table is used)."""
+    global _AUTOTUNE
+    _AUTOTUNE = bool(enabled)
+
+
+def m_bucket(m: int) -> int:
+    """Configs are keyed by M rounded up to a power of two (16..1024)."""
+    return min(1024, max(16, triton_next_pow2(m)))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
+def _split_for(tiles: int, k_tiles: int, sms: int, min_iters: int) -> int:
+    """Power-of-two split-K that brings the CTA count up to about 2 per SM while every split
+    keeps at least ``min_iters`` K-iterations."""
+    split = 1
+    while split < 16 and tiles * split * 2 <= 2 * sms and k_tiles // (split * 2) >= min_iters:
+        split *= 2
+    return split
+
+
+def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device) -> dict:
+    """The fixed (non-tuned) tile table: small M uses BLOCK_M 16/32/64 with split-K, large M
+    128x128 tiles; see docs/kernels-notes.md for the reasoning."""
+    mb = m_bucket(m)
+    sms = _num_sms(device)
+    if kind == "w8a8":
+        bk = min(256, max(32, triton_next_pow2(k)))
+        if mb <= 64:
+            cfg = dict(BLOCK_M=mb, BLOCK_N=64, BLOCK_K=bk, GROUP_M=1, num_warps=4, num_stages=4)
+        elif mb <= 128:
+            cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=min(bk, 128), GROUP_M=8, num_warps=4, num_stages=4)
+        else:
+            cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(bk, 128), GROUP_M=8, num_warps=8, num_stages=4)
+        k_tiles = triton_cdiv(k, cfg["BLOCK_K"])
+    else:  # w4a8 / w4a4: the K tile is one 128-wide packing group
+        if mb <= 64:
+            cfg = dict(BLOCK_M=mb, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
+        elif mb <= 128:
+            cfg = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)
+        else:
+            cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+        k_tiles = triton_cdiv(k, PACK_GROUP)
+    tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
+    cfg["SPLIT_K"] = _split_for(tiles, k_tiles, sms, 2 if mb <= 128 else 4)
+    return cfg
+
+
+def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
+    base = gemm_config(kind, m, n, k, device)
+    out = [base]
+    for bn in (32, 64, 128):
+        for split in (1, 2, 4, 8):
+            c = dict(base, BLOCK_N=bn, SPLIT_K=split)
+            if c not in out:
+                out.append(c)
+    if m_bucket(m) > 128:
+        out += [dict(base, BLOCK_N=256, num_warps=8, num_stages=3, SPLIT_K=1),
+                dict(base, BLOCK_M=64, BLOCK_N=256, num_warps=4, SPLIT_K=1)]
+    return out
+
+
+def _pick_config(kind, m, n, k, device, run) -> dict:
+    key = (kind, m_bucket(m), n, k, device.type, device.index)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    if not (_AUTOTUNE and device.type == "cuda") or torch.cuda.is_current_stream_capturing():
+        return gemm_config(kind, m, n, k, device)
+    from triton.testing import do_bench
+
+    best, best_t = None, float("inf")
+    for cand in _candidates(kind, m, n, k, device):
+        try:
+            t = do_bench(lambda: run(cand), warmup=5, rep=20)
+        except Exception:  # a config can exceed shared memory on a smaller card
+            continue
+        if t < best_t:
+            best, best_t = cand, t
+    _TUNED[key] = best or gemm_config(kind, m, n, k, device)
+    return _TUNED[key]
+
+
+# ----------------------------------------------------------------------------- Triton GEMMs
+def _launch_w8a8(tg, x8, xs, w8, ws, bias, out, cfg):
+    m, k = x8.shape
+    n = w8.shape[0]
+    split = cfg["SPLIT_K"]
+    part = torch.empty((split, m, n), dtype=torch.int32, device=x8.device) if split > 1 else out
+    grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
+    tg.w8a8_kernel[grid](
+        x8, w8, xs, ws, bias if bias is not None else xs, out, part,
+        m, n, k, x8.stride(0), w8.stride(0), out.stride(0),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
+        GROUP_M=cfg["GROUP_M"], EVEN_K=k % (cfg["BLOCK_K"] * split) == 0,
+        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        _launch_reduce(tg, part, xs, ws, bias, out, apply_ws=True)
+    return out
+
+
+def _launch_reduce(tg, part, xs, ws, bias, out, apply_ws):
+    split, m, n = part.shape
+    grid = (triton_cdiv(m, 16), triton_cdiv(n, 128))
+    tg.splitk_reduce_kernel[grid](part, xs, ws, bias if bias is not None else xs, out, m, n, out.stride(0),
+                                  SPLIT_K=split, APPLY_WS=apply_ws, HAS_BIAS=bias is not None,
+                                  BLOCK_M=16, BLOCK_N=128, num_warps=4)
+
+
+def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg):
+    m = x.shape[0]
+    n = wp.shape[0]
+    split = cfg["SPLIT_K"]
+    grouped = group_size is not None
+    pdtype = torch.float32 if grouped else torch.int32
+    part = torch.empty((split, m, n), dtype=pdtype, device=x.device) if split > 1 else out
+    grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
+    tg.w4_kernel[grid](
+        x, wp, xs, ws, bias if bias is not None else xs, out, part,
+        m, n, k, x.stride(0), wp.stride(0), ws.stride(0) if grouped else 1, out.stride(0),
+        group_size if grouped else PACK_GROUP,
+        A_PACKED=a_packed, GROUPED=grouped, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        SPLIT_K=split, GROUP_M=cfg["GROUP_M"], EVEN_K=k % PACK_GROUP == 0,
+        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        _launch_reduce(tg, part, xs, ws, bias, out, apply_ws=not grouped)
+    return out
+
+
+# ----------------------------------------------------------------------------- public GEMMs
+def gemm_w8a8(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
+              backend: str | None = None, config: dict | None = None) -> torch.Tensor:
+    """int8 activations xq (..., K) with per-token scales xs (...,) times int8 weights wq (N, K)
+    with per-channel scales ws (N,) -> (..., N) in out_dtype (default float32).
+    ``config`` overrides the Triton tile choice (tuning and tests)."""
+    _check_tensor(xq, "xq", (torch.int8,), "int8 activations (..., K)")
+    _check_tensor(xs, "xs", (torch.float32, torch.float16, torch.bfloat16), "per-token scales")
+    _check_tensor(wq, "wq", (torch.int8,), "int8 weights (N, K)")
+    out_dtype = _check_out_dtype(out_dtype)
+    if wq.dim() != 2 or wq.shape[1] != xq.shape[-1]:
+        raise ValueError(f"wq must be (N, K) with K = xq.shape[-1] = {xq.shape[-1]}, got {tuple(wq.shape)}")
+    lead, x2, xs2 = _flatten_act(xq, xs, "xq")
+    n, k = wq.shape
+    device = xq.device
+    _check_same_device(device, xs=xs, wq=wq, ws=ws)
+    ws = _check_weight_scales(ws, n, k, None)
+    bias = _check_bias(bias, n, device)
+    name = resolve_backend(backend, device)
+    m = x2.shape[0]
+    if name != "triton" or m == 0 or n == 0 or k == 0:
+        y = _gemm_torch(x2, xs2, wq, ws, None, bias, out_dtype, name)
+    else:
+        tg, _ = _triton_modules(device)
+        wq = wq.contiguous()
+        out = torch.empty((m, n), dtype=out_dtype, device=device)
+
+        def run(cfg):
+            return _launch_w8a8(tg, x2, xs2, wq, ws, bias, out, cfg)
+
+        y = run(config or _pick_config("w8a8", m, n, k, device, run))
+    return y.reshape(*lead, n)
+
+
+def _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, a_packed):
+    aname = "xq_packed" if a_packed else "xq"
+    _check_tensor(xq, aname, (torch.uint8,) if a_packed else (torch.int8,),
+                  "packed int4 activations (..., K/2)" if a_packed else "int8 activations (..., K)")
+    _check_tensor(xs, "xs", (torch.float32, torch.float16, torch.bfloat16), "per-token scales")
+    _check_tensor(wq_packed, "wq_packed", (torch.uint8,), "packed int4 weights (N, K/2) from pack_int4")
+    out_dtype = _check_out_dtype(out_dtype)
+    k = xq.shape[-1] * 2 if a_packed else xq.shape[-1]
+    if k % 2:
+        raise ValueError(f"int4 weights need an even K, got K={k}")
+    if wq_packed.dim() != 2 or wq_packed.shape[1] * 2 != k:
+        raise ValueError(f"wq_packed must be (N, K/2) = (N, {k // 2}) for K={k}, got {tuple(wq_packed.shape)}")
+    lead, x2, xs2 = _flatten_act(xq, xs, aname)
+    n = wq_packed.shape[0]
+    device = xq.device
+    _check_same_device(device, xs=xs, wq_packed=wq_packed, ws=ws)
+    ws = _check_weight_scales(ws, n, k, group_size)
+    bias = _check_bias(bias, n, device)
+    name = resolve_backend(backend, device)
+    m = x2.shape[0]
+    if name == "triton" and group_size is not None and group_size % PACK_GROUP:
+        raise ValueError(f"the Triton int4 kernels take group_size as a multiple of {PACK_GROUP} "
+                         f"(or None for per-channel), got {group_size}; backend='cpu' takes any")
+    if name != "triton" or m == 0 or n == 0 or k == 0:
+        x8 = unpack_int4(x2) if a_packed else x2
+        y = _gemm_torch(x8, xs2, unpack_int4(wq_packed), ws, group_size, bias, out_dtype, name)
+    else:
+        tg, _ = _triton_modules(device)
+        wq_packed = wq_packed.contiguous()
+        out = torch.empty((m, n), dtype=out_dtype, device=device)
+        kind = "w4a4" if a_packed else "w4a8"
+
+        def run(cfg):
+            return _launch_w4(tg, x2, xs2, wq_packed, ws, group_size, bias, out, k, a_packed, cfg)
+
+        y = run(config or _pick_config(kind, m, n, k, device, run))
+    return y.reshape(*lead, n)
+
+
+def gemm_w4a8(xq: torch.Tensor, xs: torch.Tensor, wq_packed: torch.Tensor, ws: torch.Tensor,
+              group_size: int | None = None, bias: torch.Tensor | None = None,
+              out_dtype: torch.dtype | None = None, *, backend: str | None = None,
+              config: dict | None = None) -> torch.Tensor:
+    """int8 activations (..., K) x int4 weights packed (N, K/2); ws (N,) per channel or
+    (N, ceil(K / group_size)) per group -> (..., N)."""
+    return _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, False)
+
+
+def gemm_w4a4(xq_packed: torch.Tensor, xs: torch.Tensor, wq_packed: torch.Tensor, ws: torch.Tensor,
+              group_size: int | None = None, bias: torch.Tensor | None = None,
+              out_dtype: torch.dtype | None = None, *, backend: str | None = None,
+              config: dict | None = None) -> torch.Tensor:
+    """int4 activations packed (..., K/2) (from quantize_per_token(bits=4)) x int4 weights
+    packed (N, K/2) -> (..., N).  Both are unpacked to int8 for the int8 tensor-core dot."""
+    return _gemm_w4(xq_packed, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, True)

@@ -1,0 +1,188 @@
+"""Triton integer GEMMs: y[m, n] = (sum_k x[m, k] w[n, k]) * xs[m] * ws[n] (+ bias[n]).
+
+Both operands are K-major (x (M, K), w (N, K), K contiguous), which is what Hopper's 8-bit
+wgmma needs; the weight tile is loaded as (BLOCK_N, BLOCK_K) and fed transposed to ``tl.dot``.
+
+* ``w8a8_kernel``: int8 x int8 -> int32 accumulator.
+* ``w4_kernel``: int4 weights packed by ``packing.py`` (and optionally int4 activations packed
+  the same way).  A K-tile is one 128-wide packing group: 64 bytes per row unpack with two
+  shifts into the low half (columns k0..k0+63) and high half (k0+64..k0+127), each a contiguous
+  activation slice, so a tile is two int8 ``tl.dot`` calls and no shuffles.  Group-wise scales
+  (group_size a multiple of 128) are applied per tile into a float accumulator; per-channel
+  scales keep the int32 accumulator to the end.
+
+Small M: split-K.  Program (pid, pid_k) covers a contiguous K range and, when SPLIT_K > 1,
+writes its int32 (or, for group scales, float32) partial tile to a workspace;
+``splitk_reduce_kernel`` adds the SPLIT_K partials in a fixed order and applies the epilogue.
+Int32 partial sums are exact, so the result does not depend on the split at all.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+PACK_HALF = 64  # half of packing.PACK_GROUP
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order so neighbouring programs share weight tiles in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                    APPLY_WS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    mmask = rm < M
+    nmask = rn < N
+    xs = tl.load(xs_ptr + rm, mask=mmask, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None]
+    if APPLY_WS:
+        ws = tl.load(ws_ptr + rn, mask=nmask, other=0.0)
+        y = y * ws[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    optr = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _store_partial(acc, rm, rn, part_ptr, pid_k, M, N):
+    optr = part_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(optr, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
+                M, N, K, stride_xm, stride_wn, stride_om,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Wrap out-of-range rows/columns onto valid ones: loads need no M/N mask, stores are masked.
+    rm_l = rm % M
+    rn_l = rn % N
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + (k_start + rk)[None, :]
+    w_ptrs = w_ptr + rn_l[:, None] * stride_wn + (k_start + rk)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kk in range(0, k_per_split, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            kmask = rk < K - (k_start + kk)
+            a = tl.load(x_ptrs, mask=kmask[None, :], other=0)
+            b = tl.load(w_ptrs, mask=kmask[None, :], other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SPLIT_K == 1:
+        _epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                        True, HAS_BIAS)
+    else:
+        _store_partial(acc, rm, rn, part_ptr, pid_k, M, N)
+
+
+@triton.jit
+def _unpack_lo_hi(p):
+    """uint8 bytes -> (low, high) signed nibbles as int8."""
+    b = p.to(tl.int8, bitcast=True)
+    return (b << 4) >> 4, b >> 4
+
+
+@triton.jit
+def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
+              M, N, K, stride_xm, stride_wn, stride_wsn, stride_om, group_size,
+              A_PACKED: tl.constexpr, GROUPED: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
+    HALF: tl.constexpr = 64
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_l = rm % M
+    rn_l = rn % N
+    j = tl.arange(0, HALF)
+    num_tiles = tl.cdiv(K, 2 * HALF)
+    tiles_per_split = tl.cdiv(num_tiles, SPLIT_K)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t_start, t_end):
+        k0 = t * (2 * HALF)
+        if EVEN_K:
+            wb = tl.load(w_ptr + rn_l[:, None] * stride_wn + (k0 // 2 + j)[None, :])
+            if A_PACKED:
+                xb = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 // 2 + j)[None, :])
+                x_lo, x_hi = _unpack_lo_hi(xb)
+            else:
+                x_lo = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + j)[None, :])
+                x_hi = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + HALF + j)[None, :])
+        else:
+            half = tl.minimum(K - k0, 2 * HALF) // 2
+            jm = (j < half)[None, :]
+            wb = tl.load(w_ptr + rn_l[:, None] * stride_wn + (k0 // 2 + j)[None, :], mask=jm, other=0)
+            if A_PACKED:
+                xb = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 // 2 + j)[None, :], mask=jm,
+                             other=0)
+                x_lo, x_hi = _unpack_lo_hi(xb)
+            else:
+                x_lo = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + j)[None, :], mask=jm, other=0)
+                x_hi = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + half + j)[None, :], mask=jm,
+                               other=0)
+        w_lo, w_hi = _unpack_lo_hi(wb)
+        if GROUPED:
+            part = tl.dot(x_lo, tl.trans(w_lo), out_dtype=tl.int32)
+            part = tl.dot(x_hi, tl.trans(w_hi), part, out_dtype=tl.int32)
+            wsg = tl.load(ws_ptr + rn_l * stride_wsn + k0 // group_size)
+            acc_f += part.to(tl.float32) * wsg[None, :]
+        else:
+            acc_i = tl.dot(x_lo, tl.trans(w_lo), acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(x_hi, tl.trans(w_hi), acc_i, out_dtype=tl.int32)
+    if GROUPED:
+        if SPLIT_K == 1:
+            _epilogue_store(acc_f, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                            False, HAS_BIAS)
+        else:
+            _store_partial(acc_f, rm, rn, part_ptr, pid_k, M, N)
+    else:
+        if SPLIT_K == 1:
+            _epilogue_store(acc_i, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                            True, HAS_BIAS)
+        else:
+            _store_partial(acc_i, rm, rn, part_ptr, pid_k, M, N)
+
+
+@triton.jit
+def splitk_reduce_kernel(part_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                         SPLIT_K: tl.constexpr, APPLY_WS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum SPLIT_K partial tiles in a fixed order, then the scale/bias epilogue."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m2 = (rm < M)[:, None] & (rn < N)[None, :]
+    ptrs = part_ptr + rm[:, None] * N + rn[None, :]
+    acc = tl.load(ptrs, mask=m2, other=0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ptrs + s * M * N, mask=m2, other=0)
+    _epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                    APPLY_WS, HAS_BIAS)

@@ -1,0 +1,111 @@
+"""Triton kernel: (RMSNorm) -> (inverse smoothing) -> (block rotation) -> per-token quantization.
+
+One program owns BLOCK_M rows and walks K twice:
+  pass 1: sum of squares of x (for the RMS) and absmax of v = rot(x * (offset + w) * inv_s);
+  pass 2: y = v * rstd, q = round_half_even(y * QMAX / absmax(y)), clamp, store int8 or packed int4.
+Because rstd > 0 is one number per row and float rounding is monotone,
+absmax(v * rstd) == absmax(v) * rstd exactly, so one read for statistics suffices and the
+scale agrees bit for bit with the values it quantizes.  x is read twice (the second read
+mostly hits L2); the normalized activations never go to memory.
+
+Arithmetic order (mirrored by the torch path in ``ops.py``):
+``v = x * (offset + w)``, ``v = v * inv_s``, ``v = v @ R`` per block, ``y = v * rstd``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_half_even(v):
+    """torch.round semantics (ties to even); libdevice rint is not in the interpreter."""
+    f = tl.floor(v + 0.5)
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where(((f - v) == 0.5) & odd, f - 1.0, f)
+
+
+@triton.jit
+def _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, cols, cmask, stride_xm, offset,
+               HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ROT: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Load a (BLOCK_M, BLOCK_K) tile of x; return (x, v) with v the pre-rstd transform."""
+    m2 = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    v = x
+    if HAS_NORM:
+        w = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        v = v * (offset + w)[None, :]
+    if HAS_SMOOTH:
+        s = tl.load(smooth_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        v = v * s[None, :]
+    if HAS_ROT:
+        # rot_ptr holds a (BLOCK_K, BLOCK_K) block-diagonal expansion of the user's (B, B) R.
+        rk = tl.arange(0, BLOCK_K)
+        r = tl.load(rot_ptr + rk[:, None] * BLOCK_K + rk[None, :])
+        v = tl.dot(v, r, input_precision="ieee")
+    return x, v
+
+
+@triton.jit
+def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, rot_ptr, q_ptr, s_ptr,
+                      M, K, stride_xm, stride_qm, eps, offset,
+                      HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ROT: tl.constexpr,
+                      QMAX: tl.constexpr, PACK4: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ck = tl.arange(0, BLOCK_K)
+
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + ck
+        cmask = cols < K
+        x, v = _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, cols, cmask, stride_xm,
+                          offset, HAS_NORM, HAS_SMOOTH, HAS_ROT, BLOCK_K)
+        if HAS_NORM:
+            sumsq += tl.sum(x * x, axis=1)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+
+    ones = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if HAS_NORM:
+        # IEEE-rounded division and sqrt so the CPU path reproduces the scale bit for bit.
+        rstd = tl.math.div_rn(ones, tl.math.sqrt_rn(tl.math.div_rn(sumsq, ones * K) + eps))
+    else:
+        rstd = ones
+    amax = amax * rstd
+    pos = amax > 0.0
+    safe = tl.where(pos, amax, ones)
+    scale = tl.where(pos, tl.math.div_rn(safe, ones * QMAX), ones)
+    inv = tl.where(pos, tl.math.div_rn(ones * QMAX, safe), 0.0)
+    tl.store(s_ptr + rows, scale, mask=rmask)
+
+    if PACK4:
+        # Packed int4 output in the layout of packing.py: 128-wide groups, byte j of a group
+        # of width t holds columns k0 + j (low nibble) and k0 + t/2 + j (high nibble).
+        for g0 in range(0, K, 2 * BLOCK_K):
+            half = tl.minimum(K - g0, 2 * BLOCK_K) // 2
+            jm = ck < half
+            _, v_lo = _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, g0 + ck, jm,
+                                 stride_xm, offset, HAS_NORM, HAS_SMOOTH, HAS_ROT, BLOCK_K)
+            _, v_hi = _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, g0 + half + ck, jm,
+                                 stride_xm, offset, HAS_NORM, HAS_SMOOTH, HAS_ROT, BLOCK_K)
+            q_lo = _round_half_even((v_lo * rstd[:, None]) * inv[:, None])
+            q_hi = _round_half_even((v_hi * rstd[:, None]) * inv[:, None])
+            q_lo = tl.minimum(tl.maximum(q_lo, -QMAX * 1.0), QMAX * 1.0).to(tl.int32)
+            q_hi = tl.minimum(tl.maximum(q_hi, -QMAX * 1.0), QMAX * 1.0).to(tl.int32)
+            byte = (q_lo & 0xF) | ((q_hi & 0xF) << 4)
+            optr = q_ptr + rows[:, None] * stride_qm + (g0 // 2 + ck)[None, :]
+            tl.store(optr, byte.to(tl.uint8), mask=rmask[:, None] & jm[None, :])
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + ck
+            cmask = cols < K
+            _, v = _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, cols, cmask, stride_xm,
+                              offset, HAS_NORM, HAS_SMOOTH, HAS_ROT, BLOCK_K)
+            q = _round_half_even((v * rstd[:, None]) * inv[:, None])
+            q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
+            optr = q_ptr + rows[:, None] * stride_qm + cols[None, :]
+            tl.store(optr, q.to(tl.int8), mask=rmask[:, None] & cmask[None, :])

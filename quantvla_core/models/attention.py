@@ -89,7 +89,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     observers = _observers()
     if observers or _IMPL["impl"] == "eager":
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (or better)
+        logits = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
         for cb in observers:
             cb(name, logits, mask)
         if mask is not None:

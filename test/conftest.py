@@ -1,0 +1,24 @@
+"""Shared test set-up: CPU determinism, Triton interpreter, and ROS 2 kept on loopback."""
+import os
+import random
+
+# ROS 2 traffic from any test stays on 127.0.0.1 in a domain of this run's own.
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(101, 200)))
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: longer tests (still run in CI unless -m 'not slow')")
+    config.addinivalue_line("markers", "ros: starts ROS 2 processes over DDS")
+
+
+@pytest.fixture
+def tmp_model_dir(tmp_path):
+    return tmp_path / "model"

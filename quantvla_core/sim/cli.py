@@ -45,7 +45,8 @@ def _run_demos(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from quantvla_core.sim.evaluate import EvalConfig, evaluate, save_report
+    from quantvla_core.sim.evaluate import EvalConfig, evaluate
+    from quantvla_core.sim.report import format_table, save_report
 
     if args.sim != "mt10":
         print(f"--sim {args.sim!r} is not supported; accepted: mt10", file=sys.stderr)
@@ -55,6 +56,7 @@ def _run_eval(args) -> int:
                      settings=_settings(args), device=args.device, seed=args.seed)
     report = evaluate(args.policy, cfg)
     paths = save_report(report, args.out)
+    print(format_table(report))
     print(f"report: {', '.join(str(p) for p in paths)}")
     if args.json:
         print(json.dumps(report, indent=2))

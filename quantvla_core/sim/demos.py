@@ -49,7 +49,8 @@ class JobResult:
 _ENVS: dict = {}  # per-process cache: building an env costs ~0.5 s
 
 
-def _env(task: str, settings: EnvSettings) -> MT10Env:
+def cached_env(task: str, settings: EnvSettings) -> MT10Env:
+    """One live environment per process, rebuilt when the task or settings change."""
     key = (task, settings)
     if key not in _ENVS:
         for env in _ENVS.values():
@@ -86,7 +87,7 @@ def run_job(args) -> JobResult:
 
     task = starts[0].task
     t0 = time.perf_counter()
-    env, expert = _env(task, settings), ScriptedExpert(task)
+    env, expert = cached_env(task, settings), ScriptedExpert(task)
     episodes, failures, steps = [], [], 0
     for start in starts:
         ep, ok = record_episode(env, expert, start)

@@ -14,10 +14,10 @@ All backends share one epilogue: ``y = acc.float() * xs[m] * ws[n] (+ bias[n])``
 Activation quantization (symmetric, per token): ``q = round_half_even(y * QMAX / absmax(y))``
 clamped to +-QMAX (127 for 8 bits, 7 for 4 bits), ``scale = absmax / QMAX``; an all-zero row
 gets scale 1 and q 0.  ``y`` is built as ``v = x * (offset + w)`` (RMSNorm weight),
-``v = v * inv_smooth``, ``v = v @ R`` on each block of B channels, ``y = v * rstd`` where
-``rstd = 1 / sqrt(sum(x^2) / K + eps)``.  Folding into weights: with smoothing factors s and
-rotation R, the matching weight is ``W' = (W * s) @ R`` per block, so ``y W'^T`` equals the
-original ``norm(x) W^T``.
+``v = v * inv_smooth``, ``v = v[:, perm]``, ``v = v @ R_b`` on each block b of B channels,
+``y = v * rstd`` where ``rstd = 1 / sqrt(sum(x^2) / K + eps)``.  Folding into weights (as
+``InputTransform.fold_weight`` does): ``W' = rotate(permute(W * s))`` on the K axis, so
+``y W'^T`` equals the original ``norm(x) W^T``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from .packing import PACK_GROUP, unpack_int4
 
 BACKENDS = ("triton", "cpu", "reference")
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ROTATION_BLOCKS = (16, 32, 64)
+ROTATION_BLOCKS = (1, 2, 4, 8, 16, 32, 64)
 _QMAX = {8: 127, 4: 7}
 
 _state = threading.local()
@@ -149,6 +149,20 @@ def _check_bias(bias, n: int, device: torch.device):
     return bias.contiguous()
 
 
+def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device, name: str = "out"):
+    """A caller-provided output (CUDA graphs want fixed buffers): exact shape/dtype, contiguous."""
+    if out is None:
+        return None
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return out
+
+
 def _check_same_device(device: torch.device, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != device:
@@ -200,7 +214,7 @@ def _gemm_torch(x8, xs, w8, ws, group_size, bias, out_dtype, backend):
     return _epilogue(y, xs, None, bias, out_dtype)
 
 
-def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, rotation, bits):
+def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits):
     m, k = x.shape
     qmax = _QMAX[bits]
     xf = x.to(torch.float32)
@@ -209,9 +223,15 @@ def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, rotation, bits):
         v = v * (float(offset) + norm_weight.to(torch.float32))[None, :]
     if inv_smooth is not None:
         v = v * inv_smooth.to(torch.float32)[None, :]
+    if perm is not None:
+        v = v[:, perm]
     if rotation is not None:
-        b = rotation.shape[0]
-        v = (v.reshape(m, k // b, b) @ rotation.to(torch.float32)).reshape(m, k)
+        b = rotation.shape[-1]
+        r = rotation.to(torch.float32)
+        if r.dim() == 2:
+            v = (v.reshape(m, k // b, b) @ r).reshape(m, k)
+        else:
+            v = torch.einsum("mgb,gbc->mgc", v.reshape(m, k // b, b), r).reshape(m, k)
     if norm_weight is not None:
         ms = (xf * xf).sum(dim=1) / k
         rstd = 1.0 / torch.sqrt(ms + eps)
@@ -229,21 +249,21 @@ def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, rotation, bits):
 
 
 # ----------------------------------------------------------------------------- quantization
-_ROT_CACHE: dict = {}
-
-
 def _check_rotation(rotation, k: int, bits: int, device: torch.device):
     if rotation is None:
         return None
     _check_tensor(rotation, "rotation", (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-                  "orthogonal (B, B) block rotation")
-    if rotation.dim() != 2 or rotation.shape[0] != rotation.shape[1]:
-        raise ValueError(f"rotation must be a square (B, B) matrix, got shape {tuple(rotation.shape)}")
-    b = rotation.shape[0]
+                  "orthogonal block rotation (B, B) or (K/B, B, B)")
+    if rotation.dim() not in (2, 3) or rotation.shape[-1] != rotation.shape[-2]:
+        raise ValueError(f"rotation must be (B, B) (shared by all blocks) or (K/B, B, B) (one per "
+                         f"block), got shape {tuple(rotation.shape)}")
+    b = rotation.shape[-1]
     if b not in ROTATION_BLOCKS:
         raise ValueError(f"rotation block size B must be one of {ROTATION_BLOCKS}, got {b}")
     if k % b:
         raise ValueError(f"K={k} must be a multiple of the rotation block size B={b}")
+    if rotation.dim() == 3 and rotation.shape[0] != k // b:
+        raise ValueError(f"per-block rotation must have K/B = {k // b} blocks, got {rotation.shape[0]}")
     if bits == 4 and ((k % PACK_GROUP) // 2) % b:
         raise ValueError(
             f"with bits=4 the last packing group of K={k} has half-width {(k % PACK_GROUP) // 2}, "
@@ -253,20 +273,18 @@ def _check_rotation(rotation, k: int, bits: int, device: torch.device):
     return rotation
 
 
-def _expanded_rotation(rotation: torch.Tensor) -> torch.Tensor:
-    """(B, B) -> (64, 64) block-diagonal float32, cached per tensor version."""
-    key = (rotation.data_ptr(), rotation._version, tuple(rotation.shape), rotation.device)
-    r = _ROT_CACHE.get(key)
-    if r is None:
-        b = rotation.shape[0]
-        r = torch.block_diag(*([rotation.to(torch.float32)] * (64 // b))).contiguous()
-        if len(_ROT_CACHE) > 256:
-            _ROT_CACHE.clear()
-        _ROT_CACHE[key] = r
-    return r
+def _check_perm(perm, k: int, device: torch.device):
+    if perm is None:
+        return None
+    _check_tensor(perm, "perm", (torch.int64, torch.int32), "channel permutation (K,)")
+    if tuple(perm.shape) != (k,):
+        raise ValueError(f"perm must have shape ({k},), got {tuple(perm.shape)}")
+    if perm.device != device:
+        raise ValueError(f"perm is on {perm.device} but x is on {device}")
+    return perm
 
 
-def _quantize_impl(x, norm_weight, eps, offset, inv_smooth, rotation, bits, backend):
+def _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out):
     _check_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16), "activations (..., K)")
     bits = _check_bits(bits)
     if x.dim() < 1:
@@ -287,24 +305,40 @@ def _quantize_impl(x, norm_weight, eps, offset, inv_smooth, rotation, bits, back
             raise ValueError(f"inv_smooth must have shape ({k},), got {tuple(inv_smooth.shape)}")
     _check_same_device(device, norm_weight=norm_weight, inv_smooth=inv_smooth)
     rotation = _check_rotation(rotation, k, bits, device)
+    perm = _check_perm(perm, k, device)
     m = math.prod(lead)
     x2 = x.reshape(m, k)
+    kq = k // 2 if bits == 4 else k
+    qdtype = torch.uint8 if bits == 4 else torch.int8
+    if out is not None:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError("out must be a (q, scale) pair of tensors or None")
+        _check_out(out[0], (*lead, kq), qdtype, device, "out[0] (codes)")
+        _check_out(out[1], lead, torch.float32, device, "out[1] (scales)")
     name = resolve_backend(backend, device)
     if name != "triton" or m == 0:
-        q, s = _quantize_torch(x2, norm_weight, eps, offset, inv_smooth, rotation, bits)
-    else:
-        q, s = _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, rotation, bits)
-    return q.reshape(*lead, q.shape[-1]), s.reshape(lead)
+        q, s = _quantize_torch(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits)
+        q, s = q.reshape(*lead, kq), s.reshape(lead)
+        if out is None:
+            return q, s
+        return out[0].copy_(q), out[1].copy_(s)
+    q2 = out[0].view(m, kq) if out is not None else None
+    s2 = out[1].view(m) if out is not None else None
+    q, s = _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q2, s2)
+    if out is not None:
+        return out[0], out[1]
+    return q.reshape(*lead, kq), s.reshape(lead)
 
 
-def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, rotation, bits):
+def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q=None, s=None):
     _, tq = _triton_modules(x2.device)
     m, k = x2.shape
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     kq = k // 2 if bits == 4 else k
-    q = torch.empty((m, kq), dtype=torch.uint8 if bits == 4 else torch.int8, device=x2.device)
-    s = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    if q is None:
+        q = torch.empty((m, kq), dtype=torch.uint8 if bits == 4 else torch.int8, device=x2.device)
+        s = torch.empty((m,), dtype=torch.float32, device=x2.device)
     has_rot = rotation is not None
     if has_rot or bits == 4:
         block_k = 64
@@ -312,35 +346,44 @@ def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, rotation, bits):
         block_k = min(1024, max(16, triton_next_pow2(k)))
     block_m = 16 if has_rot else 4
     dummy = s
+    if has_rot:
+        rot = rotation.to(torch.float32).contiguous()
+        stride_rb = rot.stride(0) if rot.dim() == 3 else 0
     tq.norm_quant_kernel[(triton_cdiv(m, block_m),)](
         x2, norm_weight.contiguous() if norm_weight is not None else dummy,
         inv_smooth.contiguous() if inv_smooth is not None else dummy,
-        _expanded_rotation(rotation) if has_rot else dummy, q, s,
-        m, k, x2.stride(0), q.stride(0), float(eps), float(offset),
-        HAS_NORM=norm_weight is not None, HAS_SMOOTH=inv_smooth is not None, HAS_ROT=has_rot,
+        perm.contiguous() if perm is not None else dummy,
+        rot if has_rot else dummy, q, s,
+        m, k, x2.stride(0), q.stride(0), stride_rb if has_rot else 0, float(eps), float(offset),
+        HAS_NORM=norm_weight is not None, HAS_SMOOTH=inv_smooth is not None,
+        HAS_PERM=perm is not None, HAS_ROT=has_rot, ROT_B=rotation.shape[-1] if has_rot else 1,
         QMAX=_QMAX[bits], PACK4=bits == 4, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
     return q, s
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = None,
-                       rotation: torch.Tensor | None = None, *, backend: str | None = None):
+                       rotation: torch.Tensor | None = None, *, perm: torch.Tensor | None = None,
+                       backend: str | None = None, out: tuple | None = None):
     """Symmetric per-token quantization of x (..., K) -> (q, scale (...,) float32).
 
     q is int8 (..., K) for bits=8, packed uint8 (..., K // 2) for bits=4 (layout of
-    packing.py).  ``inv_smooth`` (K,) multiplies x first; ``rotation`` (B, B), B in 16/32/64,
-    then maps each block of B channels ``v_blk -> v_blk @ R``.
+    packing.py).  ``inv_smooth`` (K,) multiplies x first, ``perm`` (K,) reorders channels
+    (``v[:, j] = v[:, perm[j]]``), then ``rotation`` - (B, B) shared or (K/B, B, B) per block,
+    B a power of two <= 64 - maps each block of B channels ``v_b -> v_b @ R_b``.  This is the
+    activation side of quantvla_core.quant.transforms.InputTransform, done in the kernel.
     """
-    return _quantize_impl(x, None, 0.0, 0.0, inv_smooth, rotation, bits, backend)
+    return _quantize_impl(x, None, 0.0, 0.0, inv_smooth, perm, rotation, bits, backend, out)
 
 
 def rmsnorm_quantize(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, bits: int = 8,
                      offset: float = 0.0, inv_smooth: torch.Tensor | None = None,
-                     rotation: torch.Tensor | None = None, *, backend: str | None = None):
+                     rotation: torch.Tensor | None = None, *, perm: torch.Tensor | None = None,
+                     backend: str | None = None, out: tuple | None = None):
     """RMSNorm ``x * rstd * (offset + w)`` (Gemma: offset=1) fused with smoothing, rotation and
     per-token quantization, in one kernel on Triton.  Returns (q, scale) as quantize_per_token."""
     if norm_weight is None:
         raise ValueError("rmsnorm_quantize needs norm_weight (K,); use quantize_per_token without a norm")
-    return _quantize_impl(x, norm_weight, eps, offset, inv_smooth, rotation, bits, backend)
+    return _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out)
 
 
 def triton_next_pow2(n: int) -> int:
@@ -387,11 +430,12 @@ def _split_for(tiles: int, k_tiles: int, sms: int, min_iters: int) -> int:
     return split
 
 
-def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device) -> dict:
+def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
+                num_sms: int | None = None) -> dict:
     """The fixed (non-tuned) tile table: small M uses BLOCK_M 16/32/64 with split-K, large M
     128x128 tiles; see docs/kernels-notes.md for the reasoning."""
     mb = m_bucket(m)
-    sms = _num_sms(device)
+    sms = num_sms or _num_sms(device)
     if kind == "w8a8":
         bk = min(256, max(32, triton_next_pow2(k)))
         if mb <= 64:
@@ -498,13 +542,16 @@ def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg):
 # ----------------------------------------------------------------------------- public GEMMs
 def gemm_w8a8(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
-              backend: str | None = None, config: dict | None = None) -> torch.Tensor:
+              backend: str | None = None, config: dict | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 activations xq (..., K) with per-token scales xs (...,) times int8 weights wq (N, K)
-    with per-channel scales ws (N,) -> (..., N) in out_dtype (default float32).
-    ``config`` overrides the Triton tile choice (tuning and tests)."""
+    with per-channel scales ws (N,) -> (..., N) in out_dtype (default float32, or out's dtype).
+    ``config`` overrides the Triton tile choice (tuning and tests); ``out`` is written in place."""
     _check_tensor(xq, "xq", (torch.int8,), "int8 activations (..., K)")
     _check_tensor(xs, "xs", (torch.float32, torch.float16, torch.bfloat16), "per-token scales")
     _check_tensor(wq, "wq", (torch.int8,), "int8 weights (N, K)")
+    if out_dtype is None and isinstance(out, torch.Tensor):
+        out_dtype = out.dtype
     out_dtype = _check_out_dtype(out_dtype)
     if wq.dim() != 2 or wq.shape[1] != xq.shape[-1]:
         raise ValueError(f"wq must be (N, K) with K = xq.shape[-1] = {xq.shape[-1]}, got {tuple(wq.shape)}")
@@ -514,28 +561,32 @@ def gemm_w8a8(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
     _check_same_device(device, xs=xs, wq=wq, ws=ws)
     ws = _check_weight_scales(ws, n, k, None)
     bias = _check_bias(bias, n, device)
+    out = _check_out(out, (*lead, n), out_dtype, device)
     name = resolve_backend(backend, device)
     m = x2.shape[0]
     if name != "triton" or m == 0 or n == 0 or k == 0:
         y = _gemm_torch(x2, xs2, wq, ws, None, bias, out_dtype, name)
-    else:
-        tg, _ = _triton_modules(device)
-        wq = wq.contiguous()
-        out = torch.empty((m, n), dtype=out_dtype, device=device)
+        return y.reshape(*lead, n) if out is None else out.copy_(y.reshape(*lead, n))
+    tg, _ = _triton_modules(device)
+    wq = wq.contiguous()
+    out2 = (torch.empty((m, n), dtype=out_dtype, device=device) if out is None
+            else out.view(m, n))
 
-        def run(cfg):
-            return _launch_w8a8(tg, x2, xs2, wq, ws, bias, out, cfg)
+    def run(cfg):
+        return _launch_w8a8(tg, x2, xs2, wq, ws, bias, out2, cfg)
 
-        y = run(config or _pick_config("w8a8", m, n, k, device, run))
-    return y.reshape(*lead, n)
+    run(config or _pick_config("w8a8", m, n, k, device, run))
+    return out2.reshape(*lead, n) if out is None else out
 
 
-def _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, a_packed):
+def _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, a_packed, out):
     aname = "xq_packed" if a_packed else "xq"
     _check_tensor(xq, aname, (torch.uint8,) if a_packed else (torch.int8,),
                   "packed int4 activations (..., K/2)" if a_packed else "int8 activations (..., K)")
     _check_tensor(xs, "xs", (torch.float32, torch.float16, torch.bfloat16), "per-token scales")
     _check_tensor(wq_packed, "wq_packed", (torch.uint8,), "packed int4 weights (N, K/2) from pack_int4")
+    if out_dtype is None and isinstance(out, torch.Tensor):
+        out_dtype = out.dtype
     out_dtype = _check_out_dtype(out_dtype)
     k = xq.shape[-1] * 2 if a_packed else xq.shape[-1]
     if k % 2:
@@ -548,6 +599,7 @@ def _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config
     _check_same_device(device, xs=xs, wq_packed=wq_packed, ws=ws)
     ws = _check_weight_scales(ws, n, k, group_size)
     bias = _check_bias(bias, n, device)
+    out = _check_out(out, (*lead, n), out_dtype, device)
     name = resolve_backend(backend, device)
     m = x2.shape[0]
     if name == "triton" and group_size is not None and group_size % PACK_GROUP:
@@ -556,32 +608,33 @@ def _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config
     if name != "triton" or m == 0 or n == 0 or k == 0:
         x8 = unpack_int4(x2) if a_packed else x2
         y = _gemm_torch(x8, xs2, unpack_int4(wq_packed), ws, group_size, bias, out_dtype, name)
-    else:
-        tg, _ = _triton_modules(device)
-        wq_packed = wq_packed.contiguous()
-        out = torch.empty((m, n), dtype=out_dtype, device=device)
-        kind = "w4a4" if a_packed else "w4a8"
+        return y.reshape(*lead, n) if out is None else out.copy_(y.reshape(*lead, n))
+    tg, _ = _triton_modules(device)
+    wq_packed = wq_packed.contiguous()
+    out2 = (torch.empty((m, n), dtype=out_dtype, device=device) if out is None
+            else out.view(m, n))
+    kind = "w4a4" if a_packed else "w4a8"
 
-        def run(cfg):
-            return _launch_w4(tg, x2, xs2, wq_packed, ws, group_size, bias, out, k, a_packed, cfg)
+    def run(cfg):
+        return _launch_w4(tg, x2, xs2, wq_packed, ws, group_size, bias, out2, k, a_packed, cfg)
 
-        y = run(config or _pick_config(kind, m, n, k, device, run))
-    return y.reshape(*lead, n)
+    run(config or _pick_config(kind, m, n, k, device, run))
+    return out2.reshape(*lead, n) if out is None else out
 
 
 def gemm_w4a8(xq: torch.Tensor, xs: torch.Tensor, wq_packed: torch.Tensor, ws: torch.Tensor,
               group_size: int | None = None, bias: torch.Tensor | None = None,
               out_dtype: torch.dtype | None = None, *, backend: str | None = None,
-              config: dict | None = None) -> torch.Tensor:
+              config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 activations (..., K) x int4 weights packed (N, K/2); ws (N,) per channel or
     (N, ceil(K / group_size)) per group -> (..., N)."""
-    return _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, False)
+    return _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, False, out)
 
 
 def gemm_w4a4(xq_packed: torch.Tensor, xs: torch.Tensor, wq_packed: torch.Tensor, ws: torch.Tensor,
               group_size: int | None = None, bias: torch.Tensor | None = None,
               out_dtype: torch.dtype | None = None, *, backend: str | None = None,
-              config: dict | None = None) -> torch.Tensor:
+              config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """int4 activations packed (..., K/2) (from quantize_per_token(bits=4)) x int4 weights
     packed (N, K/2) -> (..., N).  Both are unpacked to int8 for the int8 tensor-core dot."""
-    return _gemm_w4(xq_packed, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, True)
+    return _gemm_w4(xq_packed, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, True, out)

@@ -9,7 +9,9 @@ scale agrees bit for bit with the values it quantizes.  x is read twice (the sec
 mostly hits L2); the normalized activations never go to memory.
 
 Arithmetic order (mirrored by the torch path in ``ops.py``):
-``v = x * (offset + w)``, ``v = v * inv_s``, ``v = v @ R`` per block, ``y = v * rstd``.
+``v = x * (offset + w)``, ``v = v * inv_s``, ``v = v[:, perm]``, ``v = v @ R_b`` per block b,
+``y = v * rstd``.  The permutation is a gather on the load, the rotation one ``tl.dot`` per
+64-wide tile with a block-diagonal matrix gathered from the per-block rotations.
 """
 from __future__ import annotations
 
@@ -26,31 +28,42 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, cols, cmask, stride_xm, offset,
-               HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ROT: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """Load a (BLOCK_M, BLOCK_K) tile of x; return (x, v) with v the pre-rstd transform."""
+def _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, cmask, stride_xm,
+               stride_rb, offset, HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+               HAS_PERM: tl.constexpr, HAS_ROT: tl.constexpr, ROT_B: tl.constexpr):
+    """Load a (BLOCK_M, BLOCK_K) tile of x at columns ``cols``; return (x, v) with v the
+    pre-rstd transform rot(perm(x * (offset + w) * inv_s)).  The tile must start on a
+    rotation-block boundary and hold whole blocks."""
+    if HAS_PERM:
+        src = tl.load(perm_ptr + cols, mask=cmask, other=0)
+    else:
+        src = cols
     m2 = rmask[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :], mask=m2, other=0.0).to(tl.float32)
     v = x
     if HAS_NORM:
-        w = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        w = tl.load(nw_ptr + src, mask=cmask, other=0.0).to(tl.float32)
         v = v * (offset + w)[None, :]
     if HAS_SMOOTH:
-        s = tl.load(smooth_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        s = tl.load(smooth_ptr + src, mask=cmask, other=0.0).to(tl.float32)
         v = v * s[None, :]
     if HAS_ROT:
-        # rot_ptr holds a (BLOCK_K, BLOCK_K) block-diagonal expansion of the user's (B, B) R.
-        rk = tl.arange(0, BLOCK_K)
-        r = tl.load(rot_ptr + rk[:, None] * BLOCK_K + rk[None, :])
+        # Block-diagonal (BLOCK_K, BLOCK_K) matrix gathered from the (K/B, B, B) blocks
+        # (stride_rb = 0 when one (B, B) block is shared by all).
+        ca = cols[:, None]
+        cb = cols[None, :]
+        same = (ca // ROT_B) == (cb // ROT_B)
+        r = tl.load(rot_ptr + (ca // ROT_B) * stride_rb + (ca % ROT_B) * ROT_B + (cb % ROT_B),
+                    mask=same & cmask[:, None] & cmask[None, :], other=0.0)
         v = tl.dot(v, r, input_precision="ieee")
     return x, v
 
 
 @triton.jit
-def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, rot_ptr, q_ptr, s_ptr,
-                      M, K, stride_xm, stride_qm, eps, offset,
-                      HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ROT: tl.constexpr,
+def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr,
+                      M, K, stride_xm, stride_qm, stride_rb, eps, offset,
+                      HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_PERM: tl.constexpr,
+                      HAS_ROT: tl.constexpr, ROT_B: tl.constexpr,
                       QMAX: tl.constexpr, PACK4: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -63,8 +76,8 @@ def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, rot_ptr, q_ptr, s_ptr,
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + ck
         cmask = cols < K
-        x, v = _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, cols, cmask, stride_xm,
-                          offset, HAS_NORM, HAS_SMOOTH, HAS_ROT, BLOCK_K)
+        x, v = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, cmask,
+                              stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B)
         if HAS_NORM:
             sumsq += tl.sum(x * x, axis=1)
         amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
@@ -88,10 +101,10 @@ def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, rot_ptr, q_ptr, s_ptr,
         for g0 in range(0, K, 2 * BLOCK_K):
             half = tl.minimum(K - g0, 2 * BLOCK_K) // 2
             jm = ck < half
-            _, v_lo = _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, g0 + ck, jm,
-                                 stride_xm, offset, HAS_NORM, HAS_SMOOTH, HAS_ROT, BLOCK_K)
-            _, v_hi = _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, g0 + half + ck, jm,
-                                 stride_xm, offset, HAS_NORM, HAS_SMOOTH, HAS_ROT, BLOCK_K)
+            _, v_lo = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, g0 + ck, jm,
+                                 stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B)
+            _, v_hi = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, g0 + half + ck,
+                                 jm, stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B)
             q_lo = _round_half_even((v_lo * rstd[:, None]) * inv[:, None])
             q_hi = _round_half_even((v_hi * rstd[:, None]) * inv[:, None])
             q_lo = tl.minimum(tl.maximum(q_lo, -QMAX * 1.0), QMAX * 1.0).to(tl.int32)
@@ -103,8 +116,8 @@ def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, rot_ptr, q_ptr, s_ptr,
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + ck
             cmask = cols < K
-            _, v = _transform(x_ptr, nw_ptr, smooth_ptr, rot_ptr, rows, rmask, cols, cmask, stride_xm,
-                              offset, HAS_NORM, HAS_SMOOTH, HAS_ROT, BLOCK_K)
+            _, v = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, cmask,
+                              stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B)
             q = _round_half_even((v * rstd[:, None]) * inv[:, None])
             q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
             optr = q_ptr + rows[:, None] * stride_qm + cols[None, :]

@@ -241,6 +241,8 @@ class QuantLinear(nn.Module):
             xt = self.input_transform().apply(x2.to(dt)) if self.has_transform else x2.to(dt)
             return F.linear(xt, self.dequantized_weight(dt), None if self.bias is None else self.bias.to(dt))
         k = _kernels()
+        if not hasattr(k, "gemm_w8a8"):  # kernels package without its ops yet: exact torch int path
+            return self._forward_int_torch(x2)
         xf = x2.float()
         # Smoothing alone goes into the quantization kernel; permutation/rotation run first.
         inv_smooth = self.inv_smooth
@@ -267,6 +269,22 @@ class QuantLinear(nn.Module):
             return k.gemm_w4a4(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=bias,
                                out_dtype=torch.float32, backend=backend)
         raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
+
+    def _forward_int_torch(self, x2: torch.Tensor) -> torch.Tensor:
+        """Integer GEMM in plain torch (int32 accumulation), fp32 epilogue; same math as the kernels."""
+        xq, xs = self.quantize_input(x2, torch.float32)
+        w = self.int_weight()
+        if self.group_size is None:
+            acc = xq.to(torch.int32) @ w.to(torch.int32).T
+            y = acc.to(torch.float32) * xs[:, None] * self.wscale[None, :]
+        else:
+            m, kk = xq.shape
+            g = kk // self.group_size
+            xg = xq.to(torch.int32).reshape(m, g, self.group_size).transpose(0, 1)  # (G, M, gs)
+            wg = w.to(torch.int32).reshape(-1, g, self.group_size).permute(1, 2, 0)  # (G, gs, N)
+            acc = torch.bmm(xg, wg)  # (G, M, N) exact int32
+            y = (acc.to(torch.float32) * self.wscale.T[:, None, :]).sum(0) * xs[:, None]
+        return y + self.bias if self.bias is not None else y
 
 
 def scale_output_channels(module: nn.Module, factor: torch.Tensor | float) -> None:

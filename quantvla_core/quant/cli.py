@@ -1,0 +1,231 @@
+"""`quantvla quantize | layout | ablate | report`: the quantizer from the command line."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+from . import layout as L
+
+VARIANTS = {"none": (False, False), "atm": (True, False), "ohb": (False, True), "atm+ohb": (True, True)}
+TABLE1_LAYOUTS = ("llm", "dit-all", "dit-mlp", "llm+dit-all", "llm+dit-mlp")
+
+
+def _csv(text: str, accepted, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in accepted]
+    if bad or not items:
+        raise ValueError(f"bad {what} {bad or text!r}; accepted: {', '.join(accepted)}")
+    return items
+
+
+def _config_from_args(args, **over):
+    from .quantize import QuantConfig
+    transforms = () if args.transforms in ("", "none") else tuple(t.strip() for t in args.transforms.split(","))
+    kw = dict(scheme=getattr(args, "scheme", "w4a8"), layout=getattr(args, "layout", "quantvla"), group_size=None if args.group_size == 0 else args.group_size,
+              activation=args.activation, transforms=transforms, smooth_strength=args.smooth_strength,
+              rotation=args.rotation, atm=not args.no_atm, ohb=not args.no_ohb, atm_backbone=args.atm_backbone,
+              ohb_mlp=args.ohb_mlp, order=args.order, calib_samples=args.samples, seed=args.seed,
+              batch_size=args.batch_size)
+    kw.update(over)
+    return QuantConfig(**kw)
+
+
+def _add_quant_options(p: argparse.ArgumentParser, with_scheme: bool = True) -> None:
+    from .quantize import SCHEMES
+    if with_scheme:
+        p.add_argument("--scheme", default="w4a8", choices=list(SCHEMES))
+        p.add_argument("--layout", default="quantvla", choices=list(L.LAYOUTS))
+    p.add_argument("--calib", default="synthetic",
+                   help="synthetic[:N] | folder with observations.jsonl | rosbag2 .mcap file or bag dir")
+    p.add_argument("--samples", type=int, default=32, help="calibration observations (a further 1/3 is held out)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 weight group along K (0 = per channel)")
+    p.add_argument("--activation", default="dynamic", choices=["dynamic", "static"])
+    p.add_argument("--transforms", default="smooth", help="comma list of smooth,permute,rotate or 'none'")
+    p.add_argument("--smooth-strength", type=float, default=0.5)
+    p.add_argument("--rotation", default="hadamard", choices=["hadamard", "svd"])
+    p.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
+    p.add_argument("--no-ohb", action="store_true", help="skip output head balancing")
+    p.add_argument("--atm-backbone", action="store_true", help="also apply ATM to the backbone attention")
+    p.add_argument("--ohb-mlp", action="store_true", help="also balance the action head's MLP down projections")
+    p.add_argument("--order", default="sequential", choices=["sequential", "joint"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_quantize(args) -> int:
+    from ..policy import Policy
+    from .quantize import quantize
+    from .report import render_table
+    qc = _config_from_args(args)
+    policy = Policy.load(args.model, device=args.device, dtype="fp32")
+    result = quantize(policy, qc, args.calib, progress=not args.no_progress)
+    result.save(args.out)
+    print(render_table(result.report))
+    print(f"\nwrote {args.out} (config.json, model.safetensors, quantization.json, report.json, report.png, "
+          "manifest.json)")
+    return 0
+
+
+def _model_for_layout(source: str):
+    """(model on the meta device or loaded, arch, recorded quantization or None)."""
+    from ..checkpoint import read_config
+    from ..config import PRESETS, preset
+    from ..models import build_model
+    if source in PRESETS:
+        cfg = preset(source)
+        return build_model(cfg, device="meta"), cfg.arch, None
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        cfg = read_config(path)
+        meta = None
+        if (path / "quantization.json").is_file():
+            from .artifact import read_quant_meta
+            meta = read_quant_meta(path)
+        return build_model(cfg, device="meta"), cfg.arch, meta
+    raise ValueError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory with config.json")
+
+
+def cmd_layout(args) -> int:
+    from .quantize import SCHEMES
+    model, arch, meta = _model_for_layout(args.model)
+    if meta is not None and not args.layout_given:
+        scheme, lay = meta["scheme"], meta["config"]["layout"]
+        entries = [L.LayoutEntry(e["name"], e["role"], e["integer"], model.get_submodule(e["name"]).in_features,
+                                 model.get_submodule(e["name"]).out_features) for e in meta["layout"]]
+    else:
+        scheme, lay = args.scheme, args.layout
+        entries = L.plan_model(model, arch, lay)
+    w, a = SCHEMES[scheme]
+    prec = f"w{w}a{a or 16}"
+    rows = [{"name": e.name, "role": e.role, "precision": prec if e.integer else "float",
+             "shape": [e.in_features, e.out_features]} for e in entries]
+    if args.json:
+        print(json.dumps({"arch": arch, "layout": lay, "scheme": scheme, "modules": rows}, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows) if rows else 10
+    print(f"layout {lay} ({', '.join(L.LAYOUTS[lay]) or 'nothing'} integer), scheme {scheme}, arch {arch}")
+    print(f"{'module':<{width}}  {'role':<9} {'precision':<9} in x out")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['role']:<9} {r['precision']:<9} {r['shape'][0]} x {r['shape'][1]}")
+    n_int = sum(r["precision"] != "float" for r in rows)
+    params_int = sum(r["shape"][0] * r["shape"][1] for r in rows if r["precision"] != "float")
+    params_all = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    print(f"\n{n_int} of {len(rows)} linears integer ({params_int / max(params_all, 1):.1%} of linear weights)")
+    return 0
+
+
+def run_ablation(policy, calib, schemes, layouts, variants, base_over=None, progress=True) -> list[dict]:
+    """Fidelity (and memory) of every scheme x layout x {ATM, OHB} variant on one buffer."""
+    from tqdm import tqdm
+
+    from .quantize import QuantConfig, quantize
+    rows = []
+    combos = list(itertools.product(schemes, layouts, variants))
+    for scheme, lay, var in tqdm(combos, desc="ablate", disable=not progress, unit="config"):
+        atm, ohb = VARIANTS[var]
+        qc = QuantConfig(**{**(base_over or {}), "scheme": scheme, "layout": lay, "atm": atm, "ohb": ohb})
+        r = quantize(policy, qc, calib, progress=False)
+        rows.append({"scheme": scheme, "layout": lay, "variant": var, **r.report["fidelity"],
+                     "memory_ratio": r.report["memory"]["quantized_components_ratio"],
+                     "model_memory_ratio": r.report["memory"]["model_ratio"],
+                     "alpha_changed": r.report["alpha_summary"].get("changed", 0),
+                     "beta_changed": r.report["beta_summary"].get("changed", 0)})
+    return rows
+
+
+def render_ablation(rows: list[dict]) -> str:
+    """Paper Table 1 (layouts, no ATM/OHB) and Table 2 (ATM/OHB on the selective layout)."""
+    out = []
+    schemes = sorted({r["scheme"] for r in rows})
+    t1 = [r for r in rows if r["variant"] == "none"]
+    if t1:
+        out.append("Table 1 shape: which components are integer (no ATM/OHB); action fidelity vs FP teacher")
+        out.append(f"{'layout':<14}" + "".join(f"{s + ' cos':>14}{s + ' relL2':>14}{s + ' mem':>10}" for s in schemes))
+        for lay in dict.fromkeys(r["layout"] for r in t1):
+            cells = ""
+            for s in schemes:
+                r = next((x for x in t1 if x["layout"] == lay and x["scheme"] == s), None)
+                cells += (f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}{r['memory_ratio']:>10.1%}" if r
+                          else f"{'-':>14}{'-':>14}{'-':>10}")
+            out.append(f"{lay:<14}{cells}")
+    t2 = [r for r in rows if r["layout"] in ("llm+dit-mlp", "quantvla")]
+    if {r["variant"] for r in t2} - {"none"}:
+        out.append("")
+        out.append("Table 2 shape: ATM / OHB on the selective layout (LLM + DiT MLP)")
+        out.append(f"{'variant':<14}" + "".join(f"{s + ' cos':>14}{s + ' relL2':>14}" for s in schemes)
+                   + f"{'alphas!=1':>11}{'betas!=1':>10}")
+        for var in dict.fromkeys(r["variant"] for r in t2):
+            cells, last = "", None
+            for s in schemes:
+                r = next((x for x in t2 if x["variant"] == var and x["scheme"] == s), None)
+                cells += f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}" if r else f"{'-':>14}{'-':>14}"
+                last = r or last
+            out.append(f"{var:<14}{cells}{last['alpha_changed']:>11}{last['beta_changed']:>10}")
+    out.append("")
+    out.append("(fidelity = mean over held-out observations of the cosine / relative L2 of the whole action "
+               "chunk vs the FP teacher with identical noise; success rates need the closed-loop evaluation)")
+    return "\n".join(out)
+
+
+def cmd_ablate(args) -> int:
+    from ..fileio import atomic_write_json
+    from ..policy import Policy
+    schemes = _csv(args.schemes, ("w8a8", "w4a8", "w4a4", "w8a16", "w4a16"), "schemes")
+    layouts = _csv(args.layouts, list(L.LAYOUTS), "layouts")
+    variants = _csv(args.variants, list(VARIANTS), "variants")
+    policy = Policy.load(args.model, device=args.device, dtype="fp32")
+    base = _config_from_args(args, scheme=schemes[0], layout=layouts[0]).to_dict()
+    for k in ("scheme", "layout", "atm", "ohb"):
+        base.pop(k)
+    rows = run_ablation(policy, args.calib, schemes, layouts, variants, base, progress=not args.no_progress)
+    print(render_ablation(rows))
+    if args.out:
+        atomic_write_json(args.out, {"model": args.model, "calib": args.calib, "rows": rows})
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..checkpoint import read_json
+    from .report import render_table
+    rep = read_json(Path(args.artifact) / "report.json", "report")
+    print(json.dumps(rep, indent=2) if args.json else render_table(rep))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="post-training quantization (QuantVLA) into an artifact directory")
+    p.add_argument("model", help="'default', a preset or a model directory")
+    p.add_argument("--out", required=True, help="artifact directory to write (atomically)")
+    _add_quant_options(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = subparsers.add_parser("layout", help="print every linear layer with its role and precision")
+    p.add_argument("model", help="a preset, a model directory or a quantized artifact")
+    p.add_argument("--layout", default=None, choices=list(L.LAYOUTS))
+    p.add_argument("--scheme", default="w4a8", choices=["w8a8", "w4a8", "w4a4", "w8a16", "w4a16"])
+    p.add_argument("--json", action="store_true")
+
+    def _layout(args):
+        args.layout_given = args.layout is not None
+        args.layout = args.layout or "quantvla"
+        return cmd_layout(args)
+    p.set_defaults(func=_layout)
+
+    p = subparsers.add_parser("ablate", help="layouts x {none, ATM, OHB, ATM+OHB} x schemes: fidelity tables")
+    p.add_argument("model")
+    p.add_argument("--schemes", default="w8a8,w4a8")
+    p.add_argument("--layouts", default=",".join(TABLE1_LAYOUTS))
+    p.add_argument("--variants", default="none,atm,ohb,atm+ohb")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    _add_quant_options(p, with_scheme=False)
+    p.set_defaults(func=cmd_ablate)
+
+    p = subparsers.add_parser("report", help="print the report stored in a quantized artifact")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)

@@ -1,0 +1,412 @@
+"""One call: ``quantize(policy_or_model, QuantConfig(...), calib)`` -> a quantized student + report.
+
+Order (method.md section 6): teacher statistics in one pass over the calibration buffer
+(activation ranges, ATM logit std, OHB output RMS; every denoising step, fixed noise) ->
+outlier transforms (smoothing folded into norms / producer linears where possible) ->
+integer layers (QuantLinear) per the layout -> ATM block by block from the first -> OHB block
+by block -> report on a held-out buffer (same noise for teacher and student).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import layout as L
+from .atm import AttentionTarget, LogitStats, calibrate_atm
+from .calibration import CalibrationRun, load_observations, split_buffer
+from .ohb import calibrate_ohb
+from .qlinear import QuantLinear, quant_backend, scale_output_channels
+from .report import check_targets, fidelity, memory_report, summarize
+from .transforms import (ROTATIONS, TRANSFORM_NAMES, InputTransform, build_transform,
+                         fold_smoothing_into_norm)
+
+SCHEMES: dict[str, tuple[int, int | None]] = {
+    "w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w8a16": (8, None), "w4a16": (4, None)}
+ORDERS = ("sequential", "joint")
+
+
+@dataclass
+class QuantConfig:
+    """Everything that decides the quantized model (stored in quantization.json)."""
+    scheme: str = "w4a8"
+    layout: str = "quantvla"
+    group_size: int | None = 128  # int4 weights only; int8 weights are per output channel
+    clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+    activation: str = "dynamic"  # per-token dynamic, or "static" per-tensor from a percentile
+    percentile: float = 99.9
+    transforms: tuple[str, ...] = ("smooth",)
+    smooth_strength: float = 0.5
+    rotation: str = "hadamard"
+    rotation_block: int = 64
+    fold_smoothing: bool = True  # into the preceding norm / producer linear where one exists
+    atm: bool = True
+    atm_backbone: bool = False
+    atm_clamp: tuple[float, float] = (0.7, 1.4)
+    atm_dead_zone: float = 0.02
+    ohb: bool = True
+    ohb_mlp: bool = False
+    ohb_log_clamp: float = 0.30
+    ohb_dead_zone: float = 0.03
+    order: str = "sequential"
+    calib_samples: int = 32
+    heldout_fraction: float = 0.25
+    batch_size: int = 8
+    seed: int = 0
+    token_samples: int = 512  # teacher input tokens kept per layer (per-layer error, static scales)
+
+    def __post_init__(self) -> None:
+        self.transforms = tuple(self.transforms)
+        self.clip_grid = tuple(self.clip_grid)
+        self.atm_clamp = tuple(self.atm_clamp)
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r}; accepted: {', '.join(SCHEMES)}")
+        L.check_layout(self.layout)
+        bad = [t for t in self.transforms if t not in TRANSFORM_NAMES]
+        if bad:
+            raise ValueError(f"unknown transforms {bad}; accepted: {', '.join(TRANSFORM_NAMES)}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"unknown rotation {self.rotation!r}; accepted: {', '.join(ROTATIONS)}")
+        if self.activation not in ("dynamic", "static"):
+            raise ValueError(f"activation must be 'dynamic' or 'static', got {self.activation!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+            raise ValueError(f"group_size must be an even number >= 2 or None, got {self.group_size}")
+        if not (0 < self.atm_clamp[0] <= 1 <= self.atm_clamp[1]):
+            raise ValueError(f"atm_clamp must bracket 1, got {self.atm_clamp}")
+        for k in ("calib_samples", "batch_size", "token_samples"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+    @property
+    def bits(self) -> tuple[int, int | None]:
+        return SCHEMES[self.scheme]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig keys {unknown}; accepted: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class QuantResult:
+    """The student, what the artifact records about it, and the report."""
+    policy: Any
+    meta: dict[str, Any]
+    report: dict[str, Any]
+    teacher: nn.Module | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.policy.model
+
+    def save(self, directory: str | Path) -> Path:
+        from .artifact import save_quantized
+        return save_quantized(directory, self)
+
+
+# ---- teacher statistics ----------------------------------------------------------------------
+
+class _InputStats:
+    """Per-linear channel absmax of the input and a bounded random sample of input tokens."""
+
+    def __init__(self, names: list[str], cap: int, seed: int):
+        self.names = names
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, torch.Tensor] = {}
+        self.cap = cap
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def hook(self, name: str):
+        def pre_hook(_mod, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            a = x.abs().amax(0).cpu()
+            self.absmax[name] = a if name not in self.absmax else torch.maximum(self.absmax[name], a)
+            take = x[torch.randperm(x.shape[0], generator=self.gen)[: self.cap]].cpu()
+            pool = take if name not in self.tokens else torch.cat([self.tokens[name], take])
+            if pool.shape[0] > self.cap:
+                pool = pool[torch.randperm(pool.shape[0], generator=self.gen)[: self.cap]]
+            self.tokens[name] = pool
+        return pre_hook
+
+
+def _teacher_pass(teacher, run, linear_names, atm_names, ohb_names, cap, seed):
+    from ..models.attention import logit_observer
+    mods = dict(teacher.named_modules())
+    inputs = _InputStats(linear_names, cap, seed)
+    logits = LogitStats(set(atm_names))
+    rms_sum: dict[str, float] = {}
+    rms_cnt: dict[str, int] = {}
+
+    def out_hook(name):
+        def hook(_m, _i, out):
+            y = out.detach().float()
+            per = y.reshape(y.shape[0], -1).pow(2).mean(-1).sqrt()
+            rms_sum[name] = rms_sum.get(name, 0.0) + float(per.sum())
+            rms_cnt[name] = rms_cnt.get(name, 0) + per.numel()
+        return hook
+
+    handles = [mods[n].register_forward_pre_hook(inputs.hook(n)) for n in linear_names]
+    handles += [mods[n].register_forward_hook(out_hook(n)) for n in ohb_names]
+    try:
+        with logit_observer(logits), torch.no_grad():
+            actions = run.run(teacher)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, logits.sigma(), {n: rms_sum[n] / rms_cnt[n] for n in rms_sum}, actions
+
+
+# ---- smoothing fold targets -------------------------------------------------------------------
+
+_NORM_GROUPS = ((r"^(.*)\.self_attn\.(q|k|v)_proj$", "{}.input_layernorm"),
+                (r"^(.*)\.mlp\.(gate|up)_proj$", "{}.post_attention_layernorm"))
+_PRODUCER = ((r"^(.*)\.mlp\.down_proj$", "{}.mlp.up_proj"),)
+
+
+def _input_groups(names: list[str], modules: dict[str, nn.Module]) -> list[tuple[list[str], str | None, str]]:
+    """Linears that read one tensor, with where their smoothing can be folded.
+
+    Returns (members, fold_target, kind) with kind 'norm' (RMSNorm / adaRMS dense), 'producer'
+    (scale the producing linear's output rows) or 'none' (done in the quantization kernel).
+    """
+    groups: dict[str, list[str]] = {}
+    where: dict[str, tuple[str | None, str]] = {}
+    for n in names:
+        key, target, kind = n, None, "none"
+        for pat, tmpl in _NORM_GROUPS:
+            m = re.match(pat, n)
+            if m and tmpl.format(m.group(1)) in modules:
+                norm = modules[tmpl.format(m.group(1))]
+                if getattr(norm, "weight", None) is not None or isinstance(getattr(norm, "dense", None), nn.Linear):
+                    key, target, kind = tmpl.format(m.group(1)), tmpl.format(m.group(1)), "norm"
+        for pat, tmpl in _PRODUCER:
+            m = re.match(pat, n)
+            if m and isinstance(modules.get(tmpl.format(m.group(1))), nn.Linear):
+                target, kind = tmpl.format(m.group(1)), "producer"
+        groups.setdefault(key, []).append(n)
+        where[key] = (target, kind)
+    return [(members, *where[key]) for key, members in groups.items()]
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+def _as_policy(model):
+    from ..policy import Policy
+    if isinstance(model, Policy):
+        return model
+    if isinstance(model, nn.Module) and hasattr(model, "cfg"):
+        return Policy(model, model.cfg, name=getattr(model.cfg, "name", "custom"), device="cpu", dtype="fp32")
+    raise TypeError("quantize() needs a quantvla_core.Policy or a reference model with .cfg; "
+                    f"got {type(model).__name__}")
+
+
+def _calib_observations(calib, cfg, qc: QuantConfig):
+    if isinstance(calib, (str, Path)):
+        total = qc.calib_samples + max(1, int(round(qc.calib_samples * qc.heldout_fraction / (1 - qc.heldout_fraction)))) \
+            if qc.heldout_fraction > 0 else qc.calib_samples
+        obs = load_observations(calib, cfg, n=total, seed=qc.seed)
+        return split_buffer(obs, qc.heldout_fraction)
+    if isinstance(calib, (list, tuple)):
+        return split_buffer(list(calib), qc.heldout_fraction)
+    raise TypeError("calib must be a source string (synthetic[:N], folder, .mcap) or a list of Observations")
+
+
+def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, heldout=None,
+             progress: bool = True, report: bool = True, keep_teacher: bool = False) -> QuantResult:
+    """Quantize a Policy (or reference model) into a new student Policy; the input is unchanged."""
+    from ..policy import Policy
+    qc = config or QuantConfig()
+    policy = _as_policy(model)
+    cfg = policy.config
+    arch = L.check_arch(L.detect_arch(policy.model) if not hasattr(cfg, "arch") else cfg.arch)
+    w_bits, a_bits = qc.bits
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    calib_obs, held_obs = _calib_observations(calib, cfg, qc)
+    if heldout is not None:
+        held_obs = heldout if isinstance(heldout, list) else load_observations(heldout, cfg, seed=qc.seed + 1)
+    teacher = policy.model.eval()
+    run = CalibrationRun.build(policy, calib_obs, qc.batch_size, seed=qc.seed + 1000)
+    held = CalibrationRun.build(policy, held_obs, qc.batch_size, seed=qc.seed + 2000) if report else None
+
+    entries = L.plan_model(teacher, arch, qc.layout)
+    int_names = [e.name for e in entries if e.integer and isinstance(dict(teacher.named_modules())[e.name], nn.Linear)]
+    modules_t = dict(teacher.named_modules())
+    attn_pat, q_child, o_child = L.ACTION_ATTENTION[arch]
+    atm_targets = [AttentionTarget(n, f"{n}.{q_child}") for n in modules_t if re.search(attn_pat, n)]
+    if qc.atm_backbone:
+        bpat, bq, _ = L.BACKBONE_ATTENTION[arch]
+        atm_targets = [AttentionTarget(n, f"{n}.{bq}") for n in modules_t if re.search(bpat, n)] + atm_targets
+    ohb_targets = [f"{n}.{o_child}" for n in modules_t if re.search(attn_pat, n)]
+    if qc.ohb_mlp:
+        ohb_targets += [n for n in modules_t if re.search(L.ACTION_MLP_OUT[arch], n)]
+    if not qc.atm:
+        atm_targets = []
+    if not qc.ohb:
+        ohb_targets = []
+
+    n_atm = (len(atm_targets) if qc.order == "sequential" else 1) if atm_targets else 0
+    n_ohb = (len(ohb_targets) if qc.order == "sequential" else 1) if ohb_targets else 0
+    bar = tqdm(total=1 + len(int_names) + n_atm + n_ohb + (2 if report else 0), disable=not progress,
+               desc=f"quantize {qc.scheme}", unit="step", dynamic_ncols=True)
+
+    def step(desc: str) -> None:
+        bar.set_postfix_str(desc[-48:], refresh=False)
+        bar.update(1)
+
+    with quant_backend("auto"):
+        # 1. teacher statistics (one pass over the buffer, every denoising step)
+        inputs, sigma_t, rms_t, _ = _teacher_pass(teacher, run, int_names, [t.name for t in atm_targets],
+                                                  ohb_targets, qc.token_samples, qc.seed)
+        step("teacher statistics")
+        timings["teacher_pass"] = time.perf_counter() - t0
+
+        # 2. transforms and integer layers on a copy of the teacher
+        t1 = time.perf_counter()
+        student = copy.deepcopy(teacher)
+        modules_s = dict(student.named_modules())
+        transforms: dict[str, InputTransform] = {}
+        input_fold: dict[str, torch.Tensor] = {}  # what an upstream fold multiplies this layer's input by
+        output_fold: dict[str, torch.Tensor] = {}  # producer rows scaled for a downstream smoothing
+        names_t = [n for n in qc.transforms if not (a_bits is None and n == "smooth")]
+        for members, target, kind in _input_groups(int_names, modules_s):
+            if not names_t:
+                break
+            ws = [modules_s[n].weight for n in members]
+            t = build_transform(tuple(names_t), ws, inputs.absmax[members[0]], qc.smooth_strength,
+                                qc.rotation, qc.rotation_block)
+            if t.inv_smooth is not None and qc.fold_smoothing and kind != "none":
+                if kind == "norm":
+                    fold_smoothing_into_norm(modules_s[target], t.inv_smooth)
+                else:
+                    scale_output_channels(modules_s[target], t.inv_smooth)
+                    output_fold[target] = t.inv_smooth
+                for n in members:
+                    input_fold[n] = t.inv_smooth
+                    transforms[n] = InputTransform(None, t.perm, t.rotation, t.rotation_kind)
+                    transforms[n]._fold_s = t.inv_smooth  # weight side still needs W * s
+            else:
+                for n in members:
+                    transforms[n] = t
+        layer_specs: dict[str, dict] = {}
+        for n in int_names:
+            lin = modules_s[n]
+            t = transforms.get(n)
+            if t is not None and getattr(t, "_fold_s", None) is not None:
+                # weight side of a folded smoothing: columns times s, then perm/rotation
+                w_scaled = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+                with torch.no_grad():
+                    w_scaled.weight.copy_(lin.weight.double().div(t._fold_s.double()).to(lin.weight.dtype))
+                    if lin.bias is not None:
+                        w_scaled.bias.copy_(lin.bias)
+                lin_src = w_scaled
+            else:
+                lin_src = lin
+            gs = qc.group_size if (w_bits == 4 and qc.group_size and lin.in_features % qc.group_size == 0) else None
+            act_scale = None
+            if qc.activation == "static" and a_bits is not None:
+                from .quantizers import qmax
+                xs = inputs.tokens[n].double()
+                if n in input_fold:
+                    xs = xs * input_fold[n].double()
+                xt = (t.apply(xs) if t is not None else xs).abs().amax(1).float()
+                act_scale = float(torch.quantile(xt, qc.percentile / 100.0)) / qmax(a_bits)
+            ql = QuantLinear.from_linear(lin_src, w_bits=w_bits, a_bits=a_bits, group_size=gs, transform=t,
+                                         clip_grid=qc.clip_grid, act_scale=act_scale)
+            parent_name, _, child = n.rpartition(".")
+            setattr(modules_s[parent_name] if parent_name else student, child, ql)
+            layer_specs[n] = ql.spec()
+            step(n)
+        modules_s = dict(student.named_modules())
+        errors = layer_errors(teacher, student, inputs, input_fold, output_fold) if report else {}
+        timings["quantize_layers"] = time.perf_counter() - t1
+
+        # 3. ATM then 4. OHB, each block by block from the first
+        t2 = time.perf_counter()
+        alphas = calibrate_atm(student, run, atm_targets, sigma_t, qc.order, qc.atm_clamp, qc.atm_dead_zone,
+                               progress=step) if atm_targets else {}
+        timings["atm"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        betas = calibrate_ohb(student, run, ohb_targets, rms_t, qc.order, qc.ohb_log_clamp, qc.ohb_dead_zone,
+                              progress=step) if ohb_targets else {}
+        timings["ohb"] = time.perf_counter() - t3
+
+        meta = {
+            "format": "quantvla-quantization", "version": 1, "scheme": qc.scheme, "arch": arch,
+            "config": qc.to_dict(),
+            "layout": [{"name": e.name, "role": e.role, "integer": e.integer} for e in entries],
+            "modules": layer_specs, "alpha": alphas, "beta": betas,
+            "calibration": {"source": str(calib) if isinstance(calib, (str, Path)) else "observations",
+                            "samples": len(run), "heldout": len(held) if held is not None else 0},
+        }
+        student_policy = Policy(student, cfg, name=f"{policy.name}-{qc.scheme}", device=policy.device,
+                                dtype="fp32" if policy.dtype == torch.float32 else None,
+                                scheme=qc.scheme, quant_meta=meta)
+        rep: dict[str, Any] = {}
+        if report:
+            t4 = time.perf_counter()
+            rep = build_report(teacher, student, held, errors, meta, policy.name)
+            step("report: teacher")
+            step("report: student")
+            timings["report"] = time.perf_counter() - t4
+    bar.close()
+    timings["total"] = time.perf_counter() - t0
+    rep["timings_s"] = timings
+    return QuantResult(student_policy, meta, rep, teacher if keep_teacher else None, timings)
+
+
+def layer_errors(teacher: nn.Module, student: nn.Module, inputs: _InputStats,
+                 input_fold: dict[str, torch.Tensor], output_fold: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative L2 error of every integer layer on sampled teacher inputs (layer in isolation,
+    before ATM/OHB; smoothing folded into neighbours is accounted for on both sides)."""
+    mt, ms = dict(teacher.named_modules()), dict(student.named_modules())
+    out = {}
+    with torch.no_grad():
+        for n, toks in inputs.tokens.items():
+            if not isinstance(ms.get(n), QuantLinear):
+                continue
+            x = toks.to(next(mt[n].parameters()).device)
+            y_f = mt[n](x.to(mt[n].weight.dtype)).double()
+            if n in output_fold:
+                y_f = y_f * output_fold[n].double().to(y_f.device)
+            xs = x * input_fold[n].to(x.device) if n in input_fold else x
+            y_q = ms[n](xs).double()
+            out[n] = float((y_q - y_f).norm() / y_f.norm().clamp_min(1e-12))
+    return out
+
+
+def build_report(teacher, student, held: CalibrationRun, errors: dict[str, float], meta, model_name) -> dict[str, Any]:
+    """Fidelity on the held-out buffer, memory, per-layer errors and the ATM/OHB factors."""
+    t_actions = held.run(teacher)
+    s_actions = held.run(student)
+    rep = {
+        "model": model_name, "scheme": meta["scheme"], "layout": meta["config"]["layout"],
+        "memory": memory_report(student, teacher),
+        "fidelity": fidelity(t_actions, s_actions),
+        "layer_errors": errors,
+        "alpha": meta["alpha"], "beta": meta["beta"],
+        "alpha_summary": summarize([a for v in meta["alpha"].values() for a in v]),
+        "beta_summary": summarize(list(meta["beta"].values())),
+        "config": meta["config"],
+    }
+    rep["targets"] = check_targets(rep)
+    return rep

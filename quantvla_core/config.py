@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHS = ("pi0", "pi05", "groot")
+ARCHS = ("pi0", "pi05", "groot", "smolvla")
 
 
 @dataclass
@@ -21,6 +21,7 @@ class VisionConfig:
     depth: int = 27
     heads: int = 16
     mlp: int = 4304
+    pixel_shuffle: int = 1  # SmolVLM connector: merge f x f patches into one token (1 = none)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; accepted: {', '.join(ARCHS)}")
-        if self.arch in ("pi0", "pi05") and self.expert is None:
+        if self.arch in ("pi0", "pi05", "smolvla") and self.expert is None:
             raise ValueError(f"arch {self.arch!r} needs an 'expert' DecoderConfig")
         if self.arch == "groot" and self.dit is None:
             raise ValueError("arch 'groot' needs a 'dit' DiTConfig")
@@ -85,7 +86,7 @@ class ModelConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        return (self.vision.image_size // self.vision.patch_size) ** 2
+        return (self.vision.image_size // self.vision.patch_size) ** 2 // self.vision.pixel_shuffle ** 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,9 +10,10 @@ from .base import Batch, FlowMatchingVLA
 from .groot import GR00TModel
 from .layers import AdaRMSNorm
 from .pi0 import PI0Model
+from .smolvla import SmolVLAModel
 
-__all__ = ["Batch", "FlowMatchingVLA", "PI0Model", "GR00TModel", "build_model", "component_of",
-           "COMPONENTS"]
+__all__ = ["Batch", "FlowMatchingVLA", "PI0Model", "GR00TModel", "SmolVLAModel", "build_model",
+           "component_of", "COMPONENTS"]
 
 COMPONENTS = ("vision", "backbone", "expert", "other")
 
@@ -25,6 +26,10 @@ _COMPONENT_PREFIXES = (
     ("backbone.eagle_model.mlp1.", "vision"),
     ("backbone.eagle_model.language_model.", "backbone"),
     ("action_head.", "expert"),
+    ("vlm_with_expert.vlm.model.vision_model.", "vision"),
+    ("vlm_with_expert.vlm.model.connector.", "vision"),
+    ("vlm_with_expert.vlm.model.text_model.", "backbone"),
+    ("vlm_with_expert.lm_expert.", "expert"),
 )
 
 
@@ -42,7 +47,7 @@ def build_model(cfg: ModelConfig, *, seed: int | None = 0, device: str | torch.d
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)
     with torch.device(device):
-        model: nn.Module = (GR00TModel if cfg.arch == "groot" else PI0Model)(cfg)
+        model: nn.Module = {"groot": GR00TModel, "smolvla": SmolVLAModel}.get(cfg.arch, PI0Model)(cfg)
     if str(device) != "meta":
         _init_weights(model)
     name_attention_modules(model)

@@ -33,14 +33,13 @@ def _check_2d(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be 2-D (N, K), got shape {tuple(t.shape)}")
 
 
-def _source_columns(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per packed byte of a row of width k: the column of its low nibble, and the offset
-    (half its group's width) from there to the column of its high nibble."""
-    starts = torch.arange(0, k, PACK_GROUP, device=device)
-    widths = torch.clamp(k - starts, max=PACK_GROUP)
-    lo_cols = [s + torch.arange(w // 2, device=device) for s, w in zip(starts.tolist(), widths.tolist())]
-    return torch.cat(lo_cols), torch.cat(
-        [torch.full((w // 2,), w // 2, device=device) for w in widths.tolist()])
+def _split_groups(t: torch.Tensor, width: int):
+    """Split the last axis into full groups (N, G, width) and the shorter tail (N, t) or None."""
+    n, k = t.shape
+    full = (k // width) * width
+    body = t[:, :full].reshape(n, full // width, width)
+    tail = t[:, full:] if full < k else None
+    return body, tail
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -55,10 +54,21 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_int4 values must lie in [-8, 7]; got min {int(q.min())}, max {int(q.max())}")
     if k == 0:
         return torch.empty((n, 0), dtype=torch.uint8, device=q.device)
-    lo_cols, halves = _source_columns(k, q.device)
-    lo = q[:, lo_cols].to(torch.int16) & 0xF
-    hi = q[:, lo_cols + halves].to(torch.int16) & 0xF
-    return (lo | (hi << 4)).to(torch.uint8).contiguous()
+    body, tail = _split_groups(q.to(torch.int16), PACK_GROUP)
+    parts = [_pack_halves(body).reshape(n, -1)]
+    if tail is not None:
+        parts.append(_pack_halves(tail))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def _pack_halves(g: torch.Tensor) -> torch.Tensor:
+    half = g.shape[-1] // 2
+    return ((g[..., :half] & 0xF) | ((g[..., half:] & 0xF) << 4)).to(torch.uint8)
+
+
+def _unpack_halves(b: torch.Tensor) -> torch.Tensor:
+    s = b.view(torch.int8)
+    return torch.cat([(s << 4) >> 4, s >> 4], dim=-1)
 
 
 def unpack_int4(p: torch.Tensor) -> torch.Tensor:
@@ -67,16 +77,10 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     if p.dtype != torch.uint8:
         raise TypeError(f"unpack_int4 expects packed uint8 bytes, got dtype {p.dtype}")
     n, kb = p.shape
-    k = 2 * kb
-    out = torch.empty((n, k), dtype=torch.int8, device=p.device)
-    if k == 0:
-        return out
-    b = p.to(torch.int16)
-    lo = b & 0xF
-    hi = b >> 4
-    lo = torch.where(lo >= 8, lo - 16, lo).to(torch.int8)
-    hi = torch.where(hi >= 8, hi - 16, hi).to(torch.int8)
-    lo_cols, halves = _source_columns(k, p.device)
-    out[:, lo_cols] = lo
-    out[:, lo_cols + halves] = hi
-    return out
+    if kb == 0:
+        return torch.empty((n, 0), dtype=torch.int8, device=p.device)
+    body, tail = _split_groups(p.contiguous(), PACK_GROUP // 2)
+    parts = [_unpack_halves(body).reshape(n, -1)]
+    if tail is not None:
+        parts.append(_unpack_halves(tail))
+    return torch.cat(parts, dim=1)

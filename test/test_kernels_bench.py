@@ -1,0 +1,44 @@
+"""benchmarks/kernels.py runs end to end on the CPU and writes a table and JSON we can read back."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_benchmark_cpu_one_iteration(tmp_path, capsys):
+    bench = _load_bench()
+    result = bench.main(["--device", "cpu", "--iters", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["device_type"] == "cpu"
+    assert data["rows"] == json.loads(json.dumps(result["rows"]))
+    methods = {r["method"] for r in data["rows"]}
+    assert {"fp32", "int_mm", "w8a8", "w4a8_g128", "w8a8+quant"} <= methods
+    for r in data["rows"]:
+        assert r["us"] > 0 and r["tops"] > 0
+        if "relerr" in r:  # our kernels against a float reference of the same integer codes
+            assert r["relerr"] < 1e-3, r
+        assert "WRONG" not in r["note"]
+    table = (tmp_path / "table.txt").read_text()
+    assert "tiny_up" in table and "w4a8_g128" in table
+    # the table is the last thing printed
+    assert printed.rstrip().endswith(table.strip().splitlines()[-1].rstrip())
+
+
+def test_targets_evaluated_from_rows():
+    bench = _load_bench()
+    rows = [dict(layer="backbone_up", M=1, K=2048, N=16384, method=m, us=us, bytes=1, ops=1.0, note="")
+            for m, us in (("bf16", 27.0), ("int_mm", 17.5), ("w8a8", 13.0), ("w4a8_g128", 10.0))]
+    bench.derive(rows, bench.CEILINGS["H100"])
+    t = {x["target"]: x for x in bench.check_targets(rows)}
+    assert t["backbone_up M=1 w8a8 >= 1.8x bf16"]["met"] is True
+    assert t["backbone_up M=1 w4a8 >= 3x bf16"]["met"] is False
+    assert t["backbone_up M=1 w8a8 not slower than int_mm"]["met"] is True

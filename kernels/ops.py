@@ -73,11 +73,19 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return name
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton kernels defined now run in the interpreter (TRITON_INTERPRET=1)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older Triton: the flag is the environment variable
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _triton_modules(device: torch.device):
     """Import the Triton kernels lazily (the interpreter flag is read at import time)."""
-    from triton import knobs
-
-    interpreted = bool(knobs.runtime.interpret)
+    interpreted = triton_interpreting()
     if device.type != "cuda" and not interpreted:
         raise RuntimeError(
             "backend='triton' got CPU tensors but the Triton interpreter is off: set "
@@ -188,7 +196,10 @@ def _int_dot_exact(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
     if x8.device.type == "cpu" and m > 0:
         return torch._int_mm(x8, w8.t())
     if x8.device.type == "cuda" and m > 16 and k % 8 == 0 and w8.shape[0] % 8 == 0:
-        return torch._int_mm(x8, w8.t())
+        try:
+            return torch._int_mm(x8, w8.t())
+        except RuntimeError:  # shape rules differ between torch versions: take the exact f64 path
+            pass
     return (x8.to(torch.float64) @ w8.to(torch.float64).t()).to(torch.int32)
 
 

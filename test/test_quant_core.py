@@ -18,6 +18,14 @@ from quantvla_core.quant.quantizers import (dequantize_weight, qmax, quantize_pe
 from quantvla_core.quant.transforms import (InputTransform, build_transform, fold_smoothing_into_norm,
                                             hadamard, zigzag_permutation)
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one intra-op thread; with a busy shared CPU, 2 spinning threads run ~30x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 
 def _heavy_tailed(shape, seed=0, outliers=4):
     g = torch.Generator().manual_seed(seed)

@@ -107,7 +107,8 @@ STATE_TYPE = "sensor_msgs/msg/JointState"
 def mcap_observations(path: Path, state_dim: int, max_cameras: int, limit: int | None = None,
                       camera_topics: list[str] | None = None) -> list:
     """Observations from a rosbag2 .mcap file or a bag directory (see the module docstring)."""
-    from mcap_ros2.reader import read_ros2_messages
+    from mcap.reader import make_reader
+    from mcap_ros2.decoder import DecoderFactory
 
     from quantvla_ros.image_conversion import message_to_rgb
 
@@ -118,8 +119,10 @@ def mcap_observations(path: Path, state_dim: int, max_cameras: int, limit: int |
     msgs = []
     for f in files:
         try:
-            for m in read_ros2_messages(str(f)):
-                msgs.append((m.log_time_ns, m.channel.topic, m.schema.name, m.ros_msg))
+            with open(f, "rb") as fh:
+                reader = make_reader(fh, decoder_factories=[DecoderFactory()])
+                for schema, channel, message, ros_msg in reader.iter_decoded_messages():
+                    msgs.append((message.log_time, channel.topic, schema.name if schema else "", ros_msg))
         except Exception as e:  # the mcap reader raises several types for damaged files
             raise ValueError(f"{f}: cannot read as a ROS 2 mcap recording ({type(e).__name__}: {e})") from None
     msgs.sort(key=lambda r: r[0])

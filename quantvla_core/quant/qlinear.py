@@ -241,23 +241,22 @@ class QuantLinear(nn.Module):
             xt = self.input_transform().apply(x2.to(dt)) if self.has_transform else x2.to(dt)
             return F.linear(xt, self.dequantized_weight(dt), None if self.bias is None else self.bias.to(dt))
         k = _kernels()
-        if not hasattr(k, "gemm_w8a8"):  # kernels package without its ops yet: exact torch int path
-            return self._forward_int_torch(x2)
+        if not hasattr(k, "gemm_w8a8") or (self.w_bits == 8 and self.group_size):
+            return self._forward_int_torch(x2)  # no kernel for this case: exact torch int path
         xf = x2.float()
-        # Smoothing alone goes into the quantization kernel; permutation/rotation run first.
-        inv_smooth = self.inv_smooth
-        if self.perm is not None or self.rotation is not None:
-            xf = self.input_transform().apply(xf)
-            inv_smooth = None
-        if self.act_scale is not None:
-            if inv_smooth is not None:
-                xf = xf * inv_smooth
-            xq = quantize_static(xf, self.a_bits, self.act_scale)
+        if self.act_scale is not None:  # static per-tensor scale: transform, then fixed-scale rounding
+            xt = self.input_transform().apply(xf) if self.has_transform else xf
+            xq = quantize_static(xt, self.a_bits, self.act_scale)
             xs = self.act_scale.expand(xf.shape[0]).contiguous()
             if self.a_bits == 4:
                 xq = k.pack_int4(xq)
+        elif self.rotation is not None and self.a_bits == 4 and ((self.in_features % 128) // 2) % self.rotation_block:
+            # int4 packing groups would split a rotation block: rotate first, then quantize
+            xq, xs = k.quantize_per_token(self.input_transform().apply(xf), bits=4, backend=backend)
         else:
-            xq, xs = k.quantize_per_token(xf, bits=self.a_bits, inv_smooth=inv_smooth, backend=backend)
+            # smoothing, permutation and block rotation all happen inside the quantization kernel
+            xq, xs = k.quantize_per_token(xf, bits=self.a_bits, inv_smooth=self.inv_smooth,
+                                          rotation=self.rotation, perm=self.perm, backend=backend)
         bias = self.bias
         if self.a_bits == 8 and self.w_bits == 8:
             return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, bias=bias, out_dtype=torch.float32,

@@ -79,6 +79,11 @@ def write_shard(path, episodes: list[Episode], cameras, meta: dict) -> Path:
     path = Path(path)
     if not episodes:
         raise ValueError(f"no episodes to write to {path}")
+    for i, ep in enumerate(episodes):
+        sizes = (len(ep.images), len(ep.states), len(ep.actions))
+        if len(set(sizes)) != 1 or sizes[0] == 0:
+            raise ValueError(f"episode {i} ({ep.task} seed {ep.seed} index {ep.index}): "
+                             f"images/states/actions lengths differ or are 0: {sizes}")
     lengths = [len(ep.actions) for ep in episodes]
     arrays = {
         "images": np.concatenate([ep.images for ep in episodes]).astype(np.uint8),

@@ -1,0 +1,88 @@
+"""Demo shards: write/read round trip, folder concatenation, truncated files, and a real
+expert recording through the generator (successes only, resumable)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from quantvla_core.sim.demos import EnvSettings, generate_demos
+from quantvla_core.sim.shards import Episode, load_demos, read_shard, write_shard
+
+META = {"image_size": 8, "max_steps": 10}
+
+
+def _episode(task, length, value, index=0):
+    rng = np.random.default_rng(value)
+    return Episode(task, 0, index, f"do {task} #{value}",
+                   rng.integers(0, 256, (length, 2, 8, 8, 3), dtype=np.uint8),
+                   rng.standard_normal((length, 4)).astype(np.float32),
+                   rng.uniform(-1, 1, (length, 4)).astype(np.float32))
+
+
+def test_shard_round_trip_keeps_every_array_and_boundary(tmp_path):
+    eps = [_episode("reach-v3", 3, 1), _episode("drawer-close-v3", 5, 2, index=4)]
+    path = write_shard(tmp_path / "a.npz", eps, ("corner", "topview"), META)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]  # no temp file left behind
+    shard = read_shard(path)
+    assert shard.num_episodes == 2 and shard.cameras == ("corner", "topview")
+    assert shard.meta["image_size"] == 8 and shard.meta["format"] == "quantvla-mt10-demos"
+    np.testing.assert_array_equal(shard.episode_starts, [0, 3, 8])
+    for want, e in zip(eps, range(2)):
+        got = shard.episode(e)
+        assert (got.task, got.seed, got.index, got.instruction) == \
+            (want.task, want.seed, want.index, want.instruction)
+        for k in ("images", "states", "actions"):
+            np.testing.assert_array_equal(getattr(got, k), getattr(want, k))
+
+
+def test_folder_concatenation_offsets_episode_boundaries(tmp_path):
+    write_shard(tmp_path / "a.npz", [_episode("reach-v3", 3, 1)], ("corner", "topview"), META)
+    write_shard(tmp_path / "b.npz", [_episode("push-v3", 4, 2), _episode("push-v3", 2, 3)],
+                ("corner", "topview"), META)
+    demos = load_demos(tmp_path)
+    np.testing.assert_array_equal(demos.episode_starts, [0, 3, 7, 9])
+    np.testing.assert_array_equal(demos.episode(2).actions, _episode("push-v3", 2, 3).actions)
+    assert [str(s) for s in demos.episode_instruction] == \
+        ["do reach-v3 #1", "do push-v3 #2", "do push-v3 #3"]
+
+
+def test_truncated_or_foreign_shard_gives_clear_error(tmp_path):
+    path = write_shard(tmp_path / "a.npz", [_episode("reach-v3", 3, 1)], ("corner", "topview"),
+                       META)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        read_shard(path)
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="lacks keys"):
+        read_shard(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="no demo shards"):
+        load_demos(tmp_path / "empty")
+
+
+def test_inconsistent_episode_is_refused_at_write(tmp_path):
+    bad = _episode("reach-v3", 3, 1)
+    bad.actions = bad.actions[:2]
+    with pytest.raises(ValueError, match="lengths differ"):
+        write_shard(tmp_path / "bad.npz", [bad], ("corner", "topview"), META)
+    assert not list(tmp_path.iterdir())
+
+
+def test_generator_records_expert_successes_and_resumes(tmp_path):
+    settings = EnvSettings(image_size=32, max_steps=80)
+    index = generate_demos(tmp_path, ["reach-v3"], per_task=2, workers=1, settings=settings,
+                           progress=False)
+    assert index["episodes"] == 2 and index["tasks"]["reach-v3"]["expert_success"] == 1.0
+    on_disk = json.loads((tmp_path / "index.json").read_text())
+    assert on_disk["shards"] == ["reach-v3__s0_i00-01.npz"]
+    demos = load_demos(tmp_path)
+    assert demos.images.shape[1:] == (2, 32, 32, 3) and demos.images.mean() > 40
+    assert np.all(np.abs(demos.actions) <= 1) and demos.states.shape[1] == 4
+    lengths = np.diff(demos.episode_starts)
+    assert np.all((lengths > 5) & (lengths < 80))  # ended at success, before the limit
+    mtime = os.path.getmtime(tmp_path / on_disk["shards"][0])
+    again = generate_demos(tmp_path, ["reach-v3"], per_task=2, workers=1, settings=settings,
+                           progress=False)
+    assert again["episodes"] == 2
+    assert os.path.getmtime(tmp_path / on_disk["shards"][0]) == mtime  # reused, not redone

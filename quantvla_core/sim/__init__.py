@@ -1,0 +1,1 @@
+"""Meta-World MT10 closed loop: environments, expert demonstrations, evaluation."""

@@ -98,13 +98,20 @@ class PolicyNode(LifecycleNode):
             self.get_parameter("diagnostics_period_s").value, self._publish_diagnostics,
             callback_group=self._diag_group)
         quiet = self.get_parameter("log_quiet_s").value
-        self._warn_log = BurstLogger(self.get_logger().warning, quiet)
-        self._error_log = BurstLogger(self.get_logger().error, quiet)
+        # rclpy fixes one severity per call site, so each severity logs from its own method.
+        self._warn_log = BurstLogger(self._log_warning, quiet)
+        self._error_log = BurstLogger(self._log_error, quiet)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._autostart_timer = None
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.0, self._autostart,
                                                       callback_group=MutuallyExclusiveCallbackGroup())
+
+    def _log_warning(self, text: str) -> None:
+        self.get_logger().warning(text)
+
+    def _log_error(self, text: str) -> None:
+        self.get_logger().error(text)
 
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, parameters) -> SetParametersResult:
@@ -416,26 +423,27 @@ class PolicyNode(LifecycleNode):
         retry_generation = -1
         last_start = 0.0
         while self._running.is_set():
-            rate = self._live("replan_rate_hz")
-            if rate > 0:
-                wait = last_start + 1.0 / rate - time.monotonic()
-                if wait > 0:
-                    time.sleep(min(wait, 0.1))
-                    continue
-            if not frames.wait_for_new(0.1, retry_generation):
-                continue
-            matched, reason = frames.take_matched(self._live("stamp_tolerance_s"))
-            if matched is None:
-                if reason.startswith("unmatched"):
-                    retry_generation = frames.generation
-                    self._counters.bump("unmatched")
-                    self._warn_log.report("cameras", "unmatched", (
-                        f"camera {reason.split(':')[1]} has no frame within stamp_tolerance_s "
-                        f"{self._live('stamp_tolerance_s')} s of the reference camera"))
-                continue
-            retry_generation = -1
-            last_start = time.monotonic()
             try:
+                rate = self._live("replan_rate_hz")
+                if rate > 0:
+                    wait = last_start + 1.0 / rate - time.monotonic()
+                    if wait > 0:
+                        time.sleep(min(wait, 0.1))
+                        continue
+                if not frames.wait_for_new(0.1, retry_generation):
+                    continue
+                matched, reason = frames.take_matched(self._live("stamp_tolerance_s"))
+                if matched is None:
+                    if reason.startswith("unmatched"):
+                        retry_generation = frames.generation
+                        self._counters.bump("unmatched")
+                        self._warn_log.report("cameras", "unmatched", (
+                            f"camera {reason.split(':')[1]} has no frame within "
+                            f"stamp_tolerance_s {self._live('stamp_tolerance_s')} s of the "
+                            "reference camera"))
+                    continue
+                retry_generation = -1
+                last_start = time.monotonic()
                 self._act(matched)
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 self._counters.bump("inference_error")

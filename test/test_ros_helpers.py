@@ -1,0 +1,195 @@
+"""The policy node's helpers without DDS: stamp matching, chunk merging, burst logging, input
+checks, power meters (on sysfs trees written here) and parameter descriptors."""
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy")
+
+from quantvla_ros.burst_log import BurstLogger  # noqa: E402
+from quantvla_ros.chunk_aggregation import ChunkAggregator  # noqa: E402
+from quantvla_ros.diagnostics import LatencyStats, RateMeter, make_status, status_values  # noqa: E402
+from quantvla_ros.frame_sync import FrameStore  # noqa: E402
+from quantvla_ros.input_validation import (  # noqa: E402
+    InputError, check_stamp, clean_instruction, joint_state_vector)
+from quantvla_ros.power import EnergyMeter, Ina3221Source, RaplSource, detect_power_source  # noqa: E402
+
+
+def _img(v):
+    return np.full((2, 2, 3), v, np.uint8)
+
+
+def test_frame_store_keeps_newest_reference_and_matches_by_stamp():
+    fs = FrameStore(2, queue_size=3)
+    fs.put(1, 0.98, _img(10))
+    fs.put(1, 1.10, _img(11))
+    fs.put(0, 1.00, _img(0))
+    fs.put(0, 1.11, _img(1))  # replaces the unused 1.00 frame: one drop
+    assert fs.dropped == [1, 0]
+    m, reason = fs.take_matched(0.02)
+    assert reason == "" and m.stamp_s == 1.11 and m.images[1][0, 0, 0] == 11
+    assert abs(m.skew_s - 0.01) < 1e-9
+    assert fs.take_matched(0.02) == (None, "no_new_frame")
+    fs.put(0, 1.50, _img(2))
+    m, reason = fs.take_matched(0.02)
+    assert m is None and reason == "unmatched:1"
+    gen = fs.generation
+    assert not fs.wait_for_new(0.01, after_generation=gen)  # nothing new since the miss
+    fs.put(1, 1.505, _img(12))
+    assert fs.wait_for_new(0.01, after_generation=gen)
+    m, _ = fs.take_matched(0.02)
+    assert m.stamp_s == 1.50 and m.images[1][0, 0, 0] == 12
+
+
+def test_weighted_average_aligns_by_stamp_and_latest_only_replaces():
+    agg = ChunkAggregator("weighted_average", weight_new=0.7, dt=0.1)
+    old = np.arange(8, dtype=np.float32)[:, None].repeat(2, 1)
+    merged, blended = agg.merge(old, t_start=10.0)
+    assert blended == 0 and np.array_equal(merged, old)
+    new = np.full((8, 2), 100.0, np.float32)
+    merged, blended = agg.merge(new, t_start=10.3)  # old steps 3..7 overlap new steps 0..4
+    assert blended == 5
+    expect = new.copy()
+    expect[:5] = 0.7 * 100 + 0.3 * old[3:8]
+    np.testing.assert_allclose(merged, expect, rtol=1e-6)
+    agg2 = ChunkAggregator("latest_only", dt=0.1)
+    agg2.merge(old, 0.0)
+    merged, blended = agg2.merge(new, 0.1)
+    assert blended == 0 and np.array_equal(merged, new)
+    with pytest.raises(ValueError, match="latest_only"):
+        ChunkAggregator("average")
+
+
+def test_burst_logger_logs_once_per_burst():
+    now = [0.0]
+    lines = []
+    log = BurstLogger(lines.append, quiet_s=5.0, clock=lambda: now[0])
+    for i in range(30):
+        now[0] = i * 0.03
+        log.report("camera0", "truncated", "bad frame")
+    assert len(lines) == 1
+    now[0] = 20.0
+    log.report("camera0", "truncated", "bad frame")
+    log.report("camera0", "other", "another problem")
+    assert len(lines) == 3 and "29 more suppressed" in lines[1]
+
+
+@pytest.mark.parametrize("text,code", [
+    ("", "instruction_empty"), ("   \n\t ", "instruction_empty"), ("x" * 513, "instruction_too_long"),
+    ("pick \u202eup", "instruction_bad_char"), ("pick\x00up", "instruction_bad_char"),
+    ("pick \ue000", "instruction_bad_char")])
+def test_instruction_refusals(text, code):
+    with pytest.raises(InputError) as err:
+        clean_instruction(text, 512)
+    assert err.value.code == code
+
+
+def test_instruction_accepts_any_script_and_normalises():
+    assert clean_instruction("  pick   up\tthe cup ", 512) == "pick up the cup"
+    assert clean_instruction("ramasse la tasse \u00e9\U0001F964", 512).endswith("\u00e9\U0001F964")
+    assert clean_instruction("e\u0301", 512) == "\u00e9"  # NFC
+    assert clean_instruction("把杯子拿起来", 512) == "把杯子拿起来"
+
+
+def test_joint_state_vector_by_order_and_by_name():
+    v = joint_state_vector(["a", "b"], [1.0, 2.0], 2, [])
+    assert v.dtype == np.float32 and v.tolist() == [1.0, 2.0]
+    assert joint_state_vector(["a", "b", "c"], [1, 2, 3], 2, ["c", "a"]).tolist() == [3.0, 1.0]
+    for names, pos, wanted, code in ((["a"], [1.0], [], "joint_state_length"),
+                                     (["a", "b"], [1.0, math.nan], [], "joint_state_nonfinite"),
+                                     (["a", "b"], [1.0, math.inf], [], "joint_state_nonfinite"),
+                                     (["a"], [1.0], ["a", "z"], "joint_state_missing"),
+                                     (["a", "b"], [1.0], ["a", "b"], "joint_state_length")):
+        with pytest.raises(InputError) as err:
+            joint_state_vector(names, pos, 2, wanted)
+        assert err.value.code == code
+
+
+def test_stamp_checks():
+    check_stamp(99.9, 100.0, 99.8, 1.0, 0.5)
+    for args, code in (((0.0, 100.0, None), "stamp_zero"), ((90.0, 100.0, None), "stamp_old"),
+                       ((101.0, 100.0, None), "stamp_future"),
+                       ((99.9, 100.0, 99.95), "stamp_out_of_order")):
+        with pytest.raises(InputError) as err:
+            check_stamp(*args, 1.0, 0.5)
+        assert err.value.code == code
+
+
+def test_latency_percentiles_and_rate():
+    stats = LatencyStats(window=100)
+    for v in range(1, 101):
+        stats.add("total", float(v))
+    pct = stats.percentiles("total")
+    assert pct == {p: pytest.approx(np.percentile(np.arange(1, 101), p)) for p in (50, 90, 99)}
+    assert stats.percentiles("missing") is None
+    now = [0.0]
+    rate = RateMeter(window_s=5.0, clock=lambda: now[0])
+    for i in range(11):
+        now[0] = i * 0.1
+        rate.tick()
+    assert rate.rate_hz() == pytest.approx(10.0)
+    status = make_status("n", "cpu", 1, "msg", {"a": 1.5, "b": True, "c": "x"})
+    assert status.level == b"\x01" and status_values(status) == {"a": "1.500", "b": "true", "c": "x"}
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_rapl_energy_counter_unwraps(tmp_path):
+    zone = tmp_path / "sys/class/powercap/intel-rapl:0"
+    _write(zone / "name", "package-0")
+    _write(zone / "max_energy_range_uj", "1000000")
+    _write(zone / "energy_uj", "900000")
+    _write(tmp_path / "sys/class/powercap/intel-rapl:0:0/energy_uj", "5")  # subzone: ignored
+    src = RaplSource(str(tmp_path))
+    assert src.name == "rapl:package-0"
+    clock = [0.0]
+    meter = EnergyMeter(src, clock=lambda: clock[0])
+    token = meter.start()
+    _write(zone / "energy_uj", "100000")  # wrapped: +200000 uJ
+    clock[0] = 0.5
+    energy, power = meter.stop(token)
+    assert energy == pytest.approx(0.2) and power == pytest.approx(0.4)
+
+
+def test_ina3221_hwmon_prefers_vdd_in(tmp_path):
+    hw = tmp_path / "sys/class/hwmon/hwmon3"
+    _write(hw / "name", "ina3221")
+    for ch, label, mv, ma in ((1, "VDD_IN", 5000, 1200), (2, "VDD_CPU_GPU_CV", 5000, 400)):
+        _write(hw / f"in{ch}_label", label)
+        _write(hw / f"in{ch}_input", str(mv))
+        _write(hw / f"curr{ch}_input", str(ma))
+    src = Ina3221Source(str(tmp_path))
+    assert src.name == "ina3221:VDD_IN" and src.power_w() == pytest.approx(6.0)
+    source, note = detect_power_source("auto", "cpu", str(tmp_path))
+    assert source.name == "ina3221:VDD_IN" and note == ""
+
+
+def test_no_meter_is_named_unavailable(tmp_path):
+    source, note = detect_power_source("auto", "cpu", str(tmp_path))
+    assert source.name == "unavailable" and "rapl" in note and "nvml" in note
+    assert EnergyMeter(source).start() is None
+    with pytest.raises(ValueError, match="auto"):
+        detect_power_source("watts", "cpu", str(tmp_path))
+
+
+def test_parameter_descriptors_have_descriptions_and_ranges():
+    from quantvla_ros import params as P
+
+    names = [s.name for s in P.SPECS]
+    assert len(names) == len(set(names))
+    for required in ("model", "device", "dtype", "camera_topics", "camera_types", "instruction_topic",
+                     "joint_state_topic", "trajectory_topic", "joint_names", "action_dt",
+                     "replan_rate_hz", "actions_per_chunk", "chunk_aggregation", "action_min",
+                     "action_max", "clip_actions", "dry_run", "image_timeout_s",
+                     "instruction_timeout_s", "joint_state_timeout_s", "warmup_count",
+                     "diagnostics_period_s", "autostart"):
+        assert required in names
+    for spec in P.SPECS:
+        d = P.descriptor(spec)
+        assert d.description
+        if spec.lo is not None:
+            assert d.floating_point_range or d.integer_range

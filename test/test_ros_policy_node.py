@@ -1,0 +1,513 @@
+"""policy_node over real DDS: the executable runs as a subprocess with a params file; this test
+process publishes cameras (best effort), instruction (latched) and joint states, and reads the
+JointTrajectory chunks, /diagnostics and the lifecycle services.
+
+Two node processes per run: one autostarted (happy path, every bad input, live parameters),
+one driven through lifecycle change_state (including a missing and a corrupt model).
+"""
+import math
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,  # noqa: E402
+                       qos_profile_sensor_data)
+from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+from trajectory_msgs.msg import JointTrajectory  # noqa: E402
+
+from quantvla_ros.diagnostics import level_of, status_values  # noqa: E402
+from quantvla_ros.image_conversion import rgb_to_compressed, rgb_to_image  # noqa: E402
+from quantvla_ros.node_process import start_node, stop_node, write_params  # noqa: E402
+from quantvla_ros.synthetic_camera import render_scene  # noqa: E402
+
+LATCHED = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
+JOINTS = ["shoulder", "elbow", "wrist", "gripper"]
+HORIZON, DT = 8, 0.05
+FASTDDS_PROFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "config", "fastdds_large_data.xml")  # the tiny preset's horizon; action_dt given to the node
+
+
+class Harness:
+    """A test-side rclpy node in its own context, spun in a background thread."""
+
+    def __init__(self, domain_id: int, prefix: str):
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx, domain_id=domain_id)
+        self.node = rclpy.create_node(f"test_harness_{prefix}", context=self.ctx)
+        self.lock = threading.Lock()
+        self.trajectories: list[JointTrajectory] = []
+        self.diags: dict[str, object] = {}
+        n = self.node
+        n.create_subscription(JointTrajectory, f"/{prefix}/traj", self._on_traj, 50)
+        n.create_subscription(DiagnosticArray, f"/{prefix}/diagnostics", self._on_diag, 50)
+        self.cam0 = n.create_publisher(Image, f"/{prefix}/cam0/image_raw", qos_profile_sensor_data)
+        self.cam1 = n.create_publisher(CompressedImage, f"/{prefix}/cam1/image_raw/compressed",
+                                       qos_profile_sensor_data)
+        self.instruction = n.create_publisher(String, f"/{prefix}/instruction", LATCHED)
+        self.joints = n.create_publisher(JointState, f"/{prefix}/joint_states", 10)
+        self.executor = MultiThreadedExecutor(num_threads=2, context=self.ctx)
+        self.executor.add_node(n)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.rgb = render_scene(64, 48, 0.0)
+        self.jpeg = bytes(rgb_to_compressed(self.rgb, "jpeg").data)
+
+    def close(self):
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.ctx)
+
+    def _on_traj(self, msg):
+        with self.lock:
+            self.trajectories.append(msg)
+
+    def _on_diag(self, msg):
+        with self.lock:
+            for s in msg.status:
+                self.diags[s.name.split(": ")[-1]] = s
+
+    # --- inputs
+    def now(self):
+        return self.node.get_clock().now()
+
+    def stamp(self, offset_s=0.0):
+        t = self.now().nanoseconds + int(offset_s * 1e9)
+        msg = self.now().to_msg()
+        msg.sec, msg.nanosec = t // 10**9, t % 10**9
+        return msg
+
+    def image(self, stamp, encoding="rgb8"):
+        msg = rgb_to_image(self.rgb, encoding)
+        msg.header.stamp = stamp
+        return msg
+
+    def jpeg_msg(self, stamp, data=None):
+        msg = CompressedImage()
+        msg.format, msg.data, msg.header.stamp = "jpeg", data if data is not None else self.jpeg, stamp
+        return msg
+
+    def send_pair(self, stamp=None, cam0=None, cam1=None):
+        stamp = stamp or self.stamp()
+        if cam1 is not False:  # False: a one-camera node
+            self.cam1.publish(cam1 if cam1 is not None else self.jpeg_msg(stamp))
+            time.sleep(0.005)
+        self.cam0.publish(cam0 if cam0 is not None else self.image(stamp))
+        return stamp
+
+    def send_joints(self, positions=(0.1, -0.2, 0.3, 0.0), names=None):
+        js = JointState()
+        js.header.stamp = self.stamp()
+        js.name = list(names) if names is not None else list(JOINTS)
+        js.position = [float(p) for p in positions]
+        self.joints.publish(js)
+
+    # --- outputs
+    def trajectory_for(self, stamp):
+        with self.lock:
+            for msg in self.trajectories:
+                if (msg.header.stamp.sec, msg.header.stamp.nanosec) == (stamp.sec, stamp.nanosec):
+                    return msg
+        return None
+
+    def act(self, timeout_s=15.0):
+        """Send valid pairs until one produces a trajectory; returns (stamp, trajectory)."""
+        end = time.monotonic() + timeout_s
+        sent = []
+        while time.monotonic() < end:
+            sent.append(self.send_pair())
+            wait_end = time.monotonic() + 0.4
+            while time.monotonic() < wait_end:
+                for s in sent:
+                    msg = self.trajectory_for(s)
+                    if msg is not None:
+                        return s, msg
+                time.sleep(0.01)
+        raise AssertionError("no trajectory came back for valid inputs")
+
+    def values(self, status):
+        with self.lock:
+            s = self.diags.get(status)
+        return status_values(s) if s is not None else {}
+
+    def status(self, status):
+        with self.lock:
+            return self.diags.get(status)
+
+    def wait_for(self, predicate, timeout_s=10.0, what="condition"):
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if predicate():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; inputs: {self.values('inputs')}")
+
+    def counter(self, key):
+        return int(self.values("inputs").get(key, "0"))
+
+    def call(self, srv_type, name, request, timeout_s=20.0):
+        client = self.node.create_client(srv_type, name)
+        try:
+            assert client.wait_for_service(timeout_sec=timeout_s), f"service {name} missing"
+            future = client.call_async(request)
+            end = time.monotonic() + timeout_s
+            while not future.done() and time.monotonic() < end:
+                time.sleep(0.01)
+            assert future.done(), f"service {name} did not answer"
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+    def set_params(self, node, **params):
+        req = SetParameters.Request()
+        req.parameters = [Parameter(k, value=v).to_parameter_msg() for k, v in params.items()]
+        return self.call(SetParameters, f"/{node}/set_parameters", req).results
+
+
+def _domain_id(offset):
+    return 100 + (os.getpid() * 7 + offset) % 100
+
+
+def _node_params(prefix, **over):
+    params = {
+        "model": "tiny", "camera_topics": [f"/{prefix}/cam0/image_raw",
+                                           f"/{prefix}/cam1/image_raw/compressed"],
+        "instruction_topic": f"/{prefix}/instruction", "joint_state_topic": f"/{prefix}/joint_states",
+        "trajectory_topic": f"/{prefix}/traj", "diagnostics_topic": f"/{prefix}/diagnostics",
+        "joint_names": JOINTS, "action_dt": DT, "diagnostics_period_s": 0.2, "log_quiet_s": 60.0,
+        "stamp_tolerance_s": 0.02, "image_timeout_s": 2.0, "joint_state_timeout_s": 0.0,
+        "warmup_count": 1, "max_image_pixels": 1_000_000, "num_threads": 1,
+    }
+    params.update(over)
+    return params
+
+
+@pytest.fixture(scope="module")
+def ros_env():
+    """Loopback-only discovery in a domain of this run's own (set here, never in the node)."""
+    keys = ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID", "FASTDDS_DEFAULT_PROFILES_FILE")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ["ROS_DOMAIN_ID"] = str(_domain_id(0))
+    # Large best-effort images need a bigger shared-memory segment (see the XML's comment).
+    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = FASTDDS_PROFILE
+    yield int(os.environ["ROS_DOMAIN_ID"])
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def active_node(ros_env, tmp_path_factory):
+    """An autostarted node; the instruction is latched BEFORE it starts (late joiner)."""
+    tmp = tmp_path_factory.mktemp("node_a")
+    h = Harness(ros_env, "qa")
+    h.instruction.publish(String(data="pick up the red block"))
+    params = write_params(str(tmp / "params.yaml"),
+                          {"policy_node": _node_params("qa", autostart=True)})
+    log = str(tmp / "node.log")
+    proc = start_node("policy_node", params, log)
+    try:
+        h.wait_for(lambda: h.values("policy").get("lifecycle_state") == "active", 60.0,
+                   "the node to autostart (configure + activate)")
+        h.send_joints()
+        yield h, proc, log
+    finally:
+        rc = stop_node(proc)
+        h.close()
+    assert rc is not None
+
+
+def _log_lines(log, needle):
+    with open(log) as f:
+        return [line for line in f if needle in line]
+
+
+def test_chunk_arrives_with_joint_names_points_timing_and_stamp(active_node):
+    h, proc, _ = active_node
+    stamp, msg = h.act()
+    assert list(msg.joint_names) == JOINTS
+    assert len(msg.points) == HORIZON
+    for k, point in enumerate(msg.points):
+        t = point.time_from_start.sec + point.time_from_start.nanosec * 1e-9
+        assert t == pytest.approx(k * DT, abs=1e-9)
+        assert len(point.positions) == len(JOINTS)
+        assert all(math.isfinite(v) for v in point.positions)
+    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (stamp.sec, stamp.nanosec)
+    assert h.values("inputs")["instruction"] == "pick up the red block"  # latched, late joiner
+    assert proc.poll() is None
+
+
+def test_diagnostics_carry_every_stage_and_resource_field(active_node):
+    h, _, _ = active_node
+    for _ in range(3):
+        h.act()
+    h.wait_for(lambda: int(h.values("policy").get("latency_samples", "0")) >= 3, 5.0, "samples")
+    v = h.values("policy")
+    for stage in ("preprocess", "vision_prefix", "denoise", "postprocess", "total",
+                  "node_overhead", "end_to_end"):
+        p50, p90, p99 = (float(v[f"{stage}_ms_p{p}"]) for p in (50, 90, 99))
+        assert p50 <= p90 <= p99, stage
+    assert float(v["total_ms_p50"]) > 0 and float(v["inference_rate_hz"]) >= 0
+    assert v["scheme"] == "fp32" and int(v["weight_bytes"]) > 100_000
+    assert int(v["chunks_published"]) >= 3
+    r = h.values("resources")
+    assert r["power_source"].split(":")[0] in ("unavailable", "nvml", "ina3221", "rapl")
+    assert "energy_per_chunk_j" in r and float(r["process_rss_mib"]) > 50
+    assert "gpu_memory_allocated_mib" in r
+    i = h.values("inputs")
+    assert int(i["camera0_received"]) >= 3 and int(i["camera1_received"]) >= 3
+
+
+def _raw(h, stamp, **fields):
+    msg = h.image(stamp)
+    for k, v in fields.items():
+        setattr(msg, k, v)
+    return msg
+
+
+BAD_IMAGES = {
+    "unsupported_encoding": lambda h, s: _raw(h, s, encoding="yuv422"),
+    "size_mismatch": lambda h, s: _raw(h, s, step=10),
+    "truncated": lambda h, s: _raw(h, s, data=bytes(h.image(s).data)[:-100]),
+    "empty": lambda h, s: _raw(h, s, width=0, height=0, step=0, data=b""),
+    "too_large": lambda h, s: _raw(h, s, width=100000, height=100000, step=300000),
+}
+
+
+@pytest.mark.parametrize("code", list(BAD_IMAGES))
+def test_bad_raw_image_is_refused_counted_and_logged_once(active_node, code):
+    h, proc, log = active_node
+    before = h.counter(f"invalid.camera0.{code}")
+    stamps = []
+    for i in range(3):
+        s = h.stamp()
+        stamps.append(s)
+        h.send_pair(s, cam0=BAD_IMAGES[code](h, s))
+        time.sleep(0.03)
+    h.wait_for(lambda: h.counter(f"invalid.camera0.{code}") > before, 5.0, f"{code} counted")
+    assert level_of(h.status("inputs")) == 2 and code in h.status("inputs").message
+    h.act()  # still alive and acting on valid input
+    assert all(h.trajectory_for(s) is None for s in stamps)
+    assert proc.poll() is None
+    assert len(_log_lines(log, "(topic /qa/cam0/image_raw)")) >= 1
+    logged = [line for line in _log_lines(log, "camera0:") if BAD_IMAGES_TEXT[code] in line]
+    assert len(logged) == 1, logged  # one line per burst, not per message
+
+
+BAD_IMAGES_TEXT = {"unsupported_encoding": "yuv422", "size_mismatch": "step 10",
+                   "truncated": "bytes; step", "empty": "is 0x0", "too_large": "100000x100000"}
+
+
+def test_really_large_image_is_refused(active_node):
+    h, proc, _ = active_node
+    before = h.counter("invalid.camera0.too_large")
+    big = rgb_to_image(np.zeros((800, 1300, 3), np.uint8)[:, :, :1].repeat(3, 2), "mono8")
+    stamps = []
+    for _ in range(3):
+        s = h.stamp()
+        big.header.stamp = s
+        stamps.append(h.send_pair(s, cam0=big))
+        time.sleep(0.05)
+    h.wait_for(lambda: h.counter("invalid.camera0.too_large") > before, 5.0, "1300x800 refused")
+    h.act()
+    assert all(h.trajectory_for(s) is None for s in stamps) and proc.poll() is None
+
+
+def test_corrupt_jpeg_on_compressed_camera_gives_no_action(active_node):
+    h, proc, _ = active_node
+    before = h.counter("invalid.camera1.corrupt")
+    stamps = [h.send_pair(cam1=h.jpeg_msg(h.stamp(), h.jpeg[:100] + bytes(200))) for _ in range(3)]
+    h.wait_for(lambda: h.counter("invalid.camera1.corrupt") > before, 5.0, "corrupt jpeg counted")
+    # The valid camera0 frames of those stamps may still pair with a valid camera1 frame
+    # sent within stamp_tolerance_s; keep the next valid pair further away than that.
+    time.sleep(0.1)
+    h.act()
+    assert all(h.trajectory_for(s) is None for s in stamps) and proc.poll() is None
+
+
+def test_old_and_out_of_order_stamps(active_node):
+    h, proc, _ = active_node
+    old = h.stamp(-10.0)
+    h.send_pair(old)
+    h.wait_for(lambda: h.counter("stale.camera0.stamp_old") > 0, 5.0, "old stamp counted")
+    assert h.trajectory_for(old) is None
+    newest, _ = h.act()
+    earlier = h.stamp(-0.5)
+    h.send_pair(earlier)
+    h.wait_for(lambda: h.counter("invalid.camera0.stamp_out_of_order") > 0, 5.0, "out of order")
+    assert h.trajectory_for(earlier) is None and proc.poll() is None
+
+
+@pytest.mark.parametrize("positions,names,code", [
+    ((0.1, math.nan, 0.0, 0.0), None, "joint_state_nonfinite"),
+    ((0.1, math.inf, 0.0, 0.0), None, "joint_state_nonfinite"),
+    ((0.1, 0.2), ["a", "b"], "joint_state_length"),
+])
+def test_bad_joint_state_stops_actions_until_a_valid_one(active_node, positions, names, code):
+    h, proc, _ = active_node
+    before = h.counter(f"invalid.joint_state.{code}")
+    h.send_joints(positions, names)
+    h.wait_for(lambda: h.counter(f"invalid.joint_state.{code}") > before, 5.0, code)
+    stamps = [h.send_pair() for _ in range(3)]
+    time.sleep(0.6)
+    assert all(h.trajectory_for(s) is None for s in stamps)
+    h.send_joints()
+    h.act()
+    assert proc.poll() is None
+
+
+@pytest.mark.parametrize("text,code", [
+    ("", "instruction_empty"), ("go " * 400, "instruction_too_long"),
+    ("pick \u202eup the cup", "instruction_bad_char"), ("pick\x07up", "instruction_bad_char"),
+])
+def test_bad_instruction_stops_actions_until_a_valid_one(active_node, text, code):
+    h, proc, log = active_node
+    before = h.counter(f"invalid.instruction.{code}")
+    h.instruction.publish(String(data=text))
+    h.wait_for(lambda: h.counter(f"invalid.instruction.{code}") > before, 5.0, code)
+    stamps = [h.send_pair() for _ in range(3)]
+    time.sleep(0.6)
+    assert all(h.trajectory_for(s) is None for s in stamps)
+    h.instruction.publish(String(data="pick up the red block \U0001F7E5 \u00e9"))  # odd but valid
+    h.act()
+    h.wait_for(lambda: h.values("inputs")["instruction"].endswith("\u00e9"), 5.0, "instruction")
+    assert proc.poll() is None
+
+
+def test_live_parameters_limits_clipping_dry_run_and_refusals(active_node):
+    h, _, _ = active_node
+    lim = 0.05
+    res = h.set_params("policy_node", action_min=[-lim] * 4, action_max=[lim] * 4)
+    assert all(r.successful for r in res)
+    _, msg = h.act()
+    values = np.array([p.positions for p in msg.points])
+    assert values.min() >= -lim - 1e-9 and values.max() <= lim + 1e-9
+    assert np.isclose(np.abs(values), lim).any()  # the tiny model's raw actions exceed 0.05
+    h.wait_for(lambda: int(h.values("policy")["chunks_clipped"]) >= 1, 5.0, "clip counted")
+    assert all(r.successful for r in h.set_params("policy_node", clip_actions=False))
+    stamps = [h.send_pair() for _ in range(3)]
+    h.wait_for(lambda: int(h.values("policy")["chunks_refused_limits"]) >= 1, 5.0, "refusal")
+    assert all(h.trajectory_for(s) is None for s in stamps)
+    h.set_params("policy_node", action_min=[-1e6] * 4, action_max=[1e6] * 4, clip_actions=True,
+                 dry_run=True)
+    computed = int(h.values("policy")["chunks_computed"])
+    stamps = [h.send_pair() for _ in range(3)]
+    h.wait_for(lambda: int(h.values("policy")["chunks_computed"]) > computed, 5.0, "dry run chunk")
+    time.sleep(0.3)
+    assert all(h.trajectory_for(s) is None for s in stamps)
+    h.set_params("policy_node", dry_run=False)
+    res = h.set_params("policy_node", model="other")
+    assert not res[0].successful and "unconfigured" in res[0].reason
+    res = h.set_params("policy_node", chunk_aggregation="average")
+    assert not res[0].successful and "weighted_average" in res[0].reason
+
+
+def test_weighted_average_blends_overlap_aligned_by_stamp(active_node):
+    h, _, _ = active_node
+    h.set_params("policy_node", chunk_aggregation="latest_only")
+    _, raw = h.act()  # same image/state/instruction/seed every time: the model output is fixed
+    raw = np.array([p.positions for p in raw.points])
+    assert all(r.successful for r in h.set_params("policy_node", chunk_aggregation="weighted_average"))
+    time.sleep(0.5)  # > horizon * dt: the next chunk has nothing to blend with
+    s1 = h.send_pair()
+    h.wait_for(lambda: h.trajectory_for(s1) is not None, 5.0, "first chunk")
+    first = h.trajectory_for(s1)
+    np.testing.assert_allclose([p.positions for p in first.points], raw, rtol=1e-5, atol=1e-6)
+    t1 = s1.sec + s1.nanosec * 1e-9
+    s2 = h.stamp()
+    t2 = t1 + 2 * DT  # two steps later: old steps 2.. overlap new steps 0..
+    s2.sec, s2.nanosec = int(t2), int(round((t2 - int(t2)) * 1e9))
+    h.send_pair(s2)
+    h.wait_for(lambda: h.trajectory_for(s2) is not None, 5.0, "second chunk")
+    second = np.array([p.positions for p in h.trajectory_for(s2).points])
+    expect = raw.copy()
+    expect[:HORIZON - 2] = 0.7 * raw[:HORIZON - 2] + 0.3 * raw[2:]
+    np.testing.assert_allclose(second, expect, rtol=1e-5, atol=1e-6)
+    h.set_params("policy_node", chunk_aggregation="latest_only")
+
+
+@pytest.fixture(scope="module")
+def managed_node(ros_env, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("node_b")
+    h = Harness(ros_env, "qb")
+    h.instruction.publish(String(data="open the drawer"))
+    params = write_params(str(tmp / "params.yaml"), {"lc_node": _node_params(
+        "qb", camera_topics=["/qb/cam0/image_raw"], joint_state_topic="", warmup_count=0,
+        model="/nonexistent/quantvla-model")})
+    log = str(tmp / "node.log")
+    proc = start_node("policy_node", params, log, extra_args=["-r", "__node:=lc_node"])
+    try:
+        yield h, proc, log, tmp
+    finally:
+        stop_node(proc)
+        h.close()
+
+
+def _transition(h, tid):
+    req = ChangeState.Request()
+    req.transition.id = tid
+    return h.call(ChangeState, "/lc_node/change_state", req).success
+
+
+def _state(h):
+    return h.call(GetState, "/lc_node/get_state", GetState.Request()).current_state.label
+
+
+def test_lifecycle_transitions_and_model_failures(managed_node):
+    h, proc, log, tmp = managed_node
+    assert _state(h) == "unconfigured"
+    # missing model: configure fails with a reason in the log and in diagnostics
+    assert _transition(h, Transition.TRANSITION_CONFIGURE) is False
+    assert _state(h) == "unconfigured"
+    h.wait_for(lambda: "could not load model" in (h.status("policy").message
+                                                    if h.status("policy") else ""), 5.0, "reason")
+    assert level_of(h.status("policy")) == 2 and "/nonexistent/quantvla-model" in h.status("policy").message
+    assert _log_lines(log, "configure failed: could not load model '/nonexistent/quantvla-model'")
+    # corrupt model directory
+    bad = tmp / "corrupt_model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{ not json")
+    (bad / "model.safetensors").write_bytes(os.urandom(256))
+    assert all(r.successful for r in h.set_params("lc_node", model=str(bad)))
+    assert _transition(h, Transition.TRANSITION_CONFIGURE) is False
+    assert _log_lines(log, f"configure failed: could not load model '{bad}'")
+    # the real model: configure -> inactive publishes nothing
+    assert all(r.successful for r in h.set_params("lc_node", model="tiny"))
+    assert _transition(h, Transition.TRANSITION_CONFIGURE) is True
+    assert _state(h) == "inactive"
+    h.wait_for(lambda: h.status("policy").message == "inactive", 5.0, "diag inactive")
+    assert level_of(h.status("policy")) == 0
+    stamps = [h.send_pair(cam1=False) for _ in range(3)]
+    time.sleep(0.5)
+    assert all(h.trajectory_for(s) is None for s in stamps)
+    assert not h.set_params("lc_node", model="tiny")[0].successful  # read-only once configured
+    # activate -> acts (no joint_state_topic: zero state)
+    assert _transition(h, Transition.TRANSITION_ACTIVATE) is True
+    assert _state(h) == "active"
+    _, msg = h.act()
+    assert len(msg.points) == HORIZON
+    # deactivate -> silent again
+    assert _transition(h, Transition.TRANSITION_DEACTIVATE) is True
+    stamps = [h.send_pair(cam1=False) for _ in range(3)]
+    time.sleep(0.5)
+    assert all(h.trajectory_for(s) is None for s in stamps)
+    # cleanup frees the model
+    assert _transition(h, Transition.TRANSITION_CLEANUP) is True
+    assert _state(h) == "unconfigured"
+    h.wait_for(lambda: h.values("policy").get("scheme") == "n/a", 5.0, "model freed in diag")
+    assert proc.poll() is None

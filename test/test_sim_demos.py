@@ -38,11 +38,11 @@ def test_shard_round_trip_keeps_every_array_and_boundary(tmp_path):
 
 def test_folder_concatenation_offsets_episode_boundaries(tmp_path):
     write_shard(tmp_path / "a.npz", [_episode("reach-v3", 3, 1)], ("corner", "topview"), META)
-    write_shard(tmp_path / "b.npz", [_episode("push-v3", 4, 2), _episode("push-v3", 2, 3)],
+    write_shard(tmp_path / "b.npz", [_episode("push-v3", 4, 2), _episode("push-v3", 2, 3, 1)],
                 ("corner", "topview"), META)
     demos = load_demos(tmp_path)
     np.testing.assert_array_equal(demos.episode_starts, [0, 3, 7, 9])
-    np.testing.assert_array_equal(demos.episode(2).actions, _episode("push-v3", 2, 3).actions)
+    np.testing.assert_array_equal(demos.episode(2).actions, _episode("push-v3", 2, 3, 1).actions)
     assert [str(s) for s in demos.episode_instruction] == \
         ["do reach-v3 #1", "do push-v3 #2", "do push-v3 #3"]
 
@@ -57,6 +57,10 @@ def test_truncated_or_foreign_shard_gives_clear_error(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="lacks keys"):
         read_shard(tmp_path / "other.npz")
+    for name in ("dup/a.npz", "dup/b.npz"):  # the same start recorded by two runs
+        write_shard(tmp_path / name, [_episode("reach-v3", 2, 5)], ("corner", "topview"), META)
+    with pytest.raises(ValueError, match="is in both"):
+        load_demos(tmp_path / "dup")
     with pytest.raises(ValueError, match="no demo shards"):
         load_demos(tmp_path / "empty")
 

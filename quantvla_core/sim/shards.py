@@ -146,6 +146,14 @@ def load_demos(folder) -> DemoSet:
             raise ValueError(f"demo shard {p} has cameras {s.cameras} and images "
                              f"{s.images.shape[1:]}, but {paths[0]} has {first.cameras} and "
                              f"{first.images.shape[1:]}: one folder must hold one format")
+    seen = {}
+    for p, s in zip(paths, shards):
+        for key in zip(s.episode_task.tolist(), s.episode_seed.tolist(), s.episode_index.tolist()):
+            if key in seen:
+                raise ValueError(f"start {TASKS[key[0]]} seed {key[1]} index {key[2]} is in both "
+                                 f"{seen[key]} and {p}: a folder must hold one demo run "
+                                 f"(regenerate into an empty folder)")
+            seen[key] = p
     offsets = np.cumsum([0] + [len(s.actions) for s in shards[:-1]])
     starts = np.concatenate([s.episode_starts[:-1] + o for s, o in zip(shards, offsets)]
                             + [[sum(len(s.actions) for s in shards)]])

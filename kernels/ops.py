@@ -243,15 +243,18 @@ def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bit
             v = (v.reshape(m, k // b, b) @ r).reshape(m, k)
         else:
             v = torch.einsum("mgb,gbc->mgc", v.reshape(m, k // b, b), r).reshape(m, k)
+    # Tensor divisors on purpose: torch on CUDA turns "tensor / python number" into a multiply
+    # by the reciprocal, which is not the IEEE quotient the kernel computes.
     if norm_weight is not None:
-        ms = (xf * xf).sum(dim=1) / k
-        rstd = 1.0 / torch.sqrt(ms + eps)
+        ms = (xf * xf).sum(dim=1) / torch.full((m,), float(k), device=x.device)
+        rstd = torch.ones_like(ms) / torch.sqrt(ms + eps)
         v = v * rstd[:, None]
     amax = v.abs().amax(dim=1) if k else torch.zeros(m, device=x.device)
     pos = amax > 0
     safe = torch.where(pos, amax, torch.ones_like(amax))
-    scale = torch.where(pos, safe / qmax, torch.ones_like(amax))
-    inv = torch.where(pos, qmax / safe, torch.zeros_like(amax))
+    qm = torch.full_like(amax, float(qmax))
+    scale = torch.where(pos, safe / qm, torch.ones_like(amax))
+    inv = torch.where(pos, qm / safe, torch.zeros_like(amax))
     q = torch.clamp(torch.round(v * inv[:, None]), -qmax, qmax).to(torch.int8)
     if bits == 4:
         from .packing import pack_int4
@@ -447,6 +450,7 @@ def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
     128x128 tiles; see docs/kernels-notes.md for the reasoning."""
     mb = m_bucket(m)
     sms = num_sms or _num_sms(device)
+    kind = {"w8a8f": "w8a8", "w4a8f": "w4a8"}.get(kind, kind)
     if kind == "w8a8":
         bk = min(256, max(32, triton_next_pow2(k)))
         if mb <= 64:
@@ -470,25 +474,40 @@ def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
 
 
 def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
+    """Tile configs the tuner tries: the fixed-table choice plus neighbours in BLOCK_N,
+    BLOCK_K (int8 weights) and split-K for small M; wider tiles for large M."""
     base = gemm_config(kind, m, n, k, device)
     out = [base]
-    for bn in (32, 64, 128):
-        for split in (1, 2, 4, 8):
-            c = dict(base, BLOCK_N=bn, SPLIT_K=split)
-            if c not in out:
-                out.append(c)
-    if m_bucket(m) > 128:
+    if m_bucket(m) <= 64:
+        bks = (256, 512) if kind == "w8a8" else (None,)
+        for bn in ((64, 128) if kind == "w8a8" else (64, 128, 256)):
+            for bk in bks:
+                k_tiles = triton_cdiv(k, bk or PACK_GROUP)
+                for split in (1, 2, 4, 8):
+                    if split > 1 and k_tiles // split < 1:
+                        continue
+                    c = dict(base, BLOCK_N=bn, SPLIT_K=split, num_stages=3 if bk == 512 else 4)
+                    if bk:
+                        c["BLOCK_K"] = min(bk, max(32, triton_next_pow2(k)))
+                    if c not in out:
+                        out.append(c)
+    else:
         out += [dict(base, BLOCK_N=256, num_warps=8, num_stages=3, SPLIT_K=1),
-                dict(base, BLOCK_M=64, BLOCK_N=256, num_warps=4, SPLIT_K=1)]
+                dict(base, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, SPLIT_K=1),
+                dict(base, num_stages=3), dict(base, SPLIT_K=2)]
     return out
 
 
 def _pick_config(kind, m, n, k, device, run) -> dict:
-    key = (kind, m_bucket(m), n, k, device.type, device.index)
+    """Tuned config if one was measured for this (kind, M bucket, N, K), else the fixed table.
+    The fused float-input kinds reuse their int8-input kind's tuning."""
+    base_kind = {"w8a8f": "w8a8", "w4a8f": "w4a8"}.get(kind, kind)
+    key = (base_kind, m_bucket(m), n, k, device.type, device.index)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    if not (_AUTOTUNE and device.type == "cuda") or torch.cuda.is_current_stream_capturing():
+    if (not (_AUTOTUNE and device.type == "cuda") or base_kind != kind
+            or torch.cuda.is_current_stream_capturing()):
         return gemm_config(kind, m, n, k, device)
     from triton.testing import do_bench
 
@@ -504,21 +523,31 @@ def _pick_config(kind, m, n, k, device, run) -> dict:
     return _TUNED[key]
 
 
+def tuned_configs() -> list[dict]:
+    """What the tuner chose so far (for benchmark reports and for baking into the table)."""
+    return [dict(kind=k[0], m_bucket=k[1], N=k[2], K=k[3], **cfg) for k, cfg in _TUNED.items()]
+
+
 # ----------------------------------------------------------------------------- Triton GEMMs
-def _launch_w8a8(tg, x8, xs, w8, ws, bias, out, cfg):
-    m, k = x8.shape
+def _launch_w8a8(tg, x, xs, w8, ws, bias, out, cfg, smooth=None, xs_out=None):
+    """x int8 with scales xs, or (xs None) float x quantized inside the kernel, scales -> xs_out."""
+    m, k = x.shape
     n = w8.shape[0]
     split = cfg["SPLIT_K"]
-    part = torch.empty((split, m, n), dtype=torch.int32, device=x8.device) if split > 1 else out
+    a_float = xs is None
+    part = torch.empty((split, m, n), dtype=torch.int32, device=x.device) if split > 1 else out
     grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
+    scales = xs_out if a_float else xs
     tg.w8a8_kernel[grid](
-        x8, w8, xs, ws, bias if bias is not None else xs, out, part,
-        m, n, k, x8.stride(0), w8.stride(0), out.stride(0),
+        x, w8, scales, ws, bias if bias is not None else ws, out, part,
+        smooth if smooth is not None else ws, scales,
+        m, n, k, x.stride(0), w8.stride(0), out.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
         GROUP_M=cfg["GROUP_M"], EVEN_K=k % (cfg["BLOCK_K"] * split) == 0,
-        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
-        _launch_reduce(tg, part, xs, ws, bias, out, apply_ws=True)
+        _launch_reduce(tg, part, scales, ws, bias, out, apply_ws=True)
     return out
 
 
@@ -530,23 +559,27 @@ def _launch_reduce(tg, part, xs, ws, bias, out, apply_ws):
                                   BLOCK_M=16, BLOCK_N=128, num_warps=4)
 
 
-def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg):
+def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smooth=None, xs_out=None):
     m = x.shape[0]
     n = wp.shape[0]
     split = cfg["SPLIT_K"]
     grouped = group_size is not None
+    a_float = xs is None
+    scales = xs_out if a_float else xs
     pdtype = torch.float32 if grouped else torch.int32
     part = torch.empty((split, m, n), dtype=pdtype, device=x.device) if split > 1 else out
     grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
     tg.w4_kernel[grid](
-        x, wp, xs, ws, bias if bias is not None else xs, out, part,
+        x, wp, scales, ws, bias if bias is not None else ws, out, part,
+        smooth if smooth is not None else ws, scales,
         m, n, k, x.stride(0), wp.stride(0), ws.stride(0) if grouped else 1, out.stride(0),
         group_size if grouped else PACK_GROUP,
         A_PACKED=a_packed, GROUPED=grouped, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         SPLIT_K=split, GROUP_M=cfg["GROUP_M"], EVEN_K=k % PACK_GROUP == 0,
-        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
-        _launch_reduce(tg, part, xs, ws, bias, out, apply_ws=not grouped)
+        _launch_reduce(tg, part, scales, ws, bias, out, apply_ws=not grouped)
     return out
 
 
@@ -649,3 +682,84 @@ def gemm_w4a4(xq_packed: torch.Tensor, xs: torch.Tensor, wq_packed: torch.Tensor
     """int4 activations packed (..., K/2) (from quantize_per_token(bits=4)) x int4 weights
     packed (N, K/2) -> (..., N).  Both are unpacked to int8 for the int8 tensor-core dot."""
     return _gemm_w4(xq_packed, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, True, out)
+
+
+# ----------------------------------------------------------------------------- float-in linears
+FUSE_MAX_M = 64
+"""Up to this many tokens the Triton linears quantize activations inside the GEMM; above it
+every weight-tile column would re-read x, so a separate quantization kernel is cheaper."""
+
+
+def _linear(x, wq, ws, group_size, bias, out_dtype, inv_smooth, backend, config, out, fuse, w_bits):
+    _check_tensor(x, "x", OUT_DTYPES, "float activations (..., K)")
+    k = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    m = math.prod(lead)
+    out_dtype = x.dtype if out_dtype is None and out is None else out_dtype
+    name = resolve_backend(backend, x.device)
+    use_fused = name == "triton" and m > 0 and (m <= FUSE_MAX_M if fuse is None else bool(fuse))
+    if not use_fused:
+        xq, xs = quantize_per_token(x, 8, inv_smooth, backend=name)
+        if w_bits == 8:
+            return gemm_w8a8(xq, xs, wq, ws, bias, out_dtype, backend=name, config=config, out=out)
+        return gemm_w4a8(xq, xs, wq, ws, group_size, bias, out_dtype, backend=name, config=config, out=out)
+    # Validate through the int8 entry points' rules, on a zero-size stand-in for the codes.
+    if inv_smooth is not None:
+        _check_tensor(inv_smooth, "inv_smooth", OUT_DTYPES, "inverse smoothing factors (K,)")
+        if tuple(inv_smooth.shape) != (k,):
+            raise ValueError(f"inv_smooth must have shape ({k},), got {tuple(inv_smooth.shape)}")
+    if w_bits == 8:
+        _check_tensor(wq, "wq", (torch.int8,), "int8 weights (N, K)")
+        if wq.dim() != 2 or wq.shape[1] != k:
+            raise ValueError(f"wq must be (N, K) with K = x.shape[-1] = {k}, got {tuple(wq.shape)}")
+    else:
+        _check_tensor(wq, "wq_packed", (torch.uint8,), "packed int4 weights (N, K/2) from pack_int4")
+        if k % 2 or wq.dim() != 2 or wq.shape[1] * 2 != k:
+            raise ValueError(f"wq_packed must be (N, K/2) = (N, {k // 2}) for K={k}, got {tuple(wq.shape)}")
+        if group_size is not None and group_size % PACK_GROUP:
+            raise ValueError(f"the Triton int4 kernels take group_size as a multiple of {PACK_GROUP} "
+                             f"(or None for per-channel), got {group_size}; backend='cpu' takes any")
+    n = wq.shape[0]
+    device = x.device
+    _check_same_device(device, wq=wq, ws=ws, inv_smooth=inv_smooth)
+    ws = _check_weight_scales(ws, n, k, group_size if w_bits == 4 else None)
+    bias = _check_bias(bias, n, device)
+    out_dtype = _check_out_dtype(out_dtype if out is None else out.dtype)
+    out = _check_out(out, (*lead, n), out_dtype, device)
+    tg, _ = _triton_modules(device)
+    x2 = x.reshape(m, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    wq = wq.contiguous()
+    smooth = inv_smooth.contiguous() if inv_smooth is not None else None
+    out2 = torch.empty((m, n), dtype=out_dtype, device=device) if out is None else out.view(m, n)
+    xs_out = torch.empty((m,), dtype=torch.float32, device=device)
+    if w_bits == 8:
+        def run(cfg):
+            return _launch_w8a8(tg, x2, None, wq, ws, bias, out2, cfg, smooth, xs_out)
+        kind = "w8a8f"
+    else:
+        def run(cfg):
+            return _launch_w4(tg, x2, None, wq, ws, group_size, bias, out2, k, False, cfg, smooth, xs_out)
+        kind = "w4a8f"
+    run(config or _pick_config(kind, m, n, k, device, run))
+    return out2.reshape(*lead, n) if out is None else out
+
+
+def linear_w8a8(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None, *, inv_smooth: torch.Tensor | None = None,
+                backend: str | None = None, config: dict | None = None, out: torch.Tensor | None = None,
+                fuse: bool | None = None) -> torch.Tensor:
+    """Float x (..., K) -> dynamic per-token int8 -> W8A8 GEMM -> (..., N) in out_dtype (default
+    x.dtype).  Exactly quantize_per_token(x, 8, inv_smooth) then gemm_w8a8; on Triton with few
+    tokens (``fuse``: None = M <= FUSE_MAX_M) both happen in one kernel."""
+    return _linear(x, wq, ws, None, bias, out_dtype, inv_smooth, backend, config, out, fuse, 8)
+
+
+def linear_w4a8(x: torch.Tensor, wq_packed: torch.Tensor, ws: torch.Tensor, group_size: int | None = None,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
+                inv_smooth: torch.Tensor | None = None, backend: str | None = None,
+                config: dict | None = None, out: torch.Tensor | None = None,
+                fuse: bool | None = None) -> torch.Tensor:
+    """Float x -> dynamic per-token int8 -> W4A8 GEMM; see :func:`linear_w8a8`."""
+    return _linear(x, wq_packed, ws, group_size, bias, out_dtype, inv_smooth, backend, config, out, fuse, 4)

@@ -15,11 +15,20 @@ Small M: split-K.  Program (pid, pid_k) covers a contiguous K range and, when SP
 writes its int32 (or, for group scales, float32) partial tile to a workspace;
 ``splitk_reduce_kernel`` adds the SPLIT_K partials in a fixed order and applies the epilogue.
 Int32 partial sums are exact, so the result does not depend on the split at all.
+
+Fused dynamic activation quantization (``A_FLOAT``, meant for small M): x arrives in float;
+each program first scans its BLOCK_M rows over all of K for the per-token absmax (times the
+optional inverse smoothing vector), then quantizes every x tile in registers right before the
+dot.  Same arithmetic as ``norm_quant_kernel`` without a norm, so codes and scales are
+bit-identical to quantize-then-GEMM while saving a launch and the int8 round trip.  The
+program with pid_n == pid_k == 0 also stores the scales (the split-K reduction reads them).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .triton_quant import _round_half_even
 
 PACK_HALF = 64  # half of packing.PACK_GROUP
 
@@ -40,11 +49,10 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+def _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
                     APPLY_WS: tl.constexpr, HAS_BIAS: tl.constexpr):
     mmask = rm < M
     nmask = rn < N
-    xs = tl.load(xs_ptr + rm, mask=mmask, other=0.0)
     y = acc.to(tl.float32) * xs[:, None]
     if APPLY_WS:
         ws = tl.load(ws_ptr + rn, mask=nmask, other=0.0)
@@ -57,17 +65,56 @@ def _epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride
 
 
 @triton.jit
+def _act_scales(x_ptr, smooth_ptr, xs_ptr, xs_out_ptr, rm, rm_l, M, K, stride_xm, store,
+                A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Per-row (scale, 127/absmax): loaded (int8 input) or computed over all of K (float input)."""
+    if A_FLOAT:
+        rk = tl.arange(0, BLOCK_K)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            km = kk < K
+            v = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :], mask=km[None, :],
+                        other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                v = v * tl.load(smooth_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+        ones = tl.full((BLOCK_M,), 1.0, tl.float32)
+        pos = amax > 0.0
+        safe = tl.where(pos, amax, ones)
+        xs = tl.where(pos, tl.math.div_rn(safe, ones * 127.0), ones)
+        inv = tl.where(pos, tl.math.div_rn(ones * 127.0, safe), 0.0)
+        if store:
+            tl.store(xs_out_ptr + rm, xs, mask=rm < M)
+    else:
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+        inv = xs
+    return xs, inv
+
+
+@triton.jit
+def _quant_tile(v, inv, smooth_ptr, kk, km, HAS_SMOOTH: tl.constexpr):
+    """Float x tile -> int8 codes with the row's 127/absmax (ties to even, clamped)."""
+    v = v.to(tl.float32)
+    if HAS_SMOOTH:
+        v = v * tl.load(smooth_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
+    q = _round_half_even(v * inv[:, None])
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
 def _store_partial(acc, rm, rn, part_ptr, pid_k, M, N):
     optr = part_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
     tl.store(optr, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
-def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
+def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_ptr, xs_out_ptr,
                 M, N, K, stride_xm, stride_wn, stride_om,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                HAS_BIAS: tl.constexpr):
+                HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,6 +123,8 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
     # Wrap out-of-range rows/columns onto valid ones: loads need no M/N mask, stores are masked.
     rm_l = rm % M
     rn_l = rn % N
+    xs, inv = _act_scales(x_ptr, smooth_ptr, xs_ptr, xs_out_ptr, rm, rm_l, M, K, stride_xm,
+                          (pid_n == 0) & (pid_k == 0), A_FLOAT, HAS_SMOOTH, BLOCK_M, BLOCK_K)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + (k_start + rk)[None, :]
@@ -85,16 +134,19 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
+            if A_FLOAT:
+                a = _quant_tile(a, inv, smooth_ptr, k_start + kk + rk, rk < BLOCK_K, HAS_SMOOTH)
         else:
             kmask = rk < K - (k_start + kk)
             a = tl.load(x_ptrs, mask=kmask[None, :], other=0)
             b = tl.load(w_ptrs, mask=kmask[None, :], other=0)
+            if A_FLOAT:
+                a = _quant_tile(a, inv, smooth_ptr, k_start + kk + rk, kmask, HAS_SMOOTH)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if SPLIT_K == 1:
-        _epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                        True, HAS_BIAS)
+        _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, True, HAS_BIAS)
     else:
         _store_partial(acc, rm, rn, part_ptr, pid_k, M, N)
 
@@ -107,12 +159,12 @@ def _unpack_lo_hi(p):
 
 
 @triton.jit
-def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
+def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_ptr, xs_out_ptr,
               M, N, K, stride_xm, stride_wn, stride_wsn, stride_om, group_size,
               A_PACKED: tl.constexpr, GROUPED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-              HAS_BIAS: tl.constexpr):
+              HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
     HALF: tl.constexpr = 64
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -121,6 +173,8 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
     rm_l = rm % M
     rn_l = rn % N
     j = tl.arange(0, HALF)
+    xs, inv = _act_scales(x_ptr, smooth_ptr, xs_ptr, xs_out_ptr, rm, rm_l, M, K, stride_xm,
+                          (pid_n == 0) & (pid_k == 0), A_FLOAT, HAS_SMOOTH, BLOCK_M, 2 * HALF)
     num_tiles = tl.cdiv(K, 2 * HALF)
     tiles_per_split = tl.cdiv(num_tiles, SPLIT_K)
     t_start = pid_k * tiles_per_split
@@ -130,6 +184,8 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
     for t in range(t_start, t_end):
         k0 = t * (2 * HALF)
         if EVEN_K:
+            half = HALF
+            jm = j < HALF
             wb = tl.load(w_ptr + rn_l[:, None] * stride_wn + (k0 // 2 + j)[None, :])
             if A_PACKED:
                 xb = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 // 2 + j)[None, :])
@@ -139,16 +195,21 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
                 x_hi = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + HALF + j)[None, :])
         else:
             half = tl.minimum(K - k0, 2 * HALF) // 2
-            jm = (j < half)[None, :]
-            wb = tl.load(w_ptr + rn_l[:, None] * stride_wn + (k0 // 2 + j)[None, :], mask=jm, other=0)
+            jm = j < half
+            wb = tl.load(w_ptr + rn_l[:, None] * stride_wn + (k0 // 2 + j)[None, :], mask=jm[None, :],
+                         other=0)
             if A_PACKED:
-                xb = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 // 2 + j)[None, :], mask=jm,
-                             other=0)
+                xb = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 // 2 + j)[None, :],
+                             mask=jm[None, :], other=0)
                 x_lo, x_hi = _unpack_lo_hi(xb)
             else:
-                x_lo = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + j)[None, :], mask=jm, other=0)
-                x_hi = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + half + j)[None, :], mask=jm,
+                x_lo = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + j)[None, :], mask=jm[None, :],
                                other=0)
+                x_hi = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + half + j)[None, :],
+                               mask=jm[None, :], other=0)
+        if A_FLOAT:
+            x_lo = _quant_tile(x_lo, inv, smooth_ptr, k0 + j, jm, HAS_SMOOTH)
+            x_hi = _quant_tile(x_hi, inv, smooth_ptr, k0 + half + j, jm, HAS_SMOOTH)
         w_lo, w_hi = _unpack_lo_hi(wb)
         if GROUPED:
             part = tl.dot(x_lo, tl.trans(w_lo), out_dtype=tl.int32)
@@ -160,14 +221,14 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
             acc_i = tl.dot(x_hi, tl.trans(w_hi), acc_i, out_dtype=tl.int32)
     if GROUPED:
         if SPLIT_K == 1:
-            _epilogue_store(acc_f, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                            False, HAS_BIAS)
+            _epilogue_store(acc_f, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, False,
+                            HAS_BIAS)
         else:
             _store_partial(acc_f, rm, rn, part_ptr, pid_k, M, N)
     else:
         if SPLIT_K == 1:
-            _epilogue_store(acc_i, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                            True, HAS_BIAS)
+            _epilogue_store(acc_i, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, True,
+                            HAS_BIAS)
         else:
             _store_partial(acc_i, rm, rn, part_ptr, pid_k, M, N)
 
@@ -184,5 +245,5 @@ def splitk_reduce_kernel(part_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stri
     acc = tl.load(ptrs, mask=m2, other=0)
     for s in tl.static_range(1, SPLIT_K):
         acc += tl.load(ptrs + s * M * N, mask=m2, other=0)
-    _epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                    APPLY_WS, HAS_BIAS)
+    xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+    _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, APPLY_WS, HAS_BIAS)

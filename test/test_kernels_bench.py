@@ -21,7 +21,7 @@ def test_kernel_benchmark_cpu_one_iteration(tmp_path, capsys):
     assert data["meta"]["device_type"] == "cpu"
     assert data["rows"] == json.loads(json.dumps(result["rows"]))
     methods = {r["method"] for r in data["rows"]}
-    assert {"fp32", "int_mm", "w8a8", "w4a8_g128", "w8a8+quant"} <= methods
+    assert {"fp32", "int_mm", "w8a8", "w4a8_g128", "lin_w8a8", "lin_w4a8_g128"} <= methods
     for r in data["rows"]:
         assert r["us"] > 0 and r["tops"] > 0
         if "relerr" in r:  # our kernels against a float reference of the same integer codes

@@ -405,3 +405,33 @@ def test_cuda_graph_capture_bf16_layer_shapes(m, n, k):
     for y, ref in ((eager[0], ref8), (eager[1], ref4)):
         err = (y.float() - ref).abs().max() / ref.abs().max()
         assert err < 1e-2, float(err)
+
+
+# ----------------------------------------------------------------------------- fused linears
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,n,k", [(1, 40, 200), (13, 33, 256)])
+def test_linear_fused_quant_equals_quantize_then_gemm(backend, m, n, k):
+    """Quantizing inside the GEMM gives bit-identical results to the two-step path."""
+    g = _gen(m + k)
+    x = (torch.randn(m, k, generator=g) * 2).to(torch.float16)
+    x[0, 3] = 30.0
+    inv_s = torch.rand(k, generator=g) + 0.5
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) * 0.01
+    wp = qk.pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g))
+    wsg = torch.rand(n, -(-k // 128), generator=g) * 0.01
+    bias = torch.randn(n, generator=g)
+    x, inv_s, wq, ws, wp, wsg, bias = _to(x, inv_s, wq, ws, wp, wsg, bias)
+    xq, xs = qk.quantize_per_token(x, inv_smooth=inv_s, backend=backend)
+    want8 = qk.gemm_w8a8(xq, xs, wq, ws, bias, torch.float32, backend=backend)
+    want4 = qk.gemm_w4a8(xq, xs, wp, wsg, 128, bias, torch.float32, backend=backend)
+    for cfg8, cfg4 in zip(_cfgs(backend, W8_CFGS), _cfgs(backend, W4_CFGS)):
+        fuse = backend == "triton"
+        out = _poisoned((m, n), torch.float32)
+        y8 = qk.linear_w8a8(x, wq, ws, bias, torch.float32, inv_smooth=inv_s, backend=backend,
+                            config=cfg8, fuse=fuse, out=out)
+        assert y8 is out and torch.equal(y8, want8), f"w8a8 fused mismatch with {cfg8}"
+        y4 = qk.linear_w4a8(x, wp, wsg, 128, bias, torch.float32, inv_smooth=inv_s, backend=backend,
+                            config=cfg4, fuse=fuse)
+        torch.testing.assert_close(y4, want4, rtol=1e-6, atol=1e-6 * float(want4.abs().max()))
+    assert qk.linear_w8a8(x, wq, ws, backend=backend).dtype == torch.float16

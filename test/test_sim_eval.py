@@ -68,6 +68,8 @@ def test_policy_object_with_wrong_action_dim_is_rejected():
     cfg = EvalConfig(tasks=("reach-v3",), episodes_per_task=1, workers=1, settings=FAST)
     with pytest.raises(ValueError, match=r"MT10 needs \(horizon >= 1, 4\)"):
         evaluate([("wrong", _WrongShape())], cfg, progress=False)
+    with pytest.raises(ValueError, match="neither 'expert'"):
+        parse_policy_specs(["fp=/no/such/model"])
     with pytest.raises(ValueError, match="given twice"):
         parse_policy_specs(["expert", "expert"])
     with pytest.raises(ValueError, match="episodes_per_task"):

@@ -83,6 +83,18 @@ def load_policy(spec: str, device: str = "cpu"):
     return Policy.load(spec, device=device)
 
 
+def _check_spec(spec: str) -> None:
+    """Fail before any worker starts on a spec that cannot load."""
+    from pathlib import Path
+
+    from quantvla_core.config import PRESETS
+
+    if spec in ("expert", "noop", "default") or spec in PRESETS or Path(spec).is_dir():
+        return
+    raise ValueError(f"policy {spec!r} is neither 'expert', 'noop', 'default', a preset "
+                     f"({', '.join(PRESETS)}) nor a model directory")
+
+
 def parse_policy_specs(specs) -> list[tuple[str, object]]:
     """'NAME=SPEC' or 'SPEC' (named after itself) or (name, policy object) -> (name, item)."""
     out = []
@@ -95,6 +107,8 @@ def parse_policy_specs(specs) -> list[tuple[str, object]]:
                 raise ValueError(f"policy {item!r}: expected SPEC or NAME=SPEC")
         else:
             name, value = getattr(item, "name", type(item).__name__), item
+        if isinstance(value, str):
+            _check_spec(value)
         if name in dict(out):
             raise ValueError(f"policy name {name!r} given twice; name variants with NAME=SPEC")
         out.append((name, value))

@@ -1,0 +1,165 @@
+"""A Policy whose inputs and outputs follow a real checkpoint's conventions.
+
+The model itself is one of ours (weights mapped by name); what differs from the reference
+policies is everything around it, which `ExternalIO` holds and `policy_io.json` stores:
+the user's tokenizer and the prompt format, image resize-with-pad placement, the original
+normalisation (mode, statistics, epsilon convention) and the robot's true state / action sizes
+(the model works on vectors zero-padded to `config.state_dim` / `config.action_dim`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..fileio import atomic_write_json
+from ..models import Batch
+from ..policy import Observation, Policy
+from .imaging import PAD_MODES, images_to_model
+from .normalization import FeatureNormalizer, pad
+from .text import PROMPT_STYLES, open_tokenizer, pad_ids, prompt_ids
+
+IO_FILE = "policy_io.json"
+IO_FORMAT = "quantvla-policy-io"
+
+
+@dataclass
+class ExternalIO:
+    format: str  # e.g. "lerobot/pi0", "openpi/pi05"
+    prompt_style: str
+    tokenizer_name: str  # the file the user provides: tokenizer.model or tokenizer.json
+    image_pad: str
+    state_norm: FeatureNormalizer
+    action_norm: FeatureNormalizer
+    tokenizer_path: str | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+    _tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.prompt_style not in PROMPT_STYLES:
+            raise CheckpointError(f"unknown prompt style {self.prompt_style!r}; accepted: {PROMPT_STYLES}")
+        if self.image_pad not in PAD_MODES:
+            raise CheckpointError(f"unknown image padding {self.image_pad!r}; accepted: {PAD_MODES}")
+
+    def tokenizer(self, vocab_rows: int | None = None):
+        """The user's tokenizer, opened on first use (a model can be inspected without one)."""
+        if self._tokenizer is None:
+            if not self.tokenizer_path or not Path(self.tokenizer_path).is_file():
+                raise CheckpointError(
+                    f"{self.format} policy from {self.source}: no {self.tokenizer_name} found. Put the "
+                    f"policy's {self.tokenizer_name} in the checkpoint directory (or set QUANTVLA_TOKENIZER "
+                    "to its path); it is never downloaded")
+            tok = open_tokenizer(self.tokenizer_path)
+            if vocab_rows is not None and tok.vocab_size > vocab_rows:
+                raise CheckpointError(f"{self.tokenizer_path}: tokenizer has {tok.vocab_size} tokens but the "
+                                      f"model's embedding has {vocab_rows} rows: it is not this policy's tokenizer")
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": IO_FORMAT, "version": 1, "policy_format": self.format,
+                "prompt_style": self.prompt_style, "tokenizer_name": self.tokenizer_name,
+                "image_pad": self.image_pad, "state_norm": self.state_norm.to_dict(),
+                "action_norm": self.action_norm.to_dict(), "source": self.source, "notes": self.notes}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], directory: Path) -> "ExternalIO":
+        if not isinstance(d, dict) or d.get("format") != IO_FORMAT:
+            raise CheckpointError(f"{directory / IO_FILE}: not a {IO_FORMAT} file")
+        try:
+            tok = directory / d["tokenizer_name"]
+            return cls(format=d["policy_format"], prompt_style=d["prompt_style"],
+                       tokenizer_name=d["tokenizer_name"], image_pad=d["image_pad"],
+                       state_norm=FeatureNormalizer.from_dict(d["state_norm"]),
+                       action_norm=FeatureNormalizer.from_dict(d["action_norm"]),
+                       tokenizer_path=str(tok) if tok.is_file() else None,
+                       source=d.get("source", ""), notes=list(d.get("notes", [])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory / IO_FILE}: malformed ({e})") from None
+
+    def save(self, directory: str | Path) -> None:
+        """Write policy_io.json (and a copy of the tokenizer) so a derived model dir keeps them."""
+        directory = Path(directory)
+        atomic_write_json(directory / IO_FILE, self.to_dict())
+        if self.tokenizer_path and Path(self.tokenizer_path).is_file():
+            dst = directory / self.tokenizer_name
+            if Path(self.tokenizer_path).resolve() != dst.resolve():
+                tmp = directory / f".{self.tokenizer_name}.tmp"
+                shutil.copyfile(self.tokenizer_path, tmp)
+                tmp.replace(dst)
+
+
+def read_io(directory: Path) -> ExternalIO | None:
+    path = Path(directory) / IO_FILE
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return ExternalIO.from_dict(d, Path(directory))
+
+
+class ExternalPolicy(Policy):
+    """Policy with a real checkpoint's preprocessing / postprocessing (see ExternalIO)."""
+
+    def __init__(self, model, config, *, io: ExternalIO, **kwargs):
+        super().__init__(model, config, **kwargs)
+        self.io = io
+        self.state_norm = io.state_norm
+        self.action_norm = io.action_norm  # Policy.predict unnormalises through this (truncates padding)
+        self.tokenizer = None  # the user's tokenizer is opened on first predict (io.tokenizer())
+
+    @classmethod
+    def wrap(cls, policy: Policy, io: ExternalIO) -> "ExternalPolicy":
+        """Re-wrap a plain Policy (e.g. a quantized artifact) with saved IO conventions."""
+        out = cls.__new__(cls)
+        out.__dict__.update(policy.__dict__)
+        out.io, out.state_norm, out.action_norm, out.tokenizer = io, io.state_norm, io.action_norm, None
+        return out
+
+    @property
+    def state_dim(self) -> int:
+        return self.io.state_norm.dim
+
+    @property
+    def action_dim(self) -> int:
+        return self.io.action_norm.dim
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"action_dim": self.action_dim, "state_dim": self.state_dim, "format": self.io.format,
+                  "source": self.io.source, "model_action_dim": self.config.action_dim,
+                  "model_state_dim": self.config.state_dim, "differences": list(self.io.notes)})
+        return d
+
+    def save_io(self, directory: str | Path) -> None:
+        self.io.save(directory)
+
+    def preprocess(self, obs: Observation) -> Batch:
+        cfg = self.config
+        images, image_mask = images_to_model(obs.images, cfg.vision.image_size, cfg.max_cameras, self.io.image_pad)
+        state = self.io.state_norm.normalize(obs.state)
+        emb = _embedding_rows(self.model)
+        ids = prompt_ids(self.io.prompt_style, self.io.tokenizer(emb), obs.instruction, state)
+        if ids and emb is not None and max(ids) >= emb:
+            raise ValueError(f"token id {max(ids)} is outside the model's vocabulary of {emb}; "
+                             f"{self.io.tokenizer_path} is not this policy's tokenizer")
+        tokens, token_mask = pad_ids(ids, cfg.max_text_tokens)
+        batch = Batch(torch.from_numpy(images)[None], torch.from_numpy(image_mask)[None],
+                      torch.from_numpy(tokens)[None], torch.from_numpy(token_mask)[None],
+                      torch.from_numpy(pad(state, cfg.state_dim))[None])
+        return batch.to(self.device, self.dtype)
+
+
+def _embedding_rows(model) -> int | None:
+    for name, mod in model.named_modules():
+        if name.endswith("embed_tokens") and isinstance(mod, torch.nn.Embedding):
+            return mod.num_embeddings
+    return None

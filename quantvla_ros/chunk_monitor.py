@@ -21,14 +21,18 @@ LEVELS = {0: "OK", 1: "WARN", 2: "ERROR", 3: "STALE"}
 
 
 class ChunkMonitor(Node):
-    def __init__(self, trajectory_topic: str, diagnostics_topic: str):
+    def __init__(self, trajectory_topic: str, diagnostics_topic: str, print_every: int = 1):
         super().__init__("chunk_monitor")
         self.chunks = 0
+        self.active = False
+        self.print_every = max(1, print_every)
         self.create_subscription(JointTrajectory, trajectory_topic, self._on_chunk, 10)
         self.create_subscription(DiagnosticArray, diagnostics_topic, self._on_diag, 10)
 
     def _on_chunk(self, msg: JointTrajectory) -> None:
         self.chunks += 1
+        if self.chunks != 1 and self.chunks % self.print_every:
+            return
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         age_ms = (self.get_clock().now().nanoseconds * 1e-9 - stamp) * 1e3
         last = msg.points[-1] if msg.points else None
@@ -42,6 +46,10 @@ class ChunkMonitor(Node):
     def _on_diag(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
             v = status_values(status)
+            if v.get("lifecycle_state") == "active":
+                self.active = True
+            if not self.active:
+                continue
             head = f"diag [{LEVELS.get(level_of(status), '?'):5s}] {status.name}: {status.message}"
             if status.name.endswith(": policy"):
                 head += (f" | rate {v.get('inference_rate_hz')} Hz, total p50/p99 "
@@ -63,11 +71,23 @@ def main(argv=None) -> int:
     ap.add_argument("--min-chunks", type=int, default=1, help="chunks needed for exit code 0")
     ap.add_argument("--trajectory-topic", default="joint_trajectory")
     ap.add_argument("--diagnostics-topic", default="/diagnostics")
+    ap.add_argument("--wait-active", type=float, default=0.0,
+                    help="first wait up to this many seconds for the policy node to report "
+                         "lifecycle_state active (model loaded and warmed up)")
+    ap.add_argument("--print-every", type=int, default=1, help="print the 1st and every Nth chunk")
     args = ap.parse_args(argv)
     rclpy.init()
-    node = ChunkMonitor(args.trajectory_topic, args.diagnostics_topic)
-    end = time.monotonic() + args.duration
+    node = ChunkMonitor(args.trajectory_topic, args.diagnostics_topic, args.print_every)
     try:
+        if args.wait_active > 0:
+            deadline = time.monotonic() + args.wait_active
+            while not node.active and time.monotonic() < deadline and rclpy.ok():
+                rclpy.spin_once(node, timeout_sec=0.1)
+            if not node.active:
+                print(f"the policy node did not become active within {args.wait_active:.0f} s",
+                      flush=True)
+            node.chunks = 0
+        end = time.monotonic() + args.duration
         while time.monotonic() < end and rclpy.ok():
             rclpy.spin_once(node, timeout_sec=0.1)
     except KeyboardInterrupt:

@@ -52,6 +52,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("trajectory_topic", "joint_trajectory", "Output trajectory_msgs/JointTrajectory (the "
          "whole chunk: one point per step, time_from_start = k * action_dt, k = 0..N-1)."),
     Spec("diagnostics_topic", "/diagnostics", "Output diagnostic_msgs/DiagnosticArray."),
+    Spec("timing_topic", "~/chunk_timings", "Per-chunk timings (DiagnosticArray stamped with the "
+         "observation stamp: every model stage, node overhead, energy); empty disables."),
     Spec("joint_names", [], "Joint names written into each trajectory; must have action_dim "
          "entries (empty = joint_0..joint_{action_dim-1}).", empty_type="string[]"),
     Spec("action_dt", 0.1, "Seconds between consecutive actions of a chunk.", 0.001, 10.0),

@@ -244,6 +244,8 @@ class PolicyNode(LifecycleNode):
                 JointState, cfg["joint_state_topic"], self._on_joint_state,
                 qos_profile_sensor_data, callback_group=self._input_group))
         self._traj_pub = self.create_lifecycle_publisher(JointTrajectory, cfg["trajectory_topic"], 10)
+        self._timing_pub = (self.create_lifecycle_publisher(DiagnosticArray, cfg["timing_topic"], 10)
+                            if cfg["timing_topic"] else None)
         self.get_logger().info(
             f"configured: model {model!r} ({self._describe.get('scheme')}, "
             f"{self._describe.get('weight_bytes')} weight bytes) on {cfg['device']}, "
@@ -298,6 +300,9 @@ class PolicyNode(LifecycleNode):
         if self._traj_pub is not None:
             self.destroy_lifecycle_publisher(self._traj_pub)
             self._traj_pub = None
+        if getattr(self, "_timing_pub", None) is not None:
+            self.destroy_lifecycle_publisher(self._timing_pub)
+            self._timing_pub = None
         device = str(self._cfg.get("device", "cpu"))
         self._policy = None
         self._frames = None
@@ -348,9 +353,11 @@ class PolicyNode(LifecycleNode):
         frames = self._frames
         if frames is None:
             return
+        t_recv = time.perf_counter()
+        now = self._now_s()
         stamp = stamp_to_s(msg.header.stamp)
         try:
-            check_stamp(stamp, self._now_s(), self._last_stamp[cam],
+            check_stamp(stamp, now, self._last_stamp[cam],
                         self._live("image_timeout_s"), self._live("max_future_s"))
             rgb = message_to_rgb(msg, max_pixels=self._cfg["max_image_pixels"],
                                  depth_max_m=self._cfg["depth_max_m"])
@@ -362,7 +369,9 @@ class PolicyNode(LifecycleNode):
             self._refuse(source, "conversion_failed", f"{type(exc).__name__}: {exc}")
             return
         self._last_stamp[cam] = stamp
-        frames.put(cam, stamp, rgb, meta=msg.header.stamp)
+        # meta: (header stamp, node-clock receive time, perf_counter after conversion, conversion ms)
+        t_done = time.perf_counter()
+        frames.put(cam, stamp, rgb, meta=(msg.header.stamp, now, t_done, (t_done - t_recv) * 1e3))
 
     def _on_instruction(self, msg: String) -> None:
         self._counters.bump("received.instruction")
@@ -493,7 +502,8 @@ class PolicyNode(LifecycleNode):
         self._aggregator.weight_new = self._live("aggregation_weight_new")
         actions, self._last_blended = self._aggregator.merge(actions, matched.stamp_s)
         msg = JointTrajectory()
-        msg.header.stamp = matched.meta
+        stamp_msg, t_recv_node, t_converted, convert_ms = matched.meta
+        msg.header.stamp = stamp_msg
         msg.joint_names = list(self._cfg["joint_names"])
         dt = self._cfg["action_dt"]
         msg.points = [JointTrajectoryPoint(positions=row.astype(float).tolist(),
@@ -511,10 +521,23 @@ class PolicyNode(LifecycleNode):
         self._latency.add("denoise", t.get("denoise", 0.0))
         self._latency.add("postprocess", t.get("postprocess", 0.0))
         self._latency.add("total", model_total)
-        self._latency.add("node_overhead", (done - t_taken) * 1e3 - model_total)
+        node_overhead = (done - t_taken) * 1e3 - model_total
+        self._latency.add("node_overhead", node_overhead)
         self._latency.add("end_to_end", (self._now_s() - matched.stamp_s) * 1e3)
         if energy is not None:
             self._last_energy = energy
+        if self._timing_pub is not None:
+            timing = DiagnosticArray()
+            timing.header.stamp = stamp_msg
+            values = dict(t, node_overhead=node_overhead, camera_skew=matched.skew_s * 1e3,
+                          transport=(t_recv_node - matched.stamp_s) * 1e3, convert=convert_ms,
+                          queue=(t_taken - t_converted) * 1e3,
+                          published=0.0 if self._live("dry_run") else 1.0)
+            if energy is not None:
+                values.update(energy_j=energy[0], power_w=energy[1])
+            timing.status = [make_status("chunk", self._cfg["device"], OK, "timings in ms",
+                                         {k: f"{float(v):.6g}" for k, v in values.items()})]
+            self._timing_pub.publish(timing)
 
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:

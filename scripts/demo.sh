@@ -1,8 +1,30 @@
 #!/usr/bin/env bash
-# The README's main job: set up ./.venv if needed, then run the default policy on synthetic
-# camera frames and print chunks and timings.
+# The README's main-job command for the ROS 2 side: start the synthetic camera and the policy
+# node (model: $1, default tiny), print the action chunks and /diagnostics it publishes for a
+# few seconds ($DEMO_SECONDS, default 6), stop both, exit 0 when chunks arrived.
+# DDS stays on loopback in a domain of its own; large camera frames go through shared memory
+# (config/fastdds_large_data.xml).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/ensure_venv.sh
-exec .venv/bin/quantvla demo "$@"
+export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+export ROS_DOMAIN_ID=${DEMO_ROS_DOMAIN_ID:-$(( (RANDOM % 90) + 110 ))}
+export FASTDDS_DEFAULT_PROFILES_FILE=${FASTDDS_DEFAULT_PROFILES_FILE:-$root/config/fastdds_large_data.xml}
+export PYTHONUNBUFFERED=1 RCUTILS_COLORIZED_OUTPUT=0
+model=${1:-tiny}
+seconds=${DEMO_SECONDS:-6}
+py=.venv/bin/python
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+echo "[demo] ROS_DOMAIN_ID=$ROS_DOMAIN_ID, loopback only; model $model; listening ${seconds}s"
+$py -m quantvla_ros.synthetic_camera --ros-args --params-file config/default.yaml &
+pids+=($!)
+$py -m quantvla_ros.policy_node --ros-args --params-file config/default.yaml \
+  -p autostart:=true -p "model:=$model" &
+pids+=($!)
+$py -m quantvla_ros.chunk_monitor --wait-active 90 --duration "$seconds" --print-every 10

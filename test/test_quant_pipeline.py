@@ -318,3 +318,19 @@ def test_quantize_cli_writes_artifact_and_report(tmp_path, capsys):
                  str(tmp_path / "x"), "--no-progress"]) == 2
     assert "accepted: synthetic" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_ablate_cli_prints_both_tables_and_json(tmp_path, capsys):
+    from quantvla_core.cli import main
+    out = tmp_path / "ablate.json"
+    assert main(["ablate", "tiny", "--schemes", "w8a8", "--layouts", "llm,dit-mlp", "--variants", "none,atm+ohb",
+                 "--samples", "3", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "Table 1" in text and "Table 2" in text
+    rows = json.loads(out.read_text())["rows"]
+    got = {(r["scheme"], r["layout"], r["variant"]) for r in rows}
+    assert got == {("w8a8", "llm", "none"), ("w8a8", "dit-mlp", "none"), ("w8a8", "llm+dit-mlp", "none"),
+                   ("w8a8", "llm+dit-mlp", "atm+ohb")}
+    assert all(0.9 < r["cosine_mean"] <= 1.0 + 1e-9 and r["memory_ratio"] < 0.6 for r in rows)
+    assert main(["ablate", "tiny", "--layouts", "llm,everything", "--no-progress"]) == 2
+    assert "accepted" in capsys.readouterr().err

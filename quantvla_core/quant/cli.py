@@ -42,7 +42,7 @@ def _add_quant_options(p: argparse.ArgumentParser, with_scheme: bool = True) -> 
     p.add_argument("--samples", type=int, default=32, help="calibration observations (a further 1/3 is held out)")
     p.add_argument("--group-size", type=int, default=128, help="int4 weight group along K (0 = per channel)")
     p.add_argument("--activation", default="dynamic", choices=["dynamic", "static"])
-    p.add_argument("--transforms", default="smooth", help="comma list of smooth,permute,rotate or 'none'")
+    p.add_argument("--transforms", default="smooth,rotate", help="comma list of smooth,permute,rotate or 'none'")
     p.add_argument("--smooth-strength", type=float, default=0.5)
     p.add_argument("--rotation", default="hadamard", choices=["hadamard", "svd"])
     p.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
@@ -103,8 +103,15 @@ def cmd_layout(args) -> int:
     prec = f"w{w}a{a or 16}"
     rows = [{"name": e.name, "role": e.role, "precision": prec if e.integer else "float",
              "shape": [e.in_features, e.out_features]} for e in entries]
+    others = []
+    if args.all:  # every other module that holds weights (norms, embeddings, per-embodiment MLPs)
+        linear = {e.name for e in entries}
+        others = [{"name": n, "role": type(m).__name__, "precision": "float", "shape": None}
+                  for n, m in model.named_modules()
+                  if n not in linear and any(True for _ in m.parameters(recurse=False))]
     if args.json:
-        print(json.dumps({"arch": arch, "layout": lay, "scheme": scheme, "modules": rows}, indent=2))
+        print(json.dumps({"arch": arch, "layout": lay, "scheme": scheme, "modules": rows, "other_modules": others},
+                         indent=2))
         return 0
     width = max(len(r["name"]) for r in rows) if rows else 10
     print(f"layout {lay} ({', '.join(L.LAYOUTS[lay]) or 'nothing'} integer), scheme {scheme}, arch {arch}")
@@ -114,17 +121,30 @@ def cmd_layout(args) -> int:
     n_int = sum(r["precision"] != "float" for r in rows)
     params_int = sum(r["shape"][0] * r["shape"][1] for r in rows if r["precision"] != "float")
     params_all = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    for r in others:
+        print(f"{r['name']:<{width}}  {r['role']:<9} float")
     print(f"\n{n_int} of {len(rows)} linears integer ({params_int / max(params_all, 1):.1%} of linear weights)")
     return 0
 
 
-def run_ablation(policy, calib, schemes, layouts, variants, base_over=None, progress=True) -> list[dict]:
-    """Fidelity (and memory) of every scheme x layout x {ATM, OHB} variant on one buffer."""
+def ablation_combos(schemes, layouts, variants, full: bool = False) -> list[tuple[str, str, str]]:
+    """(scheme, layout, variant) to run: the paper's two tables, or the full product.
+
+    Table 1: every layout without ATM/OHB. Table 2: every variant on the selective layout.
+    """
+    if full:
+        return list(itertools.product(schemes, layouts, variants))
+    combos = [(s, lay, "none") for s in schemes for lay in layouts]
+    combos += [(s, "llm+dit-mlp", v) for s in schemes for v in variants if (s, "llm+dit-mlp", v) not in combos]
+    return combos
+
+
+def run_ablation(policy, calib, combos, base_over=None, progress=True) -> list[dict]:
+    """Fidelity (and memory) of each (scheme, layout, ATM/OHB variant) on one buffer."""
     from tqdm import tqdm
 
     from .quantize import QuantConfig, quantize
     rows = []
-    combos = list(itertools.product(schemes, layouts, variants))
     for scheme, lay, var in tqdm(combos, desc="ablate", disable=not progress, unit="config"):
         atm, ohb = VARIANTS[var]
         qc = QuantConfig(**{**(base_over or {}), "scheme": scheme, "layout": lay, "atm": atm, "ohb": ohb})
@@ -181,7 +201,8 @@ def cmd_ablate(args) -> int:
     base = _config_from_args(args, scheme=schemes[0], layout=layouts[0]).to_dict()
     for k in ("scheme", "layout", "atm", "ohb"):
         base.pop(k)
-    rows = run_ablation(policy, args.calib, schemes, layouts, variants, base, progress=not args.no_progress)
+    combos = ablation_combos(schemes, layouts, variants, args.full)
+    rows = run_ablation(policy, args.calib, combos, base, progress=not args.no_progress)
     print(render_ablation(rows))
     if args.out:
         atomic_write_json(args.out, {"model": args.model, "calib": args.calib, "rows": rows})
@@ -208,6 +229,7 @@ def register(subparsers) -> None:
     p.add_argument("model", help="a preset, a model directory or a quantized artifact")
     p.add_argument("--layout", default=None, choices=list(L.LAYOUTS))
     p.add_argument("--scheme", default="w4a8", choices=["w8a8", "w4a8", "w4a4", "w8a16", "w4a16"])
+    p.add_argument("--all", action="store_true", help="also list non-linear modules with weights (all float)")
     p.add_argument("--json", action="store_true")
 
     def _layout(args):
@@ -221,6 +243,7 @@ def register(subparsers) -> None:
     p.add_argument("--schemes", default="w8a8,w4a8")
     p.add_argument("--layouts", default=",".join(TABLE1_LAYOUTS))
     p.add_argument("--variants", default="none,atm,ohb,atm+ohb")
+    p.add_argument("--full", action="store_true", help="every scheme x layout x variant, not just the two tables")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     _add_quant_options(p, with_scheme=False)
     p.set_defaults(func=cmd_ablate)

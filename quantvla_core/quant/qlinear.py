@@ -91,7 +91,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("wscale", torch.ones(nscale, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
         self.register_buffer("inv_smooth", torch.ones(in_features, dtype=torch.float32) if smooth else None)
-        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int64) if permute else None)
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32) if permute else None)
         if rotation_kind == "hadamard":  # deterministic: rebuilt, not stored
             b = rotation_block
             rot = hadamard(b).to(torch.float32).expand(in_features // b, b, b).contiguous()

@@ -43,7 +43,7 @@ class QuantConfig:
     clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
     activation: str = "dynamic"  # per-token dynamic, or "static" per-tensor from a percentile
     percentile: float = 99.9
-    transforms: tuple[str, ...] = ("smooth",)
+    transforms: tuple[str, ...] = ("smooth", "rotate")
     smooth_strength: float = 0.5
     rotation: str = "hadamard"
     rotation_block: int = 64

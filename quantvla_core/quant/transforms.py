@@ -26,7 +26,7 @@ ROTATIONS = ("hadamard", "svd")
 class InputTransform:
     """The activation-side transform of one linear: x -> rotate(permute(x * inv_smooth))."""
     inv_smooth: torch.Tensor | None = None  # (K,) float32
-    perm: torch.Tensor | None = None  # (K,) int64: x'[:, j] = x[:, perm[j]]
+    perm: torch.Tensor | None = None  # (K,) integer: x'[:, j] = x[:, perm[j]]
     rotation: torch.Tensor | None = None  # (K // B, B, B) float32, orthogonal blocks
     rotation_kind: str | None = None
 
@@ -35,7 +35,7 @@ class InputTransform:
         if self.inv_smooth is not None:
             x = x * self.inv_smooth.to(x.dtype)
         if self.perm is not None:
-            x = x[..., self.perm]
+            x = x[..., self.perm.long()]
         if self.rotation is not None:
             nb, b, _ = self.rotation.shape
             lead = x.shape[:-1]
@@ -49,7 +49,7 @@ class InputTransform:
         if self.inv_smooth is not None:
             w = w / self.inv_smooth.to(torch.float64)
         if self.perm is not None:
-            w = w[:, self.perm]
+            w = w[:, self.perm.long()]
         if self.rotation is not None:
             nb, b, _ = self.rotation.shape
             w = torch.einsum("onb,nbc->onc", w.reshape(w.shape[0], nb, b),

@@ -58,6 +58,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _with_policy_io(policy: "Policy", path: Path) -> "Policy":
+    """A model dir derived from a real checkpoint (LeRobot / openpi) keeps that checkpoint's
+    tokenizer, prompt format and normalisation in policy_io.json; give them back to the policy."""
+    if (path / "policy_io.json").is_file():
+        from .loaders import with_saved_io
+        return with_saved_io(policy, path)
+    return policy
+
+
 class Policy:
     """A loaded VLA policy on one device."""
 
@@ -111,10 +120,10 @@ class Policy:
         if (path / QUANT_FILE).is_file():
             from .quant.artifact import load_quantized
             model, meta = load_quantized(model, path)
-            return cls(model, cfg, name=path.name, device=device, dtype=dtype,
-                       scheme=meta.get("scheme", "quantized"), quant_meta=meta, seed=seed)
+            return _with_policy_io(cls(model, cfg, name=path.name, device=device, dtype=dtype,
+                                       scheme=meta.get("scheme", "quantized"), quant_meta=meta, seed=seed), path)
         load_state_into(model, path)
-        return cls(model, cfg, name=path.name, device=device, dtype=dtype, seed=seed)
+        return _with_policy_io(cls(model, cfg, name=path.name, device=device, dtype=dtype, seed=seed), path)
 
     # -- properties ---------------------------------------------------------------------
     @property

@@ -415,7 +415,7 @@ _AUTOTUNE = os.environ.get("QUANTVLA_AUTOTUNE", "0") == "1"
 
 
 def set_autotune(enabled: bool) -> None:
-    """Benchmark a few tile configs per (kernel, M bucket, N, K) on first use (CUDA only,
+    """Benchmark a few tile configs per (kernel, M bucket, N, K) on first use (CUDA only, M <= 64,
     never during CUDA-graph capture, where the fixed table is used)."""
     global _AUTOTUNE
     _AUTOTUNE = bool(enabled)
@@ -470,7 +470,7 @@ def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
         k_tiles = triton_cdiv(k, PACK_GROUP)
     tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
     cfg["SPLIT_K"] = _split_for(tiles, k_tiles, sms, 2 if mb <= 128 else 4)
-    return cfg
+    return fit_smem(kind, cfg)
 
 
 def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
@@ -498,21 +498,50 @@ def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
     return out
 
 
-def _pick_config(kind, m, n, k, device, run) -> dict:
+SMEM_BUDGET = 160 * 1024
+"""Bytes of pipelined operand tiles a config may ask for (H100/H200 allow 227 KB per block;
+Triton adds layout-conversion scratch on top)."""
+
+
+def smem_estimate(kind: str, cfg: dict, x_bytes: int = 1) -> int:
+    """Shared memory of the software pipeline: stages x (x tile + weight tile)."""
+    if kind.startswith("w8a8"):
+        per = cfg["BLOCK_M"] * cfg["BLOCK_K"] * x_bytes + cfg["BLOCK_N"] * cfg["BLOCK_K"]
+    else:
+        per = cfg["BLOCK_M"] * PACK_GROUP * x_bytes + cfg["BLOCK_N"] * (PACK_GROUP // 2)
+    return cfg["num_stages"] * per
+
+
+def fit_smem(kind: str, cfg: dict, x_bytes: int = 1) -> dict:
+    """Fewer stages (then a shorter K tile) until the pipeline fits SMEM_BUDGET."""
+    cfg = dict(cfg)
+    while smem_estimate(kind, cfg, x_bytes) > SMEM_BUDGET:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif kind.startswith("w8a8") and cfg["BLOCK_K"] > 64:
+            cfg["BLOCK_K"] //= 2
+        else:
+            break
+    return cfg
+
+
+def _pick_config(kind, m, n, k, device, run, x_bytes: int = 1) -> dict:
     """Tuned config if one was measured for this (kind, M bucket, N, K), else the fixed table.
     The fused float-input kinds reuse their int8-input kind's tuning."""
     base_kind = {"w8a8f": "w8a8", "w4a8f": "w4a8"}.get(kind, kind)
     key = (base_kind, m_bucket(m), n, k, device.type, device.index)
     cfg = _TUNED.get(key)
     if cfg is not None:
-        return cfg
-    if (not (_AUTOTUNE and device.type == "cuda") or base_kind != kind
+        return fit_smem(kind, cfg, x_bytes)
+    if (not (_AUTOTUNE and device.type == "cuda") or base_kind != kind or m_bucket(m) > 64
             or torch.cuda.is_current_stream_capturing()):
-        return gemm_config(kind, m, n, k, device)
+        return fit_smem(kind, gemm_config(kind, m, n, k, device), x_bytes)
     from triton.testing import do_bench
 
     best, best_t = None, float("inf")
     for cand in _candidates(kind, m, n, k, device):
+        if smem_estimate(kind, cand, x_bytes) > SMEM_BUDGET:
+            continue
         try:
             t = do_bench(lambda: run(cand), warmup=5, rep=20)
         except Exception:  # a config can exceed shared memory on a smaller card
@@ -742,7 +771,7 @@ def _linear(x, wq, ws, group_size, bias, out_dtype, inv_smooth, backend, config,
         def run(cfg):
             return _launch_w4(tg, x2, None, wq, ws, group_size, bias, out2, k, False, cfg, smooth, xs_out)
         kind = "w4a8f"
-    run(config or _pick_config(kind, m, n, k, device, run))
+    run(config or _pick_config(kind, m, n, k, device, run, x_bytes=x2.element_size()))
     return out2.reshape(*lead, n) if out is None else out
 
 

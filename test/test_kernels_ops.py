@@ -388,7 +388,8 @@ def test_cuda_graph_capture_bf16_layer_shapes(m, n, k):
     def step():
         xq, xs = qk.quantize_per_token(x)
         return (qk.gemm_w8a8(xq, xs, wq, ws, out_dtype=torch.bfloat16),
-                qk.gemm_w4a8(xq, xs, w4, wsg, 128, out_dtype=torch.bfloat16))
+                qk.gemm_w4a8(xq, xs, w4, wsg, 128, out_dtype=torch.bfloat16),
+                qk.linear_w8a8(x, wq, ws), qk.linear_w4a8(x, w4, wsg, 128))
 
     eager = step()
     torch.cuda.synchronize()
@@ -402,7 +403,7 @@ def test_cuda_graph_capture_bf16_layer_shapes(m, n, k):
     xq, xs = qk.quantize_per_token(x, backend="reference")
     ref8 = qk.gemm_w8a8(xq, xs, wq, ws, backend="reference")
     ref4 = qk.gemm_w4a8(xq, xs, w4, wsg, 128, backend="reference")
-    for y, ref in ((eager[0], ref8), (eager[1], ref4)):
+    for y, ref in ((eager[0], ref8), (eager[1], ref4), (eager[2], ref8), (eager[3], ref4)):
         err = (y.float() - ref).abs().max() / ref.abs().max()
         assert err < 1e-2, float(err)
 

@@ -81,10 +81,19 @@ def joint_state_vector(names, positions, state_dim: int, wanted_names) -> np.nda
 
 def check_stamp(stamp_s: float, now_s: float, last_s: float | None, max_age_s: float,
                 max_future_s: float) -> None:
-    """Refuse a zero, too old, future or out-of-order message stamp (seconds)."""
+    """Refuse a zero, too old, future or out-of-order message stamp (seconds).
+
+    With use_sim_time and no /clock yet the node's time is 0: age and lead cannot be judged
+    then, so only the zero and order checks apply.
+    """
     if stamp_s <= 0.0:
         raise InputError("stamp_zero", "message stamp is zero; fill header.stamp with the "
                          "capture time")
+    if now_s <= 0.0:
+        if last_s is not None and stamp_s <= last_s:
+            raise InputError("stamp_out_of_order", f"message stamp {stamp_s:.6f} is not newer "
+                             f"than the previous one {last_s:.6f} on this topic")
+        return
     if max_age_s > 0 and now_s - stamp_s > max_age_s:
         raise InputError("stamp_old", f"message stamp is {now_s - stamp_s:.3f} s old; at most "
                          f"{max_age_s:.3f} s is accepted (parameter image_timeout_s)")

@@ -116,6 +116,12 @@ def test_stamp_checks():
         assert err.value.code == code
 
 
+def test_stamp_checks_before_sim_clock_starts():
+    check_stamp(1e9, 0.0, None, 1.0, 0.5)  # no /clock yet: neither "future" nor "old"
+    with pytest.raises(InputError):
+        check_stamp(5.0, 0.0, 6.0, 1.0, 0.5)
+
+
 def test_latency_percentiles_and_rate():
     stats = LatencyStats(window=100)
     for v in range(1, 101):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 rclpy = pytest.importorskip("rclpy")
+pytestmark = pytest.mark.ros
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
@@ -239,6 +240,7 @@ def _log_lines(log, needle):
 
 def test_chunk_arrives_with_joint_names_points_timing_and_stamp(active_node):
     h, proc, _ = active_node
+    assert h.cam0.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT  # camera-style QoS
     stamp, msg = h.act()
     assert list(msg.joint_names) == JOINTS
     assert len(msg.points) == HORIZON
@@ -331,8 +333,12 @@ def test_really_large_image_is_refused(active_node):
 def test_corrupt_jpeg_on_compressed_camera_gives_no_action(active_node):
     h, proc, _ = active_node
     before = h.counter("invalid.camera1.corrupt")
+    unmatched = int(h.values("inputs")["unmatched_frame_sets"])
+    time.sleep(0.1)  # older valid camera1 frames are now out of stamp_tolerance_s (0.02 s)
     stamps = [h.send_pair(cam1=h.jpeg_msg(h.stamp(), h.jpeg[:100] + bytes(200))) for _ in range(3)]
     h.wait_for(lambda: h.counter("invalid.camera1.corrupt") > before, 5.0, "corrupt jpeg counted")
+    h.wait_for(lambda: int(h.values("inputs")["unmatched_frame_sets"]) > unmatched, 5.0,
+               "camera0 frames without a camera1 partner counted as unmatched")
     # The valid camera0 frames of those stamps may still pair with a valid camera1 frame
     # sent within stamp_tolerance_s; keep the next valid pair further away than that.
     time.sleep(0.1)
@@ -417,6 +423,49 @@ def test_live_parameters_limits_clipping_dry_run_and_refusals(active_node):
     assert not res[0].successful and "weighted_average" in res[0].reason
 
 
+def test_instruction_and_joint_state_watchdogs(active_node):
+    h, proc, _ = active_node
+    assert all(r.successful for r in h.set_params("policy_node", instruction_timeout_s=0.3))
+    time.sleep(0.4)  # the latched instruction is now older than 0.3 s
+    stamps = [h.send_pair() for _ in range(2)]
+    h.wait_for(lambda: h.counter("stale.instruction.stale") > 0, 5.0, "stale instruction")
+    assert level_of(h.status("inputs")) == 1  # WARN
+    assert all(h.trajectory_for(s) is None for s in stamps)
+    h.set_params("policy_node", instruction_timeout_s=0.0)
+    h.act()
+    h.set_params("policy_node", joint_state_timeout_s=0.3)
+    time.sleep(0.4)
+    stamps = [h.send_pair() for _ in range(2)]
+    h.wait_for(lambda: h.counter("stale.joint_state.stale") > 0, 5.0, "stale joint state")
+    assert all(h.trajectory_for(s) is None for s in stamps)
+    h.send_joints()
+    h.act()
+    h.set_params("policy_node", joint_state_timeout_s=0.0)
+    assert proc.poll() is None
+
+
+def test_replan_rate_keeps_newest_frame_and_callbacks_keep_running(active_node):
+    h, _, _ = active_node
+    assert all(r.successful for r in h.set_params("policy_node", replan_rate_hz=2.0))
+    time.sleep(0.6)  # let the rate limiter's clock start from a finished inference
+    before = h.values("inputs")
+    with h.lock:
+        n_traj = len(h.trajectories)
+    t0 = time.monotonic()
+    for _ in range(30):  # 20 Hz for 1.5 s
+        h.send_pair()
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    time.sleep(0.5)
+    h.set_params("policy_node", replan_rate_hz=0.0)
+    with h.lock:
+        chunks = len(h.trajectories) - n_traj
+    assert 1 <= chunks <= math.ceil(elapsed * 2.0) + 1
+    h.wait_for(lambda: int(h.values("inputs")["camera0_received"])
+               >= int(before["camera0_received"]) + 25, 5.0, "every frame received")
+    assert int(h.values("inputs")["camera0_dropped"]) >= int(before["camera0_dropped"]) + 20
+
+
 def test_weighted_average_blends_overlap_aligned_by_stamp(active_node):
     h, _, _ = active_node
     h.set_params("policy_node", chunk_aggregation="latest_only")
@@ -487,7 +536,7 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     assert _transition(h, Transition.TRANSITION_CONFIGURE) is False
     assert _log_lines(log, f"configure failed: could not load model '{bad}'")
     # the real model: configure -> inactive publishes nothing
-    assert all(r.successful for r in h.set_params("lc_node", model="tiny"))
+    assert all(r.successful for r in h.set_params("lc_node", model="tiny", actions_per_chunk=5))
     assert _transition(h, Transition.TRANSITION_CONFIGURE) is True
     assert _state(h) == "inactive"
     h.wait_for(lambda: h.status("policy").message == "inactive", 5.0, "diag inactive")
@@ -500,7 +549,7 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     assert _transition(h, Transition.TRANSITION_ACTIVATE) is True
     assert _state(h) == "active"
     _, msg = h.act()
-    assert len(msg.points) == HORIZON
+    assert len(msg.points) == 5  # actions_per_chunk: the first 5 of the 8-step chunk
     # deactivate -> silent again
     assert _transition(h, Transition.TRANSITION_DEACTIVATE) is True
     stamps = [h.send_pair(cam1=False) for _ in range(3)]
@@ -511,3 +560,47 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     assert _state(h) == "unconfigured"
     h.wait_for(lambda: h.values("policy").get("scheme") == "n/a", 5.0, "model freed in diag")
     assert proc.poll() is None
+
+
+def test_use_sim_time_judges_stamps_against_clock(managed_node):
+    """With use_sim_time the node's clock is /clock: sim-time stamps act, wall stamps are
+    'future' (the robot sim's time is far behind the wall clock here)."""
+    from builtin_interfaces.msg import Time
+    from rosgraph_msgs.msg import Clock
+
+    h, proc, _, _ = managed_node
+    assert _state(h) == "unconfigured"
+    assert all(r.successful for r in h.set_params("lc_node", use_sim_time=True))
+    clock = h.node.create_publisher(Clock, "/clock", 10)
+    sim = [1000.0]
+    stop = threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            sim[0] += 0.01
+            clock.publish(Clock(clock=Time(sec=int(sim[0]), nanosec=int((sim[0] % 1) * 1e9))))
+            time.sleep(0.01)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        assert _transition(h, Transition.TRANSITION_CONFIGURE) is True
+        assert _transition(h, Transition.TRANSITION_ACTIVATE) is True
+        before = h.counter("invalid.camera0.stamp_future")
+        wall = h.send_pair(cam1=False)
+        h.wait_for(lambda: h.counter("invalid.camera0.stamp_future") > before, 5.0, "wall stamp")
+        got = None
+        end = time.monotonic() + 10
+        while got is None and time.monotonic() < end:
+            t = sim[0]
+            stamp = Time(sec=int(t), nanosec=int((t % 1) * 1e9))
+            h.send_pair(stamp, cam1=False)
+            h_end = time.monotonic() + 0.5
+            while got is None and time.monotonic() < h_end:
+                got = h.trajectory_for(stamp)
+                time.sleep(0.02)
+        assert got is not None and got.header.stamp.sec >= 1000
+        assert h.trajectory_for(wall) is None and proc.poll() is None
+    finally:
+        stop.set()
+        ticker.join()

@@ -354,11 +354,15 @@ def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, b
         q = torch.empty((m, kq), dtype=torch.uint8 if bits == 4 else torch.int8, device=x2.device)
         s = torch.empty((m,), dtype=torch.float32, device=x2.device)
     has_rot = rotation is not None
+    single = False
+    num_warps = 4
     if has_rot or bits == 4:
-        block_k = 64
+        block_k, block_m = 64, 16 if has_rot else 4
+    elif k <= 16384:  # one row per program, the whole row in one tile
+        block_k, block_m, single = max(16, triton_next_pow2(k)), 1, True
+        num_warps = 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
     else:
-        block_k = min(1024, max(16, triton_next_pow2(k)))
-    block_m = 16 if has_rot else 4
+        block_k, block_m = 1024, 4
     dummy = s
     if has_rot:
         rot = rotation.to(torch.float32).contiguous()
@@ -371,7 +375,8 @@ def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, b
         m, k, x2.stride(0), q.stride(0), stride_rb if has_rot else 0, float(eps), float(offset),
         HAS_NORM=norm_weight is not None, HAS_SMOOTH=inv_smooth is not None,
         HAS_PERM=perm is not None, HAS_ROT=has_rot, ROT_B=rotation.shape[-1] if has_rot else 1,
-        QMAX=_QMAX[bits], PACK4=bits == 4, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+        QMAX=_QMAX[bits], PACK4=bits == 4, BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_TILE=single,
+        num_warps=num_warps)
     return q, s
 
 
@@ -469,6 +474,10 @@ def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
             cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
         k_tiles = triton_cdiv(k, PACK_GROUP)
     tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
+    if mb <= 64 and tiles < sms and 20 * tiles >= 9 * sms:
+        # Narrower tiles fill the card without split-K, whose reduction is one more launch.
+        cfg["BLOCK_N"] = 32
+        tiles *= 2
     cfg["SPLIT_K"] = _split_for(tiles, k_tiles, sms, 2 if mb <= 128 else 4)
     return fit_smem(kind, cfg)
 
@@ -480,7 +489,7 @@ def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
     out = [base]
     if m_bucket(m) <= 64:
         bks = (256, 512) if kind == "w8a8" else (None,)
-        for bn in ((64, 128) if kind == "w8a8" else (64, 128, 256)):
+        for bn in ((32, 64, 128) if kind == "w8a8" else (32, 64, 128, 256)):
             for bk in bks:
                 k_tiles = triton_cdiv(k, bk or PACK_GROUP)
                 for split in (1, 2, 4, 8):
@@ -558,6 +567,14 @@ def tuned_configs() -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- Triton GEMMs
+PROLOGUE_ELEMS = 16384
+"""Largest (BLOCK_M x PRO_K) float tile the fused prologue loads at once (64 KB of fp32)."""
+
+
+def _prologue_k(block_m: int, k: int) -> int:
+    return max(16, min(triton_next_pow2(k), PROLOGUE_ELEMS // block_m))
+
+
 def _launch_w8a8(tg, x, xs, w8, ws, bias, out, cfg, smooth=None, xs_out=None):
     """x int8 with scales xs, or (xs None) float x quantized inside the kernel, scales -> xs_out."""
     m, k = x.shape
@@ -574,6 +591,7 @@ def _launch_w8a8(tg, x, xs, w8, ws, bias, out, cfg, smooth=None, xs_out=None):
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
         GROUP_M=cfg["GROUP_M"], EVEN_K=k % (cfg["BLOCK_K"] * split) == 0,
         HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
+        PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         _launch_reduce(tg, part, scales, ws, bias, out, apply_ws=True)
@@ -606,6 +624,7 @@ def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smoot
         A_PACKED=a_packed, GROUPED=grouped, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         SPLIT_K=split, GROUP_M=cfg["GROUP_M"], EVEN_K=k % PACK_GROUP == 0,
         HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
+        PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         _launch_reduce(tg, part, scales, ws, bias, out, apply_ws=not grouped)
@@ -726,7 +745,10 @@ def _linear(x, wq, ws, group_size, bias, out_dtype, inv_smooth, backend, config,
     m = math.prod(lead)
     out_dtype = x.dtype if out_dtype is None and out is None else out_dtype
     name = resolve_backend(backend, x.device)
-    use_fused = name == "triton" and m > 0 and (m <= FUSE_MAX_M if fuse is None else bool(fuse))
+    # Auto: fuse only while the prologue scan is a single tile (a loop of dependent loads
+    # costs more than the separate single-tile quantization kernel).
+    auto = m <= FUSE_MAX_M and m_bucket(m) * triton_next_pow2(k) <= PROLOGUE_ELEMS
+    use_fused = name == "triton" and m > 0 and (auto if fuse is None else bool(fuse))
     if not use_fused:
         xq, xs = quantize_per_token(x, 8, inv_smooth, backend=name)
         if w_bits == 8:
@@ -781,7 +803,7 @@ def linear_w8a8(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch
                 fuse: bool | None = None) -> torch.Tensor:
     """Float x (..., K) -> dynamic per-token int8 -> W8A8 GEMM -> (..., N) in out_dtype (default
     x.dtype).  Exactly quantize_per_token(x, 8, inv_smooth) then gemm_w8a8; on Triton with few
-    tokens (``fuse``: None = M <= FUSE_MAX_M) both happen in one kernel."""
+    tokens and short rows (``fuse``: None = automatic) both happen in one kernel."""
     return _linear(x, wq, ws, None, bias, out_dtype, inv_smooth, backend, config, out, fuse, 8)
 
 

@@ -17,8 +17,9 @@ writes its int32 (or, for group scales, float32) partial tile to a workspace;
 Int32 partial sums are exact, so the result does not depend on the split at all.
 
 Fused dynamic activation quantization (``A_FLOAT``, meant for small M): x arrives in float;
-each program first scans its BLOCK_M rows over all of K for the per-token absmax (times the
-optional inverse smoothing vector), then quantizes every x tile in registers right before the
+each program first scans its BLOCK_M rows over all of K, in (BLOCK_M, PRO_K) tiles - ideally
+one tile, since the scan is a latency chain - for the per-token absmax (times the optional
+inverse smoothing vector), then quantizes every x tile in registers right before the
 dot.  Same arithmetic as ``norm_quant_kernel`` without a norm, so codes and scales are
 bit-identical to quantize-then-GEMM while saving a launch and the int8 round trip.  The
 program with pid_n == pid_k == 0 also stores the scales (the split-K reduction reads them).
@@ -114,7 +115,8 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smoot
                 M, N, K, stride_xm, stride_wn, stride_om,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+                HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                PRO_K: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -124,7 +126,7 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smoot
     rm_l = rm % M
     rn_l = rn % N
     xs, inv = _act_scales(x_ptr, smooth_ptr, xs_ptr, xs_out_ptr, rm, rm_l, M, K, stride_xm,
-                          (pid_n == 0) & (pid_k == 0), A_FLOAT, HAS_SMOOTH, BLOCK_M, BLOCK_K)
+                          (pid_n == 0) & (pid_k == 0), A_FLOAT, HAS_SMOOTH, BLOCK_M, PRO_K)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + (k_start + rk)[None, :]
@@ -164,7 +166,8 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_
               A_PACKED: tl.constexpr, GROUPED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-              HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+              HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+              PRO_K: tl.constexpr):
     HALF: tl.constexpr = 64
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -174,7 +177,7 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_
     rn_l = rn % N
     j = tl.arange(0, HALF)
     xs, inv = _act_scales(x_ptr, smooth_ptr, xs_ptr, xs_out_ptr, rm, rm_l, M, K, stride_xm,
-                          (pid_n == 0) & (pid_k == 0), A_FLOAT, HAS_SMOOTH, BLOCK_M, 2 * HALF)
+                          (pid_n == 0) & (pid_k == 0), A_FLOAT, HAS_SMOOTH, BLOCK_M, PRO_K)
     num_tiles = tl.cdiv(K, 2 * HALF)
     tiles_per_split = tl.cdiv(num_tiles, SPLIT_K)
     t_start = pid_k * tiles_per_split

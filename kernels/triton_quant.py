@@ -60,28 +60,8 @@ def _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, 
 
 
 @triton.jit
-def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr,
-                      M, K, stride_xm, stride_qm, stride_rb, eps, offset,
-                      HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_PERM: tl.constexpr,
-                      HAS_ROT: tl.constexpr, ROT_B: tl.constexpr,
-                      QMAX: tl.constexpr, PACK4: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    ck = tl.arange(0, BLOCK_K)
-
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + ck
-        cmask = cols < K
-        x, v = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, cmask,
-                              stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B)
-        if HAS_NORM:
-            sumsq += tl.sum(x * x, axis=1)
-        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
-
+def _row_scales(sumsq, amax, K, eps, HAS_NORM: tl.constexpr, QMAX: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(rstd, scale, QMAX/absmax) per row from the pass-1 statistics."""
     ones = tl.full((BLOCK_M,), 1.0, tl.float32)
     if HAS_NORM:
         # IEEE-rounded division and sqrt so the CPU path reproduces the scale bit for bit.
@@ -93,6 +73,47 @@ def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr
     safe = tl.where(pos, amax, ones)
     scale = tl.where(pos, tl.math.div_rn(safe, ones * QMAX), ones)
     inv = tl.where(pos, tl.math.div_rn(ones * QMAX, safe), 0.0)
+    return rstd, scale, inv
+
+
+@triton.jit
+def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr,
+                      M, K, stride_xm, stride_qm, stride_rb, eps, offset,
+                      HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_PERM: tl.constexpr,
+                      HAS_ROT: tl.constexpr, ROT_B: tl.constexpr,
+                      QMAX: tl.constexpr, PACK4: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_TILE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ck = tl.arange(0, BLOCK_K)
+
+    if SINGLE_TILE:
+        # The whole row in one tile (8-bit, K <= BLOCK_K): one memory round trip, no re-read;
+        # a loop of dependent tiles is latency-bound at the few tokens of the action expert.
+        cmask = ck < K
+        x, v = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, ck, cmask,
+                          stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B)
+        rstd, scale, inv = _row_scales(tl.sum(x * x, axis=1), tl.max(tl.abs(v), axis=1), K, eps,
+                                       HAS_NORM, QMAX, BLOCK_M)
+        tl.store(s_ptr + rows, scale, mask=rmask)
+        q = _round_half_even((v * rstd[:, None]) * inv[:, None])
+        q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
+        tl.store(q_ptr + rows[:, None] * stride_qm + ck[None, :], q.to(tl.int8),
+                 mask=rmask[:, None] & cmask[None, :])
+        return
+
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + ck
+        cmask = cols < K
+        x, v = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, cmask,
+                          stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B)
+        if HAS_NORM:
+            sumsq += tl.sum(x * x, axis=1)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    rstd, scale, inv = _row_scales(sumsq, amax, K, eps, HAS_NORM, QMAX, BLOCK_M)
     tl.store(s_ptr + rows, scale, mask=rmask)
 
     if PACK4:

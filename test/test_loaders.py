@@ -324,7 +324,8 @@ def test_errors_list_unknown_missing_and_mismatched_keys(tmp_path, sp_model):
     ({"use_relative_actions": True}, "unsupported variant use_relative_actions=True"),
     ({"type": "pi05"}, "says type 'pi05' but the expert norms are plain RMSNorm"),
     ({"image_resolution": [224, 224]}, r"resizes images to \[224, 224\] but the vision tower takes 28x28"),
-    ({"type": "groot"}, "GR00T N1.5 checkpoints are recognised but not loadable yet.*q_norm"),
+    ({"type": "groot"}, "missing tensor 'backbone.eagle_model.language_model.model.embed_tokens.weight', which "
+                        "every GR00T N1.5 checkpoint has"),
 ])
 def test_unsupported_variants_are_refused(tmp_path, sp_model, override, match):
     d = write_lerobot(tmp_path / "c", "pi0", planted_state("pi0"), tokenizer=sp_model, config_overrides=override)

@@ -1,8 +1,7 @@
 """Real checkpoint formats -> our reference modules, wrapped as a Policy.
 
 `load_external(dir)` recognises:
-- LeRobot policy directories (config.json `"type"`: pi0, pi05, smolvla; groot is recognised and
-  refused with the list of structural differences, see docs/real-checkpoints.md);
+- LeRobot policy directories (config.json `"type"`: pi0, pi05, smolvla, groot = GR00T N1.5);
 - openpi PyTorch checkpoints (config.json with `paligemma_variant` / `action_horizon`, written by
   openpi's convert_jax_model_to_pytorch, + assets/<asset_id>/norm_stats.json), pi0 and pi0.5.
 Weights are mapped by name (keymap.Rule lists per format), the model size is derived from the
@@ -18,17 +17,17 @@ import torch
 
 from ..checkpoint import CheckpointError, MODEL_FILE, load_tensors, read_json
 from ..models import build_model
-from . import paligemma, smolvla
+from . import groot, paligemma, smolvla
 from .external import IO_FILE, ExternalIO, ExternalPolicy, read_io
 from .keymap import load_mapped, map_keys, strip_prefix
 from .lerobot import LEROBOT_TYPES, read_lerobot_config, lerobot_normalizers
-from .normalization import FeatureNormalizer, openpi_norm_stats
+from .normalization import FeatureNormalizer, groot_processor, openpi_norm_stats
 from .text import find_tokenizer_file
 
 __all__ = ["load_external", "detect_format", "ExternalPolicy", "ExternalIO", "read_io", "IO_FILE", "FORMATS",
            "with_saved_io"]
 
-FORMATS = ("lerobot/pi0", "lerobot/pi05", "lerobot/smolvla", "openpi/pi0", "openpi/pi05")
+FORMATS = ("lerobot/pi0", "lerobot/pi05", "lerobot/smolvla", "lerobot/groot", "openpi/pi0", "openpi/pi05")
 
 COMMON_NOTES = [
     "one dtype for the whole model (the originals keep the vision tower, projector and norms in fp32 "
@@ -37,13 +36,12 @@ COMMON_NOTES = [
     "eager path (logits materialised, softmax in fp32, mask value -2.38e38)",
 ]
 
-GROOT_GAPS = [
-    "Eagle 2.5 prompt: the chat template with <image> context tokens interleaved with text is not built",
-    "Eagle vision connector: pixel shuffle (downsample 0.5) + LayerNorm/MLP on 4x the vision width",
-    "Qwen3 attention: per-head q_norm / k_norm RMSNorms are not in the reference decoder",
-    "DiT timestep projection: diffusers Timesteps(flip_sin_to_cos, downscale_freq_shift=1)",
-    "vl_self_attention blocks: affine norm3 (LayerNorm with weight and bias)",
-    "embodiment-specific state/action projectors chosen by the processor's embodiment tag",
+GROOT_NOTES = [
+    "GR00T prompt: tokens of str([task]) after the image tokens; the original Eagle 2.5 chat template with "
+    "image context tokens inside the text is not reproduced, so actions differ from the original",
+    "GR00T images: resize-with-pad to the vision resolution instead of Eagle's image processor",
+    "GR00T N1.5 sizes not stored in the files are assumed: DiT head_dim 48, SigLIP head_dim 72, Qwen3 RoPE "
+    "base 1e6, VL features from the last kept LLM layer after the final norm",
 ]
 
 
@@ -76,6 +74,10 @@ def _peek_pi05(path: Path) -> bool:
 def _finish(model, mapped, cfg, source: str, fmt: str):
     """Check every tensor against the model built on the meta device, then materialise from the file."""
     load_mapped(model, mapped, source, fmt)
+    return _check_materialised(model, source)
+
+
+def _check_materialised(model, source: str):
     bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if bad:
         raise CheckpointError(f"{source}: tensors not provided by the file: {', '.join(bad[:10])}")
@@ -97,8 +99,7 @@ def load_external(path: str | Path, device: str | torch.device | None = "cpu", d
         return _load_openpi(directory, fmt, tensors, source, device, dtype, seed, tokenizer)
     cfg = read_lerobot_config(directory)
     if cfg.type == "groot":
-        raise CheckpointError(f"{directory}: GR00T N1.5 checkpoints are recognised but not loadable yet: the "
-                              "reference GR00T model differs from the real one in: " + "; ".join(GROOT_GAPS))
+        return _load_groot(directory, cfg, tensors, source, device, dtype, seed, tokenizer)
     t, original = strip_prefix(tensors, "model.")
     if cfg.type in ("pi0", "pi05"):
         pi05 = cfg.type == "pi05"
@@ -193,3 +194,40 @@ def with_saved_io(policy, directory: str | Path):
     """A policy loaded from a quantvla model dir that carries policy_io.json gets its IO back."""
     io = read_io(Path(directory))
     return policy if io is None else ExternalPolicy.wrap(policy, io)
+
+
+def _load_groot(directory: Path, cfg, tensors, source: str, device, dtype, seed, tokenizer):
+    t, original = strip_prefix(tensors, "_groot_model.")
+    if any(k.startswith("backbone.eagle_linear.") for k in t):
+        raise CheckpointError(f"{directory}: unsupported variant: backbone.eagle_linear (project_to_dim) is set; "
+                              "GR00T N1.5 feeds the 2048-wide LLM features to the action head directly")
+    mapped = map_keys(t, groot.RULES, original)
+    mcfg = groot.derive_config(mapped.tensors, source=source, horizon=min(int(cfg.get("chunk_size", 16)), 16),
+                               num_steps=int(cfg.get("num_inference_timesteps") or 4),
+                               max_cameras=max(1, cfg.cameras), max_text_tokens=64, name=directory.name)
+    proc = groot_processor(directory) or {"stats": {}, "normalize_min_max": True, "embodiment_tag": None,
+                                          "embodiment_mapping": None}
+    tag = proc["embodiment_tag"] or cfg.get("embodiment_tag", "new_embodiment")
+    mapping = proc["embodiment_mapping"] or groot.EMBODIMENTS
+    if tag not in mapping:
+        raise CheckpointError(f"{directory}: unknown embodiment_tag {tag!r}; accepted: {', '.join(mapping)}")
+    with torch.device("meta"):
+        model = groot.GR00TN15Model(mcfg, embodiment_id=int(mapping[tag]))
+    load_mapped(model, mapped, source, "lerobot/groot")
+    model.register_buffer("embodiment", torch.tensor(int(mapping[tag])), persistent=False)  # not in the file
+    _check_materialised(model, source)
+    state_dim = cfg.dim("STATE", "observation.state", mcfg.state_dim)
+    action_dim = cfg.dim("ACTION", "action", mcfg.action_dim)
+    mode = "min_max" if proc["normalize_min_max"] else "identity"
+    norms = []
+    for key, dim in (("observation.state", state_dim), ("action", action_dim)):
+        have = proc["stats"].get(key, {})
+        if mode == "min_max" and not have:
+            raise CheckpointError(f"{directory}: GR00T min-max normalisation needs {key}.min / {key}.max in the "
+                                  "groot processor state files (policy_preprocessor.json)")
+        norms.append(FeatureNormalizer(key, dim, mode, have, "groot"))
+    io = ExternalIO(format="lerobot/groot", prompt_style="groot", tokenizer_name="tokenizer.json", image_pad="center",
+                    state_norm=norms[0], action_norm=norms[1],
+                    tokenizer_path=_tok_path(directory, "tokenizer.json", tokenizer), source=str(directory),
+                    notes=GROOT_NOTES + COMMON_NOTES)
+    return ExternalPolicy(model, mcfg, io=io, name=directory.name, device=device, dtype=dtype, seed=seed)

@@ -6,6 +6,8 @@ Why two conventions: LeRobot and openpi write the same modes with different epsi
   min_max and quantiles 2 (x - lo) / (hi - lo) - 1 with eps only where hi == lo; eps = 1e-8.
 - openpi (transforms.Normalize): mean_std (x - mean) / (std + 1e-6), inverse x (std + 1e-6) + mean;
   quantiles (x - q01) / (q99 - q01 + 1e-6) * 2 - 1 and its exact inverse.
+- GR00T (LeRobot's groot processor): min_max 2 (x - min) / (max - min) - 1, but 0 where
+  max == min, and the inverse gives min there.
 The robot's vectors are shorter than the model's (padded to 32 in pi0): `normalize` takes the
 robot's dimension and `pad`s with zeros; `unnormalize` reads the first robot-dim entries.
 """
@@ -24,7 +26,7 @@ from ..checkpoint import CheckpointError
 MODES = ("identity", "mean_std", "min_max", "quantiles", "quantile10")
 STATS_FOR = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "quantiles": ("q01", "q99"),
              "quantile10": ("q10", "q90"), "identity": ()}
-CONVENTIONS = ("lerobot", "openpi")
+CONVENTIONS = ("lerobot", "openpi", "groot")
 
 
 @dataclass
@@ -76,6 +78,9 @@ class FeatureNormalizer:
         lo, hi = self._lo_hi()
         if self.convention == "openpi":
             return ((x - lo) / (hi - lo + 1e-6) * 2.0 - 1.0).astype(np.float32)
+        if self.convention == "groot":  # GR00T: constant dimensions map to 0 (and back to min)
+            d = hi - lo
+            return np.where(d != 0, 2.0 * (x - lo) / np.where(d != 0, d, 1.0) - 1.0, 0.0).astype(np.float32)
         denom = np.where(hi - lo == 0, np.float32(self.eps), hi - lo)
         return (2.0 * (x - lo) / denom - 1.0).astype(np.float32)
 
@@ -93,6 +98,9 @@ class FeatureNormalizer:
         lo, hi = self._lo_hi()
         if self.convention == "openpi":
             return ((y + 1.0) / 2.0 * (hi - lo + 1e-6) + lo).astype(np.float32)
+        if self.convention == "groot":
+            d = hi - lo
+            return np.where(d != 0, (y + 1.0) * 0.5 * d + lo, lo).astype(np.float32)
         denom = np.where(hi - lo == 0, np.float32(self.eps), hi - lo)
         return ((y + 1.0) / 2.0 * denom + lo).astype(np.float32)
 
@@ -206,3 +214,28 @@ def openpi_norm_stats(directory: Path) -> tuple[dict[str, dict[str, np.ndarray]]
             raise CheckpointError(f"{candidates[0]}: norm_stats[{feature!r}] must be an object of lists")
         stats[feature] = {k: np.asarray(v, dtype=np.float32) for k, v in s.items() if v is not None}
     return stats, candidates[0]
+
+
+# -- GR00T (LeRobot) ---------------------------------------------------------------------------
+def groot_processor(directory: Path) -> dict | None:
+    """Stats, min-max switch and embodiment tag of LeRobot's groot pre/post-processor files."""
+    path = directory / "policy_preprocessor.json"
+    if not path.is_file():
+        return None
+    out: dict = {"stats": {}, "normalize_min_max": True, "embodiment_tag": None, "embodiment_mapping": None}
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        if not (directory / name).is_file():
+            continue
+        for step in _read_json(directory / name).get("steps", []):
+            reg = step.get("registry_name", "")
+            if not reg.startswith(("groot_pack_inputs", "groot_action_unpack_unnormalize")):
+                continue
+            conf = step.get("config", {})
+            out["normalize_min_max"] = bool(conf.get("normalize_min_max", out["normalize_min_max"]))
+            out["embodiment_tag"] = conf.get("embodiment_tag", out["embodiment_tag"])
+            out["embodiment_mapping"] = conf.get("embodiment_mapping", out["embodiment_mapping"])
+            if step.get("state_file"):
+                for flat, arr in _read_stats_file(directory / step["state_file"]).items():
+                    feature, stat = flat.rsplit(".", 1)
+                    out["stats"].setdefault(feature, {})[stat] = arr
+    return out

@@ -8,7 +8,8 @@ Prompt formats, as the originals build them before tokenising:
 - pi0.5 (both): BOS + tokens("Task: {task}, State: {bins};\\nAction: "), bins = the normalised
   state in 256 bins (np.digitize over linspace(-1, 1, 257)[:-1], minus one).
 - SmolVLA: tokens(task + "\\n") with the tokenizer's own special-token rule.
-- GR00T: tokens(task) (the Eagle chat template is not reproduced, see docs/real-checkpoints.md).
+- GR00T: tokens(str([task])), e.g. "['pick up the cube']" (the Eagle chat template around it is
+  not reproduced, see docs/real-checkpoints.md).
 Sequences are right-padded with zeros to the model's max length and truncated past it.
 """
 from __future__ import annotations
@@ -115,7 +116,7 @@ def prompt_ids(style: str, tokenizer, instruction: str, state: np.ndarray | None
         return tokenizer.ids(f"Task: {openpi_clean(task)}, State: {bins};\nAction: ", add_bos=True)
     if style == "smolvla":
         return tokenizer.ids(task + "\n", add_bos=True)
-    return tokenizer.ids(task, add_bos=True)
+    return tokenizer.ids(str([task]), add_bos=True)  # GR00T's processor writes the task as str([task])
 
 
 def pad_ids(ids: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:

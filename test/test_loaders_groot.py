@@ -1,0 +1,155 @@
+"""LeRobot GR00T N1.5 directories: planted values in the real `_groot_model.` layout, GR00T's
+min-max convention, the str([task]) prompt, the N1.5 numerics swapped into the model, errors."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file
+
+from quantvla_core import Observation, Policy
+from quantvla_core.checkpoint import CheckpointError
+from quantvla_core.config import DecoderConfig, DiTConfig, ModelConfig, VisionConfig
+from quantvla_core.loaders.groot import GR00TN15Model, diffusers_timesteps
+
+VOCAB, HORIZON, STEPS = 300, 4, 4
+ROBOT_STATE, ROBOT_ACTION, MAX_STATE, MAX_ACTION = 3, 4, 6, 5
+
+
+def tiny_config():
+    return ModelConfig(
+        arch="groot", name="tiny-n15",
+        vision=VisionConfig(image_size=28, patch_size=7, width=144, depth=1, heads=2, mlp=64, pixel_shuffle=2),
+        backbone=DecoderConfig(width=64, depth=2, mlp=96, heads=4, kv_heads=2, head_dim=16, vocab_size=VOCAB,
+                               rope_theta=1e6, act="silu"),
+        dit=DiTConfig(width=96, depth=2, heads=2, head_dim=48, mlp=128, vl_self_attention_depth=1,
+                      num_future_tokens=3, num_embodiments=32, hidden=40),
+        action_dim=MAX_ACTION, state_dim=MAX_STATE, horizon=HORIZON, num_steps=STEPS, max_cameras=1,
+        max_text_tokens=64)
+
+
+def planted():
+    g = torch.Generator().manual_seed(11)
+    with torch.device("meta"):
+        m = GR00TN15Model(tiny_config(), embodiment_id=31)
+    return {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in m.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|im_start|>", "<|im_end|>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["['pick up the apple']", "['place the cup on the plate']"] * 20, trainer)
+    path = tmp_path_factory.mktemp("qwen") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+STATS = {"observation.state.min": np.array([0, -1, 2], np.float32), "observation.state.max": np.array([2, 1, 2], np.float32),
+         "action.min": np.array([-1, 0, 3, 0], np.float32), "action.max": np.array([1, 4, 3, 10], np.float32)}
+
+
+def write_groot(directory, state, tokenizer=None, overrides=None, extra=None, tag="new_embodiment"):
+    directory.mkdir(parents=True)
+    tensors = {"_groot_model." + k: v for k, v in state.items()}
+    tensors["_groot_model.backbone.eagle_model.language_model.lm_head.weight"] = torch.randn(VOCAB, 64)
+    tensors.update(extra or {})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    cfg = {"type": "groot", "n_obs_steps": 1, "chunk_size": HORIZON, "n_action_steps": HORIZON,
+           "max_state_dim": MAX_STATE, "max_action_dim": MAX_ACTION, "embodiment_tag": tag,
+           "base_model_path": "nvidia/GR00T-N1.5-3B", "image_size": [224, 224],
+           "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+           "input_features": {"observation.images.front": {"type": "VISUAL", "shape": [3, 480, 640]},
+                              "observation.state": {"type": "STATE", "shape": [ROBOT_STATE]}},
+           "output_features": {"action": {"type": "ACTION", "shape": [ROBOT_ACTION]}}}
+    cfg.update(overrides or {})
+    (directory / "config.json").write_text(json.dumps(cfg))
+    save_numpy(STATS, str(directory / "policy_preprocessor_step_2_groot_pack_inputs_v3.safetensors"))
+    save_numpy({k: v for k, v in STATS.items() if k.startswith("action")},
+               str(directory / "policy_postprocessor_step_0_groot_action_unpack_unnormalize_v1.safetensors"))
+    (directory / "policy_preprocessor.json").write_text(json.dumps({"name": "policy_preprocessor", "steps": [
+        {"registry_name": "groot_pack_inputs_v3", "config": {"max_state_dim": MAX_STATE, "embodiment_tag": tag,
+                                                             "normalize_min_max": True},
+         "state_file": "policy_preprocessor_step_2_groot_pack_inputs_v3.safetensors"},
+        {"registry_name": "groot_eagle_encode_v3", "config": {}}]}))
+    (directory / "policy_postprocessor.json").write_text(json.dumps({"name": "policy_postprocessor", "steps": [
+        {"registry_name": "groot_action_unpack_unnormalize_v1", "config": {"env_action_dim": ROBOT_ACTION,
+                                                                           "normalize_min_max": True},
+         "state_file": "policy_postprocessor_step_0_groot_action_unpack_unnormalize_v1.safetensors"}]}))
+    if tokenizer is not None:
+        (directory / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return directory
+
+
+def test_groot_planted_values_prompt_normalisation_and_forward(tmp_path, tokenizer_json):
+    from tokenizers import Tokenizer
+    state = planted()
+    pol = Policy.load(write_groot(tmp_path / "g", state, tokenizer_json))
+    assert pol.describe()["format"] == "lerobot/groot" and isinstance(pol.model, GR00TN15Model)
+    loaded = pol.model.state_dict()
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert pol.model.embodiment_id == 31 and pol.config.vision.pixel_shuffle == 2
+    assert pol.config.num_image_tokens == 4 and pol.config.backbone.head_dim == 16
+    obs = Observation([np.zeros((20, 30, 3), np.uint8)], "pick up the apple", np.array([1.0, 0.5, 7.0]))
+    batch = pol.preprocess(obs)
+    ids = batch.tokens[0][batch.token_mask[0]].tolist()
+    assert ids == Tokenizer.from_file(str(tokenizer_json)).encode("['pick up the apple']").ids
+    # GR00T min-max: constant dimension (min == max) -> 0
+    np.testing.assert_allclose(batch.state[0].numpy(), [0.0, 0.5, 0.0, 0, 0, 0], atol=1e-6)
+    chunk = pol.predict(obs, seed=0)
+    assert chunk.actions.shape == (HORIZON, ROBOT_ACTION) and np.all(np.isfinite(chunk.actions))
+    # constant velocity b from zero noise, t: 0 -> 1 in 4 steps: normalised actions = +b
+    b = np.array([0.5, -0.5, 0.3, 1.0, 9.0], np.float32)
+    dec = pol.model.action_head.action_decoder.layer2
+    with torch.no_grad():
+        dec.W.zero_()
+        dec.b[31] = torch.as_tensor(b)
+    acts = pol.predict(obs, noise=torch.zeros(1, HORIZON, MAX_ACTION)).actions
+    lo, hi = STATS["action.min"], STATS["action.max"]
+    want = np.where(hi != lo, (b[:4] + 1) / 2 * (hi - lo) + lo, lo)
+    np.testing.assert_allclose(acts, np.tile(want, (HORIZON, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_n15_numerics():
+    e = diffusers_timesteps(torch.tensor([0.0, 1.0]), 256)
+    assert torch.equal(e[0], torch.cat([torch.ones(128), torch.zeros(128)]))
+    # downscale_freq_shift = 1: the lowest frequency is exactly 1e-4, the highest 1 (cos first)
+    assert math.isclose(e[1, 127].item(), math.cos(1e-4), rel_tol=1e-7)
+    assert math.isclose(e[1, 0].item(), math.cos(1.0), rel_tol=1e-6)
+    assert math.isclose(e[1, 128].item(), math.sin(1.0), rel_tol=1e-6)
+    # the cache path still equals the joint path with the swapped modules
+    from test_models import make_batch
+    torch.manual_seed(0)
+    m = GR00TN15Model(tiny_config(), embodiment_id=3).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    batch = make_batch(m.cfg, b=2)
+    x_t, t = torch.randn(2, HORIZON, MAX_ACTION), torch.tensor([0.25, 0.75])
+    with torch.no_grad():
+        joint = m.velocity_joint(batch, x_t, t)
+        cached = m.denoise_step(m.encode_prefix(batch, m.encode_images(batch)), x_t, t, batch.state)
+    torch.testing.assert_close(cached, joint, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("eagle_linear", "unsupported variant: backbone.eagle_linear"),
+    ("tag", "unknown embodiment_tag 'mars_rover'"),
+    ("no_qnorm", "missing tensor 'backbone.eagle_model.language_model.model.layers.0.self_attn.q_norm.weight'"),
+])
+def test_groot_errors(tmp_path, kind, match):
+    state = planted()
+    extra, tag = None, "new_embodiment"
+    if kind == "eagle_linear":
+        extra = {"_groot_model.backbone.eagle_linear.weight": torch.ones(96, 64)}
+    elif kind == "tag":
+        tag = "mars_rover"
+    else:
+        state.pop("backbone.eagle_model.language_model.model.layers.0.self_attn.q_norm.weight")
+    with pytest.raises(CheckpointError, match=match):
+        Policy.load(write_groot(tmp_path / "g", state, extra=extra, tag=tag))

@@ -139,7 +139,7 @@ class _InputStats:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             a = x.abs().amax(0).cpu()
             self.absmax[name] = a if name not in self.absmax else torch.maximum(self.absmax[name], a)
-            take = x[torch.randperm(x.shape[0], generator=self.gen)[: self.cap]].cpu()
+            take = x[torch.randperm(x.shape[0], generator=self.gen)[: self.cap].to(x.device)].cpu()
             pool = take if name not in self.tokens else torch.cat([self.tokens[name], take])
             if pool.shape[0] > self.cap:
                 pool = pool[torch.randperm(pool.shape[0], generator=self.gen)[: self.cap]]
@@ -313,9 +313,11 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
             t = transforms.get(n)
             if t is not None and getattr(t, "_fold_s", None) is not None:
                 # weight side of a folded smoothing: columns times s, then perm/rotation
-                w_scaled = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+                w_scaled = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                     device=lin.weight.device, dtype=lin.weight.dtype)
                 with torch.no_grad():
-                    w_scaled.weight.copy_(lin.weight.double().div(t._fold_s.double()).to(lin.weight.dtype))
+                    w_scaled.weight.copy_(lin.weight.double().div(t._fold_s.double().to(lin.weight.device))
+                                          .to(lin.weight.dtype))
                     if lin.bias is not None:
                         w_scaled.bias.copy_(lin.bias)
                 lin_src = w_scaled

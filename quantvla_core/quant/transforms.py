@@ -33,13 +33,13 @@ class InputTransform:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Activation side, in x's dtype (the reference path calls it in fp64)."""
         if self.inv_smooth is not None:
-            x = x * self.inv_smooth.to(x.dtype)
+            x = x * self.inv_smooth.to(device=x.device, dtype=x.dtype)
         if self.perm is not None:
-            x = x[..., self.perm.long()]
+            x = x[..., self.perm.to(x.device).long()]
         if self.rotation is not None:
             nb, b, _ = self.rotation.shape
             lead = x.shape[:-1]
-            x = torch.einsum("mnb,nbc->mnc", x.reshape(-1, nb, b), self.rotation.to(x.dtype))
+            x = torch.einsum("mnb,nbc->mnc", x.reshape(-1, nb, b), self.rotation.to(device=x.device, dtype=x.dtype))
             x = x.reshape(*lead, nb * b)
         return x
 
@@ -47,13 +47,13 @@ class InputTransform:
         """Weight side: W' = rotate(permute(W * s)) on the K axis, so x' W'^T == x W^T."""
         w = w.to(torch.float64)
         if self.inv_smooth is not None:
-            w = w / self.inv_smooth.to(torch.float64)
+            w = w / self.inv_smooth.to(device=w.device, dtype=torch.float64)
         if self.perm is not None:
-            w = w[:, self.perm.long()]
+            w = w[:, self.perm.to(w.device).long()]
         if self.rotation is not None:
             nb, b, _ = self.rotation.shape
             w = torch.einsum("onb,nbc->onc", w.reshape(w.shape[0], nb, b),
-                             self.rotation.to(torch.float64)).reshape(w.shape[0], nb * b)
+                             self.rotation.to(device=w.device, dtype=torch.float64)).reshape(w.shape[0], nb * b)
         return w
 
 
@@ -126,9 +126,11 @@ def build_transform(names: tuple[str, ...], weights: list[torch.Tensor], act_abs
         raise ValueError(f"unknown transforms {unknown}; accepted: {', '.join(TRANSFORM_NAMES)}")
     if rotation not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotation!r}; accepted: {', '.join(ROTATIONS)}")
+    weights = [w.detach().cpu() for w in weights]  # offline work, on the CPU in float64
+    act_absmax = act_absmax.detach().cpu() if act_absmax is not None else None
     k = weights[0].shape[1]
     t = InputTransform()
-    energy = act_absmax.detach().to(torch.float64) if act_absmax is not None else None
+    energy = act_absmax.to(torch.float64) if act_absmax is not None else None
     if "smooth" in names:
         if act_absmax is None:
             raise ValueError("smoothing needs calibration activation statistics")
@@ -158,15 +160,16 @@ def fold_smoothing_into_norm(norm: nn.Module, inv_smooth: torch.Tensor) -> None:
     AdaRMSNorm y = n(x) * (1 + scale) + shift with (scale, shift, gate) = dense(c): the scale
     and shift rows of dense are rescaled (scale' = (1 + scale)/s - 1, shift' = shift / s).
     """
-    inv = inv_smooth.detach().to(torch.float64)
     with torch.no_grad():
         if hasattr(norm, "dense") and isinstance(norm.dense, nn.Linear):
             dense = norm.dense
+            inv = inv_smooth.detach().to(device=dense.weight.device, dtype=torch.float64)
             d = inv.numel()
             if dense.out_features != 3 * d:
                 raise ValueError(f"adaRMS dense has {dense.out_features} outputs, expected 3*{d}")
             w = dense.weight.data.to(torch.float64)
-            b = dense.bias.data.to(torch.float64) if dense.bias is not None else torch.zeros(3 * d, dtype=torch.float64)
+            b = dense.bias.data.to(torch.float64) if dense.bias is not None else \
+                torch.zeros(3 * d, dtype=torch.float64, device=w.device)
             w[:d] *= inv[:, None]
             b[:d] = (1 + b[:d]) * inv - 1
             w[d:2 * d] *= inv[:, None]
@@ -181,6 +184,7 @@ def fold_smoothing_into_norm(norm: nn.Module, inv_smooth: torch.Tensor) -> None:
             raise ValueError(f"cannot fold smoothing into {type(norm).__name__}: it has no weight")
         offset = float(getattr(norm, "offset", 0.0))
         w = norm.weight.data.to(torch.float64)
+        inv = inv_smooth.detach().to(device=w.device, dtype=torch.float64)
         norm.weight.data.copy_(((offset + w) * inv - offset).to(norm.weight.dtype))
         if getattr(norm, "bias", None) is not None:  # LayerNorm
             norm.bias.data.copy_((norm.bias.data.to(torch.float64) * inv).to(norm.bias.dtype))

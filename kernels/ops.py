@@ -477,7 +477,8 @@ def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
     if mb <= 64 and tiles < sms and 20 * tiles >= 9 * sms:
         # Narrower tiles fill the card without split-K, whose reduction is one more launch.
         cfg["BLOCK_N"] = 32
-        tiles *= 2
+        cfg["SPLIT_K"] = 1
+        return fit_smem(kind, cfg)
     cfg["SPLIT_K"] = _split_for(tiles, k_tiles, sms, 2 if mb <= 128 else 4)
     return fit_smem(kind, cfg)
 

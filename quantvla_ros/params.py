@@ -27,6 +27,7 @@ class Spec:
     constraints: str = ""
     live: bool = False
     empty_type: str = ""  # "string[]" / "double[]": declared typed but unset (YAML may fill it)
+    read_only: bool = False  # read once at start-up (publishers/timers made in the constructor)
 
 
 SPECS: tuple[Spec, ...] = (
@@ -51,7 +52,8 @@ SPECS: tuple[Spec, ...] = (
          live=True),
     Spec("trajectory_topic", "joint_trajectory", "Output trajectory_msgs/JointTrajectory (the "
          "whole chunk: one point per step, time_from_start = k * action_dt, k = 0..N-1)."),
-    Spec("diagnostics_topic", "/diagnostics", "Output diagnostic_msgs/DiagnosticArray."),
+    Spec("diagnostics_topic", "/diagnostics", "Output diagnostic_msgs/DiagnosticArray.",
+         read_only=True),
     Spec("timing_topic", "~/chunk_timings", "Per-chunk timings (DiagnosticArray stamped with the "
          "observation stamp: every model stage, node overhead, energy); empty disables."),
     Spec("joint_names", [], "Joint names written into each trajectory; must have action_dim "
@@ -85,7 +87,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("sync_queue_size", 4, "Frames kept per non-reference camera for stamp matching.", 1, 100),
     Spec("warmup_count", 2, "Inferences run at configure so the first real chunk has no "
          "warm-up spike.", 0, 100),
-    Spec("diagnostics_period_s", 1.0, "Seconds between DiagnosticArray messages.", 0.05, 60.0),
+    Spec("diagnostics_period_s", 1.0, "Seconds between DiagnosticArray messages.", 0.05, 60.0,
+         read_only=True),
     Spec("max_image_pixels", 4096 * 4096, "Images with more pixels are refused (checked "
          "before decoding).", 1, 2**31 - 1),
     Spec("max_instruction_chars", 512, "Longer instructions are refused, not truncated.",
@@ -95,8 +98,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("power_source", "auto", "Power meter for energy per chunk.",
          constraints="one of: " + ", ".join(SOURCES)),
     Spec("log_quiet_s", 5.0, "A repeated input problem is logged again only after it has been "
-         "quiet this long (no log storm).", 0.0, 3600.0),
-    Spec("autostart", False, "Configure and activate on start-up (no lifecycle manager needed)."),
+         "quiet this long (no log storm).", 0.0, 3600.0, read_only=True),
+    Spec("autostart", False, "Configure and activate on start-up (no lifecycle manager needed).",
+         read_only=True),
 )
 
 SPEC_BY_NAME = {s.name: s for s in SPECS}
@@ -104,7 +108,7 @@ SPEC_BY_NAME = {s.name: s for s in SPECS}
 
 def descriptor(spec: Spec) -> ParameterDescriptor:
     d = ParameterDescriptor(description=spec.description,
-                            additional_constraints=spec.constraints)
+                            additional_constraints=spec.constraints, read_only=spec.read_only)
     if spec.lo is not None:
         if isinstance(spec.default, float):
             d.floating_point_range = [FloatingPointRange(from_value=float(spec.lo),

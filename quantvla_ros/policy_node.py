@@ -127,6 +127,12 @@ class PolicyNode(LifecycleNode):
             if p.name == "chunk_aggregation" and p.value not in MODES:
                 return SetParametersResult(successful=False, reason=(
                     f"chunk_aggregation {p.value!r} is not one of {', '.join(MODES)}"))
+            if p.name in ("action_min", "action_max") and self._policy is not None:
+                dim = self._cfg["action_dim"]
+                if p.value is not None and len(p.value) not in (0, dim):
+                    return SetParametersResult(successful=False, reason=(
+                        f"{p.name} has {len(p.value)} entries; the model has {dim} action "
+                        "dimensions"))
             if p.name == "power_source" and p.value not in SOURCES:
                 return SetParametersResult(successful=False, reason=(
                     f"power_source {p.value!r} is not one of {', '.join(SOURCES)}"))
@@ -485,7 +491,13 @@ class PolicyNode(LifecycleNode):
                          "chunk not published")
             return
         lo, hi = self._live("action_min"), self._live("action_max")
-        if lo and hi and len(lo) == actions.shape[1] and len(hi) == actions.shape[1]:
+        if lo or hi:
+            try:
+                self._check_limits(lo, hi, actions.shape[1])
+            except ConfigError as exc:  # e.g. only one of the two set yet: never act unlimited
+                self._counters.bump("chunks_refused_limits")
+                self._refuse("model", "action_limits_invalid", f"{exc}; chunk not published")
+                return
             lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
             outside = (actions < lo) | (actions > hi)
             if outside.any():

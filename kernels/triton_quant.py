@@ -101,8 +101,19 @@ def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr
         q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
         tl.store(q_ptr + rows[:, None] * stride_qm + ck[None, :], q.to(tl.int8),
                  mask=rmask[:, None] & cmask[None, :])
-        return
+    else:
+        _two_pass(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr, rows, rmask, ck,
+                  K, stride_xm, stride_qm, stride_rb, eps, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM,
+                  HAS_ROT, ROT_B, QMAX, PACK4, BLOCK_M, BLOCK_K)
 
+
+@triton.jit
+def _two_pass(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr, rows, rmask, ck,
+              K, stride_xm, stride_qm, stride_rb, eps, offset,
+              HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_PERM: tl.constexpr,
+              HAS_ROT: tl.constexpr, ROT_B: tl.constexpr, QMAX: tl.constexpr, PACK4: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows longer than one tile (or rotated / packed output): statistics pass, then codes."""
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

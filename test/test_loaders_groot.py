@@ -51,7 +51,8 @@ def tokenizer_json(tmp_path_factory):
     return path
 
 
-STATS = {"observation.state.min": np.array([0, -1, 2], np.float32), "observation.state.max": np.array([2, 1, 2], np.float32),
+STATS = {"observation.state.min": np.array([0, -1, 2], np.float32),
+         "observation.state.max": np.array([2, 1, 2], np.float32),
          "action.min": np.array([-1, 0, 3, 0], np.float32), "action.max": np.array([1, 4, 3, 10], np.float32)}
 
 
@@ -59,6 +60,9 @@ def write_groot(directory, state, tokenizer=None, overrides=None, extra=None, ta
     directory.mkdir(parents=True)
     tensors = {"_groot_model." + k: v for k, v in state.items()}
     tensors["_groot_model.backbone.eagle_model.language_model.lm_head.weight"] = torch.randn(VOCAB, 64)
+    # SiglipVisionModel's pooling head (vision_use_head) is saved but never used by Eagle
+    tensors["_groot_model.backbone.eagle_model.vision_model.vision_model.head.probe"] = torch.randn(1, 1, 144)
+    tensors["_groot_model.backbone.eagle_model.vision_model.vision_model.head.mlp.fc1.weight"] = torch.randn(64, 144)
     tensors.update(extra or {})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
     cfg = {"type": "groot", "n_obs_steps": 1, "chunk_size": HORIZON, "n_action_steps": HORIZON,

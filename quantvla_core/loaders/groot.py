@@ -41,6 +41,7 @@ QWEN3_ROPE_THETA = 1_000_000.0
 EMBODIMENTS = {"new_embodiment": 31, "oxe_droid": 17, "agibot_genie1": 26, "gr1": 24, "so100": 2, "unitree_g1": 3}
 
 RULES = [
+    Rule(r".*vision_model\.head\..+", None),  # SigLIP pooling head: Eagle uses the patch tokens
     Rule(r"backbone\.eagle_model\.((?:vision_model|mlp1)\..+)", EAGLE + r".\1"),
     Rule(r"backbone\.eagle_model\.language_model\.model\.((?:embed_tokens|layers|norm)\..+)", LM + r".\1"),
     Rule(r"backbone\.eagle_model\.language_model\.lm_head\.weight", None),
@@ -163,7 +164,8 @@ def derive_config(m: dict[str, torch.Tensor], *, source: str, horizon: int, num_
     ae = need(m, "action_head.action_encoder.W1.W", source, fmt)
     fut = need(m, "action_head.future_tokens.weight", source, fmt)
     if to_q.shape[0] % DIT_HEAD_DIM:
-        raise CheckpointError(f"{source}: DiT width {to_q.shape[0]} is not a multiple of N1.5's head_dim {DIT_HEAD_DIM}")
+        raise CheckpointError(f"{source}: DiT width {to_q.shape[0]} is not a multiple of N1.5's head_dim "
+                              f"{DIT_HEAD_DIM}")
     dit = DiTConfig(width=to_q.shape[0], depth=count_layers(m, f"{DIT}.transformer_blocks"),
                     heads=to_q.shape[0] // DIT_HEAD_DIM, head_dim=DIT_HEAD_DIM, mlp=ff.shape[0],
                     vl_self_attention_depth=count_layers(m, "action_head.vl_self_attention.transformer_blocks"),

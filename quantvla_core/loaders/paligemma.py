@@ -28,6 +28,7 @@ GEMMA_VARIANTS = {"gemma_2b": (2048, 18, 16384, 8, 1, 256), "gemma_300m": (1024,
 SIGLIP_SO400M_HEAD_DIM = 72
 
 RULES = [
+    Rule(r".*vision_model\.head\..+", None),  # SigLIP pooling head: PaliGemma uses the patch tokens
     # vision tower and projector (transformers >= 4.52 puts them under `model.`)
     Rule(_PG + r"(?:model\.)?vision_tower\.(.+)", PG + r".model.vision_tower.\1"),
     Rule(_PG + r"(?:model\.)?multi_modal_projector\.(.+)", PG + r".model.multi_modal_projector.\1"),

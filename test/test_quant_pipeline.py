@@ -334,3 +334,26 @@ def test_ablate_cli_prints_both_tables_and_json(tmp_path, capsys):
     assert all(0.9 < r["cosine_mean"] <= 1.0 + 1e-9 and r["memory_ratio"] < 0.6 for r in rows)
     assert main(["ablate", "tiny", "--layouts", "llm,everything", "--no-progress"]) == 2
     assert "accepted" in capsys.readouterr().err
+
+
+def test_smolvla_cross_attention_kv_are_not_folded_into_the_norm():
+    """SmolVLA's odd expert layers re-project cached keys with k/v_proj: those must not share
+    the input norm's smoothing (different width and input), yet q/k/v of self layers do."""
+    from quantvla_core.config import DecoderConfig, ModelConfig, VisionConfig
+    from quantvla_core.models import build_model
+    cfg = ModelConfig(
+        arch="smolvla", name="tiny-smolvla",
+        vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=1, heads=1, mlp=64, pixel_shuffle=2),
+        backbone=DecoderConfig(width=64, depth=2, mlp=96, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
+        expert=DecoderConfig(width=48, depth=2, mlp=64, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
+        action_dim=4, state_dim=4, horizon=5, num_steps=3, max_cameras=1, max_text_tokens=16)
+    policy = Policy(build_model(cfg), cfg, name="tiny-smolvla", dtype="fp32")
+    r = quantize(policy, QuantConfig(scheme="w8a8", layout="llm+dit-all", calib_samples=4), "synthetic",
+                 progress=False)
+    mods = dict(r.model.named_modules())
+    cross_k = mods["vlm_with_expert.lm_expert.layers.1.self_attn.k_proj"]
+    self_k = mods["vlm_with_expert.lm_expert.layers.0.self_attn.k_proj"]
+    assert isinstance(cross_k, QuantLinear) and cross_k.inv_smooth is not None  # smoothing in the op
+    assert isinstance(self_k, QuantLinear) and self_k.inv_smooth is None  # folded into input_layernorm
+    assert r.report["fidelity"]["cosine_mean"] > 0.999
+    assert len(r.meta["alpha"]) == 2

@@ -176,34 +176,58 @@ def _teacher_pass(teacher, run, linear_names, atm_names, ohb_names, cap, seed):
 
 # ---- smoothing fold targets -------------------------------------------------------------------
 
-_NORM_GROUPS = ((r"^(.*)\.self_attn\.(q|k|v)_proj$", "{}.input_layernorm"),
-                (r"^(.*)\.mlp\.(gate|up)_proj$", "{}.post_attention_layernorm"))
+_NORM_GROUPS = ((r"^(.*)\.self_attn\.(q|k|v)_proj$", "{}.input_layernorm", ("q_proj", "k_proj", "v_proj"), "self_attn"),
+                (r"^(.*)\.mlp\.(gate|up)_proj$", "{}.post_attention_layernorm", ("gate_proj", "up_proj"), "mlp"))
 _PRODUCER = ((r"^(.*)\.mlp\.down_proj$", "{}.mlp.up_proj"),)
 
 
-def _input_groups(names: list[str], modules: dict[str, nn.Module]) -> list[tuple[list[str], str | None, str]]:
+def _norm_width(norm: nn.Module) -> int | None:
+    if isinstance(getattr(norm, "dense", None), nn.Linear):
+        return norm.dense.out_features // 3
+    w = getattr(norm, "weight", None)
+    return int(w.numel()) if isinstance(w, torch.Tensor) and w.dim() == 1 else None
+
+
+def _input_groups(names: list[str], modules: dict[str, nn.Module], absmax: dict[str, torch.Tensor]
+                  ) -> list[tuple[list[str], str | None, str]]:
     """Linears that read one tensor, with where their smoothing can be folded.
 
     Returns (members, fold_target, kind) with kind 'norm' (RMSNorm / adaRMS dense), 'producer'
-    (scale the producing linear's output rows) or 'none' (done in the quantization kernel).
+    (scale the producing linear's output rows) or 'none' (inv_smooth in the quantization op).
+    A norm group keeps only linears whose teacher input statistics are identical (they really
+    read the norm's output: SmolVLA's cross-attention k/v read cached keys instead), and a norm
+    is changed only when none of its readers stays float.
     """
-    groups: dict[str, list[str]] = {}
-    where: dict[str, tuple[str | None, str]] = {}
+    name_set = set(names)
+    out: list[tuple[list[str], str | None, str]] = []
+    norm_groups: dict[str, list[str]] = {}
     for n in names:
-        key, target, kind = n, None, "none"
-        for pat, tmpl in _NORM_GROUPS:
+        for pat, tmpl, siblings, parent in _NORM_GROUPS:
             m = re.match(pat, n)
             if m and tmpl.format(m.group(1)) in modules:
-                norm = modules[tmpl.format(m.group(1))]
-                if getattr(norm, "weight", None) is not None or isinstance(getattr(norm, "dense", None), nn.Linear):
-                    key, target, kind = tmpl.format(m.group(1)), tmpl.format(m.group(1)), "norm"
-        for pat, tmpl in _PRODUCER:
-            m = re.match(pat, n)
-            if m and isinstance(modules.get(tmpl.format(m.group(1))), nn.Linear):
-                target, kind = tmpl.format(m.group(1)), "producer"
-        groups.setdefault(key, []).append(n)
-        where[key] = (target, kind)
-    return [(members, *where[key]) for key, members in groups.items()]
+                norm_groups.setdefault(tmpl.format(m.group(1)) + "|" + m.group(1) + "." + parent + "|"
+                                       + ",".join(siblings), []).append(n)
+                break
+        else:
+            target, kind = None, "none"
+            for pat, tmpl in _PRODUCER:
+                m = re.match(pat, n)
+                if m and isinstance(modules.get(tmpl.format(m.group(1))), nn.Linear):
+                    target, kind = tmpl.format(m.group(1)), "producer"
+            out.append(([n], target, kind))
+    for key, members in norm_groups.items():
+        norm_name, parent, siblings = key.split("|")
+        width = _norm_width(modules[norm_name])
+        readers = [n for n in members if modules[n].in_features == width]
+        ref = absmax[readers[0]] if readers else None
+        same = [n for n in readers if torch.equal(absmax[n], ref)]
+        float_readers = [f"{parent}.{c}" for c in siblings.split(",")
+                         if f"{parent}.{c}" in modules and f"{parent}.{c}" not in name_set
+                         and getattr(modules[f"{parent}.{c}"], "in_features", None) == width]
+        if same:
+            out.append((same, norm_name if not float_readers else None, "norm" if not float_readers else "none"))
+        out += [([n], None, "none") for n in members if n not in same]
+    return out
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -259,8 +283,11 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
     ohb_targets = [f"{n}.{o_child}" for n in modules_t if re.search(attn_pat, n)]
     if qc.ohb_mlp:
         ohb_targets += [n for n in modules_t if re.search(L.ACTION_MLP_OUT[arch], n)]
+    # per-head query norms (Qwen3 q_norm) would undo a scale folded into q_proj: no ATM there
+    atm_skipped = [t.name for t in atm_targets if isinstance(getattr(modules_t[t.name], "q_norm", None), nn.Module)]
+    atm_targets = [t for t in atm_targets if t.name not in atm_skipped]
     if not qc.atm:
-        atm_targets = []
+        atm_targets, atm_skipped = [], []
     if not qc.ohb:
         ohb_targets = []
 
@@ -288,7 +315,7 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
         input_fold: dict[str, torch.Tensor] = {}  # what an upstream fold multiplies this layer's input by
         output_fold: dict[str, torch.Tensor] = {}  # producer rows scaled for a downstream smoothing
         names_t = [n for n in qc.transforms if not (a_bits is None and n == "smooth")]
-        for members, target, kind in _input_groups(int_names, modules_s):
+        for members, target, kind in _input_groups(int_names, modules_s, inputs.absmax):
             if not names_t:
                 break
             ws = [modules_s[n].weight for n in members]
@@ -356,7 +383,7 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
             "format": "quantvla-quantization", "version": 1, "scheme": qc.scheme, "arch": arch,
             "config": qc.to_dict(),
             "layout": [{"name": e.name, "role": e.role, "integer": e.integer} for e in entries],
-            "modules": layer_specs, "alpha": alphas, "beta": betas,
+            "modules": layer_specs, "alpha": alphas, "beta": betas, "atm_skipped_qk_norm": atm_skipped,
             "calibration": {"source": str(calib) if isinstance(calib, (str, Path)) else "observations",
                             "samples": len(run), "heldout": len(held) if held is not None else 0},
         }

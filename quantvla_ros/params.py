@@ -31,8 +31,8 @@ class Spec:
 
 
 SPECS: tuple[Spec, ...] = (
-    Spec("model", "tiny", "Model preset name, model directory or quantized artifact directory "
-         "(loaded by quantvla_core.policy.Policy.load at configure)."),
+    Spec("model", "default", "'default' (the committed policy), a preset name (tiny, small, ...), "
+         "a model directory or a quantized artifact directory (Policy.load at configure)."),
     Spec("device", "cpu", "Torch device for the model: cpu, cuda, cuda:N."),
     Spec("dtype", "", "Compute dtype (float32, bfloat16, float16); empty = the model's default."),
     Spec("num_threads", 0, "torch intra-op threads; 0 leaves torch's default.", 0, 256),

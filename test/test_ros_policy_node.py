@@ -538,8 +538,14 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     assert all(r.successful for r in h.set_params("lc_node", model=str(bad)))
     assert _transition(h, Transition.TRANSITION_CONFIGURE) is False
     assert _log_lines(log, f"configure failed: could not load model '{bad}'")
-    # the real model: configure -> inactive publishes nothing
-    assert all(r.successful for r in h.set_params("lc_node", model="tiny", actions_per_chunk=5))
+    # a real model directory (tiny, saved here): configure -> inactive publishes nothing
+    from quantvla_core.checkpoint import save_model_dir
+    from quantvla_core.policy import Policy
+
+    tiny = Policy.load("tiny")
+    model_dir = save_model_dir(tmp / "tiny_model", tiny.config, tiny.model.state_dict())
+    assert all(r.successful for r in h.set_params("lc_node", model=str(model_dir),
+                                                  actions_per_chunk=5))
     assert _transition(h, Transition.TRANSITION_CONFIGURE) is True
     assert _state(h) == "inactive"
     h.wait_for(lambda: h.status("policy").message == "inactive", 5.0, "diag inactive")
@@ -548,6 +554,8 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     time.sleep(0.5)
     assert all(h.trajectory_for(s) is None for s in stamps)
     assert not h.set_params("lc_node", model="tiny")[0].successful  # read-only once configured
+    h.wait_for(lambda: h.values("policy").get("weight_bytes") == str(tiny.describe()["weight_bytes"]),
+               5.0, "diagnostics report the loaded model's weight bytes")
     # activate -> acts (no joint_state_topic: zero state)
     assert _transition(h, Transition.TRANSITION_ACTIVATE) is True
     assert _state(h) == "active"

@@ -312,7 +312,8 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
         student = copy.deepcopy(teacher)
         modules_s = dict(student.named_modules())
         transforms: dict[str, InputTransform] = {}
-        input_fold: dict[str, torch.Tensor] = {}  # what an upstream fold multiplies this layer's input by
+        # what a fold upstream multiplies this layer's input by (its weight columns get the inverse)
+        input_fold: dict[str, torch.Tensor] = {}
         output_fold: dict[str, torch.Tensor] = {}  # producer rows scaled for a downstream smoothing
         names_t = [n for n in qc.transforms if not (a_bits is None and n == "smooth")]
         for members, target, kind in _input_groups(int_names, modules_s, inputs.absmax):
@@ -330,7 +331,6 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
                 for n in members:
                     input_fold[n] = t.inv_smooth
                     transforms[n] = InputTransform(None, t.perm, t.rotation, t.rotation_kind)
-                    transforms[n]._fold_s = t.inv_smooth  # weight side still needs W * s
             else:
                 for n in members:
                     transforms[n] = t
@@ -338,12 +338,12 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
         for n in int_names:
             lin = modules_s[n]
             t = transforms.get(n)
-            if t is not None and getattr(t, "_fold_s", None) is not None:
+            if n in input_fold:
                 # weight side of a folded smoothing: columns times s, then perm/rotation
                 w_scaled = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                      device=lin.weight.device, dtype=lin.weight.dtype)
                 with torch.no_grad():
-                    w_scaled.weight.copy_(lin.weight.double().div(t._fold_s.double().to(lin.weight.device))
+                    w_scaled.weight.copy_(lin.weight.double().div(input_fold[n].double().to(lin.weight.device))
                                           .to(lin.weight.dtype))
                     if lin.bias is not None:
                         w_scaled.bias.copy_(lin.bias)

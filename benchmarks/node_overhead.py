@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     # Discovery on loopback in a domain of this run's own; large frames through shared memory.
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
+    os.environ["ROS_DOMAIN_ID"] = os.environ.get("BENCH_ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
     os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE",
                           os.path.join(ROOT, "config", "fastdds_large_data.xml"))
 

@@ -130,6 +130,8 @@ def test_artifact_round_trip_through_policy_load(w4a8_artifact):
     assert meta["alpha"] == result.meta["alpha"] and meta["beta"] == result.meta["beta"]
     loaded = Policy.load(out, dtype="fp32")
     assert loaded.scheme == "w4a8"
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(loaded, QuantConfig(), "synthetic", progress=False)
     obs = _obs(1)
     a_mem = result.policy.predict(obs, seed=3).actions
     a_disk = loaded.predict(obs, seed=3).actions

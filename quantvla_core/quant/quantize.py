@@ -259,6 +259,8 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
     from ..policy import Policy
     qc = config or QuantConfig()
     policy = _as_policy(model)
+    if any(isinstance(m, QuantLinear) for m in policy.model.modules()):
+        raise ValueError(f"{policy.name} is already quantized ({policy.scheme}); quantize the float model instead")
     cfg = policy.config
     arch = L.check_arch(L.detect_arch(policy.model) if not hasattr(cfg, "arch") else cfg.arch)
     w_bits, a_bits = qc.bits

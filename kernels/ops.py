@@ -467,16 +467,19 @@ def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
         k_tiles = triton_cdiv(k, cfg["BLOCK_K"])
     else:  # w4a8 / w4a4: the K tile is one 128-wide packing group
         if mb <= 64:
-            cfg = dict(BLOCK_M=mb, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
+            # A W4 step moves BLOCK_N x 64 bytes; at BLOCK_N 64 (4 KB) the H200 run reached only
+            # 0.9 TB/s, so wider tiles where N allows (unmeasured guess, see kernels-notes.md).
+            bn = 128 if n >= 4096 else 64
+            cfg = dict(BLOCK_M=mb, BLOCK_N=bn, GROUP_M=1, num_warps=4, num_stages=4)
         elif mb <= 128:
             cfg = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)
         else:
             cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
         k_tiles = triton_cdiv(k, PACK_GROUP)
     tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
-    if mb <= 64 and tiles < sms and 20 * tiles >= 9 * sms:
+    if kind == "w8a8" and mb <= 64 and cfg["BLOCK_N"] > 32 and tiles < sms and 20 * tiles >= 9 * sms:
         # Narrower tiles fill the card without split-K, whose reduction is one more launch.
-        cfg["BLOCK_N"] = 32
+        cfg["BLOCK_N"] //= 2
         cfg["SPLIT_K"] = 1
         return fit_smem(kind, cfg)
     cfg["SPLIT_K"] = _split_for(tiles, k_tiles, sms, 2 if mb <= 128 else 4)

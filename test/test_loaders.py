@@ -78,7 +78,8 @@ def write_lerobot(directory, arch, state, *, old_naming=False, tokenizer=None, m
     directory.mkdir(parents=True)
     tensors = {lerobot_key(k, old_naming): v for k, v in state.items()}
     embed = state["paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"]
-    head = "model.paligemma_with_expert.paligemma." + ("language_model.lm_head.weight" if old_naming else "lm_head.weight")
+    head = "model.paligemma_with_expert.paligemma." + (
+        "language_model.lm_head.weight" if old_naming else "lm_head.weight")
     tensors[head] = embed.clone()
     tensors["model.paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.randn(VOCAB, 48)
     for k in drop:
@@ -104,9 +105,11 @@ def write_lerobot(directory, arch, state, *, old_naming=False, tokenizer=None, m
     return directory
 
 
-STATS = {"observation.state": {"mean": np.array([0.5, -1.0, 2.0], np.float32), "std": np.array([2.0, 0.5, 1.0], np.float32),
+STATS = {"observation.state": {"mean": np.array([0.5, -1.0, 2.0], np.float32),
+                               "std": np.array([2.0, 0.5, 1.0], np.float32),
                                "min": np.array([-1, -3, 0], np.float32), "max": np.array([3, 1, 4], np.float32),
-                               "q01": np.array([-0.5, -2, 0.5], np.float32), "q99": np.array([2.5, 0, 3.5], np.float32)},
+                               "q01": np.array([-0.5, -2, 0.5], np.float32),
+                               "q99": np.array([2.5, 0, 3.5], np.float32)},
          "action": {"mean": np.array([1, 2, 3, 4], np.float32), "std": np.array([0.1, 0.2, 0.3, 0.4], np.float32),
                     "min": np.array([0, 0, 0, 0], np.float32), "max": np.array([2, 4, 6, 8], np.float32),
                     "q01": np.array([-1, 0, 1, 2], np.float32), "q99": np.array([1, 4, 5, 10], np.float32)}}
@@ -314,7 +317,8 @@ def test_errors_list_unknown_missing_and_mismatched_keys(tmp_path, sp_model):
     state2 = dict(state)
     k = "paligemma_with_expert.gemma_expert.model.layers.1.mlp.up_proj.weight"
     state2[k] = state2[k][:-1]
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\).*up_proj.weight: file \(63, 48\) vs model \(64, 48\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"shape mismatches \(1\).*up_proj.weight: file \(63, 48\) vs model \(64, 48\)"):
         Policy.load(write_lerobot(tmp_path / "shape", "pi0", state2, tokenizer=sp_model))
 
 

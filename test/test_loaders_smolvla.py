@@ -222,6 +222,7 @@ def test_smolvla_variants_refused(tmp_path, override, match):
 def test_smolvla_unknown_keys_are_named_with_file_names(tmp_path):
     extra = {"model.vlm_with_expert.vlm.model.text_model.layers.0.self_attn.q_norm.weight": torch.ones(64),
              "model.vlm_with_expert.vlm.model.text_model.rotary_emb.inv_freq": torch.ones(32)}
-    with pytest.raises(CheckpointError, match=r"unknown keys .*\(1\): model\.vlm_with_expert\.vlm\.model\.text_model"
-                                              r"\.rotary_emb\.inv_freq \| keys with no place .*layers\.0\.self_attn\.q_norm"):
+    with pytest.raises(CheckpointError,
+                       match=r"unknown keys .*\(1\): model\.vlm_with_expert\.vlm\.model\.text_model"
+                             r"\.rotary_emb\.inv_freq \| keys with no place .*layers\.0\.self_attn\.q_norm"):
         Policy.load(write_smolvla(tmp_path / "s", planted(), extra=extra))

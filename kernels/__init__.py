@@ -4,13 +4,14 @@ Import-light: the Triton kernels are imported (and compiled) only when the Trito
 first used, so CPU-only users never need a GPU toolchain.  See ops.py for the math contract.
 """
 from .ops import (BACKENDS, backend_scope, gemm_config, gemm_w4a4, gemm_w4a8, gemm_w8a8,
-                  linear_w4a8, linear_w8a8, m_bucket, quantize_per_token, resolve_backend,
-                  rmsnorm_quantize, set_autotune, set_default_backend)
+                  linear_w4a8, linear_w8a8, load_tuned_configs, m_bucket, quantize_per_token,
+                  resolve_backend, rmsnorm_quantize, set_autotune, set_default_backend,
+                  tuned_configs)
 from .packing import PACK_GROUP, pack_int4, unpack_int4
 
 __all__ = [
     "BACKENDS", "PACK_GROUP", "backend_scope", "gemm_config", "gemm_w4a4", "gemm_w4a8", "gemm_w8a8",
-    "linear_w4a8", "linear_w8a8",
+    "linear_w4a8", "linear_w8a8", "load_tuned_configs", "tuned_configs",
     "m_bucket", "pack_int4", "quantize_per_token", "resolve_backend", "rmsnorm_quantize",
     "set_autotune", "set_default_backend", "unpack_int4",
 ]

@@ -542,7 +542,8 @@ def _pick_config(kind, m, n, k, device, run, x_bytes: int = 1) -> dict:
     """Tuned config if one was measured for this (kind, M bucket, N, K), else the fixed table.
     The fused float-input kinds reuse their int8-input kind's tuning."""
     base_kind = {"w8a8f": "w8a8", "w4a8f": "w4a8"}.get(kind, kind)
-    key = (base_kind, m_bucket(m), n, k, device.type, device.index)
+    _load_env_tuned()
+    key = (base_kind, m_bucket(m), n, k)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return fit_smem(kind, cfg, x_bytes)
@@ -568,6 +569,46 @@ def _pick_config(kind, m, n, k, device, run, x_bytes: int = 1) -> dict:
 def tuned_configs() -> list[dict]:
     """What the tuner chose so far (for benchmark reports and for baking into the table)."""
     return [dict(kind=k[0], m_bucket=k[1], N=k[2], K=k[3], **cfg) for k, cfg in _TUNED.items()]
+
+
+_CFG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+_env_loaded = False
+
+
+def load_tuned_configs(source) -> int:
+    """Install tuned configs: a list as returned by :func:`tuned_configs`, or a JSON file holding
+    such a list or a benchmark result with ``tuned_configs``.  Keyed by (kind, M bucket, N, K);
+    they apply to every card, so load the file measured on the card you run.  Returns the count.
+    ``QUANTVLA_TUNED_CONFIGS=<file>`` loads one automatically on first use."""
+    if isinstance(source, (str, os.PathLike)):
+        import json
+
+        with open(source, encoding="utf-8") as f:
+            source = json.load(f)
+    if isinstance(source, dict):
+        source = source.get("tuned_configs", [])
+    if not isinstance(source, list):
+        raise ValueError("tuned configs must be a list of dicts (or a JSON file / benchmark result holding one)")
+    for i, c in enumerate(source):
+        missing = [key for key in ("kind", "m_bucket", "N", "K", "BLOCK_M", "BLOCK_N", "SPLIT_K") if key not in c]
+        if missing or c["kind"] not in ("w8a8", "w4a8", "w4a4") or (c["kind"] == "w8a8" and "BLOCK_K" not in c):
+            raise ValueError(f"tuned config #{i} is malformed (missing {missing or ['BLOCK_K']}, or unknown "
+                             f"kind {c.get('kind')!r}; kinds: w8a8, w4a8, w4a4): {c}")
+        cfg = {key: int(c[key]) for key in _CFG_KEYS if key in c}
+        cfg.setdefault("GROUP_M", 1)
+        cfg.setdefault("num_warps", 4)
+        cfg.setdefault("num_stages", 3)
+        _TUNED[(c["kind"], int(c["m_bucket"]), int(c["N"]), int(c["K"]))] = cfg
+    return len(source)
+
+
+def _load_env_tuned() -> None:
+    global _env_loaded
+    if not _env_loaded:
+        _env_loaded = True
+        path = os.environ.get("QUANTVLA_TUNED_CONFIGS")
+        if path:
+            load_tuned_configs(path)
 
 
 # ----------------------------------------------------------------------------- Triton GEMMs

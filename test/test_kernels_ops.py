@@ -436,3 +436,30 @@ def test_linear_fused_quant_equals_quantize_then_gemm(backend, m, n, k):
                             config=cfg4, fuse=fuse)
         torch.testing.assert_close(y4, want4, rtol=1e-6, atol=1e-6 * float(want4.abs().max()))
     assert qk.linear_w8a8(x, wq, ws, backend=backend).dtype == torch.float16
+
+
+def test_tuned_configs_round_trip_through_json(tmp_path):
+    """A tuning run's configs (benchmark JSON) load back and steer the Triton launch."""
+    from quantvla_kernels import ops
+
+    cfg = dict(kind="w8a8", m_bucket=16, N=40, K=200, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1,
+               SPLIT_K=2, num_warps=4, num_stages=2)
+    path = tmp_path / "results.json"
+    path.write_text(__import__("json").dumps({"tuned_configs": [cfg]}))
+    saved = dict(ops._TUNED)
+    try:
+        assert qk.load_tuned_configs(path) == 1
+        assert any(c["N"] == 40 and c["SPLIT_K"] == 2 for c in qk.tuned_configs())
+        picked = ops._pick_config("w8a8", 3, 40, 200, torch.device("cpu"), run=None)
+        assert picked["SPLIT_K"] == 2 and picked["BLOCK_N"] == 16
+        if TRITON_OK:
+            g = _gen(1)
+            xq = torch.randint(-127, 128, (3, 200), dtype=torch.int8, generator=g)
+            wq = torch.randint(-127, 128, (40, 200), dtype=torch.int8, generator=g)
+            y = qk.gemm_w8a8(*_to(xq, torch.ones(3), wq, torch.ones(40)), backend="triton")
+            assert np.array_equal(y.cpu().double().numpy(), _np_acc(xq.numpy(), wq.numpy()))
+        with pytest.raises(ValueError, match="malformed"):
+            qk.load_tuned_configs([dict(kind="w9a9", m_bucket=16, N=1, K=1)])
+    finally:
+        ops._TUNED.clear()
+        ops._TUNED.update(saved)

@@ -160,6 +160,17 @@ def _presets() -> dict[str, ModelConfig]:
                                                  num_embodiments=4, hidden=256),
                                    action_dim=4, state_dim=4, horizon=16, num_steps=4,
                                    max_cameras=2, max_text_tokens=32),
+        # The built-in default policy: trained on Meta-World MT10 demos (96 px, 2 cameras) on a
+        # 2-core CPU in about an hour; fp32 weights stay under 25 MB so they can be committed.
+        "mt10": ModelConfig(arch="pi0", name="mt10",
+                            vision=VisionConfig(image_size=96, patch_size=16, width=192, depth=4,
+                                                heads=3, mlp=576),
+                            backbone=DecoderConfig(width=256, depth=4, mlp=512, heads=4, kv_heads=1,
+                                                   head_dim=64, vocab_size=320),
+                            expert=DecoderConfig(width=192, depth=4, mlp=512, heads=4, kv_heads=1,
+                                                 head_dim=64, vocab_size=320),
+                            action_dim=4, state_dim=4, horizon=16, num_steps=10, max_cameras=2,
+                            max_text_tokens=48),
         "pi0-3b": ModelConfig(arch="pi0", name="pi0-3b", backbone=gemma2b, expert=gemma300m,
                               max_text_tokens=48),
         "pi05-3b": ModelConfig(arch="pi05", name="pi05-3b", backbone=gemma2b, expert=gemma300m,

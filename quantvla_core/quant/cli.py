@@ -176,15 +176,16 @@ def render_ablation(rows: list[dict]) -> str:
     if {r["variant"] for r in t2} - {"none"}:
         out.append("")
         out.append("Table 2 shape: ATM / OHB on the selective layout (LLM + DiT MLP)")
-        out.append(f"{'variant':<14}" + "".join(f"{s + ' cos':>14}{s + ' relL2':>14}" for s in schemes)
-                   + f"{'alphas!=1':>11}{'betas!=1':>10}")
+        out.append(f"{'variant':<14}" + "".join(f"{s + ' cos':>14}{s + ' relL2':>14}{s + ' a/b!=1':>14}"
+                                                for s in schemes))
         for var in dict.fromkeys(r["variant"] for r in t2):
-            cells, last = "", None
+            cells = ""
             for s in schemes:
                 r = next((x for x in t2 if x["variant"] == var and x["scheme"] == s), None)
-                cells += f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}" if r else f"{'-':>14}{'-':>14}"
-                last = r or last
-            out.append(f"{var:<14}{cells}{last['alpha_changed']:>11}{last['beta_changed']:>10}")
+                cells += (f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}"
+                          f"{str(r['alpha_changed']) + '/' + str(r['beta_changed']):>14}" if r
+                          else f"{'-':>14}{'-':>14}{'-':>14}")
+            out.append(f"{var:<14}{cells}")
     out.append("")
     out.append("(fidelity = mean over held-out observations of the cosine / relative L2 of the whole action "
                "chunk vs the FP teacher with identical noise; success rates need the closed-loop evaluation)")

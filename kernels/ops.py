@@ -475,6 +475,10 @@ def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
             cfg = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)
         else:
             cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+        # Swapped (acc^T = W x^T) by default: see triton_gemm.py; chosen from Hopper's operand
+        # rules after the H200 run, where the unswapped W4 kernel was 3x slower than W8A8.
+        # QUANTVLA_W4_SWAP=0 restores the unswapped kernel (the one measured on the H200).
+        cfg["SWAP"] = os.environ.get("QUANTVLA_W4_SWAP", "1") != "0"
         k_tiles = triton_cdiv(k, PACK_GROUP)
     tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
     if kind == "w8a8" and mb <= 64 and cfg["BLOCK_N"] > 32 and tiles < sms and 20 * tiles >= 9 * sms:
@@ -493,7 +497,7 @@ def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
     out = [base]
     if m_bucket(m) <= 64:
         bks = (256, 512) if kind == "w8a8" else (None,)
-        for bn in ((32, 64, 128) if kind == "w8a8" else (32, 64, 128, 256)):
+        for bn in ((32, 64, 128) if kind == "w8a8" else (64, 128)):
             for bk in bks:
                 k_tiles = triton_cdiv(k, bk or PACK_GROUP)
                 for split in (1, 2, 4, 8):
@@ -504,7 +508,11 @@ def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
                         c["BLOCK_K"] = min(bk, max(32, triton_next_pow2(k)))
                     if c not in out:
                         out.append(c)
+        if kind != "w8a8":
+            out += [dict(c, SWAP=not c.get("SWAP", False)) for c in list(out)]
     else:
+        if kind != "w8a8":
+            out.append(dict(base, SWAP=not base.get("SWAP", False)))
         out += [dict(base, BLOCK_N=256, num_warps=8, num_stages=3, SPLIT_K=1),
                 dict(base, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, SPLIT_K=1),
                 dict(base, num_stages=3), dict(base, SPLIT_K=2)]
@@ -571,7 +579,7 @@ def tuned_configs() -> list[dict]:
     return [dict(kind=k[0], m_bucket=k[1], N=k[2], K=k[3], **cfg) for k, cfg in _TUNED.items()]
 
 
-_CFG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+_CFG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "SWAP", "num_warps", "num_stages")
 _env_loaded = False
 
 
@@ -669,7 +677,7 @@ def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smoot
         A_PACKED=a_packed, GROUPED=grouped, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         SPLIT_K=split, GROUP_M=cfg["GROUP_M"], EVEN_K=k % PACK_GROUP == 0,
         HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
-        PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16,
+        PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16, SWAP=bool(cfg.get("SWAP", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         _launch_reduce(tg, part, scales, ws, bias, out, apply_ws=not grouped)

@@ -9,7 +9,10 @@ wgmma needs; the weight tile is loaded as (BLOCK_N, BLOCK_K) and fed transposed 
   shifts into the low half (columns k0..k0+63) and high half (k0+64..k0+127), each a contiguous
   activation slice, so a tile is two int8 ``tl.dot`` calls and no shuffles.  Group-wise scales
   (group_size a multiple of 128) are applied per tile into a float accumulator; per-channel
-  scales keep the int32 accumulator to the end.
+  scales keep the int32 accumulator to the end.  ``SWAP`` computes acc^T = W x^T so the
+  unpacked (register-resident) weights are the LEFT operand - on Hopper wgmma takes A from
+  registers but B only from shared memory - and the weight rows fill the 64-row MMA
+  dimension when there are few tokens.
 
 Small M: split-K.  Program (pid, pid_k) covers a contiguous K range and, when SPLIT_K > 1,
 writes its int32 (or, for group scales, float32) partial tile to a workspace;
@@ -167,7 +170,7 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
               HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-              PRO_K: tl.constexpr):
+              PRO_K: tl.constexpr, SWAP: tl.constexpr):
     HALF: tl.constexpr = 64
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -182,8 +185,12 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_
     tiles_per_split = tl.cdiv(num_tiles, SPLIT_K)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
-    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:  # acc^T = W x^T: the unpacked weights are the register-resident left operand
+        acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        acc_f = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_start, t_end):
         k0 = t * (2 * HALF)
         if EVEN_K:
@@ -215,13 +222,25 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_
             x_hi = _quant_tile(x_hi, inv, smooth_ptr, k0 + half + j, jm, HAS_SMOOTH)
         w_lo, w_hi = _unpack_lo_hi(wb)
         if GROUPED:
-            part = tl.dot(x_lo, tl.trans(w_lo), out_dtype=tl.int32)
-            part = tl.dot(x_hi, tl.trans(w_hi), part, out_dtype=tl.int32)
             wsg = tl.load(ws_ptr + rn_l * stride_wsn + k0 // group_size)
-            acc_f += part.to(tl.float32) * wsg[None, :]
+            if SWAP:
+                part = tl.dot(w_lo, tl.trans(x_lo), out_dtype=tl.int32)
+                part = tl.dot(w_hi, tl.trans(x_hi), part, out_dtype=tl.int32)
+                acc_f += part.to(tl.float32) * wsg[:, None]
+            else:
+                part = tl.dot(x_lo, tl.trans(w_lo), out_dtype=tl.int32)
+                part = tl.dot(x_hi, tl.trans(w_hi), part, out_dtype=tl.int32)
+                acc_f += part.to(tl.float32) * wsg[None, :]
         else:
-            acc_i = tl.dot(x_lo, tl.trans(w_lo), acc_i, out_dtype=tl.int32)
-            acc_i = tl.dot(x_hi, tl.trans(w_hi), acc_i, out_dtype=tl.int32)
+            if SWAP:
+                acc_i = tl.dot(w_lo, tl.trans(x_lo), acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(w_hi, tl.trans(x_hi), acc_i, out_dtype=tl.int32)
+            else:
+                acc_i = tl.dot(x_lo, tl.trans(w_lo), acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(x_hi, tl.trans(w_hi), acc_i, out_dtype=tl.int32)
+    if SWAP:
+        acc_i = tl.trans(acc_i)
+        acc_f = tl.trans(acc_f)
     if GROUPED:
         if SPLIT_K == 1:
             _epilogue_store(acc_f, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, False,

@@ -23,7 +23,9 @@ BACKENDS = ["reference", "cpu"] + (["triton"] if TRITON_OK else [])
 W8_CFGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1),
            dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=3)]
 W4_CFGS = [dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1),
-           dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=2)]
+           dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=2),
+           dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1, SWAP=True),
+           dict(BLOCK_M=32, BLOCK_N=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=2, SWAP=True)]
 
 
 def _gen(seed):

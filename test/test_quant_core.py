@@ -13,10 +13,10 @@ from quantvla_core.quant import layout as L
 from quantvla_core.quant.atm import (AttentionTarget, atm_alpha, calibrate_atm, collect_logit_std,
                                      per_head_std)
 from quantvla_core.quant.ohb import calibrate_ohb, collect_output_rms, ohb_beta
-from quantvla_core.quant.qlinear import QuantLinear, quant_backend, scale_output_channels
-from quantvla_core.quant.quantizers import (dequantize_weight, qmax, quantize_per_token, quantize_weight)
-from quantvla_core.quant.transforms import (InputTransform, build_transform, fold_smoothing_into_norm,
-                                            hadamard, zigzag_permutation)
+from quantvla_core.quant.qlinear import QuantLinear, scale_output_channels
+from quantvla_core.quant.quantizers import qmax, quantize_per_token, quantize_weight
+from quantvla_core.quant.transforms import (build_transform, fold_smoothing_into_norm, hadamard,
+                                            zigzag_permutation)
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

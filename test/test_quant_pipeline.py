@@ -16,7 +16,6 @@ from quantvla_core.quant.artifact import load_quantized
 from quantvla_core.quant.calibration import load_observations
 from quantvla_core.quant.qlinear import QuantLinear
 from quantvla_core.quant.quantize import QuantConfig, quantize
-from quantvla_core.quant.quantizers import quantize_per_token
 from quantvla_core.quant.transforms import build_transform
 
 @pytest.fixture(autouse=True, scope="module")

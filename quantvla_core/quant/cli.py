@@ -23,7 +23,8 @@ def _csv(text: str, accepted, what: str) -> list[str]:
 def _config_from_args(args, **over):
     from .quantize import QuantConfig
     transforms = () if args.transforms in ("", "none") else tuple(t.strip() for t in args.transforms.split(","))
-    kw = dict(scheme=getattr(args, "scheme", "w4a8"), layout=getattr(args, "layout", "quantvla"), group_size=None if args.group_size == 0 else args.group_size,
+    kw = dict(scheme=getattr(args, "scheme", "w4a8"), layout=getattr(args, "layout", "quantvla"),
+              group_size=None if args.group_size == 0 else args.group_size,
               activation=args.activation, transforms=transforms, smooth_strength=args.smooth_strength,
               rotation=args.rotation, atm=not args.no_atm, ohb=not args.no_ohb, atm_backbone=args.atm_backbone,
               ohb_mlp=args.ohb_mlp, order=args.order, calib_samples=args.samples, seed=args.seed,

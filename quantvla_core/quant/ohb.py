@@ -30,7 +30,8 @@ def collect_output_rms(model: nn.Module, run: Runner, names: Iterable[str]) -> d
     def hook_for(name):
         def hook(_mod, _inp, out):
             y = out.detach().float()
-            per_sample = y.reshape(y.shape[0], -1).pow(2).mean(-1).sqrt() if y.dim() > 1 else y.pow(2).mean().sqrt()[None]
+            y = y if y.dim() > 1 else y[None]
+            per_sample = y.reshape(y.shape[0], -1).pow(2).mean(-1).sqrt()
             sums[name] = sums.get(name, 0.0) + float(per_sample.sum())
             counts[name] = counts.get(name, 0) + per_sample.numel()
         return hook

@@ -244,8 +244,8 @@ def _as_policy(model):
 
 def _calib_observations(calib, cfg, qc: QuantConfig):
     if isinstance(calib, (str, Path)):
-        total = qc.calib_samples + max(1, int(round(qc.calib_samples * qc.heldout_fraction / (1 - qc.heldout_fraction)))) \
-            if qc.heldout_fraction > 0 else qc.calib_samples
+        held = qc.calib_samples * qc.heldout_fraction / (1 - qc.heldout_fraction)
+        total = qc.calib_samples + (max(1, int(round(held))) if qc.heldout_fraction > 0 else 0)
         obs = load_observations(calib, cfg, n=total, seed=qc.seed)
         return split_buffer(obs, qc.heldout_fraction)
     if isinstance(calib, (list, tuple)):

@@ -145,8 +145,7 @@ def build_transform(names: tuple[str, ...], weights: list[torch.Tensor], act_abs
         if rotation == "hadamard":
             t.rotation = hadamard(b).expand(k // b, b, b).to(torch.float32).contiguous()
         else:
-            wf = t.fold_weight(torch.cat([w.detach() for w in weights], 0)) if (t.inv_smooth is not None or t.perm is not None) \
-                else torch.cat([w.detach() for w in weights], 0).to(torch.float64)
+            wf = t.fold_weight(torch.cat(weights, 0))  # smoothing/permutation first, as applied
             t.rotation = svd_rotation(wf, b).to(torch.float32)
     return t
 

@@ -669,19 +669,45 @@ def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smoot
     pdtype = torch.float32 if grouped else torch.int32
     part = torch.empty((split, m, n), dtype=pdtype, device=x.device) if split > 1 else out
     grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
-    tg.w4_kernel[grid](
-        x, wp, scales, ws, bias if bias is not None else ws, out, part,
-        smooth if smooth is not None else ws, scales,
-        m, n, k, x.stride(0), wp.stride(0), ws.stride(0) if grouped else 1, out.stride(0),
-        group_size if grouped else PACK_GROUP,
-        A_PACKED=a_packed, GROUPED=grouped, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        SPLIT_K=split, GROUP_M=cfg["GROUP_M"], EVEN_K=k % PACK_GROUP == 0,
-        HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
-        PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16, SWAP=bool(cfg.get("SWAP", False)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    def launch(swap: bool):
+        tg.w4_kernel[grid](
+            x, wp, scales, ws, bias if bias is not None else ws, out, part,
+            smooth if smooth is not None else ws, scales,
+            m, n, k, x.stride(0), wp.stride(0), ws.stride(0) if grouped else 1, out.stride(0),
+            group_size if grouped else PACK_GROUP,
+            A_PACKED=a_packed, GROUPED=grouped, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            SPLIT_K=split, GROUP_M=cfg["GROUP_M"], EVEN_K=k % PACK_GROUP == 0,
+            HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
+            PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16, SWAP=swap,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    swap = bool(cfg.get("SWAP", False)) and not _W4_SWAP_BROKEN
+    try:
+        launch(swap)
+    except Exception as e:  # noqa: BLE001 - compile-time failure of the unmeasured variant only
+        if not swap:
+            raise
+        _disable_w4_swap(e)
+        launch(False)
     if split > 1:
         _launch_reduce(tg, part, scales, ws, bias, out, apply_ws=not grouped)
     return out
+
+
+_W4_SWAP_BROKEN = False
+
+
+def _disable_w4_swap(err: Exception) -> None:
+    """The swapped W4 kernel was never compiled on a GPU before it became the default: if this
+    Triton/card rejects it (compile errors surface before any launch, also under graph
+    capture), say so once and use the unswapped kernel from then on."""
+    global _W4_SWAP_BROKEN
+    import warnings
+
+    _W4_SWAP_BROKEN = True
+    warnings.warn(f"swapped W4 kernel failed to build ({type(err).__name__}: {str(err)[:200]}); "
+                  "using the unswapped W4 kernel", RuntimeWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- public GEMMs

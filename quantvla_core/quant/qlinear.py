@@ -94,7 +94,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32) if permute else None)
         if rotation_kind == "hadamard":  # deterministic: rebuilt, not stored
             b = rotation_block
-            rot = hadamard(b).to(torch.float32).expand(in_features // b, b, b).contiguous()
+            rot = hadamard(b).to(torch.float32)  # shared by every block (the kernels take (B, B))
             self.register_buffer("rotation", rot, persistent=False)
         elif rotation_kind == "svd":
             b = rotation_block

@@ -27,7 +27,7 @@ class InputTransform:
     """The activation-side transform of one linear: x -> rotate(permute(x * inv_smooth))."""
     inv_smooth: torch.Tensor | None = None  # (K,) float32
     perm: torch.Tensor | None = None  # (K,) integer: x'[:, j] = x[:, perm[j]]
-    rotation: torch.Tensor | None = None  # (K // B, B, B) float32, orthogonal blocks
+    rotation: torch.Tensor | None = None  # (B, B) shared or (K // B, B, B) per block, orthogonal
     rotation_kind: str | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,9 +37,10 @@ class InputTransform:
         if self.perm is not None:
             x = x[..., self.perm.to(x.device).long()]
         if self.rotation is not None:
-            nb, b, _ = self.rotation.shape
+            r = self.blocks(x.shape[-1]).to(device=x.device, dtype=x.dtype)
+            nb, b, _ = r.shape
             lead = x.shape[:-1]
-            x = torch.einsum("mnb,nbc->mnc", x.reshape(-1, nb, b), self.rotation.to(device=x.device, dtype=x.dtype))
+            x = torch.einsum("mnb,nbc->mnc", x.reshape(-1, nb, b), r)
             x = x.reshape(*lead, nb * b)
         return x
 
@@ -51,10 +52,15 @@ class InputTransform:
         if self.perm is not None:
             w = w[:, self.perm.to(w.device).long()]
         if self.rotation is not None:
-            nb, b, _ = self.rotation.shape
-            w = torch.einsum("onb,nbc->onc", w.reshape(w.shape[0], nb, b),
-                             self.rotation.to(device=w.device, dtype=torch.float64)).reshape(w.shape[0], nb * b)
+            r = self.blocks(w.shape[1]).to(device=w.device, dtype=torch.float64)
+            nb, b, _ = r.shape
+            w = torch.einsum("onb,nbc->onc", w.reshape(w.shape[0], nb, b), r).reshape(w.shape[0], nb * b)
         return w
+
+    def blocks(self, k: int) -> torch.Tensor:
+        """The rotation as (K // B, B, B) (a shared (B, B) block is broadcast, not copied)."""
+        r = self.rotation
+        return r.expand(k // r.shape[-1], *r.shape) if r.dim() == 2 else r
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -143,7 +149,7 @@ def build_transform(names: tuple[str, ...], weights: list[torch.Tensor], act_abs
     if "rotate" in names and b > 1:
         t.rotation_kind = rotation
         if rotation == "hadamard":
-            t.rotation = hadamard(b).expand(k // b, b, b).to(torch.float32).contiguous()
+            t.rotation = hadamard(b).to(torch.float32)  # one (B, B) block shared by all blocks
         else:
             wf = t.fold_weight(torch.cat(weights, 0))  # smoothing/permutation first, as applied
             t.rotation = svd_rotation(wf, b).to(torch.float32)

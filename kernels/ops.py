@@ -510,6 +510,9 @@ def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
                         out.append(c)
         if kind != "w8a8":
             out += [dict(c, SWAP=not c.get("SWAP", False)) for c in list(out)]
+        else:  # swapped W8A8: weight rows as the 64-row MMA dimension (wgmma-eligible)
+            out += [dict(c, SWAP=True) for c in list(out)
+                    if c["BLOCK_N"] >= 64 and c.get("BLOCK_K") == min(256, max(32, triton_next_pow2(k)))]
     else:
         if kind != "w8a8":
             out.append(dict(base, SWAP=not base.get("SWAP", False)))
@@ -644,7 +647,7 @@ def _launch_w8a8(tg, x, xs, w8, ws, bias, out, cfg, smooth=None, xs_out=None):
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
         GROUP_M=cfg["GROUP_M"], EVEN_K=k % (cfg["BLOCK_K"] * split) == 0,
         HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
-        PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16,
+        PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16, SWAP=bool(cfg.get("SWAP", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         _launch_reduce(tg, part, scales, ws, bias, out, apply_ws=True)

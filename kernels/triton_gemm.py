@@ -119,7 +119,7 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smoot
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                 HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                PRO_K: tl.constexpr):
+                PRO_K: tl.constexpr, SWAP: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,7 +134,10 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smoot
     k_start = pid_k * k_per_split
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + (k_start + rk)[None, :]
     w_ptrs = w_ptr + rn_l[:, None] * stride_wn + (k_start + rk)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if SWAP:  # acc^T = W x^T: weight rows fill the MMA's M dimension (wgmma needs 64)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for kk in range(0, k_per_split, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_ptrs)
@@ -147,9 +150,14 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smoot
             b = tl.load(w_ptrs, mask=kmask[None, :], other=0)
             if A_FLOAT:
                 a = _quant_tile(a, inv, smooth_ptr, k_start + kk + rk, kmask, HAS_SMOOTH)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        if SWAP:
+            acc = tl.dot(b, tl.trans(a), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SWAP:
+        acc = tl.trans(acc)
     if SPLIT_K == 1:
         _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, True, HAS_BIAS)
     else:

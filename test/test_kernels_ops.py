@@ -21,7 +21,9 @@ BACKENDS = ["reference", "cpu"] + (["triton"] if TRITON_OK else [])
 
 # Small explicit tiles so the interpreter runs several programs, ragged edges and split-K.
 W8_CFGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1),
-           dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=3)]
+           dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=3),
+           dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=2,
+                SWAP=True)]
 W4_CFGS = [dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1),
            dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=2),
            dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1, SWAP=True),

@@ -467,3 +467,19 @@ def test_tuned_configs_round_trip_through_json(tmp_path):
     finally:
         ops._TUNED.clear()
         ops._TUNED.update(saved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_rows_longer_than_one_tile(backend):
+    """K > 16384 takes the two-pass kernel (statistics, then codes) instead of the single tile."""
+    m, k = 3, 16400
+    g = _gen(16400)
+    x = torch.randn(m, k, generator=g)
+    x[2, -1] = 50.0  # the absmax sits in the last, partial tile
+    w = torch.randn(k, generator=g) * 0.1
+    want_q, want_s = _np_quant(x.numpy(), 8)
+    q, s = qk.quantize_per_token(*_to(x), backend=backend)
+    _check_quant(q, s, want_q, want_s, 8, exact=True)
+    want_q, want_s = _np_quant(x.numpy(), 8, norm_w=w.numpy(), offset=1.0)
+    q, s = qk.rmsnorm_quantize(*_to(x, w), 1e-6, offset=1.0, backend=backend)
+    _check_quant(q, s, want_q, want_s, 8, exact=False)

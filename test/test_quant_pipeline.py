@@ -358,3 +358,37 @@ def test_smolvla_cross_attention_kv_are_not_folded_into_the_norm():
     assert isinstance(self_k, QuantLinear) and self_k.inv_smooth is None  # folded into input_layernorm
     assert r.report["fidelity"]["cosine_mean"] > 0.999
     assert len(r.meta["alpha"]) == 2
+
+
+def test_real_checkpoint_keeps_its_io_through_quantization(tmp_path):
+    """A LeRobot pi0.5 directory (written in the real key layout by the loader tests' helpers)
+    quantizes into an artifact that keeps its tokenizer, prompt format and normalisation."""
+    loaders_tests = pytest.importorskip("test_loaders")
+    from quantvla_core.loaders import ExternalPolicy
+    sp = tmp_path / "sp"
+    sp.mkdir()
+    import sentencepiece as spm
+    (sp / "corpus.txt").write_text(loaders_tests.CORPUS + "".join(f"{i} " for i in range(300)) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(sp / "corpus.txt"), model_prefix=str(sp / "tok"), vocab_size=loaders_tests.VOCAB,
+        model_type="bpe", character_coverage=1.0, pad_id=loaders_tests.PAD_ID, eos_id=loaders_tests.EOS_ID,
+        bos_id=loaders_tests.BOS_ID, unk_id=loaders_tests.UNK_ID, user_defined_symbols=["\n"],
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        hard_vocab_limit=False, split_digits=True, minloglevel=2)
+    ckpt = loaders_tests.write_lerobot(tmp_path / "ckpt", "pi05", loaders_tests.planted_state("pi05"),
+                                       tokenizer=sp / "tok.model")
+    teacher = Policy.load(ckpt)
+    assert isinstance(teacher, ExternalPolicy) and teacher.state_dim == loaders_tests.ROBOT_STATE
+    r = quantize(teacher, QuantConfig(scheme="w8a8", calib_samples=3), "synthetic", progress=False)
+    assert isinstance(r.policy, ExternalPolicy)
+    out = tmp_path / "art"
+    r.save(out)
+    (ckpt / "tokenizer.model").unlink()  # the artifact carries its own copy
+    back = Policy.load(out)
+    assert isinstance(back, ExternalPolicy) and back.scheme == "w8a8" and back.io.format == "lerobot/pi05"
+    obs = Observation(loaders_tests.frames(1), "push the button", np.array([0.2, -1.0, 1.0]))
+    a_mem, a_disk = r.policy.predict(obs, seed=1).actions, back.predict(obs, seed=1).actions
+    np.testing.assert_array_equal(a_disk, a_mem)
+    assert a_disk.shape == (loaders_tests.HORIZON, loaders_tests.ROBOT_ACTION)
+    a_fp = teacher.predict(obs, seed=1).actions
+    assert float(np.abs(a_disk - a_fp).max()) < 0.05 * float(np.abs(a_fp).max()) + 1e-3

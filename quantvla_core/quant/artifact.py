@@ -47,6 +47,8 @@ def save_quantized(directory: str | Path, result) -> Path:
         if result.report:
             atomic_write_json(tmp / REPORT_FILE, result.report)
             save_png(result.report, tmp / REPORT_PNG)
+        if hasattr(policy, "save_io"):  # real checkpoints: tokenizer, prompt format, normalisation
+            policy.save_io(tmp)
         write_manifest(tmp)
     return directory
 

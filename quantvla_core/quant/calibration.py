@@ -160,9 +160,15 @@ def mcap_observations(path: Path, state_dim: int, max_cameras: int, limit: int |
     return out
 
 
-def load_observations(spec: str | Path, config, n: int | None = None, seed: int = 0) -> list:
-    """Calibration observations from ``synthetic[:N]``, a folder, or a .mcap recording."""
+def load_observations(spec: str | Path, config, n: int | None = None, seed: int = 0,
+                      state_dim: int | None = None) -> list:
+    """Calibration observations from ``synthetic[:N]``, a folder, or a .mcap recording.
+
+    ``state_dim``: the robot's state size (a real checkpoint's may differ from the model's
+    padded ``config.state_dim``); defaults to ``config.state_dim``.
+    """
     s = str(spec)
+    state_dim = state_dim or config.state_dim
     if s == "synthetic" or s.startswith("synthetic:"):
         count = n or 32
         if s.startswith("synthetic:"):
@@ -173,15 +179,15 @@ def load_observations(spec: str | Path, config, n: int | None = None, seed: int 
         if count < 1:
             raise ValueError(f"synthetic calibration needs at least 1 observation, got {count}")
         return synthetic_observations(count, max(64, config.vision.image_size), config.max_cameras,
-                                      config.state_dim, seed)
+                                      state_dim, seed)
     p = Path(s)
     if not p.exists():
         raise ValueError(f"calibration source {s!r} not found; accepted: synthetic[:N], a folder with "
                          "observations.jsonl, a rosbag2 .mcap file or bag directory")
     if p.suffix == ".mcap" or (p.is_dir() and any(p.glob("*.mcap"))):
-        obs = mcap_observations(p, config.state_dim, config.max_cameras)
+        obs = mcap_observations(p, state_dim, config.max_cameras, limit=n)
     elif p.is_dir():
-        obs = folder_observations(p, config.state_dim)
+        obs = folder_observations(p, state_dim)
     else:
         raise ValueError(f"{p}: unsupported calibration file; accepted: synthetic[:N], a folder with "
                          "observations.jsonl, a rosbag2 .mcap file or bag directory")

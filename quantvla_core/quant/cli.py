@@ -63,7 +63,7 @@ def cmd_quantize(args) -> int:
     from .report import render_table
     qc = _config_from_args(args)
     policy = Policy.load(args.model, device=args.device, dtype="fp32")
-    result = quantize(policy, qc, args.calib, progress=not args.no_progress)
+    result = quantize(policy, qc, args.calib, heldout=args.heldout, progress=not args.no_progress)
     result.save(args.out)
     print(render_table(result.report))
     print(f"\nwrote {args.out} (config.json, model.safetensors, quantization.json, report.json, report.png, "
@@ -224,6 +224,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="post-training quantization (QuantVLA) into an artifact directory")
     p.add_argument("model", help="'default', a preset or a model directory")
     p.add_argument("--out", required=True, help="artifact directory to write (atomically)")
+    p.add_argument("--heldout", default=None, help="a separate held-out source for the report (same forms as "
+                   "--calib); default: part of the calibration source")
     _add_quant_options(p)
     p.set_defaults(func=cmd_quantize)
 

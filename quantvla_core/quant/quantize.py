@@ -242,11 +242,11 @@ def _as_policy(model):
                     f"got {type(model).__name__}")
 
 
-def _calib_observations(calib, cfg, qc: QuantConfig):
+def _calib_observations(calib, cfg, qc: QuantConfig, state_dim: int):
     if isinstance(calib, (str, Path)):
         held = qc.calib_samples * qc.heldout_fraction / (1 - qc.heldout_fraction)
         total = qc.calib_samples + (max(1, int(round(held))) if qc.heldout_fraction > 0 else 0)
-        obs = load_observations(calib, cfg, n=total, seed=qc.seed)
+        obs = load_observations(calib, cfg, n=total, seed=qc.seed, state_dim=state_dim)
         return split_buffer(obs, qc.heldout_fraction)
     if isinstance(calib, (list, tuple)):
         return split_buffer(list(calib), qc.heldout_fraction)
@@ -267,9 +267,10 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    calib_obs, held_obs = _calib_observations(calib, cfg, qc)
+    calib_obs, held_obs = _calib_observations(calib, cfg, qc, policy.state_dim)
     if heldout is not None:
-        held_obs = heldout if isinstance(heldout, list) else load_observations(heldout, cfg, seed=qc.seed + 1)
+        held_obs = heldout if isinstance(heldout, list) else \
+            load_observations(heldout, cfg, seed=qc.seed + 1, state_dim=policy.state_dim)
     teacher = policy.model.eval()
     run = CalibrationRun.build(policy, calib_obs, qc.batch_size, seed=qc.seed + 1000)
     held = CalibrationRun.build(policy, held_obs, qc.batch_size, seed=qc.seed + 2000) if report else None
@@ -392,6 +393,9 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
         student_policy = Policy(student, cfg, name=f"{policy.name}-{qc.scheme}", device=policy.device,
                                 dtype="fp32" if policy.dtype == torch.float32 else None,
                                 scheme=qc.scheme, quant_meta=meta)
+        if getattr(policy, "io", None) is not None:  # a real checkpoint's tokenizer / normalisation
+            from ..loaders.external import ExternalPolicy
+            student_policy = ExternalPolicy.wrap(student_policy, policy.io)
         rep: dict[str, Any] = {}
         if report:
             t4 = time.perf_counter()

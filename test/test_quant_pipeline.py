@@ -252,6 +252,11 @@ def test_mcap_recording_calibrates(tmp_path, tiny_policy):
     r = quantize(tiny_policy, QuantConfig(scheme="w8a8", calib_samples=4, heldout_fraction=0.2), bag, progress=False)
     assert r.meta["calibration"]["samples"] == 4 and r.meta["calibration"]["heldout"] == 1
     assert r.report["fidelity"]["cosine_mean"] > 0.99
+    quick = quantize(tiny_policy, QuantConfig(scheme="w4a8", calib_samples=2, atm=False, ohb=False), bag,
+                     progress=False, report=False)
+    quick.save(tmp_path / "quick")  # no report: the artifact still loads
+    assert not (tmp_path / "quick" / "report.json").exists()
+    assert Policy.load(tmp_path / "quick").scheme == "w4a8"
     # a bag without a joint-state topic is refused with what was found and what is needed
     from mcap_ros2.writer import Writer
     lone = tmp_path / "lone.mcap"

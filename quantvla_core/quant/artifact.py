@@ -44,7 +44,7 @@ def save_quantized(directory: str | Path, result) -> Path:
         atomic_write_json(tmp / CONFIG_FILE, policy.config.to_dict())
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "quantvla": QUANT_FORMAT})
         atomic_write_json(tmp / QUANT_FILE, result.meta)
-        if result.report:
+        if result.report.get("memory"):  # quantize(report=False) has none
             atomic_write_json(tmp / REPORT_FILE, result.report)
             save_png(result.report, tmp / REPORT_PNG)
         if hasattr(policy, "save_io"):  # real checkpoints: tokenizer, prompt format, normalisation

@@ -34,8 +34,6 @@ import triton.language as tl
 
 from .triton_quant import _round_half_even
 
-PACK_HALF = 64  # half of packing.PACK_GROUP
-
 
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):

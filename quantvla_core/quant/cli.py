@@ -90,6 +90,29 @@ def _model_for_layout(source: str):
     raise ValueError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory with config.json")
 
 
+def memory_estimate(model, entries, scheme: str, group_size: int | None = 128) -> dict[str, dict[str, int]]:
+    """FP16 vs quantized bytes per component, from shapes alone (codes + fp32 scales + bias)."""
+    from ..models import component_of
+    from .quantize import SCHEMES
+    w_bits, _ = SCHEMES[scheme]
+    integer = {e.name for e in entries if e.integer}
+    out: dict[str, dict[str, int]] = {}
+    for name, p in model.named_parameters():
+        comp = component_of(name)
+        row = out.setdefault(comp, {"fp16": 0, "quantized": 0})
+        row["fp16"] += 2 * p.numel()
+        owner, _, leaf = name.rpartition(".")
+        if owner in integer and leaf == "weight":
+            n, k = p.shape
+            gs = group_size if (w_bits == 4 and group_size and k % group_size == 0) else k
+            row["quantized"] += n * k * w_bits // 8 + 4 * n * (k // gs)
+        elif owner in integer and leaf == "bias":
+            row["quantized"] += 4 * p.numel()
+        else:
+            row["quantized"] += 2 * p.numel()
+    return out
+
+
 def cmd_layout(args) -> int:
     from .quantize import SCHEMES
     model, arch, meta = _model_for_layout(args.model)
@@ -125,6 +148,14 @@ def cmd_layout(args) -> int:
     for r in others:
         print(f"{r['name']:<{width}}  {r['role']:<9} float")
     print(f"\n{n_int} of {len(rows)} linears integer ({params_int / max(params_all, 1):.1%} of linear weights)")
+    from .report import format_bytes
+    est = memory_estimate(model, entries, scheme)
+    print(f"\nmemory estimate ({scheme}, floats at FP16, int4 groups of 128, fp32 scales):")
+    print(f"{'component':<12}{'FP16':>12}{scheme:>12}{'ratio':>8}")
+    for comp, r in list(est.items()) + [("total", {"fp16": sum(v["fp16"] for v in est.values()),
+                                                   "quantized": sum(v["quantized"] for v in est.values())})]:
+        print(f"{comp:<12}{format_bytes(r['fp16']):>12}{format_bytes(r['quantized']):>12}"
+              f"{r['quantized'] / max(r['fp16'], 1):>8.1%}")
     return 0
 
 

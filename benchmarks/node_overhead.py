@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-threads", type=int, default=1, help="torch threads in the node")
+    ap.add_argument("--executor", default="single_threaded", choices=("single_threaded", "multi_threaded"),
+                    help="the node's executor parameter")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "node_overhead.json"))
     ap.add_argument("--plot", action="store_true", help="also write a PNG next to the JSON")
     args = ap.parse_args(argv)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     import psutil
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import Image, JointState
     from std_msgs.msg import String
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         "camera_topics": ["/bench/image_raw"], "instruction_topic": "/bench/instruction",
         "joint_state_topic": "/bench/joint_states", "trajectory_topic": "/bench/trajectory",
         "diagnostics_topic": "/bench/diagnostics", "timing_topic": "/bench/chunk_timings",
-        "num_threads": args.num_threads, "diagnostics_period_s": 1.0, "warmup_count": 3,
+        "num_threads": args.num_threads, "executor": args.executor, "diagnostics_period_s": 1.0, "warmup_count": 3,
         "joint_state_timeout_s": 0.0}})
     log_path = os.path.join(work, "policy_node.log")
     proc = start_node("policy_node", params, log_path)
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
         js_pub.publish(js)
 
     node.create_timer(1.0 / args.rate, tick)
-    executor = MultiThreadedExecutor(num_threads=2)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     spin = threading.Thread(target=executor.spin, daemon=True)
     spin.start()

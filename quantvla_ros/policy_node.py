@@ -20,7 +20,8 @@ from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import (ExternalShutdownException, MultiThreadedExecutor,
+                             SingleThreadedExecutor)
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos import qos_profile_sensor_data
@@ -662,10 +663,20 @@ class PolicyNode(LifecycleNode):
         return make_status(name, device, OK, f"power source: {values['power_source']}", values)
 
 
+EXECUTORS = ("single_threaded", "multi_threaded")
+
+
 def main(args=None) -> int:
     rclpy.init(args=args)
     node = PolicyNode()
-    executor = MultiThreadedExecutor(num_threads=4)
+    kind = node.get_parameter("executor").value
+    if kind not in EXECUTORS:
+        node.get_logger().error(f"executor {kind!r} is not one of {', '.join(EXECUTORS)}")
+        node.destroy_node()
+        rclpy.try_shutdown()
+        return 2
+    # Inference always runs in its own thread; the executor only serves callbacks.
+    executor = SingleThreadedExecutor() if kind == "single_threaded" else MultiThreadedExecutor(4)
     executor.add_node(node)
     try:
         executor.spin()

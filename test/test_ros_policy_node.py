@@ -250,7 +250,8 @@ def test_chunk_arrives_with_joint_names_points_timing_and_stamp(active_node):
         assert len(point.positions) == len(JOINTS)
         assert all(math.isfinite(v) for v in point.positions)
     assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (stamp.sec, stamp.nanosec)
-    assert h.values("inputs")["instruction"] == "pick up the red block"  # latched, late joiner
+    h.wait_for(lambda: h.values("inputs")["instruction"] == "pick up the red block", 5.0,
+               "the instruction latched before the node started (late joiner)")
     assert proc.poll() is None
 
 

@@ -2,8 +2,9 @@
 process publishes cameras (best effort), instruction (latched) and joint states, and reads the
 JointTrajectory chunks, /diagnostics and the lifecycle services.
 
-Two node processes per run: one autostarted (happy path, every bad input, live parameters),
-one driven through lifecycle change_state (including a missing and a corrupt model).
+Two node processes per run: one autostarted with the default single-threaded executor (happy
+path, every bad input, live parameters), one with executor multi_threaded driven through
+lifecycle change_state (a missing and a corrupt model, a saved model directory, use_sim_time).
 """
 import math
 import os
@@ -501,7 +502,7 @@ def managed_node(ros_env, tmp_path_factory):
     h.instruction.publish(String(data="open the drawer"))
     params = write_params(str(tmp / "params.yaml"), {"lc_node": _node_params(
         "qb", camera_topics=["/qb/cam0/image_raw"], joint_state_topic="", warmup_count=0,
-        model="/nonexistent/quantvla-model")})
+        model="/nonexistent/quantvla-model", executor="multi_threaded")})
     log = str(tmp / "node.log")
     proc = start_node("policy_node", params, log, extra_args=["-r", "__node:=lc_node"])
     try:

@@ -61,6 +61,11 @@ def test_cpu_backend_equals_reference_on_integer_math(w_bits, a_bits, group, k, 
     y_cpu = ql(x)
     y_ref = ql.forward_reference(x)
     torch.testing.assert_close(y_cpu.double(), y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
+    # "auto" follows the kernels' dispatch, including their backend_scope
+    ql.backend = None
+    with qk.backend_scope("reference"):
+        y_scoped = ql(x)
+    torch.testing.assert_close(y_scoped.double(), y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

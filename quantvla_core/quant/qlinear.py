@@ -4,7 +4,8 @@ Backends (``forward`` dispatches, per module or globally):
 - ``reference``: dequantize and compute in float64 (the oracle; independent of the kernels);
 - ``cpu``: exact integer GEMM through ``quantvla_kernels`` ops on the CPU;
 - ``triton``: the ``quantvla_kernels`` Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1);
-- ``auto`` (default): ``triton`` on CUDA, ``cpu`` elsewhere.
+- ``auto`` (default): the kernels' own dispatch: ``triton`` on CUDA, ``cpu`` elsewhere, or
+  whatever ``quantvla_kernels.backend_scope`` / ``set_default_backend`` selects.
 It keeps ``in_features``, ``out_features`` and a ``weight`` whose ``.dtype`` is the float
 compute dtype, because host models read those attributes (pi0's ``.weight.dtype`` lookups).
 """
@@ -204,12 +205,11 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = self.backend or get_default_backend()
-        if backend == "auto":
-            backend = "triton" if x.is_cuda else "cpu"
         if backend == "reference":
             y = self.forward_reference(x2)
-        elif backend in ("cpu", "triton"):
-            y = self._forward_kernels(x2, backend)
+        elif backend in ("auto", "cpu", "triton"):
+            # auto: the kernels pick by device (and honour quantvla_kernels.backend_scope)
+            y = self._forward_kernels(x2, None if backend == "auto" else backend)
         else:
             raise ValueError(f"unknown QuantLinear backend {backend!r}; accepted: {', '.join(BACKENDS)}")
         return y.to(x.dtype).reshape(*lead, self.out_features)
@@ -235,7 +235,7 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(torch.float64)
         return y
 
-    def _forward_kernels(self, x2: torch.Tensor, backend: str) -> torch.Tensor:
+    def _forward_kernels(self, x2: torch.Tensor, backend: str | None) -> torch.Tensor:
         if self.a_bits is None:  # weight-only: dequantize into the compute dtype
             dt = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
             xt = self.input_transform().apply(x2.to(dt)) if self.has_transform else x2.to(dt)

@@ -580,6 +580,8 @@ class PolicyNode(LifecycleNode):
                   "chunks_refused_limits": self._counters.get("chunks_refused_limits"),
                   "inference_errors": self._counters.get("inference_error"),
                   "last_blended_steps": self._last_blended,
+                  "model_max_text_tokens": (getattr(self._policy.config, "max_text_tokens", "n/a")
+                                            if self._policy is not None else "n/a"),
                   "latency_samples": self._latency.count("total")}
         for stage in STAGES:
             pct = self._latency.percentiles(stage)
@@ -619,6 +621,9 @@ class PolicyNode(LifecycleNode):
                 values[key] = value
         with self._lock:
             values["instruction"] = self._instruction[0] if self._instruction else "(none)"
+            # the model reads a bounded prompt: compare with the policy status' model_max_text_tokens
+            values["instruction_utf8_bytes"] = (len(self._instruction[0].encode("utf-8"))
+                                                if self._instruction else 0)
         values["last_problem"] = self._last_problem or "(none)"
         window = max(2.0 * self.get_parameter("diagnostics_period_s").value, 1.0)
         recent_invalid = self._counters.recent("invalid.", window)

@@ -38,6 +38,8 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 500
     threads: int = 2
+    device: str = "cpu"
+    max_seconds: float = 0.0  # > 0: stop (and finish the LR schedule) at this wall-clock budget
 
 
 class DemoDataset:
@@ -46,9 +48,16 @@ class DemoDataset:
     def __init__(self, folder: str | Path, cfg: ModelConfig):
         from .sim.instructions import INSTRUCTIONS
         from .sim.shards import load_demos
-        demos = load_demos(folder)
+        if str(folder).endswith(".npz"):  # a compact bundle: images only for some rows
+            from .sim.compact import read_bundle
+            demos, self.rows = read_bundle(folder)
+        else:
+            demos = load_demos(folder)
+            self.rows = np.arange(len(demos.actions))
+        self.image_of_row = np.full(len(demos.actions), -1, np.int64)
+        self.image_of_row[self.rows] = np.arange(len(self.rows))
         self.cfg = cfg
-        self.images = demos.images  # (T, C, S, S, 3) uint8
+        self.images = demos.images  # (rows, C, S, S, 3) uint8
         if self.images.shape[1] > cfg.max_cameras:
             raise ValueError(f"demos have {self.images.shape[1]} cameras; model accepts {cfg.max_cameras}")
         self.states = demos.states.astype(np.float32)
@@ -64,7 +73,11 @@ class DemoDataset:
         self.num_episodes = len(starts) - 1
 
     def __len__(self) -> int:
-        return len(self.actions)
+        return len(self.rows)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Row indices of n random training observations."""
+        return self.rows[rng.integers(0, len(self.rows), n)]
 
     def batch(self, idx: np.ndarray, rng: np.random.Generator, shift: int) -> tuple[Batch, torch.Tensor]:
         cfg = self.cfg
@@ -72,7 +85,7 @@ class DemoDataset:
         steps = np.minimum(idx[:, None] + np.arange(h)[None], self.episode_end[idx][:, None] - 1)
         actions = (self.actions[steps] - self.action_mean) / self.action_std
         states = (self.states[idx] - self.state_mean) / self.state_std
-        imgs = torch.from_numpy(self.images[idx]).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
+        imgs = torch.from_numpy(self.images[self.image_of_row[idx]]).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
         b, c, _, s, _ = imgs.shape
         if shift:
             padded = torch.nn.functional.pad(imgs.flatten(0, 1), (shift,) * 4, mode="replicate")
@@ -97,22 +110,24 @@ class DemoDataset:
         return batch, torch.from_numpy(actions.astype(np.float32))
 
 
-def _lr_at(step: int, tc: TrainConfig) -> float:
+def _lr_at(step: int, tc: TrainConfig, elapsed: float = 0.0) -> float:
     if step < tc.warmup:
         return tc.lr * (step + 1) / tc.warmup
     p = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    if tc.max_seconds > 0:
+        p = max(p, elapsed / tc.max_seconds)
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
 def _save_train_state(out: Path, model, opt, step: int, cfg: ModelConfig, tc: TrainConfig, history) -> None:
-    tensors = {f"model/{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     scalars = {"step": step, "model_config": cfg.to_dict(), "train_config": vars(tc), "history": history,
                "param_names": [n for n, _ in model.named_parameters()]}
     names = dict(enumerate(n for n, _ in model.named_parameters()))
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt/{names[i]}/{k}"] = v.detach().contiguous().reshape(v.shape)
+                tensors[f"opt/{names[i]}/{k}"] = v.detach().cpu().contiguous()
     with atomic_directory(out / "train_state") as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         atomic_write_json(tmp / "state.json", scalars)
@@ -141,7 +156,8 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     data = DemoDataset(demos, model_cfg)
     model_cfg.state_mean, model_cfg.state_std = data.state_mean.tolist(), data.state_std.tolist()
     model_cfg.action_mean, model_cfg.action_std = data.action_mean.tolist(), data.action_std.tolist()
-    model = build_model(model_cfg, seed=tc.seed).train()
+    device = torch.device(tc.device)
+    model = build_model(model_cfg, seed=tc.seed).to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -153,11 +169,12 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     gen = torch.Generator().manual_seed(tc.seed + step)
     bar = tqdm(total=tc.steps, initial=step, desc="train", disable=not progress, unit="step")
     t0, running = time.time(), None
-    while step < tc.steps:
+    while step < tc.steps and not (tc.max_seconds > 0 and time.time() - t0 > tc.max_seconds):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, tc)
-        batch, actions = data.batch(rng.integers(0, len(data), tc.batch_size), rng, tc.shift_pixels)
-        loss = model.flow_loss(batch, actions, generator=gen)
+            g["lr"] = _lr_at(step, tc, time.time() - t0)
+        batch, actions = data.batch(data.sample(rng, tc.batch_size), rng, tc.shift_pixels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.flow_loss(batch.to(device), actions.to(device), generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -168,11 +185,12 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
         bar.set_postfix(loss=f"{running:.4f}")
         if step % 50 == 0:
             history.append({"step": step, "loss": running, "seconds": time.time() - t0})
-        if step % tc.save_every == 0 or step == tc.steps:
+        if step % tc.save_every == 0:
             _save_train_state(out, model, opt, step, model_cfg, tc, history)
     bar.close()
+    _save_train_state(out, model, opt, step, model_cfg, tc, history)
     model.eval()
-    save_model_dir(out / "policy", model_cfg, model.state_dict(),
+    save_model_dir(out / "policy", model_cfg, {k: v.cpu() for k, v in model.state_dict().items()},
                    extra_files={"training.json": {"train_config": vars(tc), "history": history,
                                                   "demos": str(demos), "episodes": data.num_episodes,
                                                   "samples": len(data)}})
@@ -182,7 +200,7 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = preset(args.preset)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     save_every=args.save_every)
+                     save_every=args.save_every, device=args.device)
     result = train(args.demos, args.out, cfg, tc)
     print(json.dumps(result, indent=2))
     return 0
@@ -198,4 +216,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=TrainConfig.save_every)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
     p.set_defaults(func=cmd_train)

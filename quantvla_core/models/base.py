@@ -88,7 +88,7 @@ class FlowMatchingVLA(nn.Module):
     def flow_loss(self, batch: Batch, actions: torch.Tensor, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
         b = actions.shape[0]
-        noise = torch.randn(actions.shape, generator=generator, device=actions.device)
+        noise = torch.randn(actions.shape, generator=generator).to(actions.device)
         u = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(actions.device)
         t = u * 0.999 + 0.001
         if not self.noise_at_one:

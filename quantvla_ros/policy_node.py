@@ -625,13 +625,14 @@ class PolicyNode(LifecycleNode):
             values["instruction_utf8_bytes"] = (len(self._instruction[0].encode("utf-8"))
                                                 if self._instruction else 0)
         values["last_problem"] = self._last_problem or "(none)"
-        window = max(2.0 * self.get_parameter("diagnostics_period_s").value, 1.0)
+        # A problem keeps its level for a few periods, so a one-off burst is seen by monitors.
+        window = max(3.0 * self.get_parameter("diagnostics_period_s").value, 2.0)
         recent_invalid = self._counters.recent("invalid.", window)
         recent_stale = self._counters.recent("stale.", window)
-        if recent_invalid:
-            return make_status(name, "", ERROR, "invalid input: " + ", ".join(recent_invalid), values)
-        if recent_stale:
-            return make_status(name, "", WARN, "stale or missing input: " + ", ".join(recent_stale),
+        parts = ([f"invalid input: {', '.join(recent_invalid)}"] if recent_invalid else []) + \
+            ([f"stale or missing input: {', '.join(recent_stale)}"] if recent_stale else [])
+        if parts:
+            return make_status(name, "", ERROR if recent_invalid else WARN, "; ".join(parts),
                                values)
         return make_status(name, "", OK, "inputs ok", values)
 

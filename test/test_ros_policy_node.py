@@ -542,6 +542,11 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     assert all(r.successful for r in h.set_params("lc_node", model=str(bad)))
     assert _transition(h, Transition.TRANSITION_CONFIGURE) is False
     assert _log_lines(log, f"configure failed: could not load model '{bad}'")
+    # parameters that do not fit the model fail configure with the reason
+    assert all(r.successful for r in h.set_params("lc_node", model="tiny", joint_names=["a", "b", "c"]))
+    assert _transition(h, Transition.TRANSITION_CONFIGURE) is False
+    assert _log_lines(log, "configure failed: joint_names has 3 entries; model 'tiny' outputs 4")
+    assert all(r.successful for r in h.set_params("lc_node", joint_names=JOINTS))
     # a real model directory (tiny, saved here): configure -> inactive publishes nothing
     from quantvla_core.checkpoint import save_model_dir
     from quantvla_core.policy import Policy

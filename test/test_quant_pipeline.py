@@ -335,9 +335,10 @@ def test_ablate_cli_prints_both_tables_and_json(tmp_path, capsys):
     from quantvla_core.cli import main
     out = tmp_path / "ablate.json"
     assert main(["ablate", "tiny", "--schemes", "w8a8", "--layouts", "llm,dit-mlp", "--variants", "none,atm+ohb",
-                 "--samples", "3", "--out", str(out), "--no-progress"]) == 0
+                 "--samples", "3", "--out", str(out), "--no-progress", "--save-dir", str(tmp_path / "arts")]) == 0
     text = capsys.readouterr().out
-    assert "Table 1" in text and "Table 2" in text
+    assert "Table 1" in text and "Table 2" in text and "quantvla eval --sim mt10" in text
+    assert Policy.load(tmp_path / "arts" / "w8a8_llm-dit-mlp_atm-ohb").quant_meta["config"]["atm"] is True
     rows = json.loads(out.read_text())["rows"]
     got = {(r["scheme"], r["layout"], r["variant"]) for r in rows}
     assert got == {("w8a8", "llm", "none"), ("w8a8", "dit-mlp", "none"), ("w8a8", "llm+dit-mlp", "none"),

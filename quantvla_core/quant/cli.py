@@ -171,8 +171,10 @@ def ablation_combos(schemes, layouts, variants, full: bool = False) -> list[tupl
     return combos
 
 
-def run_ablation(policy, calib, combos, base_over=None, progress=True) -> list[dict]:
-    """Fidelity (and memory) of each (scheme, layout, ATM/OHB variant) on one buffer."""
+def run_ablation(policy, calib, combos, base_over=None, progress=True, save_dir: str | Path | None = None
+                 ) -> list[dict]:
+    """Fidelity (and memory) of each (scheme, layout, ATM/OHB variant) on one buffer; with
+    ``save_dir`` every variant is also written as an artifact (for closed-loop evaluation)."""
     from tqdm import tqdm
 
     from .quantize import QuantConfig, quantize
@@ -181,7 +183,11 @@ def run_ablation(policy, calib, combos, base_over=None, progress=True) -> list[d
         atm, ohb = VARIANTS[var]
         qc = QuantConfig(**{**(base_over or {}), "scheme": scheme, "layout": lay, "atm": atm, "ohb": ohb})
         r = quantize(policy, qc, calib, progress=False)
-        rows.append({"scheme": scheme, "layout": lay, "variant": var, **r.report["fidelity"],
+        artifact = None
+        if save_dir is not None:
+            artifact = str(Path(save_dir) / f"{scheme}_{lay}_{var}".replace("+", "-"))
+            r.save(artifact)
+        rows.append({"scheme": scheme, "layout": lay, "variant": var, **r.report["fidelity"], "artifact": artifact,
                      "memory_ratio": r.report["memory"]["quantized_components_ratio"],
                      "model_memory_ratio": r.report["memory"]["model_ratio"],
                      "alpha_changed": r.report["alpha_summary"].get("changed", 0),
@@ -235,8 +241,12 @@ def cmd_ablate(args) -> int:
     for k in ("scheme", "layout", "atm", "ohb"):
         base.pop(k)
     combos = ablation_combos(schemes, layouts, variants, args.full)
-    rows = run_ablation(policy, args.calib, combos, base, progress=not args.no_progress)
+    rows = run_ablation(policy, args.calib, combos, base, progress=not args.no_progress, save_dir=args.save_dir)
     print(render_ablation(rows))
+    if args.save_dir:
+        specs = " ".join(f"--policy {Path(r['artifact']).name}={r['artifact']}" for r in rows)
+        print(f"\nartifacts in {args.save_dir}; closed-loop success rates (Tables 1-2 in success %):\n"
+              f"  quantvla eval --sim mt10 --policy fp={args.model} {specs}")
     if args.out:
         atomic_write_json(args.out, {"model": args.model, "calib": args.calib, "rows": rows})
         print(f"\nwrote {args.out}")
@@ -279,6 +289,7 @@ def register(subparsers) -> None:
     p.add_argument("--layouts", default=",".join(TABLE1_LAYOUTS))
     p.add_argument("--variants", default="none,atm,ohb,atm+ohb")
     p.add_argument("--full", action="store_true", help="every scheme x layout x variant, not just the two tables")
+    p.add_argument("--save-dir", default=None, help="also write every variant as an artifact here (for quantvla eval)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     _add_quant_options(p, with_scheme=False)
     p.set_defaults(func=cmd_ablate)

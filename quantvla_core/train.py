@@ -40,6 +40,7 @@ class TrainConfig:
     threads: int = 2
     device: str = "cpu"
     max_seconds: float = 0.0  # > 0: stop (and finish the LR schedule) at this wall-clock budget
+    init: str = ""  # a model directory to start from (fine-tuning), instead of random weights
 
 
 class DemoDataset:
@@ -157,7 +158,12 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     model_cfg.state_mean, model_cfg.state_std = data.state_mean.tolist(), data.state_std.tolist()
     model_cfg.action_mean, model_cfg.action_std = data.action_mean.tolist(), data.action_std.tolist()
     device = torch.device(tc.device)
-    model = build_model(model_cfg, seed=tc.seed).to(device).train()
+    model = build_model(model_cfg, seed=tc.seed)
+    if tc.init:
+        from .checkpoint import load_state_into, verify_manifest
+        verify_manifest(Path(tc.init))
+        load_state_into(model, tc.init)
+    model = model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -200,7 +206,8 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = preset(args.preset)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     save_every=args.save_every, device=args.device)
+                     save_every=args.save_every, device=args.device, init=args.init or "",
+                     max_seconds=args.max_seconds)
     result = train(args.demos, args.out, cfg, tc)
     print(json.dumps(result, indent=2))
     return 0
@@ -217,4 +224,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=TrainConfig.save_every)
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
+    p.add_argument("--init", help="start from this model directory (fine-tune)")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="wall-clock budget (0 = none)")
     p.set_defaults(func=cmd_train)

@@ -63,6 +63,12 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _run_calib(args) -> int:
+    from quantvla_core.sim.calib_export import export_calibration
+    print(f"calibration folder: {export_calibration(args.demos, args.out, args.n)}")
+    return 0
+
+
 def register(subparsers) -> None:
     sim = subparsers.add_parser("sim", help="Meta-World MT10 simulation tools")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True)
@@ -73,6 +79,12 @@ def register(subparsers) -> None:
     demos.add_argument("--chunk", type=int, default=10, help="episodes per shard/job")
     _env_args(demos)
     demos.set_defaults(func=_run_demos)
+
+    cal = sim_sub.add_parser("calib", help="write a calibration folder (observations.jsonl + PNGs) from demos")
+    cal.add_argument("--demos", default="runs/demos", help="demo shard folder (default: %(default)s)")
+    cal.add_argument("--out", required=True, help="calibration folder to write")
+    cal.add_argument("-n", type=int, default=128, help="observations (default: %(default)s)")
+    cal.set_defaults(func=_run_calib)
 
     ev = subparsers.add_parser("eval", help="closed-loop success rates of policies on MT10")
     ev.add_argument("--sim", default="mt10", help="benchmark (only: mt10)")

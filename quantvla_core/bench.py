@@ -1,0 +1,530 @@
+"""`quantvla bench`: end-to-end chunk latency per stage and weight memory, FP vs W8A8 / W4A8 /
+W4A4 (and peers where installed), under the same execution for every variant.
+
+Why this shape: users choose a quantizer by latency per chunk and memory on their robot's
+computer, so the comparison must be whole chunks (vision, prefix, every denoising step,
+postprocess), batch 1, medians over interleaved repeats (a drifting clock or a busy neighbour
+then hits every variant alike), and ratios taken only between variants timed the same way
+(both CUDA graphs or both eager). Results: a printed table, JSON (machine, date, versions,
+exact command), a PNG, under ``benchmarks/results/``.
+
+    quantvla bench --preset small --cameras 1,3            # CPU, fp32 vs integer path
+    quantvla bench --preset pi05-3b --device cuda --cameras 3 --quick
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime as _dt
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .bench_variants import (PEERS, QUANT_BITS, QUANTIZERS, SCHEMES, apply_torchao, build_fp_model,
+                             calibrated_student, check_peers, check_schemes, peer_available,
+                             quick_quantize, with_activation_bits)
+from .chunk_timing import ChunkRunner, peak_memory_chunk
+from .config import PRESETS, preset
+from .fileio import atomic_write_bytes, atomic_write_json
+from .memory_accounting import format_memory, memory_table
+from .policy import Observation, Policy, resolve_device
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+FRAME_HW = (240, 320)  # a typical robot camera frame; resizing it is part of the chunk
+TABLE_COLUMNS = ("preset", "cams", "steps", "variant", "exec", "total ms", "x FP", "preprocess", "vision",
+                 "prefix", "step", "denoise", "post", "cpu total", "x FP cpu", "peak MiB")
+
+
+# ---- argument parsing ------------------------------------------------------------------------
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(t) for t in _csv(text)]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise ValueError(f"{what} must be positive integers, got {text!r}")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="small",
+                   help=f"comma-separated presets ({', '.join(PRESETS)}); default small")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help=f"subset of {','.join(SCHEMES)}")
+    p.add_argument("--cameras", default="1,3", help="camera counts (the model is configured for each)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default=None, help="FP dtype: fp32 (CPU default), bf16 (CUDA default), fp16")
+    p.add_argument("--exec", dest="exec_mode", default="auto", choices=("auto", "eager", "graph"),
+                   help="auto = CUDA graphs on CUDA (eager fallback per variant), eager on CPU")
+    p.add_argument("--repeats", type=int, default=None, help="timed chunks per variant (default 15, quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed chunks per variant (default 3, quick 1)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    p.add_argument("--quantizer", default="quick", choices=QUANTIZERS,
+                   help="quick: round-to-nearest, no calibration (same run-time structure); "
+                        "calib: the PTQ pipeline on synthetic data without ATM/OHB")
+    p.add_argument("--layout", default="quantvla", help="quantization layout (see quantvla layout)")
+    p.add_argument("--peers", default="none", help=f"comma-separated peers ({', '.join(PEERS)}) or none")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; variants not started by then are skipped (partial results still written)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (for CI and short device calls)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (JSON, TXT, PNG)")
+    p.add_argument("--tag", default=None, help="file name stem (default e2e-<device>-<date>[-quick])")
+    p.add_argument("--no-png", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="end-to-end chunk latency and memory, FP vs quantized",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.set_defaults(func=main_from_args)
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    presets: list[str]
+    schemes: list[str]
+    cameras: list[int]
+    steps: int | None
+    device: torch.device
+    dtype: str
+    exec_mode: str
+    repeats: int
+    warmup: int
+    threads: int
+    quantizer: str
+    layout: str
+    peers: list[str]
+    time_budget: float | None
+    quick: bool
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> "BenchOptions":
+        presets = _csv(a.preset)
+        bad = [p for p in presets if p not in PRESETS]
+        if bad or not presets:
+            raise ValueError(f"unknown preset(s) {bad or presets}; accepted: {', '.join(PRESETS)}")
+        schemes = check_schemes(_csv(a.schemes))
+        if "fp" not in schemes:
+            schemes = ["fp"] + schemes  # every ratio needs its FP row
+        peers = [] if a.peers in ("none", "") else check_peers(_csv(a.peers))
+        device = resolve_device(a.device)
+        dtype = a.dtype or ("bf16" if device.type == "cuda" else "fp32")
+        if dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+        exec_mode = a.exec_mode
+        if exec_mode == "auto":
+            exec_mode = "graph" if device.type == "cuda" else "eager"
+        if exec_mode == "graph" and device.type != "cuda":
+            raise ValueError("--exec graph needs a CUDA device; accepted on the CPU: eager, auto")
+        repeats = a.repeats if a.repeats is not None else (5 if a.quick else 15)
+        warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
+        if repeats < 1 or warmup < 0:
+            raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} / {warmup}")
+        if a.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {a.threads}")
+        if a.steps is not None and a.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {a.steps}")
+        from .quant.layout import check_layout
+        check_layout(a.layout)
+        return cls(presets, schemes, _int_list(a.cameras, "--cameras"), a.steps, device, dtype, exec_mode,
+                   repeats, warmup, a.threads, a.quantizer, a.layout, peers, a.time_budget, a.quick)
+
+
+# ---- environment -------------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, timeout=5)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device, threads: int, argv: list[str] | None) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv)),
+        "git_commit": _git_commit(),
+        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
+        "device": str(device),
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        env["loadavg_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return env
+
+
+def device_tag(env: dict[str, Any]) -> str:
+    if "gpu" in env:
+        name = env["gpu"].lower()
+        for key in ("h200", "h100", "a100", "l40s", "a10", "orin", "4090"):
+            if key in name:
+                return key
+        return "".join(ch for ch in name if ch.isalnum())[:16] or "cuda"
+    return "cpu"
+
+
+# ---- variants ------------------------------------------------------------------------------------
+
+def _observation(cfg, cameras: int, seed: int = 0) -> Observation:
+    rng = np.random.default_rng(seed)
+    imgs = [rng.integers(0, 256, (*FRAME_HW, 3), dtype=np.uint8) for _ in range(cameras)]
+    return Observation(images=imgs, instruction="pick up the red cup and place it in the bin",
+                       state=rng.normal(0, 0.5, cfg.state_dim).astype(np.float32))
+
+
+def _policy(model, cfg, name: str, opts: BenchOptions, scheme: str) -> Policy:
+    return Policy(model, cfg, name=name, device=opts.device, dtype=opts.dtype, scheme=scheme)
+
+
+class _Variants:
+    """Builds the variants of one (preset, cameras) lazily, sharing work between them."""
+
+    def __init__(self, cfg, opts: BenchOptions):
+        self.cfg, self.opts = cfg, opts
+        self.torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.dtype]
+        self._fp: Policy | None = None
+        self._w4a8: Policy | None = None
+
+    def fp(self) -> Policy:
+        if self._fp is None:
+            model = build_fp_model(self.cfg, self.opts.device, self.torch_dtype)
+            self._fp = _policy(model, self.cfg, f"{self.cfg.name}-{self.opts.dtype}", self.opts, "fp")
+        return self._fp
+
+    def quantized(self, scheme: str) -> Policy:
+        o = self.opts
+        if o.quantizer == "calib":
+            return calibrated_student(self.fp(), scheme, "synthetic:4", o.layout)
+        if scheme == "w4a4" and self._w4a8 is not None:  # same int4 weights, 4-bit activations
+            model = with_activation_bits(copy.deepcopy(self._w4a8.model), 4)
+            return _policy(model, self.cfg, f"{self.cfg.name}-w4a4", o, "w4a4")
+        model = build_fp_model(self.cfg, o.device, self.torch_dtype)
+        quick_quantize(model, self.cfg.arch, scheme, o.layout)
+        pol = _policy(model, self.cfg, f"{self.cfg.name}-{scheme}", o, scheme)
+        if scheme == "w4a8":
+            self._w4a8 = pol
+        return pol
+
+    def peer(self, name: str) -> Policy:
+        if name == "compile":
+            fp = self.fp()
+            pol = copy.copy(fp)
+            pol.model = _CompiledModel(fp.model)
+            pol.name, pol.scheme = f"{fp.name}+compile", "compile"
+            return pol
+        model = build_fp_model(self.cfg, self.opts.device, self.torch_dtype)
+        apply_torchao(model, self.cfg.arch, name, self.opts.layout)
+        return _policy(model, self.cfg, f"{self.cfg.name}-{name}", self.opts, name)
+
+    def build(self, variant: str) -> Policy:
+        if variant == "fp":
+            return self.fp()
+        if variant in QUANT_BITS:
+            return self.quantized(variant)
+        return self.peer(variant)
+
+
+class _CompiledModel:
+    """The FP model with its three stage functions through torch.compile (no inductor CUDA
+    graphs: the benchmark captures its own, as for every other variant)."""
+
+    def __init__(self, model):
+        self._model = model
+        kw = {"mode": "max-autotune-no-cudagraphs", "dynamic": False}
+        self.encode_images = torch.compile(model.encode_images, **kw)
+        self.encode_prefix = torch.compile(model.encode_prefix, **kw)
+        self.denoise_step = torch.compile(model.denoise_step, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+# ---- measurement ---------------------------------------------------------------------------------
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _summarise(runs: list[dict[str, float]], num_steps: int) -> dict[str, float]:
+    keys = runs[0].keys()
+    med = {k: _median([r[k] for r in runs]) for k in keys}
+    steps = [med[f"denoise_step_{i}"] for i in range(num_steps)]
+    med["step"] = _median(steps)
+    if "denoise_step_0@cpu" in med:
+        med["step@cpu"] = _median([med[f"denoise_step_{i}@cpu"] for i in range(num_steps)])
+    q1, q3 = np.percentile([r["total"] for r in runs], [25, 75])
+    med["total_iqr"] = float(q3 - q1)
+    return med
+
+
+def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts: BenchOptions,
+                 t_start: float, notes: list[str], bar) -> list[dict[str, Any]]:
+    """Build, warm up (and capture) every variant, then time them interleaved."""
+    obs = _observation(cfg, cameras)
+    steps = opts.steps or cfg.num_steps
+    runners: dict[str, ChunkRunner] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if opts.time_budget is not None and time.perf_counter() - t_start > opts.time_budget:
+            notes.append(f"{cfg.name} {cameras} cam: {name} skipped (time budget {opts.time_budget:.0f} s spent)")
+            continue
+        t0 = time.perf_counter()
+        try:
+            policy = variants.build(name)
+        except Exception as e:  # a peer or scheme that cannot be built here is reported, not fatal
+            notes.append(f"{cfg.name} {cameras} cam: {name} not built: {type(e).__name__}: {e}")
+            continue
+        build_s = time.perf_counter() - t0
+        mode = opts.exec_mode
+        runner = ChunkRunner(policy, obs, steps, mode)
+        try:
+            for _ in range(opts.warmup):
+                runner.run()
+            if mode == "graph":
+                runner.capture(warmup=1)
+                runner.run()
+        except Exception as e:
+            if mode != "graph":
+                notes.append(f"{cfg.name} {cameras} cam: {name} failed: {type(e).__name__}: {e}")
+                continue
+            notes.append(f"{cfg.name} {cameras} cam: {name}: CUDA graph capture failed "
+                         f"({type(e).__name__}: {str(e)[:160]}); timed eagerly")
+            runner = ChunkRunner(policy, obs, steps, "eager")
+            try:
+                runner.run()
+            except Exception as e2:
+                notes.append(f"{cfg.name} {cameras} cam: {name} failed eagerly too: {type(e2).__name__}: {e2}")
+                continue
+        key = f"{name}|{runner.exec_mode}"
+        runners[key] = runner
+        info[key] = {"variant": name, "exec": runner.exec_mode, "build_s": build_s,
+                     "weights_bytes_resident": (int(torch.cuda.memory_allocated(opts.device))
+                                                if opts.device.type == "cuda" else None)}
+    # a ratio needs FP timed the same way: add FP eager when some variant fell back to eager
+    if any(k.endswith("|eager") for k in runners) and "fp|eager" not in runners and "fp|graph" in runners:
+        fp_pol = runners["fp|graph"].policy
+        r = ChunkRunner(fp_pol, obs, steps, "eager")
+        r.run()
+        runners["fp|eager"] = r
+        info["fp|eager"] = {"variant": "fp", "exec": "eager", "build_s": 0.0, "weights_bytes_resident": None}
+    timings: dict[str, list[dict[str, float]]] = {k: [] for k in runners}
+    for _ in range(opts.repeats):
+        for k, r in runners.items():
+            timings[k].append(r.run())
+            bar.update(1)
+    rows = []
+    for k, r in runners.items():
+        med = _summarise(timings[k], steps)
+        row = {"preset": cfg.name, "cameras": cameras, "steps": steps, **info[k],
+               "scheme": r.policy.scheme, "repeats": len(timings[k]), "median_ms": med,
+               "runs_ms": timings[k], "peak_memory_bytes": peak_memory_chunk(r)}
+        rows.append(row)
+    for k, row in zip(runners, rows):
+        fp = next((x for x in rows if x["variant"] == "fp" and x["exec"] == row["exec"]), None)
+        if fp is not None:
+            row["speedup_vs_fp"] = {s: fp["median_ms"][s] / row["median_ms"][s]
+                                    for s in ("total", "vision", "prefix", "denoise", "step", "total@cpu")
+                                    if s in row["median_ms"] and row["median_ms"][s] > 0}
+    for r in runners.values():
+        r.release()
+    return rows
+
+
+def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Time every (preset, cameras, variant); account memory per preset. Returns the JSON dict."""
+    if opts.device.type == "cpu":
+        torch.set_num_threads(opts.threads)
+    env = environment(opts.device, torch.get_num_threads(), argv)
+    notes: list[str] = []
+    available_peers = []
+    for p in opts.peers:
+        ok, why = peer_available(p)
+        (available_peers.append(p) if ok else notes.append(f"peer {p} skipped: {why}"))
+    names = list(opts.schemes) + available_peers
+    total_runs = len(opts.presets) * len(opts.cameras) * len(names) * opts.repeats
+    bar = tqdm(total=total_runs, desc="bench chunks", unit="chunk", disable=not progress, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    memory: dict[str, Any] = {}
+    for p in opts.presets:
+        base = preset(p)
+        if opts.steps:
+            base.num_steps = opts.steps
+        memory[p] = memory_table(base, [s for s in opts.schemes if s != "fp"], opts.layout)
+        for cams in opts.cameras:
+            cfg = dataclasses.replace(base, max_cameras=cams)
+            variants = _Variants(cfg, opts)
+            rows += _measure_one(variants, names, cfg, cams, opts, t_start, notes, bar)
+            del variants
+            if opts.device.type == "cuda":
+                torch.cuda.empty_cache()
+    bar.close()
+    try:
+        env["loadavg_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    env["wall_s"] = time.perf_counter() - t_start
+    return {"format": "quantvla-bench-e2e", "version": 1, "environment": env,
+            "options": {**{k: v for k, v in dataclasses.asdict(opts).items() if k != "device"},
+                        "device": str(opts.device)},
+            "rows": rows, "memory": memory, "notes": notes}
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+def format_table(result: dict[str, Any]) -> str:
+    """The ratio table: one row per (preset, cameras, variant); ms are medians."""
+    widths = (10, 5, 6, 16, 6, 10, 8, 11, 9, 9, 8, 9, 7, 10, 9, 9)
+    line = "".join(f"{c:>{w}}" if i > 3 else f"{c:<{w}}" for i, (c, w) in enumerate(zip(TABLE_COLUMNS, widths)))
+    out = [line, "-" * len(line)]
+
+    def f(v, w, fmt="{:.2f}"):
+        return f"{(fmt.format(v) if isinstance(v, (int, float)) and v == v else '-'):>{w}}"
+
+    for r in result["rows"]:
+        m, sp = r["median_ms"], r.get("speedup_vs_fp", {})
+        peak = r.get("peak_memory_bytes")
+        cells = [f"{r['preset']:<10}", f"{r['cameras']:<5}", f"{r['steps']:<6}", f"{r['variant']:<16}",
+                 f"{r['exec']:>6}", f(m["total"], 10), f(sp.get("total"), 8, "{:.2f}x"),
+                 f(m["preprocess"], 11), f(m["vision"], 9), f(m["prefix"], 9), f(m["step"], 8),
+                 f(m["denoise"], 9), f(m["postprocess"], 7), f(m.get("total@cpu"), 10),
+                 f(sp.get("total@cpu"), 9, "{:.2f}x"), f(peak / 2**20 if peak else None, 9, "{:.0f}")]
+        out.append("".join(cells))
+    return "\n".join(out)
+
+
+def format_report(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    where = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch thread(s))"
+    head = [f"quantvla bench - {env['date_utc']} - {where}",
+            f"torch {env['torch']}, triton {env.get('triton')}, commit {env.get('git_commit')}; "
+            f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}",
+            f"command: {env['command']}",
+            "ms = median over interleaved repeats; x FP = FP total / variant total (same exec mode); "
+            "cpu = thread CPU time (CPU runs)", ""]
+    parts = head + [format_table(result), ""]
+    for p, table in result["memory"].items():
+        parts += [format_memory(table, f"weight memory, {p} (floats at FP16; quantized layers with scales)"), ""]
+    if result["notes"]:
+        parts += ["notes:"] + [f"  - {n}" for n in result["notes"]]
+    return "\n".join(parts)
+
+
+def save_png(result: dict[str, Any], path: Path) -> None:
+    """Stacked stage latency per variant (one panel per preset x cameras) + memory per scheme."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups: dict[tuple, list] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["preset"], r["cameras"]), []).append(r)
+    n = len(groups) + len(result["memory"])
+    fig, axes = plt.subplots(1, max(1, n), figsize=(4.2 * max(1, n), 4), squeeze=False)
+    axes = axes[0]
+    stages = (("preprocess", "tab:gray"), ("vision", "tab:green"), ("prefix", "tab:blue"),
+              ("denoise", "tab:orange"), ("postprocess", "tab:purple"))
+    for ax, ((p, cams), rows) in zip(axes, groups.items()):
+        labels = [f"{r['variant']}\n{r['exec']}" for r in rows]
+        bottom = np.zeros(len(rows))
+        for s, color in stages:
+            vals = np.array([r["median_ms"][s] for r in rows])
+            ax.bar(labels, vals, bottom=bottom, color=color, label=s)
+            bottom += vals
+        for i, r in enumerate(rows):
+            sp = r.get("speedup_vs_fp", {}).get("total")
+            if sp:
+                ax.text(i, bottom[i], f"{sp:.2f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{p}, {cams} cam, {rows[0]['steps']} steps")
+        ax.set_ylabel("ms per chunk (median)")
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0].legend(fontsize=7)
+    for ax, (p, table) in zip(axes[len(groups):], result["memory"].items()):
+        schemes = list(table)
+        comps = [c for c in table["fp"]["components"] if table["fp"]["components"][c]["bytes"]]
+        bottom = np.zeros(len(schemes))
+        for c in comps:
+            vals = np.array([table[s]["components"][c]["bytes"] / 2**20 for s in schemes])
+            ax.bar([("FP16" if s == "fp" else s) for s in schemes], vals, bottom=bottom, label=c)
+            bottom += vals
+        ax.set_title(f"{p}: weight memory")
+        ax.set_ylabel("MiB")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_results(result: dict[str, Any], out_dir: Path, tag: str | None, png: bool = True) -> dict[str, Path]:
+    env = result["environment"]
+    stem = tag or f"e2e-{device_tag(env)}-{env['date_utc'][:10]}" + ("-quick" if result["options"]["quick"] else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "txt": out_dir / f"{stem}.txt"}
+    atomic_write_json(paths["json"], result)
+    atomic_write_bytes(paths["txt"], (format_report(result) + "\n").encode("utf-8"))
+    if png and result["rows"]:
+        paths["png"] = out_dir / f"{stem}.png"
+        save_png(result, paths["png"])
+    return paths
+
+
+def main_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    opts = BenchOptions.from_args(args)
+    result = run_benchmark(opts, argv, progress=not args.no_progress)
+    print(format_report(result))
+    paths = write_results(result, Path(args.out), args.tag, png=not args.no_png)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0 if result["rows"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks/e2e.py", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return main_from_args(args, ["benchmarks/e2e.py"] + list(argv if argv is not None else sys.argv[1:]))
+    except ValueError as e:
+        print(f"e2e: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,185 @@
+"""The policies a speed benchmark compares: FP, quantized schemes, and optional peers.
+
+Why a separate "quick" quantizer: timing needs the deployed structure (which linears are
+integer, their bit widths, group scales, where a Hadamard rotation or an un-foldable smoothing
+runs inside the activation quantization), not a calibrated student. ATM and OHB fold into
+scales and smoothing folds into norms / producer rows, so they cost nothing at run time and the
+quick path skips them. The layer structure is taken from the PTQ pipeline's own decisions
+(layout rules, fold targets), so a quick and a calibrated student run the same operations;
+the test suite checks that their QuantLinear specs agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .models import build_model
+from .quant import layout as L
+from .quant.qlinear import QuantLinear
+from .quant.transforms import InputTransform, hadamard, rotation_block_size
+
+SCHEMES = ("fp", "w8a8", "w4a8", "w4a4")
+QUANT_BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+GROUP_SIZE = 128
+QUANTIZERS = ("quick", "calib")
+PEERS = ("compile", "torchao-int8dq", "torchao-int4wo")
+
+
+def check_schemes(schemes: list[str]) -> list[str]:
+    bad = [s for s in schemes if s not in SCHEMES]
+    if bad or not schemes:
+        raise ValueError(f"unknown schemes {bad or schemes}; accepted: {', '.join(SCHEMES)}")
+    return schemes
+
+
+def check_peers(peers: list[str]) -> list[str]:
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        raise ValueError(f"unknown peers {bad}; accepted: {', '.join(PEERS)} (or 'none')")
+    return peers
+
+
+@dataclass
+class LayerPlan:
+    """How one integer linear is deployed: what QuantLinear(...) gets, and its input transform."""
+    name: str
+    spec: dict[str, Any]
+    rotation_block: int
+    smooth_in_kernel: bool
+
+
+def smoothing_in_kernel(model: nn.Module, int_names: list[str]) -> set[str]:
+    """Integer linears whose smoothing cannot be folded into a neighbour (the pipeline then
+    applies ``inv_smooth`` inside the activation quantization: attention output before o_proj,
+    GR00T's weightless norm3 and GELU)."""
+    from .quant.quantize import _input_groups  # the pipeline's own fold decision
+    modules = dict(model.named_modules())
+    stats = {n: torch.ones(modules[n].in_features) for n in int_names}
+    out: set[str] = set()
+    for members, _target, kind in _input_groups(int_names, modules, stats):
+        if kind == "none":
+            out.update(members)
+    return out
+
+
+def plan_layers(model: nn.Module, arch: str, scheme: str, layout: str = "quantvla",
+                rotation_block: int = 64, smooth: bool = True, rotate: bool = True) -> list[LayerPlan]:
+    """The integer layers of ``model`` under ``layout`` at ``scheme``, as the PTQ defaults
+    (smooth + Hadamard rotation, int4 groups of 128 where K allows) would deploy them."""
+    if scheme not in QUANT_BITS:
+        raise ValueError(f"plan_layers needs an integer scheme; accepted: {', '.join(QUANT_BITS)}")
+    w_bits, a_bits = QUANT_BITS[scheme]
+    modules = dict(model.named_modules())
+    names = [e.name for e in L.plan_model(model, arch, layout)
+             if e.integer and isinstance(modules[e.name], nn.Linear)]
+    in_kernel = smoothing_in_kernel(model, names) if smooth else set()
+    plans = []
+    for n in names:
+        lin = modules[n]
+        k = lin.in_features
+        b = rotation_block_size(k, rotation_block) if rotate else 1
+        gs = GROUP_SIZE if (w_bits == 4 and k % GROUP_SIZE == 0) else None
+        spec = {"in_features": k, "out_features": lin.out_features, "w_bits": w_bits, "a_bits": a_bits,
+                "group_size": gs, "bias": lin.bias is not None, "smooth": n in in_kernel,
+                "permute": False, "rotation_kind": "hadamard" if b > 1 else None,
+                "rotation_block": b if b > 1 else 0, "static_act": False}
+        plans.append(LayerPlan(n, spec, b, n in in_kernel))
+    return plans
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quick_quantize(model: nn.Module, arch: str, scheme: str, layout: str = "quantvla",
+                   progress: Callable[[str], None] | None = None) -> nn.Module:
+    """Replace the layout's linears by QuantLinears in place: round-to-nearest absmax codes of
+    the rotated weights (no calibration, no clip search, no ATM/OHB). Smoothing that the
+    pipeline cannot fold is kept as an identity ``inv_smooth``, so its cost is still paid."""
+    modules = dict(model.named_modules())
+    for p in plan_layers(model, arch, scheme, layout):
+        lin = modules[p.name]
+        t = InputTransform()
+        if p.rotation_block > 1:
+            t.rotation = hadamard(p.rotation_block).to(torch.float32)
+            t.rotation_kind = "hadamard"
+        if p.smooth_in_kernel:
+            t.inv_smooth = torch.ones(lin.in_features, dtype=torch.float32)
+        with torch.no_grad():
+            ql = QuantLinear.from_linear(lin, w_bits=p.spec["w_bits"], a_bits=p.spec["a_bits"],
+                                         group_size=p.spec["group_size"], transform=t, clip_grid=(1.0,))
+        _set_module(model, p.name, ql)
+        del lin
+        if progress:
+            progress(p.name)
+    return model
+
+
+def with_activation_bits(model: nn.Module, a_bits: int) -> nn.Module:
+    """Same weights, other activation width (W4A8 -> W4A4 without re-quantizing the weights)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear) and m.a_bits != a_bits:
+            spec = dict(m.spec(), a_bits=a_bits)
+            new = QuantLinear(**spec, dtype=m.weight.dtype).to(m.qweight.device)
+            new.load_state_dict(m.state_dict())
+            _set_module(model, name, new)
+    return model
+
+
+def build_fp_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """Seeded random weights, initialised directly on the device (a 3B model inits in seconds on
+    a GPU, minutes on a CPU), then cast to the compute dtype."""
+    model = build_model(cfg, seed=seed, device=device)
+    return model.to(dtype=dtype).eval()
+
+
+def calibrated_student(policy, scheme: str, calib: str, layout: str = "quantvla"):
+    """The real PTQ pipeline (synthetic or recorded calibration), ATM/OHB off: they fold into
+    scales and change no run-time work. Returns the student Policy."""
+    from .quant.quantize import QuantConfig, quantize
+    qc = QuantConfig(scheme=scheme, layout=layout, atm=False, ohb=False, calib_samples=4, batch_size=4)
+    return quantize(policy, qc, calib, report=False, progress=False).policy
+
+
+# ---- peers (GPU) ---------------------------------------------------------------------------------
+
+def peer_available(peer: str) -> tuple[bool, str]:
+    """Whether a peer can run here, and why not."""
+    if peer == "compile":
+        if not torch.cuda.is_available():
+            return False, "torch.compile peer is timed on CUDA only"
+        return True, ""
+    try:
+        import torchao  # noqa: F401
+        import torchao.quantization  # noqa: F401
+    except Exception as e:  # ImportError or a torch/torchao version clash
+        return False, f"torchao not importable ({type(e).__name__}: {str(e)[:80]})"
+    if not torch.cuda.is_available():
+        return False, "torchao peers are timed on CUDA only"
+    return True, ""
+
+
+def apply_torchao(model: nn.Module, arch: str, peer: str, layout: str = "quantvla") -> nn.Module:
+    """torchao on the same linears our layout makes integer (int8 dynamic activation + int8
+    weight, or int4 weight-only group 128); the API name differs across torchao releases."""
+    import torchao.quantization as tq
+    names = {e.name for e in L.plan_model(model, arch, layout) if e.integer}
+
+    def only_layout(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and fqn in names
+
+    if peer == "torchao-int8dq":
+        cfg = (tq.Int8DynamicActivationInt8WeightConfig() if hasattr(tq, "Int8DynamicActivationInt8WeightConfig")
+               else tq.int8_dynamic_activation_int8_weight())
+    elif peer == "torchao-int4wo":
+        cfg = (tq.Int4WeightOnlyConfig(group_size=GROUP_SIZE) if hasattr(tq, "Int4WeightOnlyConfig")
+               else tq.int4_weight_only(group_size=GROUP_SIZE))
+    else:
+        raise ValueError(f"unknown torchao peer {peer!r}; accepted: torchao-int8dq, torchao-int4wo")
+    tq.quantize_(model, cfg, filter_fn=only_layout)
+    return model

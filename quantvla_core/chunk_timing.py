@@ -1,0 +1,223 @@
+"""Time one action chunk stage by stage, the same way for every variant of a policy.
+
+Why not ``Policy.predict``'s timings: those synchronise the device after every stage and run
+eagerly. A fair speed comparison needs (a) device-side timing (CUDA events, no sync between
+stages), (b) the same execution for FP and quantized models - on CUDA the vision tower, the
+prefix and every denoising step are captured as CUDA graphs over static input buffers (the
+prefix KV cache is written into the same buffers every chunk) - and (c) on a shared CPU, the
+thread's CPU time next to wall time, so a neighbour's load can be told apart from our work.
+
+Stages: preprocess (image resize, tokenize, host->device copies), vision, prefix,
+denoise_step_0..N-1, postprocess (device->host, de-normalise); ``denoise`` is their sum of
+steps and ``total`` the wall time of the whole chunk.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import Batch
+
+EXEC_MODES = ("eager", "graph")
+
+
+def stage_names(num_steps: int) -> list[str]:
+    return (["preprocess", "vision", "prefix"] + [f"denoise_step_{i}" for i in range(num_steps)]
+            + ["postprocess"])
+
+
+class ChunkRunner:
+    """Runs chunks of one policy for one observation; ``run()`` returns per-stage milliseconds.
+
+    ``exec_mode='graph'`` (CUDA only) captures vision, prefix and each denoising step as CUDA
+    graphs after ``warmup`` eager chunks (kernels compile and pick tiles outside capture).
+    """
+
+    def __init__(self, policy, obs, num_steps: int | None = None, exec_mode: str = "eager",
+                 seed: int = 0):
+        if exec_mode not in EXEC_MODES:
+            raise ValueError(f"exec mode must be one of {EXEC_MODES}, got {exec_mode!r}")
+        self.policy = policy
+        self.model = policy.model
+        self.obs = obs
+        self.device = policy.device
+        self.cuda = self.device.type == "cuda"
+        if exec_mode == "graph" and not self.cuda:
+            raise ValueError("exec mode 'graph' needs a CUDA device; use 'eager' on the CPU")
+        self.exec_mode = exec_mode
+        self.num_steps = int(num_steps or policy.num_steps)
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        self.noise = self.model.sample_noise(1, torch.Generator().manual_seed(seed))
+        self.grid = self.model.time_grid(self.num_steps)
+        self.dt = self.model.step_size(self.num_steps)
+        self.stages = stage_names(self.num_steps)
+        self._graphs: dict[str, Any] | None = None
+        self.last_actions: np.ndarray | None = None
+
+    # -- the chunk, in pieces ----------------------------------------------------------------
+    def _preprocess(self) -> tuple[Batch, torch.Tensor]:
+        batch = self.policy.preprocess(self.obs)
+        return batch, self.noise.to(self.device, non_blocking=True).to(batch.state.dtype)
+
+    def _step(self, cache, x: torch.Tensor, tt: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        v = self.model.denoise_step(cache, x, tt, state)
+        return x + self.dt * v.to(x.dtype)
+
+    def _postprocess(self, x: torch.Tensor) -> np.ndarray:
+        a = x[0].float().cpu().numpy()
+        return self.policy.action_norm.unnormalize(a).astype(np.float32)
+
+    def _times(self) -> list[torch.Tensor]:
+        return [torch.full((1,), t, device=self.device, dtype=torch.float32) for t in self.grid]
+
+    # -- clocks ------------------------------------------------------------------------------
+    def _mark_factory(self):
+        """Returns (mark(stage), finish() -> dict): CUDA events on GPU, wall + thread CPU on CPU."""
+        if self.cuda:
+            events: list[tuple[str, torch.cuda.Event]] = []
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+
+            def mark(stage: str) -> None:
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                events.append((stage, e))
+
+            def finish() -> dict[str, float]:
+                torch.cuda.synchronize(self.device)
+                out, prev = {}, start
+                for stage, e in events:
+                    out[stage] = prev.elapsed_time(e)
+                    prev = e
+                return out
+            return mark, finish
+        wall: dict[str, float] = {}
+        cpu: dict[str, float] = {}
+        last = [time.perf_counter(), time.thread_time()]
+
+        def mark(stage: str) -> None:
+            now, now_cpu = time.perf_counter(), time.thread_time()
+            wall[stage] = (now - last[0]) * 1e3
+            cpu[stage + "@cpu"] = (now_cpu - last[1]) * 1e3
+            last[0], last[1] = now, now_cpu
+
+        return mark, lambda: {**wall, **cpu}
+
+    # -- eager -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run_eager(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        mark, finish = self._mark_factory()
+        batch, x = self._preprocess()
+        times = self._times()
+        mark("preprocess")
+        image_tokens = self.model.encode_images(batch)
+        mark("vision")
+        cache = self.model.encode_prefix(batch, image_tokens)
+        mark("prefix")
+        for i, tt in enumerate(times):
+            x = self._step(cache, x, tt, batch.state)
+            mark(f"denoise_step_{i}")
+        self.last_actions = self._postprocess(x)
+        mark("postprocess")
+        out = finish()
+        out["total"] = (time.perf_counter() - t0) * 1e3
+        if not self.cuda:
+            out["total@cpu"] = (time.thread_time() - c0) * 1e3
+        return out
+
+    # -- CUDA graphs -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self, warmup: int = 2) -> None:
+        """Warm up eagerly on a side stream, then capture vision / prefix / each step."""
+        batch, x = self._preprocess()
+        static = Batch(batch.images.clone(), batch.image_mask.clone(), batch.tokens.clone(),
+                       batch.token_mask.clone(), batch.state.clone())
+        x0 = x.clone()
+        times = self._times()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(max(1, warmup)):
+                cache = self.model.encode_prefix(static, self.model.encode_images(static))
+                xx = x0
+                for tt in times:
+                    xx = self._step(cache, xx, tt, static.state)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        graphs: dict[str, Any] = {"static": static, "x0": x0, "times": times, "steps": []}
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            image_tokens = self.model.encode_images(static)
+        graphs["vision"] = g
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            cache = self.model.encode_prefix(static, image_tokens)
+        graphs["prefix"] = g
+        xx = x0
+        for tt in times:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                xx = self._step(cache, xx, tt, static.state)
+            graphs["steps"].append(g)
+        graphs["keep"] = (image_tokens, cache)  # graph outputs live as long as the graphs
+        graphs["x_out"] = xx
+        torch.cuda.synchronize(self.device)
+        self._graphs = graphs
+
+    @torch.inference_mode()
+    def _run_graph(self) -> dict[str, float]:
+        if self._graphs is None:
+            self.capture()
+        gr = self._graphs
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        mark, finish = self._mark_factory()
+        batch, x = self._preprocess()
+        st = gr["static"]
+        for dst, src in ((st.images, batch.images), (st.image_mask, batch.image_mask), (st.tokens, batch.tokens),
+                         (st.token_mask, batch.token_mask), (st.state, batch.state), (gr["x0"], x)):
+            dst.copy_(src, non_blocking=True)
+        mark("preprocess")
+        gr["vision"].replay()
+        mark("vision")
+        gr["prefix"].replay()
+        mark("prefix")
+        for i, g in enumerate(gr["steps"]):
+            g.replay()
+            mark(f"denoise_step_{i}")
+        self.last_actions = self._postprocess(gr["x_out"])
+        mark("postprocess")
+        out = finish()
+        out["total"] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def run(self) -> dict[str, float]:
+        """One chunk; per-stage ms (+ '@cpu' thread-CPU ms on the CPU), 'denoise' and 'total'."""
+        out = self._run_graph() if self.exec_mode == "graph" else self._run_eager()
+        out["denoise"] = sum(out[f"denoise_step_{i}"] for i in range(self.num_steps))
+        if "denoise_step_0@cpu" in out:
+            out["denoise@cpu"] = sum(out[f"denoise_step_{i}@cpu"] for i in range(self.num_steps))
+        if self.last_actions is not None and not np.all(np.isfinite(self.last_actions)):
+            raise FloatingPointError(f"{self.policy.name}: non-finite actions in the benchmark chunk")
+        return out
+
+    def release(self) -> None:
+        self._graphs = None
+
+
+def peak_memory_chunk(runner: ChunkRunner) -> int | None:
+    """Peak CUDA bytes allocated during one chunk (weights + activations + graph pool)."""
+    if not runner.cuda:
+        return None
+    torch.cuda.synchronize(runner.device)
+    torch.cuda.reset_peak_memory_stats(runner.device)
+    runner.run()
+    return int(torch.cuda.max_memory_allocated(runner.device))

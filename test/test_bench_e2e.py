@@ -1,0 +1,179 @@
+"""The end-to-end benchmark: every entry point runs on `tiny` for one iteration and prints every
+column; the runner computes the same chunk as Policy.predict; the quick quantizer deploys the
+same layer structure as the PTQ pipeline; memory accounting from shapes matches a real model and
+the quantization report. No timing assertions (this machine is shared)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantvla_core import cli
+from quantvla_core.bench import TABLE_COLUMNS, _observation
+from quantvla_core.bench_variants import (build_fp_model, plan_layers, quick_quantize,
+                                          with_activation_bits)
+from quantvla_core.chunk_timing import ChunkRunner, stage_names
+from quantvla_core.config import preset
+from quantvla_core.memory_accounting import account, meta_model
+from quantvla_core.policy import Policy
+from quantvla_core.quant.qlinear import QuantLinear
+from quantvla_core.quant.quantize import QuantConfig, quantize
+from quantvla_core.quant.report import memory_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMES = ("fp", "w8a8", "w4a8", "w4a4")
+
+
+def _check_result_files(out: Path, cameras: list[int], schemes=SCHEMES, steps: int = 3) -> dict:
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1, files
+    res = json.loads(files[0].read_text())
+    assert res["format"] == "quantvla-bench-e2e"
+    env = res["environment"]
+    for key in ("date_utc", "command", "torch", "cpu", "device"):
+        assert env[key], key
+    got = {(r["cameras"], r["variant"]) for r in res["rows"]}
+    assert got == {(c, s) for c in cameras for s in schemes}, (got, res["notes"])
+    for r in res["rows"]:
+        m = r["median_ms"]
+        for stage in stage_names(steps) + ["denoise", "total", "step", "total@cpu"]:
+            assert stage in m and m[stage] >= 0, stage
+        assert m["denoise"] == pytest.approx(sum(m[f"denoise_step_{i}"] for i in range(steps)))
+        assert r["speedup_vs_fp"]["total"] > 0
+        if r["variant"] == "fp":
+            assert r["speedup_vs_fp"]["total"] == pytest.approx(1.0)
+    mem = res["memory"]["tiny"]
+    assert set(mem) == set(schemes)
+    assert mem["w4a8"]["total"]["bytes"] < mem["w8a8"]["total"]["bytes"] < mem["fp"]["total"]["bytes"]
+    txt = files[0].with_suffix(".txt").read_text()
+    assert "command:" in txt and "whole model" in txt
+    png = files[0].with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return res
+
+
+def _check_printed_table(text: str, cameras: list[int], schemes=SCHEMES) -> None:
+    header = next(line for line in text.splitlines() if line.startswith("preset"))
+    for col in TABLE_COLUMNS:
+        assert col in header, col
+    rows = [line.split() for line in text.splitlines() if line.startswith("tiny ")]
+    assert {(int(r[1]), r[3]) for r in rows} == {(c, s) for c in cameras for s in schemes}
+    for r in rows:  # 16 columns; on the CPU only peak memory is '-'
+        assert len(r) == len(TABLE_COLUMNS), r
+        assert all(v != "-" for v in r[:-1]), r
+        assert float(r[5]) > 0 and r[6].endswith("x")
+
+
+def test_quantvla_bench_cli_on_tiny(tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = cli.main(["bench", "--preset", "tiny", "--cameras", "1,2", "--repeats", "1", "--warmup", "0",
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    _check_printed_table(printed, [1, 2])
+    res = _check_result_files(out, [1, 2])
+    assert not res["notes"]
+
+
+def test_e2e_script_on_tiny(tmp_path):
+    out = tmp_path / "res"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--preset", "tiny", "--cameras", "1",
+                        "--repeats", "1", "--warmup", "0", "--quick", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _check_printed_table(r.stdout, [1])
+    res = _check_result_files(out, [1])
+    assert "benchmarks/e2e.py" in res["environment"]["command"] and res["options"]["quick"]
+    assert "-quick" in next(out.glob("*.json")).name
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--preset", "nope"], "accepted"),
+    (["--schemes", "w3a3"], "accepted"),
+    (["--exec", "graph", "--device", "cpu"], "CUDA"),
+    (["--cameras", "0"], "positive"),
+    (["--peers", "tensorrt"], "accepted"),
+])
+def test_bad_arguments_name_what_is_accepted(argv, needle, capsys, tmp_path):
+    rc = cli.main(["bench", "--out", str(tmp_path), "--no-progress"] + argv)
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_runner_computes_the_chunk_policy_predict_computes():
+    cfg = preset("tiny")
+    obs = _observation(cfg, 2)
+    for scheme in ("fp", "w8a8"):
+        model = build_fp_model(cfg, torch.device("cpu"), torch.float32)
+        if scheme != "fp":
+            quick_quantize(model, cfg.arch, scheme)
+        pol = Policy(model, cfg, device="cpu", dtype="fp32", scheme=scheme)
+        runner = ChunkRunner(pol, obs, exec_mode="eager", seed=3)
+        t = runner.run()
+        expected = pol.predict(obs, seed=3).actions
+        np.testing.assert_array_equal(runner.last_actions, expected)
+        assert set(stage_names(cfg.num_steps)) <= set(t)
+    with pytest.raises(ValueError, match="CUDA"):
+        ChunkRunner(pol, obs, exec_mode="graph")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-groot"])
+def test_quick_quantizer_deploys_the_pipelines_layer_structure(name):
+    """Same integer layers, bit widths, groups, in-kernel smoothing and rotation as quantize()."""
+    cfg = preset(name)
+    for scheme in ("w8a8", "w4a8", "w4a4"):
+        teacher = Policy.load(name, device="cpu", dtype="fp32")
+        qc = QuantConfig(scheme=scheme, calib_samples=2, batch_size=2, atm=False, ohb=False, heldout_fraction=0.0)
+        student = quantize(teacher, qc, "synthetic", report=False, progress=False)
+        model = build_fp_model(cfg, torch.device("cpu"), torch.float32)
+        quick_quantize(model, cfg.arch, scheme)
+        quick = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        assert quick == student.meta["modules"], scheme
+
+
+def test_w4a4_from_w4a8_equals_a_fresh_w4a4():
+    cfg = preset("tiny")
+    a = quick_quantize(build_fp_model(cfg, torch.device("cpu"), torch.float32), cfg.arch, "w4a8")
+    b = with_activation_bits(a, 4)
+    c = quick_quantize(build_fp_model(cfg, torch.device("cpu"), torch.float32), cfg.arch, "w4a4")
+    sb, sc = b.state_dict(), c.state_dict()
+    assert sb.keys() == sc.keys()
+    for k in sb:
+        assert torch.equal(sb[k], sc[k]), k
+    x = torch.randn(3, 64)
+    ql_b = b.get_submodule("paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.up_proj")
+    ql_c = c.get_submodule("paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.up_proj")
+    assert ql_b.a_bits == 4
+    torch.testing.assert_close(ql_b(x), ql_c(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
+def test_memory_from_shapes_matches_a_real_model_and_the_quant_report(name):
+    cfg = preset(name)
+    teacher = build_fp_model(cfg, torch.device("cpu"), torch.float32)
+    assert account(meta_model(cfg, "fp")) == account(teacher)
+    for scheme in ("w8a8", "w4a8"):
+        student = quick_quantize(build_fp_model(cfg, torch.device("cpu"), torch.float32), cfg.arch, scheme)
+        acc = account(student)
+        assert acc == account(meta_model(cfg, scheme))
+        rep = memory_report(student, teacher)  # independent code in quant/report.py
+        assert acc["total"]["quantized_bytes"] == rep["quantized_components_bytes"]
+        assert acc["total"]["quantized_fp16_bytes"] == rep["quantized_components_fp16_bytes"]
+        assert acc["total"]["bytes"] == rep["model_bytes"]
+        assert account(teacher)["total"]["bytes"] == rep["model_fp16_bytes"]
+        # per component: components without integer layers are unchanged
+        fp = account(teacher)["components"]
+        assert acc["components"]["vision"] == fp["vision"]
+        assert acc["components"]["backbone"]["bytes"] < fp["backbone"]["bytes"]
+
+
+def test_plan_keeps_vision_and_expert_attention_float():
+    cfg = preset("tiny")
+    names = [p.name for p in plan_layers(meta_model(cfg, "fp"), cfg.arch, "w4a8")]
+    assert names and not any("vision_tower" in n or "gemma_expert.model.layers.0.self_attn" in n for n in names)
+    assert any("gemma_expert" in n and "mlp" in n for n in names)

@@ -49,8 +49,12 @@ def _collect(topic_type, topic, count, timeout_s):
     rclpy.init(context=ctx, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
     node = rclpy.create_node("launch_test_listener", context=ctx)
     got, lock = [], threading.Lock()
-    node.create_subscription(topic_type, topic, lambda m: (lock.acquire(), got.append(m),
-                                                           lock.release()), 10)
+
+    def keep(msg):
+        with lock:
+            got.append(msg)
+
+    node.create_subscription(topic_type, topic, keep, 10)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
     end = time.monotonic() + timeout_s

@@ -230,6 +230,37 @@ def render_ablation(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def closed_loop_ablation(args, rows: list[dict]) -> dict:
+    """Run FP and every saved variant on the same held-out MT10 starts (paired) and add the
+    success rates to the rows; prints Tables 1-2 in success % and writes the eval report."""
+    from ..sim.evaluate import EvalConfig, evaluate
+    from ..sim.report import save_report
+    if args.sim != "mt10":
+        raise ValueError(f"--sim {args.sim!r}: accepted: mt10")
+    specs = [("fp", args.model)] + [(Path(r["artifact"]).name, r["artifact"]) for r in rows]
+    cfg = EvalConfig(episodes_per_task=args.episodes, replan_steps=args.replan_steps, workers=args.workers)
+    report = evaluate(specs, cfg, progress=not args.no_progress)
+    out_dir = Path(args.save_dir) / "eval"
+    save_report(report, out_dir)
+    fp = report["variants"]["fp"]
+    for r in rows:
+        v = report["variants"][Path(r["artifact"]).name]
+        r["success"] = v["mean_success"]
+        r["success_ci95"] = v["mean_ci95"]
+        pair = next(p for p in report["paired"] if p["a"] == "fp" and p["b"] == Path(r["artifact"]).name)
+        r["mcnemar_p_vs_fp"] = pair.get("p_value")
+    print(f"\nclosed loop, MT10 held-out starts, {args.episodes} episodes per task "
+          f"(FP {fp['mean_success']:.1%}, 95% CI {fp['mean_ci95'][0]:.1%}-{fp['mean_ci95'][1]:.1%})")
+    print(f"{'scheme':<8}{'layout':<14}{'variant':<10}{'success':>9}{'vs FP':>8}{'McNemar p':>11}{'cosine':>10}{'mem':>8}")
+    for r in rows:
+        p = r["mcnemar_p_vs_fp"]
+        print(f"{r['scheme']:<8}{r['layout']:<14}{r['variant']:<10}{r['success']:>9.1%}"
+              f"{100 * (r['success'] - fp['mean_success']):>+7.1f}p{p if p is not None else float('nan'):>11.3f}"
+              f"{r['cosine_mean']:>10.5f}{r['memory_ratio']:>8.1%}")
+    print(f"eval report: {out_dir}")
+    return report
+
+
 def cmd_ablate(args) -> int:
     from ..fileio import atomic_write_json
     from ..policy import Policy
@@ -241,8 +272,12 @@ def cmd_ablate(args) -> int:
     for k in ("scheme", "layout", "atm", "ohb"):
         base.pop(k)
     combos = ablation_combos(schemes, layouts, variants, args.full)
+    if args.sim and not args.save_dir:
+        raise ValueError("--sim needs --save-dir: the closed loop runs the saved artifacts")
     rows = run_ablation(policy, args.calib, combos, base, progress=not args.no_progress, save_dir=args.save_dir)
     print(render_ablation(rows))
+    if args.sim:
+        closed_loop_ablation(args, rows)
     if args.save_dir:
         specs = " ".join(f"--policy {Path(r['artifact']).name}={r['artifact']}" for r in rows)
         print(f"\nartifacts in {args.save_dir}; closed-loop success rates (Tables 1-2 in success %):\n"
@@ -283,8 +318,13 @@ def register(subparsers) -> None:
         return cmd_layout(args)
     p.set_defaults(func=_layout)
 
-    p = subparsers.add_parser("ablate", help="layouts x {none, ATM, OHB, ATM+OHB} x schemes: fidelity tables")
+    p = subparsers.add_parser("ablate", help="layouts x {none, ATM, OHB, ATM+OHB} x schemes: fidelity tables "
+                              "(and closed-loop success with --sim mt10)")
     p.add_argument("model")
+    p.add_argument("--sim", choices=["mt10"], help="also run every variant in closed loop (needs --save-dir)")
+    p.add_argument("--episodes", type=int, default=10, help="with --sim: episodes per task (default 10)")
+    p.add_argument("--replan-steps", type=int, default=8, help="with --sim: actions run per chunk")
+    p.add_argument("--workers", type=int, default=2, help="with --sim: parallel simulator workers")
     p.add_argument("--schemes", default="w8a8,w4a8")
     p.add_argument("--layouts", default=",".join(TABLE1_LAYOUTS))
     p.add_argument("--variants", default="none,atm,ohb,atm+ohb")

@@ -78,8 +78,9 @@ class Policy:
         self.device = resolve_device(device)
         self.dtype = _dtype_from_name(dtype, self.device)
         self.model = model.to(device=self.device)
-        if scheme == "fp":
-            self.model = self.model.to(dtype=self.dtype)
+        # Float parts (and the activations) run in the policy dtype; QuantLinear keeps its
+        # integer codes and fp32 scales through .to(dtype), so this is safe for artifacts too.
+        self.model = self.model.to(dtype=self.dtype)
         self.scheme = scheme if scheme != "fp" else {torch.float32: "fp32", torch.bfloat16: "bf16",
                                                       torch.float16: "fp16"}[self.dtype]
         self.quant_meta = quant_meta or {}

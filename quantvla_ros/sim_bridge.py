@@ -21,7 +21,9 @@ and it consumes trajectory_msgs/JointTrajectory chunks on <trajectory_topic>: jo
 header.stamp = the observation's stamp (zero = start on receipt). The point due at the current
 sim time is executed (trajectory_player), so replanning skips already-elapsed points. When no
 point is due the bridge waits up to `chunk_timeout_s` of wall time, then holds still (zero
-action) for one step. Malformed chunks (wrong joint names, point length, NaN, time order) are
+action) for one step. In lockstep with `sync_chunks` a new chunk may only start at the step of
+the observation it was computed from, so the policy's latency costs no sim time and the loop
+matches `quantvla eval` (execute up to `max_points_per_chunk` steps, then replan). Malformed chunks (wrong joint names, point length, NaN, time order) are
 refused whole and counted.
 
 Episodes run over `tasks` x the first `episodes_per_task` starts of `seeds` (held-out
@@ -94,6 +96,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("max_points_per_chunk", 0, "Most steps executed from one chunk before the bridge "
          "waits for a newer one (like the evaluator's replan_steps); 0 = the whole chunk.",
          0, 100000, read_only=True),
+    Spec("sync_chunks", True, "Lockstep only: a new chunk may start only at the step whose "
+         "observation it was computed from (older ones are dropped and the simulation waits), "
+         "so policy latency costs no sim time, as in `quantvla eval`. Ignored when "
+         "real_time_factor > 0.", read_only=True),
     Spec("episode_gap_s", 1.0, "Sim seconds skipped between episodes, so stamp-aligned chunk "
          "blending never mixes two episodes.", 0.0, 3600.0, read_only=True),
     Spec("camera_topic_prefix", "camera", "Images go to <prefix>/<camera>/image_raw.",
@@ -196,11 +202,13 @@ class SimBridge(Node):
         self.dt_ns = int(round(1e9 / cfg["control_rate_hz"]))
         self.t_ns = SIM_START_NS
         self.episode_start_ns = SIM_START_NS
-        self.player = ChunkPlayer(cfg["max_points_per_chunk"])
+        self.sync = bool(cfg["sync_chunks"]) and cfg["real_time_factor"] == 0
+        self.player = ChunkPlayer(cfg["max_points_per_chunk"], sync_start=self.sync)
         self._cond = threading.Condition()
         self._pending: list = []  # parsed chunks not yet offered to the player
         self._counters = {"chunks_received": 0, "chunks_accepted": 0, "chunks_stale": 0,
-                          "chunks_late": 0, **{f"rejected_{c}": 0 for c in REJECT_CODES}}
+                          "chunks_late": 0, "chunks_too_old": 0,
+                          **{f"rejected_{c}": 0 for c in REJECT_CODES}}
         self._log = BurstLogger(lambda text: self.get_logger().warning(text), 5.0)
         self.starts = [s for task in cfg["tasks"]
                        for s in starts_for(task, cfg["seeds"])[:cfg["episodes_per_task"]]]
@@ -226,7 +234,8 @@ class SimBridge(Node):
         self.get_logger().info(
             f"{n} episodes over {cfg['tasks']} x seeds {cfg['seeds']}, max {cfg['max_steps']} "
             f"steps at {cfg['control_rate_hz']} Hz sim, "
-            + ("lockstep" if cfg["real_time_factor"] == 0 else f"{cfg['real_time_factor']}x real time")
+            + (("lockstep" + (", chunks start at their own stamp" if self.sync else ""))
+               if cfg["real_time_factor"] == 0 else f"{cfg['real_time_factor']}x real time")
             + f"; cameras {self.camera_topics}; chunks on {cfg['trajectory_topic']}")
 
     # ------------------------------------------------------------------ chunks in
@@ -367,14 +376,15 @@ class SimBridge(Node):
             self.t_ns += self.dt_ns
             delta = {k: v - before[k] for k, v in self._counters.items()}
             played = (self.player.points_executed, self.player.points_skipped,
-                      self.player.chunks_used)
+                      self.player.chunks_used, self.player.chunks_too_old)
+            self._counters["chunks_too_old"] += played[3]
         return {"format": OUTCOME_FORMAT, "version": 1, "episode": number, "task": start.task,
                 "seed": start.seed, "index": start.index, "instruction": env.instruction,
                 "success": bool(env.success), "steps": env.steps,
                 "sim_time_start_s": sim0 * 1e-9, "sim_time_end_s": end_ns * 1e-9,
                 "wall_s": round(time.monotonic() - wall0, 3), "hold_steps": holds,
                 "points_executed": played[0], "points_skipped": played[1],
-                "chunks_used": played[2],
+                "chunks_used": played[2], "chunks_too_old": played[3],
                 "chunks_received": delta["chunks_received"],
                 "chunks_rejected": sum(delta[f"rejected_{c}"] for c in REJECT_CODES),
                 "chunks_stale": delta["chunks_stale"], "chunks_late": delta["chunks_late"],
@@ -442,11 +452,11 @@ class SimBridge(Node):
         if summary["episodes"]:
             print(format_table(summary), flush=True)
         counters = {k: v for k, v in summary["counters"].items() if v}
-        self.get_logger().info(f"done: {summary['successes']}/{summary['episodes']} successes"
-                               f"{'' if summary['complete'] else ' (interrupted)'}; "
-                               f"chunk counters {counters}"
-                               + (f"; results in {self.cfg['results_path']}"
-                                  if self.cfg["results_path"] else ""))
+        log = (self.get_logger().info if rclpy.ok(context=self.context)
+               else lambda text: print(f"[sim_bridge] {text}", file=sys.stderr))
+        log(f"done: {summary['successes']}/{summary['episodes']} successes"
+            f"{'' if summary['complete'] else ' (interrupted)'}; chunk counters {counters}"
+            + (f"; results in {self.cfg['results_path']}" if self.cfg["results_path"] else ""))
 
 
 def main(args=None) -> int:
@@ -459,7 +469,13 @@ def main(args=None) -> int:
         return 2
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, name="sim_bridge-executor", daemon=True)
+    def spin() -> None:
+        try:
+            executor.spin()
+        except ExternalShutdownException:  # Ctrl-C: the episode loop notices via rclpy.ok
+            pass
+
+    spinner = threading.Thread(target=spin, name="sim_bridge-executor", daemon=True)
     spinner.start()
     code = 0
     try:

@@ -6,7 +6,8 @@ due; the last point holds for one more point spacing. At sim time t the player e
 point due at t from the newest chunk that has started, so points that elapsed while the policy
 was still thinking are skipped rather than replayed late, and a newer chunk replaces the old
 one as soon as it starts (replanning). When the newest started chunk has run out, there is no
-action: the caller holds still. Malformed chunks are refused whole before anything of them runs.
+action: the caller holds still. With `sync_start` a chunk may only start at its own stamp (a
+lockstep simulator then waits for a chunk computed from the current observation). Malformed chunks are refused whole before anything of them runs.
 Times are integer nanoseconds so grid-aligned stamps compare exactly.
 """
 from __future__ import annotations
@@ -97,14 +98,18 @@ class ChunkPlayer:
     """Holds the offered chunks of one episode and answers "which action at sim time t"."""
 
     max_points_per_chunk: int = 0  # 0 = every point of a chunk may run
+    # True: a chunk may only start at its own stamp, i.e. it was computed from the current
+    # observation (lockstep simulation waits for it; the policy's latency costs no sim time).
+    sync_start: bool = False
     chunks: list = field(default_factory=list)  # in arrival order
     points_executed: int = 0
     points_skipped: int = 0
     chunks_used: int = 0
+    chunks_too_old: int = 0  # sync_start: dropped because their stamp had passed unstarted
 
     def reset(self) -> None:
         self.chunks.clear()
-        self.points_executed = self.points_skipped = self.chunks_used = 0
+        self.points_executed = self.points_skipped = self.chunks_used = self.chunks_too_old = 0
 
     def offer(self, chunk: Chunk, episode_start_ns: int, now_ns: int) -> str:
         """'accepted', 'stale' (stamped before this episode began) or 'late' (every point has
@@ -122,6 +127,10 @@ class ChunkPlayer:
         The newest-arrived chunk that has started wins; chunks that arrived before it are
         dropped (latest command wins), chunks that arrived after it but start later wait.
         """
+        if self.sync_start:
+            old = [c for c in self.chunks if c.executed == 0 and c.start_ns < t_ns - TOLERANCE_NS]
+            self.chunks_too_old += len(old)
+            self.chunks = [c for c in self.chunks if not any(c is o for o in old)]
         started = [i for i, c in enumerate(self.chunks) if c.start_ns <= t_ns + TOLERANCE_NS]
         if not started:
             return None

@@ -106,6 +106,19 @@ def test_stale_late_zero_stamp_and_max_points():
     assert player.action_at(T0 + 7 * DT) is None  # max_points_per_chunk reached
 
 
+def test_sync_start_only_starts_chunks_computed_from_the_current_observation():
+    player = ChunkPlayer(max_points_per_chunk=2, sync_start=True)
+    player.offer(parse_trajectory(trajectory(chunk_rows(0, 8), T0), NAMES, T0, DT), T0, T0)
+    assert [player.action_at(T0 + k * DT)[0] for k in (0, 1)] == [0, 1]
+    # Computed from the observation at T0 + DT, it arrives when the sim waits at T0 + 2 DT.
+    player.offer(parse_trajectory(trajectory(chunk_rows(10, 8), T0 + DT), NAMES, T0, DT),
+                 T0, T0 + 2 * DT)
+    assert player.action_at(T0 + 2 * DT) is None and player.chunks_too_old == 1
+    player.offer(parse_trajectory(trajectory(chunk_rows(20, 8), T0 + 2 * DT), NAMES, T0, DT),
+                 T0, T0 + 2 * DT)
+    assert player.action_at(T0 + 2 * DT)[0] == 20 and player.points_skipped == 0
+
+
 def test_joints_in_another_order_are_mapped_by_name():
     msg = trajectory([[0.5, 0.1, 0.2, 0.3]], T0, names=[NAMES[3]] + NAMES[:3])
     chunk = parse_trajectory(msg, NAMES, T0, DT)
@@ -266,6 +279,8 @@ def test_policy_node_closes_the_loop_with_sim_bridge(tmp_path, ros_domain):
         assert ep["points_executed"] + ep["hold_steps"] == ep["steps"]
         assert ep["hold_steps"] < ep["steps"] // 2, ep  # the policy, not the timeout, drove
         assert ep["hand_path_m"] > 0.01, ep  # the trajectories moved the hand
+        # Lockstep + sync_chunks: every chunk started at its own observation's step.
+        assert ep["points_skipped"] == 0 and ep["points_executed"] <= 4 * ep["chunks_used"]
     c = summary["counters"]
     assert not any(v for k, v in c.items() if k.startswith("rejected_"))
     assert c["chunks_received"] == c["chunks_accepted"] + c["chunks_stale"] + c["chunks_late"]
@@ -356,6 +371,7 @@ def test_scripted_expert_over_dds_succeeds_like_in_process(tmp_path, ros_domain)
     assert [(o["success"], o["steps"]) for o in outcomes] == reference
     assert all(o["hold_steps"] == 0 and o["points_executed"] == o["steps"] for o in outcomes)
     c = summary["counters"]
-    assert (c["rejected_joint_names"], c["rejected_nonfinite"], c["rejected_point_length"]) == (1, 1, 1)
+    rejected = (c["rejected_joint_names"], c["rejected_nonfinite"], c["rejected_point_length"])
+    assert rejected == (1, 1, 1)
     assert outcomes[0]["chunks_rejected"] == 3 and outcomes[1]["chunks_rejected"] == 0
     assert expert.answered >= sum(steps for _, steps in reference)

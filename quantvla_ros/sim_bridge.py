@@ -424,7 +424,7 @@ class SimBridge(Node):
                     f"rejected); {wins}/{len(outcomes)} so far")
                 bar.set_postfix(success=f"{wins}/{len(outcomes)}", refresh=False)
                 bar.update(1)
-                if cfg["episode_gap_s"] > 0:
+                if cfg["episode_gap_s"] > 0 and number + 1 < len(self.starts):
                     self._advance(int(round(cfg["episode_gap_s"] * 1e9)), time.monotonic(),
                                   self.t_ns)
                     self._publish_clock()

@@ -91,8 +91,8 @@ SPECS: tuple[Spec, ...] = (
          "due; then the hand holds still (zero action) for one step. 0 = never wait.",
          0.0, 3600.0, read_only=True),
     Spec("startup_timeout_s", 120.0, "Wall seconds to wait before the first episode for a "
-         "trajectory publisher, an observation subscriber and then the first chunk (model "
-         "load and warm-up).", 0.0, 86400.0, read_only=True),
+         "trajectory publisher, an observation subscriber and then a chunk answering the probe "
+         "frames (model load, warm-up, activation).", 0.0, 86400.0, read_only=True),
     Spec("max_points_per_chunk", 0, "Most steps executed from one chunk before the bridge "
          "waits for a newer one (like the evaluator's replan_steps); 0 = the whole chunk.",
          0, 100000, read_only=True),
@@ -326,28 +326,50 @@ class SimBridge(Node):
                 time.sleep(wait)
 
     # ------------------------------------------------------------------ episodes
-    def wait_for_policy(self) -> bool:
-        """Until a trajectory publisher and an observation subscriber exist (or timeout)."""
+    def wait_for_policy(self, env, start) -> bool:
+        """Before the first episode: until a trajectory publisher and an observation subscriber
+        exist, then until the policy answers a probe frame (model loaded, warmed up, active).
+
+        Probe frames show the first start's scene and instruction at advancing sim time
+        (physics is not stepped); their chunks are never executed (stamped before episode 0).
+        """
         deadline = time.monotonic() + self.cfg["startup_timeout_s"]
         topics = self.camera_topics + [self.cfg["joint_state_topic"]]
         if self._sim_state_pub is not None:
             topics.append(self.cfg["sim_state_topic"])
-        while time.monotonic() < deadline:
+        while not (self.count_publishers(self.cfg["trajectory_topic"]) > 0
+                   and any(self.count_subscribers(t) > 0 for t in topics)):
+            if time.monotonic() > deadline:
+                return self._no_policy("no publisher on " + self.cfg["trajectory_topic"]
+                                       + " or no subscriber to the observations")
             if not rclpy.ok(context=self.context):
                 raise Stop()
             self._publish_clock()
-            if (self.count_publishers(self.cfg["trajectory_topic"]) > 0
-                    and any(self.count_subscribers(t) > 0 for t in topics)):
-                time.sleep(0.3)  # let the remaining endpoints match too
-                return True
             time.sleep(0.1)
-        self.get_logger().warning(
-            f"no policy after {self.cfg['startup_timeout_s']} s (no publisher on "
-            f"{self.cfg['trajectory_topic']} or no subscriber to the observations); running "
-            "anyway: the hand holds still")
+        time.sleep(0.3)  # let the remaining endpoints match too
+        obs = env.reset(start.seed, start.index)
+        self._instruction_pub.publish(String(data=env.instruction))
+        while True:
+            self._publish_observation(obs, env)
+            wait_until = min(deadline, time.monotonic() + 0.5)
+            with self._cond:
+                while not self._pending and time.monotonic() < wait_until:
+                    if not rclpy.ok(context=self.context):
+                        raise Stop()
+                    self._cond.wait(0.05)
+                if self._pending:
+                    self.t_ns += self.dt_ns
+                    return True
+                self.t_ns += self.dt_ns
+            if time.monotonic() >= deadline:
+                return self._no_policy("no valid chunk answered the probe frames")
+
+    def _no_policy(self, why: str) -> bool:
+        self.get_logger().warning(f"no policy after {self.cfg['startup_timeout_s']} s ({why}); "
+                                  "running anyway: the hand holds still")
         return False
 
-    def run_episode(self, env, start, number: int, first_wait_s: float) -> dict:
+    def run_episode(self, env, start, number: int) -> dict:
         wall0 = time.monotonic()
         with self._cond:
             before = dict(self._counters)
@@ -361,8 +383,7 @@ class SimBridge(Node):
         sim0 = self.t_ns
         while not env.done:
             self._publish_observation(obs, env)
-            action = self._next_action(first_wait_s if env.steps == 0
-                                       else self.cfg["chunk_timeout_s"])
+            action = self._next_action(self.cfg["chunk_timeout_s"])
             if action is None:
                 holds += 1
                 action = np.zeros(4, np.float32)
@@ -404,15 +425,14 @@ class SimBridge(Node):
         bar = tqdm(total=len(self.starts), desc="sim_bridge", unit="ep", file=sys.stderr,
                    disable=not cfg["progress"])
         try:
-            found = self.wait_for_policy()
             for number, start in enumerate(self.starts):
                 if env is None or env.task != start.task:
                     if env is not None:
                         env.close()
                     env = settings.make(start.task)
-                first_wait = (cfg["startup_timeout_s"] if number == 0 and found
-                              else cfg["chunk_timeout_s"])
-                outcome = self.run_episode(env, start, number, first_wait)
+                if number == 0:
+                    self.wait_for_policy(env, start)
+                outcome = self.run_episode(env, start, number)
                 outcomes.append(outcome)
                 self._outcome_pub.publish(String(data=json.dumps(outcome)))
                 wins = sum(o["success"] for o in outcomes)

@@ -46,12 +46,14 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos import qos_profile_sensor_data
+from diagnostic_msgs.msg import DiagnosticArray
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
 from quantvla_ros.burst_log import BurstLogger
+from quantvla_ros.diagnostics import OK, WARN, make_status
 from quantvla_ros.image_conversion import rgb_to_image
 from quantvla_ros.params import Spec, descriptor
 from quantvla_ros.trajectory_player import ChunkPlayer, TrajectoryRejected, parse_trajectory
@@ -116,6 +118,9 @@ SPECS: tuple[Spec, ...] = (
          "(RELIABLE + TRANSIENT_LOCAL).", read_only=True),
     Spec("summary_topic", "sim/summary", "std_msgs/String JSON summary after the last "
          "episode (RELIABLE + TRANSIENT_LOCAL).", read_only=True),
+    Spec("diagnostics_topic", "/diagnostics", "diagnostic_msgs/DiagnosticArray after every "
+         "episode: progress, success so far, chunk counters (WARN when the last episode had "
+         "refused chunks or held still for most steps).", read_only=True),
     Spec("publish_sim_state", False, "Also publish the privileged simulator observation "
          "(scripted experts, debugging); a learned policy must not read it.", read_only=True),
     Spec("sim_state_topic", "sim/privileged_state", "Topic of the privileged observation "
@@ -230,6 +235,7 @@ class SimBridge(Node):
         self._sim_state_pub = (self.create_publisher(JointState, cfg["sim_state_topic"],
                                                      QoSProfile(depth=1, **LATCHED))
                                if cfg["publish_sim_state"] else None)
+        self._diag_pub = self.create_publisher(DiagnosticArray, cfg["diagnostics_topic"], 10)
         self.create_subscription(JointTrajectory, cfg["trajectory_topic"], self._on_trajectory, 10)
         self.get_logger().info(
             f"{n} episodes over {cfg['tasks']} x seeds {cfg['seeds']}, max {cfg['max_steps']} "
@@ -435,6 +441,7 @@ class SimBridge(Node):
                 outcome = self.run_episode(env, start, number)
                 outcomes.append(outcome)
                 self._outcome_pub.publish(String(data=json.dumps(outcome)))
+                self._publish_diagnostics(outcomes)
                 wins = sum(o["success"] for o in outcomes)
                 self.get_logger().info(
                     f"episode {number + 1}/{len(self.starts)} {start.task} seed {start.seed} "
@@ -461,6 +468,29 @@ class SimBridge(Node):
             summary = summarize(outcomes, counters, cfg, time.monotonic() - wall0, complete)
             self._finish(summary)
         return summary
+
+    def _publish_diagnostics(self, outcomes: list[dict]) -> None:
+        last = outcomes[-1]
+        wins = sum(o["success"] for o in outcomes)
+        problems = []
+        if last["chunks_rejected"]:
+            problems.append(f"{last['chunks_rejected']} chunks refused")
+        if last["hold_steps"] * 2 > last["steps"]:
+            problems.append(f"held still {last['hold_steps']} of {last['steps']} steps")
+        with self._cond:
+            counters = dict(self._counters)
+        values = {"episodes_done": len(outcomes), "episodes_total": len(self.starts),
+                  "successes": wins, "success_rate": wins / len(outcomes),
+                  "last_task": last["task"], "last_success": last["success"],
+                  "last_steps": last["steps"], "last_hold_steps": last["hold_steps"],
+                  "last_points_executed": last["points_executed"], **counters}
+        arr = DiagnosticArray()
+        arr.header.stamp = self._stamp()
+        arr.status = [make_status(f"{self.get_name()}: episodes", "mt10",
+                                  WARN if problems else OK,
+                                  "; ".join(problems) or f"{wins}/{len(outcomes)} successes",
+                                  values)]
+        self._diag_pub.publish(arr)
 
     def _finish(self, summary: dict) -> None:
         if rclpy.ok(context=self.context):

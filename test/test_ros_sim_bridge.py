@@ -22,6 +22,7 @@ pytest.importorskip("metaworld")
 pytestmark = pytest.mark.ros
 
 from builtin_interfaces.msg import Duration, Time  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,  # noqa: E402
                        qos_profile_sensor_data)
@@ -30,6 +31,7 @@ from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint  # noqa: E402
 
+from quantvla_ros.diagnostics import status_values  # noqa: E402
 from quantvla_ros.node_process import start_node, stop_node, write_params  # noqa: E402
 from quantvla_ros.sim_bridge import (ACTION_JOINT_NAMES, SPECS, STATE_JOINT_NAMES,  # noqa: E402
                                      check_config)
@@ -202,6 +204,9 @@ class Listener:
         n.create_subscription(Image, f"/{prefix}/camera/corner/image_raw",
                               lambda m: self._add(self.images, m), qos_profile_sensor_data)
         n.create_subscription(Clock, "/clock", lambda m: self._add(self.clock, m), 50)
+        self.diags = []
+        n.create_subscription(DiagnosticArray, f"/{prefix}/diagnostics",
+                              lambda m: self._add(self.diags, m), 50)
         self.executor = SingleThreadedExecutor(context=self.ctx)
         self.executor.add_node(n)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -226,6 +231,7 @@ def bridge_params(prefix, tmp_path, **extra):
          "outcome_topic": f"/{prefix}/sim/episode_outcome",
          "summary_topic": f"/{prefix}/sim/summary",
          "sim_state_topic": f"/{prefix}/sim/privileged_state",
+         "diagnostics_topic": f"/{prefix}/diagnostics",
          "results_path": str(tmp_path / "summary.json"), "progress": False}
     p.update(extra)
     return p
@@ -289,6 +295,11 @@ def test_policy_node_closes_the_loop_with_sim_bridge(tmp_path, ros_domain):
         outcomes, chunks = list(listener.outcomes), list(listener.chunks)
         joints, images, clock = list(listener.joints), list(listener.images), list(listener.clock)
     assert outcomes == summary["episode_outcomes"]
+    with listener.lock:
+        bridge_diags = [status_values(st) for arr in listener.diags for st in arr.status
+                        if st.name == "sim_bridge: episodes"]
+    assert [d["episodes_done"] for d in bridge_diags] == ["1", "2"]
+    assert 0 < int(bridge_diags[-1]["chunks_received"]) <= c["chunks_received"]
     # The policy node acted on sim time: its chunks carry observation stamps on the sim grid.
     assert len(chunks) >= summary["counters"]["chunks_accepted"] > 0
     for msg in chunks[:5]:

@@ -42,6 +42,7 @@ import time
 import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
+from rclpy.exceptions import NameValidationException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -513,8 +514,9 @@ def main(args=None) -> int:
     rclpy.init(args=args)
     try:
         node = SimBridge()
-    except ValueError as exc:
-        print(f"sim_bridge: bad parameters: {exc}", file=sys.stderr)
+    except (ValueError, ParameterException, NameValidationException) as exc:
+        print(f"sim_bridge: bad parameters: {exc} (see config/sim_demo.yaml and "
+              "`ros2 param describe sim_bridge <name>`)", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
     executor = SingleThreadedExecutor()

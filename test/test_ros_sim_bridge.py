@@ -388,3 +388,14 @@ def test_scripted_expert_over_dds_succeeds_like_in_process(tmp_path, ros_domain)
     assert rejected == (1, 1, 1)
     assert outcomes[0]["chunks_rejected"] == 3 and outcomes[1]["chunks_rejected"] == 0
     assert expert.answered > sum(steps for _, steps in reference)  # + the probe frame(s)
+
+
+def test_bad_parameters_stop_the_executable_with_a_clear_message(ros_domain):
+    import subprocess
+    import sys
+
+    for arg, words in (("max_steps:=0", "max_steps out of range"),
+                       ("tasks:=[reach-v2]", "accepted: reach-v3")):
+        run = subprocess.run([sys.executable, "-m", "quantvla_ros.sim_bridge", "--ros-args",
+                              "-p", arg], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and words in run.stderr, run.stderr[-2000:]

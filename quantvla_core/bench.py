@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .bench_variants import (PEERS, QUANT_BITS, QUANTIZERS, SCHEMES, apply_torchao, build_fp_model,
                              calibrated_student, check_peers, check_schemes, peer_available,
                              quick_quantize, with_activation_bits)
-from .chunk_timing import ChunkRunner, peak_memory_chunk
+from .chunk_timing import ChunkRunner, model_bytes, peak_memory_chunk
 from .config import PRESETS, preset
 from .fileio import atomic_write_bytes, atomic_write_json
 from .memory_accounting import format_memory, memory_table
@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds; variants not started by then are skipped (partial results still written)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (for CI and short device calls)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (JSON, TXT, PNG)")
-    p.add_argument("--tag", default=None, help="file name stem (default e2e-<device>-<date>[-quick])")
+    p.add_argument("--tag", default=None, help="file name stem (default e2e-<card|cpu>-<date>-<presets>[-quick])")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -319,11 +319,12 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
         mode = opts.exec_mode
         runner = ChunkRunner(policy, obs, steps, mode)
         try:
-            for _ in range(opts.warmup):
+            if mode == "graph":  # eager warm-up (kernels compile, tiles chosen) happens inside
+                runner.capture(warmup=max(1, opts.warmup))
                 runner.run()
-            if mode == "graph":
-                runner.capture(warmup=1)
-                runner.run()
+            else:
+                for _ in range(opts.warmup):
+                    runner.run()
         except Exception as e:
             if mode != "graph":
                 notes.append(f"{cfg.name} {cameras} cam: {name} failed: {type(e).__name__}: {e}")
@@ -339,15 +340,14 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
         key = f"{name}|{runner.exec_mode}"
         runners[key] = runner
         info[key] = {"variant": name, "exec": runner.exec_mode, "build_s": build_s,
-                     "weights_bytes_resident": (int(torch.cuda.memory_allocated(opts.device))
-                                                if opts.device.type == "cuda" else None)}
+                     "model_bytes": model_bytes(policy.model)}
     # a ratio needs FP timed the same way: add FP eager when some variant fell back to eager
     if any(k.endswith("|eager") for k in runners) and "fp|eager" not in runners and "fp|graph" in runners:
         fp_pol = runners["fp|graph"].policy
         r = ChunkRunner(fp_pol, obs, steps, "eager")
         r.run()
         runners["fp|eager"] = r
-        info["fp|eager"] = {"variant": "fp", "exec": "eager", "build_s": 0.0, "weights_bytes_resident": None}
+        info["fp|eager"] = {"variant": "fp", "exec": "eager", "build_s": 0.0, "model_bytes": model_bytes(fp_pol.model)}
     timings: dict[str, list[dict[str, float]]] = {k: [] for k in runners}
     for _ in range(opts.repeats):
         for k, r in runners.items():
@@ -358,21 +358,25 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
         med = _summarise(timings[k], steps)
         row = {"preset": cfg.name, "cameras": cameras, "steps": steps, **info[k],
                "scheme": r.policy.scheme, "repeats": len(timings[k]), "median_ms": med,
-               "runs_ms": timings[k], "peak_memory_bytes": peak_memory_chunk(r)}
+               "runs_ms": timings[k], "cuda_memory_bytes": peak_memory_chunk(r)}
         rows.append(row)
     for k, row in zip(runners, rows):
         fp = next((x for x in rows if x["variant"] == "fp" and x["exec"] == row["exec"]), None)
         if fp is not None:
             row["speedup_vs_fp"] = {s: fp["median_ms"][s] / row["median_ms"][s]
-                                    for s in ("total", "vision", "prefix", "denoise", "step", "total@cpu")
+                                    for s in ("total", "vision", "prefix", "denoise", "step", "total@cpu",
+                                              "vision@cpu", "prefix@cpu", "denoise@cpu", "step@cpu")
                                     if s in row["median_ms"] and row["median_ms"][s] > 0}
     for r in runners.values():
         r.release()
     return rows
 
 
-def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Time every (preset, cameras, variant); account memory per preset. Returns the JSON dict."""
+def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: bool = True,
+                  on_partial=None) -> dict[str, Any]:
+    """Time every (preset, cameras, variant); account memory per preset. Returns the JSON dict;
+    ``on_partial(result)`` gets the results so far after each (preset, cameras) group, so a run
+    cut short by a device time limit still leaves files behind."""
     if opts.device.type == "cpu":
         torch.set_num_threads(opts.threads)
     env = environment(opts.device, torch.get_num_threads(), argv)
@@ -399,7 +403,14 @@ def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: b
             del variants
             if opts.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if on_partial is not None:
+                on_partial(_result(opts, env, rows, memory, notes, t_start))
     bar.close()
+    return _result(opts, env, rows, memory, notes, t_start)
+
+
+def _result(opts: BenchOptions, env: dict[str, Any], rows, memory, notes, t_start: float) -> dict[str, Any]:
+    env = dict(env)
     try:
         env["loadavg_end"] = list(os.getloadavg())
     except OSError:
@@ -408,7 +419,7 @@ def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: b
     return {"format": "quantvla-bench-e2e", "version": 1, "environment": env,
             "options": {**{k: v for k, v in dataclasses.asdict(opts).items() if k != "device"},
                         "device": str(opts.device)},
-            "rows": rows, "memory": memory, "notes": notes}
+            "rows": list(rows), "memory": memory, "notes": list(notes)}
 
 
 # ---- output --------------------------------------------------------------------------------------
@@ -424,7 +435,7 @@ def format_table(result: dict[str, Any]) -> str:
 
     for r in result["rows"]:
         m, sp = r["median_ms"], r.get("speedup_vs_fp", {})
-        peak = r.get("peak_memory_bytes")
+        peak = (r.get("cuda_memory_bytes") or {}).get("peak")
         cells = [f"{r['preset']:<10}", f"{r['cameras']:<5}", f"{r['steps']:<6}", f"{r['variant']:<16}",
                  f"{r['exec']:>6}", f(m["total"], 10), f(sp.get("total"), 8, "{:.2f}x"),
                  f(m["preprocess"], 11), f(m["vision"], 9), f(m["prefix"], 9), f(m["step"], 8),
@@ -465,18 +476,21 @@ def save_png(result: dict[str, Any], path: Path) -> None:
     stages = (("preprocess", "tab:gray"), ("vision", "tab:green"), ("prefix", "tab:blue"),
               ("denoise", "tab:orange"), ("postprocess", "tab:purple"))
     for ax, ((p, cams), rows) in zip(axes, groups.items()):
+        # on a shared CPU the thread's CPU time is the steadier clock; on CUDA, events
+        cpu = all("total@cpu" in r["median_ms"] for r in rows)
+        suffix = "@cpu" if cpu else ""
         labels = [f"{r['variant']}\n{r['exec']}" for r in rows]
         bottom = np.zeros(len(rows))
         for s, color in stages:
-            vals = np.array([r["median_ms"][s] for r in rows])
+            vals = np.array([r["median_ms"][s + suffix] for r in rows])
             ax.bar(labels, vals, bottom=bottom, color=color, label=s)
             bottom += vals
         for i, r in enumerate(rows):
-            sp = r.get("speedup_vs_fp", {}).get("total")
+            sp = r.get("speedup_vs_fp", {}).get("total" + suffix)
             if sp:
                 ax.text(i, bottom[i], f"{sp:.2f}x", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{p}, {cams} cam, {rows[0]['steps']} steps")
-        ax.set_ylabel("ms per chunk (median)")
+        ax.set_ylabel("thread CPU ms per chunk (median)" if cpu else "ms per chunk (median)")
         ax.tick_params(axis="x", labelsize=7)
     axes[0].legend(fontsize=7)
     for ax, (p, table) in zip(axes[len(groups):], result["memory"].items()):
@@ -499,7 +513,9 @@ def save_png(result: dict[str, Any], path: Path) -> None:
 
 def write_results(result: dict[str, Any], out_dir: Path, tag: str | None, png: bool = True) -> dict[str, Path]:
     env = result["environment"]
-    stem = tag or f"e2e-{device_tag(env)}-{env['date_utc'][:10]}" + ("-quick" if result["options"]["quick"] else "")
+    opts = result["options"]
+    stem = tag or (f"e2e-{device_tag(env)}-{env['date_utc'][:10]}-{'+'.join(opts['presets'])}"
+                   + ("-quick" if opts["quick"] else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "txt": out_dir / f"{stem}.txt"}
     atomic_write_json(paths["json"], result)
@@ -512,7 +528,11 @@ def write_results(result: dict[str, Any], out_dir: Path, tag: str | None, png: b
 
 def main_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     opts = BenchOptions.from_args(args)
-    result = run_benchmark(opts, argv, progress=not args.no_progress)
+
+    def partial(res: dict[str, Any]) -> None:
+        write_results(res, Path(args.out), args.tag, png=False)
+
+    result = run_benchmark(opts, argv, progress=not args.no_progress, on_partial=partial)
     print(format_report(result))
     paths = write_results(result, Path(args.out), args.tag, png=not args.no_png)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -56,6 +56,7 @@ class ChunkRunner:
         self.dt = self.model.step_size(self.num_steps)
         self.stages = stage_names(self.num_steps)
         self._graphs: dict[str, Any] | None = None
+        self.capture_bytes = 0  # CUDA memory the graphs' pool keeps (activations of a chunk)
         self.last_actions: np.ndarray | None = None
 
     # -- the chunk, in pieces ----------------------------------------------------------------
@@ -151,6 +152,7 @@ class ChunkRunner:
                     xx = self._step(cache, xx, tt, static.state)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_reserved(self.device)
         pool = torch.cuda.graph_pool_handle()
         graphs: dict[str, Any] = {"static": static, "x0": x0, "times": times, "steps": []}
         g = torch.cuda.CUDAGraph()
@@ -161,15 +163,17 @@ class ChunkRunner:
         with torch.cuda.graph(g, pool=pool):
             cache = self.model.encode_prefix(static, image_tokens)
         graphs["prefix"] = g
-        xx = x0
+        xs = [x0]
         for tt in times:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                xx = self._step(cache, xx, tt, static.state)
+                xs.append(self._step(cache, xs[-1], tt, static.state))
             graphs["steps"].append(g)
-        graphs["keep"] = (image_tokens, cache)  # graph outputs live as long as the graphs
-        graphs["x_out"] = xx
+        graphs["keep"] = (image_tokens, cache, xs)  # every graph output lives as long as the graphs
+        graphs["x_out"] = xs[-1]
         torch.cuda.synchronize(self.device)
+        # the graphs' private pool is reserved memory that replays write into
+        self.capture_bytes = int(torch.cuda.memory_reserved(self.device) - before)
         self._graphs = graphs
 
     @torch.inference_mode()
@@ -213,11 +217,26 @@ class ChunkRunner:
         self._graphs = None
 
 
-def peak_memory_chunk(runner: ChunkRunner) -> int | None:
-    """Peak CUDA bytes allocated during one chunk (weights + activations + graph pool)."""
+def model_bytes(model) -> int:
+    """Device bytes of a model's tensors (parameters and all buffers, shared storage once)."""
+    model = getattr(model, "_model", model)  # a torch.compile wrapper shares the FP weights
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return int(sum(seen.values()))
+
+
+def peak_memory_chunk(runner: ChunkRunner) -> dict[str, int] | None:
+    """CUDA memory of one variant: its weights + the peak of one chunk's activations (graph
+    pool included). Other variants resident on the same device are excluded, which a raw
+    ``max_memory_allocated`` would not do."""
     if not runner.cuda:
         return None
     torch.cuda.synchronize(runner.device)
+    before = torch.cuda.memory_allocated(runner.device)
     torch.cuda.reset_peak_memory_stats(runner.device)
     runner.run()
-    return int(torch.cuda.max_memory_allocated(runner.device))
+    act = int(torch.cuda.max_memory_allocated(runner.device) - before) + runner.capture_bytes
+    w = model_bytes(runner.policy.model)
+    return {"weights": w, "activations": act, "peak": w + act}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU end-to-end benchmark in one short device call (about 3-4 minutes on an H100/H200):
+#   pi05-3b, 3 cameras, 10 steps and groot-n15, 1 camera, 4 steps; bf16 vs W4A8 / W8A8 / W4A4,
+#   every variant as CUDA graphs (vision, prefix, each denoising step), CUDA-event timing,
+#   medians of interleaved repeats, per-variant CUDA memory; torchao peers if importable.
+# Device tool:  run(command="bash benchmarks/e2e_gpu.sh", timeout_s=280)
+# Then copy $OUT/*.json|txt|png into benchmarks/results/ and update README "## Benchmarks".
+# `bash benchmarks/e2e_gpu.sh peers` (a second call) times bf16 + torch.compile on groot-n15.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT_DIR=${OUT:-benchmarks/results}
+PY=${PYTHON:-python3}
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" || exit 1
+common=(--device cuda --schemes fp,w4a8,w8a8,w4a4 --quick --out "$OUT_DIR" --no-progress)
+if [ "${1:-main}" = "peers" ]; then
+  timeout 250 $PY benchmarks/e2e.py --preset groot-n15 --cameras 1 "${common[@]}" --schemes fp,w4a8 \
+    --peers compile,torchao-int8dq,torchao-int4wo --time-budget 200
+  exit $?
+fi
+# the headline: pi05-3b with 3 cameras (variants not started after 110 s are skipped, and reported)
+timeout 165 $PY benchmarks/e2e.py --preset pi05-3b --cameras 3 "${common[@]}" \
+  --peers torchao-int8dq,torchao-int4wo --time-budget 110
+rc1=$?
+timeout 75 $PY benchmarks/e2e.py --preset groot-n15 --cameras 1 "${common[@]}" --time-budget 45
+rc2=$?
+ls -l "$OUT_DIR"/e2e-* 2>/dev/null
+echo "exit codes: pi05-3b $rc1, groot-n15 $rc2"
+exit $(( rc1 != 0 || rc2 != 0 ))

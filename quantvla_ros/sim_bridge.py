@@ -103,8 +103,9 @@ SPECS: tuple[Spec, ...] = (
          "observation it was computed from (older ones are dropped and the simulation waits), "
          "so policy latency costs no sim time, as in `quantvla eval`. Ignored when "
          "real_time_factor > 0.", read_only=True),
-    Spec("episode_gap_s", 1.0, "Sim seconds skipped between episodes, so stamp-aligned chunk "
-         "blending never mixes two episodes.", 0.0, 3600.0, read_only=True),
+    Spec("episode_gap_s", 2.0, "Sim seconds skipped between episodes, so stamp-aligned chunk "
+         "blending in the policy never mixes two episodes (keep >= horizon x action_dt).",
+         0.0, 3600.0, read_only=True),
     Spec("camera_topic_prefix", "camera", "Images go to <prefix>/<camera>/image_raw.",
          read_only=True),
     Spec("joint_state_topic", "joint_states", "sensor_msgs/JointState output (names: "
@@ -315,9 +316,9 @@ class SimBridge(Node):
             full.header.frame_id = env.task
             self._sim_state_pub.publish(full)
 
-    def _publish_final_state(self, obs: dict) -> None:
-        """Joint state only: subscribers see where the episode ended, the policy gets no
-        frame to compute a chunk nobody will execute."""
+    def _publish_state_only(self, obs: dict) -> None:
+        """Clock and joint state without frames: the policy computes nothing from it (used at
+        an episode's end, so subscribers see where it ended, and before its first frame)."""
         self._clock_pub.publish(Clock(clock=self._stamp()))
         js = JointState(name=list(STATE_JOINT_NAMES), position=[float(v) for v in obs["state"]])
         js.header.stamp = self._stamp()
@@ -385,6 +386,10 @@ class SimBridge(Node):
             self._take_pending()  # leftovers from the last episode count as stale
         obs = env.reset(start.seed, start.index)
         self._instruction_pub.publish(String(data=env.instruction))
+        # The new episode's state and instruction reach the policy before its first frames, so
+        # the first chunk is not computed from the previous episode's (now stale) joint state.
+        self._publish_state_only(obs)
+        time.sleep(0.05)
         hand0 = obs["state"][:3].copy()
         hand, path, holds = hand0.copy(), 0.0, 0
         sim0 = self.t_ns
@@ -398,7 +403,7 @@ class SimBridge(Node):
             path += float(np.linalg.norm(obs["state"][:3] - hand))
             hand = obs["state"][:3].copy()
             self._advance(self.dt_ns, wall0, sim0)
-        self._publish_final_state(obs)
+        self._publish_state_only(obs)
         end_ns = self.t_ns
         with self._cond:  # one more tick: the next episode's stamps are strictly newer
             self.t_ns += self.dt_ns

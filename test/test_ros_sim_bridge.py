@@ -11,6 +11,8 @@ import ast
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -240,7 +242,7 @@ def bridge_params(prefix, tmp_path, **extra):
 def wait_exit(proc, log_path, timeout_s):
     try:
         return proc.wait(timeout_s)
-    except Exception:
+    except subprocess.TimeoutExpired:
         stop_node(proc)
         pytest.fail("sim_bridge did not finish in time:\n" + open(log_path).read()[-3000:])
 
@@ -391,9 +393,6 @@ def test_scripted_expert_over_dds_succeeds_like_in_process(tmp_path, ros_domain)
 
 
 def test_bad_parameters_stop_the_executable_with_a_clear_message(ros_domain):
-    import subprocess
-    import sys
-
     for arg, words in (("max_steps:=0", "max_steps out of range"),
                        ("tasks:=[reach-v2]", "accepted: reach-v3")):
         run = subprocess.run([sys.executable, "-m", "quantvla_ros.sim_bridge", "--ros-args",

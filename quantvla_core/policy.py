@@ -21,6 +21,8 @@ from .preprocess import Normalizer, images_to_array
 from .tokenizer import ByteTokenizer, prompt_text
 
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "assets" / "default_policy"
+# The same policy quantized with QuantVLA W4A8 (MT10 demo frames as calibration).
+DEFAULT_W4A8_DIR = Path(__file__).resolve().parent / "assets" / "default_policy_w4a8"
 QUANT_FILE = "quantization.json"
 
 
@@ -95,8 +97,11 @@ class Policy:
     def load(cls, source: str | Path = "default", device: str | torch.device | None = "cpu",
              dtype: str | None = None, seed: int = 0) -> "Policy":
         """'default' (the committed trained policy, else `small` with seeded random weights),
+        'default-w4a8' (that policy quantized),
         a preset name (seeded random weights) or a model / quantized-artifact directory."""
         src = str(source)
+        if src == "default-w4a8":
+            return cls.load(DEFAULT_W4A8_DIR, device, dtype, seed)
         if src == "default":
             if (DEFAULT_POLICY_DIR / "config.json").is_file():
                 return cls.load(DEFAULT_POLICY_DIR, device, dtype, seed)
@@ -107,7 +112,7 @@ class Policy:
             return cls(build_model(cfg), cfg, name=src, device=device, dtype=dtype, seed=seed)
         path = Path(src)
         if not path.exists():
-            raise CheckpointError(f"{src}: no such model directory or preset; accepted: 'default', "
+            raise CheckpointError(f"{src}: no such model directory or preset; accepted: 'default', 'default-w4a8', "
                                   f"a preset ({', '.join(PRESETS)}) or a directory with config.json")
         if not path.is_dir():
             raise CheckpointError(f"{src}: is a file; a model is a directory with config.json, "

@@ -89,9 +89,9 @@ def _check_spec(spec: str) -> None:
 
     from quantvla_core.config import PRESETS
 
-    if spec in ("expert", "noop", "default") or spec in PRESETS or Path(spec).is_dir():
+    if spec in ("expert", "noop", "default", "default-w4a8") or spec in PRESETS or Path(spec).is_dir():
         return
-    raise ValueError(f"policy {spec!r} is neither 'expert', 'noop', 'default', a preset "
+    raise ValueError(f"policy {spec!r} is neither 'expert', 'noop', 'default', 'default-w4a8', a preset "
                      f"({', '.join(PRESETS)}) nor a model directory")
 
 

@@ -128,7 +128,8 @@ class ChunkPlayer:
         dropped (latest command wins), chunks that arrived after it but start later wait.
         """
         if self.sync_start:
-            old = [c for c in self.chunks if c.executed == 0 and c.start_ns < t_ns - TOLERANCE_NS]
+            old = [c for c in self.chunks if c.executed == 0
+                   and c.start_ns + int(c.offsets_ns[0]) < t_ns - TOLERANCE_NS]
             self.chunks_too_old += len(old)
             self.chunks = [c for c in self.chunks if not any(c is o for o in old)]
         started = [i for i, c in enumerate(self.chunks) if c.start_ns <= t_ns + TOLERANCE_NS]

@@ -80,10 +80,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quick: round-to-nearest, no calibration (same run-time structure); "
                         "calib: the PTQ pipeline on synthetic data without ATM/OHB")
     p.add_argument("--layout", default="quantvla", help="quantization layout (see quantvla layout)")
+    p.add_argument("--transforms", default="smooth,rotate",
+                   help="run-time transforms of the quick quantizer: smooth,rotate (the PTQ default), "
+                        "smooth, rotate or none")
     p.add_argument("--peers", default="none", help=f"comma-separated peers ({', '.join(PEERS)}) or none")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; variants not started by then are skipped (partial results still written)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (for CI and short device calls)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the weight-memory accounting (from shapes: any preset, any machine)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (JSON, TXT, PNG)")
     p.add_argument("--tag", default=None, help="file name stem (default e2e-<card|cpu>-<date>-<presets>[-quick])")
     p.add_argument("--no-png", action="store_true")
@@ -94,7 +99,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="end-to-end chunk latency and memory, FP vs quantized",
                               description=__doc__.splitlines()[0])
     add_arguments(p)
-    p.set_defaults(func=main_from_args)
+    p.set_defaults(func=lambda a: main_from_args(a, ["quantvla"] + sys.argv[1:]))
 
 
 @dataclasses.dataclass
@@ -114,6 +119,8 @@ class BenchOptions:
     peers: list[str]
     time_budget: float | None
     quick: bool
+    memory_only: bool = False
+    transforms: tuple[str, ...] = ("smooth", "rotate")
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "BenchOptions":
@@ -144,8 +151,14 @@ class BenchOptions:
             raise ValueError(f"--steps must be >= 1, got {a.steps}")
         from .quant.layout import check_layout
         check_layout(a.layout)
+        transforms = tuple(t for t in _csv(a.transforms) if t != "none")
+        if any(t not in ("smooth", "rotate") for t in transforms):
+            raise ValueError(f"--transforms must list smooth and/or rotate (or none), got {a.transforms!r}")
+        if a.quantizer == "calib" and transforms != ("smooth", "rotate"):
+            raise ValueError("--transforms applies to --quantizer quick; calib uses the PTQ defaults")
         return cls(presets, schemes, _int_list(a.cameras, "--cameras"), a.steps, device, dtype, exec_mode,
-                   repeats, warmup, a.threads, a.quantizer, a.layout, peers, a.time_budget, a.quick)
+                   repeats, warmup, a.threads, a.quantizer, a.layout, peers, a.time_budget, a.quick,
+                   a.memory_only, transforms)
 
 
 # ---- environment -------------------------------------------------------------------------------
@@ -240,7 +253,7 @@ class _Variants:
             model = with_activation_bits(copy.deepcopy(self._w4a8.model), 4)
             return _policy(model, self.cfg, f"{self.cfg.name}-w4a4", o, "w4a4")
         model = build_fp_model(self.cfg, o.device, self.torch_dtype)
-        quick_quantize(model, self.cfg.arch, scheme, o.layout)
+        quick_quantize(model, self.cfg.arch, scheme, o.layout, transforms=o.transforms)
         pol = _policy(model, self.cfg, f"{self.cfg.name}-{scheme}", o, scheme)
         if scheme == "w4a8":
             self._w4a8 = pol
@@ -386,7 +399,7 @@ def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: b
         ok, why = peer_available(p)
         (available_peers.append(p) if ok else notes.append(f"peer {p} skipped: {why}"))
     names = list(opts.schemes) + available_peers
-    total_runs = len(opts.presets) * len(opts.cameras) * len(names) * opts.repeats
+    total_runs = 0 if opts.memory_only else len(opts.presets) * len(opts.cameras) * len(names) * opts.repeats
     bar = tqdm(total=total_runs, desc="bench chunks", unit="chunk", disable=not progress, dynamic_ncols=True)
     t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -396,7 +409,7 @@ def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: b
         if opts.steps:
             base.num_steps = opts.steps
         memory[p] = memory_table(base, [s for s in opts.schemes if s != "fp"], opts.layout)
-        for cams in opts.cameras:
+        for cams in ([] if opts.memory_only else opts.cameras):
             cfg = dataclasses.replace(base, max_cameras=cams)
             variants = _Variants(cfg, opts)
             rows += _measure_one(variants, names, cfg, cams, opts, t_start, notes, bar)
@@ -454,7 +467,7 @@ def format_report(result: dict[str, Any]) -> str:
             f"command: {env['command']}",
             "ms = median over interleaved repeats; x FP = FP total / variant total (same exec mode); "
             "cpu = thread CPU time (CPU runs)", ""]
-    parts = head + [format_table(result), ""]
+    parts = head + ([format_table(result), ""] if result["rows"] else [])
     for p, table in result["memory"].items():
         parts += [format_memory(table, f"weight memory, {p} (floats at FP16; quantized layers with scales)"), ""]
     if result["notes"]:
@@ -514,15 +527,19 @@ def save_png(result: dict[str, Any], path: Path) -> None:
 def write_results(result: dict[str, Any], out_dir: Path, tag: str | None, png: bool = True) -> dict[str, Path]:
     env = result["environment"]
     opts = result["options"]
-    stem = tag or (f"e2e-{device_tag(env)}-{env['date_utc'][:10]}-{'+'.join(opts['presets'])}"
-                   + ("-quick" if opts["quick"] else ""))
+    kind = "memory" if opts.get("memory_only") else device_tag(env)
+    stem = tag or (f"e2e-{kind}-{env['date_utc'][:10]}-{'+'.join(opts['presets'])}"
+                   + ("-quick" if opts["quick"] and not opts.get("memory_only") else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "txt": out_dir / f"{stem}.txt"}
     atomic_write_json(paths["json"], result)
     atomic_write_bytes(paths["txt"], (format_report(result) + "\n").encode("utf-8"))
     if png and result["rows"]:
-        paths["png"] = out_dir / f"{stem}.png"
-        save_png(result, paths["png"])
+        try:
+            save_png(result, out_dir / f"{stem}.png")
+            paths["png"] = out_dir / f"{stem}.png"
+        except ImportError as e:  # a bare device image may lack matplotlib: tables and JSON suffice
+            print(f"no PNG: {e}", file=sys.stderr)
     return paths
 
 
@@ -536,15 +553,15 @@ def main_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> i
     print(format_report(result))
     paths = write_results(result, Path(args.out), args.tag, png=not args.no_png)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0 if result["rows"] else 1
+    return 0 if (result["rows"] or opts.memory_only) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks/e2e.py", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "benchmarks/e2e.py") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
     try:
-        return main_from_args(args, ["benchmarks/e2e.py"] + list(argv if argv is not None else sys.argv[1:]))
+        return main_from_args(args, [prog] + list(argv if argv is not None else sys.argv[1:]))
     except ValueError as e:
         print(f"e2e: error: {e}", file=sys.stderr)
         return 2

@@ -97,12 +97,19 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quick_quantize(model: nn.Module, arch: str, scheme: str, layout: str = "quantvla",
-                   progress: Callable[[str], None] | None = None) -> nn.Module:
+                   progress: Callable[[str], None] | None = None,
+                   transforms: tuple[str, ...] = ("smooth", "rotate")) -> nn.Module:
     """Replace the layout's linears by QuantLinears in place: round-to-nearest absmax codes of
     the rotated weights (no calibration, no clip search, no ATM/OHB). Smoothing that the
-    pipeline cannot fold is kept as an identity ``inv_smooth``, so its cost is still paid."""
+    pipeline cannot fold is kept as an identity ``inv_smooth``, so its cost is still paid.
+    ``transforms`` as QuantConfig.transforms (permutation is not modelled: the pipeline's
+    default does not use it)."""
+    bad = [t for t in transforms if t not in ("smooth", "rotate")]
+    if bad:
+        raise ValueError(f"quick quantizer transforms {bad} unknown; accepted: smooth, rotate")
     modules = dict(model.named_modules())
-    for p in plan_layers(model, arch, scheme, layout):
+    for p in plan_layers(model, arch, scheme, layout, smooth="smooth" in transforms,
+                         rotate="rotate" in transforms):
         lin = modules[p.name]
         t = InputTransform()
         if p.rotation_block > 1:

@@ -92,12 +92,26 @@ def test_e2e_script_on_tiny(tmp_path):
     assert "-quick" in next(out.glob("*.json")).name
 
 
+def test_memory_only_accounts_full_size_presets_from_shapes(tmp_path, capsys):
+    rc = cli.main(["bench", "--memory-only", "--preset", "pi05-3b", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    assert "weight memory, pi05-3b" in capsys.readouterr().out
+    res = json.loads(next(tmp_path.glob("e2e-memory-*-pi05-3b.json")).read_text())
+    assert res["rows"] == []
+    mem = res["memory"]["pi05-3b"]
+    # integer layers at W4A8: int4 codes + one fp32 scale per 128 weights = 0.25 + 4/256 of FP16
+    t = mem["w4a8"]["total"]
+    assert t["quantized_bytes"] / t["quantized_fp16_bytes"] == pytest.approx(0.25 + 2 / 128, abs=1e-3)
+    assert mem["w8a8"]["components"]["vision"] == mem["fp"]["components"]["vision"]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--preset", "nope"], "accepted"),
     (["--schemes", "w3a3"], "accepted"),
     (["--exec", "graph", "--device", "cpu"], "CUDA"),
     (["--cameras", "0"], "positive"),
     (["--peers", "tensorrt"], "accepted"),
+    (["--transforms", "permute"], "smooth"),
 ])
 def test_bad_arguments_name_what_is_accepted(argv, needle, capsys, tmp_path):
     rc = cli.main(["bench", "--out", str(tmp_path), "--no-progress"] + argv)
@@ -134,6 +148,21 @@ def test_quick_quantizer_deploys_the_pipelines_layer_structure(name):
         quick_quantize(model, cfg.arch, scheme)
         quick = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
         assert quick == student.meta["modules"], scheme
+
+
+def test_quick_quantizer_without_rotation_matches_the_pipeline_smooth_only():
+    cfg = preset("tiny-pi05")
+    teacher = Policy.load("tiny-pi05", device="cpu", dtype="fp32")
+    qc = QuantConfig(scheme="w8a8", transforms=("smooth",), calib_samples=2, batch_size=2, atm=False, ohb=False,
+                     heldout_fraction=0.0)
+    student = quantize(teacher, qc, "synthetic", report=False, progress=False)
+    model = quick_quantize(build_fp_model(cfg, torch.device("cpu"), torch.float32), cfg.arch, "w8a8",
+                           transforms=("smooth",))
+    quick = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert quick == student.meta["modules"]
+    assert all(s["rotation_kind"] is None for s in quick.values())
+    with pytest.raises(ValueError, match="accepted"):
+        quick_quantize(model, cfg.arch, "w8a8", transforms=("permute",))
 
 
 def test_w4a4_from_w4a8_equals_a_fresh_w4a4():

@@ -7,7 +7,7 @@ feeding the policy node, which autostarts and publishes action chunks and /diagn
 
 Large best-effort images between processes on one machine need a Fast DDS shared-memory
 segment larger than the 512 KiB default: export FASTDDS_DEFAULT_PROFILES_FILE pointing at the
-repository's config/fastdds_large_data.xml (scripts/demo.sh does).
+repository's config/fastdds_large_data.xml (scripts/camera_demo.sh does).
 """
 import os
 

@@ -12,7 +12,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export ROS_DOMAIN_ID=${DEMO_ROS_DOMAIN_ID:-$(( (RANDOM % 90) + 110 ))}
 export FASTDDS_DEFAULT_PROFILES_FILE=${FASTDDS_DEFAULT_PROFILES_FILE:-$root/config/fastdds_large_data.xml}
 export PYTHONUNBUFFERED=1 RCUTILS_COLORIZED_OUTPUT=0
-model=${1:-tiny}  # the tiny preset keeps 30 Hz on 2 cores; `demo.sh default` runs the committed policy
+model=${1:-tiny}  # the tiny preset keeps 30 Hz on 2 cores; `camera_demo.sh default` runs the committed policy
 seconds=${DEMO_SECONDS:-6}
 py=.venv/bin/python
 pids=()

@@ -107,7 +107,7 @@ def test_synthetic_camera_publishes_raw_compressed_instruction_and_joints(ros_en
 @pytest.mark.slow
 def test_demo_command_prints_chunks_and_diagnostics(ros_env):
     env = dict(os.environ, DEMO_SECONDS="3")
-    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "demo.sh")], env=env,
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "camera_demo.sh")], env=env,
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "chunk   1: 8 points x 4 joints" in out.stdout

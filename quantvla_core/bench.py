@@ -182,11 +182,22 @@ def _git_commit() -> str | None:
         return None
 
 
+def _git_dirty() -> bool | None:
+    """Whether the code that ran differs from the commit (library, kernels, benchmarks)."""
+    try:
+        r = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "quantvla_core", "kernels",
+                            "benchmarks/e2e.py"], capture_output=True, text=True, timeout=5)
+        return bool(r.stdout.strip()) if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment(device: torch.device, threads: int, argv: list[str] | None) -> dict[str, Any]:
     env: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv)),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
         "device": str(device),
@@ -462,7 +473,8 @@ def format_report(result: dict[str, Any]) -> str:
     env = result["environment"]
     where = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch thread(s))"
     head = [f"quantvla bench - {env['date_utc']} - {where}",
-            f"torch {env['torch']}, triton {env.get('triton')}, commit {env.get('git_commit')}; "
+            f"torch {env['torch']}, triton {env.get('triton')}, commit {env.get('git_commit')}"
+            f"{' (+ local changes)' if env.get('git_dirty') else ''}; "
             f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}",
             f"command: {env['command']}",
             "ms = median over interleaved repeats; x FP = FP total / variant total (same exec mode); "

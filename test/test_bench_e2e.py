@@ -92,6 +92,18 @@ def test_e2e_script_on_tiny(tmp_path):
     assert "-quick" in next(out.glob("*.json")).name
 
 
+def test_calibrated_quantizer_and_smooth_only_entry_points(tmp_path, capsys):
+    for extra in (["--quantizer", "calib"], ["--transforms", "smooth"]):
+        out = tmp_path / extra[1]
+        rc = cli.main(["bench", "--preset", "tiny", "--schemes", "fp,w8a8", "--cameras", "1", "--repeats", "1",
+                       "--warmup", "0", "--out", str(out), "--no-progress", "--no-png"] + extra)
+        assert rc == 0
+        _check_printed_table(capsys.readouterr().out, [1], ("fp", "w8a8"))
+        res = json.loads(next(out.glob("*.json")).read_text())
+        assert {r["scheme"] for r in res["rows"]} == {"fp32", "w8a8"}
+        assert res["options"][extra[0][2:]] == (extra[1] if extra[1] == "calib" else ["smooth"])
+
+
 def test_memory_only_accounts_full_size_presets_from_shapes(tmp_path, capsys):
     rc = cli.main(["bench", "--memory-only", "--preset", "pi05-3b", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0

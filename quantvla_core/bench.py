@@ -535,6 +535,10 @@ def save_png(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{p}: weight memory")
         ax.set_ylabel("MiB")
         ax.legend(fontsize=7)
+    o, env = result["options"], result["environment"]
+    fig.suptitle(f"{env.get('gpu') or env['cpu']} - {env['date_utc'][:10]} - {o.get('quantizer', 'quick')} quantizer, "
+                 f"transforms {'+'.join(o.get('transforms', ['smooth', 'rotate'])) or 'none'}, layout {o.get('layout')}",
+                 fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=80)

@@ -15,8 +15,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" || exit 1
 common=(--device cuda --schemes fp,w4a8,w8a8,w4a4 --quick --out "$OUT_DIR" --no-progress)
 if [ "${1:-main}" = "peers" ]; then
-  timeout 250 $PY benchmarks/e2e.py --preset groot-n15 --cameras 1 "${common[@]}" --schemes fp,w4a8 \
-    --peers compile,torchao-int8dq,torchao-int4wo --time-budget 200
+  timeout 220 $PY benchmarks/e2e.py --preset groot-n15 --cameras 1 "${common[@]}" --schemes fp,w4a8 \
+    --peers compile,torchao-int8dq,torchao-int4wo --time-budget 170
   exit $?
 fi
 SECONDS=0

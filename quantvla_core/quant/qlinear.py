@@ -107,6 +107,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if static_act else None)
         # Host models read .weight.dtype: an empty float buffer that follows .to(dtype).
         self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+        # Decided once here (the layer's configuration never changes): whether the lean CPU
+        # forward applies, and whether a 4-bit activation rotation must run before quantizing
+        # (an int4 packing group would split a rotation block inside the quantization kernel).
+        self._rotate_first = (rotation_kind is not None and a_bits == 4
+                              and ((in_features % 128) // 2) % max(rotation_block, 1) != 0)
+        self._lean_cpu = a_bits is not None and not static_act and not (w_bits == 8 and group_size)
+        # Lean CPU cache (see _cpu_operands): a plain attribute, not a buffer, so it is neither in
+        # the state_dict nor counted as weight bytes by Policy.describe() / memory reports.
+        self._cpu_cache: tuple | None = None
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -205,6 +214,12 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = self.backend or get_default_backend()
+        if (getattr(self, "_lean_cpu", False) and x2.device.type == "cpu" and x2.shape[0]
+                and backend in ("auto", "cpu")):
+            k = _kernels()
+            if k.resolve_backend(None if backend == "auto" else backend, x2.device) == "cpu":
+                y = self._forward_cpu(x2, k.ops)
+                return (y if x.dtype == torch.float32 else y.to(x.dtype)).reshape(*lead, self.out_features)
         if backend == "reference":
             y = self.forward_reference(x2)
         elif backend in ("auto", "cpu", "triton"):
@@ -234,6 +249,48 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(torch.float64)
         return y
+
+    def _cpu_operands(self, ops) -> tuple:
+        """(int8 weight groups, int64 perm) for the lean CPU forward, built on first CPU use and
+        rebuilt when qweight is replaced or changed in place (keyed by the tensor object and
+        its version counter). Costs N x K bytes per 4-bit layer (2x its packed codes)."""
+        srcs = (self.qweight, self.perm, self.inv_smooth, self.rotation)
+        try:
+            version = tuple(-1 if t is None else t._version for t in srcs)
+        except RuntimeError:  # inference tensors carry no version counter: rebuild each call
+            version = None
+        cache = self._cpu_cache
+        if (version is not None and cache is not None and cache[1] == version
+                and all(a is b for a, b in zip(cache[0], srcs))):
+            return cache[2], cache[3]
+        qw, perm = self.qweight, self.perm
+        groups = ops.cpu_weight_groups(qw, self.w_bits, self.in_features, self.group_size)
+        if tuple(self.wscale.shape) != ((self.out_features, self.in_features // self.group_size)
+                                        if self.group_size else (self.out_features,)):
+            raise ValueError(f"wscale has shape {tuple(self.wscale.shape)}, which does not match "
+                             f"{self.out_features} outputs and group_size {self.group_size}")
+        perm64 = None if perm is None else perm.long()
+        if version is not None:
+            self._cpu_cache = (srcs, version, groups, perm64)
+        return groups, perm64
+
+    def cpu_cache_bytes(self) -> int:
+        """Bytes the lean CPU forward holds beyond the stored codes (0 until first CPU use)."""
+        if self._cpu_cache is None or self.w_bits == 8:  # int8 codes are used in place
+            return 0
+        return sum(g.numel() * g.element_size() for g in self._cpu_cache[2])
+
+    def _forward_cpu(self, x2: torch.Tensor, ops) -> torch.Tensor:
+        """Lean CPU forward: one pass of the activation transform, int8 codes for 8 and 4 bits
+        (4-bit codes are never packed), cached unpacked weights; same numbers as
+        quantize_per_token + gemm_* on backend 'cpu'."""
+        groups, perm = self._cpu_operands(ops)
+        xf = x2 if x2.dtype == torch.float32 else x2.float()
+        if self._rotate_first:
+            q, xs = ops.cpu_quantize_codes(self.input_transform().apply(xf), self.a_bits)
+        else:
+            q, xs = ops.cpu_quantize_codes(xf, self.a_bits, self.inv_smooth, perm, self.rotation)
+        return ops.cpu_int_linear(q, xs, groups, self.wscale, self.bias)
 
     def _forward_kernels(self, x2: torch.Tensor, backend: str | None) -> torch.Tensor:
         if self.a_bits is None:  # weight-only: dequantize into the compute dtype

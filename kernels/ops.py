@@ -964,7 +964,9 @@ def cpu_int_linear(q: torch.Tensor, xs: torch.Tensor, w_groups: tuple, ws: torch
         acc = torch.empty((ng, q.shape[0], w_groups[0].shape[0]), dtype=torch.int32)
         for g, wg in enumerate(w_groups):
             torch._int_mm(q[:, g * gs:(g + 1) * gs], wg.t(), out=acc[g])
-        part = acc.to(torch.float32).mul_(ws.t()[:, None, :])  # acc_g * ws[:, g], all groups at once
+        # acc_g * ws[:, g] for all groups at once (a contiguous (G, 1, N) scale: 2x faster than
+        # broadcasting the transposed view)
+        part = acc.to(torch.float32).mul_(ws.t().contiguous()[:, None, :])
         y = part[0].add(0.0)  # 0 + p0 as the general path does (turns -0.0 into +0.0)
         for g in range(1, ng):  # then in group order: float sums are not associative
             y.add_(part[g])

@@ -25,9 +25,13 @@ from .vision import VisionTower
 
 @dataclass
 class PrefixCache:
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, Hkv, Tp, D)
+    """Static KV cache: per layer K/V buffers (B, Hkv, Tp + Ts, D) holding the prefix in
+    [:Tp]; every denoising step writes its own suffix K/V into [Tp:] in place, so no step
+    copies the prefix (and the buffers keep fixed addresses for CUDA graphs)."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
     valid: torch.Tensor  # (B, Tp) bool
     next_position: torch.Tensor  # (B,) long
+    prefix_len: int
 
 
 class PaliGemmaModel(nn.Module):
@@ -110,7 +114,15 @@ class PI0Model(FlowMatchingVLA):
         x, valid, positions = self._prefix_embeddings(batch, image_tokens)
         mask = valid[:, None, None, :]
         _, kv = self._pg.language_model(x, positions, mask, return_kv=True)
-        return PrefixCache(kv=kv, valid=valid, next_position=valid.long().sum(-1))
+        tp, ts = x.shape[1], self.cfg.horizon + (0 if self.pi05 else 1)
+        static = []
+        for k, v in kv:
+            kb = k.new_empty(k.shape[0], k.shape[1], tp + ts, k.shape[3])
+            vb = v.new_empty(v.shape[0], v.shape[1], tp + ts, v.shape[3])
+            kb[:, :, :tp] = k
+            vb[:, :, :tp] = v
+            static.append((kb, vb))
+        return PrefixCache(kv=static, valid=valid, next_position=valid.long().sum(-1), prefix_len=tp)
 
     # -- suffix ----------------------------------------------------------------------------
     def _suffix(self, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor):
@@ -140,12 +152,13 @@ class PI0Model(FlowMatchingVLA):
                           self_mask[None].expand(b, -1, -1)], dim=-1)[:, None]
         expert = self._expert
         cos, sin = rope_cos_sin(positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype)
-        for layer, (pk, pv) in zip(expert.layers, cache.kv):
+        tp = cache.prefix_len
+        for layer, (kb, vb) in zip(expert.layers, cache.kv):
             h, gate = layer.norm(layer.input_layernorm, x, cond)
             q, k, v = layer.self_attn.qkv(h, cos, sin)
-            k = torch.cat([pk.to(k.dtype), k], dim=2)
-            v = torch.cat([pv.to(v.dtype), v], dim=2)
-            x = layer.finish(x, layer.self_attn.attend(q, k, v, mask), gate, cond)
+            kb[:, :, tp:] = k
+            vb[:, :, tp:] = v
+            x = layer.finish(x, layer.self_attn.attend(q, kb, vb, mask), gate, cond)
         x = expert.final_norm(x, cond)
         return self.action_out_proj(x[:, -self.cfg.horizon:])
 

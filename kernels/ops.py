@@ -940,14 +940,25 @@ def cpu_quantize_codes(x: torch.Tensor, bits: int, inv_smooth=None, perm=None, r
             v = torch.einsum("mgb,gbc->mgc", v.reshape(m, k // b, b), rotation).reshape(m, k)
     amax = v.abs().amax(dim=1)
     pos = amax > 0
-    safe = torch.where(pos, amax, torch.ones_like(amax))
-    qm = torch.full_like(amax, float(qmax))
-    scale = torch.where(pos, safe / qm, torch.ones_like(amax))
-    inv = torch.where(pos, qm / safe, torch.zeros_like(amax))
+    # Same IEEE quotients as the general path's full_like divisor (a one-element tensor, not a
+    # Python number: "number / tensor" is not computed as that quotient); rows with amax 0 get
+    # scale 1 and inverse 0 from the where, so their inf/nan quotients are never used.
+    qm = _cpu_qmax_tensor(qmax)
+    scale = torch.where(pos, amax / qm, 1.0)
+    inv = torch.where(pos, qm / amax, 0.0)
     # |v * inv| <= qmax (1 + 2^-23) < qmax + 0.5, so rounding never leaves [-qmax, qmax]: the
     # clamp of the general path is a no-op here and is skipped.
     q = torch.mul(v, inv[:, None]).round_().to(torch.int8)
     return q, scale
+
+
+_CPU_QMAX: dict = {}
+
+
+def _cpu_qmax_tensor(qmax: int) -> torch.Tensor:
+    if qmax not in _CPU_QMAX:
+        _CPU_QMAX[qmax] = torch.tensor([float(qmax)])
+    return _CPU_QMAX[qmax]
 
 
 def cpu_int_linear(q: torch.Tensor, xs: torch.Tensor, w_groups: tuple, ws: torch.Tensor,

@@ -957,7 +957,8 @@ _CPU_QMAX: dict = {}
 
 def _cpu_qmax_tensor(qmax: int) -> torch.Tensor:
     if qmax not in _CPU_QMAX:
-        _CPU_QMAX[qmax] = torch.tensor([float(qmax)])
+        with torch.inference_mode(False):  # a normal tensor, also usable by autograd callers
+            _CPU_QMAX[qmax] = torch.tensor([float(qmax)])
     return _CPU_QMAX[qmax]
 
 

@@ -157,3 +157,17 @@ def test_cpu_weight_groups_rejects_mismatched_codes():
         ops.cpu_weight_groups(torch.zeros(4, 128, dtype=torch.int8), 8, 128, 48)
     groups = ops.cpu_weight_groups(qk.pack_int4(torch.randint(-7, 8, (4, 256), dtype=torch.int8)), 4, 256, 128)
     assert len(groups) == 2 and all(g.shape == (4, 128) and g.is_contiguous() for g in groups)
+
+
+def test_cache_built_in_inference_mode_serves_grad_mode_callers():
+    """Policy.predict runs under inference_mode; a later caller (calibration, a user's script)
+    may run the same layer with autograd on."""
+    lin = nn.Linear(128, 16)
+    t = InputTransform(inv_smooth=torch.rand(128) + 0.5, perm=torch.randperm(128))
+    ql = QuantLinear.from_linear(lin, w_bits=4, a_bits=8, group_size=64, transform=t)
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        y0 = ql(x)
+    xg = x.clone().requires_grad_(True)
+    y1 = ql(xg)
+    assert torch.equal(y0, y1.detach())

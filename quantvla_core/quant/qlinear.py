@@ -264,12 +264,13 @@ class QuantLinear(nn.Module):
                 and all(a is b for a, b in zip(cache[0], srcs))):
             return cache[2], cache[3]
         qw, perm = self.qweight, self.perm
-        groups = ops.cpu_weight_groups(qw, self.w_bits, self.in_features, self.group_size)
+        with torch.inference_mode(False):  # normal tensors: usable later outside inference mode
+            groups = ops.cpu_weight_groups(qw, self.w_bits, self.in_features, self.group_size)
+            perm64 = None if perm is None else perm.long()
         if tuple(self.wscale.shape) != ((self.out_features, self.in_features // self.group_size)
                                         if self.group_size else (self.out_features,)):
             raise ValueError(f"wscale has shape {tuple(self.wscale.shape)}, which does not match "
                              f"{self.out_features} outputs and group_size {self.group_size}")
-        perm64 = None if perm is None else perm.long()
         if version is not None:
             self._cpu_cache = (srcs, version, groups, perm64)
         return groups, perm64

@@ -62,6 +62,12 @@ class FrameStore:
             self._closed = True
             self._cond.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        """True after close() until clear(): a waiter on a closed store must stop waiting."""
+        with self._cond:
+            return self._closed
+
     def clear(self) -> None:
         with self._cond:
             for q in self._queues:

@@ -48,7 +48,8 @@ SPECS: tuple[Spec, ...] = (
          "state subscription (zeros are fed when require_joint_state is false)."),
     Spec("state_joint_names", [], "Joint names picked from JointState in model order; empty "
          "= the message's positions in order (must be exactly the model's state_dim).", empty_type="string[]"),
-    Spec("require_joint_state", True, "Refuse to act until a valid, fresh joint state arrived.",
+    Spec("require_joint_state", True, "Refuse to act until a valid, fresh joint state arrived; "
+         "false: zeros are fed until the first one (a stale one still gives no action).",
          live=True),
     Spec("trajectory_topic", "joint_trajectory", "Output trajectory_msgs/JointTrajectory (the "
          "whole chunk: one point per step, time_from_start = k * action_dt, k = 0..N-1)."),
@@ -110,6 +111,8 @@ SPECS: tuple[Spec, ...] = (
 )
 
 SPEC_BY_NAME = {s.name: s for s in SPECS}
+# String-array parameters whose "" entries carry meaning (positional: one entry per topic).
+KEEP_BLANKS = frozenset({"camera_types"})
 
 
 def descriptor(spec: Spec) -> ParameterDescriptor:
@@ -146,6 +149,9 @@ def values(node) -> dict:
         except ParameterUninitializedException:
             value = None
         if spec.empty_type:
-            value = [v for v in (value or []) if v != ""]
+            # A blank camera_types entry means "infer from the topic"; elsewhere blanks mean nothing.
+            value = list(value or [])
+            if spec.name not in KEEP_BLANKS:
+                value = [v for v in value if v != ""]
         out[spec.name] = value
     return out

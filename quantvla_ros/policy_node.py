@@ -9,6 +9,7 @@ refused before the model, logged once per burst and counted in /diagnostics.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import threading
 import time
@@ -74,6 +75,9 @@ def camera_kinds(topics: list[str], types: list[str]) -> list[str]:
 
 
 class PolicyNode(LifecycleNode):
+    # How long deactivate/cleanup wait for an inference in flight before giving up.
+    stop_timeout_s = 30.0
+
     def __init__(self, node_name: str = "policy_node", **kwargs):
         super().__init__(node_name, **kwargs)
         P.declare_all(self)
@@ -86,7 +90,7 @@ class PolicyNode(LifecycleNode):
         self._traj_pub = None
         self._frames: FrameStore | None = None
         self._thread: threading.Thread | None = None
-        self._running = threading.Event()
+        self._stop = threading.Event()  # the running thread's own stop flag (new per thread)
         self._instruction = None  # (text, receive time s) or None
         self._joint_state = None  # (vector, receive time s) or None
         self._last_stamp: list[float | None] = []
@@ -272,11 +276,15 @@ class PolicyNode(LifecycleNode):
             raise ConfigError(f"action_min must be < action_max; not so at index {bad[:5]}")
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._thread is not None and self._thread.is_alive():
+            self.get_logger().error("activate refused: the previous inference thread is still "
+                                    "running (an inference did not finish); try again later")
+            return TransitionCallbackReturn.FAILURE
         self._frames.clear()
         self._aggregator.reset()
-        self._running.set()
-        self._thread = threading.Thread(target=self._inference_loop, name="quantvla-inference",
-                                        daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._inference_loop, args=(self._frames, self._stop),
+                                        name="quantvla-inference", daemon=True)
         self._thread.start()
         self._lifecycle = "active"
         self.get_logger().info("activated: publishing action chunks"
@@ -284,16 +292,27 @@ class PolicyNode(LifecycleNode):
                                   if self._live("dry_run") else ""))
         return super().on_activate(state)
 
-    def _stop_thread(self) -> None:
-        self._running.clear()
+    def _stop_thread(self) -> bool:
+        """Stop the inference thread; False (and an error logged) if it is still running after
+        stop_timeout_s. It keeps its own stop flag and closed store, so it exits on its own later
+        and a new thread is never started beside it."""
+        self._stop.set()
         if self._frames is not None:
             self._frames.close()
         if self._thread is not None:
-            self._thread.join(timeout=30.0)
+            self._thread.join(timeout=self.stop_timeout_s)
+            if self._thread.is_alive():
+                self.get_logger().error(f"the inference thread did not stop within "
+                                        f"{self.stop_timeout_s} s (an inference is still running)")
+                return False
             self._thread = None
+        return True
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_thread()
+        if not self._stop_thread():
+            self.get_logger().error("deactivate refused: the node stays active (it publishes at "
+                                    "most the chunk in flight); deactivate again once it finished")
+            return TransitionCallbackReturn.FAILURE
         self._lifecycle = "inactive"
         self.get_logger().info("deactivated")
         return super().on_deactivate(state)
@@ -419,13 +438,13 @@ class PolicyNode(LifecycleNode):
             self._refuse("instruction", "stale", f"instruction is {now - instruction[1]:.2f} s "
                          f"old (instruction_timeout_s {timeout})", "warn")
             return None
-        if not self._cfg["joint_state_topic"] or not self._live("require_joint_state"):
-            state = joint_state[0] if joint_state else np.zeros(self._cfg["state_dim"], np.float32)
-            return instruction[0], state
         if joint_state is None:
+            if not self._cfg["joint_state_topic"] or not self._live("require_joint_state"):
+                return instruction[0], np.zeros(self._cfg["state_dim"], np.float32)
             self._refuse("joint_state", "missing", "no valid joint state yet on "
                          f"{self._cfg['joint_state_topic']}; no action", "warn")
             return None
+        # A state that arrived but went stale is never fed, required or not.
         timeout = self._live("joint_state_timeout_s")
         if timeout > 0 and now - joint_state[1] > timeout:
             self._refuse("joint_state", "stale", f"joint state is {now - joint_state[1]:.2f} s old "
@@ -434,11 +453,11 @@ class PolicyNode(LifecycleNode):
         return instruction[0], joint_state[0]
 
     # ------------------------------------------------------------------ inference
-    def _inference_loop(self) -> None:
-        frames = self._frames
+    def _inference_loop(self, frames: FrameStore, stop: threading.Event) -> None:
+        """Runs until its own stop flag is set or its store is closed (never another's)."""
         retry_generation = -1
         last_start = 0.0
-        while self._running.is_set():
+        while not stop.is_set() and not frames.closed:
             try:
                 rate = self._live("replan_rate_hz")
                 if rate > 0:
@@ -491,6 +510,12 @@ class PolicyNode(LifecycleNode):
             self._refuse("model", "nonfinite_actions", "the model returned non-finite actions; "
                          "chunk not published")
             return
+        self._aggregator.mode = self._live("chunk_aggregation")
+        self._aggregator.weight_new = self._live("aggregation_weight_new")
+        # Limits apply to what is published: the blend with the previous chunk (limited when it
+        # was published, maybe under looser limits) can leave limits tightened since.
+        before_merge = copy.deepcopy(self._aggregator)
+        actions, blended = self._aggregator.merge(actions, matched.stamp_s)
         lo, hi = self._live("action_min"), self._live("action_max")
         if lo or hi:
             try:
@@ -498,6 +523,7 @@ class PolicyNode(LifecycleNode):
             except ConfigError as exc:  # e.g. only one of the two set yet: never act unlimited
                 self._counters.bump("chunks_refused_limits")
                 self._refuse("model", "action_limits_invalid", f"{exc}; chunk not published")
+                self._aggregator = before_merge  # a refused chunk is not blended with later
                 return
             lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
             outside = (actions < lo) | (actions > hi)
@@ -507,13 +533,12 @@ class PolicyNode(LifecycleNode):
                     self._refuse("model", "action_limits", f"{int(outside.sum())} action values "
                                  "leave [action_min, action_max] and clip_actions is false; chunk "
                                  "not published")
+                    self._aggregator = before_merge
                     return
                 self._counters.bump("chunks_clipped")
                 self._counters.bump("values_clipped", int(outside.sum()))
                 actions = np.clip(actions, lo, hi)
-        self._aggregator.mode = self._live("chunk_aggregation")
-        self._aggregator.weight_new = self._live("aggregation_weight_new")
-        actions, self._last_blended = self._aggregator.merge(actions, matched.stamp_s)
+        self._last_blended = blended
         msg = JointTrajectory()
         stamp_msg, t_recv_node, t_converted, convert_ms = matched.meta
         msg.header.stamp = stamp_msg

@@ -497,6 +497,69 @@ def test_weighted_average_blends_overlap_aligned_by_stamp(active_node):
     h.set_params("policy_node", chunk_aggregation="latest_only")
 
 
+def test_stale_joint_state_gives_no_action_even_when_not_required(active_node):
+    """require_joint_state false feeds zeros only before any state came; a state that came and
+    went stale is refused like on the required path (docs: stale joint states give no action)."""
+    h, proc, _ = active_node
+    assert all(r.successful for r in h.set_params("policy_node", require_joint_state=False,
+                                                  joint_state_timeout_s=0.5))
+    try:
+        h.send_joints()
+        h.act()
+        before = h.counter("stale.joint_state.stale")
+        time.sleep(0.7)  # the last joint state is now older than 0.5 s
+        stamps = [h.send_pair() for _ in range(2)]
+        h.wait_for(lambda: h.counter("stale.joint_state.stale") > before, 5.0,
+                   "a stale joint state refused although not required")
+        time.sleep(0.3)
+        assert all(h.trajectory_for(s) is None for s in stamps)
+        h.send_joints()
+        h.act()
+    finally:
+        h.set_params("policy_node", require_joint_state=True, joint_state_timeout_s=0.0)
+    assert proc.poll() is None
+
+
+def test_limits_apply_to_the_blended_chunk(active_node):
+    """A chunk published without limits, then limits tightened: the weighted_average blend of
+    the (clipped) new chunk with the old tail must still be inside the limits."""
+    h, _, _ = active_node
+    h.set_params("policy_node", chunk_aggregation="latest_only", clip_actions=True,
+                 action_min=[-1e6] * 4, action_max=[1e6] * 4)
+    _, raw = h.act()  # the fixed model output (same inputs and seed every time)
+    raw = np.array([p.positions for p in raw.points])
+    # a limit at which blending the clipped new chunk with the unclipped old tail leaves it
+    lim = next((f * np.abs(raw).max() for f in (0.9, 0.7, 0.5, 0.3, 0.1)
+                if (np.abs(0.7 * np.clip(raw[:HORIZON - 2], -f * np.abs(raw).max(),
+                                         f * np.abs(raw).max()) + 0.3 * raw[2:])
+                    > f * np.abs(raw).max() + 1e-4).any()), None)
+    assert lim is not None, "no limit separates blend-then-clip from clip-then-blend"
+    try:
+        assert all(r.successful for r in h.set_params("policy_node",
+                                                      chunk_aggregation="weighted_average"))
+        time.sleep(0.5)  # > horizon * dt: the next chunk has nothing to blend with
+        s1 = h.send_pair()
+        h.wait_for(lambda: h.trajectory_for(s1) is not None, 5.0, "unlimited first chunk")
+        np.testing.assert_allclose([p.positions for p in h.trajectory_for(s1).points], raw,
+                                   rtol=1e-5, atol=1e-6)
+        assert all(r.successful for r in h.set_params("policy_node", action_min=[-lim] * 4,
+                                                      action_max=[lim] * 4))
+        t2 = s1.sec + s1.nanosec * 1e-9 + 2 * DT  # old steps 2.. overlap new steps 0..
+        s2 = h.stamp()
+        s2.sec, s2.nanosec = int(t2), int(round((t2 - int(t2)) * 1e9))
+        h.send_pair(s2)
+        h.wait_for(lambda: h.trajectory_for(s2) is not None, 5.0, "blended chunk")
+        second = np.array([p.positions for p in h.trajectory_for(s2).points])
+        expect = raw.copy()
+        expect[:HORIZON - 2] = 0.7 * raw[:HORIZON - 2] + 0.3 * raw[2:]
+        expect = np.clip(expect, -lim, lim)
+        assert np.abs(second).max() <= lim * (1 + 1e-6)
+        np.testing.assert_allclose(second, expect, rtol=1e-5, atol=1e-6)
+    finally:
+        h.set_params("policy_node", chunk_aggregation="latest_only", action_min=[-1e6] * 4,
+                     action_max=[1e6] * 4)
+
+
 @pytest.fixture(scope="module")
 def managed_node(ros_env, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("node_b")
@@ -624,3 +687,108 @@ def test_use_sim_time_judges_stamps_against_clock(managed_node):
     finally:
         stop.set()
         ticker.join()
+
+
+# ---------------------------------------------------------------- in-process lifecycle checks
+def _inproc_node(ros_env, name, **over):
+    """A PolicyNode in this process (own context) driven through its callbacks directly."""
+    from quantvla_ros.policy_node import PolicyNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=ros_env)
+    params = _node_params(name, camera_topics=[f"/{name}/cam0/image_raw"], joint_state_topic="",
+                          warmup_count=0)
+    params.update(over)
+    node = PolicyNode(name, context=ctx,
+                      parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    return ctx, node
+
+
+def _close_inproc(ctx, node):
+    node._stop_thread()
+    node.destroy_node()
+    rclpy.try_shutdown(context=ctx)
+
+
+class _GatedPolicy:
+    """The real tiny policy behind a gate: predict blocks until the test opens it, like an
+    inference (e.g. a hung GPU call) that outlives the node's stop timeout."""
+
+    def __init__(self, policy):
+        self.policy, self.config = policy, policy.config
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def predict(self, observation, seed=0):
+        self.entered.set()
+        self.gate.wait(30.0)
+        return self.policy.predict(observation, seed=seed)
+
+
+def _inference_threads():
+    return [t for t in threading.enumerate() if t.name == "quantvla-inference" and t.is_alive()]
+
+
+def _feed(node):
+    msg = rgb_to_image(render_scene(64, 48, 0.0), "rgb8")
+    msg.header.stamp = node.get_clock().now().to_msg()
+    node._on_image(0, msg)
+
+
+def test_stuck_inference_refuses_deactivate_and_never_runs_two_threads(ros_env):
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+
+    ctx, node = _inproc_node(ros_env, "qc")
+    gated = None
+    try:
+        assert node.trigger_configure() == R.SUCCESS
+        gated = _GatedPolicy(node._policy)
+        node._policy = gated
+        node.stop_timeout_s = 0.3
+        node._on_instruction(String(data="pick up the red block"))
+        assert node.trigger_activate() == R.SUCCESS
+        _feed(node)
+        assert gated.entered.wait(10.0), "the inference never started"
+        assert node.trigger_deactivate() == R.FAILURE  # the thread did not stop in time
+        assert node._lifecycle == "active" and len(_inference_threads()) == 1
+        gated.gate.set()  # the stuck inference returns; its own stop flag ends the thread
+        end = time.monotonic() + 10.0
+        while _inference_threads() and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not _inference_threads()
+        assert node.trigger_deactivate() == R.SUCCESS
+        assert node.trigger_activate() == R.SUCCESS and len(_inference_threads()) == 1
+        assert node.trigger_deactivate() == R.SUCCESS and not _inference_threads()
+    finally:
+        if gated is not None:
+            gated.gate.set()
+        _close_inproc(ctx, node)
+
+
+def test_inference_loop_exits_when_its_store_is_closed(ros_env):
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+
+    ctx, node = _inproc_node(ros_env, "qd")
+    try:
+        assert node.trigger_configure() == R.SUCCESS
+        assert node.trigger_activate() == R.SUCCESS
+        thread = node._thread
+        node._frames.close()  # e.g. a store left behind by cleanup: the loop must not spin on it
+        thread.join(5.0)
+        assert not thread.is_alive()
+        assert node.trigger_deactivate() == R.SUCCESS
+    finally:
+        _close_inproc(ctx, node)
+
+
+def test_blank_camera_type_entry_infers_from_topic_at_configure(ros_env):
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+
+    ctx, node = _inproc_node(ros_env, "qe", camera_topics=["/qe/cam0/image_raw",
+                                                           "/qe/cam1/image_raw/compressed"],
+                             camera_types=["", "compressed"])
+    try:
+        assert node.trigger_configure() == R.SUCCESS, node._config_error
+        assert node._cfg["kinds"] == ["raw", "compressed"]
+        assert node._cfg["camera_types"] == ["", "compressed"]
+    finally:
+        _close_inproc(ctx, node)

@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -325,11 +324,13 @@ def format_table(rows: list[dict], methods: list[str]) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Through quantvla_core.fileio: fsynced, and no temp file is left behind on failure."""
+    try:
+        from quantvla_core.fileio import atomic_write_bytes
+    except ImportError:  # run as a script from a checkout that is not installed
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from quantvla_core.fileio import atomic_write_bytes
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,7 +16,6 @@ Prints a table and writes JSON (+ PNG with --plot) under runs/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -39,11 +38,9 @@ def _percentiles(values) -> dict:
 
 
 def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    """fsynced, and no temp file is left behind on failure."""
+    from quantvla_core.fileio import atomic_write_json
+    atomic_write_json(path, data)
 
 
 def main(argv=None) -> int:
@@ -256,8 +253,12 @@ def main(argv=None) -> int:
         ax2.set_xlabel("s")
         fig.tight_layout()
         png = os.path.splitext(args.out)[0] + ".png"
-        fig.savefig(png + ".tmp.png", dpi=100)
-        os.replace(png + ".tmp.png", png)
+        import io
+
+        from quantvla_core.fileio import atomic_write_bytes
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        atomic_write_bytes(png, buf.getvalue())
         print(f"wrote {png}")
     return 0
 

@@ -12,7 +12,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
+
+from quantvla_core.fileio import atomic_write_bytes
 
 
 def write_params(path: str, params_by_node: dict[str, dict]) -> str:
@@ -21,11 +22,7 @@ def write_params(path: str, params_by_node: dict[str, dict]) -> str:
     for node, params in params_by_node.items():
         lines += [f"{node}:", "  ros__parameters:"]
         lines += [f"    {name}: {json.dumps(value)}" for name, value in params.items()]
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 

@@ -199,3 +199,95 @@ def test_parameter_descriptors_have_descriptions_and_ranges():
         assert d.description
         if spec.lo is not None:
             assert d.floating_point_range or d.integer_range
+
+
+@pytest.fixture
+def param_node(monkeypatch):
+    """A plain rclpy node in its own context (loopback discovery, a domain of this test's own)."""
+    import os
+
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    domain = 100 + (os.getpid() * 7 + 41) % 100
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=domain)
+    nodes = []
+
+    def make(**overrides):
+        node = rclpy.create_node(f"param_node_{len(nodes)}", context=ctx, parameter_overrides=[
+            Parameter(k, value=v) for k, v in overrides.items()])
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.destroy_node()
+    rclpy.try_shutdown(context=ctx)
+
+
+def test_params_keep_blank_camera_types_but_drop_other_blanks(param_node):
+    from quantvla_ros import params as P
+    from quantvla_ros.policy_node import camera_kinds
+
+    node = param_node(camera_topics=["/a/image_raw", "/b/image_raw/compressed"],
+                      camera_types=["", "compressed"], joint_names=["j0", "", "j1"])
+    P.declare_all(node)
+    v = P.values(node)
+    assert v["camera_types"] == ["", "compressed"]  # positional: "" = infer from the topic
+    assert camera_kinds(v["camera_topics"], v["camera_types"]) == ["raw", "compressed"]
+    assert v["joint_names"] == ["j0", "j1"]
+    assert v["action_min"] == [] and v["state_joint_names"] == []  # unset typed lists
+
+
+def test_write_params_is_atomic_and_reads_back(tmp_path):
+    import yaml
+
+    from quantvla_ros.node_process import write_params
+
+    path = tmp_path / "params.yaml"
+    write_params(str(path), {"n": {"camera_types": ["", "compressed"], "action_dt": 0.05}})
+    assert yaml.safe_load(path.read_text()) == {
+        "n": {"ros__parameters": {"camera_types": ["", "compressed"], "action_dt": 0.05}}}
+    before = path.read_bytes()
+    with pytest.raises(UnicodeEncodeError):  # a name that cannot be written as UTF-8
+        write_params(str(path), {"n": {"bad\ud800": 1}})
+    assert path.read_bytes() == before  # the old file stands, no temp file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def _load_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", root / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_node_overhead_json_write_leaves_no_temp_file_on_failure(tmp_path):
+    import json
+
+    bench = _load_script("node_overhead")
+    path = tmp_path / "result.json"
+    bench._write_json(str(path), {"p99_ms": 4.5, "n": 3})
+    assert json.loads(path.read_text()) == {"p99_ms": 4.5, "n": 3}
+    with pytest.raises(TypeError):  # not JSON-serialisable half way through
+        bench._write_json(str(path), {"ok": 1, "bad": object()})
+    assert json.loads(path.read_text()) == {"p99_ms": 4.5, "n": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_kernel_bench_text_write_leaves_no_temp_file_on_failure(tmp_path):
+    bench = _load_script("kernels")
+    path = tmp_path / "out" / "table.txt"
+    bench._atomic_write(path, "layer  us\n")
+    assert path.read_text() == "layer  us\n"
+    with pytest.raises(UnicodeEncodeError):
+        bench._atomic_write(path, "bad \ud800")
+    assert path.read_text() == "layer  us\n"
+    assert [p.name for p in path.parent.iterdir()] == ["table.txt"]

@@ -10,6 +10,9 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+# Triton's LLVM must load before MuJoCo's EGL/Mesa driver brings its own LLVM into the process:
+# importing triton afterwards (torch's optimizers do, lazily) segfaults. Import it first.
+import triton  # noqa: E402,F401
 
 torch.set_num_threads(2)
 

@@ -87,12 +87,23 @@ def _close_at_exit(ref) -> None:
         env.close()
 
 
+def _load_triton_before_egl() -> None:
+    """Triton's bundled LLVM must be loaded before MuJoCo's EGL (Mesa) driver brings another
+    LLVM into the process; importing triton afterwards (a quantized policy's kernels, or torch's
+    optimizers) segfaults. Load it first where it is installed."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+
+
 class MT10Env:
     """One MT10 task with rendering; `reset(seed, index)` then `step(action)` until `done`."""
 
     def __init__(self, task: str, cameras=DEFAULT_CAMERAS, image_size: int = DEFAULT_IMAGE_SIZE,
                  max_steps: int = DEFAULT_MAX_STEPS,
                  goal_marker_scale: float = DEFAULT_GOAL_MARKER_SCALE):
+        _load_triton_before_egl()
         import mujoco
 
         self.task = check_task(task)

@@ -125,7 +125,7 @@ class Policy:
         model = build_model(cfg, seed=None)
         if (path / QUANT_FILE).is_file():
             from .quant.artifact import load_quantized
-            model, meta = load_quantized(model, path)
+            model, meta = load_quantized(model, path, verify=False)  # manifest checked above
             return _with_policy_io(cls(model, cfg, name=path.name, device=device, dtype=dtype,
                                        scheme=meta.get("scheme", "quantized"), quant_meta=meta, seed=seed), path)
         load_state_into(model, path)
@@ -171,10 +171,28 @@ class Policy:
         state = self.state_norm.normalize(obs.state)
         text = prompt_text(cfg.arch, obs.instruction, state)
         tokens, token_mask = self.tokenizer.encode(text, cfg.max_text_tokens)
+        needed = 1 + len(text.encode("utf-8"))
+        if cfg.arch == "pi05" and needed > cfg.max_text_tokens:
+            raise ValueError(f"the pi0.5 prompt needs {needed} tokens but the model reads {cfg.max_text_tokens}: "
+                             "the state and the action cue would be cut off; accepted: a shorter instruction")
         batch = Batch(torch.from_numpy(images)[None], torch.from_numpy(image_mask)[None],
                       torch.from_numpy(tokens)[None], torch.from_numpy(token_mask)[None],
                       torch.from_numpy(state)[None])
         return batch.to(self.device, self.dtype)
+
+    @staticmethod
+    def _drop_masked(batch: Batch) -> Batch:
+        """For one observation, leave out absent cameras and padding tokens entirely: they are
+        masked anyway and positions come from the cumulative mask, so the result is the same
+        without running the vision tower on blank frames or the backbone on padding."""
+        if batch.images.shape[0] != 1:
+            return batch
+        cams = batch.image_mask[0].nonzero().flatten()
+        toks = batch.token_mask[0].nonzero().flatten()
+        if len(cams) == 0 or len(toks) == 0:
+            return batch
+        return Batch(batch.images[:, cams], batch.image_mask[:, cams], batch.tokens[:, toks],
+                     batch.token_mask[:, toks], batch.state)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -195,7 +213,7 @@ class Policy:
             timings[stage] = (now - last) * 1e3
             last = now
 
-        batch = self.preprocess(obs)
+        batch = self._drop_masked(self.preprocess(obs))
         if noise is None:
             gen = torch.Generator().manual_seed(seed) if seed is not None else self._generator
             noise = self.model.sample_noise(1, gen)

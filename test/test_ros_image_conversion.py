@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 
-pytest.importorskip("sensor_msgs.msg")
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from quantvla_ros.image_conversion import (  # noqa: E402

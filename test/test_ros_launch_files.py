@@ -52,7 +52,6 @@ def test_demo_launch_starts_camera_and_includes_policy_launch():
 
 
 def test_default_yaml_documents_every_declared_parameter():
-    pytest.importorskip("rclpy")
     from quantvla_ros import params as P
 
     with open(os.path.join(ROOT, "config", "default.yaml")) as f:

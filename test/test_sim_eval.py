@@ -78,7 +78,6 @@ def test_policy_object_with_wrong_action_dim_is_rejected():
 
 def test_runtime_policy_runs_in_the_loop():
     """The project's own Policy (random tiny weights) drives the env through its real API."""
-    pytest.importorskip("quantvla_core.policy")
     cfg = EvalConfig(tasks=("push-v3",), episodes_per_task=1, workers=1, replan_steps=4,
                      settings=EnvSettings(image_size=32, max_steps=12))
     report = evaluate(["tiny"], cfg, progress=False)

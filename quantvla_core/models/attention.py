@@ -84,11 +84,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     attend. Returns (B, H, Tq, D) in q's dtype.
     """
     heads = q.shape[1]
-    k = _expand_kv(k, heads)
-    v = _expand_kv(v, heads)
+    if heads % k.shape[1]:
+        raise ValueError(f"query heads {heads} not a multiple of kv heads {k.shape[1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     observers = _observers()
     if observers or _IMPL["impl"] == "eager":
+        k = _expand_kv(k, heads)
+        v = _expand_kv(v, heads)
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (or better)
         logits = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
         for cb in observers:
@@ -97,7 +99,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             logits = logits.masked_fill(~mask, MASK_VALUE)
         probs = torch.softmax(logits, dim=-1)
         return torch.matmul(probs.to(v.dtype), v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # enable_gqa: SDPA reads the shared K/V heads directly instead of copies per query head.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=k.shape[1] != heads)
 
 
 def name_attention_modules(model: nn.Module) -> None:

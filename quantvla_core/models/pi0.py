@@ -32,6 +32,9 @@ class PrefixCache:
     valid: torch.Tensor  # (B, Tp) bool
     next_position: torch.Tensor  # (B,) long
     prefix_len: int
+    # What every denoising step needs but no step changes: the suffix attention mask and RoPE.
+    suffix_mask: torch.Tensor | None = None  # (B, 1, Ts, Tp + Ts) bool
+    suffix_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class PaliGemmaModel(nn.Module):
@@ -122,7 +125,22 @@ class PI0Model(FlowMatchingVLA):
             kb[:, :, :tp] = k
             vb[:, :, :tp] = v
             static.append((kb, vb))
-        return PrefixCache(kv=static, valid=valid, next_position=valid.long().sum(-1), prefix_len=tp)
+        cache = PrefixCache(kv=static, valid=valid, next_position=valid.long().sum(-1), prefix_len=tp)
+        b = x.shape[0]
+        positions = cache.next_position[:, None] + torch.arange(ts, device=x.device)[None]
+        cache.suffix_mask = torch.cat([valid[:, None, :].expand(b, ts, -1),
+                                       self._suffix_self_mask(ts, x.device)[None].expand(b, -1, -1)], dim=-1)[:, None]
+        expert = self._expert
+        cache.suffix_rope = rope_cos_sin(positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype)
+        return cache
+
+    def _suffix_self_mask(self, ts: int, device) -> torch.Tensor:
+        """pi0.5: actions attend to each other. pi0: the state token sees only itself; action
+        tokens see the state and all actions (pi0's ar-mask blocks)."""
+        mask = torch.ones(ts, ts, dtype=torch.bool, device=device)
+        if not self.pi05:
+            mask[0, 1:] = False
+        return mask
 
     # -- suffix ----------------------------------------------------------------------------
     def _suffix(self, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor):
@@ -133,25 +151,18 @@ class PI0Model(FlowMatchingVLA):
         h = actions.shape[1]
         if self.pi05:
             cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb))))
-            self_mask = torch.ones(h, h, dtype=torch.bool, device=x_t.device)
-            return actions, cond, self_mask
+            return actions, cond
         at = torch.cat([actions, temb[:, None].expand(-1, h, -1)], dim=-1)
         at = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(at)))
         tokens = torch.cat([self.state_proj(state.to(x_t.dtype))[:, None], at], dim=1)
-        # state token sees itself; action tokens see state + all actions (pi0's ar-mask blocks).
-        self_mask = torch.ones(h + 1, h + 1, dtype=torch.bool, device=x_t.device)
-        self_mask[0, 1:] = False
-        return tokens, None, self_mask
+        return tokens, None
 
     def denoise_step(self, cache: PrefixCache, x_t: torch.Tensor, t: torch.Tensor,
                      state: torch.Tensor) -> torch.Tensor:
-        x, cond, self_mask = self._suffix(x_t, t, state)
-        b, ts = x.shape[:2]
-        positions = cache.next_position[:, None] + torch.arange(ts, device=x.device)[None]
-        mask = torch.cat([cache.valid[:, None, :].expand(b, ts, -1),
-                          self_mask[None].expand(b, -1, -1)], dim=-1)[:, None]
+        x, cond = self._suffix(x_t, t, state)
         expert = self._expert
-        cos, sin = rope_cos_sin(positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype)
+        mask = cache.suffix_mask
+        cos, sin = cache.suffix_rope
         tp = cache.prefix_len
         for layer, (kb, vb) in zip(expert.layers, cache.kv):
             h, gate = layer.norm(layer.input_layernorm, x, cond)
@@ -165,8 +176,9 @@ class PI0Model(FlowMatchingVLA):
     def velocity_joint(self, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One joint attention per layer over [prefix; suffix], as in training."""
         xp, valid, pos_p = self._prefix_embeddings(batch, self.encode_images(batch))
-        xs, cond, self_mask = self._suffix(x_t, t, batch.state)
+        xs, cond = self._suffix(x_t, t, batch.state)
         b, tp, ts = xp.shape[0], xp.shape[1], xs.shape[1]
+        self_mask = self._suffix_self_mask(ts, xs.device)
         pos_s = valid.long().sum(-1)[:, None] + torch.arange(ts, device=xs.device)[None]
         # Prefix queries see valid prefix keys only; suffix queries see valid prefix + suffix mask.
         top = torch.cat([valid[:, None, :].expand(b, tp, tp),

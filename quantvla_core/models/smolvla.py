@@ -50,9 +50,17 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 @dataclass
 class SmolPrefixCache:
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per backbone layer, RoPE-applied K and V (B, Hkv, Tp, D)
+    """Everything a denoising step reads but no step changes, computed once per chunk:
+    per expert layer either a static K/V buffer (B, Hkv, Tp + Ts, D) holding the backbone's
+    prefix K/V (self-attention layers write their suffix K/V into the tail in place) or the
+    cross-attention K/V re-projected from the backbone's; the masks and the RoPE tables."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
     valid: torch.Tensor  # (B, Tp) bool
     next_position: torch.Tensor  # (B,) long
+    prefix_len: int = 0
+    self_mask: torch.Tensor | None = None
+    cross_mask: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Connector(nn.Module):
@@ -151,7 +159,27 @@ class SmolVLAModel(FlowMatchingVLA):
     def encode_prefix(self, batch: Batch, image_tokens: torch.Tensor) -> SmolPrefixCache:
         x, valid, positions, mask = self._prefix_embeddings(batch, image_tokens)
         _, kv = self._vlm.text_model(x, positions, mask[:, None], return_kv=True)
-        return SmolPrefixCache(kv=kv, valid=valid, next_position=valid.long().sum(-1))
+        b, tp, ts = x.shape[0], x.shape[1], self.cfg.horizon
+        expert = self._expert
+        per_layer = []
+        for i, (layer, (k, v)) in enumerate(zip(expert.layers, kv)):
+            if is_self_attn_layer(i):
+                kb = k.new_empty(b, k.shape[1], tp + ts, k.shape[3])
+                vb = v.new_empty(b, v.shape[1], tp + ts, v.shape[3])
+                kb[:, :, :tp] = k
+                vb[:, :, :tp] = v
+                per_layer.append((kb, vb))
+            else:
+                per_layer.append(self._cross_kv(layer, k, v))
+        causal = torch.ones(ts, ts, dtype=torch.bool, device=x.device).tril()
+        prefix_vis = valid[:, None, :].expand(b, ts, -1)
+        next_position = valid.long().sum(-1)
+        suffix_positions = next_position[:, None] + torch.arange(ts, device=x.device)[None]
+        return SmolPrefixCache(
+            kv=per_layer, valid=valid, next_position=next_position, prefix_len=tp,
+            self_mask=torch.cat([prefix_vis, causal[None].expand(b, -1, -1)], dim=-1)[:, None],
+            cross_mask=prefix_vis[:, None],
+            rope=rope_cos_sin(suffix_positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype))
 
     # -- suffix: causal action tokens -------------------------------------------------------
     def _suffix(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -180,24 +208,18 @@ class SmolVLAModel(FlowMatchingVLA):
     def denoise_step(self, cache: SmolPrefixCache, x_t: torch.Tensor, t: torch.Tensor,
                      state: torch.Tensor) -> torch.Tensor:
         x = self._suffix(x_t, t)
-        b, ts = x.shape[:2]
-        causal = torch.ones(ts, ts, dtype=torch.bool, device=x.device).tril()
-        prefix_vis = cache.valid[:, None, :].expand(b, ts, -1)
-        self_mask = torch.cat([prefix_vis, causal[None].expand(b, -1, -1)], dim=-1)[:, None]
-        cross_mask = prefix_vis[:, None]
-        positions = cache.next_position[:, None] + torch.arange(ts, device=x.device)[None]
         expert = self._expert
-        cos, sin = rope_cos_sin(positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype)
-        for i, (layer, (pk, pv)) in enumerate(zip(expert.layers, cache.kv)):
+        cos, sin = cache.rope
+        tp = cache.prefix_len
+        for i, (layer, (kb, vb)) in enumerate(zip(expert.layers, cache.kv)):
             h = layer.input_layernorm(x)
             if is_self_attn_layer(i):
                 q, k, v = layer.self_attn.qkv(h, cos, sin)
-                k = torch.cat([pk.to(k.dtype), k], dim=2)
-                v = torch.cat([pv.to(v.dtype), v], dim=2)
-                out = layer.self_attn.attend(q, k, v, self_mask)
-            else:
-                k, v = self._cross_kv(layer, pk, pv)
-                out = layer.self_attn.attend(self._cross_query(layer, h), k, v, cross_mask)
+                kb[:, :, tp:] = k
+                vb[:, :, tp:] = v
+                out = layer.self_attn.attend(q, kb, vb, cache.self_mask)
+            else:  # cross-attention K/V were re-projected once in encode_prefix
+                out = layer.self_attn.attend(self._cross_query(layer, h), kb, vb, cache.cross_mask)
             x = layer.finish(x, out, None, None)
         x = expert.final_norm(x, None)
         return self.action_out_proj(x[:, -self.cfg.horizon:])

@@ -970,8 +970,7 @@ def cpu_int_linear(q: torch.Tensor, xs: torch.Tensor, w_groups: tuple, ws: torch
     if q.shape[1] * 128 * 128 >= 2**31:
         raise ValueError(f"K={q.shape[1]} could overflow the int32 accumulator (max K is 131071)")
     if len(w_groups) == 1 and ws.dim() == 1:
-        # int32 * fp32 promotes each accumulator to fp32 (the same conversion as .float()) in the mul
-        y = torch.mul(torch._int_mm(q, w_groups[0].t()), xs[:, None]).mul_(ws[None, :])
+        y = torch._int_mm(q, w_groups[0].t()).to(torch.float32).mul_(xs[:, None]).mul_(ws[None, :])
     else:
         gs, ng = w_groups[0].shape[1], len(w_groups)
         acc = torch.empty((ng, q.shape[0], w_groups[0].shape[0]), dtype=torch.int32)
@@ -979,7 +978,7 @@ def cpu_int_linear(q: torch.Tensor, xs: torch.Tensor, w_groups: tuple, ws: torch
             torch._int_mm(q[:, g * gs:(g + 1) * gs], wg.t(), out=acc[g])
         # acc_g * ws[:, g] for all groups at once (a contiguous (G, 1, N) scale: 2x faster than
         # broadcasting the transposed view)
-        part = torch.mul(acc, ws.t().contiguous()[:, None, :])
+        part = acc.to(torch.float32).mul_(ws.t().contiguous()[:, None, :])
         y = part[0].add(0.0)  # 0 + p0 as the general path does (turns -0.0 into +0.0)
         for g in range(1, ng):  # then in group order: float sums are not associative
             y.add_(part[g])

@@ -9,7 +9,6 @@ chunk (eager, same execution for FP and quantized).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -7,13 +7,13 @@ gets more starts in the next round until it has `per_task` successes (or starts 
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from quantvla_core.fileio import atomic_write_json
 
 import numpy as np
 
@@ -186,8 +186,4 @@ def _index(results, tasks, settings: EnvSettings, seconds: float, workers: int) 
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_json(path, data)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from quantvla_core.fileio import atomic_write_bytes
 
 
 def _pct(rate: float, ci) -> str:
@@ -85,9 +86,5 @@ def save_report(report: dict, out_dir, stem: str = "eval") -> list[Path]:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path

@@ -238,7 +238,13 @@ def closed_loop_ablation(args, rows: list[dict]) -> dict:
     if args.sim != "mt10":
         raise ValueError(f"--sim {args.sim!r}: accepted: mt10")
     specs = [("fp", args.model)] + [(Path(r["artifact"]).name, r["artifact"]) for r in rows]
-    cfg = EvalConfig(episodes_per_task=args.episodes, replan_steps=args.replan_steps, workers=args.workers)
+    import dataclasses
+
+    from ..sim.env import TASKS
+    cfg = EvalConfig(episodes_per_task=args.episodes, replan_steps=args.replan_steps, workers=args.workers,
+                     tasks=tuple(args.tasks) if args.tasks else TASKS)
+    if args.max_steps:
+        cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, max_steps=args.max_steps))
     report = evaluate(specs, cfg, progress=not args.no_progress)
     out_dir = Path(args.save_dir) / "eval"
     save_report(report, out_dir)
@@ -325,6 +331,8 @@ def register(subparsers) -> None:
     p.add_argument("--episodes", type=int, default=10, help="with --sim: episodes per task (default 10)")
     p.add_argument("--replan-steps", type=int, default=8, help="with --sim: actions run per chunk")
     p.add_argument("--workers", type=int, default=2, help="with --sim: parallel simulator workers")
+    p.add_argument("--tasks", nargs="+", help="with --sim: MT10 tasks (default: all ten)")
+    p.add_argument("--max-steps", type=int, default=0, help="with --sim: episode step limit (default: the env's 200)")
     p.add_argument("--schemes", default="w8a8,w4a8")
     p.add_argument("--layouts", default=",".join(TABLE1_LAYOUTS))
     p.add_argument("--variants", default="none,atm,ohb,atm+ohb")

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ARCHS = ("pi0", "pi05", "groot", "smolvla")
+# Computation variants of an arch with the same parameter names: "" = the reference model,
+# "n15" = GR00T N1.5 as the real checkpoints compute it (models/groot_n15.py).
+VARIANTS = {"": ARCHS, "n15": ("groot",)}
 
 
 @dataclass
@@ -50,6 +53,7 @@ class DiTConfig:
     num_future_tokens: int = 32
     num_embodiments: int = 32
     hidden: int = 1024  # state/action encoder width
+    embodiment_id: int = 0  # which per-embodiment projector the policy runs (a robot's tag in N1.5)
 
 
 @dataclass
@@ -71,14 +75,23 @@ class ModelConfig:
     state_std: list[float] | None = None
     action_mean: list[float] | None = None
     action_std: list[float] | None = None
+    variant: str = ""  # see VARIANTS; recorded so that every rebuild gets the same structure
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; accepted: {', '.join(ARCHS)}")
+        if self.variant not in VARIANTS or self.arch not in VARIANTS[self.variant]:
+            ok = [repr(v) for v, archs in VARIANTS.items() if self.arch in archs]
+            raise ValueError(f"variant {self.variant!r} does not exist for arch {self.arch!r}; accepted: "
+                             f"{', '.join(ok)}")
         if self.arch in ("pi0", "pi05", "smolvla") and self.expert is None:
             raise ValueError(f"arch {self.arch!r} needs an 'expert' DecoderConfig")
         if self.arch == "groot" and self.dit is None:
             raise ValueError("arch 'groot' needs a 'dit' DiTConfig")
+        if self.dit is not None:
+            e, n = self.dit.embodiment_id, self.dit.num_embodiments
+            if not isinstance(e, int) or not 0 <= e < n:
+                raise ValueError(f"dit.embodiment_id must be an integer in [0, {n}) (num_embodiments), got {e!r}")
         for k in ("action_dim", "state_dim", "horizon", "num_steps", "max_cameras", "max_text_tokens"):
             v = getattr(self, k)
             if not isinstance(v, int) or v < 1:

@@ -157,3 +157,56 @@ def test_groot_errors(tmp_path, kind, match):
         state.pop("backbone.eagle_model.language_model.model.layers.0.self_attn.q_norm.weight")
     with pytest.raises(CheckpointError, match=match):
         Policy.load(write_groot(tmp_path / "g", state, extra=extra, tag=tag))
+
+
+def test_n15_variant_and_embodiment_are_part_of_the_config():
+    from quantvla_core.models import GR00TModel, build_model
+    cfg = tiny_config()
+    ref, n15 = build_model(cfg, device="meta"), build_model(ModelConfig.from_dict({**cfg.to_dict(), "variant": "n15"}),
+                                                            device="meta")
+    assert type(ref) is GR00TModel and isinstance(n15, GR00TN15Model)
+    assert set(n15.state_dict()) - set(ref.state_dict()) == {
+        f"backbone.eagle_model.language_model.model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "qk"
+    } | {"action_head.vl_self_attention.transformer_blocks.0.norm3.weight",
+         "action_head.vl_self_attention.transformer_blocks.0.norm3.bias"}
+    assert GR00TN15Model(cfg, embodiment_id=5).cfg.dit.embodiment_id == 5  # the override is recorded
+    for bad, match in ((dict(variant="n16"), "variant 'n16' does not exist for arch 'groot'; accepted: '', 'n15'"),
+                       (dict(arch="pi0", variant="n15", expert=cfg.backbone), "accepted: ''$"),
+                       (dict(dit={**cfg.to_dict()["dit"], "embodiment_id": 32}), r"embodiment_id must be .*\[0, 32\)"),
+                       (dict(dit={**cfg.to_dict()["dit"], "tag": 1}), "unexpected keyword argument 'tag'")):
+        d = {**cfg.to_dict(), **{k: (v.__dict__ if k == "expert" else v) for k, v in bad.items()}}
+        with pytest.raises(ValueError, match=match):
+            ModelConfig.from_dict(d)
+
+
+def test_saved_and_quantized_n15_policies_reload_as_n15(tmp_path, tokenizer_json):
+    """A model dir and a w8a8 artifact of a real GR00T checkpoint rebuild the N1.5 model from
+    config.json alone (variant + embodiment), so they predict what the in-memory policies do."""
+    from quantvla_core.checkpoint import read_config, save_model_dir
+    from quantvla_core.loaders import ExternalPolicy
+    from quantvla_core.quant.quantize import QuantConfig, quantize
+    from quantvla_core.quant.qlinear import QuantLinear
+    pol = Policy.load(write_groot(tmp_path / "g", planted(), tokenizer_json))
+    assert pol.config.variant == "n15" and pol.config.dit.embodiment_id == 31
+    obs = Observation([np.full((20, 30, 3), 90, np.uint8)], "pick up the apple", np.array([1.0, 0.5, 2.0]))
+    fp = pol.predict(obs, seed=3).actions
+
+    saved = tmp_path / "fp"
+    save_model_dir(saved, pol.config, pol.model.state_dict())
+    pol.save_io(saved)
+    back = Policy.load(saved)
+    assert isinstance(back, ExternalPolicy) and isinstance(back.model, GR00TN15Model)
+    assert back.model.embodiment_id == 31 and back.config == pol.config
+    np.testing.assert_array_equal(back.predict(obs, seed=3).actions, fp)
+
+    res = quantize(pol, QuantConfig(scheme="w8a8"), calib="synthetic:6", progress=False)
+    want = res.policy.predict(obs, seed=3).actions
+    res.save(tmp_path / "q")
+    assert read_config(tmp_path / "q").variant == "n15"
+    q = Policy.load(tmp_path / "q")
+    assert isinstance(q, ExternalPolicy) and isinstance(q.model, GR00TN15Model) and q.scheme == "w8a8"
+    assert q.model.embodiment_id == 31
+    assert sum(isinstance(m, QuantLinear) for m in q.model.modules()) == len(res.meta["modules"]) > 0
+    got = q.predict(obs, seed=3).actions
+    assert got.shape == (HORIZON, ROBOT_ACTION) and not np.array_equal(got, fp)  # really quantized
+    np.testing.assert_array_equal(got, want)

@@ -202,19 +202,19 @@ def _load_groot(directory: Path, cfg, tensors, source: str, device, dtype, seed,
         raise CheckpointError(f"{directory}: unsupported variant: backbone.eagle_linear (project_to_dim) is set; "
                               "GR00T N1.5 feeds the 2048-wide LLM features to the action head directly")
     mapped = map_keys(t, groot.RULES, original)
-    mcfg = groot.derive_config(mapped.tensors, source=source, horizon=min(int(cfg.get("chunk_size", 16)), 16),
-                               num_steps=int(cfg.get("num_inference_timesteps") or 4),
-                               max_cameras=max(1, cfg.cameras), max_text_tokens=64, name=directory.name)
     proc = groot_processor(directory) or {"stats": {}, "normalize_min_max": True, "embodiment_tag": None,
                                           "embodiment_mapping": None}
     tag = proc["embodiment_tag"] or cfg.get("embodiment_tag", "new_embodiment")
     mapping = proc["embodiment_mapping"] or groot.EMBODIMENTS
     if tag not in mapping:
         raise CheckpointError(f"{directory}: unknown embodiment_tag {tag!r}; accepted: {', '.join(mapping)}")
-    with torch.device("meta"):
-        model = groot.GR00TN15Model(mcfg, embodiment_id=int(mapping[tag]))
+    mcfg = groot.derive_config(mapped.tensors, source=source, horizon=min(int(cfg.get("chunk_size", 16)), 16),
+                               num_steps=int(cfg.get("num_inference_timesteps") or 4),
+                               max_cameras=max(1, cfg.cameras), max_text_tokens=64, name=directory.name,
+                               embodiment_id=int(mapping[tag]))
+    model = _build(mcfg)  # variant "n15": the same model build_model gives a saved artifact of it
     load_mapped(model, mapped, source, "lerobot/groot")
-    model.register_buffer("embodiment", torch.tensor(int(mapping[tag])), persistent=False)  # not in the file
+    model.register_buffer("embodiment", torch.tensor(mcfg.dit.embodiment_id), persistent=False)  # not in the file
     _check_materialised(model, source)
     state_dim = cfg.dim("STATE", "observation.state", mcfg.state_dim)
     action_dim = cfg.dim("ACTION", "action", mcfg.action_dim)

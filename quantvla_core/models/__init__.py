@@ -8,11 +8,12 @@ from ..config import ModelConfig
 from .attention import name_attention_modules
 from .base import Batch, FlowMatchingVLA
 from .groot import GR00TModel
+from .groot_n15 import GR00TN15Model
 from .layers import AdaRMSNorm
 from .pi0 import PI0Model
 from .smolvla import SmolVLAModel
 
-__all__ = ["Batch", "FlowMatchingVLA", "PI0Model", "GR00TModel", "SmolVLAModel", "build_model",
+__all__ = ["Batch", "FlowMatchingVLA", "PI0Model", "GR00TModel", "GR00TN15Model", "SmolVLAModel", "build_model",
            "component_of", "COMPONENTS"]
 
 COMPONENTS = ("vision", "backbone", "expert", "other")
@@ -43,11 +44,15 @@ def component_of(name: str) -> str:
 
 def build_model(cfg: ModelConfig, *, seed: int | None = 0, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> FlowMatchingVLA:
-    """Build a reference model. device='meta' allocates nothing (shape/memory accounting)."""
+    """Build the model a config describes (arch + variant, e.g. GR00T N1.5 for a real checkpoint's
+    artifact). device='meta' allocates nothing (shape/memory accounting, loading real weights)."""
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)
     with torch.device(device):
-        model: nn.Module = {"groot": GR00TModel, "smolvla": SmolVLAModel}.get(cfg.arch, PI0Model)(cfg)
+        if cfg.variant == "n15":
+            model: nn.Module = GR00TN15Model(cfg)
+        else:
+            model = {"groot": GR00TModel, "smolvla": SmolVLAModel}.get(cfg.arch, PI0Model)(cfg)
     if str(device) != "meta":
         _init_weights(model)
     name_attention_modules(model)

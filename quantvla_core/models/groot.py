@@ -177,7 +177,8 @@ class GR00TModel(FlowMatchingVLA):
         super().__init__(cfg)
         self.backbone = Backbone(cfg)
         self.action_head = ActionHead(cfg)
-        self.register_buffer("embodiment", torch.zeros((), dtype=torch.long), persistent=False)
+        # which per-embodiment projector runs: part of the config, so a rebuilt model picks the same one
+        self.register_buffer("embodiment", torch.tensor(cfg.dit.embodiment_id, dtype=torch.long), persistent=False)
 
     def _cat(self, b: int, device) -> torch.Tensor:
         return self.embodiment.to(device).expand(b)

@@ -5,6 +5,12 @@ import random
 # ROS 2 traffic from any test stays on 127.0.0.1 in a domain of this run's own.
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(101, 200)))
+# Camera-sized messages need Fast DDS's large shared-memory segment (config/fastdds_large_data.xml).
+# Fast DDS reads the profile once per process, at its first participant, so set it here before
+# any test (in-process nodes included) initialises rclpy.
+os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   "config", "fastdds_large_data.xml"))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
 

@@ -34,6 +34,17 @@ class Batch:
                      self.token_mask.to(device), f(self.state))
 
 
+def prefix_validity(batch: Batch, image_tokens: torch.Tensor, *extra: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid (B, T) bool, RoPE positions (B, T)) of a prefix [image tokens; text; *extra].
+
+    Every camera contributes the same number of tokens; absent cameras and padding are invalid,
+    and positions count valid tokens only, so dropping them changes nothing."""
+    per_image = image_tokens.shape[1] // batch.image_mask.shape[1]
+    valid = torch.cat([batch.image_mask.repeat_interleave(per_image, dim=1), batch.token_mask, *extra], dim=1)
+    return valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class FlowMatchingVLA(nn.Module):
     """Base class. Subclasses define the three stages and the flow-time convention.
 

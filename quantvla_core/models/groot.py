@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .base import Batch, FlowMatchingVLA
+from .base import Batch, FlowMatchingVLA, prefix_validity
 from .layers import Attention, Decoder, FeedForward
 from .vision import VisionTower
 
@@ -192,12 +192,10 @@ class GR00TModel(FlowMatchingVLA):
     def _vl_features(self, batch: Batch, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lm = self.backbone.eagle_model.language_model.model
         x = torch.cat([image_tokens, lm.embed_tokens(batch.tokens).to(image_tokens.dtype)], dim=1)
-        per_image = image_tokens.shape[1] // batch.image_mask.shape[1]
-        valid = torch.cat([batch.image_mask.repeat_interleave(per_image, dim=1), batch.token_mask], dim=1)
+        valid, positions = prefix_validity(batch, image_tokens)
         t = x.shape[1]
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         mask = (causal[None] & valid[:, None, :])[:, None]
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         feats = lm(x, positions, mask)  # layer-12 hidden states, as GR00T selects them
         ah = self.action_head
         feats = ah.vlln(feats)

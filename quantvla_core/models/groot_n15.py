@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import DecoderConfig, ModelConfig
 from .attention import name_attention_modules
-from .base import Batch
+from .base import Batch, prefix_validity
 from .groot import ActionEncoder, GR00TModel, TimestepEncoder
 from .layers import DecoderAttention, RMSNorm, apply_rope
 from .smolvla import pixel_shuffle
@@ -110,11 +110,9 @@ class GR00TN15Model(GR00TModel):
     def _vl_features(self, batch: Batch, image_tokens: torch.Tensor):
         lm = self.backbone.eagle_model.language_model.model
         x = torch.cat([image_tokens, lm.embed_tokens(batch.tokens).to(image_tokens.dtype)], dim=1)
-        per_image = image_tokens.shape[1] // batch.image_mask.shape[1]
-        valid = torch.cat([batch.image_mask.repeat_interleave(per_image, dim=1), batch.token_mask], dim=1)
+        valid, positions = prefix_validity(batch, image_tokens)
         t = x.shape[1]
         mask = (torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None] & valid[:, None, :])[:, None]
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         feats = lm.final_norm(lm(x, positions, mask), None)  # hidden_states[12]: after the final norm
         ah = self.action_head
         feats = ah.vlln(feats)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .base import Batch, FlowMatchingVLA
+from .base import Batch, FlowMatchingVLA, prefix_validity
 from .layers import Decoder, rope_cos_sin, sinusoidal_embedding
 from .vision import VisionTower
 
@@ -108,9 +108,7 @@ class PI0Model(FlowMatchingVLA):
         lm = self._pg.language_model
         text = lm.embed_tokens(batch.tokens) * math.sqrt(lm.cfg.width)
         x = torch.cat([image_tokens, text.to(image_tokens.dtype)], dim=1)
-        per_image = image_tokens.shape[1] // batch.image_mask.shape[1]
-        valid = torch.cat([batch.image_mask.repeat_interleave(per_image, dim=1), batch.token_mask], dim=1)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        valid, positions = prefix_validity(batch, image_tokens)
         return x, valid, positions
 
     def encode_prefix(self, batch: Batch, image_tokens: torch.Tensor) -> PrefixCache:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import attention
-from .base import Batch, FlowMatchingVLA
+from .base import Batch, FlowMatchingVLA, prefix_validity
 from .layers import Decoder, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .vision import SiglipVisionModel
 
@@ -146,10 +146,7 @@ class SmolVLAModel(FlowMatchingVLA):
         state = self.state_proj(batch.state.to(image_tokens.dtype))[:, None]
         x = torch.cat([image_tokens, text.to(image_tokens.dtype), state], dim=1)
         b = x.shape[0]
-        per_image = image_tokens.shape[1] // batch.image_mask.shape[1]
-        valid = torch.cat([batch.image_mask.repeat_interleave(per_image, dim=1), batch.token_mask,
-                           torch.ones(b, 1, dtype=torch.bool, device=x.device)], dim=1)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        valid, positions = prefix_validity(batch, image_tokens, torch.ones(b, 1, dtype=torch.bool, device=x.device))
         # Images and text see each other, never the state; the state token sees everything.
         block = torch.zeros(x.shape[1], dtype=torch.long, device=x.device)
         block[-1] = 1

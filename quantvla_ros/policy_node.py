@@ -425,6 +425,15 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._joint_state = (vec, self._now_s())
 
+    def _too_old(self, what: str, received: float, now: float, timeout_param: str) -> bool:
+        """Refuse (count, warn once per burst) an input older than its live timeout."""
+        timeout = self._live(timeout_param)
+        if timeout > 0 and now - received > timeout:
+            self._refuse(what, "stale", f"{what.replace('_', ' ')} is {now - received:.2f} s old "
+                         f"({timeout_param} {timeout})", "warn")
+            return True
+        return False
+
     def _current_inputs(self, now: float):
         """(instruction, state) for the next chunk, or None after counting why not."""
         with self._lock:
@@ -433,10 +442,7 @@ class PolicyNode(LifecycleNode):
             self._refuse("instruction", "missing", "no valid instruction yet on "
                          f"{self._cfg['instruction_topic']}; no action", "warn")
             return None
-        timeout = self._live("instruction_timeout_s")
-        if timeout > 0 and now - instruction[1] > timeout:
-            self._refuse("instruction", "stale", f"instruction is {now - instruction[1]:.2f} s "
-                         f"old (instruction_timeout_s {timeout})", "warn")
+        if self._too_old("instruction", instruction[1], now, "instruction_timeout_s"):
             return None
         if joint_state is None:
             if not self._cfg["joint_state_topic"] or not self._live("require_joint_state"):
@@ -445,10 +451,7 @@ class PolicyNode(LifecycleNode):
                          f"{self._cfg['joint_state_topic']}; no action", "warn")
             return None
         # A state that arrived but went stale is never fed, required or not.
-        timeout = self._live("joint_state_timeout_s")
-        if timeout > 0 and now - joint_state[1] > timeout:
-            self._refuse("joint_state", "stale", f"joint state is {now - joint_state[1]:.2f} s old "
-                         f"(joint_state_timeout_s {timeout})", "warn")
+        if self._too_old("joint_state", joint_state[1], now, "joint_state_timeout_s"):
             return None
         return instruction[0], joint_state[0]
 

@@ -5,16 +5,9 @@
 # DDS stays on loopback in a domain of its own; large camera frames go through shared memory
 # (config/fastdds_large_data.xml).
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-bash scripts/ensure_venv.sh
-export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
-export ROS_DOMAIN_ID=${DEMO_ROS_DOMAIN_ID:-$(( (RANDOM % 90) + 110 ))}
-export FASTDDS_DEFAULT_PROFILES_FILE=${FASTDDS_DEFAULT_PROFILES_FILE:-$root/config/fastdds_large_data.xml}
-export PYTHONUNBUFFERED=1 RCUTILS_COLORIZED_OUTPUT=0
+source "$(dirname "${BASH_SOURCE[0]}")/ros_env.sh"
 model=${1:-tiny}  # the tiny preset keeps 30 Hz on 2 cores; `camera_demo.sh default` runs the committed policy
 seconds=${DEMO_SECONDS:-6}
-py=.venv/bin/python
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done

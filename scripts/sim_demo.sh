@@ -8,16 +8,10 @@
 # default 1), SIM_MAX_STEPS (default 200), SIM_RESULTS (default runs/sim_demo/summary.json),
 # SIM_DEVICE (cpu | cuda). DDS stays on loopback in a domain of its own.
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-bash scripts/ensure_venv.sh
-export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
-export ROS_DOMAIN_ID=${DEMO_ROS_DOMAIN_ID:-$(( (RANDOM % 90) + 110 ))}
-export FASTDDS_DEFAULT_PROFILES_FILE=${FASTDDS_DEFAULT_PROFILES_FILE:-$root/config/fastdds_large_data.xml}
-export PYTHONUNBUFFERED=1 RCUTILS_COLORIZED_OUTPUT=0 MUJOCO_GL=${MUJOCO_GL:-egl}
+source "$(dirname "${BASH_SOURCE[0]}")/ros_env.sh"
+export MUJOCO_GL=${MUJOCO_GL:-egl}
 model=${1:-default}
 results=${SIM_RESULTS:-runs/sim_demo/summary.json}
-py=.venv/bin/python
 bridge_args=(-p "results_path:=$results")
 [ -n "${SIM_TASKS:-}" ] && bridge_args+=(-p "tasks:=[${SIM_TASKS}]")
 [ -n "${SIM_EPISODES:-}" ] && bridge_args+=(-p "episodes_per_task:=${SIM_EPISODES}")

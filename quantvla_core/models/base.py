@@ -45,6 +45,16 @@ def prefix_validity(batch: Batch, image_tokens: torch.Tensor, *extra: torch.Tens
     return valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def check_shared_attention(cfg: ModelConfig) -> None:
+    """pi0 / SmolVLA experts attend over the backbone's cached K/V, layer by layer: both stacks
+    must have the same depth and attention geometry."""
+    bb, ex = cfg.backbone, cfg.expert
+    if (bb.heads, bb.kv_heads, bb.head_dim, bb.depth) != (ex.heads, ex.kv_heads, ex.head_dim, ex.depth):
+        raise ValueError(f"{cfg.arch} backbone and expert must share depth, heads, kv_heads and head_dim "
+                         f"(backbone {bb.depth}/{bb.heads}/{bb.kv_heads}/{bb.head_dim}, "
+                         f"expert {ex.depth}/{ex.heads}/{ex.kv_heads}/{ex.head_dim})")
+
+
 class FlowMatchingVLA(nn.Module):
     """Base class. Subclasses define the three stages and the flow-time convention.
 

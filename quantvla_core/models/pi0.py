@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .base import Batch, FlowMatchingVLA, prefix_validity
+from .base import Batch, FlowMatchingVLA, check_shared_attention, prefix_validity
 from .layers import Decoder, rope_cos_sin, sinusoidal_embedding
 from .vision import VisionTower
 
@@ -70,13 +70,9 @@ class PI0Model(FlowMatchingVLA):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        bb, ex = cfg.backbone, cfg.expert
-        if (bb.heads, bb.kv_heads, bb.head_dim, bb.depth) != (ex.heads, ex.kv_heads, ex.head_dim, ex.depth):
-            raise ValueError("pi0 backbone and expert must share depth, heads, kv_heads and head_dim "
-                             f"(backbone {bb.depth}/{bb.heads}/{bb.kv_heads}/{bb.head_dim}, "
-                             f"expert {ex.depth}/{ex.heads}/{ex.kv_heads}/{ex.head_dim})")
+        check_shared_attention(cfg)
         self.pi05 = cfg.arch == "pi05"
-        w = ex.width
+        w = cfg.expert.width
         self.paligemma_with_expert = PaliGemmaWithExpert(cfg, cond_dim=w if self.pi05 else None)
         self.action_in_proj = nn.Linear(cfg.action_dim, w)
         self.action_out_proj = nn.Linear(w, cfg.action_dim)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import attention
-from .base import Batch, FlowMatchingVLA, prefix_validity
+from .base import Batch, FlowMatchingVLA, check_shared_attention, prefix_validity
 from .layers import Decoder, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .vision import SiglipVisionModel
 
@@ -109,14 +109,10 @@ class SmolVLAModel(FlowMatchingVLA):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        bb, ex = cfg.backbone, cfg.expert
-        if (bb.heads, bb.kv_heads, bb.head_dim, bb.depth) != (ex.heads, ex.kv_heads, ex.head_dim, ex.depth):
-            raise ValueError("smolvla backbone and expert must share depth, heads, kv_heads and head_dim "
-                             f"(backbone {bb.depth}/{bb.heads}/{bb.kv_heads}/{bb.head_dim}, "
-                             f"expert {ex.depth}/{ex.heads}/{ex.kv_heads}/{ex.head_dim})")
+        check_shared_attention(cfg)
         self.vlm_with_expert = SmolVLMWithExpert(cfg)
-        w = ex.width
-        self.state_proj = nn.Linear(cfg.state_dim, bb.width)
+        w = cfg.expert.width
+        self.state_proj = nn.Linear(cfg.state_dim, cfg.backbone.width)
         self.action_in_proj = nn.Linear(cfg.action_dim, w)
         self.action_out_proj = nn.Linear(w, cfg.action_dim)
         self.action_time_mlp_in = nn.Linear(2 * w, w)

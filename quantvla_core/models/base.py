@@ -109,8 +109,10 @@ class FlowMatchingVLA(nn.Module):
     def flow_loss(self, batch: Batch, actions: torch.Tensor, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
         b = actions.shape[0]
-        noise = torch.randn(actions.shape, generator=generator).to(actions.device)
-        u = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(actions.device)
+        dev = generator.device if generator is not None else actions.device
+        noise = torch.randn(actions.shape, generator=generator, device=dev).to(actions.device)
+        u = torch.distributions.Beta(torch.tensor(1.5, device=actions.device),
+                                     torch.tensor(1.0, device=actions.device)).sample((b,))
         t = u * 0.999 + 0.001
         if not self.noise_at_one:
             t = 1.0 - t  # GR00T puts more weight near the data end of its (0 -> 1) time axis

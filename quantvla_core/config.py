@@ -188,9 +188,18 @@ def _presets() -> dict[str, ModelConfig]:
                               max_text_tokens=48),
         "pi05-3b": ModelConfig(arch="pi05", name="pi05-3b", backbone=gemma2b, expert=gemma300m,
                                max_text_tokens=200),
-        "groot-n15": ModelConfig(arch="groot", name="groot-n15", backbone=qwen3_12,
-                                 dit=DiTConfig(), horizon=16, num_steps=4, max_cameras=3,
-                                 max_text_tokens=64),
+        # GR00T N1.5-3B as the released checkpoints are built (models/groot_n15.py, variant "n15"):
+        # Eagle 2.5 = SigLIP2 So400m/14 at 224 px + pixel shuffle 2 (64 tokens per image) + the mlp1
+        # projector (LayerNorm 4608, 4608 -> 2048, GELU, 2048 -> 2048), Qwen3-1.7B cut to 12 layers
+        # (q/k norms), vlln + 4 vl_self_attention blocks, a 16-block DiT (32 x 48 heads), 4 flow
+        # steps, chunk 16, state padded to 64 and actions to 32 (LeRobot max_state_dim /
+        # max_action_dim), 32 embodiment projectors. test/test_loaders_groot.py checks the counts.
+        "groot-n15": ModelConfig(arch="groot", name="groot-n15",
+                                 vision=VisionConfig(image_size=224, patch_size=14, width=1152, depth=27,
+                                                     heads=16, mlp=4304, pixel_shuffle=2),
+                                 backbone=qwen3_12, dit=DiTConfig(), action_dim=32, state_dim=64,
+                                 horizon=16, num_steps=4, max_cameras=3, max_text_tokens=64,
+                                 variant="n15"),
     }
 
 

@@ -213,3 +213,107 @@ def test_saved_and_quantized_n15_policies_reload_as_n15(tmp_path, tokenizer_json
     assert got.shape == (HORIZON, ROBOT_ACTION) and not np.array_equal(got, fp)  # really quantized
     # A 1-ulp difference in a layer input can flip one activation code, so allow that much.
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_groot_n15_preset_has_the_real_structure_and_size():
+    """preset('groot-n15') builds GR00T N1.5-3B on the meta device: every used tensor of the real
+    checkpoint, counted here from the published shapes (not from our modules), and 64 tokens per
+    224 px image after Eagle's pixel shuffle."""
+    from quantvla_core.config import preset
+    from quantvla_core.models import build_model, component_of
+    cfg = preset("groot-n15")
+    assert cfg.variant == "n15" and cfg.num_image_tokens == 64 and cfg.vision.pixel_shuffle == 2
+    assert (cfg.state_dim, cfg.action_dim, cfg.horizon, cfg.num_steps) == (64, 32, 16, 4)
+    model = build_model(cfg, device="meta")
+    assert isinstance(model, GR00TN15Model) and all(p.is_meta for p in model.parameters())
+    got = {c: 0 for c in ("vision", "backbone", "expert")}
+    for n, p in model.named_parameters():
+        got[component_of(n)] += p.numel()
+
+    def lin(i, o, bias=True):
+        return i * o + (o if bias else 0)
+    v, vm = 1152, 4304  # SigLIP2 So400m/14 at 224 px, 27 layers; Eagle mlp1 on 2x2-shuffled patches
+    vision = (lin(3 * 14 * 14, v) + 256 * v + 27 * (4 * v + 4 * lin(v, v) + lin(v, vm) + lin(vm, v)) + 2 * v
+              + 2 * 4 * v + lin(4 * v, 2048) + lin(2048, 2048))
+    w, kv, m = 2048, 8 * 128, 6144  # Qwen3-1.7B: 12 of 28 layers kept, tied lm_head not used
+    backbone = 151936 * w + 12 * (2 * w + 2 * 128 + lin(w, w, 0) * 2 + lin(w, kv, 0) * 2 + 3 * lin(w, m, 0)) + w
+    d, e = 1536, 32  # DiT 32 x 48, 16 blocks (even ones cross-attend to the 2048-wide VL tokens)
+    dit = lin(256, d) + lin(d, d) + lin(d, 2 * d) + lin(d, 1024)
+    for i in range(16):
+        ctx = w if i % 2 == 0 else d
+        dit += lin(d, 2 * d) + lin(d, d) + 2 * lin(ctx, d) + lin(d, d) + lin(d, 4 * d) + lin(4 * d, d)
+    vlsa = 4 * (4 * w + 4 * lin(w, w) + lin(w, 4 * w) + lin(4 * w, w))  # vl_self_attention: 32 x 64 heads
+    heads = (e * (lin(64, 1024) + lin(1024, d))  # state encoder (max_state_dim 64)
+             + e * (lin(32, d) + lin(2 * d, d) + lin(d, d))  # action encoder W1..W3
+             + e * (lin(1024, 1024) + lin(1024, 32))  # action decoder
+             + 1024 * d + 32 * d + 2 * w)  # position embedding, future tokens, vlln
+    assert got == {"vision": vision, "backbone": backbone, "expert": dit + vlsa + heads}
+    total = sum(got.values())
+    assert 2.40e9 < total < 2.42e9  # + the unused tied lm_head (311M) = the ~2.7B tensors of the file
+
+
+def _bf16_pair(offset: float = 0.0, seed: int = 0):
+    """A tiny N1.5 model with bf16-representable weights (so fp32 and bf16 runs share them) and
+    the fp32 / bf16 inputs of one batch. `offset` plants a large component in the residual
+    streams (token, future-token and position embeddings), as real transformers carry."""
+    import copy
+
+    from test_models import make_batch
+    torch.manual_seed(seed)
+    m = GR00TN15Model(tiny_config(), embodiment_id=3).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for emb in (m.action_head.future_tokens, m.action_head.position_embedding,
+                    m.backbone.eagle_model.language_model.model.embed_tokens):
+            emb.weight += offset
+        for p in m.parameters():
+            p.copy_(p.bfloat16().float())
+    batch = make_batch(m.cfg, b=4, seed=seed)
+    batch.images, batch.state = batch.images.bfloat16().float(), batch.state.bfloat16().float()
+    low = copy.deepcopy(batch)
+    low.images, low.state = batch.images.bfloat16(), batch.state.bfloat16()
+    return m, copy.deepcopy(m).to(torch.bfloat16), batch, low, torch.randn(4, HORIZON, MAX_ACTION, generator=g)
+
+
+def test_n15_fp32_islands_are_the_plain_maths_in_fp32():
+    """The island code path, forced on in fp32, computes exactly what the plain path does (so the
+    islands change rounding only); in fp32 the switch is inert."""
+    m, _, batch, _, noise = _bf16_pair()
+    assert not m.islands_active()
+    x_t, t = torch.randn(4, HORIZON, MAX_ACTION), torch.tensor([0.0, 0.25, 0.5, 0.75])
+    with torch.no_grad():
+        plain = m.sample_actions(batch, noise)
+        plain_v = m.velocity_joint(batch, x_t, t)
+        m.islands_active = lambda: True
+        forced = m.sample_actions(batch, noise)
+        forced_v = m.velocity_joint(batch, x_t, t)
+        cached_v = m.denoise_step(m.encode_prefix(batch, m.encode_images(batch)), x_t, t, batch.state)
+    torch.testing.assert_close(forced, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(forced_v, plain_v, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cached_v, forced_v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset,action_ratio", [(0.0, 1.0), (4.0, 0.25)])
+def test_n15_bf16_with_fp32_islands_is_closer_to_fp32(offset, action_ratio):
+    """bf16 weights, same weights in fp32 as the reference: with the islands (fp32 norms,
+    modulation and residual streams, as the originals' autocast runs) the VL features and the
+    integrated actions are closer to the fp32 run than with everything rounded to bf16."""
+    m, mb, batch, low, noise = _bf16_pair(offset)
+    assert mb.islands_active()
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+    err = {}
+    with torch.no_grad():
+        vl = m._vl_features(batch, m.encode_images(batch))[0]
+        ref = m.sample_actions(batch, noise) - noise
+        for islands in (True, False):
+            mb.fp32_islands = islands
+            vlb, valid = mb._vl_features(low, mb.encode_images(low))
+            assert vlb.dtype == (torch.float32 if islands else torch.bfloat16)
+            err[islands] = (rel(vlb[valid], vl[valid]), rel(mb.sample_actions(low, noise) - noise, ref))
+    assert err[True][0] < 0.7 * err[False][0], err
+    assert err[True][1] < action_ratio * err[False][1], err
+    assert err[True][1] < 5e-3, err

@@ -11,6 +11,15 @@ LeRobot 0.4.4's port of Isaac-GR00T). It lives with the models, not the loaders,
 - DiT timestep encoder: diffusers `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)`;
 - action encoder: sinusoidal encoding [sin, cos] with frequencies exp(-ln(1e4) i / (w/2));
 - vl_self_attention blocks: affine `norm3`.
+
+fp32 islands. The originals run a bf16 model under `torch.autocast(bfloat16)` (LeRobot's
+`use_bf16`, Isaac-GR00T's policy) with fp32 parameters: matmuls (linears, batched embodiment
+matmuls, attention) run in bf16, while layer/RMS norms, the adaLN modulation, the sinusoidal and
+timestep encodings, the bias of the embodiment projectors and the residual streams (SigLIP,
+Qwen3, vl_self_attention, DiT) stay fp32. When this model's weights are bf16 / fp16 and
+`fp32_islands` is on (the default), the forward reproduces that split: the residual streams
+are carried in fp32 and only each linear / attention call sees the low-precision dtype. In fp32
+the islands change nothing (the plain path runs).
 """
 from __future__ import annotations
 
@@ -24,8 +33,8 @@ from torch import nn
 from ..config import DecoderConfig, ModelConfig
 from .attention import name_attention_modules
 from .base import Batch, prefix_validity
-from .groot import ActionEncoder, GR00TModel, TimestepEncoder
-from .layers import DecoderAttention, RMSNorm, apply_rope
+from .groot import ActionEncoder, CategorySpecificLinear, CategorySpecificMLP, DiTCache, GR00TModel, TimestepEncoder
+from .layers import DecoderAttention, RMSNorm, apply_rope, rope_cos_sin
 from .smolvla import pixel_shuffle
 
 
@@ -70,6 +79,44 @@ class N15ActionEncoder(ActionEncoder):
         return self.W3(F.silu(self.W2(torch.cat([a, temb], dim=-1), cat)), cat)
 
 
+# ---- fp32 islands: residual stream x in fp32, each linear / attention call in the compute dtype cd ----
+def ln32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm as autocast runs it: input, weight and bias in fp32, fp32 out."""
+    w = None if norm.weight is None else norm.weight.float()
+    b = None if norm.bias is None else norm.bias.float()
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps)
+
+
+def rms32(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm in fp32 with an fp32 result (the Qwen3 norms upcast; the product with the fp32
+    weight stays fp32)."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * (norm.offset + norm.weight.float())
+
+
+def csl32(lin: CategorySpecificLinear, x: torch.Tensor, cat: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """Embodiment linear: batched matmul in cd, bias added in fp32 (fp32 result)."""
+    y = torch.bmm(x.to(cd) if x.dim() == 3 else x.to(cd)[:, None], lin.W[cat].to(cd)).float()
+    y = y + lin.b[cat].float()[:, None]
+    return y if x.dim() == 3 else y[:, 0]
+
+
+def csmlp32(mlp: CategorySpecificMLP, x: torch.Tensor, cat: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    return csl32(mlp.layer2, F.relu(csl32(mlp.layer1, x, cat, cd)), cat, cd)
+
+
+def block32(blk: nn.Module, x: torch.Tensor, cd: torch.dtype, temb=None, kv=None, mask=None) -> torch.Tensor:
+    """A DiT / vl_self_attention TransformerBlock on an fp32 residual stream: (ada)LayerNorm and
+    modulation in fp32, attention and feed-forward in cd, their outputs added in fp32."""
+    if temb is not None:
+        scale, shift = blk.norm1.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+        h = ln32(blk.norm1.norm, x) * (1 + scale.float()) + shift.float()
+    else:
+        h = ln32(blk.norm1, x)
+    x = x + blk.attn1(h.to(cd), kv=kv, mask=mask).float()
+    return x + blk.ff(ln32(blk.norm3, x).to(cd)).float()
+
+
 class GR00TN15Model(GR00TModel):
     """GR00TModel with the modules above swapped in (same parameter names as the checkpoint).
 
@@ -93,9 +140,20 @@ class GR00TN15Model(GR00TModel):
             blk.norm3 = nn.LayerNorm(bw, eps=1e-5)
         name_attention_modules(self)
 
+    # Compute in fp32 where the originals do when the weights are bf16/fp16 (see the module doc).
+    # A runtime switch, not part of the config: it changes rounding only, never the weights.
+    fp32_islands: bool = True
+
     @property
     def embodiment_id(self) -> int:
         return self.cfg.dit.embodiment_id
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype linears and attention run in (an embedding's: quantization never replaces it)."""
+        return self.action_head.future_tokens.weight.dtype
+
+    def islands_active(self) -> bool:
+        return self.fp32_islands and self.compute_dtype() != torch.float32
 
     def _cat(self, b: int, device) -> torch.Tensor:
         return torch.full((b,), self.embodiment_id, dtype=torch.long, device=device)
@@ -103,19 +161,106 @@ class GR00TN15Model(GR00TModel):
     def encode_images(self, batch: Batch) -> torch.Tensor:
         b, c = batch.images.shape[:2]
         em = self.backbone.eagle_model
-        feats = pixel_shuffle(em.vision_model(batch.images.flatten(0, 1)), self.cfg.vision.pixel_shuffle)
-        feats = em.mlp1(feats)
+        if self.islands_active():
+            feats = self._vision32(batch.images.flatten(0, 1))
+        else:
+            feats = em.mlp1(pixel_shuffle(em.vision_model(batch.images.flatten(0, 1)), self.cfg.vision.pixel_shuffle))
         return feats.view(b, c * feats.shape[1], -1)
+
+    def _vision32(self, pixels: torch.Tensor) -> torch.Tensor:
+        """SigLIP + pixel shuffle + mlp1 with fp32 residual stream and norms; returns cd tokens."""
+        cd, em = self.compute_dtype(), self.backbone.eagle_model
+        vm = em.vision_model.vision_model
+        emb = vm.embeddings
+        x = emb.patch_embedding(pixels.to(cd)).flatten(2).transpose(1, 2).float() + emb.position_embedding.weight.float()
+        for layer in vm.encoder.layers:
+            x = x + layer.self_attn(ln32(layer.layer_norm1, x).to(cd)).float()
+            x = x + layer.mlp(ln32(layer.layer_norm2, x).to(cd)).float()
+        x = pixel_shuffle(ln32(vm.post_layernorm, x), self.cfg.vision.pixel_shuffle)
+        ln, fc1, act, fc2 = em.mlp1
+        return fc2(act(fc1(ln32(ln, x).to(cd))))
 
     def _vl_features(self, batch: Batch, image_tokens: torch.Tensor):
         lm = self.backbone.eagle_model.language_model.model
-        x = torch.cat([image_tokens, lm.embed_tokens(batch.tokens).to(image_tokens.dtype)], dim=1)
         valid, positions = prefix_validity(batch, image_tokens)
-        t = x.shape[1]
-        mask = (torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None] & valid[:, None, :])[:, None]
-        feats = lm.final_norm(lm(x, positions, mask), None)  # hidden_states[12]: after the final norm
+        t = valid.shape[1]
+        mask = (torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()[None] & valid[:, None, :])[:, None]
         ah = self.action_head
+        if self.islands_active():
+            cd = self.compute_dtype()
+            x = torch.cat([image_tokens.float(), lm.embed_tokens(batch.tokens).float()], dim=1)
+            feats = ln32(ah.vlln, self._llm32(lm, x, positions, mask, cd))
+            for blk in ah.vl_self_attention.transformer_blocks:
+                feats = block32(blk, feats, cd, mask=valid[:, None, None, :])
+            return feats, valid  # fp32, as the originals hand it to the DiT
+        x = torch.cat([image_tokens, lm.embed_tokens(batch.tokens).to(image_tokens.dtype)], dim=1)
+        feats = lm.final_norm(lm(x, positions, mask), None)  # hidden_states[12]: after the final norm
         feats = ah.vlln(feats)
         for blk in ah.vl_self_attention.transformer_blocks:
             feats = blk(feats, mask=valid[:, None, None, :])
         return feats, valid
+
+    @staticmethod
+    def _llm32(lm: nn.Module, x: torch.Tensor, positions, mask, cd: torch.dtype) -> torch.Tensor:
+        """The kept Qwen3 layers on an fp32 residual stream; RMSNorms (q/k norms too) and RoPE
+        in fp32, projections and attention in cd; returns the final-norm output in fp32."""
+        cos, sin = rope_cos_sin(positions, lm.cfg.head_dim, lm.cfg.rope_theta, torch.float32)
+        b, t, _ = x.shape
+        for layer in lm.layers:
+            a = layer.self_attn
+            h = rms32(layer.input_layernorm, x).to(cd)
+            q = rms32(a.q_norm, a.q_proj(h).view(b, t, a.heads, a.head_dim)).transpose(1, 2)
+            k = rms32(a.k_norm, a.k_proj(h).view(b, t, a.kv_heads, a.head_dim)).transpose(1, 2)
+            v = a.v_proj(h).view(b, t, a.kv_heads, a.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin).to(cd), apply_rope(k, cos, sin).to(cd)
+            x = x + a.attend(q, k, v, mask).float()
+            x = x + layer.mlp(rms32(layer.post_attention_layernorm, x).to(cd)).float()
+        return rms32(lm.norm, x)
+
+    # ---- DiT with islands (the plain paths are GR00TModel's) ----
+    def _state_tokens(self, state: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+        return csmlp32(self.action_head.state_encoder, state[:, None], self._cat(state.shape[0], state.device), cd)
+
+    def encode_prefix(self, batch: Batch, image_tokens: torch.Tensor) -> DiTCache:
+        if not self.islands_active():
+            return super().encode_prefix(batch, image_tokens)
+        cd = self.compute_dtype()
+        vl, valid = self._vl_features(batch, image_tokens)
+        vlc = vl.to(cd)
+        cross = {i: blk.attn1.kv(vlc) for i, blk in enumerate(self.action_head.model.transformer_blocks) if blk.cross}
+        return DiTCache(vl=vl, valid=valid, cross_kv=cross, state_tokens=self._state_tokens(batch.state, cd))
+
+    def velocity_joint(self, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.islands_active():
+            return super().velocity_joint(batch, x_t, t)
+        cd = self.compute_dtype()
+        vl, valid = self._vl_features(batch, self.encode_images(batch))
+        cache = DiTCache(vl=vl, valid=valid, cross_kv={}, state_tokens=self._state_tokens(batch.state, cd))
+        vlc = vl.to(cd)
+        return self._dit(cache, x_t, t, lambda i, blk: blk.attn1.kv(vlc) if blk.cross else None)
+
+    def _dit(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, cross_kv) -> torch.Tensor:
+        if not self.islands_active():
+            return super()._dit(cache, x_t, t, cross_kv)
+        ah, cd = self.action_head, self.compute_dtype()
+        b = x_t.shape[0]
+        cat = self._cat(b, x_t.device)
+        t_disc = (t * self.num_timestep_buckets).floor().clamp(max=self.num_timestep_buckets - 1)
+        enc = ah.action_encoder
+        a = csl32(enc.W1, x_t, cat, cd)
+        half = enc.width // 2
+        freqs = torch.exp(-torch.arange(half, device=a.device, dtype=torch.float32) * (math.log(10000.0) / half))
+        ang = t_disc.float()[:, None] * freqs[None]
+        temb_a = torch.cat([ang.sin(), ang.cos()], dim=-1)[:, None].expand_as(a)
+        actions = csl32(enc.W3, F.silu(csl32(enc.W2, torch.cat([a, temb_a], dim=-1), cat, cd)), cat, cd)
+        actions = actions + ah.position_embedding.weight[: actions.shape[1]].float()[None]
+        future = ah.future_tokens.weight.float()[None].expand(b, -1, -1)
+        x = torch.cat([cache.state_tokens.float(), future, actions], dim=1)
+        dit = ah.model
+        temb = dit.timestep_encoder(t_disc).to(cd)  # sinusoid in fp32, its MLP in cd (as the original)
+        cross_mask = cache.valid[:, None, None, :]
+        for i, blk in enumerate(dit.transformer_blocks):
+            x = block32(blk, x, cd, temb, kv=cross_kv(i, blk), mask=cross_mask if blk.cross else None)
+        shift, scale = dit.proj_out_1(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+        x = dit.proj_out_2((ln32(dit.norm_out, x) * (1 + scale.float()) + shift.float()).to(cd))
+        return csmlp32(ah.action_decoder, x, cat, cd)[:, -self.cfg.horizon:]  # fp32 velocity

@@ -42,6 +42,9 @@ GROOT_NOTES = [
     "GR00T images: resize-with-pad to the vision resolution instead of Eagle's image processor",
     "GR00T N1.5 sizes not stored in the files are assumed: DiT head_dim 48, SigLIP head_dim 72, Qwen3 RoPE "
     "base 1e6, VL features from the last kept LLM layer after the final norm",
+    "GR00T N1.5 in bf16/fp16: fp32 islands as under the original's bf16 autocast (norms, adaLN modulation, "
+    "encodings, embodiment biases and residual streams in fp32), but the parameters themselves are stored in "
+    "the model dtype (the original keeps them fp32)",
 ]
 
 

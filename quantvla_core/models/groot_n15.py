@@ -88,10 +88,11 @@ def ln32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def rms32(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm in fp32 with an fp32 result (the Qwen3 norms upcast; the product with the fp32
-    weight stays fp32)."""
+    """Qwen3's RMSNorm over fp32 weights: normalised in fp32, rounded back to the input's dtype
+    (a no-op on the fp32 residual stream; bf16 for the q/k norms), times the fp32 weight -> fp32."""
     xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * (norm.offset + norm.weight.float())
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype).float()
+    return y * (norm.offset + norm.weight.float())
 
 
 def csl32(lin: CategorySpecificLinear, x: torch.Tensor, cat: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
@@ -108,9 +109,9 @@ def csmlp32(mlp: CategorySpecificMLP, x: torch.Tensor, cat: torch.Tensor, cd: to
 def block32(blk: nn.Module, x: torch.Tensor, cd: torch.dtype, temb=None, kv=None, mask=None) -> torch.Tensor:
     """A DiT / vl_self_attention TransformerBlock on an fp32 residual stream: (ada)LayerNorm and
     modulation in fp32, attention and feed-forward in cd, their outputs added in fp32."""
-    if temb is not None:
+    if temb is not None:  # scale / shift come out of a cd linear; (1 + scale) is formed in cd too
         scale, shift = blk.norm1.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
-        h = ln32(blk.norm1.norm, x) * (1 + scale.float()) + shift.float()
+        h = ln32(blk.norm1.norm, x) * (1 + scale).float() + shift.float()
     else:
         h = ln32(blk.norm1, x)
     x = x + blk.attn1(h.to(cd), kv=kv, mask=mask).float()
@@ -262,5 +263,5 @@ class GR00TN15Model(GR00TModel):
         for i, blk in enumerate(dit.transformer_blocks):
             x = block32(blk, x, cd, temb, kv=cross_kv(i, blk), mask=cross_mask if blk.cross else None)
         shift, scale = dit.proj_out_1(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
-        x = dit.proj_out_2((ln32(dit.norm_out, x) * (1 + scale.float()) + shift.float()).to(cd))
+        x = dit.proj_out_2((ln32(dit.norm_out, x) * (1 + scale).float() + shift.float()).to(cd))
         return csmlp32(ah.action_decoder, x, cat, cd)[:, -self.cfg.horizon:]  # fp32 velocity

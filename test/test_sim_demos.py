@@ -90,3 +90,55 @@ def test_generator_records_expert_successes_and_resumes(tmp_path):
                            progress=False)
     assert again["episodes"] == 2
     assert os.path.getmtime(tmp_path / on_disk["shards"][0]) == mtime  # reused, not redone
+
+
+def _smooth_episode(task, length, index, size=32):
+    """Images that change slowly in time (like rendered frames), so a video codec applies."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    imgs = np.zeros((length, 2, size, size, 3), np.uint8)
+    for t in range(length):
+        for c in range(2):
+            imgs[t, c, ..., 0] = (xx * 6 + t * 3 + c * 40) % 256
+            imgs[t, c, ..., 1] = (yy * 5 + index * 20) % 256
+            imgs[t, c, 8 + t % 8:16 + t % 8, 10:18, 2] = 220
+    rng = np.random.default_rng(index)
+    return Episode(task, 0, index, f"do {task}", imgs, rng.standard_normal((length, 4)).astype(np.float32),
+                   rng.uniform(-1, 1, (length, 4)).astype(np.float32))
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "video"])
+def test_compact_bundle_keeps_actions_exact_and_images_close(tmp_path, codec):
+    from quantvla_core.sim.compact import read_bundle, write_bundle
+    eps = [_smooth_episode("reach-v3", 7, 0), _smooth_episode("drawer-close-v3", 5, 1)]
+    write_shard(tmp_path / "demos" / "a.npz", eps, ("corner", "topview"), {"image_size": 32})
+    info = write_bundle(tmp_path / "demos", tmp_path / "b.npz", every=3, codec=codec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.npz", "demos"]  # nothing half-written
+    demo, rows = read_bundle(tmp_path / "b.npz", workers=2)
+    full = load_demos(tmp_path / "demos")
+    np.testing.assert_array_equal(demo.actions, full.actions)
+    np.testing.assert_array_equal(demo.states, full.states)
+    np.testing.assert_array_equal(demo.episode_starts, full.episode_starts)
+    if codec == "video":  # every 3rd step of each episode, first frame kept: 0,3,6 | 7,10
+        np.testing.assert_array_equal(rows, [0, 3, 6, 7, 10])
+    assert info["rows"] == len(rows) == len(demo.images)
+    err = np.abs(demo.images.astype(int) - full.images[rows].astype(int)).mean()
+    assert err < 12, err  # lossy, but the same pictures
+
+
+def test_compact_bundle_refuses_foreign_and_corrupt_files(tmp_path):
+    from quantvla_core.sim.compact import read_bundle, write_bundle
+    np.savez(tmp_path / "x.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a compact demo bundle"):
+        read_bundle(tmp_path / "x.npz")
+    write_shard(tmp_path / "demos" / "a.npz", [_smooth_episode("reach-v3", 6, 0)], ("corner", "topview"),
+                {"image_size": 32})
+    write_bundle(tmp_path / "demos", tmp_path / "b.npz", every=2, codec="video")
+    with np.load(tmp_path / "b.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["jpeg"] = arrays["jpeg"][: len(arrays["jpeg"]) // 3]  # a truncated video stream
+    arrays["jpeg_offsets"] = np.minimum(arrays["jpeg_offsets"], len(arrays["jpeg"]))
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="video stream episode 0 camera"):
+        read_bundle(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="codec"):
+        write_bundle(tmp_path / "demos", tmp_path / "c.npz", codec="png")

@@ -69,3 +69,39 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_batches_hold_the_right_actions_prompts_and_shifted_crops(tmp_path):
+    """Gathered batches against the raw demo arrays: chunks clipped at the episode end, the
+    episode's own instruction, and each shifted image an exact crop of the padded original."""
+    import torch
+
+    from quantvla_core.sim.instructions import INSTRUCTIONS
+    from quantvla_core.sim.shards import load_demos
+    from quantvla_core.train import DemoDataset
+    write_toy_demos(tmp_path / "demos", episodes=3, steps=12)
+    cfg = preset("tiny")
+    raw = load_demos(tmp_path / "demos")
+    data = DemoDataset(tmp_path / "demos", cfg)
+    idx = np.array([0, 11, 12, 30])
+    batch, actions = data.batch(idx, torch.Generator().manual_seed(0), 0)
+    norm = (raw.actions - data.action_mean) / data.action_std
+    for row, i in enumerate(idx):
+        end = raw.episode_starts[np.searchsorted(raw.episode_starts, i, side="right")]
+        want = norm[np.minimum(i + np.arange(cfg.horizon), end - 1)]
+        np.testing.assert_allclose(actions[row].numpy(), want, rtol=1e-6, atol=1e-6)
+        text = bytes((batch.tokens[row][batch.token_mask[row]][1:] - 3).tolist()).decode()
+        assert any((p.lower() + "\n").startswith(text) for p in INSTRUCTIONS["reach-v3"]), text
+    assert batch.image_mask.all()
+    shift = 2
+    x = torch.from_numpy(raw.images[idx]).permute(0, 1, 4, 2, 3).float().flatten(0, 1) / 127.5 - 1
+    shifted = data._shift(x, shift, torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(x, (shift,) * 4, mode="replicate")
+    s = x.shape[-1]
+    offsets = set()
+    for n in range(x.shape[0]):
+        hits = [(oy, ox) for oy in range(2 * shift + 1) for ox in range(2 * shift + 1)
+                if torch.equal(shifted[n], padded[n, :, oy:oy + s, ox:ox + s])]
+        assert hits, f"image {n} is not a crop of its padded original"
+        offsets.add(hits[0])
+    assert len(offsets) > 1  # offsets are drawn per image, not one per batch

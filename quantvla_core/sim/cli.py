@@ -69,6 +69,13 @@ def _run_calib(args) -> int:
     return 0
 
 
+def _run_bundle(args) -> int:
+    from quantvla_core.sim.compact import write_bundle
+    info = write_bundle(args.demos, args.out, every=args.every, codec=args.codec)
+    print(f"{info['rows']} observations, {info['bytes'] / 2**20:.1f} MiB ({info['format']}) -> {args.out}")
+    return 0
+
+
 def register(subparsers) -> None:
     sim = subparsers.add_parser("sim", help="Meta-World MT10 simulation tools")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True)
@@ -85,6 +92,14 @@ def register(subparsers) -> None:
     cal.add_argument("--out", required=True, help="calibration folder to write")
     cal.add_argument("-n", type=int, default=128, help="observations (default: %(default)s)")
     cal.set_defaults(func=_run_calib)
+
+    bun = sim_sub.add_parser("bundle", help="pack demos into one compact .npz for training elsewhere (e.g. a GPU)")
+    bun.add_argument("--demos", default="runs/demos", help="demo shard folder (default: %(default)s)")
+    bun.add_argument("--out", required=True, help=".npz file to write")
+    bun.add_argument("--every", type=int, default=3, help="keep every k-th observation (default: %(default)s)")
+    bun.add_argument("--codec", default="video", choices=("video", "jpeg"),
+                     help="video: mp4v per episode and camera (~1 KB/frame); jpeg: q70 per image")
+    bun.set_defaults(func=_run_bundle)
 
     ev = subparsers.add_parser("eval", help="closed-loop success rates of policies on MT10")
     ev.add_argument("--sim", default="mt10", help="benchmark (only: mt10)")

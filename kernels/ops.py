@@ -364,9 +364,18 @@ def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, b
     else:
         block_k, block_m = 1024, 4
     dummy = s
+    prec = rotation_precision()
     if has_rot:
         rot = rotation.to(torch.float32).contiguous()
         stride_rb = rot.stride(0) if rot.dim() == 3 else 0
+        if _row_kernel_applies(rot, k, bits):
+            try:
+                _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, bits, q, s, prec)
+                return q, s
+            except Exception as e:  # noqa: BLE001 - a compile failure of the row kernel only
+                if x2.device.type != "cuda":  # the interpreter: a bug, not a toolchain limit
+                    raise
+                _disable_row_kernel(e)
     tq.norm_quant_kernel[(triton_cdiv(m, block_m),)](
         x2, norm_weight.contiguous() if norm_weight is not None else dummy,
         inv_smooth.contiguous() if inv_smooth is not None else dummy,
@@ -376,8 +385,75 @@ def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, b
         HAS_NORM=norm_weight is not None, HAS_SMOOTH=inv_smooth is not None,
         HAS_PERM=perm is not None, HAS_ROT=has_rot, ROT_B=rotation.shape[-1] if has_rot else 1,
         QMAX=_QMAX[bits], PACK4=bits == 4, BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_TILE=single,
-        num_warps=num_warps)
+        ROT_PREC=_ROT_PREC[prec], num_warps=num_warps)
     return q, s
+
+
+# Rotated activations: how the quantization kernel runs (read on every call, so a benchmark can
+# compare the variants in one process; a captured CUDA graph keeps what was set at capture).
+# QUANTVLA_QUANT_KERNEL=row (default): one program per token, the rotation one dot of the row
+#   reshaped to (K / B, B) rows (shared (B, B) rotation, 16 <= B, 8-bit or K % 128 == 0);
+#   =tile: the original BLOCK_M=16 kernel with a block-diagonal (64, 64) dot per tile.
+# QUANTVLA_ROT_PRECISION=ieee (default, fp32 FMA: the tested-exact numbers) | tf32 (tensor cores,
+#   v rounded to a 10-bit mantissa before the dot: codes at rounding boundaries may move by one)
+#   | tf32x3 (tensor cores, split operands: within a few fp32 ulps of ieee).  Only CUDA honours
+#   tf32 / tf32x3; the interpreter computes every variant in fp32.
+_ROT_PREC = {"ieee": 0, "tf32": 1, "tf32x3": 2}
+ROW_CHUNK_MAX = 4096
+_ROW_BROKEN = False
+
+
+def rotation_precision() -> str:
+    p = os.environ.get("QUANTVLA_ROT_PRECISION", "ieee").strip().lower() or "ieee"
+    if p not in _ROT_PREC:
+        raise ValueError(f"QUANTVLA_ROT_PRECISION must be one of {tuple(_ROT_PREC)}, got {p!r}")
+    return p
+
+
+def quant_kernel_kind() -> str:
+    kind = os.environ.get("QUANTVLA_QUANT_KERNEL", "row").strip().lower() or "row"
+    if kind not in ("row", "tile"):
+        raise ValueError(f"QUANTVLA_QUANT_KERNEL must be row or tile, got {kind!r}")
+    return kind
+
+
+def _row_kernel_applies(rot: torch.Tensor, k: int, bits: int) -> bool:
+    b = rot.shape[-1]
+    return (not _ROW_BROKEN and quant_kernel_kind() == "row" and rot.dim() == 2 and b >= 16
+            and (bits == 8 or k % PACK_GROUP == 0))
+
+
+def _row_chunk(k: int, b: int, bits: int) -> int:
+    """Columns per piece: a power of two giving the dot at least 16 rows (K / B per piece for
+    8 bits, half of that per nibble tile for 4 bits), at most ROW_CHUNK_MAX."""
+    least = (32 if bits == 4 else 16) * b
+    return max(least, min(triton_next_pow2(k), ROW_CHUNK_MAX))
+
+
+def _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, bits, q, s, prec):
+    m, k = x2.shape
+    b = rot.shape[-1]
+    chunk = _row_chunk(k, b, bits)
+    dummy = s
+    tq.row_quant_kernel[(m,)](
+        x2, norm_weight.contiguous() if norm_weight is not None else dummy,
+        inv_smooth.contiguous() if inv_smooth is not None else dummy,
+        perm.contiguous() if perm is not None else dummy, rot, q, s,
+        k, x2.stride(0), q.stride(0), float(eps), float(offset),
+        HAS_NORM=norm_weight is not None, HAS_SMOOTH=inv_smooth is not None, HAS_PERM=perm is not None,
+        ROT_B=b, ROT_PREC=_ROT_PREC[prec], QMAX=_QMAX[bits], PACK4=bits == 4, CHUNK=chunk,
+        SINGLE=chunk >= k, num_warps=4 if chunk <= 2048 else 8)
+
+
+def _disable_row_kernel(err: Exception) -> None:
+    """The row kernel was first compiled for a GPU in the run that measures it: if this
+    Triton/card rejects it, say so once and use the tile kernel from then on."""
+    global _ROW_BROKEN
+    import warnings
+
+    _ROW_BROKEN = True
+    warnings.warn(f"row-wise quantization kernel failed to build ({type(err).__name__}: {str(err)[:200]}); "
+                  "using the tile kernel", RuntimeWarning, stacklevel=3)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = None,

@@ -12,6 +12,7 @@ compute dtype, because host models read those attributes (pi0's ``.weight.dtype`
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Iterator
 
@@ -25,6 +26,16 @@ from .transforms import InputTransform, hadamard
 BACKENDS = ("auto", "reference", "cpu", "triton")
 _FP32_BUFFERS = ("wscale", "bias", "inv_smooth", "rotation", "act_scale")
 _default = threading.local()
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def direct_io() -> bool:
+    """QUANTVLA_QLINEAR_DIRECT=1 (default): the kernel backends take fp16 / bf16 activations as
+    they are and write the output in the input dtype (same numbers as casting around fp32 kernels);
+    =0: the former x.float() -> kernels -> fp32 -> .to(x.dtype) path.  Read on every call."""
+    return os.environ.get("QUANTVLA_QLINEAR_DIRECT", "1").strip() not in ("0", "false", "no", "off")
 
 
 def _kernels():
@@ -301,8 +312,14 @@ class QuantLinear(nn.Module):
         k = _kernels()
         if not hasattr(k, "gemm_w8a8") or (self.w_bits == 8 and self.group_size):
             return self._forward_int_torch(x2)  # no kernel for this case: exact torch int path
-        xf = x2.float()
-        if self.act_scale is not None:  # static per-tensor scale: transform, then fixed-scale rounding
+        direct = direct_io() and x2.dtype in _KERNEL_DTYPES
+        # The quantization kernels read fp16 / bf16 themselves (the same fp32 values as x2.float())
+        # and the GEMM epilogue rounds its fp32 result to the model dtype as .to(x.dtype) would:
+        # no cast kernels, no fp32 copies of x and y.
+        xf = x2 if direct else x2.float()
+        out_dtype = x2.dtype if direct else torch.float32
+        if self.act_scale is not None:
+            xf = xf.float()  # static per-tensor scale: transform, then fixed-scale rounding
             xt = self.input_transform().apply(xf) if self.has_transform else xf
             xq = quantize_static(xt, self.a_bits, self.act_scale)
             xs = self.act_scale.expand(xf.shape[0]).contiguous()
@@ -310,21 +327,21 @@ class QuantLinear(nn.Module):
                 xq = k.pack_int4(xq)
         elif self.rotation is not None and self.a_bits == 4 and ((self.in_features % 128) // 2) % self.rotation_block:
             # int4 packing groups would split a rotation block: rotate first, then quantize
-            xq, xs = k.quantize_per_token(self.input_transform().apply(xf), bits=4, backend=backend)
+            xq, xs = k.quantize_per_token(self.input_transform().apply(xf.float()), bits=4, backend=backend)
         else:
             # smoothing, permutation and block rotation all happen inside the quantization kernel
             xq, xs = k.quantize_per_token(xf, bits=self.a_bits, inv_smooth=self.inv_smooth,
                                           rotation=self.rotation, perm=self.perm, backend=backend)
         bias = self.bias
         if self.a_bits == 8 and self.w_bits == 8:
-            return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, bias=bias, out_dtype=torch.float32,
+            return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, bias=bias, out_dtype=out_dtype,
                                backend=backend)
         if self.a_bits == 8 and self.w_bits == 4:
             return k.gemm_w4a8(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=bias,
-                               out_dtype=torch.float32, backend=backend)
+                               out_dtype=out_dtype, backend=backend)
         if self.a_bits == 4 and self.w_bits == 4:
             return k.gemm_w4a4(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=bias,
-                               out_dtype=torch.float32, backend=backend)
+                               out_dtype=out_dtype, backend=backend)
         raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
 
     def _forward_int_torch(self, x2: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,232 @@
+"""The fast per-linear paths of issue 7 (rotated quantization, direct fp16/bf16 I/O) against the
+former paths and an independent numpy reference, under the Triton interpreter on the CPU.
+
+* QUANTVLA_QUANT_KERNEL=row (one program per token, rotation as one reshaped dot) must give the
+  same codes and scales as the tile kernel and the torch path.
+* QUANTVLA_QLINEAR_DIRECT=1 (kernels read fp16/bf16, GEMM writes the model dtype) must give the
+  same outputs as x.float() -> kernels -> .to(dtype).  The interpreter rounds fp32 -> bf16 by
+  truncation (CUDA rounds to nearest even, as torch does), so bf16 outputs of the Triton backend
+  are compared within one bf16 step here; fp16 and the cpu backend are compared exactly.
+* QUANTVLA_ROT_PRECISION=tf32 is GPU-only (the interpreter computes fp32); its effect on the
+  codes is bounded with a torch emulation of tf32 operand rounding.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import quantvla_kernels as qk  # noqa: E402
+from quantvla_kernels import ops  # noqa: E402
+from quantvla_kernels.ops import triton_interpreting  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_interpreting(), reason="needs TRITON_INTERPRET=1 (CPU run)")
+
+
+def _np_quant(x, bits, norm_w=None, eps=1e-6, offset=0.0, inv_s=None, perm=None, rot=None):
+    """The documented arithmetic in float32 numpy (independent of the kernels)."""
+    qmax = 127 if bits == 8 else 7
+    x = x.astype(np.float32)
+    v = x.copy()
+    if norm_w is not None:
+        v = v * (np.float32(offset) + norm_w.astype(np.float32))[None, :]
+    if inv_s is not None:
+        v = v * inv_s.astype(np.float32)[None, :]
+    if perm is not None:
+        v = v[:, perm]
+    if rot is not None:
+        b = rot.shape[-1]
+        v = (v.reshape(v.shape[0], -1, b) @ rot.astype(np.float32)).reshape(v.shape)
+    if norm_w is not None:
+        rstd = np.float32(1.0) / np.sqrt((x * x).sum(1) / np.float32(x.shape[1]) + np.float32(eps))
+        v = v * rstd[:, None]
+    amax = np.abs(v).max(1)
+    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(qmax) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return np.clip(np.round(v * inv[:, None]), -qmax, qmax).astype(np.int64), scale
+
+
+def _codes(q, bits):
+    if bits == 8:
+        return q.numpy().astype(np.int64)
+    p = q.numpy().astype(np.int64)
+    out = np.zeros((p.shape[0], 2 * p.shape[1]), dtype=np.int64)
+    for k0 in range(0, out.shape[1], 128):
+        t = min(128, out.shape[1] - k0)
+        b = p[:, k0 // 2:k0 // 2 + t // 2]
+        lo, hi = b & 15, b >> 4
+        out[:, k0:k0 + t // 2] = np.where(lo >= 8, lo - 16, lo)
+        out[:, k0 + t // 2:k0 + t] = np.where(hi >= 8, hi - 16, hi)
+    return out
+
+
+@pytest.fixture
+def row_spy(monkeypatch):
+    """Counts launches of the row kernel (so a silent fallback to the tile kernel fails)."""
+    calls = []
+    real = ops._launch_row_quant
+
+    def spy(*a, **kw):
+        calls.append(a[1].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ops, "_launch_row_quant", spy)
+    return calls
+
+
+def _hadamard(b):
+    from quantvla_core.quant.transforms import hadamard
+    return hadamard(b).to(torch.float32)
+
+
+# K 2048 / 8192 run one chunk (SINGLE) / two chunks of 4096 (two passes); 4-bit 256 pads to 2048
+@pytest.mark.parametrize("bits,k,b,norm", [(8, 256, 64, False), (8, 2048, 64, True), (8, 8192, 64, False),
+                                           (8, 96, 32, True), (8, 128, 16, False), (4, 256, 64, True),
+                                           (4, 8192, 64, False), (4, 384, 32, False)])
+def test_row_kernel_matches_tile_kernel_torch_and_numpy(monkeypatch, row_spy, bits, k, b, norm):
+    m = 5
+    g = torch.Generator().manual_seed(k + b + bits)
+    x = torch.randn(m, k, generator=g) * 2
+    x[0, 3] = 60.0  # outlier
+    x[1] = 0.0  # zero row: scale 1, codes 0
+    inv_s = torch.rand(k, generator=g) + 0.5
+    perm = torch.randperm(k, generator=g)
+    rot = _hadamard(b) if b == 64 else torch.linalg.qr(torch.randn(b, b, generator=g, dtype=torch.float64))[0].float()
+    w = torch.randn(k, generator=g) * 0.1 if norm else None
+
+    def run(kind, backend):
+        monkeypatch.setenv("QUANTVLA_QUANT_KERNEL", kind)
+        if norm:
+            return qk.rmsnorm_quantize(x, w, 1e-6, bits=bits, offset=1.0, inv_smooth=inv_s, rotation=rot,
+                                       perm=perm, backend=backend)
+        return qk.quantize_per_token(x, bits, inv_s, rot, perm=perm, backend=backend)
+
+    q_row, s_row = run("row", "triton")
+    assert len(row_spy) == 1
+    q_tile, s_tile = run("tile", "triton")
+    assert len(row_spy) == 1
+    q_cpu, s_cpu = run("row", "cpu")
+    assert torch.equal(q_row, q_tile) and torch.equal(s_row, s_tile)
+    if not norm:  # (with a norm, sum(x^2) is reduced in another order than torch's)
+        assert torch.equal(q_row, q_cpu) and torch.equal(s_row, s_cpu)
+    want_q, want_s = _np_quant(x.numpy(), bits, norm_w=None if w is None else w.numpy(),
+                               offset=1.0 if norm else 0.0, inv_s=inv_s.numpy(), perm=perm.numpy(), rot=rot.numpy())
+    got = _codes(q_row, bits)
+    assert np.abs(got - want_q).max() <= 1 and (got == want_q).mean() > 0.98
+    assert (got[1] == 0).all() and s_row[1] == 1.0
+    np.testing.assert_allclose(s_row.numpy(), want_s, rtol=1e-5)
+    assert np.abs(got).max() == (127 if bits == 8 else 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_row_kernel_reads_half_inputs_as_their_fp32_values(row_spy, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 1024, generator=g) * 3).to(dtype)
+    inv_s = torch.rand(1024, generator=g) + 0.5
+    for bits in (8, 4):
+        q1, s1 = qk.quantize_per_token(x, bits, inv_s, _hadamard(64), backend="triton")
+        q2, s2 = qk.quantize_per_token(x.float(), bits, inv_s, _hadamard(64), backend="cpu")
+        assert torch.equal(q1, q2) and torch.equal(s1, s2)
+    assert len(row_spy) == 2
+
+
+def test_row_kernel_not_used_where_it_does_not_apply(row_spy):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 192, generator=g)
+    per_block = torch.linalg.qr(torch.randn(3, 64, 64, generator=g, dtype=torch.float64))[0].float()
+    q, s = qk.quantize_per_token(x, 8, None, per_block, backend="triton")  # (K/B, B, B): tile kernel
+    assert torch.equal(q, qk.quantize_per_token(x, 8, None, per_block, backend="cpu")[0])
+    qk.quantize_per_token(x, 8, None, _hadamard(8), backend="triton")  # B < 16: tile kernel
+    qk.quantize_per_token(torch.randn(3, 192, generator=g), 4, None, _hadamard(32), backend="triton")  # K % 128
+    assert row_spy == []
+
+
+def test_switches_reject_unknown_values(monkeypatch):
+    x = torch.randn(2, 64)
+    monkeypatch.setenv("QUANTVLA_QUANT_KERNEL", "fast")
+    with pytest.raises(ValueError, match="QUANTVLA_QUANT_KERNEL"):
+        qk.quantize_per_token(x, 8, None, _hadamard(64), backend="triton")
+    monkeypatch.setenv("QUANTVLA_QUANT_KERNEL", "row")
+    monkeypatch.setenv("QUANTVLA_ROT_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="QUANTVLA_ROT_PRECISION"):
+        qk.quantize_per_token(x, 8, None, _hadamard(64), backend="triton")
+
+
+@pytest.mark.parametrize("prec", ["tf32", "tf32x3"])
+def test_fast_rotation_precisions_run_and_equal_fp32_in_the_interpreter(monkeypatch, row_spy, prec):
+    """The interpreter computes every input_precision in fp32: the variants compile and, here,
+    give the exact codes (the CUDA effect of tf32 is bounded by the emulation test below)."""
+    x = torch.randn(4, 2048, generator=torch.Generator().manual_seed(5))
+    want = qk.quantize_per_token(x, 8, None, _hadamard(64), backend="cpu")
+    for kind in ("row", "tile"):
+        monkeypatch.setenv("QUANTVLA_QUANT_KERNEL", kind)
+        monkeypatch.setenv("QUANTVLA_ROT_PRECISION", prec)
+        q, s = qk.quantize_per_token(x, 8, None, _hadamard(64), backend="triton")
+        assert torch.equal(q, want[0]) and torch.equal(s, want[1])
+    assert len(row_spy) == 1
+
+
+def _tf32(v: torch.Tensor) -> torch.Tensor:
+    """fp32 -> tf32 operand rounding as the tensor cores see it (10-bit mantissa, ties away)."""
+    bits = v.view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("bits,max_flip", [(8, 0.02), (4, 0.003)])
+def test_tf32_rotation_moves_few_codes_by_at_most_one(bits, max_flip):
+    """Model of QUANTVLA_ROT_PRECISION=tf32 on CUDA: the Hadamard entries (+-1/8) are exact in
+    tf32, the rotated input is rounded to tf32 before an fp32-accumulated dot.  Activations with
+    outlier channels (what smoothing leaves) over 4096 channels."""
+    g = torch.Generator().manual_seed(6)
+    m, k = 64, 4096
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(k, generator=g))
+    r = _hadamard(64)
+    assert torch.equal(_tf32(r), r)
+    exact = qk.quantize_per_token(x, bits, None, r, backend="cpu")
+    # quantize_per_token(rotation=R) on tf32(x) is exactly "tf32 operands, fp32 dot"
+    fast = qk.quantize_per_token(_tf32(x), bits, None, r, backend="cpu")
+    a, b = _codes(exact[0], bits), _codes(fast[0], bits)
+    flips = (a != b).mean()
+    assert np.abs(a - b).max() <= 1
+    assert 0 < flips < max_flip
+    torch.testing.assert_close(fast[1], exact[1], rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantlinear_direct_io_matches_the_cast_path(monkeypatch, row_spy, w_bits, a_bits, dtype):
+    from quantvla_core.quant.qlinear import QuantLinear
+    from quantvla_core.quant.transforms import InputTransform
+
+    g = torch.Generator().manual_seed(w_bits * 10 + a_bits)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 256, generator=g) / 16)
+        lin.bias.copy_(torch.randn(96, generator=g))
+    t = InputTransform(torch.rand(256, generator=g) + 0.5, None, _hadamard(64), "hadamard")
+    ql = QuantLinear.from_linear(lin, w_bits=w_bits, a_bits=a_bits, transform=t).to(dtype)
+    x = (torch.randn(3, 7, 256, generator=g) * 2).to(dtype)
+    seen = []
+    real = {n: getattr(qk, n) for n in ("gemm_w8a8", "gemm_w4a8", "gemm_w4a4")}
+    for n, f in real.items():
+        monkeypatch.setattr(qk, n, lambda *a, _f=f, **kw: seen.append((a[0].dtype, kw["out_dtype"])) or _f(*a, **kw))
+    out = {}
+    for backend in ("cpu", "triton"):
+        for direct in ("1", "0"):
+            monkeypatch.setenv("QUANTVLA_QLINEAR_DIRECT", direct)
+            ql.backend = backend
+            y = ql._forward_kernels(x.reshape(-1, 256), backend) if backend == "cpu" else ql(x).reshape(-1, 96)
+            out[backend, direct] = y
+    assert seen[0][1] == dtype and seen[1][1] == torch.float32  # the GEMM wrote the model dtype
+    assert out["cpu", "1"].dtype == dtype and out["triton", "1"].dtype == dtype
+    ref = out["cpu", "0"].to(dtype)
+    assert torch.equal(out["cpu", "1"], ref)
+    assert torch.equal(out["triton", "0"], ref)
+    if dtype == torch.float16:
+        assert torch.equal(out["triton", "1"], ref)
+    else:  # interpreter truncates fp32 -> bf16: the true value lies within one bf16 step below/above
+        d = (out["triton", "1"].float() - ref.float()).abs()
+        assert (d <= ref.float().abs() * 2.0 ** -7 + 1e-30).all() and (d > 0).any()
+    assert len(row_spy) == 2  # the triton forwards quantized through the row kernel

@@ -13,6 +13,8 @@ steps and ``total`` the wall time of the whole chunk.
 """
 from __future__ import annotations
 
+import gc
+
 import time
 from typing import Any
 
@@ -152,6 +154,10 @@ class ChunkRunner:
                     xx = self._step(cache, xx, tt, static.state)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
+        # torch.cuda.graph() empties the allocator cache on entry; do it before measuring too,
+        # or the warm-up's freed cache counts against the pool (negative sizes, seen on an H200)
+        gc.collect()
+        torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
         pool = torch.cuda.graph_pool_handle()
         graphs: dict[str, Any] = {"static": static, "x0": x0, "times": times, "steps": []}

@@ -11,7 +11,11 @@ diagnostics to show memory and queues stay flat and no publication is missed.
     .venv/bin/python benchmarks/node_overhead.py --duration 20
     .venv/bin/python benchmarks/node_overhead.py --duration 600 --plot   # the 10-minute soak
 
-Prints a table and writes JSON (+ PNG with --plot) under runs/.
+Prints a table and writes JSON (+ PNG with --plot) under runs/, with the command, the ROS
+environment and the node's start-up settings line. A caller's ROS_DOMAIN_ID is kept.
+--gil-switch-interval-ms / --malloc-mmap-threshold-mib set the node's parameters of those names;
+--publisher thread and --bench-malloc-mmap-threshold-mib change only this (camera) process and
+were measured to make no consistent difference (docs/ros_node.md), so the defaults stay.
 """
 from __future__ import annotations
 
@@ -37,6 +41,16 @@ def _percentiles(values) -> dict:
             "n": int(a.size)}
 
 
+def _node_settings(log_path: str) -> str:
+    """The node's start-up line naming its executor, GIL switch interval and malloc setting."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            return next((line.split("]: ", 1)[-1].strip() for line in f
+                         if "GIL switch interval" in line), "")
+    except OSError:
+        return ""
+
+
 def _write_json(path: str, data: dict) -> None:
     """fsynced, and no temp file is left behind on failure."""
     from quantvla_core.fileio import atomic_write_json
@@ -54,8 +68,18 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-threads", type=int, default=1, help="torch threads in the node")
-    ap.add_argument("--executor", default="single_threaded", choices=("single_threaded", "multi_threaded"),
+    ap.add_argument("--executor", default="single_threaded",
+                    choices=("single_threaded", "multi_threaded"),
                     help="the node's executor parameter")
+    ap.add_argument("--gil-switch-interval-ms", type=float, default=None,
+                    help="the node's gil_switch_interval_ms parameter (default: the node's)")
+    ap.add_argument("--malloc-mmap-threshold-mib", type=int, default=None,
+                    help="the node's malloc_mmap_threshold_mib parameter (default: the node's)")
+    ap.add_argument("--bench-malloc-mmap-threshold-mib", type=int, default=0,
+                    help="the same glibc malloc setting for this (camera) process; 0 = glibc's")
+    ap.add_argument("--publisher", default="timer", choices=("timer", "thread"),
+                    help="timer: images from an rclpy timer on the receiving executor; thread: "
+                         "from a thread of their own, so a publish never delays a receive")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "node_overhead.json"))
     ap.add_argument("--plot", action="store_true", help="also write a PNG next to the JSON")
     args = ap.parse_args(argv)
@@ -66,8 +90,10 @@ def main(argv=None) -> int:
             ap.error(why)
 
     # Discovery on loopback in a domain of this run's own; large frames through shared memory.
+    # A caller's ROS_DOMAIN_ID is kept (shared machines give each worker its own).
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["ROS_DOMAIN_ID"] = os.environ.get("BENCH_ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
+    os.environ["ROS_DOMAIN_ID"] = os.environ.get("ROS_DOMAIN_ID") or os.environ.get(
+        "BENCH_ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
     os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE",
                           os.path.join(ROOT, "config", "fastdds_large_data.xml"))
 
@@ -84,16 +110,21 @@ def main(argv=None) -> int:
     from quantvla_ros.diagnostics import status_values
     from quantvla_ros.image_conversion import rgb_to_image
     from quantvla_ros.node_process import start_node, stop_node, write_params
+    from quantvla_ros.policy_node import apply_malloc_thresholds
     from quantvla_ros.synthetic_camera import render_scene
 
+    bench_malloc = apply_malloc_thresholds(args.bench_malloc_mmap_threshold_mib)
     work = tempfile.mkdtemp(prefix="node_overhead_")
     params = write_params(os.path.join(work, "params.yaml"), {"policy_node": {
         "model": args.model, "device": args.device, "autostart": True,
         "camera_topics": ["/bench/image_raw"], "instruction_topic": "/bench/instruction",
         "joint_state_topic": "/bench/joint_states", "trajectory_topic": "/bench/trajectory",
         "diagnostics_topic": "/bench/diagnostics", "timing_topic": "/bench/chunk_timings",
-        "num_threads": args.num_threads, "executor": args.executor, "diagnostics_period_s": 1.0, "warmup_count": 3,
-        "joint_state_timeout_s": 0.0}})
+        "num_threads": args.num_threads, "executor": args.executor, "diagnostics_period_s": 1.0,
+        "warmup_count": 3, "joint_state_timeout_s": 0.0,
+        **{name: value for name, value in (
+            ("gil_switch_interval_ms", args.gil_switch_interval_ms),
+            ("malloc_mmap_threshold_mib", args.malloc_mmap_threshold_mib)) if value is not None}}})
     log_path = os.path.join(work, "policy_node.log")
     proc = start_node("policy_node", params, log_path)
 
@@ -150,12 +181,30 @@ def main(argv=None) -> int:
         js.position = [0.0] * 4
         js_pub.publish(js)
 
-    node.create_timer(1.0 / args.rate, tick)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     spin = threading.Thread(target=executor.spin, daemon=True)
+    stop_pub = threading.Event()
+    if args.publisher == "timer":
+        node.create_timer(1.0 / args.rate, tick)
+    else:
+        def publish_loop():
+            period, t_next = 1.0 / args.rate, time.monotonic()
+            while not stop_pub.is_set():
+                t_next += period
+                tick()
+                delay = t_next - time.monotonic()
+                if delay > 0:
+                    stop_pub.wait(delay)
+                else:
+                    t_next = time.monotonic()  # fell behind: no burst to catch up
+        threading.Thread(target=publish_loop, daemon=True).start()
     spin.start()
-    result = {"config": vars(args)}
+    result = {"config": vars(args), "command": " ".join([os.path.relpath(sys.argv[0], ROOT)]
+                                                           + sys.argv[1:]),
+              "env": {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
+                                                     "FASTDDS_DEFAULT_PROFILES_FILE")},
+              "bench_malloc": bench_malloc}
     rss_trace, queue_trace = [], []
     rc = 0
     try:
@@ -200,6 +249,7 @@ def main(argv=None) -> int:
             "model_total_ms": _percentiles(models),
             "breakdown_ms": {name: _percentiles(v) for name, v in parts.items()},
             "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
+            "node_settings": _node_settings(log_path),
             "node_diagnostics": {"policy": d_policy, "inputs": d_inputs},
             "rss_mib": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
                         "max": max(rss) if rss else None},
@@ -212,6 +262,7 @@ def main(argv=None) -> int:
         result["error"] = str(exc)
         rc = 1
     finally:
+        stop_pub.set()
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

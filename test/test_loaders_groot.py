@@ -37,15 +37,19 @@ def planted():
     return {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in m.state_dict().items()}
 
 
+EAGLE_SPECIAL = ["<|im_start|>", "<|im_end|>", "<IMG_CONTEXT>", "<img>", "</img>"]  # Qwen3 / Eagle added tokens
+
+
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|im_start|>", "<|im_end|>", "<unk>"],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=EAGLE_SPECIAL + ["<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["['pick up the apple']", "['place the cup on the plate']"] * 20, trainer)
+    tok.train_from_iterator(["['pick up the apple']", "['place the cup on the plate']", "system\nYou are a "
+                             "helpful assistant.", "user\n<image 1>", "<image 2>", "assistant\n"] * 20, trainer)
     path = tmp_path_factory.mktemp("qwen") / "tokenizer.json"
     tok.save(str(path))
     return path
@@ -103,7 +107,9 @@ def test_groot_planted_values_prompt_normalisation_and_forward(tmp_path, tokeniz
     obs = Observation([np.zeros((20, 30, 3), np.uint8)], "pick up the apple", np.array([1.0, 0.5, 7.0]))
     batch = pol.preprocess(obs)
     ids = batch.tokens[0][batch.token_mask[0]].tolist()
-    assert ids == Tokenizer.from_file(str(tokenizer_json)).encode("['pick up the apple']").ids
+    assert ids == eagle_reference_ids(Tokenizer.from_file(str(tokenizer_json)), "pick up the apple", 1, 4, False)
+    # Eagle image processor: a 20x30 frame stretched to the 28 px vision resolution, mean/std 0.5
+    np.testing.assert_allclose(batch.images[0, 0].numpy(), -np.ones((3, 28, 28)), atol=1e-6)
     # GR00T min-max: constant dimension (min == max) -> 0
     np.testing.assert_allclose(batch.state[0].numpy(), [0.0, 0.5, 0.0, 0, 0, 0], atol=1e-6)
     chunk = pol.predict(obs, seed=0)
@@ -118,6 +124,78 @@ def test_groot_planted_values_prompt_normalisation_and_forward(tmp_path, tokeniz
     lo, hi = STATS["action.min"], STATS["action.max"]
     want = np.where(hi != lo, (b[:4] + 1) / 2 * (hi - lo) + lo, lo)
     np.testing.assert_allclose(acts, np.tile(want, (HORIZON, 1)), rtol=1e-5, atol=1e-5)
+
+
+def eagle_reference_ids(tok, task, n_images, per_image, with_images):
+    """Eagle 2.5's templated prompt for GR00T, written out segment by segment (added tokens by id,
+    the plain text between them encoded on its own, which is how a tokenizer splits at added tokens)."""
+    sp = {t: tok.token_to_id(t) for t in EAGLE_SPECIAL}
+    ids = [sp["<|im_start|>"]] + tok.encode("system\nYou are a helpful assistant.").ids + [sp["<|im_end|>"]]
+    ids += tok.encode("\n").ids + [sp["<|im_start|>"]]
+    for k in range(n_images):
+        ids += tok.encode(("user\n" if k == 0 else "") + f"<image {k + 1}>").ids + [sp["<img>"]]
+        ids += [sp["<IMG_CONTEXT>"]] * (per_image if with_images else 0) + [sp["</img>"]]
+    ids += tok.encode(str([task])).ids + [sp["<|im_end|>"]] + tok.encode("\n").ids + [sp["<|im_start|>"]]
+    return ids + tok.encode("assistant\n").ids
+
+
+def test_eagle_prompt_layout_matches_the_chat_template(tokenizer_json):
+    from tokenizers import Tokenizer
+    from quantvla_core.loaders.text import eagle_layout, eagle_prompt, open_tokenizer, prompt_ids
+    tok, ref = open_tokenizer(tokenizer_json), Tokenizer.from_file(str(tokenizer_json))
+    text = eagle_prompt("place the cup", 2, 3)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image 1><img>"
+                    + "<IMG_CONTEXT>" * 3 + "</img><image 2><img>" + "<IMG_CONTEXT>" * 3
+                    + "</img>['place the cup']<|im_end|>\n<|im_start|>assistant\n")
+    full, slots = eagle_layout(tok, "place the cup", 2, 64)
+    assert full == eagle_reference_ids(ref, "place the cup", 2, 64, True)
+    img, start, end = (ref.token_to_id(t) for t in ("<IMG_CONTEXT>", "<img>", "</img>"))
+    assert len(slots) == 128 and all(full[i] == img for i in slots)
+    runs = [slots[:64], slots[64:]]  # each camera's 64 tokens contiguous, between <img> and </img>
+    for r in runs:
+        assert r == list(range(r[0], r[0] + 64)) and full[r[0] - 1] == start and full[r[-1] + 1] == end
+    ours = prompt_ids("groot-eagle", tok, "place the cup", None, n_images=2, tokens_per_image=64)
+    assert ours == eagle_reference_ids(ref, "place the cup", 2, 64, False) and img not in ours
+
+
+def _bicubic_aa_matrix(n_in, n_out):
+    """Antialiased bicubic resampling weights (a = -0.5, support scaled by the shrink factor,
+    pixel centres at i + 0.5, normalised per output pixel), written out in numpy."""
+    def cubic(x):
+        x = np.abs(x)
+        a = -0.5
+        return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                        np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+    scale = n_in / n_out
+    s = max(scale, 1.0)
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = (i + 0.5) * scale
+        lo, hi = max(int(centre - 2 * s + 0.5), 0), min(int(centre + 2 * s + 0.5), n_in)
+        j = np.arange(lo, hi)
+        w = cubic((j - centre + 0.5) / s)
+        m[i, lo:hi] = w / w.sum()
+    return m
+
+
+@pytest.mark.parametrize("hw", [(48, 80), (17, 11), (224, 224)])
+def test_eagle_image_processor_matches_a_numpy_reference(hw):
+    from quantvla_core.loaders.imaging import eagle_image
+    rng = np.random.default_rng(hw[0])
+    img = rng.integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    got = eagle_image(img, 32 if hw != (224, 224) else 224)
+    size = got.shape[-1]
+    x = img.astype(np.float64)
+    if hw != (size, size):
+        rows, cols = _bicubic_aa_matrix(hw[0], size), _bicubic_aa_matrix(hw[1], size)
+        x = np.clip(np.round(np.einsum("ij,jkc,lk->ilc", rows, x, cols)), 0, 255)
+    want = ((x / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+    assert got.shape == (3, size, size) and got.min() >= -1 and got.max() <= 1
+    diff = np.abs(got - want)
+    # the same uint8 value almost everywhere; a float tie may round the other way (one level = 2/255)
+    assert diff.max() <= 2 / 255 + 1e-6 and (diff > 1e-6).mean() < 0.01
+    if hw == (224, 224):
+        assert diff.max() < 1e-6  # already at the tile size: no resampling, only rescale / normalise
 
 
 def test_n15_numerics():

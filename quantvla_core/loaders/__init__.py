@@ -22,6 +22,7 @@ from .external import IO_FILE, ExternalIO, ExternalPolicy, read_io
 from .keymap import load_mapped, map_keys, strip_prefix
 from .lerobot import LEROBOT_TYPES, read_lerobot_config, lerobot_normalizers
 from .normalization import FeatureNormalizer, groot_processor, openpi_norm_stats
+from .robots import ROBOTS, robot_from_asset, robot_transform
 from .text import find_tokenizer_file
 
 __all__ = ["load_external", "detect_format", "ExternalPolicy", "ExternalIO", "read_io", "IO_FILE", "FORMATS",
@@ -36,10 +37,15 @@ COMMON_NOTES = [
     "eager path (logits materialised, softmax in fp32, mask value -2.38e38)",
 ]
 
+GROOT_MAX_TEXT_TOKENS = 128  # the Eagle template around str([task]) takes ~25 + 7 per camera tokens
 GROOT_NOTES = [
-    "GR00T prompt: tokens of str([task]) after the image tokens; the original Eagle 2.5 chat template with "
-    "image context tokens inside the text is not reproduced, so actions differ from the original",
-    "GR00T images: resize-with-pad to the vision resolution instead of Eagle's image processor",
+    "GR00T prompt: Eagle 2.5's chat template with the original's tokens in the original order, but the model "
+    "reads all image tokens first and then the templated text without its <IMG_CONTEXT> runs (the original "
+    "puts each camera's 64 image tokens inside the text, after '<image k><img>'), so text positions and what "
+    "each token attends to differ",
+    "GR00T images: Eagle's processor (stretch to 224, bicubic antialiased, uint8 rounding, mean/std 0.5) from "
+    "uint8 frames; LeRobot's float->uint8 truncation of dataset frames and its alphabetical camera-key order "
+    "are up to the caller",
     "GR00T N1.5 sizes not stored in the files are assumed: DiT head_dim 48, SigLIP head_dim 72, Qwen3 RoPE "
     "base 1e6, VL features from the last kept LLM layer after the final norm",
     "GR00T N1.5 in bf16/fp16: fp32 islands as under the original's bf16 autocast (norms, adaLN modulation, "
@@ -92,14 +98,20 @@ def _build(cfg):
 
 
 def load_external(path: str | Path, device: str | torch.device | None = "cpu", dtype: str | None = None,
-                  seed: int = 0, tokenizer: str | Path | None = None) -> ExternalPolicy:
-    """Load a LeRobot or openpi checkpoint directory as a Policy (see module docstring)."""
+                  seed: int = 0, tokenizer: str | Path | None = None, robot: str | None = None) -> ExternalPolicy:
+    """Load a LeRobot or openpi checkpoint directory as a Policy (see module docstring).
+
+    `robot` (openpi only): the robot's data transforms, one of robots.ROBOTS ("libero", "droid", "aloha",
+    "aloha_sim", "none"); default $QUANTVLA_ROBOT, else from the asset id of the published checkpoints
+    ("trossen" -> aloha, "droid" -> droid, "physical-intelligence/libero" -> libero), else "none"."""
     directory = Path(path)
     fmt = detect_format(directory)
     source = str(directory / MODEL_FILE)
     tensors = load_tensors(directory / MODEL_FILE)
     if fmt.startswith("openpi/"):
-        return _load_openpi(directory, fmt, tensors, source, device, dtype, seed, tokenizer)
+        return _load_openpi(directory, fmt, tensors, source, device, dtype, seed, tokenizer, robot)
+    if robot not in (None, "none"):
+        raise CheckpointError(f"{directory}: robot transforms are openpi's; a {fmt} checkpoint takes robot=None")
     cfg = read_lerobot_config(directory)
     if cfg.type == "groot":
         return _load_groot(directory, cfg, tensors, source, device, dtype, seed, tokenizer)
@@ -159,7 +171,7 @@ def _tok_path(directory: Path, name: str, explicit) -> str | None:
     return str(p) if p is not None else None
 
 
-def _load_openpi(directory: Path, fmt: str, tensors, source: str, device, dtype, seed, tokenizer):
+def _load_openpi(directory: Path, fmt: str, tensors, source: str, device, dtype, seed, tokenizer, robot=None):
     cfg = read_json(directory / "config.json", "openpi config")
     pi05 = fmt == "openpi/pi05"
     mapped = map_keys(paligemma.normalise_variants(tensors, pi05), paligemma.RULES)
@@ -182,14 +194,31 @@ def _load_openpi(directory: Path, fmt: str, tensors, source: str, device, dtype,
     if mcfg.action_dim != int(cfg.get("action_dim", mcfg.action_dim)):
         raise CheckpointError(f"{directory / 'config.json'}: action_dim {cfg.get('action_dim')} but action_in_proj "
                               f"takes {mcfg.action_dim}")
+    asset_id = stats_path.parent.relative_to(directory / "assets").as_posix() \
+        if stats_path.parent != directory else ""
+    how = "given"
+    if robot is None:
+        import os
+        robot, how = (os.environ["QUANTVLA_ROBOT"], "$QUANTVLA_ROBOT") if os.environ.get("QUANTVLA_ROBOT") \
+            else (robot_from_asset(asset_id), f"asset id {asset_id!r}")
+    if robot not in ROBOTS:
+        raise CheckpointError(f"{directory}: unknown robot {robot!r}; accepted: {', '.join(ROBOTS)}")
+    transform = robot_transform(robot, "pi05" if pi05 else "pi0")
+    if transform is not None:
+        transform.check(state_dim, action_dim, str(stats_path))
+        robot_notes = [f"{transform.describe()} ({how}); the state added back to delta actions is the decoded "
+                       "robot state itself (openpi's is that state normalised and unnormalised again: "
+                       "equal up to float rounding)"]
+    else:
+        robot_notes = ["no openpi robot transform (robot 'none'): actions are the unnormalised first N model "
+                       "dimensions and the state / cameras go in as given; accepted robots: " + ", ".join(ROBOTS)]
     model = _finish(_build(mcfg), mapped, mcfg, source, fmt)
     io = ExternalIO(format=fmt, prompt_style="pi05" if pi05 else "openpi-pi0", tokenizer_name="tokenizer.model",
                     image_pad="center",
                     state_norm=FeatureNormalizer("state", state_dim, mode, stats["state"], "openpi"),
                     action_norm=FeatureNormalizer("actions", action_dim, mode, stats["actions"], "openpi"),
                     tokenizer_path=_tok_path(directory, "tokenizer.model", tokenizer), source=str(directory),
-                    notes=notes + COMMON_NOTES + ["robot-specific openpi data transforms (e.g. delta actions, "
-                                                  "gripper conversions) are not applied"])
+                    notes=notes + COMMON_NOTES + robot_notes, robot=robot)
     return ExternalPolicy(model, mcfg, io=io, name=directory.name, device=device, dtype=dtype, seed=seed)
 
 
@@ -213,7 +242,8 @@ def _load_groot(directory: Path, cfg, tensors, source: str, device, dtype, seed,
         raise CheckpointError(f"{directory}: unknown embodiment_tag {tag!r}; accepted: {', '.join(mapping)}")
     mcfg = groot.derive_config(mapped.tensors, source=source, horizon=min(int(cfg.get("chunk_size", 16)), 16),
                                num_steps=int(cfg.get("num_inference_timesteps") or 4),
-                               max_cameras=max(1, cfg.cameras), max_text_tokens=64, name=directory.name,
+                               max_cameras=max(1, cfg.cameras), max_text_tokens=GROOT_MAX_TEXT_TOKENS,
+                               name=directory.name,
                                embodiment_id=int(mapping[tag]))
     model = _build(mcfg)  # variant "n15": the same model build_model gives a saved artifact of it
     load_mapped(model, mapped, source, "lerobot/groot")
@@ -229,7 +259,8 @@ def _load_groot(directory: Path, cfg, tensors, source: str, device, dtype, seed,
             raise CheckpointError(f"{directory}: GR00T min-max normalisation needs {key}.min / {key}.max in the "
                                   "groot processor state files (policy_preprocessor.json)")
         norms.append(FeatureNormalizer(key, dim, mode, have, "groot"))
-    io = ExternalIO(format="lerobot/groot", prompt_style="groot", tokenizer_name="tokenizer.json", image_pad="center",
+    io = ExternalIO(format="lerobot/groot", prompt_style="groot-eagle", tokenizer_name="tokenizer.json",
+                    image_pad="eagle",
                     state_norm=norms[0], action_norm=norms[1],
                     tokenizer_path=_tok_path(directory, "tokenizer.json", tokenizer), source=str(directory),
                     notes=GROOT_NOTES + COMMON_NOTES)

@@ -4,7 +4,9 @@ The model itself is one of ours (weights mapped by name); what differs from the 
 policies is everything around it, which `ExternalIO` holds and `policy_io.json` stores:
 the user's tokenizer and the prompt format, image resize-with-pad placement, the original
 normalisation (mode, statistics, epsilon convention) and the robot's true state / action sizes
-(the model works on vectors zero-padded to `config.state_dim` / `config.action_dim`).
+(the model works on vectors zero-padded to `config.state_dim` / `config.action_dim`), and for
+openpi checkpoints the robot's data transforms (`robot`, see robots.py): applied to the state and
+camera list before normalisation and to the unnormalised actions after the model.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import torch
 from ..checkpoint import CheckpointError
 from ..fileio import atomic_write_json
 from ..models import Batch
-from ..policy import Observation, Policy
+from ..policy import ActionChunk, Observation, Policy
 from .imaging import PAD_MODES, images_to_model
 from .normalization import FeatureNormalizer, pad
+from .robots import ROBOTS, RobotTransform, robot_transform
 from .text import PROMPT_STYLES, open_tokenizer, pad_ids, prompt_ids
 
 IO_FILE = "policy_io.json"
@@ -39,6 +42,7 @@ class ExternalIO:
     tokenizer_path: str | None = None
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    robot: str = "none"  # openpi robot transform (robots.ROBOTS)
     _tokenizer: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +50,8 @@ class ExternalIO:
             raise CheckpointError(f"unknown prompt style {self.prompt_style!r}; accepted: {PROMPT_STYLES}")
         if self.image_pad not in PAD_MODES:
             raise CheckpointError(f"unknown image padding {self.image_pad!r}; accepted: {PAD_MODES}")
+        if self.robot not in ROBOTS:
+            raise CheckpointError(f"unknown robot {self.robot!r}; accepted: {', '.join(ROBOTS)}")
 
     def tokenizer(self, vocab_rows: int | None = None):
         """The user's tokenizer, opened on first use (a model can be inspected without one)."""
@@ -66,7 +72,8 @@ class ExternalIO:
         return {"format": IO_FORMAT, "version": 1, "policy_format": self.format,
                 "prompt_style": self.prompt_style, "tokenizer_name": self.tokenizer_name,
                 "image_pad": self.image_pad, "state_norm": self.state_norm.to_dict(),
-                "action_norm": self.action_norm.to_dict(), "source": self.source, "notes": self.notes}
+                "action_norm": self.action_norm.to_dict(), "source": self.source, "notes": self.notes,
+                "robot": self.robot}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], directory: Path) -> "ExternalIO":
@@ -79,7 +86,8 @@ class ExternalIO:
                        state_norm=FeatureNormalizer.from_dict(d["state_norm"]),
                        action_norm=FeatureNormalizer.from_dict(d["action_norm"]),
                        tokenizer_path=str(tok) if tok.is_file() else None,
-                       source=d.get("source", ""), notes=list(d.get("notes", [])))
+                       source=d.get("source", ""), notes=list(d.get("notes", [])),
+                       robot=d.get("robot", "none"))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{directory / IO_FILE}: malformed ({e})") from None
 
@@ -115,6 +123,7 @@ class ExternalPolicy(Policy):
         self.state_norm = io.state_norm
         self.action_norm = io.action_norm  # Policy.predict unnormalises through this (truncates padding)
         self.tokenizer = None  # the user's tokenizer is opened on first predict (io.tokenizer())
+        self.robot = robot_transform(io.robot, config.arch)
 
     @classmethod
     def wrap(cls, policy: Policy, io: ExternalIO) -> "ExternalPolicy":
@@ -122,21 +131,23 @@ class ExternalPolicy(Policy):
         out = cls.__new__(cls)
         out.__dict__.update(policy.__dict__)
         out.io, out.state_norm, out.action_norm, out.tokenizer = io, io.state_norm, io.action_norm, None
+        out.robot = robot_transform(io.robot, policy.config.arch)
         return out
 
     @property
     def state_dim(self) -> int:
-        return self.io.state_norm.dim
+        return self.robot.state_dim if self.robot is not None else self.io.state_norm.dim
 
     @property
     def action_dim(self) -> int:
-        return self.io.action_norm.dim
+        return self.robot.action_dim if self.robot is not None else self.io.action_norm.dim
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update({"action_dim": self.action_dim, "state_dim": self.state_dim, "format": self.io.format,
                   "source": self.io.source, "model_action_dim": self.config.action_dim,
-                  "model_state_dim": self.config.state_dim, "differences": list(self.io.notes)})
+                  "model_state_dim": self.config.state_dim, "differences": list(self.io.notes),
+                  "robot": self.io.robot})
         return d
 
     def save_io(self, directory: str | Path) -> None:
@@ -144,10 +155,16 @@ class ExternalPolicy(Policy):
 
     def preprocess(self, obs: Observation) -> Batch:
         cfg = self.config
-        images, image_mask = images_to_model(obs.images, cfg.vision.image_size, cfg.max_cameras, self.io.image_pad)
-        state = self.io.state_norm.normalize(obs.state)
+        robot: RobotTransform | None = self.robot
+        raw_images = robot.images_in(obs.images) if robot is not None else obs.images
+        images, image_mask = images_to_model(raw_images, cfg.vision.image_size, cfg.max_cameras, self.io.image_pad)
+        state = self.io.state_norm.normalize(robot.state_in(obs.state) if robot is not None else obs.state)
         emb = _embedding_rows(self.model)
-        ids = prompt_ids(self.io.prompt_style, self.io.tokenizer(emb), obs.instruction, state)
+        ids = prompt_ids(self.io.prompt_style, self.io.tokenizer(emb), obs.instruction, state,
+                         n_images=int(image_mask.sum()), tokens_per_image=cfg.num_image_tokens)
+        if self.io.prompt_style == "groot-eagle" and len(ids) > cfg.max_text_tokens:
+            raise ValueError(f"the GR00T prompt needs {len(ids)} text tokens but the model reads "
+                             f"{cfg.max_text_tokens}; accepted: a shorter instruction")
         if ids and emb is not None and max(ids) >= emb:
             raise ValueError(f"token id {max(ids)} is outside the model's vocabulary of {emb}; "
                              f"{self.io.tokenizer_path} is not this policy's tokenizer")
@@ -156,6 +173,13 @@ class ExternalPolicy(Policy):
                       torch.from_numpy(tokens)[None], torch.from_numpy(token_mask)[None],
                       torch.from_numpy(pad(state, cfg.state_dim))[None])
         return batch.to(self.device, self.dtype)
+
+    def predict(self, obs: Observation, seed: int | None = None, noise: torch.Tensor | None = None) -> ActionChunk:
+        """Policy.predict, then the robot's output transform (delta -> absolute, ALOHA encoding)."""
+        chunk = super().predict(obs, seed=seed, noise=noise)
+        if self.robot is not None:
+            chunk.actions = self.robot.actions_out(chunk.actions, self.robot.state_in(obs.state))
+        return chunk
 
 
 def _embedding_rows(model) -> int | None:

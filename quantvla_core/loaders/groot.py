@@ -4,9 +4,10 @@ The weights map by name onto GR00TN15Model (models/groot_n15.py: Qwen3 q/k norms
 shuffle connector, final-norm VL features, diffusers timestep / action-encoder embeddings,
 affine norm3); the derived config records `variant="n15"` and the robot's embodiment id so that
 `build_model` rebuilds the same model from a saved config (quantized artifacts, model dirs).
-Not reproduced (so actions differ from the original): the Eagle chat template with image
-context tokens interleaved in the text (here: [images; tokens(str([task]))]) and Eagle's own
-image resizing (here: resize-with-pad to the vision resolution).
+The Eagle 2.5 chat template (text.eagle_prompt) and image processor (imaging.eagle_image) are
+applied by ExternalPolicy; what still differs: the model reads all image tokens before the
+templated text, where the original interleaves each camera's tokens inside it (see
+docs/real-checkpoints.md).
 """
 from __future__ import annotations
 

@@ -197,7 +197,8 @@ def lerobot_buffer_stats(tensors: dict) -> dict[str, dict[str, np.ndarray]]:
 # -- openpi ----------------------------------------------------------------------------------
 def openpi_norm_stats(directory: Path) -> tuple[dict[str, dict[str, np.ndarray]], Path]:
     """`assets/<asset_id>/norm_stats.json` ({"norm_stats": {"state": {...}, "actions": {...}}})."""
-    candidates = sorted(directory.glob("assets/*/norm_stats.json")) + sorted(directory.glob("norm_stats.json"))
+    # the asset id may contain a slash (openpi uses the repo id, e.g. physical-intelligence/libero)
+    candidates = sorted(directory.glob("assets/**/norm_stats.json")) + sorted(directory.glob("norm_stats.json"))
     if not candidates:
         raise CheckpointError(f"{directory}: no assets/<asset_id>/norm_stats.json; an openpi checkpoint "
                               "keeps its normalisation statistics there (copy the training run's assets/)")

@@ -8,8 +8,16 @@ Prompt formats, as the originals build them before tokenising:
 - pi0.5 (both): BOS + tokens("Task: {task}, State: {bins};\\nAction: "), bins = the normalised
   state in 256 bins (np.digitize over linspace(-1, 1, 257)[:-1], minus one).
 - SmolVLA: tokens(task + "\\n") with the tokenizer's own special-token rule.
-- GR00T: tokens(str([task])), e.g. "['pick up the cube']" (the Eagle chat template around it is
-  not reproduced, see docs/real-checkpoints.md).
+- GR00T N1.5 ("groot-eagle"): Eagle 2.5's chat template as LeRobot's groot processor applies it
+  (one user turn: the images, then the text str([task]); add_generation_prompt):
+    <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
+    <image 1><img>{<IMG_CONTEXT> x n}</img><image 2><img>...</img>['pick up the cube']<|im_end|>\n
+    <|im_start|>assistant\n
+  (no newlines between the parts), n = the model's image tokens per camera (64 for N1.5: 256
+  SigLIP patches after the 2x2 pixel shuffle). `eagle_layout` gives the original's full ids and
+  where its image tokens go; our model puts all image tokens first, so the text it reads is that
+  sequence without the <IMG_CONTEXT> runs (same tokens, same order; see docs/real-checkpoints.md).
+- GR00T, legacy "groot" (policy_io.json written before the template): tokens(str([task])).
 Sequences are right-padded with zeros to the model's max length and truncated past it.
 """
 from __future__ import annotations
@@ -21,7 +29,10 @@ import numpy as np
 from ..checkpoint import CheckpointError
 from ..tokenizer import clean_instruction
 
-PROMPT_STYLES = ("openpi-pi0", "lerobot-pi0", "pi05", "smolvla", "groot")
+PROMPT_STYLES = ("openpi-pi0", "lerobot-pi0", "pi05", "smolvla", "groot", "groot-eagle")
+EAGLE_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+EAGLE_USER, EAGLE_END = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+EAGLE_IMAGE_TOKEN, EAGLE_IMG_START, EAGLE_IMG_END = "<IMG_CONTEXT>", "<img>", "</img>"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
@@ -58,6 +69,9 @@ class JsonTokenizer:
         except Exception as e:  # the Rust binding raises its own Exception type
             raise CheckpointError(f"{self.path}: not a tokenizers JSON file ({e})") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
 
     def ids(self, text: str, add_bos: bool) -> list[int]:
         """`add_bos` = apply the file's own post-processor (special tokens), as HF does by default."""
@@ -99,8 +113,31 @@ def discretize_state_openpi(state: np.ndarray, bins: int = 256) -> np.ndarray:
     return np.digitize(np.asarray(state, dtype=np.float64), bins=edges) - 1
 
 
-def prompt_ids(style: str, tokenizer, instruction: str, state: np.ndarray | None) -> list[int]:
-    """Token ids of one prompt, before padding."""
+def eagle_prompt(task: str, n_images: int, tokens_per_image: int) -> str:
+    """The text Eagle 2.5's processor tokenises for GR00T N1.5 (chat template + image expansion)."""
+    images = "".join(f"<image {i + 1}>{EAGLE_IMG_START}{EAGLE_IMAGE_TOKEN * tokens_per_image}{EAGLE_IMG_END}"
+                     for i in range(n_images))
+    return EAGLE_SYSTEM + EAGLE_USER + images + str([task]) + EAGLE_END
+
+
+def eagle_layout(tokenizer, task: str, n_images: int, tokens_per_image: int) -> tuple[list[int], list[int]]:
+    """(the original's input_ids, the positions its image embeddings replace) for one observation."""
+    image_id = tokenizer.token_id(EAGLE_IMAGE_TOKEN) if hasattr(tokenizer, "token_id") else None
+    if image_id is None:
+        raise CheckpointError(f"{getattr(tokenizer, 'path', 'tokenizer')}: no {EAGLE_IMAGE_TOKEN} token; GR00T N1.5 "
+                              "needs the Eagle 2.5 (Qwen3) tokenizer.json with its added image tokens")
+    ids = tokenizer.ids(eagle_prompt(task, n_images, tokens_per_image), add_bos=True)
+    slots = [i for i, t in enumerate(ids) if t == image_id]
+    if len(slots) != n_images * tokens_per_image:
+        raise CheckpointError(f"{getattr(tokenizer, 'path', 'tokenizer')}: {EAGLE_IMAGE_TOKEN} did not tokenise to "
+                              f"one token each ({len(slots)} for {n_images * tokens_per_image})")
+    return ids, slots
+
+
+def prompt_ids(style: str, tokenizer, instruction: str, state: np.ndarray | None, n_images: int = 1,
+               tokens_per_image: int = 64) -> list[int]:
+    """Token ids of one prompt, before padding. For "groot-eagle": the template's ids without
+    the image-context runs (the model inserts the `n_images` cameras' tokens before the text)."""
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {style!r}; accepted: {PROMPT_STYLES}")
     clean_instruction(instruction)  # validation only (type, empty, length): the originals see the raw task
@@ -116,7 +153,11 @@ def prompt_ids(style: str, tokenizer, instruction: str, state: np.ndarray | None
         return tokenizer.ids(f"Task: {openpi_clean(task)}, State: {bins};\nAction: ", add_bos=True)
     if style == "smolvla":
         return tokenizer.ids(task + "\n", add_bos=True)
-    return tokenizer.ids(str([task]), add_bos=True)  # GR00T's processor writes the task as str([task])
+    if style == "groot-eagle":
+        ids, slots = eagle_layout(tokenizer, task, n_images, tokens_per_image)
+        drop = set(slots)
+        return [t for i, t in enumerate(ids) if i not in drop]
+    return tokenizer.ids(str([task]), add_bos=True)  # legacy: the task as str([task]) alone
 
 
 def pad_ids(ids: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:

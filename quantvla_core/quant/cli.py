@@ -329,7 +329,7 @@ def register(subparsers) -> None:
     p.add_argument("model")
     p.add_argument("--sim", choices=["mt10"], help="also run every variant in closed loop (needs --save-dir)")
     p.add_argument("--episodes", type=int, default=10, help="with --sim: episodes per task (default 10)")
-    p.add_argument("--replan-steps", type=int, default=8, help="with --sim: actions run per chunk")
+    p.add_argument("--replan-steps", type=int, default=16, help="with --sim: actions run per chunk")
     p.add_argument("--workers", type=int, default=2, help="with --sim: parallel simulator workers")
     p.add_argument("--tasks", nargs="+", help="with --sim: MT10 tasks (default: all ten)")
     p.add_argument("--max-steps", type=int, default=0, help="with --sim: episode step limit (default: the env's 200)")

@@ -28,7 +28,7 @@ from quantvla_core.sim.stats import mcnemar_exact, wilson_interval
 class EvalConfig:
     tasks: tuple[str, ...] = TASKS
     episodes_per_task: int = 20
-    replan_steps: int = 8
+    replan_steps: int = 16
     workers: int = 2
     settings: EnvSettings = field(default_factory=EnvSettings)
     device: str = "cpu"

@@ -108,7 +108,8 @@ def register(subparsers) -> None:
                          "NAME=SPEC gives it a display name")
     ev.add_argument("--episodes", type=int, default=20, help="episodes per task (default: 20)")
     ev.add_argument("--replan-steps", type=int, default=16,
-                    help="actions executed from each chunk before re-inferring (default: %(default)s, the default 's whole chunk; fewer replans did better on MT10)")
+                    help="actions executed from each chunk before re-inferring (default: %(default)s = the "
+                         "default policy's whole chunk; replanning more often did worse on MT10)")
     ev.add_argument("--device", default="cpu", help="torch device for the policies")
     ev.add_argument("--seed", type=int, default=0, help="policy sampling seed")
     ev.add_argument("--out", default="runs/eval", help="report folder (default: %(default)s)")

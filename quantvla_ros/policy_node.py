@@ -53,21 +53,6 @@ INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
 # the GIL at once (measured: queue p50 0.6 -> 0.1 ms at 640x480 30 Hz on 2 cores).
 GIL_HANDOFF_S = 1e-4
 
-# Process-wide settings applied once by main() (not per node, so not in params.SPECS' configure
-# values): read-only, with a descriptor and range like every other parameter.
-PROCESS_SPECS = (
-    P.Spec("gil_switch_interval_ms", 1.0, "CPython GIL switch interval (sys.setswitchinterval) "
-           "of the node process, in ms; 0 leaves CPython's 5 ms. Shorter: a DDS callback waits "
-           "less for the GIL while the inference thread runs Python code (lower input latency), "
-           "at a little more switching overhead.", 0.0, 100.0, read_only=True),
-    P.Spec("malloc_mmap_threshold_mib", 16, "glibc malloc: buffers below this many MiB come from "
-           "the heap and freed memory up to 4x this stays mapped (mallopt M_MMAP_THRESHOLD / "
-           "M_TRIM_THRESHOLD), so each camera frame reuses pages instead of page-faulting ~3 fresh "
-           "copies of the image; 0 leaves glibc's dynamic default. Costs up to 4x this in RSS "
-           "kept after a burst; no effect without glibc.", 0, 32, read_only=True),
-)
-
-
 class ConfigError(ValueError):
     """Parameters or model that make configure fail; the text is the reason users see."""
 
@@ -102,8 +87,6 @@ class PolicyNode(LifecycleNode):
     def __init__(self, node_name: str = "policy_node", **kwargs):
         super().__init__(node_name, **kwargs)
         P.declare_all(self)
-        for spec in PROCESS_SPECS:
-            self.declare_parameter(spec.name, spec.default, P.descriptor(spec))
         self._lock = threading.Lock()
         self._lifecycle = "unconfigured"
         self._config_error = ""

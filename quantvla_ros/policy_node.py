@@ -4,8 +4,8 @@ configure loads the model (preset, model dir or quantized artifact) and warms it
 starts an inference thread that turns the newest stamp-matched camera frames, the instruction
 and the joint state into a JointTrajectory carrying the whole action chunk; deactivate stops it;
 cleanup frees the model. Sensor callbacks only validate, convert and store the newest frame, so
-they never wait for inference (MultiThreadedExecutor + separate callback groups). Bad input is
-refused before the model, logged once per burst and counted in /diagnostics.
+they never wait for inference (which runs in its own thread; the executor only serves callbacks).
+Bad input is refused before the model, logged once per burst and counted in /diagnostics.
 """
 from __future__ import annotations
 

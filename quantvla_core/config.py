@@ -76,6 +76,11 @@ class ModelConfig:
     action_mean: list[float] | None = None
     action_std: list[float] | None = None
     variant: str = ""  # see VARIANTS; recorded so that every rebuild gets the same structure
+    # GR00T N1.5 only (variant "n15"): the <IMG_CONTEXT> placeholder id. When set, `tokens` is the
+    # whole Eagle-templated prompt and each present camera's image tokens replace, in camera order,
+    # the placeholders (as Eagle 2.5 does); max_text_tokens then counts the placeholders too. None:
+    # image tokens first, then the text (reference models, presets, configs saved before the field).
+    image_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -92,6 +97,11 @@ class ModelConfig:
             e, n = self.dit.embodiment_id, self.dit.num_embodiments
             if not isinstance(e, int) or not 0 <= e < n:
                 raise ValueError(f"dit.embodiment_id must be an integer in [0, {n}) (num_embodiments), got {e!r}")
+        if self.image_token_id is not None:
+            e = self.image_token_id
+            if self.variant != "n15" or isinstance(e, bool) or not isinstance(e, int) or e < 0:
+                raise ValueError("image_token_id (image tokens placed inside the prompt) needs variant 'n15' (GR00T "
+                                 f"N1.5) and a non-negative integer; got {e!r} with variant {self.variant!r}")
         for k in ("action_dim", "state_dim", "horizon", "num_steps", "max_cameras", "max_text_tokens"):
             v = getattr(self, k)
             if not isinstance(v, int) or v < 1:
@@ -102,7 +112,10 @@ class ModelConfig:
         return (self.vision.image_size // self.vision.patch_size) ** 2 // self.vision.pixel_shuffle ** 2
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["image_token_id"] is None:  # only GR00T N1.5 checkpoints use it; older readers stay able to read
+            del d["image_token_id"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -194,6 +207,10 @@ def _presets() -> dict[str, ModelConfig]:
         # (q/k norms), vlln + 4 vl_self_attention blocks, a 16-block DiT (32 x 48 heads), 4 flow
         # steps, chunk 16, state padded to 64 and actions to 32 (LeRobot max_state_dim /
         # max_action_dim), 32 embodiment projectors. test/test_loaders_groot.py checks the counts.
+        # Prefix 3 x 64 image tokens + 64 text tokens = 256, what a loaded checkpoint's LLM reads for a
+        # 3-camera Eagle prompt (~40 template tokens + str([task])) with the image tokens inside it;
+        # image_token_id stays unset here (images first, same cost) because synthetic prompts (bench,
+        # `quantvla run groot-n15`) come from the plain tokenizer, which has no <IMG_CONTEXT>.
         "groot-n15": ModelConfig(arch="groot", name="groot-n15",
                                  vision=VisionConfig(image_size=224, patch_size=14, width=1152, depth=27,
                                                      heads=16, mlp=4304, pixel_shuffle=2),

@@ -107,7 +107,12 @@ def test_groot_planted_values_prompt_normalisation_and_forward(tmp_path, tokeniz
     obs = Observation([np.zeros((20, 30, 3), np.uint8)], "pick up the apple", np.array([1.0, 0.5, 7.0]))
     batch = pol.preprocess(obs)
     ids = batch.tokens[0][batch.token_mask[0]].tolist()
-    assert ids == eagle_reference_ids(Tokenizer.from_file(str(tokenizer_json)), "pick up the apple", 1, 4, False)
+    # the whole templated prompt, its <IMG_CONTEXT> run written as the model's placeholder id
+    ref = Tokenizer.from_file(str(tokenizer_json))
+    img = ref.token_to_id("<IMG_CONTEXT>")
+    want = [151669 if i == img else i for i in eagle_reference_ids(ref, "pick up the apple", 1, 4, True)]
+    assert pol.config.image_token_id == 151669 and ids == want and ids.count(151669) == 4
+    assert pol.config.max_text_tokens == 128 + 1 * 4  # the prompt budget + one camera's placeholders
     # Eagle image processor: a 20x30 frame stretched to the 28 px vision resolution, mean/std 0.5
     np.testing.assert_allclose(batch.images[0, 0].numpy(), -np.ones((3, 28, 28)), atol=1e-6)
     # GR00T min-max: constant dimension (min == max) -> 0
@@ -265,7 +270,7 @@ def test_saved_and_quantized_n15_policies_reload_as_n15(tmp_path, tokenizer_json
     from quantvla_core.quant.quantize import QuantConfig, quantize
     from quantvla_core.quant.qlinear import QuantLinear
     pol = Policy.load(write_groot(tmp_path / "g", planted(), tokenizer_json))
-    assert pol.config.variant == "n15" and pol.config.dit.embodiment_id == 31
+    assert pol.config.variant == "n15" and pol.config.dit.embodiment_id == 31 and pol.config.image_token_id == 151669
     obs = Observation([np.full((20, 30, 3), 90, np.uint8)], "pick up the apple", np.array([1.0, 0.5, 2.0]))
     fp = pol.predict(obs, seed=3).actions
 
@@ -283,6 +288,7 @@ def test_saved_and_quantized_n15_policies_reload_as_n15(tmp_path, tokenizer_json
     want = res.policy.predict(obs, seed=3).actions
     res.save(tmp_path / "q")
     assert read_config(tmp_path / "q").variant == "n15"
+    assert read_config(saved).image_token_id == read_config(tmp_path / "q").image_token_id == 151669
     q = Policy.load(tmp_path / "q")
     assert isinstance(q, ExternalPolicy) and isinstance(q.model, GR00TN15Model) and q.scheme == "w8a8"
     assert q.model.embodiment_id == 31
@@ -302,6 +308,9 @@ def test_groot_n15_preset_has_the_real_structure_and_size():
     cfg = preset("groot-n15")
     assert cfg.variant == "n15" and cfg.num_image_tokens == 64 and cfg.vision.pixel_shuffle == 2
     assert (cfg.state_dim, cfg.action_dim, cfg.horizon, cfg.num_steps) == (64, 32, 16, 4)
+    # images first (synthetic prompts have no placeholders); the LLM reads 256 tokens, as for a
+    # 3-camera Eagle prompt with a short task
+    assert cfg.image_token_id is None and cfg.max_cameras * cfg.num_image_tokens + cfg.max_text_tokens == 256
     model = build_model(cfg, device="meta")
     assert isinstance(model, GR00TN15Model) and all(p.is_meta for p in model.parameters())
     got = {c: 0 for c in ("vision", "backbone", "expert")}
@@ -395,3 +404,161 @@ def test_n15_bf16_with_fp32_islands_is_closer_to_fp32(offset, action_ratio):
     assert err[True][0] < 0.7 * err[False][0], err
     assert err[True][1] < action_ratio * err[False][1], err
     assert err[True][1] < 5e-3, err
+
+
+# ---- image tokens placed inside the prompt (config image_token_id), against a hand-built sequence ----
+IMG_ID = 250  # a real vocabulary id: the model must not read its embedding row
+
+
+def placed_config(**kw):
+    import dataclasses
+    return dataclasses.replace(tiny_config(), variant="n15", image_token_id=IMG_ID, max_cameras=2,
+                               max_text_tokens=40, **kw)
+
+
+def placed_batch(cfg, seed=0):
+    """Row 0: both cameras; row 1: camera 0 absent (so its one run takes camera 1) and padding."""
+    from quantvla_core.models import Batch
+    g = torch.Generator().manual_seed(seed)
+    per = cfg.num_image_tokens
+
+    def run(k):
+        return [20 + k, 21] + [IMG_ID] * per + [22]
+    rows = [[1, 2, 3, 4] + run(0) + run(1) + [30, 31, 32], [1, 2, 3, 4] + run(0) + [33, 34]]
+    tokens = torch.zeros(2, cfg.max_text_tokens, dtype=torch.long)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    s = cfg.vision.image_size
+    return Batch(torch.rand(2, 2, 3, s, s, generator=g) * 2 - 1, torch.tensor([[True, True], [False, True]]),
+                 tokens, mask, torch.randn(2, MAX_STATE, generator=g))
+
+
+def _random_n15(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = GR00TN15Model(cfg, embodiment_id=3).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def reference_velocity(m, batch, x_t, t):
+    """Row by row, padding dropped: the embedded prompt with each placeholder replaced by hand, in
+    order, by the next image token of the present cameras; then the same layers as the original
+    (causal Qwen3 over positions 0..n-1, final norm, vlln, vl_self_attention, DiT)."""
+    from quantvla_core.models.groot import DiTCache
+    lm = m.backbone.eagle_model.language_model.model
+    feats = m.encode_images(batch)
+    per = m.cfg.num_image_tokens
+    out = []
+    for b in range(batch.tokens.shape[0]):
+        present = [c for c in range(batch.image_mask.shape[1]) if batch.image_mask[b, c]]
+        images = [feats[b, c * per + j] for c in present for j in range(per)]
+        seq = []
+        for tok in batch.tokens[b][batch.token_mask[b]].tolist():
+            seq.append(images.pop(0) if tok == IMG_ID else lm.embed_tokens.weight[tok])
+        assert not images
+        x = torch.stack(seq)[None]
+        n = x.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        vl = m.action_head.vlln(lm.final_norm(lm(x, torch.arange(n)[None], causal), None))
+        for blk in m.action_head.vl_self_attention.transformer_blocks:
+            vl = blk(vl)
+        state = m.action_head.state_encoder(batch.state[b:b + 1, None], m._cat(1, vl.device))
+        cache = DiTCache(vl=vl, valid=torch.ones(1, n, dtype=torch.bool), cross_kv={}, state_tokens=state)
+        out.append(m._dit(cache, x_t[b:b + 1], t[b:b + 1], lambda i, blk: blk.attn1.kv(vl) if blk.cross else None))
+    return torch.cat(out)
+
+
+def test_n15_placed_image_tokens_match_a_hand_built_sequence():
+    cfg = placed_config()
+    m = _random_n15(cfg)
+    batch = placed_batch(cfg)
+    x_t, t = torch.randn(2, HORIZON, MAX_ACTION), torch.tensor([0.25, 0.5])
+    with torch.no_grad():
+        want = reference_velocity(m, batch, x_t, t)
+        joint = m.velocity_joint(batch, x_t, t)
+        cached = m.denoise_step(m.encode_prefix(batch, m.encode_images(batch)), x_t, t, batch.state)
+        # the placeholder's own embedding row is never read
+        m.backbone.eagle_model.language_model.model.embed_tokens.weight[IMG_ID] = 1e3
+        again = m.velocity_joint(batch, x_t, t)
+        # the same weights reading [all images; text without the runs] (the unset mode) differ
+        legacy = GR00TN15Model(dataclasses_replace(cfg, image_token_id=None), embodiment_id=3).eval()
+        legacy.load_state_dict(m.state_dict())
+        keep = batch.tokens != IMG_ID
+        from quantvla_core.models import Batch
+        text = torch.stack([torch.cat([r[k], torch.zeros(int((~k).sum()), dtype=torch.long)])
+                            for r, k in zip(batch.tokens, keep)])
+        tmask = torch.stack([torch.cat([mk[k], torch.zeros(int((~k).sum()), dtype=torch.bool)])
+                             for mk, k in zip(batch.token_mask, keep)])
+        old = legacy.velocity_joint(Batch(batch.images, batch.image_mask, text, tmask, batch.state), x_t, t)
+    torch.testing.assert_close(joint, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-5)
+    gap = (old - want).abs().max()  # small random weights: small but far above the rounding above
+    assert gap > 1e-4 and gap > 50 * (joint - want).abs().max()
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_n15_placed_image_tokens_wrong_placeholder_count_is_refused():
+    cfg = placed_config()
+    m = _random_n15(cfg)
+    batch = placed_batch(cfg)
+    batch.image_mask[1, 0] = True  # row 1 now claims two cameras but its prompt has one run
+    with torch.no_grad(), pytest.raises(ValueError, match=r"batch row 1: the prompt has 4 image placeholder tokens "
+                                                          r"\(id 250\) but 2 present camera\(s\) x 4 image tokens = 8"):
+        m.velocity_joint(batch, torch.randn(2, HORIZON, MAX_ACTION), torch.tensor([0.25, 0.5]))
+    batch = placed_batch(cfg)
+    batch.tokens[0, 1] = IMG_ID  # an extra placeholder in row 0
+    with torch.no_grad(), pytest.raises(ValueError, match="row 0: the prompt has 9 .* = 8"):
+        m.encode_prefix(batch, m.encode_images(batch))
+
+
+def test_n15_placed_image_tokens_with_fp32_islands():
+    """The island path (bf16 runs) places the image tokens the same way: forced on in fp32 it
+    equals the plain path and the hand-built reference."""
+    cfg = placed_config()
+    m = _random_n15(cfg)
+    batch = placed_batch(cfg, seed=1)
+    x_t, t = torch.randn(2, HORIZON, MAX_ACTION), torch.tensor([0.0, 0.75])
+    with torch.no_grad():
+        want = reference_velocity(m, batch, x_t, t)
+        m.islands_active = lambda: True
+        forced = m.velocity_joint(batch, x_t, t)
+        cached = m.denoise_step(m.encode_prefix(batch, m.encode_images(batch)), x_t, t, batch.state)
+    torch.testing.assert_close(forced, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached, want, rtol=1e-4, atol=1e-5)
+
+
+def test_groot_policy_places_only_present_cameras(tmp_path, tokenizer_json):
+    """A two-camera checkpoint given one frame: one <image 1> run in the prompt, the absent slot
+    masked, and the prediction equals the model's on the full batch (absent camera kept)."""
+    from tokenizers import Tokenizer
+    feats = {"observation.images.front": {"type": "VISUAL", "shape": [3, 480, 640]},
+             "observation.images.wrist": {"type": "VISUAL", "shape": [3, 480, 640]},
+             "observation.state": {"type": "STATE", "shape": [ROBOT_STATE]}}
+    pol = Policy.load(write_groot(tmp_path / "g", planted(), tokenizer_json, overrides={"input_features": feats}))
+    assert pol.config.max_cameras == 2 and pol.config.max_text_tokens == 128 + 2 * 4
+    obs = Observation([np.full((20, 30, 3), 60, np.uint8)], "place the cup on the plate", np.array([1.0, 0.5, 2.0]))
+    batch = pol.preprocess(obs)
+    assert batch.image_mask.tolist() == [[True, False]]
+    ref = Tokenizer.from_file(str(tokenizer_json))
+    img = ref.token_to_id("<IMG_CONTEXT>")
+    want = [151669 if i == img else i for i in eagle_reference_ids(ref, "place the cup on the plate", 1, 4, True)]
+    assert batch.tokens[0][batch.token_mask[0]].tolist() == want
+    noise = torch.randn(1, HORIZON, MAX_ACTION, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = pol.model.sample_actions(batch, noise)  # absent camera and padding still in the batch
+    got = pol.predict(obs, noise=noise).actions  # Policy drops them for one observation
+    norm = pol.action_norm.unnormalize(full[0].numpy())
+    np.testing.assert_allclose(got, norm[:, :ROBOT_ACTION] if norm.shape[1] != ROBOT_ACTION else norm,
+                               rtol=1e-4, atol=1e-5)
+    obs3 = Observation([np.zeros((20, 30, 3), np.uint8)] * 2, "x " * 70, np.array([1.0, 0.5, 2.0]))
+    with pytest.raises(ValueError, match=r"tokens \(2 x 4 image placeholders included\) but the model reads 136"):
+        pol.preprocess(obs3)

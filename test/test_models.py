@@ -157,3 +157,65 @@ def test_config_rejects_bad_values():
         ModelConfig.from_dict({"arch": "pi0", "bogus": 1})
     with pytest.raises(ValueError, match="horizon"):
         ModelConfig(arch="pi0", expert=preset("tiny").expert, horizon=0)
+
+
+# ---- GR00T N1.5 with image tokens placed inside the prompt (config image_token_id) ----
+PLACEHOLDER = 7
+
+
+def placed_groot_config():
+    import dataclasses
+    return dataclasses.replace(preset("tiny-groot"), variant="n15", image_token_id=PLACEHOLDER, max_text_tokens=48)
+
+
+def make_placed_batch(cfg, seed=0):
+    """Row 0: both cameras, each a run of placeholders inside the text; row 1: the first camera
+    absent (one run only) and a padded, shorter prompt."""
+    g = torch.Generator().manual_seed(seed)
+    per, s, length = cfg.num_image_tokens, cfg.vision.image_size, cfg.max_text_tokens
+
+    def text(n):
+        return torch.randint(10, 200, (n,), generator=g).tolist()
+
+    def run():
+        return [201] + [PLACEHOLDER] * per + [202]
+    rows = [text(3) + run() + run() + text(4), text(3) + run() + text(2)]
+    tokens = torch.zeros(2, length, dtype=torch.long)
+    token_mask = torch.zeros(2, length, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], token_mask[i, :len(r)] = torch.tensor(r), True
+    image_mask = torch.tensor([[True, True], [False, True]])
+    return Batch(torch.rand(2, 2, 3, s, s, generator=g) * 2 - 1, image_mask, tokens, token_mask,
+                 torch.randn(2, cfg.state_dim, generator=g))
+
+
+def test_groot_n15_placed_images_kv_cache_equals_joint_path():
+    cfg = placed_groot_config()
+    model = build_model(cfg)
+    batch = make_placed_batch(cfg)
+    x_t, t = torch.randn(2, cfg.horizon, cfg.action_dim), torch.tensor([0.2, 0.6])
+    with torch.no_grad():
+        joint = model.velocity_joint(batch, x_t, t)
+        cache = model.encode_prefix(batch, model.encode_images(batch))
+        cached = model.denoise_step(cache, x_t, t, batch.state)
+        assert cache.vl.shape[1] == cfg.max_text_tokens and torch.equal(cache.valid, batch.token_mask)
+        # the image features reach the actions through the placeholders
+        other = Batch(batch.images.flip(0), batch.image_mask, batch.tokens, batch.token_mask, batch.state)
+        moved = model.denoise_step(model.encode_prefix(other, model.encode_images(other)), x_t, t, batch.state)
+        with attention_impl("eager"):
+            eager = model.velocity_joint(batch, x_t, t)
+    torch.testing.assert_close(cached, joint, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eager, joint, rtol=1e-4, atol=1e-5)
+    assert (moved - cached).abs().max() > 1e-3
+    loss = model.train().flow_loss(batch, torch.randn(2, cfg.horizon, cfg.action_dim))
+    loss.backward()
+    assert model.backbone.eagle_model.mlp1[1].weight.grad.abs().sum() > 0  # vision gets gradient through them
+
+
+def test_groot_n15_placement_needs_the_n15_variant():
+    import dataclasses
+    with pytest.raises(ValueError, match="image_token_id .* needs variant 'n15'"):
+        dataclasses.replace(preset("tiny-groot"), image_token_id=3)
+    cfg = placed_groot_config()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["image_token_id"] == PLACEHOLDER
+    assert "image_token_id" not in preset("tiny-groot").to_dict()  # configs without it are written as before

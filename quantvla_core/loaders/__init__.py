@@ -39,10 +39,9 @@ COMMON_NOTES = [
 
 GROOT_MAX_TEXT_TOKENS = 128  # the Eagle template around str([task]) takes ~25 + 7 per camera tokens
 GROOT_NOTES = [
-    "GR00T prompt: Eagle 2.5's chat template with the original's tokens in the original order, but the model "
-    "reads all image tokens first and then the templated text without its <IMG_CONTEXT> runs (the original "
-    "puts each camera's 64 image tokens inside the text, after '<image k><img>'), so text positions and what "
-    "each token attends to differ",
+    "GR00T prompt: Eagle 2.5's chat template, each present camera's image tokens in place of its "
+    "<IMG_CONTEXT> run (as the original); the prompt budget is 128 tokens besides the placeholders (the "
+    "original has no limit)",
     "GR00T images: Eagle's processor (stretch to 224, bicubic antialiased, uint8 rounding, mean/std 0.5) from "
     "uint8 frames; LeRobot's float->uint8 truncation of dataset frames and its alphabetical camera-key order "
     "are up to the caller",
@@ -243,8 +242,8 @@ def _load_groot(directory: Path, cfg, tensors, source: str, device, dtype, seed,
     mcfg = groot.derive_config(mapped.tensors, source=source, horizon=min(int(cfg.get("chunk_size", 16)), 16),
                                num_steps=int(cfg.get("num_inference_timesteps") or 4),
                                max_cameras=max(1, cfg.cameras), max_text_tokens=GROOT_MAX_TEXT_TOKENS,
-                               name=directory.name,
-                               embodiment_id=int(mapping[tag]))
+                               name=directory.name, embodiment_id=int(mapping[tag]),
+                               image_token_id=groot.EAGLE_IMAGE_TOKEN_ID)
     model = _build(mcfg)  # variant "n15": the same model build_model gives a saved artifact of it
     load_mapped(model, mapped, source, "lerobot/groot")
     model.register_buffer("embodiment", torch.tensor(mcfg.dit.embodiment_id), persistent=False)  # not in the file

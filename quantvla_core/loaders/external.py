@@ -160,13 +160,21 @@ class ExternalPolicy(Policy):
         images, image_mask = images_to_model(raw_images, cfg.vision.image_size, cfg.max_cameras, self.io.image_pad)
         state = self.io.state_norm.normalize(robot.state_in(obs.state) if robot is not None else obs.state)
         emb = _embedding_rows(self.model)
+        placeholder = getattr(cfg, "image_token_id", None)  # GR00T N1.5: image tokens placed inside the prompt
+        if placeholder is not None and self.io.prompt_style != "groot-eagle":
+            raise CheckpointError(f"{self.io.format} policy from {self.io.source}: the model places image tokens "
+                                  f"at placeholder id {placeholder}, which needs the 'groot-eagle' prompt, not "
+                                  f"{self.io.prompt_style!r}; re-create it from the LeRobot directory")
+        n_images = int(image_mask.sum())
         ids = prompt_ids(self.io.prompt_style, self.io.tokenizer(emb), obs.instruction, state,
-                         n_images=int(image_mask.sum()), tokens_per_image=cfg.num_image_tokens)
+                         n_images=n_images, tokens_per_image=cfg.num_image_tokens, image_token_id=placeholder)
         if self.io.prompt_style == "groot-eagle" and len(ids) > cfg.max_text_tokens:
-            raise ValueError(f"the GR00T prompt needs {len(ids)} text tokens but the model reads "
+            what = "" if placeholder is None else f" ({n_images} x {cfg.num_image_tokens} image placeholders included)"
+            raise ValueError(f"the GR00T prompt needs {len(ids)} tokens{what} but the model reads "
                              f"{cfg.max_text_tokens}; accepted: a shorter instruction")
-        if ids and emb is not None and max(ids) >= emb:
-            raise ValueError(f"token id {max(ids)} is outside the model's vocabulary of {emb}; "
+        real = [i for i in ids if placeholder is None or i != placeholder]  # the placeholder is never embedded
+        if real and emb is not None and max(real) >= emb:
+            raise ValueError(f"token id {max(real)} is outside the model's vocabulary of {emb}; "
                              f"{self.io.tokenizer_path} is not this policy's tokenizer")
         tokens, token_mask = pad_ids(ids, cfg.max_text_tokens)
         batch = Batch(torch.from_numpy(images)[None], torch.from_numpy(image_mask)[None],

@@ -5,9 +5,9 @@ shuffle connector, final-norm VL features, diffusers timestep / action-encoder e
 affine norm3); the derived config records `variant="n15"` and the robot's embodiment id so that
 `build_model` rebuilds the same model from a saved config (quantized artifacts, model dirs).
 The Eagle 2.5 chat template (text.eagle_prompt) and image processor (imaging.eagle_image) are
-applied by ExternalPolicy; what still differs: the model reads all image tokens before the
-templated text, where the original interleaves each camera's tokens inside it (see
-docs/real-checkpoints.md).
+applied by ExternalPolicy; the config's `image_token_id` makes the model put each present
+camera's image tokens in place of its `<IMG_CONTEXT>` run inside the templated prompt, as
+Eagle 2.5 does (see docs/real-checkpoints.md).
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ VISION = f"{EAGLE}.vision_model.vision_model"
 DIT = "action_head.model"
 DIT_HEAD_DIM = 48  # N1.5 diffusion_model_cfg: 32 heads x 48
 QWEN3_ROPE_THETA = 1_000_000.0
+# Eagle 2.5's <IMG_CONTEXT> id in GR00T N1.5's tokenizer (its `image_token_index`). To the model it is
+# only a marker: placeholder positions are never looked up in the embedding, and ExternalPolicy writes
+# this id at the positions where the user's tokenizer put <IMG_CONTEXT>, whatever that tokenizer's id.
+EAGLE_IMAGE_TOKEN_ID = 151669
 EMBODIMENTS = {"new_embodiment": 31, "oxe_droid": 17, "agibot_genie1": 26, "gr1": 24, "so100": 2, "unitree_g1": 3}
 
 RULES = [
@@ -44,7 +48,11 @@ RULES = [
 
 
 def derive_config(m: dict[str, torch.Tensor], *, source: str, horizon: int, num_steps: int, max_cameras: int,
-                  max_text_tokens: int, name: str, embodiment_id: int = 0) -> ModelConfig:
+                  max_text_tokens: int, name: str, embodiment_id: int = 0,
+                  image_token_id: int | None = None) -> ModelConfig:
+    """The N1.5 config of mapped tensors `m`. With `image_token_id` (image tokens placed inside the
+    prompt) `max_text_tokens` is the budget for the templated text and the config's own
+    max_text_tokens adds `max_cameras` runs of image placeholders to it."""
     fmt = "GR00T N1.5"
     embed = need(m, f"{LM}.embed_tokens.weight", source, fmt)
     q = need(m, f"{LM}.layers.0.self_attn.q_proj.weight", source, fmt)
@@ -78,6 +86,9 @@ def derive_config(m: dict[str, torch.Tensor], *, source: str, horizon: int, num_
         raise CheckpointError(f"{source}: embodiment id {embodiment_id} outside the checkpoint's "
                               f"{dit.num_embodiments} embodiment projectors")
     dit.embodiment_id = embodiment_id
-    return ModelConfig(arch="groot", name=name, vision=vision, backbone=backbone, dit=dit, action_dim=ae.shape[1],
-                       state_dim=se.shape[1], horizon=horizon, num_steps=num_steps, max_cameras=max_cameras,
-                       max_text_tokens=max_text_tokens, variant="n15")
+    cfg = ModelConfig(arch="groot", name=name, vision=vision, backbone=backbone, dit=dit, action_dim=ae.shape[1],
+                      state_dim=se.shape[1], horizon=horizon, num_steps=num_steps, max_cameras=max_cameras,
+                      max_text_tokens=max_text_tokens, variant="n15", image_token_id=image_token_id)
+    if image_token_id is not None:
+        cfg.max_text_tokens += max_cameras * cfg.num_image_tokens
+    return cfg

@@ -15,8 +15,10 @@ Prompt formats, as the originals build them before tokenising:
     <|im_start|>assistant\n
   (no newlines between the parts), n = the model's image tokens per camera (64 for N1.5: 256
   SigLIP patches after the 2x2 pixel shuffle). `eagle_layout` gives the original's full ids and
-  where its image tokens go; our model puts all image tokens first, so the text it reads is that
-  sequence without the <IMG_CONTEXT> runs (same tokens, same order; see docs/real-checkpoints.md).
+  where its image tokens go. A model with `config.image_token_id` (real checkpoints) reads these
+  ids with the placeholders set to that id and puts the image tokens there, as Eagle does; a
+  model without it (saved before) reads all image tokens first and the ids without the
+  <IMG_CONTEXT> runs (same tokens, same order; see docs/real-checkpoints.md).
 - GR00T, legacy "groot" (policy_io.json written before the template): tokens(str([task])).
 Sequences are right-padded with zeros to the model's max length and truncated past it.
 """
@@ -135,9 +137,11 @@ def eagle_layout(tokenizer, task: str, n_images: int, tokens_per_image: int) -> 
 
 
 def prompt_ids(style: str, tokenizer, instruction: str, state: np.ndarray | None, n_images: int = 1,
-               tokens_per_image: int = 64) -> list[int]:
-    """Token ids of one prompt, before padding. For "groot-eagle": the template's ids without
-    the image-context runs (the model inserts the `n_images` cameras' tokens before the text)."""
+               tokens_per_image: int = 64, image_token_id: int | None = None) -> list[int]:
+    """Token ids of one prompt, before padding. For "groot-eagle": with `image_token_id`, the
+    template's ids with each `<IMG_CONTEXT>` set to that id (the model's placeholder, where it
+    puts the `n_images` present cameras' tokens in order); without, the ids without the
+    image-context runs (the model reads the cameras' tokens before the text)."""
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {style!r}; accepted: {PROMPT_STYLES}")
     clean_instruction(instruction)  # validation only (type, empty, length): the originals see the raw task
@@ -156,7 +160,14 @@ def prompt_ids(style: str, tokenizer, instruction: str, state: np.ndarray | None
     if style == "groot-eagle":
         ids, slots = eagle_layout(tokenizer, task, n_images, tokens_per_image)
         drop = set(slots)
-        return [t for i, t in enumerate(ids) if i not in drop]
+        if image_token_id is None:
+            return [t for i, t in enumerate(ids) if i not in drop]
+        clash = [i for i, t in enumerate(ids) if t == image_token_id and i not in drop]
+        if clash:
+            raise CheckpointError(f"{getattr(tokenizer, 'path', 'tokenizer')}: the prompt tokenises to the model's "
+                                  f"image placeholder id {image_token_id} at position {clash[0]} outside the "
+                                  f"{EAGLE_IMAGE_TOKEN} runs: it is not this policy's tokenizer")
+        return [image_token_id if i in drop else t for i, t in enumerate(ids)]
     return tokenizer.ids(str([task]), add_bos=True)  # legacy: the task as str([task]) alone
 
 

@@ -10,7 +10,12 @@ LeRobot 0.4.4's port of Isaac-GR00T). It lives with the models, not the loaders,
   norm (`hidden_states[12]` for the 12 kept layers);
 - DiT timestep encoder: diffusers `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)`;
 - action encoder: sinusoidal encoding [sin, cos] with frequencies exp(-ln(1e4) i / (w/2));
-- vl_self_attention blocks: affine `norm3`.
+- vl_self_attention blocks: affine `norm3`;
+- image placement (`cfg.image_token_id` set, as the loader does for real checkpoints): the LLM
+  reads the whole Eagle-templated prompt, each present camera's tokens in place of its run of
+  `<IMG_CONTEXT>` placeholders (Eagle 2.5's masked scatter), so they follow the system prompt
+  and their `<image k><img>` tag causally and RoPE positions follow that order. Unset: all image
+  tokens first, then the text (presets, configs saved before the field).
 
 fp32 islands. The originals run a bf16 model under `torch.autocast(bfloat16)` (LeRobot's
 `use_bf16`, Isaac-GR00T's policy) with fp32 parameters: matmuls (linears, batched embodiment
@@ -118,6 +123,30 @@ def block32(blk: nn.Module, x: torch.Tensor, cd: torch.dtype, temb=None, kv=None
     return x + blk.ff(ln32(blk.norm3, x).to(cd)).float()
 
 
+def place_image_tokens(text: torch.Tensor, slots: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor,
+                       image_token_id: int) -> torch.Tensor:
+    """Eagle 2.5's masked scatter: the j-th placeholder of a row (`slots`, (B, T) bool) takes the
+    j-th image token of that row's present cameras, in camera order (absent cameras are skipped);
+    other positions keep `text` (B, T, W). `image_tokens` is (B, C * n, W) as encode_images returns.
+    Gathers by index (no host sync), so it also runs inside a CUDA graph capture; the count check
+    runs whenever the stream is not capturing (the eager warm-up before a capture checks it)."""
+    b, c = image_mask.shape
+    per = image_tokens.shape[1] // c
+    if not (text.is_cuda and torch.cuda.is_current_stream_capturing()):
+        have, want = slots.sum(1), image_mask.sum(1) * per
+        if not torch.equal(have, want):
+            i = int((have != want).nonzero()[0, 0])
+            raise ValueError(f"batch row {i}: the prompt has {int(have[i])} image placeholder tokens (id "
+                             f"{image_token_id}) but {int(image_mask[i].sum())} present camera(s) x {per} image "
+                             f"tokens = {int(want[i])}; the prompt needs one run of placeholders per present camera "
+                             "(Eagle 2.5 template)")
+    order = torch.argsort((~image_mask).to(torch.int32), dim=1, stable=True)  # present cameras first, in order
+    j = (slots.long().cumsum(1) - 1).clamp(min=0)  # which of the row's image tokens each slot takes
+    src = order.gather(1, (j // per).clamp(max=c - 1)) * per + j % per
+    picked = image_tokens.gather(1, src[..., None].expand(-1, -1, image_tokens.shape[-1]))
+    return torch.where(slots[..., None], picked, text)
+
+
 class GR00TN15Model(GR00TModel):
     """GR00TModel with the modules above swapped in (same parameter names as the checkpoint).
 
@@ -181,20 +210,34 @@ class GR00TN15Model(GR00TModel):
         ln, fc1, act, fc2 = em.mlp1
         return fc2(act(fc1(ln32(ln, x).to(cd))))
 
+    def _prefix_inputs(self, batch: Batch, image_tokens: torch.Tensor, dtype: torch.dtype):
+        """(LLM input embeddings (B, T, W) in `dtype`, valid (B, T), RoPE positions (B, T)).
+
+        `cfg.image_token_id` None: [all image tokens; text]. Set: the embedded prompt with its
+        placeholder positions taken by the present cameras' image tokens (Eagle 2.5's order)."""
+        embed = self.backbone.eagle_model.language_model.model.embed_tokens
+        if self.cfg.image_token_id is None:
+            valid, positions = prefix_validity(batch, image_tokens)
+            return torch.cat([image_tokens.to(dtype), embed(batch.tokens).to(dtype)], dim=1), valid, positions
+        slots = (batch.tokens == self.cfg.image_token_id) & batch.token_mask
+        text = embed(batch.tokens.masked_fill(slots, 0)).to(dtype)  # the placeholder's own row is never read
+        x = place_image_tokens(text, slots, image_tokens.to(dtype), batch.image_mask, self.cfg.image_token_id)
+        valid = batch.token_mask
+        return x, valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
+
     def _vl_features(self, batch: Batch, image_tokens: torch.Tensor):
         lm = self.backbone.eagle_model.language_model.model
-        valid, positions = prefix_validity(batch, image_tokens)
+        islands = self.islands_active()
+        x, valid, positions = self._prefix_inputs(batch, image_tokens, torch.float32 if islands else image_tokens.dtype)
         t = valid.shape[1]
         mask = (torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()[None] & valid[:, None, :])[:, None]
         ah = self.action_head
-        if self.islands_active():
+        if islands:
             cd = self.compute_dtype()
-            x = torch.cat([image_tokens.float(), lm.embed_tokens(batch.tokens).float()], dim=1)
             feats = ln32(ah.vlln, self._llm32(lm, x, positions, mask, cd))
             for blk in ah.vl_self_attention.transformer_blocks:
                 feats = block32(blk, feats, cd, mask=valid[:, None, None, :])
             return feats, valid  # fp32, as the originals hand it to the DiT
-        x = torch.cat([image_tokens, lm.embed_tokens(batch.tokens).to(image_tokens.dtype)], dim=1)
         feats = lm.final_norm(lm(x, positions, mask), None)  # hidden_states[12]: after the final norm
         feats = ah.vlln(feats)
         for blk in ah.vl_self_attention.transformer_blocks:

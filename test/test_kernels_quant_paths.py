@@ -24,42 +24,7 @@ from quantvla_kernels.ops import triton_interpreting  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_interpreting(), reason="needs TRITON_INTERPRET=1 (CPU run)")
 
-
-def _np_quant(x, bits, norm_w=None, eps=1e-6, offset=0.0, inv_s=None, perm=None, rot=None):
-    """The documented arithmetic in float32 numpy (independent of the kernels)."""
-    qmax = 127 if bits == 8 else 7
-    x = x.astype(np.float32)
-    v = x.copy()
-    if norm_w is not None:
-        v = v * (np.float32(offset) + norm_w.astype(np.float32))[None, :]
-    if inv_s is not None:
-        v = v * inv_s.astype(np.float32)[None, :]
-    if perm is not None:
-        v = v[:, perm]
-    if rot is not None:
-        b = rot.shape[-1]
-        v = (v.reshape(v.shape[0], -1, b) @ rot.astype(np.float32)).reshape(v.shape)
-    if norm_w is not None:
-        rstd = np.float32(1.0) / np.sqrt((x * x).sum(1) / np.float32(x.shape[1]) + np.float32(eps))
-        v = v * rstd[:, None]
-    amax = np.abs(v).max(1)
-    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
-    inv = np.where(amax > 0, np.float32(qmax) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    return np.clip(np.round(v * inv[:, None]), -qmax, qmax).astype(np.int64), scale
-
-
-def _codes(q, bits):
-    if bits == 8:
-        return q.numpy().astype(np.int64)
-    p = q.numpy().astype(np.int64)
-    out = np.zeros((p.shape[0], 2 * p.shape[1]), dtype=np.int64)
-    for k0 in range(0, out.shape[1], 128):
-        t = min(128, out.shape[1] - k0)
-        b = p[:, k0 // 2:k0 // 2 + t // 2]
-        lo, hi = b & 15, b >> 4
-        out[:, k0:k0 + t // 2] = np.where(lo >= 8, lo - 16, lo)
-        out[:, k0 + t // 2:k0 + t] = np.where(hi >= 8, hi - 16, hi)
-    return out
+from test_kernels_ops import _codes, _np_quant  # noqa: E402 - the independent numpy references
 
 
 @pytest.fixture

@@ -403,3 +403,31 @@ def test_real_checkpoint_keeps_its_io_through_quantization(tmp_path):
     assert a_disk.shape == (loaders_tests.HORIZON, loaders_tests.ROBOT_ACTION)
     a_fp = teacher.predict(obs, seed=1).actions
     assert float(np.abs(a_disk - a_fp).max()) < 0.05 * float(np.abs(a_fp).max()) + 1e-3
+
+
+def test_smooth_strength_sweep_keeps_the_best_held_out_fidelity(tmp_path, capsys):
+    """'auto' quantizes once per strength, keeps the highest held-out cosine, records the sweep,
+    and equals a plain quantization at the kept strength."""
+    from quantvla_core.cli import main
+    from quantvla_core.quant.quantize import sweep_smooth_strength
+    policy = Policy.load("tiny")
+    qc = QuantConfig(scheme="w4a4", calib_samples=4, atm=False, ohb=False)
+    best, rows = sweep_smooth_strength(policy, qc, "synthetic", grid=(0.2, 0.9), progress=False)
+    assert [r["smooth_strength"] for r in rows] == [0.2, 0.9]
+    top = max(rows, key=lambda r: (r["cosine_mean"], r["cosine_min"]))
+    assert best.meta["config"]["smooth_strength"] == top["smooth_strength"]
+    assert best.report["smooth_strength_sweep"] == rows
+    again = quantize(policy, QuantConfig(scheme="w4a4", calib_samples=4, atm=False, ohb=False,
+                                         smooth_strength=top["smooth_strength"]), "synthetic", progress=False)
+    assert again.report["fidelity"]["cosine_mean"] == pytest.approx(top["cosine_mean"], abs=1e-12)
+    with pytest.raises(ValueError, match="needs the 'smooth' transform"):
+        sweep_smooth_strength(policy, QuantConfig(transforms=("rotate",)), "synthetic", progress=False)
+    out = tmp_path / "auto"
+    assert main(["quantize", "tiny", "--scheme", "w8a8", "--samples", "3", "--no-atm", "--no-ohb",
+                 "--smooth-strength", "auto", "--out", str(out), "--no-progress"]) == 0
+    assert "<- kept" in capsys.readouterr().out
+    meta = json.loads((out / "quantization.json").read_text())
+    assert [r["smooth_strength"] for r in meta["smooth_strength_sweep"]] == [0.15, 0.3, 0.5]
+    with pytest.raises(SystemExit):
+        main(["quantize", "tiny", "--smooth-strength", "1.5", "--out", str(tmp_path / "y")])
+    assert "accepted a number in (0, 1] or 'auto'" in capsys.readouterr().err

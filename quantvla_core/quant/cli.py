@@ -20,12 +20,25 @@ def _csv(text: str, accepted, what: str) -> list[str]:
     return items
 
 
+def _strength(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: accepted a number in (0, 1] or 'auto'")
+    return value
+
+
 def _config_from_args(args, **over):
     from .quantize import QuantConfig
     transforms = () if args.transforms in ("", "none") else tuple(t.strip() for t in args.transforms.split(","))
     kw = dict(scheme=getattr(args, "scheme", "w4a8"), layout=getattr(args, "layout", "quantvla"),
               group_size=None if args.group_size == 0 else args.group_size,
-              activation=args.activation, transforms=transforms, smooth_strength=args.smooth_strength,
+              activation=args.activation, transforms=transforms,
+              smooth_strength=0.5 if args.smooth_strength == "auto" else float(args.smooth_strength),
               rotation=args.rotation, atm=not args.no_atm, ohb=not args.no_ohb, atm_backbone=args.atm_backbone,
               ohb_mlp=args.ohb_mlp, order=args.order, calib_samples=args.samples, seed=args.seed,
               batch_size=args.batch_size)
@@ -44,7 +57,9 @@ def _add_quant_options(p: argparse.ArgumentParser, with_scheme: bool = True) -> 
     p.add_argument("--group-size", type=int, default=128, help="int4 weight group along K (0 = per channel)")
     p.add_argument("--activation", default="dynamic", choices=["dynamic", "static"])
     p.add_argument("--transforms", default="smooth,rotate", help="comma list of smooth,permute,rotate or 'none'")
-    p.add_argument("--smooth-strength", type=float, default=0.5)
+    p.add_argument("--smooth-strength", type=_strength, default=0.5,
+                   help="SmoothQuant-style strength in (0, 1], or 'auto': quantize at 0.15, 0.3 and 0.5 "
+                        "and keep the closest to the float model on the held-out frames")
     p.add_argument("--rotation", default="hadamard", choices=["hadamard", "svd"])
     p.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
     p.add_argument("--no-ohb", action="store_true", help="skip output head balancing")
@@ -63,7 +78,16 @@ def cmd_quantize(args) -> int:
     from .report import render_table
     qc = _config_from_args(args)
     policy = Policy.load(args.model, device=args.device, dtype="fp32")
-    result = quantize(policy, qc, args.calib, heldout=args.heldout, progress=not args.no_progress)
+    if args.smooth_strength == "auto":
+        from .quantize import sweep_smooth_strength
+        result, rows = sweep_smooth_strength(policy, qc, args.calib, heldout=args.heldout,
+                                             progress=not args.no_progress)
+        print("smoothing strength   held-out action cosine (mean / min)")
+        for r in rows:
+            mark = "  <- kept" if r["smooth_strength"] == result.meta["config"]["smooth_strength"] else ""
+            print(f"  {r['smooth_strength']:<18} {r['cosine_mean']:.5f} / {r['cosine_min']:.4f}{mark}")
+    else:
+        result = quantize(policy, qc, args.calib, heldout=args.heldout, progress=not args.no_progress)
     result.save(args.out)
     print(render_table(result.report))
     print(f"\nwrote {args.out} (config.json, model.safetensors, quantization.json, report.json, report.png, "
@@ -274,6 +298,9 @@ def cmd_ablate(args) -> int:
     layouts = _csv(args.layouts, list(L.LAYOUTS), "layouts")
     variants = _csv(args.variants, list(VARIANTS), "variants")
     policy = Policy.load(args.model, device=args.device, dtype="fp32")
+    if args.smooth_strength == "auto":
+        raise ValueError("--smooth-strength auto is for `quantvla quantize`; ablate compares fixed "
+                         "configurations: give a number in (0, 1]")
     base = _config_from_args(args, scheme=schemes[0], layout=layouts[0]).to_dict()
     for k in ("scheme", "layout", "atm", "ohb"):
         base.pop(k)

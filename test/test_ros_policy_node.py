@@ -124,11 +124,14 @@ class Harness:
                     return msg
         return None
 
-    def act(self, timeout_s=15.0):
-        """Send valid pairs until one produces a trajectory; returns (stamp, trajectory)."""
+    def act(self, timeout_s=15.0, joints=False):
+        """Send valid pairs until one produces a trajectory; returns (stamp, trajectory).
+        joints=True sends a fresh joint state with every pair (for short state timeouts)."""
         end = time.monotonic() + timeout_s
         sent = []
         while time.monotonic() < end:
+            if joints:
+                self.send_joints()
             sent.append(self.send_pair())
             wait_end = time.monotonic() + 0.4
             while time.monotonic() < wait_end:
@@ -446,8 +449,7 @@ def test_instruction_and_joint_state_watchdogs(active_node):
     stamps = [h.send_pair() for _ in range(2)]
     h.wait_for(lambda: h.counter("stale.joint_state.stale") > 0, 5.0, "stale joint state")
     assert all(h.trajectory_for(s) is None for s in stamps)
-    h.send_joints()
-    h.act()
+    h.act(joints=True)  # fresh states within the 0.3 s timeout: it acts again
     h.set_params("policy_node", joint_state_timeout_s=0.0)
     assert proc.poll() is None
 
@@ -505,8 +507,7 @@ def test_stale_joint_state_gives_no_action_even_when_not_required(active_node):
     assert all(r.successful for r in h.set_params("policy_node", require_joint_state=False,
                                                   joint_state_timeout_s=0.5))
     try:
-        h.send_joints()
-        h.act()
+        h.act(joints=True)
         before = h.counter("stale.joint_state.stale")
         time.sleep(0.7)  # the last joint state is now older than 0.5 s
         stamps = [h.send_pair() for _ in range(2)]
@@ -514,8 +515,7 @@ def test_stale_joint_state_gives_no_action_even_when_not_required(active_node):
                    "a stale joint state refused although not required")
         time.sleep(0.3)
         assert all(h.trajectory_for(s) is None for s in stamps)
-        h.send_joints()
-        h.act()
+        h.act(joints=True)  # a fresh state makes it act again
     finally:
         h.set_params("policy_node", require_joint_state=True, joint_state_timeout_s=0.0)
     assert proc.poll() is None

@@ -31,3 +31,13 @@ def pytest_configure(config):
 @pytest.fixture
 def tmp_model_dir(tmp_path):
     return tmp_path / "model"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: one intra-op thread; with a busy shared CPU, 2 spinning threads run ~30x slower.
+    Modules use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

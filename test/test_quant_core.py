@@ -18,13 +18,7 @@ from quantvla_core.quant.quantizers import qmax, quantize_per_token, quantize_we
 from quantvla_core.quant.transforms import (build_transform, fold_smoothing_into_norm, hadamard,
                                             zigzag_permutation)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread; with a busy shared CPU, 2 spinning threads run ~30x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _heavy_tailed(shape, seed=0, outliers=4):

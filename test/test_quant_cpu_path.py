@@ -12,12 +12,7 @@ from quantvla_core.quant.transforms import InputTransform, hadamard
 from quantvla_kernels import ops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _transform(kind: str, k: int, block: int) -> InputTransform | None:

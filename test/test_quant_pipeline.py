@@ -18,13 +18,7 @@ from quantvla_core.quant.qlinear import QuantLinear
 from quantvla_core.quant.quantize import QuantConfig, quantize
 from quantvla_core.quant.transforms import build_transform
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread; with a busy shared CPU, 2 spinning threads run ~30x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _obs(seed=0, cameras=1):

@@ -58,6 +58,21 @@ def test_eval_cli_expert_succeeds_noop_fails_and_report_is_written(tmp_path, cap
     assert "MEAN success" in capsys.readouterr().out
 
 
+def test_eval_cli_runs_validation_seeds_and_refuses_training_seeds(tmp_path, capsys):
+    rc = sim_main(["eval", "--sim", "mt10", "--policy", "noop", "--tasks", "reach-v3",
+                   "--episodes", "2", "--workers", "1", "--image-size", "32", "--max-steps", "20",
+                   "--eval-seeds", "1002", "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["config"]["eval_seeds"] == [1002]
+    assert [tuple(e[:3]) for e in report["variants"]["noop"]["episode_outcomes"]] == [
+        ("reach-v3", 1002, 0), ("reach-v3", 1002, 1)]
+    rc = sim_main(["eval", "--sim", "mt10", "--policy", "noop", "--eval-seeds", "1002", "3",
+                   "--out", str(tmp_path / "refused")])
+    assert rc == 2 and "--eval-seeds [3] are demo (training) seeds" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 class _WrongShape:
     def predict(self, obs, seed=None):
         assert obs.images[0].shape == (32, 32, 3) and obs.state.shape == (4,)

@@ -51,9 +51,18 @@ def _run_eval(args) -> int:
     if args.sim != "mt10":
         print(f"--sim {args.sim!r} is not supported; accepted: mt10", file=sys.stderr)
         return 2
+    from quantvla_core.sim import env
+
+    overlap = sorted(set(args.eval_seeds) & set(env.TRAIN_SEEDS))
+    if overlap:
+        print(f"--eval-seeds {overlap} are demo (training) seeds; accepted: any seed outside "
+              f"{list(env.TRAIN_SEEDS)} (held-out: {list(env.EVAL_SEEDS)}, validation: "
+              f"{list(env.VALIDATION_SEEDS)})", file=sys.stderr)
+        return 2
     cfg = EvalConfig(tasks=tuple(args.tasks), episodes_per_task=args.episodes,
                      replan_steps=args.replan_steps, workers=args.workers,
-                     settings=_settings(args), device=args.device, seed=args.seed)
+                     settings=_settings(args), device=args.device, seed=args.seed,
+                     eval_seeds=tuple(args.eval_seeds))
     report = evaluate(args.policy, cfg)
     paths = save_report(report, args.out)
     print(format_table(report))
@@ -77,6 +86,8 @@ def _run_bundle(args) -> int:
 
 
 def register(subparsers) -> None:
+    from quantvla_core.sim import env
+
     sim = subparsers.add_parser("sim", help="Meta-World MT10 simulation tools")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True)
     demos = sim_sub.add_parser("demos", help="record scripted-expert demonstrations")
@@ -112,6 +123,10 @@ def register(subparsers) -> None:
                          "default policy's whole chunk; replanning more often did worse on MT10)")
     ev.add_argument("--device", default="cpu", help="torch device for the policies")
     ev.add_argument("--seed", type=int, default=0, help="policy sampling seed")
+    ev.add_argument("--eval-seeds", type=int, nargs="+", default=list(env.EVAL_SEEDS),
+                    metavar="SEED", help="Meta-World seeds whose starts are run (50 each, taken "
+                    "in order; default: the held-out %(default)s; validation for choosing "
+                    f"between candidates: {list(env.VALIDATION_SEEDS)})")
     ev.add_argument("--out", default="runs/eval", help="report folder (default: %(default)s)")
     ev.add_argument("--json", action="store_true", help="also print the JSON report")
     _env_args(ev)

@@ -52,12 +52,14 @@ class DemoDataset:
     (no per-sample Python work): on a GPU the data path no longer limits the step rate.
     """
 
-    def __init__(self, folder: str | Path, cfg: ModelConfig, device: str | torch.device = "cpu"):
+    def __init__(self, folder: str | Path | list, cfg: ModelConfig,
+                 device: str | torch.device = "cpu"):
         from .sim.instructions import INSTRUCTIONS
         from .sim.shards import load_demos
-        if str(folder).endswith(".npz"):  # a compact bundle: images only for some rows
-            from .sim.compact import read_bundle
-            demos, rows = read_bundle(folder)
+        if isinstance(folder, (list, tuple)) or str(folder).endswith(".npz"):
+            # compact bundle(s): images only for some rows; several parts are joined
+            from .sim.compact import read_bundles
+            demos, rows = read_bundles(folder if isinstance(folder, (list, tuple)) else [folder])
         else:
             demos = load_demos(folder)
             rows = np.arange(len(demos.actions))
@@ -216,6 +218,7 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     torch.manual_seed(tc.seed + step)
     bar = tqdm(total=tc.steps, initial=step, desc="train", disable=not progress, unit="step")
     t0, running = time.time(), None
+    last_line = t0
     while step < tc.steps and not (tc.max_seconds > 0 and time.time() - t0 > tc.max_seconds):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, tc, time.time() - t0)
@@ -237,6 +240,10 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
         bar.update(1)
         if step % 50 == 0:
             history.append({"step": step, "loss": running, "seconds": time.time() - t0})
+            if not progress and time.time() - last_line > 30:  # logs of unattended runs
+                last_line = time.time()
+                print(f"step {step} loss {running:.4f} {step / (last_line - t0):.1f} steps/s",
+                      flush=True)
         if step % tc.save_every == 0:
             _save_train_state(out, model, opt, step, model_cfg, tc, history, ema)
     bar.close()

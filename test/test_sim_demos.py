@@ -142,3 +142,35 @@ def test_compact_bundle_refuses_foreign_and_corrupt_files(tmp_path):
         read_bundle(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="codec"):
         write_bundle(tmp_path / "demos", tmp_path / "c.npz", codec="png")
+
+
+def test_bundle_parts_join_into_the_whole_and_overlaps_are_refused(tmp_path):
+    """Two parts (split by episode) read together equal one bundle of all the episodes."""
+    from quantvla_core.sim.compact import read_bundle, read_bundles, write_bundle
+    eps = [_smooth_episode("reach-v3", 7, 0), _smooth_episode("drawer-close-v3", 5, 1),
+           _smooth_episode("push-v3", 6, 2)]
+    write_shard(tmp_path / "all" / "a.npz", eps, ("corner", "topview"), {"image_size": 32})
+    write_shard(tmp_path / "p1" / "a.npz", eps[:1], ("corner", "topview"), {"image_size": 32})
+    write_shard(tmp_path / "p2" / "a.npz", eps[1:], ("corner", "topview"), {"image_size": 32})
+    for name in ("all", "p1", "p2"):
+        write_bundle(tmp_path / name, tmp_path / f"{name}.npz", every=3, codec="video")
+    whole, whole_rows = read_bundle(tmp_path / "all.npz")
+    joined, rows = read_bundles([tmp_path / "p1.npz", tmp_path / "p2.npz"])
+    np.testing.assert_array_equal(rows, whole_rows)  # 0,3,6 | 7,10 | 12,15
+    np.testing.assert_array_equal(rows, [0, 3, 6, 7, 10, 12, 15])
+    for k in ("actions", "states", "episode_starts", "episode_task", "episode_index"):
+        np.testing.assert_array_equal(getattr(joined, k), getattr(whole, k))
+    assert np.abs(joined.images.astype(int) - whole.images.astype(int)).mean() < 3
+    with pytest.raises(ValueError, match="seed 0 index 0 is in both"):
+        read_bundles([tmp_path / "p1.npz", tmp_path / "all.npz"])
+    import torch
+
+    from quantvla_core.config import preset
+    from quantvla_core.train import DemoDataset
+    cfg = preset("tiny")
+    data = DemoDataset([tmp_path / "p1.npz", tmp_path / "p2.npz"], cfg)
+    assert len(data) == 7 and data.num_episodes == 3
+    idx = torch.tensor([6, 7, 15])  # the last row of episode 0 and the first rows of 1 and 2
+    _, actions = data.batch(idx, torch.Generator().manual_seed(0), shift=0)
+    expect = (whole.actions[[6, 7, 15]] - data.action_mean) / data.action_std
+    np.testing.assert_allclose(actions[:, 0].numpy(), expect, rtol=1e-5, atol=1e-5)

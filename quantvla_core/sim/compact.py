@@ -136,3 +136,36 @@ def read_bundle(path: str | Path, workers: int | None = None) -> tuple[DemoSet, 
                    episode_instruction=a["episode_instruction"], tasks=tuple(str(t) for t in a["tasks"]),
                    cameras=tuple(str(x) for x in a["cameras"]), meta={})
     return demo, a["rows"]
+
+
+def read_bundles(paths, workers: int | None = None) -> tuple[DemoSet, np.ndarray]:
+    """Several bundles as one (DemoSet, kept rows): a demo set too large for one transfer can
+    travel as parts (split by episode) and is joined here, with every part checked to match."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no bundle given")
+    parts = [read_bundle(p, workers) for p in paths]
+    first = parts[0][0]
+    seen: dict[tuple, Path] = {}
+    for p, (d, _) in zip(paths, parts):
+        if d.cameras != first.cameras or d.tasks != first.tasks or d.images.shape[1:] != first.images.shape[1:]:
+            raise ValueError(f"bundle {p} has cameras {d.cameras}, tasks {len(d.tasks)} and images "
+                             f"{d.images.shape[1:]}, but {paths[0]} has {first.cameras}, "
+                             f"{len(first.tasks)} and {first.images.shape[1:]}: parts must come "
+                             "from one demo format")
+        for key in zip(d.episode_task.tolist(), d.episode_seed.tolist(), d.episode_index.tolist()):
+            if key in seen:
+                raise ValueError(f"start {d.tasks[key[0]]} seed {key[1]} index {key[2]} is in "
+                                 f"both {seen[key]} and {p}: parts must not overlap")
+            seen[key] = p
+    if len(parts) == 1:
+        return parts[0]
+    step_offsets = np.cumsum([0] + [len(d.actions) for d, _ in parts[:-1]])
+    starts = np.concatenate([d.episode_starts[:-1] + o for (d, _), o in zip(parts, step_offsets)]
+                            + [[sum(len(d.actions) for d, _ in parts)]])
+    cat = {k: np.concatenate([getattr(d, k) for d, _ in parts])
+           for k in ("images", "states", "actions", "episode_task", "episode_seed",
+                     "episode_index", "episode_instruction")}
+    rows = np.concatenate([r + o for (_, r), o in zip(parts, step_offsets)])
+    return (DemoSet(**cat, episode_starts=starts.astype(np.int64), tasks=first.tasks,
+                    cameras=first.cameras, meta={}), rows.astype(np.int64))

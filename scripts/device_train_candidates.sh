@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Train two candidate default policies side by side on one lent GPU (H100/H200) from a demo
+# bundle that travels in parts, within one device call; the candidates differ only in the
+# random-shift augmentation (4 vs 2 pixels). The choice between them is made afterwards on the
+# validation starts (`quantvla eval --eval-seeds 1002`), never on the evaluation starts.
+# Two small training processes share the GPU well: each step is bound by kernel launches
+# (batch 64 and 256 ran at the same 18 steps/s), not by the GPU's arithmetic.
+#
+# Parts beyond the first must already be on the machine from an earlier call on the same warm
+# machine (ignored paths stay there); the script stops at once if one is missing.
+#   run(command="ls -l .device_carry", carry=[".device_carry/mt10_v3_a.npz"])        # part A
+#   run(command="bash scripts/device_train_candidates.sh", carry=[".device_carry/mt10_v3_b.npz"],
+#       timeout_s=590)                                                               # part B + train
+# Results come back as $OUT/res.tgz.part-* (<= 15 MiB each): cat res.tgz.part-* | tar xz -C DIR
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-/tmp/out}; RES=/tmp/res; rm -rf "$RES"; mkdir -p "$RES"
+PARTS=${PARTS:-.device_carry/mt10_v3_a.npz,.device_carry/mt10_v3_b.npz}
+TRAIN_S=${TRAIN_S:-480}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+SECONDS=0
+pack() { tar czf - -C "$RES" . | split -b 15m - "$OUT/res.tgz.part-"; ls -l "$OUT"; }
+trap pack EXIT
+{ date -u; nvidia-smi -L; ls -l .device_carry; } 2>&1 | tee "$RES/machine.txt"
+for p in ${PARTS//,/ }; do
+  [ -s "$p" ] || { echo "bundle part $p is missing (machine not warm from the first call?)" | tee -a "$RES/machine.txt"; exit 3; }
+done
+for shift in 4 2; do
+  mkdir -p "$RES/shift$shift"
+  OUT=$RES/shift$shift RUN=/tmp/run_shift$shift SHIFT=$shift BATCH=${BATCH:-1024} LR=${LR:-1e-3} \
+    THREADS=4 timeout $(( TRAIN_S + 90 )) bash scripts/train_default_gpu.sh "$PARTS" "$TRAIN_S" \
+    quantvla_core/assets/default_policy > "$RES/train_shift$shift.log" 2>&1 &
+done
+while [ "$(jobs -r | wc -l)" -gt 0 ]; do sleep 30; echo "t=${SECONDS}s"; tail -n 1 "$RES"/train_shift*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done
+wait
+echo "all done after ${SECONDS} s"

@@ -277,7 +277,7 @@ class PolicyNode(LifecycleNode):
             f"configured: model {model!r} ({self._describe.get('scheme')}, "
             f"{self._describe.get('weight_bytes')} weight bytes) on {cfg['device']}, "
             f"horizon {horizon} x {action_dim}, state {state_dim}, cameras {cfg['camera_topics']} "
-            f"({kinds}{', own intake thread' if cfg['camera_thread'] else ''}); load {load_s:.2f} s, {cfg['warmup_count']} warm-up runs {warm_s:.2f} s; "
+            f"({kinds}); load {load_s:.2f} s, {cfg['warmup_count']} warm-up runs {warm_s:.2f} s; "
             f"power source {power.name}")
 
     def _start_camera_intake(self):
@@ -820,7 +820,6 @@ def main(args=None) -> int:
         pass
     finally:
         node._stop_thread()
-        node._stop_camera_intake()
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

@@ -75,8 +75,6 @@ def main(argv=None) -> int:
                     help="the node's gil_switch_interval_ms parameter (default: the node's)")
     ap.add_argument("--malloc-mmap-threshold-mib", type=int, default=None,
                     help="the node's malloc_mmap_threshold_mib parameter (default: the node's)")
-    ap.add_argument("--camera-thread", choices=("true", "false"), default=None,
-                    help="the node's camera_thread parameter (default: the node's)")
     ap.add_argument("--bench-malloc-mmap-threshold-mib", type=int, default=0,
                     help="the same glibc malloc setting for this (camera) process; 0 = glibc's")
     ap.add_argument("--publisher", default="timer", choices=("timer", "thread"),
@@ -126,9 +124,7 @@ def main(argv=None) -> int:
         "warmup_count": 3, "joint_state_timeout_s": 0.0,
         **{name: value for name, value in (
             ("gil_switch_interval_ms", args.gil_switch_interval_ms),
-            ("malloc_mmap_threshold_mib", args.malloc_mmap_threshold_mib),
-            ("camera_thread", None if args.camera_thread is None else args.camera_thread == "true"))
-            if value is not None}}})
+            ("malloc_mmap_threshold_mib", args.malloc_mmap_threshold_mib)) if value is not None}}})
     log_path = os.path.join(work, "policy_node.log")
     proc = start_node("policy_node", params, log_path)
 

@@ -106,10 +106,6 @@ SPECS: tuple[Spec, ...] = (
          "callback on 2 loaded cores vs ~8 ms); multi_threaded: rclpy MultiThreadedExecutor with "
          "the same callback groups.", constraints="one of: single_threaded, multi_threaded",
          read_only=True),
-    Spec("camera_thread", True, "Serve the camera subscriptions from a small node of their "
-         "own ('<name>_camera_intake', no services) spun by its own executor in its own thread, "
-         "so a frame is taken without walking the lifecycle node's services and timers; false: "
-         "the main executor serves them with everything else."),
     Spec("autostart", False, "Configure and activate on start-up (no lifecycle manager needed).",
          read_only=True),
     # process-wide, applied once by main() before spinning

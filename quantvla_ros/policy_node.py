@@ -26,7 +26,6 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import (ExternalShutdownException, MultiThreadedExecutor,
                              SingleThreadedExecutor)
-from rclpy.parameter import Parameter
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos import qos_profile_sensor_data
@@ -97,8 +96,6 @@ class PolicyNode(LifecycleNode):
         self._traj_pub = None
         self._frames: FrameStore | None = None
         self._thread: threading.Thread | None = None
-        self._intake = None  # (node, executor, thread) serving the cameras, if camera_thread
-        self._camera_subs = []  # subscriptions owned by the intake node
         self._stop = threading.Event()  # the running thread's own stop flag (new per thread)
         self._instruction = None  # (text, receive time s) or None
         self._joint_state = None  # (vector, receive time s) or None
@@ -251,18 +248,11 @@ class PolicyNode(LifecycleNode):
         self._instruction = None
         self._joint_state = None
         self._reset_stats()
-        camera_node = self._start_camera_intake() if cfg["camera_thread"] else self
         for cam, (topic, kind) in enumerate(zip(cfg["camera_topics"], kinds)):
             msg_type = CompressedImage if kind == "compressed" else Image
-            # Resolved here, so this node's remappings and namespace apply to the intake node too.
-            sub = camera_node.create_subscription(
-                msg_type, self.resolve_topic_name(topic),
-                lambda msg, cam=cam: self._on_image(cam, msg),
-                qos_profile_sensor_data,
-                callback_group=self._input_group if camera_node is self else None)
-            self._subs.append(sub)
-            if camera_node is not self:
-                self._camera_subs.append(sub)
+            self._subs.append(self.create_subscription(
+                msg_type, topic, lambda msg, cam=cam: self._on_image(cam, msg),
+                qos_profile_sensor_data, callback_group=self._input_group))
         self._subs.append(self.create_subscription(
             String, cfg["instruction_topic"], self._on_instruction, INSTRUCTION_QOS,
             callback_group=self._input_group))
@@ -279,41 +269,6 @@ class PolicyNode(LifecycleNode):
             f"horizon {horizon} x {action_dim}, state {state_dim}, cameras {cfg['camera_topics']} "
             f"({kinds}); load {load_s:.2f} s, {cfg['warmup_count']} warm-up runs {warm_s:.2f} s; "
             f"power source {power.name}")
-
-    def _start_camera_intake(self):
-        """A service-less node for the camera subscriptions, spun in its own thread: each frame
-        wakes a wait set of just these subscriptions instead of the lifecycle node's ~20
-        services, timers and subscriptions (rclpy rebuilds the wait set in Python per wake-up)."""
-        node = rclpy.create_node(
-            f"{self.get_name()}_camera_intake", namespace=self.get_namespace(),
-            context=self.context, use_global_arguments=False, start_parameter_services=False,
-            parameter_overrides=[Parameter(
-                "start_type_description_service", value=False)])
-        executor = SingleThreadedExecutor(context=self.context)
-        executor.add_node(node)
-        thread = threading.Thread(target=self._spin_camera_intake, args=(executor,),
-                                  name="quantvla-camera-intake", daemon=True)
-        self._intake = (node, executor, thread)
-        thread.start()
-        return node
-
-    def _spin_camera_intake(self, executor) -> None:
-        try:
-            executor.spin()
-        except ExternalShutdownException:
-            pass
-        except Exception as exc:  # noqa: BLE001 - the node must notice, not die silently
-            self._error_log.report("camera_intake", "spin_failed",
-                                   f"camera intake thread stopped: {type(exc).__name__}: {exc}")
-
-    def _stop_camera_intake(self) -> None:
-        intake, self._intake = self._intake, None
-        if intake is None:
-            return
-        node, executor, thread = intake
-        executor.shutdown(timeout_sec=self.stop_timeout_s)
-        thread.join(timeout=self.stop_timeout_s)
-        node.destroy_node()
 
     @staticmethod
     def _check_limits(lo: list, hi: list, action_dim: int) -> None:
@@ -371,10 +326,6 @@ class PolicyNode(LifecycleNode):
     def _teardown(self) -> None:
         """Stop inference, drop subscriptions/publisher and free the model."""
         self._stop_thread()
-        if self._intake is not None:
-            self._stop_camera_intake()  # destroys the camera subscriptions with their node
-            self._subs = [sub for sub in self._subs if sub not in self._camera_subs]
-        self._camera_subs = []
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []

@@ -795,6 +795,27 @@ def test_blank_camera_type_entry_infers_from_topic_at_configure(ros_env):
         _close_inproc(ctx, node)
 
 
+def test_relative_camera_topics_follow_namespace_and_remaps(ros_env, tmp_path):
+    """Relative camera topics resolve in the node's namespace and its remap rules apply."""
+    h = Harness(ros_env, "qn")
+    h.instruction.publish(String(data="push the button"))
+    params = write_params(str(tmp_path / "params.yaml"), {"/**": _node_params(
+        "qn", camera_topics=["cam0/image_raw", "front/compressed"], autostart=True)})
+    proc = start_node("policy_node", params, str(tmp_path / "node.log"), extra_args=[
+        "-r", "__ns:=/qn", "-r", "front/compressed:=/qn/cam1/image_raw/compressed"])
+    try:
+        h.wait_for(lambda: h.values("policy").get("lifecycle_state") == "active", 60.0,
+                   "the node to autostart")
+        h.send_joints()
+        _, msg = h.act()
+        assert len(msg.points) == HORIZON
+        assert ("policy_node", "/qn") in set(h.node.get_node_names_and_namespaces())
+        assert proc.poll() is None
+    finally:
+        stop_node(proc)
+        h.close()
+
+
 # ---------------------------------------------------------------- process-wide latency settings
 def test_executable_applies_gil_switch_interval_and_malloc_thresholds_from_params(active_node):
     _, proc, log = active_node

@@ -90,6 +90,14 @@ def test_generator_records_expert_successes_and_resumes(tmp_path):
                            progress=False)
     assert again["episodes"] == 2
     assert os.path.getmtime(tmp_path / on_disk["shards"][0]) == mtime  # reused, not redone
+    # A larger per_task with another chunking tops the folder up with new starts only (before,
+    # the new jobs' shards repeated the first starts and the folder could no longer be read).
+    more = generate_demos(tmp_path, ["reach-v3"], per_task=3, workers=1, settings=settings,
+                          chunk=5, progress=False)
+    assert more["episodes"] == 3
+    assert more["shards"] == ["reach-v3__s0_i00-01.npz", "reach-v3__s0_i02-02.npz"]
+    assert os.path.getmtime(tmp_path / on_disk["shards"][0]) == mtime
+    assert sorted(load_demos(tmp_path).episode_index.tolist()) == [0, 1, 2]
 
 
 def _smooth_episode(task, length, index, size=32):

@@ -7,6 +7,7 @@ gets more starts in the next round until it has `per_task` successes (or starts 
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import time
@@ -103,17 +104,33 @@ def run_job(args) -> JobResult:
                      shard, failures)
 
 
-def _existing(path: Path, starts: list[StartState]) -> JobResult | None:
-    """A shard from an earlier, interrupted run counts as done if it is readable."""
-    if not path.exists():
-        return None
+def _prior_shards(out: Path, tasks) -> list[tuple[JobResult, set]]:
+    """Shards already in `out` for these tasks, with the starts each holds. Unreadable ones (an
+    interrupted run) are removed so their starts are recorded again."""
+    found = []
+    for path in sorted(out.glob("*.npz")):
+        task = path.name.split("__", 1)[0]
+        if task not in tasks:
+            continue
+        try:
+            shard = read_shard(path)
+        except ValueError:
+            path.unlink()
+            continue
+        keys = set(zip(shard.episode_seed.tolist(), shard.episode_index.tolist()))
+        found.append((JobResult(task, len(keys), len(keys), len(shard.actions), 0.0, str(path)),
+                      keys))
+    return found
+
+
+def _prior_failures(out: Path, tasks) -> dict[str, set]:
+    """Starts an earlier run's index recorded as expert failures (deterministic: not retried)."""
     try:
-        shard = read_shard(path)
-    except ValueError:
-        path.unlink()
-        return None
-    return JobResult(starts[0].task, len(starts), shard.num_episodes, len(shard.actions), 0.0,
-                     str(path))
+        index = json.loads((out / "index.json").read_text())
+        return {t: {tuple(f) for f in index["tasks"][t]["failed_starts"]}
+                for t in tasks if t in index.get("tasks", {})}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def generate_demos(out_dir, tasks=TASKS, per_task: int = 50, workers: int = 2,
@@ -128,26 +145,36 @@ def generate_demos(out_dir, tasks=TASKS, per_task: int = 50, workers: int = 2,
                          f"{per_task}, {workers}, {chunk}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pending = {t: starts_for(t, seeds) for t in tasks}
+    # Whatever the folder already holds counts, whichever per_task/chunk made it: a larger
+    # per_task tops the folder up with new starts only, so shards never overlap.
     done = {t: 0 for t in tasks}
     results: list[JobResult] = []
+    covered: dict[str, set] = {t: set() for t in tasks}
+    for res, keys in _prior_shards(out, tasks):
+        results.append(res)
+        done[res.task] += res.succeeded
+        covered[res.task] |= keys
+    for t, failed in _prior_failures(out, tasks).items():
+        failed -= covered[t]
+        if failed:
+            results.append(JobResult(t, len(failed), 0, 0, 0.0, None, sorted(map(list, failed))))
+            covered[t] |= failed
+    pending = {t: [s for s in starts_for(t, seeds) if (s.seed, s.index) not in covered[t]]
+               for t in tasks}
     t0 = time.perf_counter()
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    bar = tqdm(total=per_task * len(tasks), desc="expert demos", unit="ep", disable=not progress)
+    bar = tqdm(total=per_task * len(tasks), desc="expert demos", unit="ep", disable=not progress,
+               initial=sum(min(per_task, n) for n in done.values()))
     try:
         while True:
             jobs = []
             for t in tasks:
-                need = min(per_task - done[t], len(pending[t]))
+                need = max(0, min(per_task - done[t], len(pending[t])))
                 take, pending[t] = pending[t][:need], pending[t][need:]
                 jobs += [take[i:i + chunk] for i in range(0, len(take), chunk)]
             if not jobs:
                 break
-            todo = []
-            for job in jobs:
-                prior = _existing(out / shard_name(job), job)
-                (todo.append(job) if prior is None else _collect(prior, results, done, bar))
-            args = [(job, str(out), settings) for job in todo]
+            args = [(job, str(out), settings) for job in jobs]
             for res in (pool.imap_unordered(run_job, args) if pool else map(run_job, args)):
                 _collect(res, results, done, bar)
     finally:

@@ -3,19 +3,24 @@
 # bundle that travels in parts, within one device call; the candidates differ only in the
 # random-shift augmentation (4 vs 2 pixels). The choice between them is made afterwards on the
 # validation starts (`quantvla eval --eval-seeds 1002`), never on the evaluation starts.
-# Two small training processes share the GPU well: each step is bound by kernel launches
-# (batch 64 and 256 ran at the same 18 steps/s), not by the GPU's arithmetic.
+# Measured on an H200 (2026-11-27): at batch 1024 the two processes ran 8 steps/s each with the
+# GPU 100% busy, i.e. 16k samples/s together (one process at batch 256 did ~4.9k samples/s).
 #
-# Parts beyond the first must already be on the machine from an earlier call on the same warm
-# machine (ignored paths stay there); the script stops at once if one is missing.
-#   run(command="ls -l .device_carry", carry=[".device_carry/mt10_v3_a.npz"])        # part A
-#   run(command="bash scripts/device_train_candidates.sh", carry=[".device_carry/mt10_v3_b.npz"],
-#       timeout_s=590)                                                               # part B + train
+# The parts travel in separate calls on the same warm machine (each call's tree + carry must
+# stay under 64 MiB). A carried path does not survive the next call (the tool replaces carried
+# paths), so the first call copies its part out of the repository:
+#   run(command="cp .device_carry/mt10_v3_a.npz /tmp/", carry=[".device_carry/mt10_v3_a.npz"])
+#   run(command="PARTS=/tmp/mt10_v3_a.npz,.device_carry/mt10_v3_b.npz TRAIN_S=440 \
+#                bash scripts/device_train_candidates.sh",
+#       carry=[".device_carry/mt10_v3_b.npz"], timeout_s=585)     # within 30 s of the first
+# The script stops at once if a part is missing (the machine was given back in between).
+# Parts: `quantvla sim bundle --demos DIR --every K` on demo folders split by task
+# (docs/default-policy.md gives the commands).
 # Results come back as $OUT/res.tgz.part-* (<= 15 MiB each): cat res.tgz.part-* | tar xz -C DIR
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/out}; RES=/tmp/res; rm -rf "$RES"; mkdir -p "$RES"
-PARTS=${PARTS:-.device_carry/mt10_v3_a.npz,.device_carry/mt10_v3_b.npz}
+PARTS=${PARTS:-/tmp/mt10_v3_a.npz,.device_carry/mt10_v3_b.npz}
 TRAIN_S=${TRAIN_S:-480}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 SECONDS=0

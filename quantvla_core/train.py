@@ -218,7 +218,7 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     torch.manual_seed(tc.seed + step)
     bar = tqdm(total=tc.steps, initial=step, desc="train", disable=not progress, unit="step")
     t0, running = time.time(), None
-    last_line = t0
+    last_line, first_step = t0, step
     while step < tc.steps and not (tc.max_seconds > 0 and time.time() - t0 > tc.max_seconds):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, tc, time.time() - t0)
@@ -242,8 +242,8 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
             history.append({"step": step, "loss": running, "seconds": time.time() - t0})
             if not progress and time.time() - last_line > 30:  # logs of unattended runs
                 last_line = time.time()
-                print(f"step {step} loss {running:.4f} {step / (last_line - t0):.1f} steps/s",
-                      flush=True)
+                rate = (step - first_step) / (last_line - t0)
+                print(f"step {step} loss {running:.4f} {rate:.1f} steps/s", flush=True)
         if step % tc.save_every == 0:
             _save_train_state(out, model, opt, step, model_cfg, tc, history, ema)
     bar.close()

@@ -1,7 +1,8 @@
 """Scripted-expert demonstrations on MT10 train starts, successes only, in parallel workers.
 
 Work is split into jobs of up to `chunk` consecutive starts of one task; each job writes one
-shard named after its starts, so an interrupted run resumes by skipping shards already on disk.
+shard named after its starts. Episodes already in the folder count and their starts are never
+recorded again, so an interrupted run resumes and a larger `per_task` tops a folder up.
 Starts are taken in a fixed order from TRAIN_SEEDS; a task whose expert failed on some starts
 gets more starts in the next round until it has `per_task` successes (or starts run out).
 """

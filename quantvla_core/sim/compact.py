@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from ..fileio import atomic_write_bytes
-from .shards import DemoSet, load_demos
+from .shards import DemoSet, concat_demos, load_demos
 
 FORMAT = "quantvla-compact-demos-v1"
 FORMAT_VIDEO = "quantvla-compact-demos-v2"
@@ -145,27 +145,7 @@ def read_bundles(paths, workers: int | None = None) -> tuple[DemoSet, np.ndarray
     if not paths:
         raise ValueError("no bundle given")
     parts = [read_bundle(p, workers) for p in paths]
-    first = parts[0][0]
-    seen: dict[tuple, Path] = {}
-    for p, (d, _) in zip(paths, parts):
-        if d.cameras != first.cameras or d.tasks != first.tasks or d.images.shape[1:] != first.images.shape[1:]:
-            raise ValueError(f"bundle {p} has cameras {d.cameras}, tasks {len(d.tasks)} and images "
-                             f"{d.images.shape[1:]}, but {paths[0]} has {first.cameras}, "
-                             f"{len(first.tasks)} and {first.images.shape[1:]}: parts must come "
-                             "from one demo format")
-        for key in zip(d.episode_task.tolist(), d.episode_seed.tolist(), d.episode_index.tolist()):
-            if key in seen:
-                raise ValueError(f"start {d.tasks[key[0]]} seed {key[1]} index {key[2]} is in "
-                                 f"both {seen[key]} and {p}: parts must not overlap")
-            seen[key] = p
-    if len(parts) == 1:
-        return parts[0]
-    step_offsets = np.cumsum([0] + [len(d.actions) for d, _ in parts[:-1]])
-    starts = np.concatenate([d.episode_starts[:-1] + o for (d, _), o in zip(parts, step_offsets)]
-                            + [[sum(len(d.actions) for d, _ in parts)]])
-    cat = {k: np.concatenate([getattr(d, k) for d, _ in parts])
-           for k in ("images", "states", "actions", "episode_task", "episode_seed",
-                     "episode_index", "episode_instruction")}
-    rows = np.concatenate([r + o for (_, r), o in zip(parts, step_offsets)])
-    return (DemoSet(**cat, episode_starts=starts.astype(np.int64), tasks=first.tasks,
-                    cameras=first.cameras, meta={}), rows.astype(np.int64))
+    demos = concat_demos([d for d, _ in parts], paths, what="bundle")
+    offsets = np.cumsum([0] + [len(d.actions) for d, _ in parts[:-1]])
+    rows = np.concatenate([r + o for (_, r), o in zip(parts, offsets)])
+    return demos, rows.astype(np.int64)

@@ -139,25 +139,35 @@ def load_demos(folder) -> DemoSet:
     if not paths:
         raise ValueError(f"no demo shards (*.npz) in {folder}; make them with "
                          f"`quantvla sim demos --out {folder}`")
-    shards = [read_shard(p) for p in paths]
-    first = shards[0]
-    for p, s in zip(paths, shards):
-        if s.cameras != first.cameras or s.images.shape[1:] != first.images.shape[1:]:
-            raise ValueError(f"demo shard {p} has cameras {s.cameras} and images "
-                             f"{s.images.shape[1:]}, but {paths[0]} has {first.cameras} and "
-                             f"{first.images.shape[1:]}: one folder must hold one format")
+    return concat_demos([read_shard(p) for p in paths], paths, what="demo shard",
+                        hint="a folder must hold one demo run")
+
+
+def concat_demos(parts: list[DemoSet], names: list, what: str = "part",
+                 hint: str = "parts must not overlap") -> DemoSet:
+    """Demo sets joined in order (episode boundaries offset); they must share cameras, tasks
+    and image shape and hold disjoint starts. `names` name the parts in errors."""
+    first = parts[0]
+    for name, d in zip(names, parts):
+        if (d.cameras != first.cameras or d.tasks != first.tasks
+                or d.images.shape[1:] != first.images.shape[1:]):
+            raise ValueError(f"{what} {name} has cameras {d.cameras}, {len(d.tasks)} tasks and "
+                             f"images {d.images.shape[1:]}, but {names[0]} has {first.cameras}, "
+                             f"{len(first.tasks)} and {first.images.shape[1:]}: all must come "
+                             "from one demo format")
     seen = {}
-    for p, s in zip(paths, shards):
-        for key in zip(s.episode_task.tolist(), s.episode_seed.tolist(), s.episode_index.tolist()):
+    for name, d in zip(names, parts):
+        for key in zip(d.episode_task.tolist(), d.episode_seed.tolist(), d.episode_index.tolist()):
             if key in seen:
-                raise ValueError(f"start {TASKS[key[0]]} seed {key[1]} index {key[2]} is in both "
-                                 f"{seen[key]} and {p}: a folder must hold one demo run "
-                                 f"(regenerate into an empty folder)")
-            seen[key] = p
-    offsets = np.cumsum([0] + [len(s.actions) for s in shards[:-1]])
-    starts = np.concatenate([s.episode_starts[:-1] + o for s, o in zip(shards, offsets)]
-                            + [[sum(len(s.actions) for s in shards)]])
-    cat = {k: np.concatenate([getattr(s, k) for s in shards])
+                raise ValueError(f"start {first.tasks[key[0]]} seed {key[1]} index {key[2]} is in "
+                                 f"both {seen[key]} and {name}: {hint}")
+            seen[key] = name
+    if len(parts) == 1:
+        return first
+    offsets = np.cumsum([0] + [len(d.actions) for d in parts[:-1]])
+    starts = np.concatenate([d.episode_starts[:-1] + o for d, o in zip(parts, offsets)]
+                            + [[sum(len(d.actions) for d in parts)]])
+    cat = {k: np.concatenate([getattr(d, k) for d in parts])
            for k in ("images", "states", "actions", "episode_task", "episode_seed",
                      "episode_index", "episode_instruction")}
     return DemoSet(**cat, episode_starts=starts.astype(np.int64), tasks=first.tasks,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train two candidate default policies side by side on one lent GPU (H100/H200) from a demo
 # bundle that travels in parts, within one device call; the candidates differ only in the
-# random-shift augmentation (4 vs 2 pixels). The choice between them is made afterwards on the
+# random-shift augmentation (SHIFTS, default "4 2" pixels; INIT, default the shipped policy, is
+# where they start). The choice between them is made afterwards on the
 # validation starts (`quantvla eval --eval-seeds 1002`), never on the evaluation starts.
 # Measured on an H200 (2026-11-27): at batch 1024 the two processes ran 8 steps/s each with the
 # GPU 100% busy, i.e. 16k samples/s together (one process at batch 256 did ~4.9k samples/s).
@@ -30,11 +31,11 @@ trap pack EXIT
 for p in ${PARTS//,/ }; do
   [ -s "$p" ] || { echo "bundle part $p is missing (machine not warm from the first call?)" | tee -a "$RES/machine.txt"; exit 3; }
 done
-for shift in 4 2; do
+for shift in ${SHIFTS:-4 2}; do
   mkdir -p "$RES/shift$shift"
   OUT=$RES/shift$shift RUN=/tmp/run_shift$shift SHIFT=$shift BATCH=${BATCH:-1024} LR=${LR:-1e-3} \
     THREADS=4 timeout $(( TRAIN_S + 90 )) bash scripts/train_default_gpu.sh "$PARTS" "$TRAIN_S" \
-    quantvla_core/assets/default_policy > "$RES/train_shift$shift.log" 2>&1 &
+    "${INIT:-quantvla_core/assets/default_policy}" > "$RES/train_shift$shift.log" 2>&1 &
 done
 while [ "$(jobs -r | wc -l)" -gt 0 ]; do sleep 30; echo "t=${SECONDS}s"; tail -n 1 "$RES"/train_shift*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done
 wait

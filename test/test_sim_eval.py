@@ -70,6 +70,9 @@ def test_eval_cli_runs_validation_seeds_and_refuses_training_seeds(tmp_path, cap
     rc = sim_main(["eval", "--sim", "mt10", "--policy", "noop", "--eval-seeds", "1002", "3",
                    "--out", str(tmp_path / "refused")])
     assert rc == 2 and "--eval-seeds [3] are demo (training) seeds" in capsys.readouterr().err
+    rc = sim_main(["eval", "--sim", "mt10", "--policy", "noop", "--eval-seeds", "1002", "1002",
+                   "--out", str(tmp_path / "refused")])
+    assert rc == 2 and "give distinct seeds >= 0" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
 
 

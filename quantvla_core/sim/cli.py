@@ -53,6 +53,9 @@ def _run_eval(args) -> int:
         return 2
     from quantvla_core.sim import env
 
+    if len(set(args.eval_seeds)) != len(args.eval_seeds) or min(args.eval_seeds) < 0:
+        print(f"--eval-seeds {args.eval_seeds}: give distinct seeds >= 0", file=sys.stderr)
+        return 2
     overlap = sorted(set(args.eval_seeds) & set(env.TRAIN_SEEDS))
     if overlap:
         print(f"--eval-seeds {overlap} are demo (training) seeds; accepted: any seed outside "

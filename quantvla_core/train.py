@@ -11,7 +11,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,9 @@ class TrainConfig:
     max_seconds: float = 0.0  # > 0: stop (and finish the LR schedule) at this wall-clock budget
     init: str = ""  # a model directory to start from (fine-tuning), instead of random weights
     ema: float = 0.0  # > 0: the saved policy is an exponential moving average of the weights
+    # task -> how many times as often its observations are drawn (default 1; 0 leaves it out):
+    # fine-tuning can spend its steps on the tasks the policy still fails
+    task_weights: dict = field(default_factory=dict)
 
 
 class DemoDataset:
@@ -67,13 +70,10 @@ class DemoDataset:
             raise ValueError(f"demos have {demos.images.shape[1]} cameras; model accepts {cfg.max_cameras}")
         self.cfg = cfg
         dev = self.device = torch.device(device)
-        states = demos.states.astype(np.float32)
-        actions = demos.actions.astype(np.float32)
-        self.state_mean, self.state_std = states.mean(0), states.std(0) + 1e-3
-        self.action_mean, self.action_std = actions.mean(0), actions.std(0) + 1e-3
+        self._raw_states = states = demos.states.astype(np.float32)
+        self._raw_actions = actions = demos.actions.astype(np.float32)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-        self.states = t((states - self.state_mean) / self.state_std)
-        self.actions = t((actions - self.action_mean) / self.action_std)
+        self.use_normalization(states.mean(0), states.std(0) + 1e-3, actions.mean(0), actions.std(0) + 1e-3)
         self.images = t(demos.images).permute(0, 1, 4, 2, 3)  # (kept rows, C, 3, S, S) uint8
         image_of_row = np.full(len(actions), -1, np.int64)
         image_of_row[rows] = np.arange(len(rows))
@@ -84,6 +84,9 @@ class DemoDataset:
         self.num_episodes = len(starts) - 1
         # paraphrases: one table of distinct option lists; an episode samples within its own
         tasks = [demos.tasks[i] for i in demos.episode_task]
+        self.task_names = list(demos.tasks)
+        self.row_task = t(demos.episode_task[episode_of[rows]].astype(np.int64))
+        self.row_probs = None  # None: every observation equally likely
         options = [tuple(INSTRUCTIONS.get(k, (str(i),))) for k, i in zip(tasks, demos.episode_instruction)]
         texts: list[str] = []
         first: dict[tuple, int] = {}
@@ -101,11 +104,50 @@ class DemoDataset:
             self.text_masks = t(np.stack([e[1] for e in enc]))
         self.tokenizer = tok
 
+    def use_normalization(self, state_mean, state_std, action_mean, action_std) -> None:
+        """Normalise states and actions with these statistics (default: the demos' own)."""
+        stats = [np.asarray(v, np.float32) for v in (state_mean, state_std, action_mean, action_std)]
+        for name, v, dim in zip(("state_mean", "state_std", "action_mean", "action_std"), stats,
+                                (self._raw_states.shape[1],) * 2 + (self._raw_actions.shape[1],) * 2):
+            if v.shape != (dim,) or not np.all(np.isfinite(v)):
+                raise ValueError(f"{name} must be {dim} finite numbers, got {v.tolist()}")
+            if name.endswith("std") and not np.all(v > 0):
+                raise ValueError(f"{name} must be positive, got {v.tolist()}")
+        self.state_mean, self.state_std, self.action_mean, self.action_std = stats
+        norm = lambda a, m, sd: torch.from_numpy(np.ascontiguousarray((a - m) / sd)).to(self.device)  # noqa: E731
+        self.states = norm(self._raw_states, self.state_mean, self.state_std)
+        self.actions = norm(self._raw_actions, self.action_mean, self.action_std)
+
     def __len__(self) -> int:
         return len(self.rows)
 
+    def use_task_weights(self, weights: dict) -> dict:
+        """Draw each task's observations `weights[task]` times as often (unnamed tasks: 1).
+        Returns the resulting share of each task in the batches."""
+        present = sorted(set(self.row_task.tolist()))
+        names = [self.task_names[i] for i in present]
+        w = {}
+        for task, value in weights.items():
+            if task not in names:
+                raise ValueError(f"task weight for {task!r}, which has no observations in these demos; "
+                                 f"accepted: {', '.join(names)}")
+            value = float(value)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"task weight for {task} must be a finite number >= 0, got {value}")
+            w[task] = value
+        per_task = torch.tensor([w.get(n, 1.0) for n in self.task_names], dtype=torch.float64)
+        probs = per_task.to(self.device)[self.row_task]
+        if float(probs.sum()) <= 0:
+            raise ValueError("every task weight is 0: nothing left to train on")
+        self.row_probs = (probs / probs.sum()).float()
+        share = torch.zeros(len(self.task_names), dtype=torch.float64, device=self.device)
+        share.index_add_(0, self.row_task, self.row_probs.double())
+        return {self.task_names[i]: float(share[i]) for i in present}
+
     def sample(self, gen: torch.Generator, n: int) -> torch.Tensor:
         """Row indices of n random training observations."""
+        if self.row_probs is not None:
+            return self.rows[torch.multinomial(self.row_probs, n, replacement=True, generator=gen)]
         return self.rows[torch.randint(len(self.rows), (n,), generator=gen, device=self.device)]
 
     def _shift(self, x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -197,6 +239,18 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     out = Path(out)
     device = torch.device(tc.device)
     data = DemoDataset(demos, model_cfg, device)
+    if tc.init:
+        # Fine-tuning keeps the normalisation the weights were trained with: demos of a few
+        # tasks have other means and spreads, and new statistics would shift every input and
+        # output of the starting policy (a loss jump instead of a continuation).
+        from .checkpoint import read_config
+        norm = read_config(Path(tc.init))
+        stats = (norm.state_mean, norm.state_std, norm.action_mean, norm.action_std)
+        if all(v is not None for v in stats):
+            data.use_normalization(*stats)
+    if tc.task_weights:
+        share = data.use_task_weights(tc.task_weights)
+        print("task shares: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()), flush=True)
     model_cfg.state_mean, model_cfg.state_std = data.state_mean.tolist(), data.state_std.tolist()
     model_cfg.action_mean, model_cfg.action_std = data.action_mean.tolist(), data.action_std.tolist()
     model = build_model(model_cfg, seed=tc.seed)
@@ -260,11 +314,29 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     return {"steps": step, "final_loss": running, "policy": str(out / "policy")}
 
 
+def _parse_task_weights(items: list[str]) -> dict:
+    """['push-v3=3', ...] -> {'push-v3': 3.0}; a malformed or repeated entry is refused."""
+    out = {}
+    for item in items:
+        task, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise SystemExit(f"--task-weight {item!r}: expected TASK=WEIGHT, e.g. push-v3=3") from None
+        if not task:
+            raise SystemExit(f"--task-weight {item!r}: expected TASK=WEIGHT, e.g. push-v3=3")
+        if task in out:
+            raise SystemExit(f"--task-weight: {task} given twice")
+        out[task] = weight
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = preset(args.preset)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      save_every=args.save_every, device=args.device, init=args.init or "",
-                     max_seconds=args.max_seconds, ema=args.ema)
+                     max_seconds=args.max_seconds, ema=args.ema, shift_pixels=args.shift,
+                     warmup=args.warmup, task_weights=_parse_task_weights(args.task_weight or []))
     result = train(args.demos, args.out, cfg, tc)
     print(json.dumps(result, indent=2))
     return 0
@@ -285,4 +357,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=0.0, help="wall-clock budget (0 = none)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="save an exponential moving average of the weights with this decay (e.g. 0.999)")
+    p.add_argument("--shift", type=int, default=TrainConfig.shift_pixels,
+                   help="random-shift augmentation in pixels (0 = none)")
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="linear LR warm-up steps")
+    p.add_argument("--task-weight", action="append", metavar="TASK=WEIGHT",
+                   help="repeatable: draw this task's observations WEIGHT times as often (default 1; 0 = leave out)")
     p.set_defaults(func=cmd_train)

@@ -10,9 +10,10 @@ from quantvla_core.sim.shards import Episode, write_shard
 from quantvla_core.train import TrainConfig, train
 
 
-def write_toy_demos(folder, episodes=6, steps=12, size=32):
+def write_toy_demos(folder, episodes=6, steps=12, size=32, task="reach-v3", name="toy", offset=0.0,
+                    first_index=0):
     """Reach-like toy data: the action points toward a coloured square's position."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(first_index)
     eps = []
     for e in range(episodes):
         imgs = np.zeros((steps, 2, size, size, 3), np.uint8)
@@ -21,8 +22,9 @@ def write_toy_demos(folder, episodes=6, steps=12, size=32):
         target = np.array([gx / size - 0.5, gy / size - 0.5, 0.0, 1.0], np.float32)
         states = rng.normal(size=(steps, 4)).astype(np.float32) * 0.1
         actions = np.repeat(target[None], steps, 0) + rng.normal(size=(steps, 4)).astype(np.float32) * 0.01
-        eps.append(Episode("reach-v3", 0, e, "reach the red goal marker", imgs, states, actions))
-    write_shard(folder / "toy.npz", eps, cameras=("corner", "topview"), meta={"image_size": size})
+        eps.append(Episode(task, 0, first_index + e, "reach the red goal marker", imgs, states + offset,
+                           actions + offset))
+    write_shard(folder / f"{name}.npz", eps, cameras=("corner", "topview"), meta={"image_size": size})
 
 
 @pytest.mark.slow
@@ -105,3 +107,57 @@ def test_batches_hold_the_right_actions_prompts_and_shifted_crops(tmp_path):
         assert hits, f"image {n} is not a crop of its padded original"
         offsets.add(hits[0])
     assert len(offsets) > 1  # offsets are drawn per image, not one per batch
+
+
+def test_task_weights_set_each_tasks_share_of_the_batches(tmp_path):
+    """push-v3 weighted 3x: its share is 3 * rows / (3 * rows + other rows), checked on draws;
+    weight 0 leaves a task out; unknown tasks and negative weights are refused by name."""
+    import torch
+
+    from quantvla_core.train import DemoDataset, _parse_task_weights
+    write_toy_demos(tmp_path / "demos", episodes=4, steps=12, task="reach-v3", name="a")
+    write_toy_demos(tmp_path / "demos", episodes=2, steps=12, task="push-v3", name="b", first_index=10)
+    data = DemoDataset(tmp_path / "demos", preset("tiny"))
+    push_rows = set(range(48, 72))
+    share = data.use_task_weights({"push-v3": 3})
+    assert share["push-v3"] == pytest.approx(3 * 24 / (3 * 24 + 48))
+    draws = data.sample(torch.Generator().manual_seed(0), 20000).tolist()
+    assert np.mean([r in push_rows for r in draws]) == pytest.approx(0.6, abs=0.015)
+    data.use_task_weights({"reach-v3": 0})
+    assert set(data.sample(torch.Generator().manual_seed(1), 500).tolist()) <= push_rows
+    with pytest.raises(ValueError, match="door-open-v3.*accepted: reach-v3, push-v3"):
+        data.use_task_weights({"door-open-v3": 2})
+    with pytest.raises(ValueError, match=">= 0"):
+        data.use_task_weights({"push-v3": -1})
+    with pytest.raises(ValueError, match="nothing left"):
+        data.use_task_weights({"push-v3": 0, "reach-v3": 0})
+    assert _parse_task_weights(["push-v3=3", "reach-v3=0.5"]) == {"push-v3": 3.0, "reach-v3": 0.5}
+    for bad in (["push-v3"], ["push-v3=x"], ["=2"], ["push-v3=1", "push-v3=2"]):
+        with pytest.raises(SystemExit, match="task-weight"):
+            _parse_task_weights(bad)
+
+
+def test_fine_tuning_keeps_the_starting_policys_normalisation(tmp_path):
+    """Demos of other tasks have other statistics; fine-tuning must keep the ones the starting
+    weights were trained with (new ones would shift every input and output of the policy)."""
+    import torch
+
+    from quantvla_core.train import DemoDataset
+    write_toy_demos(tmp_path / "base")
+    tc = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, save_every=100, shift_pixels=0)
+    train(tmp_path / "base", tmp_path / "run1", preset("tiny"), tc, progress=False)
+    base = json.loads((tmp_path / "run1" / "policy" / "config.json").read_text())
+    write_toy_demos(tmp_path / "other", offset=0.7)
+    train(tmp_path / "other", tmp_path / "run2", preset("tiny"),
+          TrainConfig(**{**vars(tc), "init": str(tmp_path / "run1" / "policy")}), progress=False)
+    tuned = json.loads((tmp_path / "run2" / "policy" / "config.json").read_text())
+    for key in ("state_mean", "state_std", "action_mean", "action_std"):
+        assert tuned[key] == pytest.approx(base[key]), key
+    other = DemoDataset(tmp_path / "other", preset("tiny"))
+    assert other.action_mean[0] == pytest.approx(base["action_mean"][0] + 0.7, abs=1e-3)
+    other.use_normalization(base["state_mean"], base["state_std"], base["action_mean"], base["action_std"])
+    _, actions = other.batch(np.array([0]), torch.Generator().manual_seed(0), 0)
+    raw = (np.asarray(other._raw_actions[0]) - base["action_mean"]) / base["action_std"]
+    np.testing.assert_allclose(actions[0, 0].numpy(), raw, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="action_std must be positive"):
+        other.use_normalization(base["state_mean"], base["state_std"], base["action_mean"], [0, 1, 1, 1])

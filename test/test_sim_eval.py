@@ -55,6 +55,11 @@ def test_eval_cli_expert_succeeds_noop_fails_and_report_is_written(tmp_path, cap
     assert starts(expert) == starts(idle) == [("reach-v3", 1000, 0), ("reach-v3", 1000, 1)]
     assert (tmp_path / "eval.png").stat().st_size > 5000
     assert "McNemar expert vs idle" in (tmp_path / "eval.txt").read_text()
+    # traces: success in reach means the fingers came within 5 cm of the goal; idling never does
+    assert all(t[0] <= 0.05 and t[1] is None for t in expert["episode_traces"])
+    assert all(t[0] > 0.05 and t[2] > 0.05 for t in idle["episode_traces"])
+    assert idle["tasks"]["reach-v3"]["failures"]["count"] == 2
+    assert "reach-v3" in (tmp_path / "eval.txt").read_text().split("failed episodes")[1]
     assert "MEAN success" in capsys.readouterr().out
 
 
@@ -110,3 +115,24 @@ def test_parallel_workers_give_the_same_outcomes_as_serial():
     parallel = evaluate(["expert"], EvalConfig(workers=2, **cfg), progress=False)
     assert serial["variants"]["expert"]["episode_outcomes"] == \
         parallel["variants"]["expert"]["episode_outcomes"]
+
+
+def test_failure_traces_tell_an_untouched_object_from_a_moved_one(tmp_path):
+    """push-v3: the expert moves the puck onto the goal, idling never moves it; the report
+    counts idle's failures as 'object never moved'."""
+    from quantvla_core.sim.evaluate import OBJECT_MOVED_M
+    from quantvla_core.sim.report import format_table
+    cfg = EvalConfig(tasks=("push-v3",), episodes_per_task=2, workers=1,
+                     settings=EnvSettings(image_size=32, max_steps=120))
+    report = evaluate(["expert", "idle=noop"], cfg, progress=False)
+    expert, idle = report["variants"]["expert"], report["variants"]["idle"]
+    assert expert["successes"] == 2
+    for closest, moved, final in expert["episode_traces"]:
+        assert moved > 0.05 and final <= 0.05 and closest < 0.05
+    for closest, moved, final in idle["episode_traces"]:
+        assert moved < OBJECT_MOVED_M and final > 0.05
+    assert idle["tasks"]["push-v3"]["failures"] == {
+        "count": 2, "object_not_moved": 2,
+        "median_min_hand_target_m": pytest.approx(np.median([t[0] for t in idle["episode_traces"]])),
+        "median_final_goal_m": pytest.approx(np.median([t[2] for t in idle["episode_traces"]]))}
+    assert "push-v3" in format_table(report).split("failed episodes")[1]

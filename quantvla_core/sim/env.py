@@ -177,6 +177,22 @@ class MT10Env:
     def done(self) -> bool:
         return self.success or self.steps >= self.max_steps
 
+    @property
+    def object_position(self) -> np.ndarray:
+        """Simulator position of the task's object (puck, handle, button, peg): diagnostics only."""
+        return np.asarray(self.sim_obs[4:7], np.float64).copy()
+
+    @property
+    def goal_position(self) -> np.ndarray:
+        """Simulator goal position of this start (diagnostics only; the policy never sees it)."""
+        return np.asarray(self._env._target_pos, np.float64).copy()
+
+    @property
+    def tcp_position(self) -> np.ndarray:
+        """Midpoint between the fingers, the point Meta-World's success tests measure from (the
+        state's hand xyz is the end-effector body, a few centimetres above it)."""
+        return np.asarray(self._env.tcp_center, np.float64).copy()
+
     def observation(self) -> dict:
         return {"images": self.render(), "instruction": self.instruction,
                 "state": self.sim_obs[:STATE_DIM].astype(np.float32)}

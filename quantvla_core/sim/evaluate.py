@@ -125,9 +125,43 @@ def _observation(obs: dict):
     return Observation(images=obs["images"], instruction=obs["instruction"], state=obs["state"])
 
 
+# An object counts as moved once it is this far from where it started (pucks, handles,
+# buttons and pegs all move centimetres when handled; contact jitter stays below).
+OBJECT_MOVED_M = 0.02
+
+
+class EpisodeTrace:
+    """Where a failure happened, from simulator state the policy never sees: how close the
+    fingers came to the task's object (the goal, for reach), how far the object moved, and how
+    far from its goal it ended."""
+
+    def __init__(self, env):
+        self.reach = env.task == "reach-v3"
+        self.goal = env.goal_position
+        self.object_start = env.object_position
+        self.min_hand_target = np.inf
+        self.object_moved = 0.0
+        self.update(env)
+
+    def update(self, env) -> None:
+        hand, obj = env.tcp_position, env.object_position
+        target = self.goal if self.reach else obj
+        self.min_hand_target = min(self.min_hand_target, float(np.linalg.norm(hand - target)))
+        if not self.reach:
+            self.object_moved = max(self.object_moved, float(np.linalg.norm(obj - self.object_start)))
+        self.final_goal = float(np.linalg.norm((hand if self.reach else obj) - self.goal))
+
+    def result(self) -> dict:
+        return {"min_hand_target_m": round(self.min_hand_target, 4),
+                "object_moved_m": None if self.reach else round(self.object_moved, 4),
+                "final_goal_m": round(self.final_goal, 4)}
+
+
 def run_episode(env, policy, start: StartState, replan_steps: int, seed: int) -> dict:
-    """One closed-loop episode; returns outcome, length and per-inference latencies."""
+    """One closed-loop episode; returns outcome, length, per-inference latencies and a trace
+    of where it failed (EpisodeTrace)."""
     obs = env.reset(start.seed, start.index)
+    trace = EpisodeTrace(env)
     latencies = []
     while not env.done:
         call_seed = zlib.crc32(f"{seed}/{start.task}/{start.seed}/{start.index}/{env.steps}"
@@ -145,10 +179,11 @@ def run_episode(env, policy, start: StartState, replan_steps: int, seed: int) ->
                              f"(horizon >= 1, {ACTION_DIM}) = (dx, dy, dz, grip) in [-1, 1]")
         for action in actions[:replan_steps]:
             obs, _ = env.step(action)
+            trace.update(env)
             if env.done:
                 break
     return {"task": start.task, "seed": start.seed, "index": start.index,
-            "success": env.success, "steps": env.steps, "latency_ms": latencies}
+            "success": env.success, "steps": env.steps, "latency_ms": latencies, **trace.result()}
 
 
 _POLICIES: dict = {}  # per-process cache of loaded string specs
@@ -221,6 +256,19 @@ def evaluate(policies, cfg: EvalConfig = EvalConfig(), progress: bool = True) ->
     return summarize(episodes, describes, specs, cfg, time.perf_counter() - t0)
 
 
+def _failure_stages(failed: list[dict]) -> dict:
+    """Failed episodes split by how far they got: object never moved vs moved but not to the
+    goal (reach has no object: only the closest the hand came to the goal)."""
+    if not failed or "min_hand_target_m" not in failed[0]:
+        return {"count": len(failed)}
+    out = {"count": len(failed),
+           "median_min_hand_target_m": float(np.median([e["min_hand_target_m"] for e in failed])),
+           "median_final_goal_m": float(np.median([e["final_goal_m"] for e in failed]))}
+    if failed[0]["object_moved_m"] is not None:
+        out["object_not_moved"] = sum(e["object_moved_m"] < OBJECT_MOVED_M for e in failed)
+    return out
+
+
 def summarize(episodes: dict, describes: dict, specs: dict, cfg: EvalConfig,
               seconds: float) -> dict:
     """Per-task and mean success with Wilson 95% intervals, lengths, latency, McNemar pairs."""
@@ -235,9 +283,11 @@ def summarize(episodes: dict, describes: dict, specs: dict, cfg: EvalConfig,
         for t in cfg.tasks:
             te = [e for e in eps if e["task"] == t]
             k = sum(e["success"] for e in te)
+            failed = [e for e in te if not e["success"]]
             per_task[t] = {"successes": k, "episodes": len(te), "rate": k / len(te),
                            "ci95": wilson_interval(k, len(te)),
-                           "mean_steps": float(np.mean([e["steps"] for e in te]))}
+                           "mean_steps": float(np.mean([e["steps"] for e in te])),
+                           "failures": _failure_stages(failed)}
         k, n = sum(e["success"] for e in eps), len(eps)
         lat = np.concatenate([e["latency_ms"] for e in eps]) if eps else np.zeros(0)
         report["variants"][name] = {
@@ -251,7 +301,9 @@ def summarize(episodes: dict, describes: dict, specs: dict, cfg: EvalConfig,
             "latency_ms": {"mean": float(lat.mean()), "p50": float(np.percentile(lat, 50)),
                            "p95": float(np.percentile(lat, 95)), "calls": int(lat.size)},
             "episode_outcomes": [[e["task"], e["seed"], e["index"], e["success"], e["steps"]]
-                                 for e in eps]}
+                                 for e in eps],
+            "episode_traces": [[e.get("min_hand_target_m"), e.get("object_moved_m"), e.get("final_goal_m")]
+                               for e in eps]}
     names = list(episodes)
     for i, a in enumerate(names):
         for b in names[i + 1:]:

@@ -33,11 +33,35 @@ def format_table(report: dict) -> str:
     lines.append("-" * len(lines[0]))
     for label, cells in rows.items():
         lines.append(f"{label:<26}" + "".join(f"{c:>{width + 2}}" for c in cells))
+    stages = _failure_lines(report, names, tasks, width)
+    if stages:
+        lines.append("failed episodes: object never moved / failed (reach: failed @ median closest fingers-goal)")
+        lines += stages
     for p in report["paired"]:
         lines.append(f"McNemar {p['a']} vs {p['b']}: {p['a']} only {p['a_only']}, "
                      f"{p['b']} only {p['b_only']}, both {p['both']}, neither {p['neither']}, "
                      f"exact p = {p['p_value']:.4g}")
     return "\n".join(lines)
+
+
+def _failure_lines(report: dict, names: list, tasks: list, width: int) -> list[str]:
+    """Per task with failures: where they stopped (reports from before traces: nothing)."""
+    lines = []
+    for t in tasks:
+        cells = []
+        for n in names:
+            f = report["variants"][n]["tasks"][t].get("failures", {})
+            if not f.get("count"):
+                cells.append("-")
+            elif "object_not_moved" in f:
+                cells.append(f"{f['object_not_moved']}/{f['count']}")
+            elif "median_min_hand_target_m" in f:
+                cells.append(f"{f['count']} @ {100 * f['median_min_hand_target_m']:.1f} cm")
+            else:
+                cells.append(f"{f['count']} failed")
+        if any(c != "-" for c in cells):
+            lines.append(f"  {t:<24}" + "".join(f"{c:>{width + 2}}" for c in cells))
+    return lines
 
 
 def plot(report: dict, path) -> Path:

@@ -2,7 +2,8 @@
 # Train two candidate default policies side by side on one lent GPU (H100/H200) from a demo
 # bundle that travels in parts, within one device call; the candidates differ only in the
 # random-shift augmentation (SHIFTS, default "4 2" pixels; INIT, default the shipped policy, is
-# where they start). The choice between them is made afterwards on the
+# where they start; TASK_WEIGHTS, e.g. "push-v3=3,pick-place-v3=3", reaches both trainings).
+# The choice between them is made afterwards on the
 # validation starts (`quantvla eval --eval-seeds 1002`), never on the evaluation starts.
 # Measured on an H200 (2026-11-27): at batch 1024 the two processes ran 8 steps/s each with the
 # GPU 100% busy, i.e. 16k samples/s together (one process at batch 256 did ~4.9k samples/s).

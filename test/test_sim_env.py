@@ -89,3 +89,21 @@ def test_instructions_and_seed_splits():
     assert not set(TRAIN_SEEDS) & set(EVAL_SEEDS)
     starts = starts_for("reach-v3", EVAL_SEEDS)
     assert len(starts) == 50 * len(EVAL_SEEDS) and len(set(starts)) == len(starts)
+
+
+def test_an_episode_can_run_on_past_its_first_success():
+    """stop_at_success=False: the expert keeps stepping after success (until max_steps) and
+    success stays True; by default the episode ends at the first success."""
+    from quantvla_core.sim.expert import ScriptedExpert
+    env, expert = MT10Env("reach-v3", image_size=32, max_steps=150), ScriptedExpert("reach-v3")
+    env.reset(TRAIN_SEEDS[0], 0)
+    while not env.done:
+        env.step(expert.action(env.sim_obs))
+    first = env.steps
+    assert env.success and first < 150
+    env.stop_at_success = False
+    env.reset(TRAIN_SEEDS[0], 0)
+    while not env.done:
+        env.step(expert.action(env.sim_obs))
+    assert env.success and env.steps == 150
+    env.close()

@@ -143,6 +143,9 @@ class MT10Env:
         self.sim_obs: np.ndarray | None = None  # full Meta-World observation (experts only)
         self.steps = 0
         self.success = False
+        # False: an episode runs on past its first success (until max_steps), e.g. to record
+        # what an expert does after reaching the goal; `success` stays True once reached.
+        self.stop_at_success = True
 
     def reset(self, seed: int, index: int, instruction: str | None = None) -> dict:
         """Deterministic: the same (seed, index) gives the same first observation."""
@@ -175,7 +178,7 @@ class MT10Env:
 
     @property
     def done(self) -> bool:
-        return self.success or self.steps >= self.max_steps
+        return (self.success and self.stop_at_success) or self.steps >= self.max_steps
 
     @property
     def object_position(self) -> np.ndarray:

@@ -32,11 +32,14 @@ trap pack EXIT
 for p in ${PARTS//,/ }; do
   [ -s "$p" ] || { echo "bundle part $p is missing (machine not warm from the first call?)" | tee -a "$RES/machine.txt"; exit 3; }
 done
+# INIT may name each candidate's own start with {shift}, e.g. /tmp/init_shift{shift}.
+init_for() { local i=${INIT:-quantvla_core/assets/default_policy}; echo "${i//\{shift\}/$1}"; }
 for shift in ${SHIFTS:-4 2}; do
+  [ -s "$(init_for "$shift")/model.safetensors" ] || { echo "start policy $(init_for "$shift") is missing" | tee -a "$RES/machine.txt"; exit 3; }
   mkdir -p "$RES/shift$shift"
   OUT=$RES/shift$shift RUN=/tmp/run_shift$shift SHIFT=$shift BATCH=${BATCH:-1024} LR=${LR:-1e-3} \
     THREADS=4 timeout $(( TRAIN_S + 90 )) bash scripts/train_default_gpu.sh "$PARTS" "$TRAIN_S" \
-    "${INIT:-quantvla_core/assets/default_policy}" > "$RES/train_shift$shift.log" 2>&1 &
+    "$(init_for "$shift")" > "$RES/train_shift$shift.log" 2>&1 &
 done
 while [ "$(jobs -r | wc -l)" -gt 0 ]; do sleep 30; echo "t=${SECONDS}s"; tail -n 1 "$RES"/train_shift*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done
 wait

@@ -136,3 +136,37 @@ def test_failure_traces_tell_an_untouched_object_from_a_moved_one(tmp_path):
         "median_min_hand_target_m": pytest.approx(np.median([t[0] for t in idle["episode_traces"]])),
         "median_final_goal_m": pytest.approx(np.median([t[2] for t in idle["episode_traces"]]))}
     assert "push-v3" in format_table(report).split("failed episodes")[1]
+
+
+def _synthetic_report(n_variants: int, seeds=(1000, 1001)) -> dict:
+    from quantvla_core.sim.env import TASKS as tasks
+    variants = {f"v{i}": {"mean_success": 0.5, "mean_ci95": [0.3, 0.7],
+                          "tasks": {t: {"rate": 0.5, "ci95": [0.3, 0.7]} for t in tasks}}
+                for i in range(n_variants)}
+    return {"config": {"tasks": list(tasks), "episodes_per_task": 4, "eval_seeds": list(seeds)},
+            "variants": variants}
+
+
+def test_plot_title_names_the_starts_it_ran():
+    """Candidates chosen on validation starts must not be plotted as 'held-out'."""
+    from quantvla_core.sim.report import starts_label
+    assert starts_label(_synthetic_report(1)) == "held-out"
+    assert starts_label(_synthetic_report(1, seeds=(1002,))) == "validation"
+    assert starts_label(_synthetic_report(1, seeds=(1002, 1003))) == "validation"
+    assert starts_label(_synthetic_report(1, seeds=(1000, 1002))) == "seed 1000,1002"
+
+
+def test_many_variants_get_one_mean_bar_each(tmp_path):
+    """An ablation's dozens of variants: one row per variant (the figure grows with them)
+    instead of per-task groups too thin to read; a few variants keep the per-task groups."""
+    from PIL import Image
+
+    from quantvla_core.sim.report import MAX_GROUPED_VARIANTS, plot
+    sizes = {}
+    for n in (3, MAX_GROUPED_VARIANTS + 2, 2 * MAX_GROUPED_VARIANTS + 4):
+        with Image.open(plot(_synthetic_report(n), tmp_path / f"{n}.png")) as im:
+            sizes[n] = im.size
+    few, many, more = sizes.values()
+    assert few[0] > many[0]  # grouped bars: wide, one group per task
+    assert many[0] == more[0] and more[1] > many[1]  # mean bars: one row per variant
+    assert not list(tmp_path.glob("*.tmp.png"))

@@ -64,12 +64,51 @@ def _failure_lines(report: dict, names: list, tasks: list, width: int) -> list[s
     return lines
 
 
+# Up to this many variants get per-task grouped bars; more (an ablation) get one bar each for
+# the mean, since a dozen bars per task cannot be told apart.
+MAX_GROUPED_VARIANTS = 6
+
+
+def starts_label(report: dict) -> str:
+    """Which starts were run, in words: the plot title must not call validation 'held-out'."""
+    from quantvla_core.sim.env import EVAL_SEEDS, VALIDATION_SEEDS
+    seeds = set(report["config"].get("eval_seeds", EVAL_SEEDS))
+    if seeds <= set(EVAL_SEEDS):
+        return "held-out"
+    if seeds <= set(VALIDATION_SEEDS):
+        return "validation"
+    return "seed " + ",".join(str(s) for s in sorted(seeds))
+
+
 def plot(report: dict, path) -> Path:
-    """Grouped bars: success per task (+ mean) per variant, Wilson 95% error bars."""
+    """Success per task (+ mean) per variant as grouped bars, or, past MAX_GROUPED_VARIANTS,
+    mean success per variant as horizontal bars; Wilson 95% error bars either way."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    n = report["config"]["episodes_per_task"]
+    title = f"Meta-World MT10 closed loop, {n} {starts_label(report)} episodes per task"
+    if len(report["variants"]) > MAX_GROUPED_VARIANTS:
+        fig = _mean_bars(plt, report, title)
+    else:
+        fig = _task_bars(plt, report, title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _error(rates, cis):
+    import numpy as np
+    return 100 * np.array([[max(0.0, r - lo), max(0.0, hi - r)] for r, (lo, hi) in zip(rates, cis)]).T
+
+
+def _task_bars(plt, report: dict, title: str):
     import numpy as np
 
     variants = report["variants"]
@@ -81,22 +120,36 @@ def plot(report: dict, path) -> Path:
     for i, (name, v) in enumerate(variants.items()):
         rates = [v["tasks"][t]["rate"] for t in tasks] + [v["mean_success"]]
         cis = [v["tasks"][t]["ci95"] for t in tasks] + [v["mean_ci95"]]
-        err = np.array([[max(0.0, r - lo), max(0.0, hi - r)] for r, (lo, hi) in zip(rates, cis)]).T
         ax.bar(x + (i - (len(variants) - 1) / 2) * width, np.array(rates) * 100, width,
-               yerr=err * 100, capsize=2, label=name)
+               yerr=_error(rates, cis), capsize=2, label=name)
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel("success rate % (95% Wilson CI)")
     ax.set_ylim(0, 105)
-    n = report["config"]["episodes_per_task"]
-    ax.set_title(f"Meta-World MT10 closed loop, {n} held-out episodes per task")
+    ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return fig
+
+
+def _mean_bars(plt, report: dict, title: str):
+    import numpy as np
+
+    variants = report["variants"]
+    names = list(variants)
+    rates = [variants[k]["mean_success"] for k in names]
+    y = np.arange(len(names))[::-1]  # first variant on top
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(names)))
+    ax.barh(y, np.array(rates) * 100, xerr=_error(rates, [variants[k]["mean_ci95"] for k in names]),
+            capsize=2, color="tab:blue")
+    ax.axvline(100 * rates[0], color="tab:red", linestyle="--", linewidth=1,
+               label=f"{names[0]} {100 * rates[0]:.1f}%")
+    for yi, r in zip(y, rates):
+        ax.text(1, yi, f"{100 * r:.1f}%", va="center", color="white", fontsize=8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("mean success rate % over all tasks (95% Wilson CI)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
 
 
 def save_report(report: dict, out_dir, stem: str = "eval") -> list[Path]:

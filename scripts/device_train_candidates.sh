@@ -34,8 +34,10 @@ for p in ${PARTS//,/ }; do
 done
 # INIT may name each candidate's own start with {shift}, e.g. /tmp/init_shift{shift}.
 init_for() { local i=${INIT:-quantvla_core/assets/default_policy}; echo "${i//\{shift\}/$1}"; }
-for shift in ${SHIFTS:-4 2}; do
+for shift in ${SHIFTS:-4 2}; do  # every start is checked before any training begins
   [ -s "$(init_for "$shift")/model.safetensors" ] || { echo "start policy $(init_for "$shift") is missing" | tee -a "$RES/machine.txt"; exit 3; }
+done
+for shift in ${SHIFTS:-4 2}; do
   mkdir -p "$RES/shift$shift"
   OUT=$RES/shift$shift RUN=/tmp/run_shift$shift SHIFT=$shift BATCH=${BATCH:-1024} LR=${LR:-1e-3} \
     THREADS=4 timeout $(( TRAIN_S + 90 )) bash scripts/train_default_gpu.sh "$PARTS" "$TRAIN_S" \

@@ -143,7 +143,7 @@ def _mean_bars(plt, report: dict, title: str):
     ax.axvline(100 * rates[0], color="tab:red", linestyle="--", linewidth=1,
                label=f"{names[0]} {100 * rates[0]:.1f}%")
     for yi, r in zip(y, rates):
-        ax.text(1, yi, f"{100 * r:.1f}%", va="center", color="white", fontsize=8)
+        ax.text(1, yi, f"{100 * r:.1f}%", va="center", color="white" if r >= 0.1 else "black", fontsize=8)
     ax.set_yticks(y, names, fontsize=8)
     ax.set_xlim(0, 100)
     ax.set_xlabel("mean success rate % over all tasks (95% Wilson CI)")

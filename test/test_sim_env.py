@@ -107,3 +107,27 @@ def test_an_episode_can_run_on_past_its_first_success():
         env.step(expert.action(env.sim_obs))
     assert env.success and env.steps == 150
     env.close()
+
+
+@pytest.mark.parametrize("task", ["push-v3", "drawer-open-v3", "window-open-v3", "window-close-v3"])
+def test_first_frame_shows_the_start_not_the_previous_episode(task):
+    """The reset frame equals a frame rendered after MuJoCo recomputes every position, and a
+    start looks the same whether or not another episode ran before it in this environment."""
+    env = MT10Env(task, max_steps=60)
+    try:
+        first = env.reset(EVAL_SEEDS[0], 7)
+        sim_obs = env.sim_obs.copy()
+        env._mujoco.mj_forward(env._env.model, env._env.data)
+        for a, b in zip(first["images"], env.render()):
+            np.testing.assert_array_equal(a, b)
+        # the simulator observation (experts, traces) holds the same positions, stacked twice
+        np.testing.assert_array_equal(sim_obs[:18], env._env._get_curr_obs_combined_no_goal())
+        np.testing.assert_array_equal(sim_obs[:18], sim_obs[18:36])
+        env.reset(EVAL_SEEDS[0], 2)
+        for _ in range(50):
+            env.step(np.array([0.5, 0.5, -0.5, 1.0], np.float32))
+        again = env.reset(EVAL_SEEDS[0], 7)
+        for a, b in zip(first["images"], again["images"]):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        env.close()

@@ -154,7 +154,16 @@ class MT10Env:
             raise ValueError(f"index must be in 0..{STARTS_PER_SEED - 1}, got {index}")
         self.start = StartState(self.task, int(seed), int(index))
         self._env.set_task(_benchmark(self.task, int(seed)).train_tasks[int(index)])
-        self.sim_obs, _ = self._env.reset()
+        self._env.reset()
+        # Meta-World's reset moves bodies (drawer, window, goal marker) without recomputing
+        # their world positions, so the first frame showed them where the previous episode or
+        # the model file had them (up to 255 levels off on drawer/window tasks, 1 on push), its
+        # observation put window-close's handle 0.2 m off, and an episode's outcome depended on
+        # what the process ran before it. Recompute, then rebuild the observation the way its
+        # reset does (the frame-stacked half equal to the current one).
+        self._mujoco.mj_forward(self._env.model, self._env.data)
+        self._env._prev_obs = self._env._get_curr_obs_combined_no_goal().copy()
+        self.sim_obs = self._env._get_obs().astype(np.float64)
         self.instruction = instruction or instruction_for(
             self.task, instruction_variant(self.start))
         self.steps = 0

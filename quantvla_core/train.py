@@ -314,7 +314,7 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     return {"steps": step, "final_loss": running, "policy": str(out / "policy")}
 
 
-def _parse_task_weights(items: list[str]) -> dict:
+def parse_task_weights(items: list[str]) -> dict:
     """['push-v3=3', ...] -> {'push-v3': 3.0}; a malformed or repeated entry is refused."""
     out = {}
     for item in items:
@@ -336,7 +336,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      save_every=args.save_every, device=args.device, init=args.init or "",
                      max_seconds=args.max_seconds, ema=args.ema, shift_pixels=args.shift,
-                     warmup=args.warmup, task_weights=_parse_task_weights(args.task_weight or []))
+                     warmup=args.warmup, task_weights=parse_task_weights(args.task_weight or []))
     result = train(args.demos, args.out, cfg, tc)
     print(json.dumps(result, indent=2))
     return 0

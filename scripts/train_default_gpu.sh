@@ -14,7 +14,7 @@ python3 - "$bundle" "$seconds" "$init" <<'PY'
 import json, os, shutil, sys, time
 import torch
 from quantvla_core.config import preset
-from quantvla_core.train import TrainConfig, _parse_task_weights, train
+from quantvla_core.train import TrainConfig, parse_task_weights, train
 t0 = time.time()
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch", torch.__version__, flush=True)
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -23,7 +23,7 @@ tc = TrainConfig(steps=10**6, batch_size=int(env("BATCH", 256)), lr=float(env("L
                  warmup=200, save_every=10**6, device=env("DEVICE", "cuda"), max_seconds=float(sys.argv[2]),
                  threads=int(env("THREADS", 8)), init=sys.argv[3], ema=float(env("EMA", 0.999)),
                  shift_pixels=int(env("SHIFT", 4)), seed=int(env("SEED", 0)),
-                 task_weights=_parse_task_weights([w for w in env("TASK_WEIGHTS", "").split(",") if w]))
+                 task_weights=parse_task_weights([w for w in env("TASK_WEIGHTS", "").split(",") if w]))
 bundles = sys.argv[1].split(",")
 run = env("RUN", "/tmp/run")
 res = train(bundles if len(bundles) > 1 else bundles[0], run, preset("mt10"), tc, progress=False)

@@ -182,3 +182,20 @@ def test_bundle_parts_join_into_the_whole_and_overlaps_are_refused(tmp_path):
     _, actions = data.batch(idx, torch.Generator().manual_seed(0), shift=0)
     expect = (whole.actions[[6, 7, 15]] - data.action_mean) / data.action_std
     np.testing.assert_allclose(actions[:, 0].numpy(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_recording_can_go_on_past_the_first_success():
+    """Demos end on the success radius; after_success=K keeps K + 1 more expert actions."""
+    from quantvla_core.sim.demos import record_episode
+    from quantvla_core.sim.env import StartState
+    from quantvla_core.sim.expert import ScriptedExpert
+    env = EnvSettings(image_size=32, max_steps=150).make("reach-v3")
+    expert, start = ScriptedExpert("reach-v3"), StartState("reach-v3", 0, 0)
+    try:
+        usual, ok = record_episode(env, expert, start)
+        longer, ok_longer = record_episode(env, expert, start, after_success=3)
+        assert ok and ok_longer and env.stop_at_success
+        assert len(longer.actions) == len(usual.actions) + 4
+        np.testing.assert_array_equal(longer.actions[:len(usual.actions)], usual.actions)
+    finally:
+        env.close()

@@ -114,7 +114,7 @@ def test_task_weights_set_each_tasks_share_of_the_batches(tmp_path):
     weight 0 leaves a task out; unknown tasks and negative weights are refused by name."""
     import torch
 
-    from quantvla_core.train import DemoDataset, _parse_task_weights
+    from quantvla_core.train import DemoDataset, parse_task_weights
     write_toy_demos(tmp_path / "demos", episodes=4, steps=12, task="reach-v3", name="a")
     write_toy_demos(tmp_path / "demos", episodes=2, steps=12, task="push-v3", name="b", first_index=10)
     data = DemoDataset(tmp_path / "demos", preset("tiny"))
@@ -131,10 +131,10 @@ def test_task_weights_set_each_tasks_share_of_the_batches(tmp_path):
         data.use_task_weights({"push-v3": -1})
     with pytest.raises(ValueError, match="nothing left"):
         data.use_task_weights({"push-v3": 0, "reach-v3": 0})
-    assert _parse_task_weights(["push-v3=3", "reach-v3=0.5"]) == {"push-v3": 3.0, "reach-v3": 0.5}
+    assert parse_task_weights(["push-v3=3", "reach-v3=0.5"]) == {"push-v3": 3.0, "reach-v3": 0.5}
     for bad in (["push-v3"], ["push-v3=x"], ["=2"], ["push-v3=1", "push-v3=2"]):
         with pytest.raises(SystemExit, match="task-weight"):
-            _parse_task_weights(bad)
+            parse_task_weights(bad)
 
 
 def test_fine_tuning_keeps_the_starting_policys_normalisation(tmp_path):

@@ -62,16 +62,23 @@ def cached_env(task: str, settings: EnvSettings) -> MT10Env:
     return _ENVS[key]
 
 
-def record_episode(env: MT10Env, expert, start: StartState) -> tuple[Episode, bool]:
-    """Run the expert from `start`; the episode holds each observation and its action."""
+def record_episode(env: MT10Env, expert, start: StartState,
+                   after_success: int = 0) -> tuple[Episode, bool]:
+    """Run the expert from `start`; the episode holds each observation and its action.
+
+    Episodes end at the first success (on Meta-World's success radius); after_success = K > 0
+    goes on until K + 1 more expert actions have been recorded past it (or max_steps)."""
+    env.stop_at_success = after_success == 0
     obs = env.reset(start.seed, start.index)
-    images, states, actions = [], [], []
-    while not env.done:
+    images, states, actions, past = [], [], [], 0
+    while not env.done and past <= after_success:
         action = expert.action(env.sim_obs)
         images.append(np.stack(obs["images"]))
         states.append(obs["state"])
         actions.append(action)
+        past += env.success
         obs, info = env.step(action)
+    env.stop_at_success = True
     ep = Episode(start.task, start.seed, start.index, env.instruction, np.stack(images),
                  np.stack(states), np.stack(actions))
     return ep, env.success

@@ -124,9 +124,10 @@ class Harness:
                     return msg
         return None
 
-    def act(self, timeout_s=15.0, joints=False):
+    def act(self, timeout_s=15.0, joints=False, log=None):
         """Send valid pairs until one produces a trajectory; returns (stamp, trajectory).
-        joints=True sends a fresh joint state with every pair (for short state timeouts)."""
+        joints=True sends a fresh joint state with every pair (for short state timeouts);
+        log: the node's log file, whose tail a failure then shows."""
         end = time.monotonic() + timeout_s
         sent = []
         while time.monotonic() < end:
@@ -140,7 +141,9 @@ class Harness:
                     if msg is not None:
                         return s, msg
                 time.sleep(0.01)
-        raise AssertionError("no trajectory came back for valid inputs")
+        tail = "".join(open(log).readlines()[-15:]) if log else ""
+        raise AssertionError(f"no trajectory came back for valid inputs in {timeout_s} s "
+                             f"({len(sent)} pairs sent){'; node log tail:' + chr(10) + tail if tail else ''}")
 
     def values(self, status):
         with self.lock:
@@ -801,13 +804,14 @@ def test_relative_camera_topics_follow_namespace_and_remaps(ros_env, tmp_path):
     h.instruction.publish(String(data="push the button"))
     params = write_params(str(tmp_path / "params.yaml"), {"/**": _node_params(
         "qn", camera_topics=["cam0/image_raw", "front/compressed"], autostart=True)})
-    proc = start_node("policy_node", params, str(tmp_path / "node.log"), extra_args=[
+    log = str(tmp_path / "node.log")
+    proc = start_node("policy_node", params, log, extra_args=[
         "-r", "__ns:=/qn", "-r", "front/compressed:=/qn/cam1/image_raw/compressed"])
     try:
         h.wait_for(lambda: h.values("policy").get("lifecycle_state") == "active", 60.0,
                    "the node to autostart")
         h.send_joints()
-        _, msg = h.act()
+        _, msg = h.act(log=log)
         assert len(msg.points) == HORIZON
         assert ("policy_node", "/qn") in set(h.node.get_node_names_and_namespaces())
         assert proc.poll() is None

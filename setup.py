@@ -19,7 +19,7 @@ setup(
         "quantvla_ros",
     ],
     package_dir={"quantvla_kernels": "kernels"},
-    package_data={"quantvla_core": ["assets/*", "assets/**/*"]},
+    package_data={"quantvla_core": ["assets/*", "assets/**/*"], "quantvla_kernels": ["*.cpp"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
@@ -27,7 +27,7 @@ setup(
         ("share/" + package_name + "/config", glob("config/*.yaml") + glob("config/*.xml")),
     ],
     install_requires=["setuptools"],
-    zip_safe=True,
+    zip_safe=False,  # the fused CPU kernel's C++ source is compiled from the installed file
     maintainer="quantvla developers",
     maintainer_email="quantvla@example.com",
     description="Quantized VLA policies served as ROS 2 nodes.",

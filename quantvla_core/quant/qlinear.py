@@ -48,6 +48,13 @@ def _kernels():
     return quantvla_kernels
 
 
+def _fused_cpu():
+    """The compiled fused CPU linear of quantvla_kernels, or None (then the torch-op lean path)."""
+    from quantvla_kernels import cpu_fused
+
+    return cpu_fused.module()
+
+
 def get_default_backend() -> str:
     return getattr(_default, "backend", "auto")
 
@@ -265,7 +272,7 @@ class QuantLinear(nn.Module):
         """(int8 weight groups, int64 perm) for the lean CPU forward, built on first CPU use and
         rebuilt when qweight is replaced or changed in place (keyed by the tensor object and
         its version counter). Costs N x K bytes per 4-bit layer (2x its packed codes)."""
-        srcs = (self.qweight, self.perm, self.inv_smooth, self.rotation)
+        srcs = (self.qweight, self.perm, self.inv_smooth, self.rotation, self.wscale)
         try:
             version = tuple(-1 if t is None else t._version for t in srcs)
         except RuntimeError:  # inference tensors carry no version counter: rebuild each call
@@ -273,18 +280,20 @@ class QuantLinear(nn.Module):
         cache = self._cpu_cache
         if (version is not None and cache is not None and cache[1] == version
                 and all(a is b for a, b in zip(cache[0], srcs))):
-            return cache[2], cache[3]
+            return cache[2], cache[3], cache[4]
         qw, perm = self.qweight, self.perm
         with torch.inference_mode(False):  # normal tensors: usable later outside inference mode
             groups = ops.cpu_weight_groups(qw, self.w_bits, self.in_features, self.group_size)
             perm64 = None if perm is None else perm.long()
+            # the fused extension reads group scales as (G, N) rows
+            ws_fused = self.wscale if self.wscale.dim() == 1 else self.wscale.t().contiguous()
         if tuple(self.wscale.shape) != ((self.out_features, self.in_features // self.group_size)
                                         if self.group_size else (self.out_features,)):
             raise ValueError(f"wscale has shape {tuple(self.wscale.shape)}, which does not match "
                              f"{self.out_features} outputs and group_size {self.group_size}")
         if version is not None:
-            self._cpu_cache = (srcs, version, groups, perm64)
-        return groups, perm64
+            self._cpu_cache = (srcs, version, groups, perm64, ws_fused)
+        return groups, perm64, ws_fused
 
     def cpu_cache_bytes(self) -> int:
         """Bytes the lean CPU forward holds beyond the stored codes (0 until first CPU use)."""
@@ -296,7 +305,12 @@ class QuantLinear(nn.Module):
         """Lean CPU forward: one pass of the activation transform, int8 codes for 8 and 4 bits
         (4-bit codes are never packed), cached unpacked weights; same numbers as
         quantize_per_token + gemm_* on backend 'cpu'."""
-        groups, perm = self._cpu_operands(ops)
+        groups, perm, ws_fused = self._cpu_operands(ops)
+        fused = _fused_cpu()
+        if fused is not None and not self._rotate_first and x2.dtype in (torch.float32, torch.bfloat16):
+            y = fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), self.inv_smooth, perm,
+                                 self.rotation, list(groups), ws_fused, self.bias, qmax(self.a_bits))
+            return y
         xf = x2 if x2.dtype == torch.float32 else x2.float()
         if self._rotate_first:
             q, xs = ops.cpu_quantize_codes(self.input_transform().apply(xf), self.a_bits)

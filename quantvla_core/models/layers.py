@@ -15,6 +15,14 @@ from ..config import DecoderConfig
 from .attention import attention
 
 
+def _fused(parent: nn.Module, names: tuple[str, ...]):
+    """A quantized parent's sibling projections as one layer (quant.qlinear.fused_siblings);
+    None for float models. Imported here, not at module level: quant imports models."""
+    from ..quant.qlinear import fused_siblings
+
+    return fused_siblings(parent, names)
+
+
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
@@ -82,7 +90,12 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+        fused = _fused(self, ("gate_proj", "up_proj"))
+        if fused is not None:  # quantized: one activation quantization and one GEMM for both
+            gate, up = fused(x).split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(activation(self.act, gate) * up)
 
 
 class DecoderAttention(nn.Module):
@@ -101,9 +114,15 @@ class DecoderAttention(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        fused = _fused(self, ("q_proj", "k_proj", "v_proj"))
+        if fused is not None:  # quantized: one activation quantization and one GEMM for q, k, v
+            q, k, v = fused(x).split([self.q_proj.out_features, self.k_proj.out_features,
+                                      self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask) -> torch.Tensor:

@@ -397,3 +397,94 @@ def scale_output_channels(module: nn.Module, factor: torch.Tensor | float) -> No
                 module.bias.copy_((module.bias.to(torch.float64) * f).to(module.bias.dtype))
             return
     raise TypeError(f"cannot scale outputs of {type(module).__name__}; accepted: nn.Linear, QuantLinear")
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
+def concat_quant_linears(layers: list[QuantLinear]) -> QuantLinear | None:
+    """One QuantLinear computing ``cat([l(x) for l in layers], -1)``, or None where the layers
+    cannot share one activation quantization (different bits, group size, static scale,
+    backend or input transform).
+
+    Why: sibling projections that read the same tensor (q/k/v, gate/up) then quantize it once
+    and run one GEMM instead of three; every output column is the same integer dot and the same
+    per-element epilogue, so the result is bit for bit the separate layers' (tested)."""
+    first = layers[0]
+    keys = ("in_features", "w_bits", "a_bits", "group_size", "rotation_kind", "rotation_block", "static_act")
+    spec0 = first.spec()
+    for layer in layers[1:]:
+        spec = layer.spec()
+        if any(spec[k] != spec0[k] for k in keys) or layer.backend != first.backend:
+            return None
+        if not all(_same(getattr(layer, n), getattr(first, n))
+                   for n in ("inv_smooth", "perm", "rotation", "act_scale")):
+            return None
+    if spec0["a_bits"] is None or spec0["static_act"]:
+        return None  # weight-only / static layers gain nothing from sharing a quantization
+    n = sum(layer.out_features for layer in layers)
+    has_bias = any(layer.bias is not None for layer in layers)
+    fused = QuantLinear(**dict(spec0, out_features=n, bias=has_bias), dtype=first.weight.dtype,
+                        backend=first.backend).to(first.qweight.device)
+    with torch.no_grad():
+        fused.qweight = torch.cat([layer.qweight for layer in layers], 0).contiguous()
+        fused.wscale = torch.cat([layer.wscale for layer in layers], 0).contiguous()
+        if has_bias:
+            fused.bias = torch.cat([layer.bias if layer.bias is not None
+                                    else torch.zeros(layer.out_features, device=layer.qweight.device)
+                                    for layer in layers], 0).contiguous()
+        for name in ("inv_smooth", "perm", "rotation"):
+            if getattr(first, name) is not None:
+                setattr(fused, name, getattr(first, name))
+    return fused
+
+
+def _version_key(layers) -> tuple | None:
+    """Identity + version of every tensor a fused copy is built from; None for inference
+    tensors (no version counter), which are then not fused."""
+    key = []
+    try:
+        for layer in layers:
+            for t in (layer.qweight, layer.wscale, layer.bias, layer.inv_smooth, layer.perm, layer.rotation):
+                key.append((id(t), -1 if t is None else t._version))
+    except RuntimeError:
+        return None
+    return tuple(key)
+
+
+_SIBLING_FUSION = True
+
+
+def set_sibling_fusion(enabled: bool) -> None:
+    """Run sibling projections as one fused layer (True, default) or one by one (False: the
+    same numbers, used by tests and benchmarks to compare the two)."""
+    global _SIBLING_FUSION
+    _SIBLING_FUSION = bool(enabled)
+
+
+def fused_siblings(parent: nn.Module, names: tuple[str, ...]) -> QuantLinear | None:
+    """The fused layer of ``parent``'s children ``names`` if all are QuantLinears that can share
+    one activation quantization, else None (float models, mixed layouts). Built on first use,
+    rebuilt when a child's codes, scales or transform change (ATM/OHB, reloads), held as a plain
+    attribute: not a submodule, not saved, not counted as weights. Its codes are a copy of the
+    children's (the children stay the saved, inspectable layers)."""
+    if not _SIBLING_FUSION:
+        return None
+    layers = [getattr(parent, n, None) for n in names]
+    if not all(isinstance(layer, QuantLinear) for layer in layers):
+        return None
+    if (layers[0].backend or get_default_backend()) == "reference":
+        return None  # the float64 oracle stays layer by layer
+    cache = parent.__dict__.get("_fused_siblings")
+    key = _version_key(layers)
+    if key is None:
+        return None
+    if cache is not None and cache[0] == (names, key):
+        return cache[1]
+    with torch.inference_mode(False):
+        fused = concat_quant_linears(layers)
+    parent.__dict__["_fused_siblings"] = ((names, key), fused)
+    return fused

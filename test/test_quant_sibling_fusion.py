@@ -1,0 +1,99 @@
+"""Sibling projections (q/k/v, gate/up) of quantized models run as one QuantLinear: one
+activation quantization and one GEMM, bit for bit the separate layers' outputs."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from quantvla_core.bench_variants import quick_quantize
+from quantvla_core.config import preset
+from quantvla_core.models import build_model
+from quantvla_core.models.layers import GatedMLP
+from quantvla_core.policy import Observation, Policy
+from quantvla_core.quant.qlinear import (QuantLinear, concat_quant_linears, fused_siblings, quant_backend,
+                                         scale_output_channels, set_sibling_fusion)
+from quantvla_core.quant.transforms import InputTransform, hadamard
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _ql(k, n, bias, t=None, w_bits=8, a_bits=8):
+    torch.manual_seed(k * 3 + n)
+    return QuantLinear.from_linear(nn.Linear(k, n, bias=bias), w_bits=w_bits, a_bits=a_bits,
+                                   group_size=128 if w_bits == 4 else None, transform=t, clip_grid=(1.0,))
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (4, 4)])
+def test_concatenated_layer_equals_the_separate_layers(w_bits, a_bits):
+    t = InputTransform(inv_smooth=torch.rand(256) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard")
+    layers = [_ql(256, n, bias, t, w_bits, a_bits) for n, bias in ((96, True), (32, False), (32, True))]
+    fused = concat_quant_linears(layers)
+    assert fused is not None and fused.out_features == 160
+    x = torch.randn(2, 7, 256)
+    x[0, 0, 3] = 50.0
+    for backend in ("cpu", "auto"):
+        with quant_backend(backend), torch.inference_mode():
+            want = torch.cat([layer(x) for layer in layers], -1)
+            got = fused(x)
+        assert torch.equal(got, want), backend
+
+
+def test_layers_that_cannot_share_a_quantization_are_not_fused():
+    a = _ql(128, 16, False, InputTransform(inv_smooth=torch.rand(128) + 0.5))
+    b = _ql(128, 16, False, InputTransform(inv_smooth=torch.rand(128) + 0.5))  # other smoothing
+    assert concat_quant_linears([a, b]) is None
+    assert concat_quant_linears([_ql(128, 16, False), _ql(128, 16, False, w_bits=4)]) is None  # other bits
+    mlp = GatedMLP(128, 64, "gelu_tanh")  # float children: nothing to fuse
+    assert fused_siblings(mlp, ("gate_proj", "up_proj")) is None
+
+
+def test_fused_copy_follows_in_place_scale_changes():
+    """ATM/OHB rescale a child's outputs in place: the fused copy must be rebuilt."""
+    mlp = GatedMLP(128, 64, "silu")
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = _ql(128, 64, False), _ql(128, 64, False), _ql(64, 128, False)
+    x = torch.randn(5, 128)
+    first = fused_siblings(mlp, ("gate_proj", "up_proj"))
+    assert first is fused_siblings(mlp, ("gate_proj", "up_proj"))  # cached
+    scale_output_channels(mlp.up_proj, 0.5)
+    second = fused_siblings(mlp, ("gate_proj", "up_proj"))
+    assert second is not first
+    set_sibling_fusion(False)
+    try:
+        want = mlp(x)
+    finally:
+        set_sibling_fusion(True)
+    assert torch.equal(mlp(x), want)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
+def test_quantized_policy_is_bit_identical_with_and_without_fusion(name):
+    cfg = preset(name)
+    model = build_model(cfg, seed=0).eval()
+    quick_quantize(model, cfg.arch, "w8a8")
+    policy = Policy(model, cfg, name=name, device="cpu", dtype="fp32", scheme="w8a8")
+    rng = np.random.default_rng(0)
+    obs = Observation(images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)], instruction="open the drawer",
+                      state=rng.normal(size=cfg.state_dim).astype(np.float32))
+    fused_calls = []
+    import quantvla_core.quant.qlinear as qlinear_module
+    real = qlinear_module.concat_quant_linears
+
+    def spy(layers):
+        fused_calls.append(len(layers))
+        return real(layers)
+
+    qlinear_module.concat_quant_linears = spy
+    try:
+        with_fusion = policy.predict(obs, seed=3).actions
+    finally:
+        qlinear_module.concat_quant_linears = real
+    assert fused_calls, "no sibling group was fused in a quantized model"
+    set_sibling_fusion(False)
+    try:
+        without = policy.predict(obs, seed=3).actions
+    finally:
+        set_sibling_fusion(True)
+    assert np.array_equal(with_fusion, without)

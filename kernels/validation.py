@@ -1,0 +1,128 @@
+"""Argument checks shared by the public ops: dtypes, shapes, devices, caller-provided outputs."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .packing import PACK_GROUP
+
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROTATION_BLOCKS = (1, 2, 4, 8, 16, 32, 64)
+_QMAX = {8: 127, 4: 7}
+
+
+def _check_tensor(t, name: str, dtypes: tuple, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({what}), got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]} ({what}), got {t.dtype}")
+
+
+def _check_out_dtype(out_dtype) -> torch.dtype:
+    out_dtype = torch.float32 if out_dtype is None else out_dtype
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
+    return out_dtype
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in _QMAX:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    return bits
+
+
+def _flatten_act(xq: torch.Tensor, xs: torch.Tensor, name: str):
+    if xq.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (..., K)")
+    lead = tuple(xq.shape[:-1])
+    m = math.prod(lead)
+    if xs.numel() != m:
+        raise ValueError(f"xs must hold one scale per row of {name}: expected {m} values "
+                         f"(shape {lead}), got shape {tuple(xs.shape)}")
+    return lead, xq.reshape(m, xq.shape[-1]).contiguous(), xs.reshape(m).to(torch.float32).contiguous()
+
+
+def _check_weight_scales(ws: torch.Tensor, n: int, k: int, group_size: int | None):
+    _check_tensor(ws, "ws", (torch.float32, torch.float16, torch.bfloat16), "weight scales")
+    if group_size is None:
+        if ws.dim() == 2 and ws.shape[1] == 1:
+            ws = ws[:, 0]
+        if tuple(ws.shape) != (n,):
+            raise ValueError(f"per-channel ws must have shape ({n},) (one scale per output channel), "
+                             f"got {tuple(ws.shape)}; pass group_size for group-wise scales")
+    else:
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+        g = -(-k // group_size)
+        if tuple(ws.shape) != (n, g):
+            raise ValueError(f"group-wise ws must have shape (N, ceil(K / group_size)) = ({n}, {g}) "
+                             f"for K={k}, group_size={group_size}; got {tuple(ws.shape)}")
+    return ws.to(torch.float32).contiguous()
+
+
+def _check_bias(bias, n: int, device: torch.device):
+    if bias is None:
+        return None
+    _check_tensor(bias, "bias", OUT_DTYPES, "per-output-channel bias")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias is on {bias.device} but the activations are on {device}")
+    return bias.contiguous()
+
+
+def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device, name: str = "out"):
+    """A caller-provided output (CUDA graphs want fixed buffers): exact shape/dtype, contiguous."""
+    if out is None:
+        return None
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return out
+
+
+def _check_same_device(device: torch.device, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the activations are on {device}; "
+                             "all operands must be on one device")
+
+
+def _check_rotation(rotation, k: int, bits: int, device: torch.device):
+    if rotation is None:
+        return None
+    _check_tensor(rotation, "rotation", (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+                  "orthogonal block rotation (B, B) or (K/B, B, B)")
+    if rotation.dim() not in (2, 3) or rotation.shape[-1] != rotation.shape[-2]:
+        raise ValueError(f"rotation must be (B, B) (shared by all blocks) or (K/B, B, B) (one per "
+                         f"block), got shape {tuple(rotation.shape)}")
+    b = rotation.shape[-1]
+    if b not in ROTATION_BLOCKS:
+        raise ValueError(f"rotation block size B must be one of {ROTATION_BLOCKS}, got {b}")
+    if k % b:
+        raise ValueError(f"K={k} must be a multiple of the rotation block size B={b}")
+    if rotation.dim() == 3 and rotation.shape[0] != k // b:
+        raise ValueError(f"per-block rotation must have K/B = {k // b} blocks, got {rotation.shape[0]}")
+    if bits == 4 and ((k % PACK_GROUP) // 2) % b:
+        raise ValueError(
+            f"with bits=4 the last packing group of K={k} has half-width {(k % PACK_GROUP) // 2}, "
+            f"not a multiple of the rotation block B={b}; use a smaller B or K % 128 == 0")
+    if rotation.device != device:
+        raise ValueError(f"rotation is on {rotation.device} but x is on {device}")
+    return rotation
+
+
+def _check_perm(perm, k: int, device: torch.device):
+    if perm is None:
+        return None
+    _check_tensor(perm, "perm", (torch.int64, torch.int32), "channel permutation (K,)")
+    if tuple(perm.shape) != (k,):
+        raise ValueError(f"perm must have shape ({k},), got {tuple(perm.shape)}")
+    if perm.device != device:
+        raise ValueError(f"perm is on {perm.device} but x is on {device}")
+    return perm

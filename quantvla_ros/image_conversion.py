@@ -9,7 +9,10 @@ is allocated from a header's claimed size before that size has been checked.
 """
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
+import threading
 
 import cv2
 import numpy as np
@@ -28,6 +31,8 @@ RAW_ENCODINGS: dict[str, tuple[np.dtype, int]] = {
 COMPRESSED_FORMATS = ("jpeg", "png")
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_DEPTH_MAX_M = 10.0
+DEFAULT_MIN_SIDE = 16
+DEFAULT_MAX_ASPECT = 10.0
 
 
 class ImageConversionError(ValueError):
@@ -38,7 +43,10 @@ class ImageConversionError(ValueError):
         self.code = code
 
 
-def _check_dims(width: int, height: int, max_pixels: int) -> None:
+def _check_dims(width: int, height: int, max_pixels: int, min_side: int = 1,
+                max_aspect: float = 0.0) -> None:
+    """Geometry the model can use, checked before any pixel is touched: a 10000x1 frame fits
+    max_pixels but would fail inside the model's resize (or become one smeared row)."""
     if width <= 0 or height <= 0:
         raise ImageConversionError(
             "empty", f"image is {width}x{height}; width and height must both be > 0")
@@ -46,6 +54,15 @@ def _check_dims(width: int, height: int, max_pixels: int) -> None:
         raise ImageConversionError(
             "too_large", f"image is {width}x{height} = {width * height} pixels; at most "
             f"{max_pixels} are accepted (parameter max_image_pixels)")
+    if min(width, height) < min_side:
+        raise ImageConversionError(
+            "bad_geometry", f"image is {width}x{height}; both sides must be at least {min_side} "
+            "pixels (parameter min_image_side)")
+    if max_aspect > 0 and max(width, height) > max_aspect * min(width, height):
+        raise ImageConversionError(
+            "bad_geometry", f"image is {width}x{height}, aspect ratio "
+            f"{max(width, height) / min(width, height):.1f}:1; at most {max_aspect:g}:1 is "
+            "accepted (parameter max_image_aspect)")
 
 
 def _depth_to_gray(depth_m: np.ndarray, depth_max_m: float) -> np.ndarray:
@@ -56,7 +73,8 @@ def _depth_to_gray(depth_m: np.ndarray, depth_max_m: float) -> np.ndarray:
 
 
 def image_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 depth_max_m: float = DEFAULT_DEPTH_MAX_M) -> np.ndarray:
+                 depth_max_m: float = DEFAULT_DEPTH_MAX_M, min_side: int = 1,
+                 max_aspect: float = 0.0) -> np.ndarray:
     """sensor_msgs/Image -> contiguous (height, width, 3) uint8 RGB (a copy, never a view).
 
     mono16 keeps its 8 most significant bits; 16UC1 (depth, millimetres) and 32FC1 (depth,
@@ -68,7 +86,7 @@ def image_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS,
             "unsupported_encoding", f"image encoding {encoding!r} is not supported; accepted: "
             f"{', '.join(RAW_ENCODINGS)}")
     width, height, step = int(msg.width), int(msg.height), int(msg.step)
-    _check_dims(width, height, max_pixels)
+    _check_dims(width, height, max_pixels, min_side, max_aspect)
     dtype, channels = RAW_ENCODINGS[encoding]
     row_bytes = width * channels * dtype.itemsize
     if step < row_bytes:
@@ -143,7 +161,86 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def compressed_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def _jpeg_structure_problem(data: bytes) -> str | None:
+    """Walk the marker segments and entropy-coded scans; a reason string when the stream is
+    truncated (no EOI, a segment running past the end) or a scan holds a byte pair that is no
+    valid JPEG code (FF followed by anything but 00, RSTn or a marker that may follow a scan)."""
+    i, n = 2, len(data)
+    while i < n:
+        if data[i] != 0xFF:
+            return f"byte {i}: expected a marker, found 0x{data[i]:02X}"
+        while i + 1 < n and data[i + 1] == 0xFF:  # fill bytes
+            i += 1
+        if i + 1 >= n:
+            break
+        marker = data[i + 1]
+        if marker == 0xD9:  # EOI: anything after it (some cameras pad) is ignored
+            return None
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if i + 4 > n:
+            break
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if length < 2 or i + 2 + length > n:
+            return f"segment 0xFF{marker:02X} at byte {i} runs past the end of the data"
+        i += 2 + length
+        if marker != 0xDA:  # not SOS: the next marker follows at once
+            continue
+        while True:  # entropy-coded data up to the next marker that is not RSTn / stuffing
+            j = data.find(b"\xff", i)
+            if j < 0 or j + 1 >= n:
+                return "the last scan has no end (data truncated, no EOI marker)"
+            follow = data[j + 1]
+            if follow == 0x00 or 0xD0 <= follow <= 0xD7 or follow == 0xFF:
+                i = j + 2 if follow != 0xFF else j + 1
+                continue
+            # A marker ends the scan: EOI, or what may come between scans of a progressive /
+            # multi-scan frame (DHT, DAC, DQT, DRI, SOS, COM, APPn, DNL).
+            if follow in (0xD9, 0xC4, 0xCC, 0xDB, 0xDD, 0xDA, 0xFE, 0xDC) or 0xE0 <= follow <= 0xEF:
+                i = j
+                break
+            return f"byte {j}: 0xFF{follow:02X} inside scan data is no JPEG code (corrupt data)"
+    return "data truncated: no EOI marker"
+
+
+# libjpeg reports recoverable damage (a flipped bit, a lost packet's worth of data) only as a
+# warning printed to stderr, and still returns an image, partly grey or garbage. These are the
+# phrases of libjpeg(-turbo)'s warning messages.
+_LIBJPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG", "Invalid SOS parameters",
+                     "Inconsistent progression", "Huffman", "JFIF revision", "Bogus",
+                     "Application transferred too")
+_STDERR_LOCK = threading.Lock()
+
+
+def _decode_catching_libjpeg_warnings(data: bytes) -> tuple[np.ndarray | None, list[str]]:
+    """cv2.imdecode with file descriptor 2 briefly pointed at a temporary file, so libjpeg's
+    warnings can be read back; everything else written meanwhile (e.g. another thread's log
+    line) is passed on to the real stderr. Serialised: one capture at a time per process."""
+    with _STDERR_LOCK:
+        try:
+            sys_stderr = os.dup(2)
+        except OSError:  # no stderr at all: decode without the check
+            return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR), []
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+            finally:
+                os.dup2(sys_stderr, 2)
+                os.close(sys_stderr)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace")
+    warnings, other = [], []
+    for line in text.splitlines(keepends=True):
+        (warnings if any(w in line for w in _LIBJPEG_WARNINGS) else other).append(line)
+    if other:
+        os.write(2, "".join(other).encode("utf-8"))
+    return bgr, [w.strip() for w in warnings]
+
+
+def compressed_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
+                      max_aspect: float = 0.0, strict_jpeg: bool = True) -> np.ndarray:
     """sensor_msgs/CompressedImage (JPEG or PNG) -> (height, width, 3) uint8 RGB.
 
     The container is recognised from its magic bytes; `format` (e.g. "jpeg" or
@@ -170,8 +267,21 @@ def compressed_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if size is None:
         raise ImageConversionError(
             "corrupt", "compressed image header is truncated or has no frame size")
-    _check_dims(size[0], size[1], max_pixels)
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    _check_dims(size[0], size[1], max_pixels, min_side, max_aspect)
+    warnings: list[str] = []
+    if data[:2] == b"\xff\xd8" and strict_jpeg:
+        problem = _jpeg_structure_problem(data)
+        if problem is not None:
+            raise ImageConversionError(
+                "truncated" if "truncated" in problem or "past the end" in problem else "corrupt",
+                f"JPEG ({len(data)} bytes) is damaged: {problem}; frame dropped")
+        bgr, warnings = _decode_catching_libjpeg_warnings(data)
+    else:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if warnings:
+        raise ImageConversionError(
+            "corrupt", f"JPEG ({len(data)} bytes) decoded with libjpeg warning(s) "
+            f"{'; '.join(warnings[:2])!r}: the image is partly garbage; frame dropped")
     if bgr is None or bgr.ndim != 3 or bgr.shape[0] * bgr.shape[1] == 0:
         raise ImageConversionError(
             "corrupt", f"compressed image ({len(data)} bytes) could not be decoded")
@@ -183,11 +293,14 @@ def compressed_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
 
 def message_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   depth_max_m: float = DEFAULT_DEPTH_MAX_M) -> np.ndarray:
+                   depth_max_m: float = DEFAULT_DEPTH_MAX_M, min_side: int = 1,
+                   max_aspect: float = 0.0, strict_jpeg: bool = True) -> np.ndarray:
     """Either camera message type -> RGB (CompressedImage has `format`, Image has `encoding`)."""
     if hasattr(msg, "format"):
-        return compressed_to_rgb(msg, max_pixels=max_pixels)
-    return image_to_rgb(msg, max_pixels=max_pixels, depth_max_m=depth_max_m)
+        return compressed_to_rgb(msg, max_pixels=max_pixels, min_side=min_side,
+                                 max_aspect=max_aspect, strict_jpeg=strict_jpeg)
+    return image_to_rgb(msg, max_pixels=max_pixels, depth_max_m=depth_max_m, min_side=min_side,
+                        max_aspect=max_aspect)
 
 
 def rgb_to_image(rgb: np.ndarray, encoding: str = "rgb8", depth_max_m: float = DEFAULT_DEPTH_MAX_M,

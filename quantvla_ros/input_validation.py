@@ -50,22 +50,48 @@ def clean_instruction(text: str, max_chars: int) -> str:
     return cleaned
 
 
-def joint_state_vector(names, positions, state_dim: int, wanted_names) -> np.ndarray:
+NANOSEC_PER_SEC = 1_000_000_000
+
+
+def stamp_seconds(stamp) -> float:
+    """builtin_interfaces/Time -> seconds, or InputError for a non-normalised stamp.
+
+    nanosec must be < 1e9 (REP 103 / builtin_interfaces): a stamp like sec=5, nanosec=2e9 is a
+    publisher bug, and copying it into the output stamp would pass the bug on to the robot.
+    """
+    if not 0 <= int(stamp.nanosec) < NANOSEC_PER_SEC:
+        raise InputError("stamp_invalid", f"header stamp nanosec {stamp.nanosec} is not in "
+                         "[0, 1e9); normalise the stamp (carry whole seconds into sec)")
+    if int(stamp.sec) < 0:
+        raise InputError("stamp_invalid", f"header stamp sec {stamp.sec} is negative")
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def joint_state_vector(names, positions, state_dim: int, wanted_names,
+                       velocities=(), efforts=()) -> np.ndarray:
     """JointState name/position -> float32 (state_dim,) in model order, or InputError.
 
     With `wanted_names` empty the positions are taken in message order and must number exactly
     `state_dim`; otherwise each wanted joint is looked up by name. Non-finite values are refused.
     """
     positions = np.asarray(positions, dtype=np.float64)
+    # sensor_msgs/JointState: name, position, velocity and effort are parallel arrays; each
+    # may be empty, otherwise it has one entry per joint. A mismatch is a malformed message
+    # (which position belongs to which joint is unknown), never "take the first N".
+    if len(names) and len(positions) != len(names):
+        raise InputError("joint_state_length", f"joint state has {len(names)} names but "
+                         f"{len(positions)} positions; they must match")
+    for field, arr in (("velocity", velocities), ("effort", efforts)):
+        if len(arr) and len(arr) != len(positions):
+            raise InputError("joint_state_length", f"joint state has {len(arr)} {field} "
+                             f"entries for {len(positions)} positions; give one per joint or "
+                             "none")
     if wanted_names:
         index = {name: i for i, name in enumerate(names)}
         missing = [n for n in wanted_names if n not in index]
         if missing:
             raise InputError("joint_state_missing", f"joint state lacks joint(s) {missing[:5]}; "
                              f"parameter state_joint_names wants {list(wanted_names)[:8]}")
-        if len(positions) != len(names):
-            raise InputError("joint_state_length", f"joint state has {len(names)} names but "
-                             f"{len(positions)} positions; they must match")
         values = positions[[index[n] for n in wanted_names]]
     else:
         values = positions

@@ -47,7 +47,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("joint_state_topic", "joint_states", "sensor_msgs/JointState robot state; empty = no "
          "state subscription (zeros are fed when require_joint_state is false)."),
     Spec("state_joint_names", [], "Joint names picked from JointState in model order; empty "
-         "= the message's positions in order (must be exactly the model's state_dim).", empty_type="string[]"),
+         "= the message's positions in order (must be exactly the model's state_dim). A "
+         "JointState whose name/position/velocity/effort lengths disagree is refused.",
+         empty_type="string[]"),
     Spec("require_joint_state", True, "Refuse to act until a valid, fresh joint state arrived; "
          "false: zeros are fed until the first one (a stale one still gives no action).",
          live=True),
@@ -68,8 +70,17 @@ SPECS: tuple[Spec, ...] = (
          "tail, aligned by stamps.", constraints="one of: " + ", ".join(MODES), live=True),
     Spec("aggregation_weight_new", 0.7, "weighted_average: weight of the new chunk on "
          "overlapping steps.", 0.0, 1.0, live=True),
+    Spec("smoothing_steps", 4, "crossfade / inpaint: steps over which a new chunk takes over "
+         "from the actions already committed (the old chunk's, aligned by stamps).", 1, 1000,
+         live=True),
+    Spec("latency_budget_ms", 0.0, "Deadline of one chunk, observation stamp to publish, in "
+         "ms; a slower chunk is still published but counted as a deadline miss (WARN in "
+         "/diagnostics). 0 = the chunk's own duration (points x action_dt): past it the robot "
+         "has run out of actions.", 0.0, 3.6e6, live=True),
     Spec("action_min", [], "Lower action limits, one per action dimension; unset = no "
-         "limits.", live=True, empty_type="double[]"),
+         "limits. A set that would leave any action_min >= action_max is refused (change the "
+         "pair in the order that keeps it valid, or both in one atomic set).", live=True,
+         empty_type="double[]"),
     Spec("action_max", [], "Upper action limits, one per action dimension (see action_min).",
          live=True, empty_type="double[]"),
     Spec("clip_actions", True, "true: clip actions into the limits; false: refuse to publish a "
@@ -92,6 +103,10 @@ SPECS: tuple[Spec, ...] = (
          read_only=True),
     Spec("max_image_pixels", 4096 * 4096, "Images with more pixels are refused (checked "
          "before decoding).", 1, 2**31 - 1),
+    Spec("min_image_side", 16, "Images with a side shorter than this many pixels are refused "
+         "(checked before decoding).", 1, 65535),
+    Spec("max_image_aspect", 10.0, "Images longer than this times their width or height are "
+         "refused before decoding (e.g. 10000x1); 0 disables.", 0.0, 1e6),
     Spec("max_instruction_chars", 512, "Longer instructions are refused, not truncated.",
          1, 100000, live=True),
     Spec("depth_max_m", 10.0, "16UC1/32FC1 depth images map [0, depth_max_m] onto 0..255.",
@@ -106,6 +121,9 @@ SPECS: tuple[Spec, ...] = (
          "callback on 2 loaded cores vs ~8 ms); multi_threaded: rclpy MultiThreadedExecutor with "
          "the same callback groups.", constraints="one of: single_threaded, multi_threaded",
          read_only=True),
+    Spec("shutdown_timeout_s", 10.0, "On SIGINT/SIGTERM: seconds to wait for an inference in "
+         "flight before the process exits anyway (nothing is published after the signal).",
+         0.0, 600.0, read_only=True),
     Spec("autostart", False, "Configure and activate on start-up (no lifecycle manager needed).",
          read_only=True),
     # process-wide, applied once by main() before spinning

@@ -1,57 +1,55 @@
 """`policy_node`: a managed (lifecycle) ROS 2 node serving a VLA policy.
 
 configure loads the model (preset, model dir or quantized artifact) and warms it up; activate
-starts an inference thread that turns the newest stamp-matched camera frames, the instruction
-and the joint state into a JointTrajectory carrying the whole action chunk; deactivate stops it;
-cleanup frees the model. Sensor callbacks only validate, convert and store the newest frame, so
-they never wait for inference (which runs in its own thread; the executor only serves callbacks).
-Bad input is refused before the model, logged once per burst and counted in /diagnostics.
+starts the inference worker that turns the newest stamp-matched camera frames, the instruction
+and the joint state into a JointTrajectory carrying the whole action chunk; deactivate stops
+it; cleanup frees the model. The lifecycle state is rclpy's state machine's (`ros2 lifecycle
+get` and /diagnostics agree by construction). The pieces live in their own modules:
+
+- `gating`: sensor callbacks, validation, newest-value stores, camera ages;
+- `inference_worker`: the inference thread;
+- `chunk_aggregation`: how a new chunk meets the committed one (blend / smoothing);
+- `publishing`: the output gate that nothing publishes around, trajectory building, deadlines;
+- `node_diagnostics`: the /diagnostics statuses;
+- `node_runtime`: executor, process settings and the signal-driven clean shutdown.
 """
 from __future__ import annotations
 
-import copy
-import ctypes
-import ctypes.util
 import gc
-import sys
+import math
 import threading
 import time
 import traceback
 
 import numpy as np
 import rclpy
-from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import (ExternalShutdownException, MultiThreadedExecutor,
-                             SingleThreadedExecutor)
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+from trajectory_msgs.msg import JointTrajectory
 
+from quantvla_ros import node_diagnostics as ND
 from quantvla_ros import params as P
 from quantvla_ros.burst_log import BurstLogger
 from quantvla_ros.chunk_aggregation import MODES, ChunkAggregator
-from quantvla_ros.diagnostics import ERROR, OK, WARN, Counters, LatencyStats, RateMeter, make_status
-from quantvla_ros.frame_sync import FrameStore
-from quantvla_ros.image_conversion import ImageConversionError, message_to_rgb
-from quantvla_ros.input_validation import InputError, check_stamp, clean_instruction, joint_state_vector
+from quantvla_ros.diagnostics import OK, Counters, LatencyStats, RateMeter, make_status
+from quantvla_ros.gating import InputGate
+from quantvla_ros.inference_worker import InferenceWorker
+from quantvla_ros.node_runtime import (EXECUTORS, StopSignal, apply_gil_switch_interval,  # noqa: F401
+                                       apply_malloc_thresholds, make_executor, spin_until)
 from quantvla_ros.power import SOURCES, EnergyMeter, detect_power_source
+from quantvla_ros.publishing import DeadlineMonitor, OutputGate, build_trajectory, duration_of  # noqa: F401
 
-# Latency stages reported in diagnostics (model stages come from ActionChunk.timings_ms).
-STAGES = ("preprocess", "vision_prefix", "denoise", "postprocess", "total", "node_overhead",
-          "end_to_end")
+STAGES = ND.STAGES
 INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                              reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
-# How long an image callback sleeps after storing a frame, so the woken inference thread takes
-# the GIL at once (measured: queue p50 0.6 -> 0.1 ms at 640x480 30 Hz on 2 cores).
-GIL_HANDOFF_S = 1e-4
 
 class ConfigError(ValueError):
     """Parameters or model that make configure fail; the text is the reason users see."""
@@ -59,11 +57,6 @@ class ConfigError(ValueError):
 
 def stamp_to_s(stamp) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
-
-
-def duration_of(seconds: float) -> Duration:
-    ns = int(round(seconds * 1e9))
-    return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
 def camera_kinds(topics: list[str], types: list[str]) -> list[str]:
@@ -80,6 +73,25 @@ def camera_kinds(topics: list[str], types: list[str]) -> list[str]:
     return kinds
 
 
+def limits_problem(lo: list, hi: list, action_dim: int | None) -> str | None:
+    """Why a pair of action limits is unusable, or None. `action_dim` None: not known yet (no
+    model), so only the pair's own consistency is checked."""
+    if not lo and not hi:
+        return None
+    if action_dim is not None and (len(lo) not in (0, action_dim) or len(hi) not in (0, action_dim)):
+        return (f"action_min/action_max have {len(lo)}/{len(hi)} entries; the model has "
+                f"{action_dim} action dimensions")
+    bad_values = [v for v in list(lo) + list(hi) if not math.isfinite(v)]
+    if bad_values:
+        return f"action limits must be finite, got {bad_values[:3]}"
+    if lo and hi and len(lo) == len(hi):
+        bad = [i for i in range(len(lo)) if not lo[i] < hi[i]]
+        if bad:
+            return (f"action_min must be < action_max; not so at index {bad[:5]} "
+                    f"({[(lo[i], hi[i]) for i in bad[:3]]})")
+    return None
+
+
 class PolicyNode(LifecycleNode):
     # How long deactivate/cleanup wait for an inference in flight before giving up.
     stop_timeout_s = 30.0
@@ -87,19 +99,19 @@ class PolicyNode(LifecycleNode):
     def __init__(self, node_name: str = "policy_node", **kwargs):
         super().__init__(node_name, **kwargs)
         P.declare_all(self)
-        self._lock = threading.Lock()
-        self._lifecycle = "unconfigured"
         self._config_error = ""
         self._policy = None
+        self._describe: dict = {}
         self._cfg: dict = {}
         self._subs = []
         self._traj_pub = None
-        self._frames: FrameStore | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()  # the running thread's own stop flag (new per thread)
-        self._instruction = None  # (text, receive time s) or None
-        self._joint_state = None  # (vector, receive time s) or None
-        self._last_stamp: list[float | None] = []
+        self._timing_pub = None
+        self._gate: InputGate | None = None
+        self._worker: InferenceWorker | None = None
+        self._aggregator: ChunkAggregator | None = None
+        self._energy: EnergyMeter | None = None
+        self._power_note = ""
+        self._output = OutputGate()
         self._reset_stats()
         self._input_group = ReentrantCallbackGroup()
         self._diag_group = MutuallyExclusiveCallbackGroup()
@@ -118,35 +130,49 @@ class PolicyNode(LifecycleNode):
             self._autostart_timer = self.create_timer(0.0, self._autostart,
                                                       callback_group=MutuallyExclusiveCallbackGroup())
 
+    @property
+    def lifecycle_state(self) -> str:
+        """rclpy's lifecycle state label (unconfigured, inactive, active, finalized, or a
+        transition state such as configuring)."""
+        return self._state_machine.current_state[1]
+
     def _log_warning(self, text: str) -> None:
         self.get_logger().warning(text)
 
     def _log_error(self, text: str) -> None:
         self.get_logger().error(text)
 
+    def _log_info(self, text: str) -> None:
+        self.get_logger().info(text)
+
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, parameters) -> SetParametersResult:
+        state = self.lifecycle_state
+        new = {p.name: p.value for p in parameters}
         for p in parameters:
             spec = P.SPEC_BY_NAME.get(p.name)
             if spec is None:
                 continue
-            if not spec.live and self._lifecycle != "unconfigured":
+            if not spec.live and state != "unconfigured":
                 return SetParametersResult(successful=False, reason=(
                     f"{p.name} is read at configure; change it while the node is unconfigured "
-                    f"(now {self._lifecycle}); live parameters: "
+                    f"(now {state}); live parameters: "
                     + ", ".join(s.name for s in P.SPECS if s.live)))
             if p.name == "chunk_aggregation" and p.value not in MODES:
                 return SetParametersResult(successful=False, reason=(
                     f"chunk_aggregation {p.value!r} is not one of {', '.join(MODES)}"))
-            if p.name in ("action_min", "action_max") and self._policy is not None:
-                dim = self._cfg["action_dim"]
-                if p.value is not None and len(p.value) not in (0, dim):
-                    return SetParametersResult(successful=False, reason=(
-                        f"{p.name} has {len(p.value)} entries; the model has {dim} action "
-                        "dimensions"))
             if p.name == "power_source" and p.value not in SOURCES:
                 return SetParametersResult(successful=False, reason=(
                     f"power_source {p.value!r} is not one of {', '.join(SOURCES)}"))
+        if "action_min" in new or "action_max" in new:
+            # The pair as it would be after this set: inverted or non-finite limits are refused
+            # here, not discovered at the next chunk.
+            lo = new["action_min"] if "action_min" in new else self._live("action_min")
+            hi = new["action_max"] if "action_max" in new else self._live("action_max")
+            dim = self._cfg.get("action_dim") if self._policy is not None else None
+            problem = limits_problem(list(lo or []), list(hi or []), dim)
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
         return SetParametersResult(successful=True)
 
     def _live(self, name: str):
@@ -160,6 +186,8 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------ lifecycle
     def _autostart(self) -> None:
         self._autostart_timer.cancel()
+        if self._output.closed:
+            return
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
 
@@ -173,10 +201,8 @@ class PolicyNode(LifecycleNode):
             if not isinstance(exc, ConfigError):
                 self.get_logger().debug(traceback.format_exc())
             self._teardown()
-            self._lifecycle = "unconfigured"
             return TransitionCallbackReturn.FAILURE
         self._config_error = ""
-        self._lifecycle = "inactive"
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
@@ -241,24 +267,23 @@ class PolicyNode(LifecycleNode):
             self._describe = dict(policy.describe())
         except Exception as exc:  # noqa: BLE001
             self._describe = {"scheme": f"unknown ({type(exc).__name__})", "weight_bytes": -1}
-        self._aggregator = ChunkAggregator(cfg["chunk_aggregation"],
-                                           cfg["aggregation_weight_new"], cfg["action_dt"])
-        self._frames = FrameStore(len(kinds), cfg["sync_queue_size"])
-        self._last_stamp = [None] * len(kinds)
-        self._instruction = None
-        self._joint_state = None
+        self._aggregator = ChunkAggregator(cfg["chunk_aggregation"], cfg["aggregation_weight_new"],
+                                           cfg["action_dt"], cfg["smoothing_steps"])
         self._reset_stats()
+        self._gate = InputGate(self._cfg, self._live, self._now_s, self._refuse, self._counters,
+                               self._log_info)
+        gate = self._gate
         for cam, (topic, kind) in enumerate(zip(cfg["camera_topics"], kinds)):
             msg_type = CompressedImage if kind == "compressed" else Image
             self._subs.append(self.create_subscription(
-                msg_type, topic, lambda msg, cam=cam: self._on_image(cam, msg),
+                msg_type, topic, lambda msg, cam=cam: gate.on_image(cam, msg),
                 qos_profile_sensor_data, callback_group=self._input_group))
         self._subs.append(self.create_subscription(
-            String, cfg["instruction_topic"], self._on_instruction, INSTRUCTION_QOS,
+            String, cfg["instruction_topic"], gate.on_instruction, INSTRUCTION_QOS,
             callback_group=self._input_group))
         if cfg["joint_state_topic"]:
             self._subs.append(self.create_subscription(
-                JointState, cfg["joint_state_topic"], self._on_joint_state,
+                JointState, cfg["joint_state_topic"], gate.on_joint_state,
                 qos_profile_sensor_data, callback_group=self._input_group))
         self._traj_pub = self.create_lifecycle_publisher(JointTrajectory, cfg["trajectory_topic"], 10)
         self._timing_pub = (self.create_lifecycle_publisher(DiagnosticArray, cfg["timing_topic"], 10)
@@ -277,41 +302,38 @@ class PolicyNode(LifecycleNode):
         if len(lo) != action_dim or len(hi) != action_dim:
             raise ConfigError(f"action_min/action_max have {len(lo)}/{len(hi)} entries; give "
                               f"both with {action_dim} (the model's action_dim) or neither")
-        bad = [i for i in range(action_dim) if not lo[i] < hi[i]]
-        if bad:
-            raise ConfigError(f"action_min must be < action_max; not so at index {bad[:5]}")
+        problem = limits_problem(lo, hi, action_dim)
+        if problem:
+            raise ConfigError(problem)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if self._thread is not None and self._thread.is_alive():
+        if self._worker is not None and self._worker.alive:
             self.get_logger().error("activate refused: the previous inference thread is still "
                                     "running (an inference did not finish); try again later")
             return TransitionCallbackReturn.FAILURE
-        self._frames.clear()
+        if self._output.closed:
+            return TransitionCallbackReturn.FAILURE
+        self._gate.restart_watch()
         self._aggregator.reset()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._inference_loop, args=(self._frames, self._stop),
-                                        name="quantvla-inference", daemon=True)
-        self._thread.start()
-        self._lifecycle = "active"
+        self._worker = InferenceWorker(self._gate.frames, self._live, self._counters,
+                                       self._warn_log, self._error_log, self._act)
+        self._worker.start()
         self.get_logger().info("activated: publishing action chunks"
                                + (" (dry_run: trajectories are computed, not published)"
                                   if self._live("dry_run") else ""))
         return super().on_activate(state)
 
-    def _stop_thread(self) -> bool:
-        """Stop the inference thread; False (and an error logged) if it is still running after
-        stop_timeout_s. It keeps its own stop flag and closed store, so it exits on its own later
+    def _stop_thread(self, timeout_s: float | None = None) -> bool:
+        """Stop the inference worker; False (and an error logged) if it is still running after
+        the timeout. It keeps its own stop flag and closed store, so it exits on its own later
         and a new thread is never started beside it."""
-        self._stop.set()
-        if self._frames is not None:
-            self._frames.close()
-        if self._thread is not None:
-            self._thread.join(timeout=self.stop_timeout_s)
-            if self._thread.is_alive():
-                self.get_logger().error(f"the inference thread did not stop within "
-                                        f"{self.stop_timeout_s} s (an inference is still running)")
-                return False
-            self._thread = None
+        if self._worker is None:
+            return True
+        timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
+        if not self._worker.stop(timeout_s):
+            self.get_logger().error(f"the inference thread did not stop within {timeout_s} s "
+                                    "(an inference is still running)")
+            return False
         return True
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -319,46 +341,66 @@ class PolicyNode(LifecycleNode):
             self.get_logger().error("deactivate refused: the node stays active (it publishes at "
                                     "most the chunk in flight); deactivate again once it finished")
             return TransitionCallbackReturn.FAILURE
-        self._lifecycle = "inactive"
         self.get_logger().info("deactivated")
         return super().on_deactivate(state)
 
-    def _teardown(self) -> None:
-        """Stop inference, drop subscriptions/publisher and free the model."""
-        self._stop_thread()
+    def _teardown(self, timeout_s: float | None = None) -> None:
+        """Stop inference, drop subscriptions/publishers and free the model."""
+        self._stop_thread(timeout_s)
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
-        if self._traj_pub is not None:
-            self.destroy_lifecycle_publisher(self._traj_pub)
-            self._traj_pub = None
-        if getattr(self, "_timing_pub", None) is not None:
-            self.destroy_lifecycle_publisher(self._timing_pub)
-            self._timing_pub = None
+        with self._output_lock():
+            if self._traj_pub is not None:
+                self.destroy_lifecycle_publisher(self._traj_pub)
+                self._traj_pub = None
+            if self._timing_pub is not None:
+                self.destroy_lifecycle_publisher(self._timing_pub)
+                self._timing_pub = None
         device = str(self._cfg.get("device", "cpu"))
         self._policy = None
-        self._frames = None
+        self._gate = None
         gc.collect()
         if device.startswith("cuda"):
             import torch
             torch.cuda.empty_cache()
 
+    def _output_lock(self):
+        return self._output._lock
+
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._teardown()
-        self._lifecycle = "unconfigured"
         self.get_logger().info("cleaned up: model freed")
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
-        self._lifecycle = "finalized"
+        self._teardown(self.get_parameter("shutdown_timeout_s").value)
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().error(f"error in lifecycle state {state.label}; cleaning up")
         self._teardown()
-        self._lifecycle = "unconfigured"
         return TransitionCallbackReturn.SUCCESS
+
+    # ------------------------------------------------------------------ process shutdown
+    def begin_shutdown(self) -> bool:
+        """First step of a process stop: nothing is published any more, timers are cancelled
+        and the inference thread is stopped (shutdown_timeout_s). True if it stopped."""
+        self._output.close()
+        for timer in (self._diag_timer, self._autostart_timer):
+            if timer is not None:
+                timer.cancel()
+        return self._stop_thread(self.get_parameter("shutdown_timeout_s").value)
+
+    def finish_shutdown(self) -> None:
+        """Last step, with the executor stopped: the lifecycle shutdown transition (to
+        finalized), which frees the model and drops the node's entities."""
+        if self.lifecycle_state in ("unconfigured", "inactive", "active"):
+            try:
+                self.trigger_shutdown()
+            except Exception as exc:  # noqa: BLE001 - exiting anyway; say why it was unclean
+                self.get_logger().warning(f"lifecycle shutdown transition failed: {exc}")
+                self._teardown(0.0)
 
     # ------------------------------------------------------------------ inputs
     def _now_s(self) -> float:
@@ -368,6 +410,7 @@ class PolicyNode(LifecycleNode):
         self._counters = Counters()
         self._latency = LatencyStats()
         self._rate = RateMeter()
+        self._deadline = DeadlineMonitor()
         self._last_energy = None
         self._last_blended = 0
         self._last_problem = ""
@@ -379,133 +422,31 @@ class PolicyNode(LifecycleNode):
         self._last_problem = f"{source}: {message}"
         (self._warn_log if level == "warn" else self._error_log).report(source, code, message)
 
+    # Kept for in-process tests and tools that feed the node directly.
     def _on_image(self, cam: int, msg) -> None:
-        source = f"camera{cam}"
-        self._counters.bump(f"received.{source}")
-        frames = self._frames
-        if frames is None:
-            return
-        t_recv = time.perf_counter()
-        now = self._now_s()
-        stamp = stamp_to_s(msg.header.stamp)
-        try:
-            check_stamp(stamp, now, self._last_stamp[cam],
-                        self._live("image_timeout_s"), self._live("max_future_s"))
-            rgb = message_to_rgb(msg, max_pixels=self._cfg["max_image_pixels"],
-                                 depth_max_m=self._cfg["depth_max_m"])
-        except (InputError, ImageConversionError) as exc:
-            self._refuse(source, exc.code, f"{exc} (topic {self._cfg['camera_topics'][cam]})",
-                         "warn" if exc.code == "stamp_old" else "error")
-            return
-        except Exception as exc:  # noqa: BLE001 - never let a message kill the node
-            self._refuse(source, "conversion_failed", f"{type(exc).__name__}: {exc}")
-            return
-        self._last_stamp[cam] = stamp
-        # meta: (header stamp, node-clock receive time, perf_counter after conversion, conversion ms)
-        t_done = time.perf_counter()
-        frames.put(cam, stamp, rgb, meta=(msg.header.stamp, now, t_done, (t_done - t_recv) * 1e3))
-        # Hand the GIL to the inference thread now: put() woke it, but it would otherwise wait for
-        # the executor's own bookkeeping (~0.5 ms here) or the switch interval before it starts.
-        time.sleep(GIL_HANDOFF_S)
+        if self._gate is not None:
+            self._gate.on_image(cam, msg)
 
     def _on_instruction(self, msg: String) -> None:
-        self._counters.bump("received.instruction")
-        try:
-            text = clean_instruction(msg.data, self._live("max_instruction_chars"))
-        except InputError as exc:
-            with self._lock:
-                self._instruction = None  # a refused newer instruction supersedes the old one
-            self._refuse("instruction", exc.code, str(exc))
-            return
-        with self._lock:
-            self._instruction = (text, self._now_s())
-        self.get_logger().info(f"instruction: {text!r}")
+        if self._gate is not None:
+            self._gate.on_instruction(msg)
 
     def _on_joint_state(self, msg: JointState) -> None:
-        self._counters.bump("received.joint_state")
-        try:
-            vec = joint_state_vector(list(msg.name), list(msg.position), self._cfg["state_dim"],
-                                     self._cfg["state_joint_names"])
-        except InputError as exc:
-            with self._lock:
-                self._joint_state = None
-            self._refuse("joint_state", exc.code, str(exc))
-            return
-        with self._lock:
-            self._joint_state = (vec, self._now_s())
-
-    def _too_old(self, what: str, received: float, now: float, timeout_param: str) -> bool:
-        """Refuse (count, warn once per burst) an input older than its live timeout."""
-        timeout = self._live(timeout_param)
-        if timeout > 0 and now - received > timeout:
-            self._refuse(what, "stale", f"{what.replace('_', ' ')} is {now - received:.2f} s old "
-                         f"({timeout_param} {timeout})", "warn")
-            return True
-        return False
-
-    def _current_inputs(self, now: float):
-        """(instruction, state) for the next chunk, or None after counting why not."""
-        with self._lock:
-            instruction, joint_state = self._instruction, self._joint_state
-        if instruction is None:
-            self._refuse("instruction", "missing", "no valid instruction yet on "
-                         f"{self._cfg['instruction_topic']}; no action", "warn")
-            return None
-        if self._too_old("instruction", instruction[1], now, "instruction_timeout_s"):
-            return None
-        if joint_state is None:
-            if not self._cfg["joint_state_topic"] or not self._live("require_joint_state"):
-                return instruction[0], np.zeros(self._cfg["state_dim"], np.float32)
-            self._refuse("joint_state", "missing", "no valid joint state yet on "
-                         f"{self._cfg['joint_state_topic']}; no action", "warn")
-            return None
-        # A state that arrived but went stale is never fed, required or not.
-        if self._too_old("joint_state", joint_state[1], now, "joint_state_timeout_s"):
-            return None
-        return instruction[0], joint_state[0]
+        if self._gate is not None:
+            self._gate.on_joint_state(msg)
 
     # ------------------------------------------------------------------ inference
-    def _inference_loop(self, frames: FrameStore, stop: threading.Event) -> None:
-        """Runs until its own stop flag is set or its store is closed (never another's)."""
-        retry_generation = -1
-        last_start = 0.0
-        while not stop.is_set() and not frames.closed:
-            try:
-                rate = self._live("replan_rate_hz")
-                if rate > 0:
-                    wait = last_start + 1.0 / rate - time.monotonic()
-                    if wait > 0:
-                        time.sleep(min(wait, 0.1))
-                        continue
-                if not frames.wait_for_new(0.1, retry_generation):
-                    continue
-                matched, reason = frames.take_matched(self._live("stamp_tolerance_s"))
-                if matched is None:
-                    if reason.startswith("unmatched"):
-                        retry_generation = frames.generation
-                        self._counters.bump("unmatched")
-                        self._warn_log.report("cameras", "unmatched", (
-                            f"camera {reason.split(':')[1]} has no frame within "
-                            f"stamp_tolerance_s {self._live('stamp_tolerance_s')} s of the "
-                            "reference camera"))
-                    continue
-                retry_generation = -1
-                last_start = time.monotonic()
-                self._act(matched)
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                self._counters.bump("inference_error")
-                self._error_log.report("inference", type(exc).__name__,
-                                       f"inference failed, no action: {type(exc).__name__}: {exc}")
+    def _budget_ms(self, n_points: int) -> float:
+        budget = self._live("latency_budget_ms")
+        return budget if budget > 0 else n_points * self._cfg["action_dt"] * 1e3
 
     def _act(self, matched) -> None:
         t_taken = time.perf_counter()
         now = self._now_s()
-        timeout = self._live("image_timeout_s")
-        if timeout > 0 and now - matched.stamp_s > timeout:
-            self._refuse("camera0", "stale", f"newest frame is {now - matched.stamp_s:.3f} s old "
-                         f"(image_timeout_s {timeout}); no action", "warn")
+        gate = self._gate
+        if gate is None or gate.stale_frame(matched, now):
             return
-        inputs = self._current_inputs(now)
+        inputs = gate.current_inputs(now)
         if inputs is None:
             return
         instruction, state = inputs
@@ -522,21 +463,27 @@ class PolicyNode(LifecycleNode):
             self._refuse("model", "nonfinite_actions", "the model returned non-finite actions; "
                          "chunk not published")
             return
-        self._aggregator.mode = self._live("chunk_aggregation")
-        self._aggregator.weight_new = self._live("aggregation_weight_new")
+        dt = self._cfg["action_dt"]
+        agg = self._aggregator
+        agg.mode = self._live("chunk_aggregation")
+        agg.weight_new = self._live("aggregation_weight_new")
+        agg.smoothing_steps = self._live("smoothing_steps")
         # Limits apply to what is published: the blend with the previous chunk (limited when it
         # was published, maybe under looser limits) can leave limits tightened since.
         lo, hi = self._live("action_min"), self._live("action_max")
-        # Only a limits refusal rolls the merge back, so only then is the copy needed (hot path).
-        before_merge = copy.deepcopy(self._aggregator) if lo or hi else None
-        actions, blended = self._aggregator.merge(actions, matched.stamp_s)
+        before_merge = agg.snapshot()
+        # Steps the robot executed from the committed chunk while this one was computed.
+        delay_steps = int(math.ceil(max(0.0, self._now_s() - matched.stamp_s) / dt - 1e-9))
+        actions, blended = agg.merge(actions, matched.stamp_s, delay_steps)
         if lo or hi:
-            try:
-                self._check_limits(lo, hi, actions.shape[1])
-            except ConfigError as exc:  # e.g. only one of the two set yet: never act unlimited
+            problem = (limits_problem(lo, hi, actions.shape[1])
+                       or (None if len(lo) == len(hi) == actions.shape[1] else
+                           f"action_min/action_max have {len(lo)}/{len(hi)} entries; give both "
+                           f"with {actions.shape[1]} or neither"))
+            if problem:  # e.g. only one of the two set yet: never act unlimited
                 self._counters.bump("chunks_refused_limits")
-                self._refuse("model", "action_limits_invalid", f"{exc}; chunk not published")
-                self._aggregator = before_merge  # a refused chunk is not blended with later
+                self._refuse("model", "action_limits_invalid", f"{problem}; chunk not published")
+                agg.restore(before_merge)  # a refused chunk is not blended with later
                 return
             lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
             outside = (actions < lo) | (actions > hi)
@@ -546,22 +493,27 @@ class PolicyNode(LifecycleNode):
                     self._refuse("model", "action_limits", f"{int(outside.sum())} action values "
                                  "leave [action_min, action_max] and clip_actions is false; chunk "
                                  "not published")
-                    self._aggregator = before_merge
+                    agg.restore(before_merge)
                     return
                 self._counters.bump("chunks_clipped")
                 self._counters.bump("values_clipped", int(outside.sum()))
                 actions = np.clip(actions, lo, hi)
         self._last_blended = blended
-        msg = JointTrajectory()
-        stamp_msg, t_recv_node, t_converted, convert_ms = matched.meta
-        msg.header.stamp = stamp_msg
-        msg.joint_names = list(self._cfg["joint_names"])
-        dt = self._cfg["action_dt"]
-        msg.points = [JointTrajectoryPoint(positions=row.astype(float).tolist(),
-                                           time_from_start=duration_of(k * dt))
-                      for k, row in enumerate(actions)]
+        stamp_msg, t_recv_node, t_recv, t_converted, convert_ms = matched.meta
+        # A frame that went stale while the model ran gives no action either.
+        timeout = self._live("image_timeout_s")
+        age = self._now_s() - matched.stamp_s
+        if timeout > 0 and age > timeout:
+            self._counters.bump("chunks_dropped_stale")
+            self._refuse("camera0", "stale_at_publish", f"frame was {age:.3f} s old when its "
+                         f"chunk was ready (image_timeout_s {timeout}); chunk not published",
+                         "warn")
+            agg.restore(before_merge)
+            return
+        msg = build_trajectory(stamp_msg, self._cfg["joint_names"], actions, dt)
         if not self._live("dry_run"):
-            self._traj_pub.publish(msg)
+            if not self._output.publish(self._traj_pub, msg):
+                return  # shutting down
             self._counters.bump("chunks_published")
         done = time.perf_counter()
         self._rate.tick()
@@ -574,7 +526,16 @@ class PolicyNode(LifecycleNode):
         self._latency.add("total", model_total)
         node_overhead = (done - t_taken) * 1e3 - model_total
         self._latency.add("node_overhead", node_overhead)
-        self._latency.add("end_to_end", (self._now_s() - matched.stamp_s) * 1e3)
+        end_to_end = (self._now_s() - matched.stamp_s) * 1e3
+        self._latency.add("end_to_end", end_to_end)
+        # Deadline: stamp -> arrival on the node clock, then arrival -> publish on the wall
+        # clock (under sim time in lockstep the first part is 0 and the second is what counts).
+        latency_ms = max(0.0, (t_recv_node - matched.stamp_s) * 1e3) + (done - t_recv) * 1e3
+        budget = self._budget_ms(len(actions))
+        if self._deadline.record(latency_ms, budget):
+            self._warn_log.report("deadline", "missed", (
+                f"chunk latency {latency_ms:.1f} ms exceeded latency_budget_ms {budget:.1f} "
+                f"({self._deadline.misses} misses so far); published anyway"))
         if energy is not None:
             self._last_energy = energy
         if self._timing_pub is not None:
@@ -582,198 +543,70 @@ class PolicyNode(LifecycleNode):
             timing.header.stamp = stamp_msg
             values = dict(t, node_overhead=node_overhead, camera_skew=matched.skew_s * 1e3,
                           transport=(t_recv_node - matched.stamp_s) * 1e3, convert=convert_ms,
-                          queue=(t_taken - t_converted) * 1e3,
+                          queue=(t_taken - t_converted) * 1e3, latency=latency_ms,
+                          latency_budget=budget,
                           published=0.0 if self._live("dry_run") else 1.0)
             if energy is not None:
                 values.update(energy_j=energy[0], power_w=energy[1])
             timing.status = [make_status("chunk", self._cfg["device"], OK, "timings in ms",
                                          {k: f"{float(v):.6g}" for k, v in values.items()})]
-            self._timing_pub.publish(timing)
+            self._output.publish(self._timing_pub, timing)
 
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
+        if self._output.closed:
+            return
         try:
             arr = DiagnosticArray()
             arr.header.stamp = self.get_clock().now().to_msg()
-            arr.status = [self._policy_status(), self._inputs_status(), self._resources_status()]
-            self._diag_pub.publish(arr)
+            arr.status = [ND.policy_status(self), ND.inputs_status(self),
+                          ND.resources_status(self)]
+            self._output.publish(self._diag_pub, arr)
         except Exception as exc:  # noqa: BLE001 - diagnostics must never take the node down
             self._error_log.report("diagnostics", type(exc).__name__, f"diagnostics failed: {exc}")
 
-    def _policy_status(self):
-        name = f"{self.get_name()}: policy"
-        desc = getattr(self, "_describe", {}) if self._policy is not None else {}
-        values = {"lifecycle_state": self._lifecycle, "model": self.get_parameter("model").value,
-                  "device": self.get_parameter("device").value,
-                  "scheme": desc.get("scheme", "n/a"),
-                  "weight_bytes": desc.get("weight_bytes", "n/a"),
-                  "weight_mib": (desc["weight_bytes"] / 2**20
-                                 if isinstance(desc.get("weight_bytes"), (int, float)) else "n/a"),
-                  "dry_run": bool(self._live("dry_run")),
-                  "chunk_aggregation": self._live("chunk_aggregation"),
-                  "inference_rate_hz": self._rate.rate_hz(),
-                  "chunks_computed": self._counters.get("chunks_computed"),
-                  "chunks_published": self._counters.get("chunks_published"),
-                  "chunks_clipped": self._counters.get("chunks_clipped"),
-                  "chunks_refused_limits": self._counters.get("chunks_refused_limits"),
-                  "inference_errors": self._counters.get("inference_error"),
-                  "last_blended_steps": self._last_blended,
-                  "model_max_text_tokens": (getattr(self._policy.config, "max_text_tokens", "n/a")
-                                            if self._policy is not None else "n/a"),
-                  "latency_samples": self._latency.count("total")}
-        for stage in STAGES:
-            pct = self._latency.percentiles(stage)
-            for p in (50, 90, 99):
-                values[f"{stage}_ms_p{p}"] = pct[p] if pct else "n/a"
-        if self._config_error:
-            return make_status(name, values["device"], ERROR,
-                               f"configure failed: {self._config_error}", values)
-        if self._counters.recent("inference_error", 5.0):
-            return make_status(name, values["device"], ERROR, "inference failing", values)
-        return make_status(name, values["device"], OK, self._lifecycle, values)
-
-    def _inputs_status(self):
-        name = f"{self.get_name()}: inputs"
-        values = {}
-        topics = self._cfg.get("camera_topics", self.get_parameter("camera_topics").value)
-        dropped = self._frames.dropped if self._frames is not None else [0] * len(topics)
-        counts = dict(self._counters.items())
-        for cam, topic in enumerate(topics):
-            src = f"camera{cam}"
-            values[f"{src}_topic"] = topic
-            values[f"{src}_received"] = counts.get(f"received.{src}", 0)
-            values[f"{src}_dropped"] = dropped[cam] if cam < len(dropped) else 0
-            values[f"{src}_stale"] = sum(v for k, v in counts.items() if k.startswith(f"stale.{src}."))
-            values[f"{src}_invalid"] = sum(v for k, v in counts.items()
-                                           if k.startswith(f"invalid.{src}."))
-        values["unmatched_frame_sets"] = counts.get("unmatched", 0)
-        for src in ("instruction", "joint_state"):
-            values[f"{src}_received"] = counts.get(f"received.{src}", 0)
-            values[f"{src}_stale"] = sum(v for k, v in counts.items() if k.startswith(f"stale.{src}."))
-            values[f"{src}_invalid"] = sum(v for k, v in counts.items()
-                                           if k.startswith(f"invalid.{src}."))
-        values["model_output_refused"] = sum(v for k, v in counts.items()
-                                             if k.startswith("invalid.model."))
-        for key, value in counts.items():  # every failure class, e.g. invalid.camera0.truncated
-            if key.startswith(("invalid.", "stale.")):
-                values[key] = value
-        with self._lock:
-            values["instruction"] = self._instruction[0] if self._instruction else "(none)"
-            # the model reads a bounded prompt: compare with the policy status' model_max_text_tokens
-            values["instruction_utf8_bytes"] = (len(self._instruction[0].encode("utf-8"))
-                                                if self._instruction else 0)
-        values["last_problem"] = self._last_problem or "(none)"
-        # A problem keeps its level for a few periods, so a one-off burst is seen by monitors.
-        window = max(3.0 * self.get_parameter("diagnostics_period_s").value, 2.0)
-        recent_invalid = self._counters.recent("invalid.", window)
-        recent_stale = self._counters.recent("stale.", window)
-        parts = ([f"invalid input: {', '.join(recent_invalid)}"] if recent_invalid else []) + \
-            ([f"stale or missing input: {', '.join(recent_stale)}"] if recent_stale else [])
-        if parts:
-            return make_status(name, "", ERROR if recent_invalid else WARN, "; ".join(parts),
-                               values)
-        return make_status(name, "", OK, "inputs ok", values)
-
-    def _resources_status(self):
-        name = f"{self.get_name()}: resources"
-        device = str(self._cfg.get("device", self.get_parameter("device").value))
-        values = {}
-        if device.startswith("cuda") and self._policy is not None:
-            import torch
-            values["gpu_memory_allocated_mib"] = torch.cuda.memory_allocated(device) / 2**20
-            values["gpu_memory_reserved_mib"] = torch.cuda.memory_reserved(device) / 2**20
-            values["gpu_memory_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        else:
-            values["gpu_memory_allocated_mib"] = f"n/a (device {device})"
-        try:
-            import psutil
-            values["process_rss_mib"] = psutil.Process().memory_info().rss / 2**20
-        except ImportError:
-            values["process_rss_mib"] = "n/a (psutil not installed)"
-        meter = getattr(self, "_energy", None)
-        if meter is None or not meter.available:
-            values["power_source"] = "unavailable"
-            values["power_note"] = getattr(self, "_power_note", "") or "not configured"
-            values["power_w"] = "unavailable"
-            values["energy_per_chunk_j"] = "unavailable"
-        else:
-            values["power_source"] = meter.source.name
-            if self._last_energy is not None:
-                values["energy_per_chunk_j"] = self._last_energy[0]
-                values["power_w"] = self._last_energy[1]
-            else:
-                values["energy_per_chunk_j"] = "n/a (no chunk yet)"
-                values["power_w"] = "n/a (no chunk yet)"
-        return make_status(name, device, OK, f"power source: {values['power_source']}", values)
-
-
-EXECUTORS = ("single_threaded", "multi_threaded")
-
-
-def make_executor(kind: str):
-    """The executor named by the `executor` parameter (ValueError for an unknown name)."""
-    if kind == "single_threaded":
-        return SingleThreadedExecutor()
-    if kind == "multi_threaded":
-        return MultiThreadedExecutor(4)
-    raise ValueError(f"executor {kind!r} is not one of {', '.join(EXECUTORS)}")
-
-
-def apply_gil_switch_interval(node) -> float:
-    """sys.setswitchinterval from gil_switch_interval_ms (0 = leave CPython's); returns the
-    interval now in force, in ms."""
-    ms = node.get_parameter("gil_switch_interval_ms").value
-    if ms > 0:
-        sys.setswitchinterval(ms * 1e-3)
-    return sys.getswitchinterval() * 1e3
-
-
-# mallopt parameter numbers from glibc's malloc.h
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def apply_malloc_thresholds(mib: int) -> str:
-    """mallopt from malloc_mmap_threshold_mib; returns what is in force, for the log."""
-    if mib <= 0:
-        return "glibc default"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError) as exc:
-        return f"unchanged (no glibc mallopt: {exc})"
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    size = int(mib) * 2**20
-    if mallopt(M_MMAP_THRESHOLD, size) != 1 or mallopt(M_TRIM_THRESHOLD, 4 * size) != 1:
-        return f"unchanged (mallopt refused {mib} MiB)"
-    return f"mmap threshold {mib} MiB, trim threshold {4 * mib} MiB"
-
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
+    # Signals are handled here, not by rclpy: rclpy's handler shuts the context down under
+    # running callbacks and threads (see node_runtime).
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = StopSignal()
     node = PolicyNode()
+    log = node.get_logger()
     kind = node.get_parameter("executor").value
     try:
         executor = make_executor(kind)
     except ValueError as exc:
-        node.get_logger().error(str(exc))
+        log.error(str(exc))
         node.destroy_node()
         rclpy.try_shutdown()
         return 2
     # Process-wide, so it is set here and not per node (tests build nodes in their own process).
     gil_ms = apply_gil_switch_interval(node)
     malloc = apply_malloc_thresholds(node.get_parameter("malloc_mmap_threshold_mib").value)
-    node.get_logger().info(f"executor {kind}, GIL switch interval {gil_ms:g} ms, malloc {malloc}")
+    log.info(f"executor {kind}, GIL switch interval {gil_ms:g} ms, malloc {malloc}")
     # Inference always runs in its own thread; the executor only serves callbacks.
     executor.add_node(node)
+    spinning = threading.Event()
+    spinner = spin_until(executor, spinning, node.context)
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        while not stop.event.is_set() and not spinning.is_set():
+            stop.event.wait(0.2)
     finally:
-        node._stop_thread()
-        executor.shutdown()
+        why = stop.received[0] if stop.received else "the executor stopped"
+        log.info(f"{why}: shutting down (outputs closed, inference stopped)")
+        stopped = node.begin_shutdown()
+        spinning.set()
+        spinner.join(5.0)
+        executor.shutdown(timeout_sec=5.0)
+        node.finish_shutdown()
+        log.info("shut down cleanly" if stopped else
+                 "shut down; an inference was still running and is abandoned")
         node.destroy_node()
         rclpy.try_shutdown()
+        stop.restore()
     return 0
 
 

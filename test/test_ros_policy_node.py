@@ -185,6 +185,11 @@ class Harness:
 
 
 def _domain_id(offset):
+    """The run's ROS_DOMAIN_ID (given by CI / a developer, else conftest's per-run default);
+    a pid-derived one only when none is set at all."""
+    given = os.environ.get("ROS_DOMAIN_ID")
+    if given:
+        return int(given)
     return 100 + (os.getpid() * 7 + offset) % 100
 
 
@@ -753,7 +758,7 @@ def test_stuck_inference_refuses_deactivate_and_never_runs_two_threads(ros_env):
         _feed(node)
         assert gated.entered.wait(10.0), "the inference never started"
         assert node.trigger_deactivate() == R.FAILURE  # the thread did not stop in time
-        assert node._lifecycle == "active" and len(_inference_threads()) == 1
+        assert node.lifecycle_state == "active" and len(_inference_threads()) == 1
         gated.gate.set()  # the stuck inference returns; its own stop flag ends the thread
         end = time.monotonic() + 10.0
         while _inference_threads() and time.monotonic() < end:
@@ -775,8 +780,8 @@ def test_inference_loop_exits_when_its_store_is_closed(ros_env):
     try:
         assert node.trigger_configure() == R.SUCCESS
         assert node.trigger_activate() == R.SUCCESS
-        thread = node._thread
-        node._frames.close()  # e.g. a store left behind by cleanup: the loop must not spin on it
+        thread = node._worker._thread
+        node._gate.frames.close()  # e.g. a store left behind by cleanup: the loop must not spin on it
         thread.join(5.0)
         assert not thread.is_alive()
         assert node.trigger_deactivate() == R.SUCCESS

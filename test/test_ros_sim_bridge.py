@@ -181,7 +181,8 @@ def test_launch_file_and_params_file_match_the_nodes():
 @pytest.fixture
 def ros_domain(monkeypatch):
     """Loopback-only discovery in a domain of this test's own (inherited by the nodes)."""
-    domain = random.SystemRandom().randint(1, 100)
+    # The run's domain (conftest sets one per run unless CI / a developer gave one).
+    domain = int(os.environ.get("ROS_DOMAIN_ID") or random.SystemRandom().randint(1, 100))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
     return domain

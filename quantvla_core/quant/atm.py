@@ -56,8 +56,11 @@ class LogitStats:
 def collect_logit_std(model: nn.Module, run: Runner, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Run the calibration buffer through ``model`` and return sigma per head per module."""
     from ..models.attention import logit_observer
+    from .tracing import attention_logit_scope
     stats = LogitStats(set(names) if names is not None else None)
-    with logit_observer(stats), torch.no_grad():
+    # the project's attention() reports through logit_observer; any other module that calls
+    # F.scaled_dot_product_attention (HF sdpa attention) through attention_logit_scope
+    with logit_observer(stats), attention_logit_scope(model, names or [], stats), torch.no_grad():
         run(model)
     return stats.sigma()
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-ROLES = ("llm", "dit_attn", "dit_mlp", "float")
+ROLES = ("llm", "dit_attn", "dit_mlp", "vision", "float")
 
 # Which roles are integer in each named layout. "quantvla" is the paper's selective layout.
 LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -26,7 +26,7 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     "llm+dit-all": ("llm", "dit_attn", "dit_mlp"),
     "llm+dit-mlp": ("llm", "dit_mlp"),
     "quantvla": ("llm", "dit_mlp"),
-    "all": ("llm", "dit_attn", "dit_mlp", "float"),
+    "all": ("llm", "dit_attn", "dit_mlp", "vision", "float"),
 }
 
 _LLM_LINEAR = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
@@ -87,7 +87,20 @@ def check_arch(arch: str) -> str:
     return arch
 
 
+def layout_roles(layout: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Roles made integer by a named layout, or an explicit tuple of roles."""
+    if isinstance(layout, (tuple, list)):
+        bad = [r for r in layout if r not in ROLES]
+        if bad:
+            raise ValueError(f"unknown roles {bad} in layout; accepted: {', '.join(ROLES)}")
+        return tuple(layout)
+    return LAYOUTS[check_layout(layout)]
+
+
 def check_layout(layout: str) -> str:
+    if isinstance(layout, (tuple, list)):
+        layout_roles(layout)
+        return layout
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
     return layout

@@ -44,7 +44,12 @@ class QuantConfig:
     activation: str = "dynamic"  # per-token dynamic, or "static" per-tensor from a percentile
     percentile: float = 99.9
     transforms: tuple[str, ...] = ("smooth", "rotate")
-    smooth_strength: float = 0.5
+    smooth_strength: float = 0.5  # the strength used when smooth_search is off (also always tried)
+    # Per layer group, pick the smoothing strength (0 = no smoothing) and, when "rotate" is among
+    # the transforms, whether to rotate, by the group's output error on the calibration tokens.
+    smooth_search: bool = True
+    smooth_grid: tuple[float, ...] = (0.0, 0.15, 0.3, 0.5, 0.7, 0.85)
+    search_rotation: bool = True
     rotation: str = "hadamard"
     rotation_block: int = 64
     fold_smoothing: bool = True  # into the preceding norm / producer linear where one exists
@@ -66,6 +71,11 @@ class QuantConfig:
     def __post_init__(self) -> None:
         self.transforms = tuple(self.transforms)
         self.clip_grid = tuple(self.clip_grid)
+        self.smooth_grid = tuple(float(g) for g in self.smooth_grid)
+        if isinstance(self.layout, list):
+            self.layout = tuple(self.layout)
+        if any(not 0 <= g <= 1 for g in self.smooth_grid):
+            raise ValueError(f"smooth_grid values must lie in [0, 1] (0 = no smoothing), got {list(self.smooth_grid)}")
         self.atm_clamp = tuple(self.atm_clamp)
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {self.scheme!r}; accepted: {', '.join(SCHEMES)}")

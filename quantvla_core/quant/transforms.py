@@ -158,12 +158,14 @@ def build_transform(names: tuple[str, ...], weights: list[torch.Tensor], act_abs
 
 # ---- folding the activation side into neighbouring modules ------------------------------------
 
-def fold_smoothing_into_norm(norm: nn.Module, inv_smooth: torch.Tensor) -> None:
+def fold_smoothing_into_norm(norm: nn.Module, inv_smooth: torch.Tensor, offset: float | None = None) -> None:
     """Make a norm emit x / s: RMSNorm (weight with optional `offset`) or AdaRMSNorm (`dense`).
 
     RMSNorm y = n(x) * (offset + w) -> w' = (offset + w) / s - offset.
     AdaRMSNorm y = n(x) * (1 + scale) + shift with (scale, shift, gate) = dense(c): the scale
     and shift rows of dense are rescaled (scale' = (1 + scale)/s - 1, shift' = shift / s).
+    ``offset`` overrides the module's own ``offset`` attribute (HF Gemma norms use 1 + w and
+    carry no such attribute: tracing.verify_norm_fold finds the one that is exact).
     """
     with torch.no_grad():
         if hasattr(norm, "dense") and isinstance(norm.dense, nn.Linear):
@@ -187,7 +189,7 @@ def fold_smoothing_into_norm(norm: nn.Module, inv_smooth: torch.Tensor) -> None:
             return
         if not hasattr(norm, "weight") or norm.weight is None:
             raise ValueError(f"cannot fold smoothing into {type(norm).__name__}: it has no weight")
-        offset = float(getattr(norm, "offset", 0.0))
+        offset = float(getattr(norm, "offset", 0.0)) if offset is None else float(offset)
         w = norm.weight.data.to(torch.float64)
         inv = inv_smooth.detach().to(device=w.device, dtype=torch.float64)
         norm.weight.data.copy_(((offset + w) * inv - offset).to(norm.weight.dtype))

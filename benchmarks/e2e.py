@@ -4,6 +4,8 @@ benchmark as `quantvla bench`, runnable from a checkout that is not installed.
     python benchmarks/e2e.py --preset small --cameras 1,3                 # CPU
     python benchmarks/e2e.py --preset pi05-3b --cameras 3 --device cuda --quick
     bash benchmarks/e2e_gpu.sh                                            # the GPU run, one call
+
+Results go to ./runs/bench under the current directory unless --out says otherwise.
 """
 from __future__ import annotations
 

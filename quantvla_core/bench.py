@@ -5,15 +5,22 @@ Why this shape: users choose a quantizer by latency per chunk and memory on thei
 computer, so the comparison must be whole chunks (vision, prefix, every denoising step,
 postprocess), batch 1, medians over interleaved repeats (a drifting clock or a busy neighbour
 then hits every variant alike), and ratios taken only between variants timed the same way
-(both CUDA graphs or both eager). Results: a printed table, JSON (machine, date, versions,
-exact command), a PNG, under ``benchmarks/results/``.
+(both CUDA graphs or both eager). Peers (``--peers``) put the claim against the best float path
+a user could pick (torch.compile, bf16) and against PyTorch's own int8 (torch.ao dynamic int8 on
+the CPU, torchao where installed), timed by the same runner. ``--census`` counts kernel launches
+and bytes moved per stage instead of timing (census.py). Results: a printed table, JSON
+(machine, date, versions, exact command), a PNG, under ``./runs/bench`` (relative to the current
+directory; ``--out`` elsewhere).
 
     quantvla bench --preset small --cameras 1,3            # CPU, fp32 vs integer path
+    quantvla bench --preset small --cameras 1 --peers compile,bf16,ao-dynamic-int8
+    quantvla bench --preset small --cameras 1 --census     # launches and bytes, no timing
     quantvla bench --preset pi05-3b --device cuda --cameras 3 --quick
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -24,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +39,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .bench_variants import (PEERS, QUANT_BITS, QUANTIZERS, SCHEMES, apply_torchao, build_fp_model,
-                             calibrated_student, check_peers, check_schemes, peer_available,
-                             quick_quantize, with_activation_bits)
+from .bench_variants import (PEER_SETS, PEERS, QUANT_BITS, QUANTIZERS, SCHEMES, apply_ao_dynamic_int8,
+                             apply_torchao, build_fp_model, calibrated_student, check_peers, check_schemes,
+                             peer_available, quick_quantize, with_activation_bits)
 from .chunk_timing import ChunkRunner, model_bytes, peak_memory_chunk
 from .config import PRESETS, preset
 from .fileio import atomic_write_bytes, atomic_write_json
@@ -41,7 +49,9 @@ from .memory_accounting import format_memory, memory_table
 from .policy import Observation, Policy, resolve_device
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+DEFAULT_OUT = Path("runs") / "bench"  # relative to the current directory; ./runs is git-ignored
+COMPILE_MIN_WARMUP = 2  # torch.compile's first chunks compile (and recompile once on a guard): never timed
+CENSUS_BACKENDS = ("auto", "triton")
 FRAME_HW = (240, 320)  # a typical robot camera frame; resizing it is part of the chunk
 TABLE_COLUMNS = ("preset", "cams", "steps", "variant", "exec", "total ms", "x FP", "preprocess", "vision",
                  "prefix", "step", "denoise", "post", "cpu total", "x FP cpu", "peak MiB")
@@ -83,13 +93,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transforms", default="smooth,rotate",
                    help="run-time transforms of the quick quantizer: smooth,rotate (the PTQ default), "
                         "smooth, rotate or none")
-    p.add_argument("--peers", default="none", help=f"comma-separated peers ({', '.join(PEERS)}) or none")
+    p.add_argument("--peers", default="none",
+                   help=f"comma-separated peers ({', '.join(PEERS)}), {', '.join(PEER_SETS)} or none (default); "
+                        "peers that cannot run on this device are skipped with a note")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; variants not started by then are skipped (partial results still written)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (for CI and short device calls)")
     p.add_argument("--memory-only", action="store_true",
                    help="only the weight-memory accounting (from shapes: any preset, any machine)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (JSON, TXT, PNG)")
+    p.add_argument("--census", action="store_true",
+                   help="no timing: count kernel launches and activation / weight bytes per stage and "
+                        "variant (fp, bf16 and --schemes) for one chunk; runs on the CPU")
+    p.add_argument("--census-backend", default="auto", choices=CENSUS_BACKENDS,
+                   help="integer layers in the census: auto = the device's kernel backend (cpu on the "
+                        "CPU), triton = the Triton kernels (on the CPU needs TRITON_INTERPRET=1 set "
+                        "before start), one launch per kernel")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help=f"results folder (JSON, TXT, PNG); default ./{DEFAULT_OUT.as_posix()} under the "
+                        "current directory")
     p.add_argument("--tag", default=None, help="file name stem (default e2e-<card|cpu>-<date>-<presets>[-quick])")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -121,6 +142,8 @@ class BenchOptions:
     quick: bool
     memory_only: bool = False
     transforms: tuple[str, ...] = ("smooth", "rotate")
+    census: bool = False
+    census_backend: str = "auto"
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "BenchOptions":
@@ -156,9 +179,20 @@ class BenchOptions:
             raise ValueError(f"--transforms must list smooth and/or rotate (or none), got {a.transforms!r}")
         if a.quantizer == "calib" and transforms != ("smooth", "rotate"):
             raise ValueError("--transforms applies to --quantizer quick; calib uses the PTQ defaults")
+        census = bool(getattr(a, "census", False))
+        census_backend = getattr(a, "census_backend", "auto")
+        if census_backend not in CENSUS_BACKENDS:
+            raise ValueError(f"--census-backend must be one of {', '.join(CENSUS_BACKENDS)}, got {census_backend!r}")
+        if census_backend != "auto" and not census:
+            raise ValueError("--census-backend needs --census (it picks the integer kernels the census counts)")
+        if census and a.memory_only:
+            raise ValueError("--census and --memory-only exclude each other; accepted: one of them")
+        if census and peers:
+            raise ValueError("--peers applies to timing runs; --census counts fp, bf16 and --schemes "
+                             "(accepted with --census: --peers none)")
         return cls(presets, schemes, _int_list(a.cameras, "--cameras"), a.steps, device, dtype, exec_mode,
                    repeats, warmup, a.threads, a.quantizer, a.layout, peers, a.time_budget, a.quick,
-                   a.memory_only, transforms)
+                   a.memory_only, transforms, census, census_backend)
 
 
 # ---- environment -------------------------------------------------------------------------------
@@ -271,15 +305,24 @@ class _Variants:
         return pol
 
     def peer(self, name: str) -> Policy:
+        o = self.opts
         if name == "compile":
             fp = self.fp()
             pol = copy.copy(fp)
             pol.model = _CompiledModel(fp.model)
             pol.name, pol.scheme = f"{fp.name}+compile", "compile"
             return pol
-        model = build_fp_model(self.cfg, self.opts.device, self.torch_dtype)
-        apply_torchao(model, self.cfg.arch, name, self.opts.layout)
-        return _policy(model, self.cfg, f"{self.cfg.name}-{name}", self.opts, name)
+        if name == "bf16":  # the same seeded FP weights, cast to bfloat16
+            model = build_fp_model(self.cfg, o.device, torch.bfloat16)
+            return Policy(model, self.cfg, name=f"{self.cfg.name}-bf16", device=o.device, dtype="bf16", scheme="bf16")
+        model = build_fp_model(self.cfg, o.device, self.torch_dtype)
+        if name == "ao-dynamic-int8":
+            if self.torch_dtype != torch.float32:
+                raise ValueError(f"ao-dynamic-int8 takes fp32 activations; FP here is {o.dtype} (use --dtype fp32)")
+            apply_ao_dynamic_int8(model, self.cfg.arch, o.layout)
+        else:
+            apply_torchao(model, self.cfg.arch, name, o.layout)
+        return _policy(model, self.cfg, f"{self.cfg.name}-{name}", o, name)
 
     def build(self, variant: str) -> Policy:
         if variant == "fp":
@@ -306,6 +349,16 @@ class _CompiledModel:
 
 
 # ---- measurement ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_peer_warnings():
+    """Peers' own deprecation chatter (torch.ao quantization, inductor's jit imports) would bury
+    the table; real errors still raise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, message=r".*(deprecated|torch\.ao\.quantization).*")
+        yield
+
 
 def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
@@ -340,20 +393,25 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
                 continue
         t0 = time.perf_counter()
         try:
-            policy = variants.build(name)
+            with _quiet_peer_warnings():
+                policy = variants.build(name)
         except Exception as e:  # a peer or scheme that cannot be built here is reported, not fatal
             notes.append(f"{cfg.name} {cameras} cam: {name} not built: {type(e).__name__}: {e}")
             continue
         build_s = time.perf_counter() - t0
+        t_warm = time.perf_counter()
         mode = opts.exec_mode
+        # torch.compile compiles in its first chunks: they are warm-up whatever --warmup says
+        warmup = max(opts.warmup, COMPILE_MIN_WARMUP) if name == "compile" else opts.warmup
         runner = ChunkRunner(policy, obs, steps, mode)
         try:
             if mode == "graph":  # eager warm-up (kernels compile, tiles chosen) happens inside
-                runner.capture(warmup=max(1, opts.warmup))
+                runner.capture(warmup=max(1, warmup))
                 runner.run()
             else:
-                for _ in range(opts.warmup):
-                    runner.run()
+                with _quiet_peer_warnings():
+                    for _ in range(warmup):
+                        runner.run()
         except Exception as e:
             if mode != "graph":
                 notes.append(f"{cfg.name} {cameras} cam: {name} failed: {type(e).__name__}: {e}")
@@ -367,10 +425,14 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
                 notes.append(f"{cfg.name} {cameras} cam: {name} failed eagerly too: {type(e2).__name__}: {e2}")
                 continue
         slowest_build = max(slowest_build, time.perf_counter() - t0)
+        warmup_s = time.perf_counter() - t_warm
         key = f"{name}|{runner.exec_mode}"
         runners[key] = runner
-        info[key] = {"variant": name, "exec": runner.exec_mode, "build_s": build_s,
+        info[key] = {"variant": name, "exec": runner.exec_mode, "build_s": build_s, "warmup_s": warmup_s,
                      "model_bytes": model_bytes(policy.model)}
+        if name == "compile":
+            notes.append(f"{cfg.name} {cameras} cam: compile: build {build_s:.1f} s, "
+                         f"compile + warm-up {warmup_s:.1f} s ({warmup} untimed chunks)")
     # a ratio needs FP timed the same way: add FP eager when some variant fell back to eager
     if any(k.endswith("|eager") for k in runners) and "fp|eager" not in runners and "fp|graph" in runners:
         fp_pol = runners["fp|graph"].policy
@@ -379,10 +441,11 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
         runners["fp|eager"] = r
         info["fp|eager"] = {"variant": "fp", "exec": "eager", "build_s": 0.0, "model_bytes": model_bytes(fp_pol.model)}
     timings: dict[str, list[dict[str, float]]] = {k: [] for k in runners}
-    for _ in range(opts.repeats):
-        for k, r in runners.items():
-            timings[k].append(r.run())
-            bar.update(1)
+    with _quiet_peer_warnings():
+        for _ in range(opts.repeats):
+            for k, r in runners.items():
+                timings[k].append(r.run())
+                bar.update(1)
     rows = []
     for k, r in runners.items():
         med = _summarise(timings[k], steps)
@@ -413,7 +476,7 @@ def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: b
     notes: list[str] = []
     available_peers = []
     for p in opts.peers:
-        ok, why = peer_available(p)
+        ok, why = peer_available(p, opts.device, opts.dtype)
         (available_peers.append(p) if ok else notes.append(f"peer {p} skipped: {why}"))
     names = list(opts.schemes) + available_peers
     total_runs = 0 if opts.memory_only else len(opts.presets) * len(opts.cameras) * len(names) * opts.repeats
@@ -567,6 +630,13 @@ def write_results(result: dict[str, Any], out_dir: Path, tag: str | None, png: b
 
 def main_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     opts = BenchOptions.from_args(args)
+    if opts.census:  # counts instead of timing: no repeats, no peers
+        from .census import format_census, run_census, write_census
+        result = run_census(opts, argv, progress=not args.no_progress)
+        print(format_census(result))
+        paths = write_census(result, Path(args.out), args.tag)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0 if result["rows"] else 1
 
     def partial(res: dict[str, Any]) -> None:
         write_results(res, Path(args.out), args.tag, png=False)

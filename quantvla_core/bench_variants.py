@@ -26,7 +26,8 @@ SCHEMES = ("fp", "w8a8", "w4a8", "w4a4")
 QUANT_BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 GROUP_SIZE = 128
 QUANTIZERS = ("quick", "calib")
-PEERS = ("compile", "torchao-int8dq", "torchao-int4wo")
+PEERS = ("compile", "bf16", "ao-dynamic-int8", "torchao-int8dq", "torchao-int4wo")
+PEER_SETS = {"all": PEERS}  # shorthand: every peer; those that cannot run here are skipped with a note
 
 
 def check_schemes(schemes: list[str]) -> list[str]:
@@ -37,10 +38,16 @@ def check_schemes(schemes: list[str]) -> list[str]:
 
 
 def check_peers(peers: list[str]) -> list[str]:
-    bad = [p for p in peers if p not in PEERS]
+    """Peer names in order, shorthands (``all``) expanded, duplicates dropped."""
+    out: list[str] = []
+    for p in peers:
+        for q in PEER_SETS.get(p, (p,)):
+            if q not in out:
+                out.append(q)
+    bad = [p for p in out if p not in PEERS]
     if bad:
-        raise ValueError(f"unknown peers {bad}; accepted: {', '.join(PEERS)} (or 'none')")
-    return peers
+        raise ValueError(f"unknown peers {bad}; accepted: {', '.join(PEERS)}, all or none")
+    return out
 
 
 @dataclass
@@ -153,29 +160,62 @@ def calibrated_student(policy, scheme: str, calib: str, layout: str = "quantvla"
     return quantize(policy, qc, calib, report=False, progress=False).policy
 
 
-# ---- peers (GPU) ---------------------------------------------------------------------------------
+# ---- peers --------------------------------------------------------------------------------------
+# A speed claim is made against the best float path a user could pick (torch.compile, bf16) and
+# against PyTorch's own int8 (torch.ao dynamic quantization on the CPU, torchao where installed).
 
-def peer_available(peer: str) -> tuple[bool, str]:
-    """Whether a peer can run here, and why not."""
+def peer_available(peer: str, device: torch.device | None = None, fp_dtype: str = "fp32") -> tuple[bool, str]:
+    """Whether a peer can run on ``device`` next to an FP model in ``fp_dtype``, and why not."""
+    device = torch.device("cpu") if device is None else torch.device(device)
     if peer == "compile":
-        if not torch.cuda.is_available():
-            return False, "torch.compile peer is timed on CUDA only"
+        return True, ""
+    if peer == "bf16":
+        if fp_dtype == "bf16":
+            return False, "FP already runs in bf16 here (the CUDA default), so a bf16 peer would repeat it"
+        return True, ""
+    if peer == "ao-dynamic-int8":
+        if device.type != "cpu":
+            return False, "torch.ao dynamic int8 runs on the CPU only (fbgemm / x86 engines)"
+        if fp_dtype != "fp32":
+            return False, f"torch.ao dynamic int8 takes fp32 activations; FP here is {fp_dtype} (use --dtype fp32)"
+        engines = torch.backends.quantized.supported_engines
+        if not any(e in engines for e in ("x86", "fbgemm")):
+            return False, f"no x86/fbgemm quantized engine in this torch build (engines: {engines})"
         return True, ""
     try:
         import torchao  # noqa: F401
         import torchao.quantization  # noqa: F401
     except Exception as e:  # ImportError or a torch/torchao version clash
         return False, f"torchao not importable ({type(e).__name__}: {str(e)[:80]})"
-    if not torch.cuda.is_available():
-        return False, "torchao peers are timed on CUDA only"
     return True, ""
+
+
+def layout_integer_linears(model: nn.Module, arch: str, layout: str = "quantvla") -> list[str]:
+    """Names of the nn.Linear modules our layout makes integer: every peer quantizes exactly these."""
+    modules = dict(model.named_modules())
+    return [e.name for e in L.plan_model(model, arch, layout)
+            if e.integer and isinstance(modules.get(e.name), nn.Linear)]
+
+
+def apply_ao_dynamic_int8(model: nn.Module, arch: str, layout: str = "quantvla") -> nn.Module:
+    """torch.ao dynamic int8 (int8 weights per channel, activations quantized per call) on the
+    layout's integer linears, in place. torch.ao.quantization is deprecated in favour of torchao;
+    its warnings are silenced here because the peer is still the int8 path that ships with torch."""
+    import warnings
+    names = set(layout_integer_linears(model, arch, layout))
+    if not names:
+        raise ValueError(f"layout {layout!r} makes no nn.Linear of this model integer")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(deprecated|torch\.ao\.quantization).*")
+        torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8, inplace=True)
+    return model
 
 
 def apply_torchao(model: nn.Module, arch: str, peer: str, layout: str = "quantvla") -> nn.Module:
     """torchao on the same linears our layout makes integer (int8 dynamic activation + int8
     weight, or int4 weight-only group 128); the API name differs across torchao releases."""
     import torchao.quantization as tq
-    names = {e.name for e in L.plan_model(model, arch, layout) if e.integer}
+    names = set(layout_integer_linears(model, arch, layout))
 
     def only_layout(module: nn.Module, fqn: str) -> bool:
         return isinstance(module, nn.Linear) and fqn in names

@@ -135,6 +135,24 @@ class ChunkRunner:
             out["total@cpu"] = (time.thread_time() - c0) * 1e3
         return out
 
+    @torch.inference_mode()
+    def run_staged(self, stage) -> np.ndarray:
+        """One eager chunk, each stage inside the context ``stage(name)`` (names as ``run()``'s
+        keys). The launch census counts ops this way, so it sees exactly the chunk that is timed."""
+        with stage("preprocess"):
+            batch, x = self._preprocess()
+            times = self._times()
+        with stage("vision"):
+            image_tokens = self.model.encode_images(batch)
+        with stage("prefix"):
+            cache = self.model.encode_prefix(batch, image_tokens)
+        for i, tt in enumerate(times):
+            with stage(f"denoise_step_{i}"):
+                x = self._step(cache, x, tt, batch.state)
+        with stage("postprocess"):
+            self.last_actions = self._postprocess(x)
+        return self.last_actions
+
     # -- CUDA graphs -------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, warmup: int = 2) -> None:

@@ -15,12 +15,13 @@ import torch
 
 from quantvla_core import cli
 from quantvla_core.bench import TABLE_COLUMNS, _observation
-from quantvla_core.bench_variants import (build_fp_model, plan_layers, quick_quantize,
-                                          with_activation_bits)
+from quantvla_core.bench_variants import (PEERS, apply_ao_dynamic_int8, build_fp_model, check_peers,
+                                          peer_available, plan_layers, quick_quantize, with_activation_bits)
 from quantvla_core.chunk_timing import ChunkRunner, stage_names
 from quantvla_core.config import preset
 from quantvla_core.memory_accounting import account, meta_model
 from quantvla_core.policy import Policy
+from quantvla_core.quant import layout as L
 from quantvla_core.quant.qlinear import QuantLinear
 from quantvla_core.quant.quantize import QuantConfig, quantize
 from quantvla_core.quant.report import memory_report
@@ -123,6 +124,10 @@ def test_memory_only_accounts_full_size_presets_from_shapes(tmp_path, capsys):
     (["--exec", "graph", "--device", "cpu"], "CUDA"),
     (["--cameras", "0"], "positive"),
     (["--peers", "tensorrt"], "accepted"),
+    (["--peers", "compile,bf17"], "bf17"),
+    (["--census-backend", "triton"], "--census"),
+    (["--census", "--memory-only"], "accepted"),
+    (["--census", "--peers", "bf16"], "accepted"),
     (["--transforms", "permute"], "smooth"),
 ])
 def test_bad_arguments_name_what_is_accepted(argv, needle, capsys, tmp_path):
@@ -218,3 +223,76 @@ def test_plan_keeps_vision_and_expert_attention_float():
     names = [p.name for p in plan_layers(meta_model(cfg, "fp"), cfg.arch, "w4a8")]
     assert names and not any("vision_tower" in n or "gemma_expert.model.layers.0.self_attn" in n for n in names)
     assert any("gemma_expert" in n and "mlp" in n for n in names)
+
+
+# ---- peers on the CPU ------------------------------------------------------------------------------
+
+def test_cpu_peers_build_run_and_print_a_row(tmp_path, capsys):
+    """compile, bf16 and ao-dynamic-int8 are timed by the same runner as FP; torchao is skipped
+    with a note where it is not installed."""
+    out = tmp_path / "res"
+    rc = cli.main(["bench", "--preset", "tiny", "--cameras", "1", "--schemes", "fp", "--repeats", "1",
+                   "--quick", "--peers", "all", "--out", str(out), "--no-progress", "--no-png"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    res = json.loads(next(out.glob("*.json")).read_text())
+    torchao = all(peer_available(p)[0] for p in ("torchao-int8dq", "torchao-int4wo"))
+    cpu_peers = ["compile", "bf16", "ao-dynamic-int8"] + (["torchao-int8dq", "torchao-int4wo"] if torchao else [])
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"fp", *cpu_peers}, res["notes"]
+    _check_printed_table(printed, [1], ["fp"] + cpu_peers)
+    for name in cpu_peers:
+        r = rows[name]
+        assert r["exec"] == "eager" and r["repeats"] == 1 and r["speedup_vs_fp"]["total"] > 0
+        assert r["median_ms"]["total"] > 0 and r["warmup_s"] >= 0
+    assert rows["bf16"]["scheme"] == "bf16" and rows["fp"]["scheme"] == "fp32"
+    # torch.compile compiles in its (untimed) first chunks, and says how long that took
+    assert rows["compile"]["warmup_s"] > rows["fp"]["warmup_s"]
+    assert any("compile + warm-up" in n for n in res["notes"])
+    if not torchao:
+        assert any("torchao-int8dq skipped: torchao not importable" in n for n in res["notes"])
+    assert "DeprecationWarning" not in printed
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
+def test_ao_dynamic_int8_replaces_exactly_the_layouts_integer_linears(name):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    cfg = preset(name)
+    reference = build_fp_model(cfg, torch.device("cpu"), torch.float32)
+    modules = dict(reference.named_modules())
+    expected = {e.name for e in L.plan_model(reference, cfg.arch, "quantvla")
+                if e.integer and isinstance(modules[e.name], torch.nn.Linear)}
+    assert expected
+    model = apply_ao_dynamic_int8(build_fp_model(cfg, torch.device("cpu"), torch.float32), cfg.arch)
+    dynamic = {n for n, m in model.named_modules() if isinstance(m, DynamicLinear)}
+    assert dynamic == expected
+    floats = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert floats == {n for n, m in modules.items() if isinstance(m, torch.nn.Linear)} - expected
+    assert len(dynamic) == len([p for p in plan_layers(reference, cfg.arch, "w8a8")])
+    pol = Policy(model, cfg, device="cpu", dtype="fp32", scheme="ao-dynamic-int8")
+    runner = ChunkRunner(pol, _observation(cfg, 1))
+    runner.run()
+    assert np.all(np.isfinite(runner.last_actions))
+
+
+def test_peer_availability_names_why():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert peer_available("compile", cpu) == (True, "")
+    assert peer_available("bf16", cpu, "fp32") == (True, "")
+    ok, why = peer_available("bf16", cuda, "bf16")
+    assert not ok and "already" in why
+    ok, why = peer_available("ao-dynamic-int8", cuda, "bf16")
+    assert not ok and "CPU only" in why
+    assert peer_available("ao-dynamic-int8", cpu, "fp32")[0]
+    assert not peer_available("ao-dynamic-int8", cpu, "bf16")[0]
+    assert check_peers(["all"]) == list(PEERS)
+    assert check_peers(["bf16", "all"])[0] == "bf16" and len(check_peers(["bf16", "all"])) == len(PEERS)
+
+
+def test_default_output_folder_is_runs_bench_under_the_current_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["bench", "--memory-only", "--preset", "tiny", "--no-progress"])
+    assert rc == 0
+    files = list((tmp_path / "runs" / "bench").glob("e2e-memory-*-tiny.*"))
+    assert {f.suffix for f in files} == {".json", ".txt"}
+    assert "runs/bench" in capsys.readouterr().out

@@ -5,11 +5,13 @@ Sources (``load_observations(spec, ...)``):
 - a folder with ``observations.jsonl``: one JSON object per line,
   ``{"images": ["relative/or/absolute.png", ...], "instruction": "...", "state": [floats]}``
   (images: anything OpenCV reads; 1..max_cameras per line);
-- a rosbag2 recording (``.mcap`` file, or a bag directory holding ``.mcap`` files), read with
-  ``mcap`` / ``mcap-ros2-support``: every sensor_msgs/Image or CompressedImage topic is a
-  camera, std_msgs/String is the instruction, sensor_msgs/JointState the state. One
-  observation per frame of the first camera, paired with the latest message of every other
-  topic at that time (frames before all topics have been seen are skipped).
+- a rosbag2 recording (``.mcap`` file, or a bag directory holding ``.mcap`` files), read
+  streaming by ``quantvla_core.recordings``: the named topics, or else the colour cameras
+  (Image rgb8/bgr8/rgba8/bgra8, JPEG/PNG CompressedImage; depth and mono streams are skipped),
+  the std_msgs/String topic that holds short instructions (a URDF string is skipped) and the
+  JointState topic. ``n`` frames of the first camera spread evenly over the recording, each
+  paired with the latest message of every other topic at that time;
+- a YAML spec naming one of the above as ``source`` plus the recording's topics.
 
 Replay (``CalibrationRun``): observations are preprocessed exactly like ``Policy.predict``,
 batched, and every batch gets flow-matching noise drawn once from a seeded generator, so the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -99,74 +102,125 @@ def folder_observations(folder: Path, state_dim: int) -> list:
     return out
 
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-TEXT_TYPE = "std_msgs/msg/String"
-STATE_TYPE = "sensor_msgs/msg/JointState"
+class RecordingSamples(list):
+    """Observations read from a recording, in time order, with each one's time and episode
+    (``split_buffer`` holds out whole time spans with them)."""
+    times_ns: list
+    episodes: list
+    summary: dict
+
+    def copy_with(self, items: list, times_ns: list, episodes: list) -> "RecordingSamples":
+        out = RecordingSamples(items)
+        out.times_ns, out.episodes, out.summary = list(times_ns), list(episodes), dict(self.summary)
+        return out
+
+
+class CalibrationSource(str):
+    """A calibration source string with options for recordings (topics, progress bar).
+
+    ``quantize`` passes its ``calib`` argument on to ``load_observations`` unchanged, so a
+    ``CalibrationSource("robot.mcap", camera_topics=[...])`` reaches the reader with its options
+    while reports still record the plain path.
+    """
+    options: dict
+
+    def __new__(cls, source, **options):
+        obj = super().__new__(cls, str(source))
+        obj.options = {k: v for k, v in options.items() if v is not None}
+        return obj
+
+
+RECORDING_OPTIONS = ("camera_topics", "instruction_topic", "state_topic", "instruction", "progress")
+# With no sample count asked for, a recording gives at most this many observations (spread over
+# it): a whole recording decoded at once would need gigabytes.
+DEFAULT_RECORDING_SAMPLES = 64
+
+
+def read_source_yaml(path: Path) -> CalibrationSource:
+    """A calibration spec in YAML: ``source`` (relative to the YAML's folder) and the recording
+    options ``camera_topics`` (list or comma string), ``instruction_topic``, ``state_topic``
+    (``none``: zero states), ``instruction`` (fixed text instead of a topic)."""
+    import yaml
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict) or "source" not in spec:
+        raise ValueError(f"{path}: a calibration YAML needs a 'source' key (a .mcap file, bag directory or "
+                         f"folder) and may set {', '.join(RECORDING_OPTIONS[:-1])}")
+    unknown = sorted(set(spec) - {"source", *RECORDING_OPTIONS})
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; accepted: source, {', '.join(RECORDING_OPTIONS[:-1])}")
+    src = Path(str(spec.pop("source")))
+    if not src.is_absolute() and not str(src).startswith("synthetic"):
+        src = path.parent / src
+    cams = spec.get("camera_topics")
+    if isinstance(cams, str):
+        spec["camera_topics"] = [c.strip() for c in cams.split(",") if c.strip()]
+    elif cams is not None and not (isinstance(cams, list) and all(isinstance(c, str) for c in cams)):
+        raise ValueError(f"{path}: camera_topics must be a list of topic names")
+    for k in ("instruction_topic", "state_topic", "instruction"):
+        if k in spec and spec[k] is not None and not isinstance(spec[k], str):
+            raise ValueError(f"{path}: {k} must be a string")
+    return CalibrationSource(src, **spec)
+
+
+def merge_options(source: str | Path, **options) -> str | Path:
+    """``source`` with command-line recording options added (they win over a YAML's)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return source
+    base = getattr(source, "options", {})
+    return CalibrationSource(source, **{**base, **options})
+
+
+_CACHE: dict = {}
+
+
+def _cache_key(files: list[Path], options: dict, n, state_dim: int, max_cameras: int):
+    stats = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    opts = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items() if k != "progress"))
+    return stats, opts, n, state_dim, max_cameras
 
 
 def mcap_observations(path: Path, state_dim: int, max_cameras: int, limit: int | None = None,
-                      camera_topics: list[str] | None = None) -> list:
-    """Observations from a rosbag2 .mcap file or a bag directory (see the module docstring)."""
-    from mcap.reader import make_reader
-    from mcap_ros2.decoder import DecoderFactory
-
-    from quantvla_ros.image_conversion import message_to_rgb
-
+                      camera_topics: list[str] | None = None, **options) -> RecordingSamples:
+    """Observations from a rosbag2 .mcap file or bag directory (see ``quantvla_core.recordings``):
+    ``limit`` frames spread evenly over the recording, in time order. The last read is cached
+    (``quantize --smooth-strength auto`` and ``ablate`` read the same buffer many times)."""
     from ..policy import Observation
-    files = sorted(path.glob("*.mcap")) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"{path}: no .mcap files in this bag directory")
-    msgs = []
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                reader = make_reader(fh, decoder_factories=[DecoderFactory()])
-                for schema, channel, message, ros_msg in reader.iter_decoded_messages():
-                    msgs.append((message.log_time, channel.topic, schema.name if schema else "", ros_msg))
-        except Exception as e:  # the mcap reader raises several types for damaged files
-            raise ValueError(f"{f}: cannot read as a ROS 2 mcap recording ({type(e).__name__}: {e})") from None
-    msgs.sort(key=lambda r: r[0])
-    topics: dict[str, str] = {}
-    for _, topic, schema, _ in msgs:
-        topics.setdefault(topic, schema)
-    cams = camera_topics or sorted(t for t, s in topics.items() if s in IMAGE_TYPES)[:max_cameras]
-    texts = [t for t, s in topics.items() if s == TEXT_TYPE]
-    states = [t for t, s in topics.items() if s == STATE_TYPE]
-    seen = ", ".join(f"{t} ({s})" for t, s in sorted(topics.items())) or "none"
-    if not cams or not texts or not states:
-        raise ValueError(f"{path}: calibration needs an Image/CompressedImage topic, a std_msgs/String "
-                         f"instruction topic and a sensor_msgs/JointState topic; found: {seen}")
-    missing = [c for c in cams if c not in topics]
-    if missing:
-        raise ValueError(f"{path}: camera topics {missing} are not in the recording; found: {seen}")
-    latest: dict[str, object] = {}
-    out = []
-    for _, topic, _schema, msg in msgs:
-        latest[topic] = msg
-        if topic != cams[0]:
-            continue
-        if not all(c in latest for c in cams) or texts[0] not in latest or states[0] not in latest:
-            continue
-        js = latest[states[0]]
-        state = np.zeros(state_dim, dtype=np.float32)
-        pos = np.asarray(list(js.position), dtype=np.float32)[:state_dim]
-        state[:pos.size] = pos
-        out.append(Observation(images=[message_to_rgb(latest[c]) for c in cams],
-                               instruction=str(latest[texts[0]].data), state=state))
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise ValueError(f"{path}: no camera frame arrived after an instruction and a joint state")
-    return out
+    from ..recordings import read_samples, recording_files
+    opts = dict(options, camera_topics=camera_topics) if camera_topics else dict(options)
+    files = recording_files(path)
+    key = _cache_key(files, opts, limit, state_dim, max_cameras)
+    hit = _CACHE.get(key)
+    if hit is None:
+        progress = opts.pop("progress", None)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        text = opts.pop("instruction", None)
+        samples, _sel, summary = read_samples(path, state_dim, max_cameras, limit, progress=progress,
+                                              instruction_text=text, **opts)
+        hit = RecordingSamples(Observation(images=r.images, instruction=r.instruction, state=r.state)
+                               for r in samples)
+        hit.times_ns = [r.time_ns for r in samples]
+        hit.episodes = [r.episode for r in samples]
+        hit.summary = summary
+        _CACHE.clear()
+        _CACHE[key] = hit
+    return hit.copy_with(list(hit), hit.times_ns, hit.episodes)
 
 
 def load_observations(spec: str | Path, config, n: int | None = None, seed: int = 0,
                       state_dim: int | None = None) -> list:
-    """Calibration observations from ``synthetic[:N]``, a folder, or a .mcap recording.
+    """Calibration observations from ``synthetic[:N]``, a folder, a .mcap recording, or a YAML
+    calibration spec (``read_source_yaml``); ``spec`` may be a ``CalibrationSource`` carrying
+    recording options.
 
     ``state_dim``: the robot's state size (a real checkpoint's may differ from the model's
     padded ``config.state_dim``); defaults to ``config.state_dim``.
     """
+    options = dict(getattr(spec, "options", {}))
     s = str(spec)
     state_dim = state_dim or config.state_dim
     if s == "synthetic" or s.startswith("synthetic:"):
@@ -183,25 +237,66 @@ def load_observations(spec: str | Path, config, n: int | None = None, seed: int 
     p = Path(s)
     if not p.exists():
         raise ValueError(f"calibration source {s!r} not found; accepted: synthetic[:N], a folder with "
-                         "observations.jsonl, a rosbag2 .mcap file or bag directory")
+                         "observations.jsonl, a rosbag2 .mcap file or bag directory, a calibration .yaml")
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        inner = read_source_yaml(p)
+        return load_observations(merge_options(inner, **options), config, n, seed, state_dim)
     if p.suffix == ".mcap" or (p.is_dir() and any(p.glob("*.mcap"))):
-        obs = mcap_observations(p, state_dim, config.max_cameras, limit=n)
-    elif p.is_dir():
+        return mcap_observations(p, state_dim, config.max_cameras,
+                                 limit=n if n else DEFAULT_RECORDING_SAMPLES, **options)
+    topic_opts = sorted(set(options) - {"progress"})
+    if topic_opts:
+        raise ValueError(f"{p}: {', '.join(topic_opts)} apply to .mcap recordings only")
+    if p.is_dir():
         obs = folder_observations(p, state_dim)
     else:
         raise ValueError(f"{p}: unsupported calibration file; accepted: synthetic[:N], a folder with "
-                         "observations.jsonl, a rosbag2 .mcap file or bag directory")
+                         "observations.jsonl, a rosbag2 .mcap file or bag directory, a calibration .yaml")
     return obs[:n] if n else obs
 
 
+def _heldout_positions(count: int, k: int, episodes: list) -> list[int]:
+    """Which of ``count`` time-ordered samples to hold out: ``k`` of them, as whole episodes
+    where the recording has several, else as contiguous stretches of time, never as single
+    frames between calibration frames."""
+    ep = np.asarray(episodes)
+    ids = list(dict.fromkeys(ep.tolist()))
+    if len(ids) >= 2:
+        # whole episodes, from every other position so they spread over the recording, until
+        # at least k samples; used when that is at most 1.5 k (calibration keeps its size)
+        chosen: list[int] = []
+        for e in ids[1::2][::-1] + ids[0::2][::-1]:
+            if len(chosen) >= k:
+                break
+            chosen += np.flatnonzero(ep == e).tolist()
+        if len(chosen) <= k + max(1, k // 2) and len(chosen) < count:
+            return sorted(chosen)
+    # one episode (or none fits): up to two stretches, centred at 1/4 and 3/4 of the recording
+    runs = 2 if k >= 4 else 1
+    sizes = [k // runs + (1 if j < k % runs else 0) for j in range(runs)]
+    out: list[int] = []
+    for j, size in enumerate(sizes):
+        centre = (j + 0.5) / runs if runs > 1 else 1.0
+        start = int(round(centre * count - size / 2)) if runs > 1 else count - size
+        start = min(max(start, 0), count - size)
+        out += list(range(start, start + size))
+    return sorted(set(out))
+
+
 def split_buffer(obs: list, heldout_fraction: float) -> tuple[list, list]:
-    """(calibration, held-out): the last fraction is held out; with one item both share it."""
+    """(calibration, held-out): with one item both share it. Plain lists: the last fraction is
+    held out. Recordings (``RecordingSamples``): the held-out samples are whole episodes or
+    stretches of time of their own (``_heldout_positions``), not frames next to calibration ones."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout fraction must lie in [0, 1), got {heldout_fraction}")
     if len(obs) < 2 or heldout_fraction == 0:
         return obs, obs
     k = max(1, int(math.floor(len(obs) * heldout_fraction)))
-    return obs[:-k], obs[-k:]
+    episodes = getattr(obs, "episodes", None)
+    if episodes is None or len(episodes) != len(obs):
+        return obs[:-k], obs[-k:]
+    held = set(_heldout_positions(len(obs), k, episodes))
+    return ([o for i, o in enumerate(obs) if i not in held], [o for i, o in enumerate(obs) if i in held])
 
 
 @dataclass

@@ -52,7 +52,19 @@ def _add_quant_options(p: argparse.ArgumentParser, with_scheme: bool = True) -> 
         p.add_argument("--scheme", default="w4a8", choices=list(SCHEMES))
         p.add_argument("--layout", default="quantvla", choices=list(L.LAYOUTS))
     p.add_argument("--calib", default="synthetic",
-                   help="synthetic[:N] | folder with observations.jsonl | rosbag2 .mcap file or bag dir")
+                   help="synthetic[:N] | folder with observations.jsonl | rosbag2 .mcap file or bag dir | "
+                        "calibration .yaml (source + topics)")
+    p.add_argument("--camera-topics", default=None, metavar="T1,T2",
+                   help="recording: comma-separated camera topics in model order (default: the colour "
+                        "Image/CompressedImage topics, sorted; depth and mono streams are never chosen)")
+    p.add_argument("--instruction-topic", default=None,
+                   help="recording: std_msgs/String instruction topic (default: the one String topic "
+                        "with short text; a URDF or JSON string is never chosen)")
+    p.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="recording without an instruction topic: this text for every frame")
+    p.add_argument("--state-topic", default=None,
+                   help="recording: sensor_msgs/JointState topic (default: the only one, or "
+                        "joint_states); 'none': zero states")
     p.add_argument("--samples", type=int, default=32, help="calibration observations (a further 1/3 is held out)")
     p.add_argument("--group-size", type=int, default=128, help="int4 weight group along K (0 = per channel)")
     p.add_argument("--activation", default="dynamic", choices=["dynamic", "static"])
@@ -68,8 +80,23 @@ def _add_quant_options(p: argparse.ArgumentParser, with_scheme: bool = True) -> 
     p.add_argument("--order", default="sequential", choices=["sequential", "joint"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true")
+
+
+def calib_source(args, source):
+    """``source`` with the recording options given on the command line (None stays None)."""
+    from .calibration import merge_options
+    if source is None:
+        return None
+    cams = None
+    if args.camera_topics is not None:
+        cams = [t.strip() for t in args.camera_topics.split(",") if t.strip()]
+        if not cams:
+            raise ValueError("--camera-topics: give at least one topic")
+    return merge_options(source, camera_topics=cams, instruction_topic=args.instruction_topic,
+                         state_topic=args.state_topic, instruction=args.instruction,
+                         progress=not args.no_progress)
 
 
 def cmd_quantize(args) -> int:
@@ -77,17 +104,18 @@ def cmd_quantize(args) -> int:
     from .quantize import quantize
     from .report import render_table
     qc = _config_from_args(args)
+    calib, heldout = calib_source(args, args.calib), calib_source(args, args.heldout)
     policy = Policy.load(args.model, device=args.device, dtype="fp32")
     if args.smooth_strength == "auto":
         from .quantize import sweep_smooth_strength
-        result, rows = sweep_smooth_strength(policy, qc, args.calib, heldout=args.heldout,
+        result, rows = sweep_smooth_strength(policy, qc, calib, heldout=heldout,
                                              progress=not args.no_progress)
         print("smoothing strength   held-out action cosine (mean / min)")
         for r in rows:
             mark = "  <- kept" if r["smooth_strength"] == result.meta["config"]["smooth_strength"] else ""
             print(f"  {r['smooth_strength']:<18} {r['cosine_mean']:.5f} / {r['cosine_min']:.4f}{mark}")
     else:
-        result = quantize(policy, qc, args.calib, heldout=args.heldout, progress=not args.no_progress)
+        result = quantize(policy, qc, calib, heldout=heldout, progress=not args.no_progress)
     result.save(args.out)
     print(render_table(result.report))
     print(f"\nwrote {args.out} (config.json, model.safetensors, quantization.json, report.json, report.png, "
@@ -100,6 +128,8 @@ def _model_for_layout(source: str):
     from ..checkpoint import read_config
     from ..config import PRESETS, preset
     from ..models import build_model
+    from ..policy import DEFAULT_POLICY_DIR, DEFAULT_W4A8_DIR
+    source = {"default": str(DEFAULT_POLICY_DIR), "default-w4a8": str(DEFAULT_W4A8_DIR)}.get(source, source)
     if source in PRESETS:
         cfg = preset(source)
         return build_model(cfg, device="meta"), cfg.arch, None
@@ -111,7 +141,8 @@ def _model_for_layout(source: str):
             from .artifact import read_quant_meta
             meta = read_quant_meta(path)
         return build_model(cfg, device="meta"), cfg.arch, meta
-    raise ValueError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory with config.json")
+    raise ValueError(f"{source!r} is neither 'default', 'default-w4a8', a preset ({', '.join(PRESETS)}) nor a "
+                     "model directory with config.json")
 
 
 def memory_estimate(model, entries, scheme: str, group_size: int | None = 128) -> dict[str, dict[str, int]]:
@@ -307,7 +338,7 @@ def cmd_ablate(args) -> int:
     combos = ablation_combos(schemes, layouts, variants, args.full)
     if args.sim and not args.save_dir:
         raise ValueError("--sim needs --save-dir: the closed loop runs the saved artifacts")
-    rows = run_ablation(policy, args.calib, combos, base, progress=not args.no_progress, save_dir=args.save_dir)
+    rows = run_ablation(policy, calib_source(args, args.calib), combos, base, progress=not args.no_progress, save_dir=args.save_dir)
     print(render_ablation(rows))
     if args.sim:
         closed_loop_ablation(args, rows)
@@ -339,7 +370,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_quantize)
 
     p = subparsers.add_parser("layout", help="print every linear layer with its role and precision")
-    p.add_argument("model", help="a preset, a model directory or a quantized artifact")
+    p.add_argument("model", help="'default', 'default-w4a8', a preset, a model directory or a quantized artifact")
     p.add_argument("--layout", default=None, choices=list(L.LAYOUTS))
     p.add_argument("--scheme", default="w4a8", choices=["w8a8", "w4a8", "w4a4", "w8a16", "w4a16"])
     p.add_argument("--all", action="store_true", help="also list non-linear modules with weights (all float)")

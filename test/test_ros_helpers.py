@@ -291,3 +291,72 @@ def test_kernel_bench_text_write_leaves_no_temp_file_on_failure(tmp_path):
         bench._atomic_write(path, "bad \ud800")
     assert path.read_text() == "layer  us\n"
     assert [p.name for p in path.parent.iterdir()] == ["table.txt"]
+
+
+def test_crossfade_and_inpaint_start_on_the_committed_actions():
+    from quantvla_ros.chunk_aggregation import crossfade_weights, inpaint_weights
+
+    old = np.arange(8, dtype=np.float32)[:, None].repeat(2, 1)
+    new = np.full((8, 2), 100.0, np.float32)
+    for mode in ("crossfade", "inpaint"):
+        agg = ChunkAggregator(mode, dt=0.1, smoothing_steps=3)
+        agg.merge(old, 10.0)
+        merged, blended = agg.merge(new, 10.2, delay_steps=2)  # old steps 2.. meet new 0..
+        assert merged[0, 0] == old[2, 0]  # the boundary continues the committed plan
+        assert np.all(np.diff(merged[:, 0]) >= 0)  # then moves monotonically to the new plan
+        np.testing.assert_allclose(merged[5:], new[5:])  # the new plan beyond the smoothing
+        assert 1 <= blended <= 5
+    np.testing.assert_allclose(crossfade_weights(5, 4), [1.0, 0.75, 0.5, 0.25, 0.0])
+    w = inpaint_weights(8, 2, 3)
+    assert list(w[:2]) == [1.0, 1.0] and np.all(np.diff(w[1:6]) < 0) and np.all(w[5:] == 0)
+    agg = ChunkAggregator("inpaint", dt=0.1)
+    state = agg.snapshot()
+    agg.merge(old, 1.0)
+    agg.restore(state)  # a refused chunk leaves no trace
+    merged, blended = agg.merge(new, 1.1)
+    assert blended == 0 and np.array_equal(merged, new)
+
+
+def test_stamps_joint_states_and_limits_are_checked_whole():
+    from builtin_interfaces.msg import Time
+
+    from quantvla_ros.input_validation import InputError, joint_state_vector, stamp_seconds
+    from quantvla_ros.policy_node import limits_problem
+
+    assert stamp_seconds(Time(sec=3, nanosec=500_000_000)) == pytest.approx(3.5)
+    with pytest.raises(InputError, match="nanosec") as e:
+        stamp_seconds(Time(sec=3, nanosec=1_000_000_000))
+    assert e.value.code == "stamp_invalid"
+    with pytest.raises(InputError, match="2 names but 4 positions"):
+        joint_state_vector(["a", "b"], [0.0] * 4, 4, [])
+    with pytest.raises(InputError, match="velocity"):
+        joint_state_vector([], [0.0] * 4, 4, [], velocities=[0.0])
+    assert joint_state_vector([], [0.0] * 4, 4, []).shape == (4,)
+    assert limits_problem([1.0, 0.0], [0.0, 1.0], 2).startswith("action_min must be < action_max")
+    assert "finite" in limits_problem([float("nan")], [1.0], None)
+    assert limits_problem([-1.0, -1.0], [], 2) is None and limits_problem([], [], 2) is None
+    assert "3 action dimensions" in limits_problem([0.0] * 2, [1.0] * 2, 3)
+
+
+def test_output_gate_and_deadline_monitor():
+    from quantvla_ros.publishing import DeadlineMonitor, OutputGate
+
+    sent = []
+
+    class Pub:
+        def publish(self, msg):
+            sent.append(msg)
+
+    gate = OutputGate()
+    assert gate.publish(Pub(), 1) and not gate.publish(None, 2)
+    gate.close()
+    assert not gate.publish(Pub(), 3) and sent == [1]
+    now = [0.0]
+    d = DeadlineMonitor(clock=lambda: now[0])
+    assert not d.record(50.0, 100.0) and d.record(150.0, 100.0) and d.record(120.0, 100.0)
+    v = d.values()
+    assert (v["deadline_misses"], v["deadline_misses_consecutive"]) == (2, 2)
+    assert v["last_chunk_latency_ms"] == 120.0 and v["last_chunk_within_budget"] is False
+    assert v["deadline_miss_ratio"] == pytest.approx(2 / 3) and d.missed_within(1.0)
+    now[0] = 10.0
+    assert not d.missed_within(1.0)

@@ -156,3 +156,47 @@ def test_bad_compressed_images_raise_named_errors():
         with pytest.raises(ImageConversionError) as err:
             compressed_to_rgb(msg, max_pixels=4096 * 4096)
         assert err.value.code == code, (code, str(err.value))
+
+
+def test_geometry_is_checked_before_pixels():
+    from sensor_msgs.msg import CompressedImage
+
+    from quantvla_ros.image_conversion import (ImageConversionError, compressed_to_rgb,
+                                               image_to_rgb, rgb_to_compressed, rgb_to_image)
+
+    thin = rgb_to_image(np.zeros((1, 10000, 3), np.uint8))
+    with pytest.raises(ImageConversionError, match="aspect ratio 10000.0:1") as e:
+        image_to_rgb(thin, min_side=1, max_aspect=10.0)
+    assert e.value.code == "bad_geometry"
+    with pytest.raises(ImageConversionError, match="min_image_side"):
+        image_to_rgb(rgb_to_image(np.zeros((8, 8, 3), np.uint8)), min_side=16)
+    assert image_to_rgb(thin).shape == (1, 10000, 3)  # the checks are the caller's choice
+    jpeg = rgb_to_compressed(np.zeros((2, 4000, 3), np.uint8))
+    with pytest.raises(ImageConversionError, match="aspect"):
+        compressed_to_rgb(CompressedImage(format="jpeg", data=jpeg.data), max_aspect=10.0)
+
+
+def test_damaged_jpeg_that_libjpeg_still_decodes_is_refused():
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    from quantvla_ros.image_conversion import (ImageConversionError, compressed_to_rgb,
+                                               rgb_to_compressed)
+    from quantvla_ros.synthetic_camera import render_scene
+
+    good = bytes(rgb_to_compressed(render_scene(64, 48, 0.0), "jpeg").data)
+    k = good.find(b"\xff\xda") + 100
+    cases = {"flip": (good[:k] + bytes([good[k] ^ 0x5A]) + good[k + 1:], "corrupt", "libjpeg"),
+             "marker": (good[:k] + b"\xff\x37" + good[k + 2:], "corrupt", "inside scan"),
+             "no_eoi": (good[:-2], "truncated", "no EOI"),
+             "cut": (good[:len(good) * 2 // 3], "truncated", "no EOI")}
+    for name, (data, code, words) in cases.items():
+        if name == "flip":  # the case this exists for: imdecode returns an image
+            assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+        with pytest.raises(ImageConversionError, match=words) as e:
+            compressed_to_rgb(CompressedImage(format="jpeg", data=data))
+        assert e.value.code == code, name
+    assert compressed_to_rgb(CompressedImage(format="jpeg", data=good)).shape == (48, 64, 3)
+    progressive = cv2.imencode(".jpg", render_scene(64, 48, 0.0),
+                               [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    assert compressed_to_rgb(CompressedImage(format="jpeg", data=progressive)).shape == (48, 64, 3)

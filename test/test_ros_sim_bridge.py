@@ -399,3 +399,64 @@ def test_bad_parameters_stop_the_executable_with_a_clear_message(ros_domain):
         run = subprocess.run([sys.executable, "-m", "quantvla_ros.sim_bridge", "--ros-args",
                               "-p", arg], capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and words in run.stderr, run.stderr[-2000:]
+
+
+def _boundary_jumps(chunks, dt_ns=DT):
+    """Per pair of consecutive published chunks A, B (stamps on the sim grid): how far B's
+    first action is from the action A had planned for that instant, max over joints."""
+    jumps = []
+    for a, b in zip(chunks, chunks[1:]):
+        offset = (stamp_ns(b.header.stamp) - stamp_ns(a.header.stamp)) // dt_ns
+        if 1 <= offset < len(a.points):
+            jumps.append(float(np.abs(np.subtract(b.points[0].positions,
+                                                  a.points[offset].positions)).max()))
+    return np.asarray(jumps)
+
+
+def test_chunk_boundary_smoothing_in_the_closed_loop(tmp_path, ros_domain):
+    """The same MT10 episode driven twice at once, chunk_aggregation latest_only vs inpaint:
+    with smoothing every chunk starts exactly where the committed plan was (no jump at the
+    boundary), without it the robot is commanded a jump at every replan."""
+    runs = {}
+    for mode in ("latest_only", "inpaint"):
+        prefix = f"sbs{mode[:3]}{os.getpid()}"
+        b = bridge_params(prefix, tmp_path / mode, tasks=["reach-v3"], episodes_per_task=1,
+                          max_steps=20, chunk_timeout_s=5.0, startup_timeout_s=90.0,
+                          max_points_per_chunk=4, cameras=["corner"], image_size=32)
+        policy = {"model": "tiny", "use_sim_time": True, "autostart": True, "warmup_count": 1,
+                  "num_threads": 1, "camera_topics": [f"/{prefix}/camera/corner/image_raw"],
+                  "joint_state_topic": b["joint_state_topic"],
+                  "state_joint_names": list(STATE_JOINT_NAMES),
+                  "instruction_topic": b["instruction_topic"],
+                  "trajectory_topic": b["trajectory_topic"], "joint_names": NAMES,
+                  "action_dt": 0.1, "action_min": [-1.0] * 4, "action_max": [1.0] * 4,
+                  "chunk_aggregation": mode, "smoothing_steps": 3,
+                  "diagnostics_topic": f"/{prefix}/diagnostics"}
+        (tmp_path / mode).mkdir()
+        params = write_params(str(tmp_path / mode / "params.yaml"),
+                              {"sim_bridge": b, "policy_node": policy})
+        logs = {k: str(tmp_path / mode / f"{k}.log") for k in ("policy", "bridge")}
+        runs[mode] = dict(listener=Listener(ros_domain, prefix), logs=logs,
+                          policy=start_node("policy_node", params, logs["policy"]),
+                          bridge=start_node("sim_bridge", params, logs["bridge"]),
+                          summary=tmp_path / mode / "summary.json")
+    try:
+        for run in runs.values():
+            run["rc"] = wait_exit(run["bridge"], run["logs"]["bridge"], 120)
+    finally:
+        for run in runs.values():
+            stop_node(run["bridge"])
+            run["policy_rc"] = stop_node(run["policy"])
+            run["listener"].close()
+    jumps = {}
+    for mode, run in runs.items():
+        assert run["rc"] == 0 and run["policy_rc"] == 0, open(run["logs"]["policy"]).read()[-3000:]
+        summary = json.load(open(run["summary"]))
+        ep = summary["episode_outcomes"][0]
+        assert ep["points_executed"] > 0 and ep["hold_steps"] < ep["steps"] // 2, ep
+        with run["listener"].lock:
+            chunks = list(run["listener"].chunks)
+        jumps[mode] = _boundary_jumps(chunks)
+        assert len(jumps[mode]) >= 3, (mode, len(chunks))
+    assert jumps["inpaint"].max() < 1e-5, jumps["inpaint"]
+    assert jumps["latest_only"].mean() > 1e-3, jumps["latest_only"]

@@ -247,7 +247,14 @@ def _as_policy(model):
     if isinstance(model, Policy):
         return model
     if isinstance(model, nn.Module) and hasattr(model, "cfg"):
-        return Policy(model, model.cfg, name=getattr(model.cfg, "name", "custom"), device="cpu", dtype="fp32")
+        # keep the caller's dtype and device (Policy would otherwise cast the model in place)
+        was = {n: m.training for n, m in model.named_modules()}
+        p = next((p for p in model.parameters()), None)
+        pol = Policy(model, model.cfg, name=getattr(model.cfg, "name", "custom"),
+                     device=p.device if p is not None else "cpu", dtype=_model_dtype_name(model))
+        for n, m in model.named_modules():
+            m.training = was.get(n, m.training)
+        return pol
     raise TypeError("quantize() needs a quantvla_core.Policy or a reference model with .cfg; "
                     f"got {type(model).__name__}")
 
@@ -263,17 +270,34 @@ def _calib_observations(calib, cfg, qc: QuantConfig, state_dim: int):
     raise TypeError("calib must be a source string (synthetic[:N], folder, .mcap) or a list of Observations")
 
 
+def _model_dtype_name(model: nn.Module) -> str | None:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(p.dtype) if p is not None else None
+
+
+def _policy_runner(run: CalibrationRun):
+    """The core's runner: one output tensor per calibration batch (limit: the first batches)."""
+    def runner(model, limit=None):
+        n = len(run.batches) if limit is None else min(limit, len(run.batches))
+        return [CalibrationRun([run.batches[i]], [run.noises[i]], run.num_steps).run(model) for i in range(n)]
+    return runner
+
+
 def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, heldout=None,
-             progress: bool = True, report: bool = True, keep_teacher: bool = False) -> QuantResult:
-    """Quantize a Policy (or reference model) into a new student Policy; the input is unchanged."""
+             progress: bool = True, report: bool = True, keep_teacher: bool = False, spec=None) -> QuantResult:
+    """Quantize a Policy (or reference model) into a new student Policy; the input is unchanged
+    (weights, dtype and device). A thin wrapper over ``api.quantize_core`` with the built-in
+    ArchSpec of the policy's architecture and its observation / flow-matching calibration."""
     from ..policy import Policy
+    from .api import plan_linears, quantize_core
+    from .spec import ArchSpec
     qc = config or QuantConfig()
     policy = _as_policy(model)
     if any(isinstance(m, QuantLinear) for m in policy.model.modules()):
         raise ValueError(f"{policy.name} is already quantized ({policy.scheme}); quantize the float model instead")
     cfg = policy.config
     arch = L.check_arch(L.detect_arch(policy.model) if not hasattr(cfg, "arch") else cfg.arch)
-    w_bits, a_bits = qc.bits
+    spec = spec or ArchSpec.builtin(policy.model, arch)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -281,32 +305,13 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
     if heldout is not None:
         held_obs = heldout if isinstance(heldout, list) else \
             load_observations(heldout, cfg, seed=qc.seed + 1, state_dim=policy.state_dim)
-    teacher = policy.model.eval()
+    teacher = policy.model
     run = CalibrationRun.build(policy, calib_obs, qc.batch_size, seed=qc.seed + 1000)
     held = CalibrationRun.build(policy, held_obs, qc.batch_size, seed=qc.seed + 2000) if report else None
 
-    entries = L.plan_model(teacher, arch, qc.layout)
-    int_names = [e.name for e in entries if e.integer and isinstance(dict(teacher.named_modules())[e.name], nn.Linear)]
-    modules_t = dict(teacher.named_modules())
-    attn_pat, q_child, o_child = L.ACTION_ATTENTION[arch]
-    atm_targets = [AttentionTarget(n, f"{n}.{q_child}") for n in modules_t if re.search(attn_pat, n)]
-    if qc.atm_backbone:
-        bpat, bq, _ = L.BACKBONE_ATTENTION[arch]
-        atm_targets = [AttentionTarget(n, f"{n}.{bq}") for n in modules_t if re.search(bpat, n)] + atm_targets
-    ohb_targets = [f"{n}.{o_child}" for n in modules_t if re.search(attn_pat, n)]
-    if qc.ohb_mlp:
-        ohb_targets += [n for n in modules_t if re.search(L.ACTION_MLP_OUT[arch], n)]
-    # per-head query norms (Qwen3 q_norm) would undo a scale folded into q_proj: no ATM there
-    atm_skipped = [t.name for t in atm_targets if isinstance(getattr(modules_t[t.name], "q_norm", None), nn.Module)]
-    atm_targets = [t for t in atm_targets if t.name not in atm_skipped]
-    if not qc.atm:
-        atm_targets, atm_skipped = [], []
-    if not qc.ohb:
-        ohb_targets = []
-
-    n_atm = (len(atm_targets) if qc.order == "sequential" else 1) if atm_targets else 0
-    n_ohb = (len(ohb_targets) if qc.order == "sequential" else 1) if ohb_targets else 0
-    bar = tqdm(total=1 + len(int_names) + n_atm + n_ohb + (2 if report else 0), disable=not progress,
+    _, int_names = plan_linears(teacher, spec, qc)
+    n_attn = sum(1 for a in spec.attention if a.part == "action" or qc.atm_backbone)
+    bar = tqdm(total=2 + len(int_names) + 2 * n_attn + (2 if report else 0), disable=not progress,
                desc=f"quantize {qc.scheme}", unit="step", dynamic_ncols=True)
 
     def step(desc: str) -> None:
@@ -314,102 +319,31 @@ def quantize(model, config: QuantConfig | None = None, calib="synthetic", *, hel
         bar.update(1)
 
     with quant_backend("auto"):
-        # 1. teacher statistics (one pass over the buffer, every denoising step)
-        inputs, sigma_t, rms_t, _ = _teacher_pass(teacher, run, int_names, [t.name for t in atm_targets],
-                                                  ohb_targets, qc.token_samples, qc.seed)
-        step("teacher statistics")
-        timings["teacher_pass"] = time.perf_counter() - t0
-
-        # 2. transforms and integer layers on a copy of the teacher
-        t1 = time.perf_counter()
         student = copy.deepcopy(teacher)
-        modules_s = dict(student.named_modules())
-        transforms: dict[str, InputTransform] = {}
-        # what a fold upstream multiplies this layer's input by (its weight columns get the inverse)
-        input_fold: dict[str, torch.Tensor] = {}
-        output_fold: dict[str, torch.Tensor] = {}  # producer rows scaled for a downstream smoothing
-        names_t = [n for n in qc.transforms if not (a_bits is None and n == "smooth")]
-        for members, target, kind in _input_groups(int_names, modules_s, inputs.absmax):
-            if not names_t:
-                break
-            ws = [modules_s[n].weight for n in members]
-            t = build_transform(tuple(names_t), ws, inputs.absmax[members[0]], qc.smooth_strength,
-                                qc.rotation, qc.rotation_block)
-            if t.inv_smooth is not None and qc.fold_smoothing and kind != "none":
-                if kind == "norm":
-                    fold_smoothing_into_norm(modules_s[target], t.inv_smooth)
-                else:
-                    scale_output_channels(modules_s[target], t.inv_smooth)
-                    output_fold[target] = t.inv_smooth
-                for n in members:
-                    input_fold[n] = t.inv_smooth
-                    transforms[n] = InputTransform(None, t.perm, t.rotation, t.rotation_kind)
-            else:
-                for n in members:
-                    transforms[n] = t
-        layer_specs: dict[str, dict] = {}
-        for n in int_names:
-            lin = modules_s[n]
-            t = transforms.get(n)
-            if n in input_fold:
-                # weight side of a folded smoothing: columns times s, then perm/rotation
-                w_scaled = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                     device=lin.weight.device, dtype=lin.weight.dtype)
-                with torch.no_grad():
-                    w_scaled.weight.copy_(lin.weight.double().div(input_fold[n].double().to(lin.weight.device))
-                                          .to(lin.weight.dtype))
-                    if lin.bias is not None:
-                        w_scaled.bias.copy_(lin.bias)
-                lin_src = w_scaled
-            else:
-                lin_src = lin
-            gs = qc.group_size if (w_bits == 4 and qc.group_size and lin.in_features % qc.group_size == 0) else None
-            act_scale = None
-            if qc.activation == "static" and a_bits is not None:
-                from .quantizers import qmax
-                xs = inputs.tokens[n].double()
-                if n in input_fold:
-                    xs = xs * input_fold[n].double()
-                xt = (t.apply(xs) if t is not None else xs).abs().amax(1).float()
-                act_scale = float(torch.quantile(xt, qc.percentile / 100.0)) / qmax(a_bits)
-            ql = QuantLinear.from_linear(lin_src, w_bits=w_bits, a_bits=a_bits, group_size=gs, transform=t,
-                                         clip_grid=qc.clip_grid, act_scale=act_scale)
-            parent_name, _, child = n.rpartition(".")
-            setattr(modules_s[parent_name] if parent_name else student, child, ql)
-            layer_specs[n] = ql.spec()
-            step(n)
-        modules_s = dict(student.named_modules())
-        errors = layer_errors(teacher, student, inputs, input_fold, output_fold) if report else {}
-        timings["quantize_layers"] = time.perf_counter() - t1
-
-        # 3. ATM then 4. OHB, each block by block from the first
-        t2 = time.perf_counter()
-        alphas = calibrate_atm(student, run, atm_targets, sigma_t, qc.order, qc.atm_clamp, qc.atm_dead_zone,
-                               progress=step) if atm_targets else {}
-        timings["atm"] = time.perf_counter() - t2
-        t3 = time.perf_counter()
-        betas = calibrate_ohb(student, run, ohb_targets, rms_t, qc.order, qc.ohb_log_clamp, qc.ohb_dead_zone,
-                              progress=step) if ohb_targets else {}
-        timings["ohb"] = time.perf_counter() - t3
-
+        core = quantize_core(student, teacher, qc, spec, _policy_runner(run), progress=step)
+        timings.update(core["timings_s"])
+        groups = [{k: v for k, v in g.items() if k != "search"} for g in core["groups"]]
         meta = {
             "format": "quantvla-quantization", "version": 1, "scheme": qc.scheme, "arch": arch,
-            "config": qc.to_dict(),
-            "layout": [{"name": e.name, "role": e.role, "integer": e.integer} for e in entries],
-            "modules": layer_specs, "alpha": alphas, "beta": betas, "atm_skipped_qk_norm": atm_skipped,
+            "config": qc.to_dict(), "layout": core["layout"], "modules": core["modules"],
+            "alpha": core["alpha"], "beta": core["beta"],
+            "atm_skipped_qk_norm": [n for n, why in core["atm_skipped"].items() if "q_norm" in why],
+            "atm_skipped": core["atm_skipped"], "fold_groups": groups, "float_check": core["float_check"],
             "calibration": {"source": str(calib) if isinstance(calib, (str, Path)) else "observations",
                             "samples": len(run), "heldout": len(held) if held is not None else 0},
         }
         student_policy = Policy(student, cfg, name=f"{policy.name}-{qc.scheme}", device=policy.device,
-                                dtype="fp32" if policy.dtype == torch.float32 else None,
-                                scheme=qc.scheme, quant_meta=meta)
+                                dtype=_model_dtype_name(teacher), scheme=qc.scheme, quant_meta=meta)
         if getattr(policy, "io", None) is not None:  # a real checkpoint's tokenizer / normalisation
             from ..loaders.external import ExternalPolicy
             student_policy = ExternalPolicy.wrap(student_policy, policy.io)
         rep: dict[str, Any] = {}
         if report:
             t4 = time.perf_counter()
-            rep = build_report(teacher, student, held, errors, meta, policy.name)
+            rep = build_report(teacher, student, held, core["layer_errors"], meta, policy.name)
+            rep["fold_groups"] = core["groups"]
+            rep["float_check"] = core["float_check"]
+            rep["atm_skipped"] = core["atm_skipped"]
             step("report: teacher")
             step("report: student")
             timings["report"] = time.perf_counter() - t4
@@ -440,7 +374,7 @@ def sweep_smooth_strength(model, config: QuantConfig | None = None, calib="synth
         raise ValueError(f"smoothing strengths must lie in (0, 1], got {list(grid)}")
     rows, best, best_key = [], None, None
     for strength in grid:
-        res = quantize(model, dataclasses.replace(qc, smooth_strength=float(strength)), calib,
+        res = quantize(model, dataclasses.replace(qc, smooth_strength=float(strength), smooth_search=False), calib,
                        heldout=heldout, progress=progress, report=True)
         fid = res.report["fidelity"]
         rows.append({"smooth_strength": float(strength), "cosine_mean": float(fid["cosine_mean"]),

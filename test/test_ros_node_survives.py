@@ -282,8 +282,9 @@ def test_identical_instructions_are_logged_once(node):
     for _ in range(100):  # paced: the subscription keeps only the newest (depth 1)
         h.instruction.publish(String(data=text))
         time.sleep(0.01)
-    h.wait_for(lambda: int(h.values("inputs")["instruction_received"]) >= before + 60, 10.0,
-               "most of the 100 instructions received")
+    # (with depth 1 some are superseded before the node takes them: 56-100 arrive here)
+    h.wait_for(lambda: int(h.values("inputs")["instruction_received"]) >= before + 30, 10.0,
+               "many of the 100 instructions received")
     time.sleep(0.3)  # the tail of the burst reaches the node and the next diagnostics
     received = int(h.values("inputs")["instruction_received"]) - before
     assert len(_log_lines(log, f"instruction: '{text}'")) == 1

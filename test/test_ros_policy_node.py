@@ -165,6 +165,14 @@ class Harness:
     def counter(self, key):
         return int(self.values("inputs").get(key, "0"))
 
+    def refused_after(self, key, send):
+        """Call send() and wait until the node counted `key` again: it has taken (and refused)
+        what was sent, so asserting that no trajectory came needs no fixed sleep."""
+        before = self.counter(key)
+        out = send()
+        self.wait_for(lambda: self.counter(key) > before, 5.0, f"{key} counted")
+        return out
+
     def call(self, srv_type, name, request, timeout_s=20.0):
         client = self.node.create_client(srv_type, name)
         try:
@@ -384,8 +392,7 @@ def test_bad_joint_state_stops_actions_until_a_valid_one(active_node, positions,
     before = h.counter(f"invalid.joint_state.{code}")
     h.send_joints(positions, names)
     h.wait_for(lambda: h.counter(f"invalid.joint_state.{code}") > before, 5.0, code)
-    stamps = [h.send_pair() for _ in range(3)]
-    time.sleep(0.6)
+    stamps = h.refused_after("stale.joint_state.missing", lambda: [h.send_pair() for _ in range(3)])
     assert all(h.trajectory_for(s) is None for s in stamps)
     h.send_joints()
     h.act()
@@ -401,8 +408,7 @@ def test_bad_instruction_stops_actions_until_a_valid_one(active_node, text, code
     before = h.counter(f"invalid.instruction.{code}")
     h.instruction.publish(String(data=text))
     h.wait_for(lambda: h.counter(f"invalid.instruction.{code}") > before, 5.0, code)
-    stamps = [h.send_pair() for _ in range(3)]
-    time.sleep(0.6)
+    stamps = h.refused_after("stale.instruction.missing", lambda: [h.send_pair() for _ in range(3)])
     assert all(h.trajectory_for(s) is None for s in stamps)
     h.instruction.publish(String(data="pick up the red block \U0001F7E5 \u00e9"))  # odd but valid
     h.act()
@@ -426,10 +432,14 @@ def test_live_parameters_limits_clipping_dry_run_and_refusals(active_node):
     assert all(h.trajectory_for(s) is None for s in stamps)
     h.set_params("policy_node", action_min=[-1e6] * 4, action_max=[1e6] * 4, clip_actions=True,
                  dry_run=True)
+    with h.lock:
+        received = len(h.trajectories)
+    h.wait_for(lambda: int(h.values("policy")["chunks_published"]) >= received, 5.0, "settled")
     computed = int(h.values("policy")["chunks_computed"])
+    published = int(h.values("policy")["chunks_published"])
     stamps = [h.send_pair() for _ in range(3)]
     h.wait_for(lambda: int(h.values("policy")["chunks_computed"]) > computed, 5.0, "dry run chunk")
-    time.sleep(0.3)
+    assert int(h.values("policy")["chunks_published"]) == published  # the node's own count
     assert all(h.trajectory_for(s) is None for s in stamps)
     h.set_params("policy_node", dry_run=False)
     res = h.set_params("policy_node", model="other")
@@ -521,7 +531,6 @@ def test_stale_joint_state_gives_no_action_even_when_not_required(active_node):
         stamps = [h.send_pair() for _ in range(2)]
         h.wait_for(lambda: h.counter("stale.joint_state.stale") > before, 5.0,
                    "a stale joint state refused although not required")
-        time.sleep(0.3)
         assert all(h.trajectory_for(s) is None for s in stamps)
         h.act(joints=True)  # a fresh state makes it act again
     finally:
@@ -631,8 +640,10 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     assert _state(h) == "inactive"
     h.wait_for(lambda: h.status("policy").message == "inactive", 5.0, "diag inactive")
     assert level_of(h.status("policy")) == 0
+    received = int(h.values("inputs").get("camera0_received", "0"))
     stamps = [h.send_pair(cam1=False) for _ in range(3)]
-    time.sleep(0.5)
+    h.wait_for(lambda: int(h.values("inputs")["camera0_received"]) >= received + 3, 5.0,
+               "the frames reached the node")  # it has them; an inactive node must not act
     assert all(h.trajectory_for(s) is None for s in stamps)
     assert not h.set_params("lc_node", model="tiny")[0].successful  # read-only once configured
     h.wait_for(lambda: h.values("policy").get("weight_bytes") == str(tiny.describe()["weight_bytes"]),
@@ -644,8 +655,10 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     assert len(msg.points) == 5  # actions_per_chunk: the first 5 of the 8-step chunk
     # deactivate -> silent again
     assert _transition(h, Transition.TRANSITION_DEACTIVATE) is True
+    received = int(h.values("inputs").get("camera0_received", "0"))
     stamps = [h.send_pair(cam1=False) for _ in range(3)]
-    time.sleep(0.5)
+    h.wait_for(lambda: int(h.values("inputs")["camera0_received"]) >= received + 3, 5.0,
+               "the frames reached the node")  # it has them; an inactive node must not act
     assert all(h.trajectory_for(s) is None for s in stamps)
     # cleanup frees the model
     assert _transition(h, Transition.TRANSITION_CLEANUP) is True

@@ -248,6 +248,13 @@ def wait_exit(proc, log_path, timeout_s):
         pytest.fail("sim_bridge did not finish in time:\n" + open(log_path).read()[-3000:])
 
 
+def wait_until(predicate, timeout_s=5.0):
+    """Poll until predicate() (a message the bridge sent before exiting has arrived)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and not predicate():
+        time.sleep(0.02)
+
+
 def stamp_ns(stamp):
     return stamp.sec * 10**9 + stamp.nanosec
 
@@ -272,7 +279,9 @@ def test_policy_node_closes_the_loop_with_sim_bridge(tmp_path, ros_domain):
     bridge = start_node("sim_bridge", params, logs["bridge"])
     try:
         rc = wait_exit(bridge, logs["bridge"], 100)
-        time.sleep(0.5)
+        # the last outcome and diagnostics were sent before the bridge exited
+        wait_until(lambda: len(listener.outcomes) >= 2 and sum(
+            st.name == "sim_bridge: episodes" for arr in listener.diags for st in arr.status) >= 2)
     finally:
         stop_node(bridge)
         stop_node(policy_proc)
@@ -373,7 +382,7 @@ def test_scripted_expert_over_dds_succeeds_like_in_process(tmp_path, ros_domain)
                     env.step(ref_expert.action(env.sim_obs))
                 reference.append((env.success, env.steps))
         rc = wait_exit(bridge, log, 90)
-        time.sleep(0.3)
+        wait_until(lambda: len(listener.outcomes) >= 2)
     finally:
         stop_node(bridge)
         listener.close()

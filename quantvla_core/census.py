@@ -349,6 +349,14 @@ def count_extension_calls(census: OpCensus) -> Iterator[list[str]]:
 
 # ---- one policy ----------------------------------------------------------------------------------
 
+def _resolved_backend(device: torch.device) -> str | None:
+    try:
+        import quantvla_kernels
+    except ImportError:
+        return None
+    return quantvla_kernels.resolve_backend(None, device)
+
+
 def kernel_backend(device: torch.device) -> str:
     """The quantvla_kernels backend the integer layers use on ``device`` now."""
     try:
@@ -373,8 +381,10 @@ def census_policy(policy, obs, num_steps: int, backend: str = "auto", warmup: bo
     from .chunk_timing import ChunkRunner
     from .quant.qlinear import QuantLinear
     runner = ChunkRunner(policy, obs, num_steps, "eager")
-    modules = triton_census_modules(policy.device) if backend == "triton" else []
     with quantvla_backend_scope(backend):
+        # Triton launches are invisible to aten: instrument them wherever they run (--census-backend
+        # triton, or auto on CUDA, where the kernels pick Triton themselves)
+        modules = triton_census_modules(policy.device) if _resolved_backend(policy.device) == "triton" else []
         if warmup:  # lazily built caches (CPU weight groups) exist before weights are collected
             runner.run_staged(lambda name: contextlib.nullcontext())
         census = OpCensus(policy.model)

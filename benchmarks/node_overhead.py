@@ -287,6 +287,10 @@ def main(argv=None) -> int:
           f"{result['node_diagnostics']['inputs'].get('camera0_dropped')}); node RSS "
           f"{result['rss_mib']['first']:.1f} -> {result['rss_mib']['last']:.1f} MiB; target "
           f"overhead p99 <= 5 ms: {'met' if result['target']['met'] else 'NOT met'}")
+    pol = result["node_diagnostics"]["policy"]
+    print(f"node deadline view: last chunk {pol.get('last_chunk_latency_ms', 'n/a')} ms against "
+          f"budget {pol.get('latency_budget_ms', 'n/a')} ms, {pol.get('deadline_misses', 'n/a')} "
+          f"misses, worst {pol.get('worst_chunk_latency_ms', 'n/a')} ms")
     _write_json(args.out, result)
     print(f"wrote {args.out}")
     if args.plot:

@@ -273,6 +273,18 @@ def _float_tol(model: nn.Module) -> float:
     return {torch.float64: 1e-5, torch.float32: 1e-3}.get(p.dtype if p is not None else torch.float32, 5e-2)
 
 
+def _fold_rounding_error(norm: nn.Module, inv: torch.Tensor, offset: float) -> float:
+    """Max relative error of (offset + w') against (offset + w) * inv once w' is stored in the
+    norm's dtype. Why: with Gemma's 1 + w form, w' = (1 + w) / s - 1 loses (1 + w) / s to
+    bf16 rounding when it is small next to 1."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or isinstance(getattr(norm, "dense", None), nn.Linear):
+        return 0.0
+    want = (offset + w.detach().double()) * inv.double().to(w.device)
+    stored = (want - offset).to(w.dtype).double() + offset
+    return float(((stored - want).abs() / want.abs().clamp_min(1e-30)).max())
+
+
 def search_and_fold(student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, tr, stats: "InputStats",
                     t_outputs: list, run: Runner):
     """Per group: search the transform, fold its smoothing where proven, scale the members' weight
@@ -305,9 +317,14 @@ def search_and_fold(student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, 
                 entry["proof"] = f"{why}; but folding into {type(mods_s[target]).__name__} is not exact " \
                                  f"(rel err {err:.2e})"
             else:
-                fold_smoothing_into_norm(mods_s[target], t.inv_smooth, offset)
-                entry.update(fold="norm", offset=offset)
-                folded = True
+                lossy = _fold_rounding_error(mods_s[target], t.inv_smooth, offset)
+                if lossy > 1e-2:
+                    entry["proof"] = f"{why}; but the folded norm weight does not survive " \
+                                     f"{mods_s[target].weight.dtype} rounding (max rel err {lossy:.1e})"
+                else:
+                    fold_smoothing_into_norm(mods_s[target], t.inv_smooth, offset)
+                    entry.update(fold="norm", offset=offset)
+                    folded = True
         elif t.inv_smooth is not None and qc.fold_smoothing and kind == "producer":
             if isinstance(mods_s.get(target), nn.Linear):
                 scale_output_channels(mods_s[target], t.inv_smooth)

@@ -361,34 +361,55 @@ def sdpa_logits(q, k, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     return logits, mask
 
 
+_SOFTMAX = {"softmax", "_softmax"}
+
+
 class _SDPAMode(TorchFunctionMode):
-    def __init__(self, cb):
+    def __init__(self, cb, softmax_cb=None):
         super().__init__()
         self.cb = cb
+        self.softmax_cb = softmax_cb
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.cb(*args, **kwargs)
+        elif self.softmax_cb is not None and _fname(func) in _SOFTMAX and args \
+                and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            self.softmax_cb(args[0])
         return func(*args, **kwargs)
 
 
 class attention_logit_scope:
     """While active, every ``F.scaled_dot_product_attention`` call made inside one of the named
     modules is passed as ``callback(name, logits, mask)`` (the project's own attention() reports
-    through ``logit_observer``; HF models with attn_implementation='sdpa' through this)."""
+    through ``logit_observer``; HF models with attn_implementation='sdpa' through this). Modules
+    that compute attention eagerly (HF 'eager', Gemma-2's soft-capped logits) are seen at their
+    4-D softmax input instead: masked entries (additive mask at the dtype's minimum, or -inf) are
+    excluded; soft-capped logits are observed after the cap."""
 
     def __init__(self, model: nn.Module, names, callback):
         self.mods = {n: m for n, m in model.named_modules() if n in set(names)}
         self.callback = callback
         self.stack: list[str] = []
         self.handles = []
-        self.mode = _SDPAMode(self._on_sdpa)
+        self.mode = _SDPAMode(self._on_sdpa, self._on_softmax)
 
     def _on_sdpa(self, *args, **kwargs):
         if self.stack:
             logits, mask = sdpa_logits(*args, **kwargs)
             self.callback(self.stack[-1], logits, mask)
+
+    def _on_softmax(self, x):
+        if not self.stack:
+            return
+        name = self.stack[-1]
+        if hasattr(self.mods[name], "attn_name"):  # the project's attention(): logit_observer reports it
+            return
+        with torch.no_grad():
+            lf = x.detach().float()
+            mask = torch.isfinite(lf) & (lf > torch.finfo(x.dtype).min / 2)
+            self.callback(name, torch.where(mask, lf, torch.zeros_like(lf)), mask)
 
     def __enter__(self):
         def push(name):

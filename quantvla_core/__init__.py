@@ -3,11 +3,11 @@ from .config import PRESETS, ModelConfig, preset
 from .policy import ActionChunk, Observation, Policy
 
 __all__ = ["Policy", "Observation", "ActionChunk", "ModelConfig", "preset", "PRESETS", "quantize",
-           "QuantConfig"]
+           "QuantConfig", "quantize_", "ArchSpec"]
 
 
 def __getattr__(name):  # the quantizer is imported on first use: it pulls in the kernels
-    if name in ("quantize", "QuantConfig"):
+    if name in ("quantize", "QuantConfig", "quantize_", "ArchSpec"):
         from . import quant
         return getattr(quant, name)
     raise AttributeError(name)

@@ -308,3 +308,67 @@ def test_quantize_policy_leaves_the_input_model_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert r.meta["float_check"]["ok"] and r.meta["fold_groups"]
     assert not math.isnan(r.meta["float_check"]["rel_error"])
+
+
+def test_top_level_exports():
+    import quantvla_core
+    from quantvla_core import quant
+    assert quantvla_core.quantize_ is quantize_ and quantvla_core.ArchSpec is ArchSpec
+    assert quant.fold_smoothing_ is fold_smoothing_ and quant.QuantConfig is QuantConfig
+
+
+def test_smolvla_builtin_spec_names_the_expert_attention():
+    from quantvla_core.config import DecoderConfig, ModelConfig, VisionConfig
+    from quantvla_core.models import build_model
+    cfg = ModelConfig(
+        arch="smolvla", name="tiny-smolvla",
+        vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=1, heads=1, mlp=64, pixel_shuffle=2),
+        backbone=DecoderConfig(width=64, depth=2, mlp=96, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
+        expert=DecoderConfig(width=48, depth=2, mlp=64, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
+        action_dim=4, state_dim=4, horizon=5, num_steps=3, max_cameras=1, max_text_tokens=16)
+    spec = ArchSpec.builtin(build_model(cfg, device="meta"))
+    assert spec.name == "smolvla"
+    act = [a for a in spec.attention if a.part == "action"]
+    assert [a.name for a in act] == [f"vlm_with_expert.lm_expert.layers.{i}.self_attn" for i in range(2)]
+    assert all(a.heads == 2 and a.head_dim == 32 for a in act)
+    assert spec.role("vlm_with_expert.lm_expert.layers.0.mlp.up_proj") == "dit_mlp"
+
+
+class ForeignVLA(nn.Module):
+    """A VLA the project has never seen: vision blocks, a language backbone and an action expert,
+    each a stack of Gemma-2-style layers under names of its own."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.vision_tower = nn.ModuleDict({"patch": nn.Linear(48, d), "layers": nn.ModuleList([Gemma2Layer(d)])})
+        self.language_model = nn.ModuleDict({"layers": nn.ModuleList([Gemma2Layer(d) for _ in range(2)])})
+        self.action_expert = nn.ModuleDict({"action_in": nn.Linear(7, d),
+                                            "layers": nn.ModuleList([Gemma2Layer(d) for _ in range(2)]),
+                                            "action_out": nn.Linear(d, 7)})
+
+    def forward(self, patches, noisy_actions):
+        v = self.vision_tower["patch"](patches)
+        for layer in self.vision_tower["layers"]:
+            v = layer(v)
+        for layer in self.language_model["layers"]:
+            v = layer(v)
+        a = torch.cat([v, self.action_expert["action_in"](noisy_actions)], 1)
+        for layer in self.action_expert["layers"]:
+            a = layer(a)
+        return self.action_expert["action_out"](a[:, v.shape[1]:])
+
+
+def test_foreign_vla_in_ten_lines():
+    """The docs/quantize-any-model.md example, on a model with names of its own."""
+    model = _randomize(ForeignVLA())
+    g = torch.Generator().manual_seed(3)
+    calib = [(torch.randn(2, 9, 48, generator=g), torch.randn(2, 5, 7, generator=g)) for _ in range(4)]
+    spec = ArchSpec.generic(model, backbone="language_model", action="action_expert", vision="vision_tower")
+    report = quantize_(model, QuantConfig(scheme="w4a8", group_size=32), calib=calib, spec=spec)
+    ints = set(report["integer_layers"])
+    assert {n for n in ints if n.startswith("vision_tower")} == set()  # the quantvla layout keeps vision float
+    assert "language_model.layers.0.self_attn.q_proj" in ints and "action_expert.layers.1.mlp.down_proj" in ints
+    assert "action_expert.layers.0.self_attn.q_proj" not in ints  # action attention stays float (quantvla)
+    assert set(report["alpha"]) == {f"action_expert.layers.{i}.self_attn" for i in range(2)}
+    assert set(report["beta"]) == {f"action_expert.layers.{i}.self_attn.o_proj" for i in range(2)}
+    assert report["fidelity"]["cosine_mean"] > 0.99 and report["float_check"]["ok"]

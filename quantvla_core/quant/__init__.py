@@ -1,10 +1,13 @@
-"""QuantVLA post-training quantization: ``quantize(policy, QuantConfig(...), calib)``.
+"""QuantVLA post-training quantization: ``quantize_(model, QuantConfig(...), calib=..., spec=None)``
+on any nn.Module, and ``quantize(policy, QuantConfig(...), calib)`` for the project's Policy.
 
 Names are imported lazily so that loading a float policy never pays for the quantizer.
 """
 from __future__ import annotations
 
 _EXPORTS = {
+    "quantize_": "api", "fold_smoothing_": "api", "quantized_copy": "api",
+    "ArchSpec": "spec", "AttentionSpec": "spec",
     "quantize": "quantize", "QuantConfig": "quantize", "QuantResult": "quantize", "SCHEMES": "quantize",
     "QuantLinear": "qlinear", "quant_backend": "qlinear",
     "load_quantized": "artifact", "save_quantized": "artifact",

@@ -350,7 +350,7 @@ class PolicyNode(LifecycleNode):
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
-        with self._output_lock():
+        with self._output.holding():
             if self._traj_pub is not None:
                 self.destroy_lifecycle_publisher(self._traj_pub)
                 self._traj_pub = None
@@ -365,16 +365,15 @@ class PolicyNode(LifecycleNode):
             import torch
             torch.cuda.empty_cache()
 
-    def _output_lock(self):
-        return self._output._lock
-
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._teardown()
         self.get_logger().info("cleaned up: model freed")
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown(self.get_parameter("shutdown_timeout_s").value)
+        # From a process stop the worker was already given shutdown_timeout_s: don't wait twice.
+        self._teardown(0.0 if self._output.closed else
+                       self.get_parameter("shutdown_timeout_s").value)
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -440,6 +439,47 @@ class PolicyNode(LifecycleNode):
         budget = self._live("latency_budget_ms")
         return budget if budget > 0 else n_points * self._cfg["action_dt"] * 1e3
 
+    def _shape_chunk(self, actions: np.ndarray, stamp_s: float):
+        """Blend with the committed chunk (chunk_aggregation), then apply the limits; (actions,
+        blended steps), or None when the chunk is refused (the committed chunk is kept)."""
+        dt = self._cfg["action_dt"]
+        agg = self._aggregator
+        agg.mode = self._live("chunk_aggregation")
+        agg.weight_new = self._live("aggregation_weight_new")
+        agg.smoothing_steps = self._live("smoothing_steps")
+        # Limits apply to what is published: the blend with the previous chunk (limited when it
+        # was published, maybe under looser limits) can leave limits tightened since.
+        lo, hi = self._live("action_min"), self._live("action_max")
+        before_merge = agg.snapshot()
+        # Steps the robot executed from the committed chunk while this one was computed.
+        delay_steps = int(math.ceil(max(0.0, self._now_s() - stamp_s) / dt - 1e-9))
+        actions, blended = agg.merge(actions, stamp_s, delay_steps)
+        if not (lo or hi):
+            return actions, blended
+        problem = (limits_problem(lo, hi, actions.shape[1])
+                   or (None if len(lo) == len(hi) == actions.shape[1] else
+                       f"action_min/action_max have {len(lo)}/{len(hi)} entries; give both "
+                       f"with {actions.shape[1]} or neither"))
+        if problem:  # e.g. only one of the two set yet: never act unlimited
+            self._counters.bump("chunks_refused_limits")
+            self._refuse("model", "action_limits_invalid", f"{problem}; chunk not published")
+            agg.restore(before_merge)  # a refused chunk is not blended with later
+            return None
+        lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+        outside = (actions < lo) | (actions > hi)
+        if outside.any():
+            if not self._live("clip_actions"):
+                self._counters.bump("chunks_refused_limits")
+                self._refuse("model", "action_limits", f"{int(outside.sum())} action values "
+                             "leave [action_min, action_max] and clip_actions is false; chunk "
+                             "not published")
+                agg.restore(before_merge)
+                return None
+            self._counters.bump("chunks_clipped")
+            self._counters.bump("values_clipped", int(outside.sum()))
+            actions = np.clip(actions, lo, hi)
+        return actions, blended
+
     def _act(self, matched) -> None:
         t_taken = time.perf_counter()
         now = self._now_s()
@@ -464,41 +504,11 @@ class PolicyNode(LifecycleNode):
                          "chunk not published")
             return
         dt = self._cfg["action_dt"]
-        agg = self._aggregator
-        agg.mode = self._live("chunk_aggregation")
-        agg.weight_new = self._live("aggregation_weight_new")
-        agg.smoothing_steps = self._live("smoothing_steps")
-        # Limits apply to what is published: the blend with the previous chunk (limited when it
-        # was published, maybe under looser limits) can leave limits tightened since.
-        lo, hi = self._live("action_min"), self._live("action_max")
-        before_merge = agg.snapshot()
-        # Steps the robot executed from the committed chunk while this one was computed.
-        delay_steps = int(math.ceil(max(0.0, self._now_s() - matched.stamp_s) / dt - 1e-9))
-        actions, blended = agg.merge(actions, matched.stamp_s, delay_steps)
-        if lo or hi:
-            problem = (limits_problem(lo, hi, actions.shape[1])
-                       or (None if len(lo) == len(hi) == actions.shape[1] else
-                           f"action_min/action_max have {len(lo)}/{len(hi)} entries; give both "
-                           f"with {actions.shape[1]} or neither"))
-            if problem:  # e.g. only one of the two set yet: never act unlimited
-                self._counters.bump("chunks_refused_limits")
-                self._refuse("model", "action_limits_invalid", f"{problem}; chunk not published")
-                agg.restore(before_merge)  # a refused chunk is not blended with later
-                return
-            lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
-            outside = (actions < lo) | (actions > hi)
-            if outside.any():
-                if not self._live("clip_actions"):
-                    self._counters.bump("chunks_refused_limits")
-                    self._refuse("model", "action_limits", f"{int(outside.sum())} action values "
-                                 "leave [action_min, action_max] and clip_actions is false; chunk "
-                                 "not published")
-                    agg.restore(before_merge)
-                    return
-                self._counters.bump("chunks_clipped")
-                self._counters.bump("values_clipped", int(outside.sum()))
-                actions = np.clip(actions, lo, hi)
-        self._last_blended = blended
+        before_merge = self._aggregator.snapshot()
+        shaped = self._shape_chunk(actions, matched.stamp_s)
+        if shaped is None:
+            return
+        actions, blended = shaped
         stamp_msg, t_recv_node, t_recv, t_converted, convert_ms = matched.meta
         # A frame that went stale while the model ran gives no action either.
         timeout = self._live("image_timeout_s")
@@ -508,11 +518,12 @@ class PolicyNode(LifecycleNode):
             self._refuse("camera0", "stale_at_publish", f"frame was {age:.3f} s old when its "
                          f"chunk was ready (image_timeout_s {timeout}); chunk not published",
                          "warn")
-            agg.restore(before_merge)
+            self._aggregator.restore(before_merge)
             return
+        self._last_blended = blended
         msg = build_trajectory(stamp_msg, self._cfg["joint_names"], actions, dt)
         if not self._live("dry_run"):
-            if not self._output.publish(self._traj_pub, msg):
+            if not self._output.publish(lambda: self._traj_pub, msg):
                 return  # shutting down
             self._counters.bump("chunks_published")
         done = time.perf_counter()
@@ -550,7 +561,7 @@ class PolicyNode(LifecycleNode):
                 values.update(energy_j=energy[0], power_w=energy[1])
             timing.status = [make_status("chunk", self._cfg["device"], OK, "timings in ms",
                                          {k: f"{float(v):.6g}" for k, v in values.items()})]
-            self._output.publish(self._timing_pub, timing)
+            self._output.publish(lambda: self._timing_pub, timing)
 
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:

@@ -41,12 +41,20 @@ class OutputGate:
         return self._closed
 
     def publish(self, publisher, msg) -> bool:
-        """Publish unless closed; True when it went out."""
+        """Publish unless closed; True when it went out. `publisher` may be a zero-argument
+        callable returning it (or None), resolved under the lock, so a publisher destroyed by
+        cleanup (which holds the lock while it destroys) is never used."""
         with self._lock:
+            if callable(publisher) and not hasattr(publisher, "publish"):
+                publisher = publisher()
             if self._closed or publisher is None:
                 return False
             publisher.publish(msg)
             return True
+
+    def holding(self):
+        """The lock publishing holds: take it to destroy publishers."""
+        return self._lock
 
     def close(self) -> None:
         """After this returns no publish is in flight and none will start."""

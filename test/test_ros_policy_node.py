@@ -786,6 +786,35 @@ def test_stuck_inference_refuses_deactivate_and_never_runs_two_threads(ros_env):
         _close_inproc(ctx, node)
 
 
+def test_chunk_from_a_frame_that_went_stale_during_inference_is_not_published(ros_env):
+    """An inference slower than image_timeout_s: its chunk is dropped (counted), not sent."""
+    from rclpy.lifecycle import TransitionCallbackReturn as R
+
+    ctx, node = _inproc_node(ros_env, "qf", image_timeout_s=0.3)
+    gated = None
+    try:
+        assert node.trigger_configure() == R.SUCCESS
+        gated = _GatedPolicy(node._policy)
+        node._policy = gated
+        node._on_instruction(String(data="pick up the red block"))
+        assert node.trigger_activate() == R.SUCCESS
+        _feed(node)
+        assert gated.entered.wait(10.0), "the inference never started"
+        time.sleep(0.4)  # the frame's age passes image_timeout_s while the model runs
+        gated.gate.set()
+        end = time.monotonic() + 10.0
+        while node._counters.get("chunks_dropped_stale") == 0 and time.monotonic() < end:
+            time.sleep(0.01)
+        assert node._counters.get("chunks_dropped_stale") == 1
+        assert node._counters.get("chunks_published") == 0
+        assert node._counters.get("stale.camera0.stale_at_publish") == 1
+        assert node.trigger_deactivate() == R.SUCCESS
+    finally:
+        if gated is not None:
+            gated.gate.set()
+        _close_inproc(ctx, node)
+
+
 def test_inference_loop_exits_when_its_store_is_closed(ros_env):
     from rclpy.lifecycle import TransitionCallbackReturn as R
 

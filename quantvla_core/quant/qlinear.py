@@ -38,21 +38,29 @@ def direct_io() -> bool:
     return os.environ.get("QUANTVLA_QLINEAR_DIRECT", "1").strip() not in ("0", "false", "no", "off")
 
 
+_KERNELS = None
+
+
 def _kernels():
     """quantvla_kernels, imported lazily (the kernels are compiled on first use)."""
-    try:
-        import quantvla_kernels
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise RuntimeError("the 'cpu' and 'triton' QuantLinear backends need the quantvla_kernels "
-                           "package; use backend='reference' or install the project") from e
-    return quantvla_kernels
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            import quantvla_kernels
+            import quantvla_kernels.cpu_fused  # noqa: F401
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise RuntimeError("the 'cpu' and 'triton' QuantLinear backends need the quantvla_kernels "
+                               "package; use backend='reference' or install the project") from e
+        _KERNELS = quantvla_kernels
+    return _KERNELS
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _fused_cpu():
     """The compiled fused CPU linear of quantvla_kernels, or None (then the torch-op lean path)."""
-    from quantvla_kernels import cpu_fused
-
-    return cpu_fused.module()
+    return _kernels().cpu_fused.module()
 
 
 def get_default_backend() -> str:
@@ -231,13 +239,12 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        backend = self.backend or get_default_backend()
-        if (getattr(self, "_lean_cpu", False) and x2.device.type == "cpu" and x2.shape[0]
-                and backend in ("auto", "cpu")):
+        backend = self.backend or getattr(_default, "backend", "auto")
+        if self._lean_cpu and x2.device.type == "cpu" and x2.shape[0] and backend in ("auto", "cpu"):
             k = _kernels()
             if k.resolve_backend(None if backend == "auto" else backend, x2.device) == "cpu":
                 y = self._forward_cpu(x2, k.ops)
-                return (y if x.dtype == torch.float32 else y.to(x.dtype)).reshape(*lead, self.out_features)
+                return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, self.out_features)
         if backend == "reference":
             y = self.forward_reference(x2)
         elif backend in ("auto", "cpu", "triton"):
@@ -268,49 +275,60 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(torch.float64)
         return y
 
+    _CPU_SOURCES = ("qweight", "perm", "inv_smooth", "rotation", "wscale", "bias")
+
     def _cpu_operands(self, ops) -> tuple:
-        """(int8 weight groups, int64 perm) for the lean CPU forward, built on first CPU use and
-        rebuilt when qweight is replaced or changed in place (keyed by the tensor object and
-        its version counter). Costs N x K bytes per 4-bit layer (2x its packed codes)."""
-        srcs = (self.qweight, self.perm, self.inv_smooth, self.rotation, self.wscale)
-        try:
-            version = tuple(-1 if t is None else t._version for t in srcs)
-        except RuntimeError:  # inference tensors carry no version counter: rebuild each call
-            version = None
+        """Everything the lean CPU forward needs, built on first CPU use and rebuilt when a
+        source buffer is replaced or changed in place (keyed by the tensor objects and their
+        version counters, read from ``_buffers`` directly: this runs on every call).
+        Returns (weight groups, int64 perm, fused-extension arguments). Costs N x K bytes per
+        4-bit layer (2x its packed codes)."""
+        bufs = self._buffers
         cache = self._cpu_cache
-        if (version is not None and cache is not None and cache[1] == version
-                and all(a is b for a, b in zip(cache[0], srcs))):
-            return cache[2], cache[3], cache[4]
-        qw, perm = self.qweight, self.perm
+        if cache is not None:
+            try:
+                if all(bufs.get(n) is t and (t is None or t._version == v) for n, t, v in cache[0]):
+                    return cache[1]
+            except RuntimeError:  # an inference tensor (no version counter): rebuild
+                pass
+        srcs = [(n, bufs.get(n)) for n in self._CPU_SOURCES]
+        try:
+            key = tuple((n, t, -1 if t is None else t._version) for n, t in srcs)
+        except RuntimeError:  # inference tensors carry no version counter: rebuild each call
+            key = None
+        wscale = bufs["wscale"]
+        if tuple(wscale.shape) != ((self.out_features, self.in_features // self.group_size)
+                                   if self.group_size else (self.out_features,)):
+            raise ValueError(f"wscale has shape {tuple(wscale.shape)}, which does not match "
+                             f"{self.out_features} outputs and group_size {self.group_size}")
+        perm = bufs.get("perm")
         with torch.inference_mode(False):  # normal tensors: usable later outside inference mode
-            groups = ops.cpu_weight_groups(qw, self.w_bits, self.in_features, self.group_size)
+            groups = ops.cpu_weight_groups(bufs["qweight"], self.w_bits, self.in_features, self.group_size)
             perm64 = None if perm is None else perm.long()
             # the fused extension reads group scales as (G, N) rows
-            ws_fused = self.wscale if self.wscale.dim() == 1 else self.wscale.t().contiguous()
-        if tuple(self.wscale.shape) != ((self.out_features, self.in_features // self.group_size)
-                                        if self.group_size else (self.out_features,)):
-            raise ValueError(f"wscale has shape {tuple(self.wscale.shape)}, which does not match "
-                             f"{self.out_features} outputs and group_size {self.group_size}")
-        if version is not None:
-            self._cpu_cache = (srcs, version, groups, perm64, ws_fused)
-        return groups, perm64, ws_fused
+            ws_fused = wscale if wscale.dim() == 1 else wscale.t().contiguous()
+        fused_args = (bufs.get("inv_smooth"), perm64, bufs.get("rotation"), list(groups), ws_fused,
+                      bufs.get("bias"), qmax(self.a_bits))
+        value = (groups, perm64, fused_args)
+        if key is not None:
+            self._cpu_cache = (key, value)
+        return value
 
     def cpu_cache_bytes(self) -> int:
         """Bytes the lean CPU forward holds beyond the stored codes (0 until first CPU use)."""
         if self._cpu_cache is None or self.w_bits == 8:  # int8 codes are used in place
             return 0
-        return sum(g.numel() * g.element_size() for g in self._cpu_cache[2])
+        return sum(g.numel() * g.element_size() for g in self._cpu_cache[1][0])
 
     def _forward_cpu(self, x2: torch.Tensor, ops) -> torch.Tensor:
-        """Lean CPU forward: one pass of the activation transform, int8 codes for 8 and 4 bits
-        (4-bit codes are never packed), cached unpacked weights; same numbers as
+        """Lean CPU forward: the compiled fused linear (kernels/cpu_fused.py) where it is built,
+        else one pass of the activation transform, int8 codes for 8 and 4 bits (4-bit codes are
+        never packed), cached unpacked weights; both compute the same numbers as
         quantize_per_token + gemm_* on backend 'cpu'."""
-        groups, perm, ws_fused = self._cpu_operands(ops)
+        groups, perm, fused_args = self._cpu_operands(ops)
         fused = _fused_cpu()
-        if fused is not None and not self._rotate_first and x2.dtype in (torch.float32, torch.bfloat16):
-            y = fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), self.inv_smooth, perm,
-                                 self.rotation, list(groups), ws_fused, self.bias, qmax(self.a_bits))
-            return y
+        if fused is not None and not self._rotate_first and x2.dtype in _FUSED_DTYPES:
+            return fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), *fused_args)
         xf = x2 if x2.dtype == torch.float32 else x2.float()
         if self._rotate_first:
             q, xs = ops.cpu_quantize_codes(self.input_transform().apply(xf), self.a_bits)
@@ -442,17 +460,25 @@ def concat_quant_linears(layers: list[QuantLinear]) -> QuantLinear | None:
     return fused
 
 
-def _version_key(layers) -> tuple | None:
-    """Identity + version of every tensor a fused copy is built from; None for inference
-    tensors (no version counter), which are then not fused."""
-    key = []
+_FUSED_SOURCES = ("qweight", "wscale", "bias", "inv_smooth", "perm", "rotation")
+
+
+def _sources(layers) -> tuple | None:
+    """(buffers dict, name, tensor, version) of every tensor a fused copy is built from; None
+    for inference tensors (no version counter), which are then not fused."""
     try:
-        for layer in layers:
-            for t in (layer.qweight, layer.wscale, layer.bias, layer.inv_smooth, layer.perm, layer.rotation):
-                key.append((id(t), -1 if t is None else t._version))
+        return tuple((layer._buffers, n, layer._buffers.get(n),
+                      None if layer._buffers.get(n) is None else layer._buffers[n]._version)
+                     for layer in layers for n in _FUSED_SOURCES)
     except RuntimeError:
         return None
-    return tuple(key)
+
+
+def _still_valid(sources) -> bool:
+    try:
+        return all(b.get(n) is t and (t is None or t._version == v) for b, n, t, v in sources)
+    except RuntimeError:
+        return False
 
 
 _SIBLING_FUSION = True
@@ -473,18 +499,23 @@ def fused_siblings(parent: nn.Module, names: tuple[str, ...]) -> QuantLinear | N
     children's (the children stay the saved, inspectable layers)."""
     if not _SIBLING_FUSION:
         return None
-    layers = [getattr(parent, n, None) for n in names]
-    if not all(isinstance(layer, QuantLinear) for layer in layers):
-        return None
-    if (layers[0].backend or get_default_backend()) == "reference":
+    mods = parent._modules
+    first = mods.get(names[0])
+    if not isinstance(first, QuantLinear):
+        return None  # a float model: nothing to fuse
+    if (first.backend or getattr(_default, "backend", "auto")) == "reference":
         return None  # the float64 oracle stays layer by layer
     cache = parent.__dict__.get("_fused_siblings")
-    key = _version_key(layers)
-    if key is None:
+    if (cache is not None and cache[0] == names and all(mods.get(n) is c for n, c in zip(names, cache[1]))
+            and _still_valid(cache[2])):  # this runs on every forward: dict lookups only
+        return cache[3]
+    layers = [mods.get(n) for n in names]
+    if not all(isinstance(layer, QuantLinear) for layer in layers):
         return None
-    if cache is not None and cache[0] == (names, key):
-        return cache[1]
+    sources = _sources(layers)
+    if sources is None:
+        return None
     with torch.inference_mode(False):
         fused = concat_quant_linears(layers)
-    parent.__dict__["_fused_siblings"] = ((names, key), fused)
+    parent.__dict__["_fused_siblings"] = (names, tuple(layers), sources, fused)
     return fused

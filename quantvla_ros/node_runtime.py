@@ -64,11 +64,16 @@ class StopSignal:
     """SIGINT/SIGTERM set an event (and nothing else); a repeated signal is only noted."""
 
     def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        from quantvla_ros import early_signals
+
         self.event = threading.Event()
         self.received: list[str] = []
         self._old = {}
         for sig in signals:
             self._old[sig] = signal.signal(sig, self._handle)
+        if early_signals.received:  # arrived while the executable was still importing
+            self.received.extend(early_signals.received)
+            self.event.set()
 
     def _handle(self, signum, frame) -> None:
         self.received.append(signal.Signals(signum).name)

@@ -15,7 +15,16 @@ get` and /diagnostics agree by construction). The pieces live in their own modul
 """
 from __future__ import annotations
 
-import gc
+import os
+import sys
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "policy_node":
+    # The executable: a stop request during the heavy imports below is kept for main().
+    from quantvla_ros import early_signals
+
+    early_signals.capture()
+
+import gc  # noqa: E402
 import math
 import threading
 import time
@@ -188,7 +197,8 @@ class PolicyNode(LifecycleNode):
         self._autostart_timer.cancel()
         if self._output.closed:
             return
-        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+        if (self.trigger_configure() == TransitionCallbackReturn.SUCCESS
+                and not self._output.closed):  # a stop request during configure: stay inactive
             self.trigger_activate()
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -610,7 +620,7 @@ def main(args=None) -> int:
         log.info(f"{why}: shutting down (outputs closed, inference stopped)")
         stopped = node.begin_shutdown()
         spinning.set()
-        spinner.join(5.0)
+        spinner.join(max(5.0, node.get_parameter("shutdown_timeout_s").value))
         executor.shutdown(timeout_sec=5.0)
         node.finish_shutdown()
         log.info("shut down cleanly" if stopped else

@@ -376,3 +376,33 @@ def test_sigint_and_sigterm_under_load_exit_cleanly(ros_env, tmp_path, round_):
         for bad in ("Traceback", "context is invalid", "RCLError", "Exception"):
             assert bad not in text, where
         assert f"{sig.name}: shutting down" in text and "shut down cleanly" in text, where
+
+
+def test_stop_request_during_configure_and_imports_exits_cleanly(ros_env, tmp_path):
+    """SIGINT while the model warms up (configure runs in the executor), SIGTERM while the
+    executable is still importing: both exit 0 through the same ordered shutdown."""
+    params = write_params(str(tmp_path / "p.yaml"), {"early": _node_params(
+        "qe2", camera_topics=["/qe2/cam0/image_raw"], autostart=True, warmup_count=100)})
+    log = str(tmp_path / "configure.log")
+    proc = start_node("policy_node", params, log, extra_args=["-r", "__node:=early"])
+    try:
+        end = time.monotonic() + 60
+        while not _log_lines(log, "GIL switch interval") and time.monotonic() < end:
+            time.sleep(0.05)  # the node exists; its autostart configure is warming up
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(60)
+    finally:
+        stop_node(proc)
+    text = open(log).read()
+    assert rc == 0 and "SIGINT: shutting down" in text and "shut down cleanly" in text, text
+    assert "activated" not in text and "Traceback" not in text
+    log2 = str(tmp_path / "import.log")
+    proc = start_node("policy_node", params, log2, extra_args=["-r", "__node:=early"])
+    try:
+        time.sleep(0.3)  # inside the imports (torch, rclpy), before main() runs
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    finally:
+        stop_node(proc)
+    text = open(log2).read()
+    assert rc == 0 and "SIGTERM: shutting down" in text and "Traceback" not in text, text

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from quantvla_ros.diagnostics import RateMeter
 from quantvla_ros.frame_sync import FrameStore
 from quantvla_ros.image_conversion import ImageConversionError, message_to_rgb
 from quantvla_ros.input_validation import (InputError, check_stamp, clean_instruction,
@@ -41,6 +42,7 @@ class InputGate:
         self._lock = threading.Lock()
         self._last_stamp: list[float | None] = [None] * n
         self._newest: list[float | None] = [None] * n  # newest accepted frame stamp (node clock)
+        self.rates = [RateMeter() for _ in range(n)]  # accepted frames per second, per camera
         self._watch_since = now_s()  # age of a camera that never sent, counted from here
         self._instruction = None  # (text, receive time s) or None
         self._joint_state = None  # (vector, receive time s) or None
@@ -74,6 +76,7 @@ class InputGate:
             return
         self._last_stamp[cam] = stamp
         self._newest[cam] = stamp
+        self.rates[cam].tick()
         # meta: (header stamp, node-clock receive time, perf_counter at receive and after
         # conversion, conversion ms)
         t_done = time.perf_counter()
@@ -119,6 +122,13 @@ class InputGate:
     def instruction_text(self) -> str | None:
         with self._lock:
             return self._instruction[0] if self._instruction else None
+
+    def input_ages(self, now: float) -> dict[str, float | None]:
+        """Seconds since the current instruction / joint state arrived (None: none valid)."""
+        with self._lock:
+            instruction, joint_state = self._instruction, self._joint_state
+        return {"instruction": now - instruction[1] if instruction else None,
+                "joint_state": now - joint_state[1] if joint_state else None}
 
     def camera_ages(self, now: float) -> list[tuple[float, bool]]:
         """Per camera (age in s of its newest accepted frame, ever received since activation).

@@ -80,6 +80,7 @@ def _camera_problems(node, values: dict) -> tuple[list[str], list[str]]:
     lost, stale = [], []
     for cam, (age, ever) in enumerate(gate.camera_ages(node._now_s())):
         values[f"camera{cam}_age_s"] = age if ever else f"no frame for {age:.3f}"
+        values[f"camera{cam}_rate_hz"] = gate.rates[cam].rate_hz()
         if node.lifecycle_state != "active" or timeout <= 0:
             continue
         if age > CAMERA_LOST_FACTOR * timeout:
@@ -113,6 +114,9 @@ def inputs_status(node):
         values[f"{src}_invalid"] = sum(v for k, v in counts.items()
                                        if k.startswith(f"invalid.{src}."))
     values["instruction_repeats"] = counts.get("repeated.instruction", 0)
+    if gate is not None:
+        for src, age in gate.input_ages(node._now_s()).items():
+            values[f"{src}_age_s"] = age if age is not None else "n/a (none valid)"
     values["model_output_refused"] = sum(v for k, v in counts.items()
                                          if k.startswith("invalid.model."))
     for key, value in counts.items():  # every failure class, e.g. invalid.camera0.truncated

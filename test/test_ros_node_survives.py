@@ -118,6 +118,7 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
         assert level_of(status) == 2 and "camera1" in status.message, status.message
         v = h.values("inputs")
         assert float(v["camera1_age_s"]) > 0.9 and float(v["camera0_age_s"]) < 0.5, v
+        assert float(v["camera0_rate_hz"]) > 5 and float(v["joint_state_age_s"]) >= 0, v
         assert int(h.values("policy")["chunks_computed"]) == computed
         assert _no_trajectory_for(h, stamps)
         # WARN comes first: between 1 and 3 image timeouts

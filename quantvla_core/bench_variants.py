@@ -5,8 +5,11 @@ integer, their bit widths, group scales, where a Hadamard rotation or an un-fold
 runs inside the activation quantization), not a calibrated student. ATM and OHB fold into
 scales and smoothing folds into norms / producer rows, so they cost nothing at run time and the
 quick path skips them. The layer structure is taken from the PTQ pipeline's own decisions
-(layout rules, fold targets), so a quick and a calibrated student run the same operations;
-the test suite checks that their QuantLinear specs agree.
+(layout rules, fold targets). Since the pipeline searches the transform per layer group on
+its calibration data, it may drop a rotation the quick path keeps, or keep smoothing inside the
+quantization where its traced fold check fails: the quick structure is the PTQ default (every
+group rotated), and ``--quantizer calib`` times the searched one. The test suite checks that
+both have the same integer layers, bit widths and groups.
 """
 from __future__ import annotations
 

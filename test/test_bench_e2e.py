@@ -153,9 +153,22 @@ def test_runner_computes_the_chunk_policy_predict_computes():
         ChunkRunner(pol, obs, exec_mode="graph")
 
 
+def _same_structure(quick: dict, pipeline: dict) -> None:
+    """Same integer layers, shapes, bit widths, groups, bias, static scales; rotation where the
+    pipeline rotates (its per-group search may drop a rotation the quick path keeps: the quick
+    structure is then the costlier one). In-kernel smoothing is not compared: the pipeline now
+    keeps it where its traced fold check fails on the calibration data."""
+    assert quick.keys() == pipeline.keys()
+    fixed = ("in_features", "out_features", "w_bits", "a_bits", "group_size", "bias", "permute", "static_act")
+    for n, q in quick.items():
+        p = pipeline[n]
+        assert {k: q[k] for k in fixed} == {k: p[k] for k in fixed}, n
+        assert p["rotation_block"] in (0, q["rotation_block"]), n
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-groot"])
 def test_quick_quantizer_deploys_the_pipelines_layer_structure(name):
-    """Same integer layers, bit widths, groups, in-kernel smoothing and rotation as quantize()."""
+    """Same integer layers, bit widths, groups and (at most the same) rotation as quantize()."""
     cfg = preset(name)
     for scheme in ("w8a8", "w4a8", "w4a4"):
         teacher = Policy.load(name, device="cpu", dtype="fp32")
@@ -164,7 +177,7 @@ def test_quick_quantizer_deploys_the_pipelines_layer_structure(name):
         model = build_fp_model(cfg, torch.device("cpu"), torch.float32)
         quick_quantize(model, cfg.arch, scheme)
         quick = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        assert quick == student.meta["modules"], scheme
+        _same_structure(quick, student.meta["modules"])
 
 
 def test_quick_quantizer_without_rotation_matches_the_pipeline_smooth_only():
@@ -176,8 +189,9 @@ def test_quick_quantizer_without_rotation_matches_the_pipeline_smooth_only():
     model = quick_quantize(build_fp_model(cfg, torch.device("cpu"), torch.float32), cfg.arch, "w8a8",
                            transforms=("smooth",))
     quick = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert quick == student.meta["modules"]
+    _same_structure(quick, student.meta["modules"])
     assert all(s["rotation_kind"] is None for s in quick.values())
+    assert all(s["rotation_kind"] is None for s in student.meta["modules"].values())
     with pytest.raises(ValueError, match="accepted"):
         quick_quantize(model, cfg.arch, "w8a8", transforms=("permute",))
 

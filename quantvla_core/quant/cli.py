@@ -360,7 +360,68 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_recording(args) -> int:
+    """`quantvla recording show|synth`: what calibration would take from a recording; or write a
+    synthetic one with a real robot's topic mix (to try the pipeline before recording)."""
+    from .. import recordings as R
+    path = Path(args.path)
+    if args.action == "synth":
+        w, _, h = args.size.partition("x")
+        if not (w.isdigit() and h.isdigit() and int(w) >= 16 and int(h) >= 16):
+            raise ValueError(f"--size {args.size!r}: accepted WIDTHxHEIGHT, e.g. 320x240")
+        if args.seconds <= 0 or args.rate <= 0 or args.episodes < 1:
+            raise ValueError("--seconds and --rate must be positive, --episodes at least 1")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = R.write_synthetic_recording(path, seconds=args.seconds, rate_hz=args.rate,
+                                           size=(int(h), int(w)), episodes=args.episodes)
+        t = info["topics"]
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {len(info['times_ns'])} frames on "
+              f"{', '.join(t['cameras'])}; depth {t['depth']}; URDF {t['urdf']}; {t['instruction']}; {t['state']}")
+        if args.frames:
+            import cv2
+            frames = Path(args.frames)
+            frames.mkdir(parents=True, exist_ok=True)
+            obs = R.read_samples(path, 4, 2, 1, log=lambda m: None)[0][0]
+            for name, img in zip(("cam_high", "cam_wrist"), obs.images):
+                if not cv2.imwrite(str(frames / f"{name}.png"), img[..., ::-1]):
+                    raise ValueError(f"cannot write {frames / (name + '.png')}")
+            print(f"wrote {frames}/cam_high.png, {frames}/cam_wrist.png (the first frame)")
+        return 0
+    s = R.scan(R.recording_files(path), progress=not args.no_progress)
+    print(f"{path}: {s.messages} messages")
+    for topic, info in sorted(s.topics.items()):
+        span = (info.last_ns - info.first_ns) / 1e9
+        note = f"  (not used: {info.problem})" if info.problem else ""
+        print(f"  {topic:<40} {info.schema:<34} {info.count:>7} msgs over {span:7.1f} s{note}")
+    cams = [t.strip() for t in args.camera_topics.split(",") if t.strip()] if args.camera_topics else None
+    sel = R.select_topics(s, str(path), args.max_cameras, cams, args.instruction_topic, args.state_topic,
+                          args.instruction)
+    print(f"calibration would use: cameras {', '.join(sel.cameras)}; instruction "
+          f"{sel.instruction or repr(args.instruction)}; state {sel.state or 'zeros'}")
+    for note in sel.notes:
+        print(f"  {note}")
+    return 0
+
+
 def register(subparsers) -> None:
+    p = subparsers.add_parser("recording", help="show what calibration takes from a rosbag2 .mcap recording, "
+                              "or write a synthetic one with a robot's topic mix")
+    p.add_argument("action", choices=["show", "synth"], help="show: topics and the calibration choice; "
+                   "synth: write a synthetic recording to PATH")
+    p.add_argument("path", help=".mcap file or bag directory")
+    p.add_argument("--camera-topics", default=None, help="show: as for quantize")
+    p.add_argument("--instruction-topic", default=None, help="show: as for quantize")
+    p.add_argument("--instruction", default=None, help="show: as for quantize")
+    p.add_argument("--state-topic", default=None, help="show: as for quantize")
+    p.add_argument("--max-cameras", type=int, default=2, help="show: cameras the model takes (default 2)")
+    p.add_argument("--seconds", type=float, default=20.0, help="synth: length (default 20)")
+    p.add_argument("--rate", type=float, default=15.0, help="synth: camera frames per second (default 15)")
+    p.add_argument("--size", default="320x240", help="synth: WIDTHxHEIGHT (default 320x240)")
+    p.add_argument("--episodes", type=int, default=2, help="synth: episodes, 2 s apart (default 2)")
+    p.add_argument("--frames", default=None, help="synth: also write the first frame of each camera as PNG here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_recording)
+
     p = subparsers.add_parser("quantize", help="post-training quantization (QuantVLA) into an artifact directory")
     p.add_argument("model", help="'default', a preset or a model directory")
     p.add_argument("--out", required=True, help="artifact directory to write (atomically)")

@@ -16,4 +16,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install -q -r "$root/requirements.txt" >&2
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2
   echo "$want" > "$stamp"
+  echo "[quantvla] ready. Put the quantvla command on PATH in this shell with:" >&2
+  echo "[quantvla]   source .venv/bin/activate      (or run .venv/bin/quantvla)" >&2
 fi

@@ -4,11 +4,11 @@
 #   every variant as CUDA graphs (vision, prefix, each denoising step), CUDA-event timing,
 #   medians of interleaved repeats, per-variant CUDA memory; torchao peers if importable.
 # Device tool:  run(command="bash benchmarks/e2e_gpu.sh", timeout_s=240)  (inner timeouts: 150 + 70 s)
-# Then copy $OUT/*.json|txt|png into benchmarks/results/ and update README "## Benchmarks".
+# Then copy the kept $OUT/*.json|txt|png into benchmarks/results/ and update README "## Benchmarks".
 # `bash benchmarks/e2e_gpu.sh peers` (a second call) times bf16 + torch.compile on groot-n15.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT_DIR=${OUT:-benchmarks/results}
+OUT_DIR=${OUT:-runs/bench}  # git-ignored unless OUT says otherwise
 PY=${PYTHON:-python3}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null || true

@@ -111,7 +111,7 @@ def main() -> int:
     add_arguments(p)
     p.add_argument("--paths", default="old,new,new-tf32x3,new-tf32", help=f"of {','.join(PATHS)}")
     p.add_argument("--top", type=int, default=12)
-    p.set_defaults(preset="pi05-3b", schemes="fp,w8a8", cameras="3", out="benchmarks/results")
+    p.set_defaults(preset="pi05-3b", schemes="fp,w8a8", cameras="3", out="runs/bench")  # git-ignored; copy what you keep into benchmarks/results
     a = p.parse_args()
     opts = BenchOptions.from_args(a)
     cuda = opts.device.type == "cuda"

@@ -334,7 +334,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=None, help="directory for results.json and table.txt")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="directory for results.json and table.txt (default: ./runs/bench/kernels-<device>-<date>)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and methods (GPU: well under a minute)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--iters", type=int, default=None, help="timed replays per method (default 20 GPU, 5 CPU)")
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = args.out
     if out_dir is None:
         slug = "".join(c if c.isalnum() else "-" for c in dev_name.split(" (")[0]).strip("-").lower()
-        out_dir = Path(__file__).resolve().parent / "results" / f"kernels-{slug}-{meta['date'][:10]}"
+        out_dir = Path("runs") / "bench" / f"kernels-{slug}-{meta['date'][:10]}"  # git-ignored
     _atomic_write(out_dir / "results.json", json.dumps(result, indent=1))
     header = (f"device: {dev_name} | torch {torch.__version__} | triton {triton.__version__} | "
               f"{meta['timing']}, median of {iters} | {meta['date']}\n"

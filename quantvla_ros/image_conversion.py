@@ -211,26 +211,32 @@ _LIBJPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG", "Invalid SOS 
                      "Inconsistent progression", "Huffman", "JFIF revision", "Bogus",
                      "Application transferred too")
 _STDERR_LOCK = threading.Lock()
+_capture_file = None  # one unlinked temporary file, reused for every capture (under the lock)
 
 
 def _decode_catching_libjpeg_warnings(data: bytes) -> tuple[np.ndarray | None, list[str]]:
     """cv2.imdecode with file descriptor 2 briefly pointed at a temporary file, so libjpeg's
     warnings can be read back; everything else written meanwhile (e.g. another thread's log
     line) is passed on to the real stderr. Serialised: one capture at a time per process."""
+    global _capture_file
     with _STDERR_LOCK:
         try:
-            sys_stderr = os.dup(2)
-        except OSError:  # no stderr at all: decode without the check
+            if _capture_file is None:
+                _capture_file = tempfile.TemporaryFile()
+            capture = _capture_file.fileno()
+            os.ftruncate(capture, 0)
+            os.lseek(capture, 0, os.SEEK_SET)
+            saved = os.dup(2)
+        except OSError:  # no stderr / no temporary file: decode without the check
             return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR), []
-        with tempfile.TemporaryFile() as capture:
-            os.dup2(capture.fileno(), 2)
-            try:
-                bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-            finally:
-                os.dup2(sys_stderr, 2)
-                os.close(sys_stderr)
-            capture.seek(0)
-            text = capture.read().decode("utf-8", "replace")
+        os.dup2(capture, 2)
+        try:
+            bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        size = os.lseek(capture, 0, os.SEEK_CUR)
+        text = os.pread(capture, size, 0).decode("utf-8", "replace") if size else ""
     warnings, other = [], []
     for line in text.splitlines(keepends=True):
         (warnings if any(w in line for w in _LIBJPEG_WARNINGS) else other).append(line)

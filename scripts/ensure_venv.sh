@@ -13,7 +13,15 @@ fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[quantvla] installing pinned requirements (torch==2.13.0 CPU build from disk)" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt" >&2
+  # Requirements marked for --no-deps in requirements.txt (transformers: its own list pulls the
+  # Hugging Face 'kernels' package, whose setuptools hook is shadowed by this repository's
+  # kernels/ folder and breaks the editable install below) go in without their dependencies.
+  nodeps='^(transformers)[=<> ]'
+  grep -Ev "$nodeps" "$root/requirements.txt" > "$venv/.requirements-deps.txt"
+  "$venv/bin/python" -m pip install -q -r "$venv/.requirements-deps.txt" >&2
+  if grep -Eq "$nodeps" "$root/requirements.txt"; then
+    grep -E "$nodeps" "$root/requirements.txt" | "$venv/bin/python" -m pip install -q --no-deps -r /dev/stdin >&2
+  fi
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2
   echo "$want" > "$stamp"
   echo "[quantvla] ready. Put the quantvla command on PATH in this shell with:" >&2

@@ -108,8 +108,6 @@ class InputStats:
         self._last: tuple | None = None  # (weakref to the input, absmax, rows)
 
     def hook(self, name: str):
-        import weakref
-
         def pre_hook(_mod, args):
             with torch._C.DisableTorchFunction():  # the tracer must not see our own reads
                 self._record(name, args[0])
@@ -117,24 +115,23 @@ class InputStats:
 
     def _record(self, name: str, x0: torch.Tensor) -> None:
         import weakref
-        if True:
-            last = self._last
-            if last is not None and last[0]() is x0:
-                a, take = last[1], last[2]
-            else:
-                x = x0.detach().float().reshape(-1, x0.shape[-1])
-                a = x.abs().amax(0).cpu()
-                take = x[torch.randperm(x.shape[0], generator=self.gen)[: self.cap].to(x.device)].cpu()
-                try:
-                    self._last = (weakref.ref(x0), a, take)
-                except TypeError:
-                    self._last = None
-            self.absmax[name] = a if name not in self.absmax else torch.maximum(self.absmax[name], a)
-            pool = take if name not in self.tokens else torch.cat([self.tokens[name], take])
-            if pool.shape[0] > self.cap:
-                g = torch.Generator().manual_seed(pool.shape[0] * 7919 + self.cap)  # same for siblings
-                pool = pool[torch.randperm(pool.shape[0], generator=g)[: self.cap]]
-            self.tokens[name] = pool
+        last = self._last
+        if last is not None and last[0]() is x0:  # a sibling of the previous reader: same rows
+            a, take = last[1], last[2]
+        else:
+            x = x0.detach().float().reshape(-1, x0.shape[-1])
+            a = x.abs().amax(0).cpu()
+            take = x[torch.randperm(x.shape[0], generator=self.gen)[: self.cap].to(x.device)].cpu()
+            try:
+                self._last = (weakref.ref(x0), a, take)
+            except TypeError:
+                self._last = None
+        self.absmax[name] = a if name not in self.absmax else torch.maximum(self.absmax[name], a)
+        pool = take if name not in self.tokens else torch.cat([self.tokens[name], take])
+        if pool.shape[0] > self.cap:
+            g = torch.Generator().manual_seed(pool.shape[0] * 7919 + self.cap)  # same for siblings
+            pool = pool[torch.randperm(pool.shape[0], generator=g)[: self.cap]]
+        self.tokens[name] = pool
 
 
 def teacher_pass(teacher: nn.Module, run: Runner, int_names: list[str], atm_names: list[str],
@@ -230,16 +227,35 @@ def _cpu_float_copy(lin: nn.Linear) -> nn.Linear:
     return out
 
 
+SEARCH_ROWS = 512
+
+
+def _row_subset(lin: nn.Linear, n: int, seed: int) -> nn.Linear:
+    if lin.out_features <= n:
+        return lin
+    idx = torch.randperm(lin.out_features, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    out = nn.Linear(lin.in_features, n, bias=lin.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(lin.weight.detach()[idx.to(lin.weight.device)].float().cpu())
+        if lin.bias is not None:
+            out.bias.copy_(lin.bias.detach()[idx.to(lin.bias.device)].float().cpu())
+    return out
+
+
 def search_group(linears, x, absmax, qc, w_bits, a_bits) -> tuple[InputTransform, dict, list[dict]]:
     """(transform, chosen option, every option's error). Ties keep the earlier (simpler) option."""
     opts = _options(qc, a_bits)
     weights = [lin.weight.detach() for lin in linears]
     if len(opts) == 1:
         return _transform(qc, opts[0], weights, absmax), {"strength": opts[0][0], "rotate": opts[0][1]}, []
+    # the transform comes from the full weights; the error is measured on a fixed random subset
+    # of output rows (rows quantize independently, so the estimate is unbiased and the search
+    # costs O(rows x K x tokens) per option instead of O(N x K x tokens))
+    probe = [_row_subset(lin, SEARCH_ROWS, i) for i, lin in enumerate(linears)]
     rows, best = [], None
     for o in opts:
         t = _transform(qc, o, weights, absmax)
-        err = group_error(linears, x, t, qc, w_bits, a_bits)
+        err = group_error(probe, x, t, qc, w_bits, a_bits)
         rows.append({"strength": o[0], "rotate": o[1], "error": err})
         if best is None or err < best[0] * (1 - 1e-9):
             best = (err, o, t)

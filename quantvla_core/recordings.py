@@ -18,6 +18,7 @@ named explicitly) and sensor_msgs/CompressedImage in JPEG / PNG.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -112,8 +113,13 @@ def instruction_problem(texts: list[str]) -> str | None:
 
 
 # ---- reading ---------------------------------------------------------------------------------
+def _natural(p: Path) -> list:
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)]
+
+
 def recording_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.mcap")) if path.is_dir() else [path]
+    """The .mcap file, or a bag directory's files in recording order (bag_2 before bag_10)."""
+    files = sorted(path.glob("*.mcap"), key=_natural) if path.is_dir() else [path]
     if not files:
         raise RecordingError(f"{path}: no .mcap files in this bag directory")
     return files
@@ -308,8 +314,8 @@ def select_topics(s: Scan, where: str, max_cameras: int, camera_topics=None, ins
             missing.append("an instruction topic (std_msgs/String with short text; --instruction-topic, "
                            "or the task as text with --instruction)")
         elif len(pick) > 1:
-            raise RecordingError(f"{where}: several String topics could be the instruction ({', '.join(sorted(pick))}): "
-                                 "name one with --instruction-topic")
+            raise RecordingError(f"{where}: several String topics could be the instruction "
+                                 f"({', '.join(sorted(pick))}): name one with --instruction-topic")
         instr = pick[0] if pick else None
         if other:
             notes.append(f"not instructions: {', '.join(other)}")

@@ -31,7 +31,8 @@ VENV_BIN = Path(sys.executable).parent
 # installation, a package manager or a network)
 NOT_CHECKED = ("colcon", "rosdep", "sudo", "apt", "apt-get", "pip", "pip3", "python3 -m pip", "cd", "export", "mkdir",
                "ros2 bag", "ros2 run", "ros2 param", "ros2 lifecycle", "ros2 topic", "tegrastats", "nvidia-smi",
-               "git", "cat", "ls", "echo", "touch", "python -m colcon", "python3 -m colcon", "nvpmodel", "jetson_clocks", "sensors", "ln", "cp", "source /opt/ros",
+               "git", "cat", "ls", "echo", "touch", "python -m colcon", "python3 -m colcon", "nvpmodel",
+               "jetson_clocks", "sensors", "ln", "cp", "source /opt/ros",
                "source install/setup.bash", "source ~/")
 
 

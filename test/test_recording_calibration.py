@@ -189,3 +189,13 @@ def test_progress_bar_and_no_ros_import(bag):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("clean"), r.stdout
     assert "sampling recording" in r.stderr and "scanning recording" in r.stderr
+
+
+def test_bag_directory_files_in_recording_order(tmp_path):
+    from quantvla_core.recordings import recording_files
+    for name in ("bag_10.mcap", "bag_2.mcap", "bag_0.mcap", "bag_1.mcap", "metadata.yaml"):
+        (tmp_path / name).write_bytes(b"")
+    assert [f.name for f in recording_files(tmp_path)] == ["bag_0.mcap", "bag_1.mcap", "bag_2.mcap", "bag_10.mcap"]
+    with pytest.raises(RecordingError, match="no .mcap files"):
+        (tmp_path / "empty").mkdir()
+        recording_files(tmp_path / "empty")

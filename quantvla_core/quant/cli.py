@@ -338,7 +338,8 @@ def cmd_ablate(args) -> int:
     combos = ablation_combos(schemes, layouts, variants, args.full)
     if args.sim and not args.save_dir:
         raise ValueError("--sim needs --save-dir: the closed loop runs the saved artifacts")
-    rows = run_ablation(policy, calib_source(args, args.calib), combos, base, progress=not args.no_progress, save_dir=args.save_dir)
+    rows = run_ablation(policy, calib_source(args, args.calib), combos, base, progress=not args.no_progress,
+                        save_dir=args.save_dir)
     print(render_ablation(rows))
     if args.sim:
         closed_loop_ablation(args, rows)

@@ -119,6 +119,8 @@ def _natural(p: Path) -> list:
 
 def recording_files(path: Path) -> list[Path]:
     """The .mcap file, or a bag directory's files in recording order (bag_2 before bag_10)."""
+    if not path.exists():
+        raise RecordingError(f"{path}: no such file or bag directory")
     files = sorted(path.glob("*.mcap"), key=_natural) if path.is_dir() else [path]
     if not files:
         raise RecordingError(f"{path}: no .mcap files in this bag directory")

@@ -114,7 +114,7 @@ def _calib(n=4, d=64, t=10, seed=1, dtype=torch.float32):
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 def test_gemma2_layout_folds_into_the_norm_that_feeds_the_mlp_and_keeps_the_function():

@@ -21,13 +21,10 @@ from torch import nn
 from tqdm import tqdm
 
 from . import layout as L
-from .atm import AttentionTarget, LogitStats, calibrate_atm
 from .calibration import CalibrationRun, load_observations, split_buffer
-from .ohb import calibrate_ohb
-from .qlinear import QuantLinear, quant_backend, scale_output_channels
+from .qlinear import QuantLinear, quant_backend
 from .report import check_targets, fidelity, memory_report, summarize
-from .transforms import (ROTATIONS, TRANSFORM_NAMES, InputTransform, build_transform,
-                         fold_smoothing_into_norm)
+from .transforms import ROTATIONS, TRANSFORM_NAMES
 
 SCHEMES: dict[str, tuple[int, int | None]] = {
     "w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w8a16": (8, None), "w4a16": (4, None)}
@@ -157,33 +154,6 @@ class _InputStats:
         return pre_hook
 
 
-def _teacher_pass(teacher, run, linear_names, atm_names, ohb_names, cap, seed):
-    from ..models.attention import logit_observer
-    mods = dict(teacher.named_modules())
-    inputs = _InputStats(linear_names, cap, seed)
-    logits = LogitStats(set(atm_names))
-    rms_sum: dict[str, float] = {}
-    rms_cnt: dict[str, int] = {}
-
-    def out_hook(name):
-        def hook(_m, _i, out):
-            y = out.detach().float()
-            per = y.reshape(y.shape[0], -1).pow(2).mean(-1).sqrt()
-            rms_sum[name] = rms_sum.get(name, 0.0) + float(per.sum())
-            rms_cnt[name] = rms_cnt.get(name, 0) + per.numel()
-        return hook
-
-    handles = [mods[n].register_forward_pre_hook(inputs.hook(n)) for n in linear_names]
-    handles += [mods[n].register_forward_hook(out_hook(n)) for n in ohb_names]
-    try:
-        with logit_observer(logits), torch.no_grad():
-            actions = run.run(teacher)
-    finally:
-        for h in handles:
-            h.remove()
-    return inputs, logits.sigma(), {n: rms_sum[n] / rms_cnt[n] for n in rms_sum}, actions
-
-
 # ---- smoothing fold targets -------------------------------------------------------------------
 
 _NORM_GROUPS = ((r"^(.*)\.self_attn\.(q|k|v)_proj$", "{}.input_layernorm", ("q_proj", "k_proj", "v_proj"), "self_attn"),
@@ -200,7 +170,10 @@ def _norm_width(norm: nn.Module) -> int | None:
 
 def _input_groups(names: list[str], modules: dict[str, nn.Module], absmax: dict[str, torch.Tensor]
                   ) -> list[tuple[list[str], str | None, str]]:
-    """Linears that read one tensor, with where their smoothing can be folded.
+    """LEGACY, name-based (kept for quantvla_core.bench_variants; the pipeline no longer uses it):
+    linears that read one tensor, with where their smoothing can be folded. Wrong for models
+    whose norms sit elsewhere (Gemma-2/3 pre_feedforward_layernorm): the pipeline proves fold
+    targets from a traced forward instead (tracing.py, api.search_and_fold).
 
     Returns (members, fold_target, kind) with kind 'norm' (RMSNorm / adaRMS dense), 'producer'
     (scale the producing linear's output rows) or 'none' (inv_smooth in the quantization op).

@@ -377,3 +377,22 @@ def test_foreign_vla_in_ten_lines():
     assert set(report["beta"]) == {f"action_expert.layers.{i}.self_attn.o_proj" for i in range(2)}
     # W4 on random tiny weights through five layers: 0.972 (w8a8 on the same model: 0.9998)
     assert report["fidelity"]["cosine_mean"] > 0.95 and report["float_check"]["ok"]
+
+
+def test_quantized_foreign_model_round_trips_through_a_state_dict(tmp_path):
+    """Saving: the state dict (codes, scales, folded norms) plus report["modules"]; loading:
+    QuantLinears installed into a freshly built float model, then load_state_dict."""
+    import json
+
+    from quantvla_core.quant.artifact import install_quant_linears
+    model = _randomize(TinyLM())
+    calib = _calib()
+    rep = quantize_(model, QuantConfig(scheme="w4a8", group_size=32), calib, ArchSpec.generic(model))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "modules.json").write_text(json.dumps(rep["modules"]))
+    fresh = _randomize(TinyLM(), seed=7)
+    install_quant_linears(fresh, json.loads((tmp_path / "modules.json").read_text()))
+    fresh.load_state_dict(torch.load(tmp_path / "w.pt"), strict=True)
+    with torch.no_grad():
+        for x in calib:
+            assert torch.equal(fresh(x), model(x))

@@ -7,19 +7,30 @@
 // loops and one dispatch.
 //
 // Bit-exact contract: the same IEEE operations in the same order as the torch lean path in
-// ops.py (cpu_quantize_codes + cpu_int_linear), so outputs are identical bit for bit:
+// cpu_path.py (cpu_quantize_codes + cpu_int_linear), so outputs are identical bit for bit,
+// except for a Sylvester-Hadamard rotation, which runs as a fast transform (below):
 //   v = x * inv_smooth; v = v[:, perm]; v = blocks(v) @ R        (ATen ops, as in torch)
 //   amax = max|v| per row; scale = amax / qmax; inv = qmax / amax (fp32 divisions)
 //   q = round_half_even(v * inv)                                   (fp32 multiply)
 //   per channel: y = (float(acc) * xs[m]) * ws[n] (+ bias[n])
 //   per group:   y = ((0 + p_0) + p_1 + ... ) * xs[m] (+ bias[n]),  p_g = float(acc_g) * ws[n, g]
-// Built with -ffp-contract=off so no multiply-add is fused into an FMA.
+// Built with -ffp-contract=off so no multiply-add is fused into an FMA. On x86-64 the hot loops
+// are compiled for AVX-512, AVX2 and the baseline, and the loader picks what the CPU has
+// (GCC target_clones), so one build serves every x86 machine; elsewhere (Jetson's ARM) they
+// are compiled for the baseline.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define QV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QV_CLONES
+#endif
 
 namespace {
 
@@ -31,84 +42,173 @@ int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<i
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
+// Per-token codes of one float32 row of k values: returns its scale.
+QV_CLONES float quantize_row(const float* row, int64_t k, float qmax, int8_t* out) {
+  // 16 running maxima, then one: an elementwise select vectorizes where a scalar reduction
+  // would not (max is exact in any order)
+  float lane[16] = {0.0f};
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16)
+    for (int l = 0; l < 16; ++l) {
+      const float a = std::fabs(row[j + l]);
+      lane[l] = a > lane[l] ? a : lane[l];
+    }
+  float amax = 0.0f;
+  for (; j < k; ++j) {
+    const float a = std::fabs(row[j]);
+    amax = a > amax ? a : amax;
+  }
+  for (int l = 0; l < 16; ++l) amax = lane[l] > amax ? lane[l] : amax;
+  if (!(amax > 0.0f)) {  // all-zero row: scale 1, codes 0, as every other backend
+    for (int64_t i = 0; i < k; ++i) out[i] = 0;
+    return 1.0f;
+  }
+  const float inv = qmax / amax;
+  // round half to even without a libm call: |row[i] * inv| <= qmax * (1 + 2^-23) < 2^22, so
+  // adding and subtracting 1.5 * 2^23 rounds to an integer in the FPU's default mode (round to
+  // nearest even), the same result as torch.round / nearbyint, and vectorizes.
+  for (int64_t i = 0; i < k; ++i) {
+    const float t = row[i] * inv;
+    const float r = (t + kRoundMagic) - kRoundMagic;
+    out[i] = static_cast<int8_t>(static_cast<int32_t>(r));
+  }
+  return amax / qmax;
+}
+
 // Per-token codes (M, K) int8 and scales (M,) fp32 of float32 v (M, K), contiguous.
 void quantize_rows(const float* v, int64_t m, int64_t k, float qmax, int8_t* q, float* scale) {
   at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) scale[r] = quantize_row(v + r * k, k, qmax, q + r * k);
+  });
+}
+
+// Fast Walsh-Hadamard transform of one row in place: every block of b contiguous floats
+// (b a power of two, 16 <= b <= 64) -> H_b x_block * scale, H_b the Sylvester matrix (symmetric,
+// so this is also x_block H_b). Why: log2(b) add/sub stages instead of the b multiply-adds per
+// value of the (R, b) x (b, b) matmul. Butterfly stage h maps x[i] to x[i] + x[i + h] where bit h
+// of i is clear and to x[i - h] - x[i] where it is set. With AVX-512 the four stages inside a
+// 16-float vector are a lane permutation, a sign flip and an add each; the stages between
+// 16-float halves are vector add/sub. The sums run in another order than a matmul's, so
+// results can differ from it in the last bit (and a code at an exact rounding boundary by one).
+void hadamard_row_scalar(float* x, int64_t k, int64_t b, float scale) {
+  for (int64_t base = 0; base < k; base += b)
+    for (int64_t h = 1; h < b; h *= 2)
+      for (int64_t i = base; i < base + b; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = x[j], d = x[j + h];
+          x[j] = a + d;
+          x[j + h] = a - d;
+        }
+  for (int64_t i = 0; i < k; ++i) x[i] = x[i] * scale;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+__attribute__((target("avx512f"))) void hadamard_row_avx512(float* x, int64_t k, int64_t b, float scale) {
+  __m512i perm[4];
+  __m512 sign[4];
+  for (int s = 0; s < 4; ++s) {
+    alignas(64) int32_t idx[16];
+    alignas(64) float sg[16];
+    for (int i = 0; i < 16; ++i) {
+      idx[i] = i ^ (1 << s);
+      sg[i] = (i & (1 << s)) ? -1.0f : 1.0f;
+    }
+    perm[s] = _mm512_load_si512(idx);
+    sign[s] = _mm512_load_ps(sg);
+  }
+  for (int64_t c = 0; c < k; c += 16) {
+    __m512 v = _mm512_loadu_ps(x + c);
+    for (int s = 0; s < 4; ++s)  // partner + (+-1) * self: x[i] + x[i^h] or x[i^h] - x[i]
+      v = _mm512_add_ps(_mm512_permutexvar_ps(perm[s], v), _mm512_mul_ps(v, sign[s]));
+    _mm512_storeu_ps(x + c, v);
+  }
+  for (int64_t h = 16; h < b; h *= 2)
+    for (int64_t base = 0; base < k; base += 2 * h)
+      for (int64_t j = base; j < base + h; j += 16) {
+        const __m512 a = _mm512_loadu_ps(x + j), d = _mm512_loadu_ps(x + j + h);
+        _mm512_storeu_ps(x + j, _mm512_add_ps(a, d));
+        _mm512_storeu_ps(x + j + h, _mm512_sub_ps(a, d));
+      }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < k; c += 16) _mm512_storeu_ps(x + c, _mm512_mul_ps(_mm512_loadu_ps(x + c), sc));
+}
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
+#endif
+
+void hadamard_row(float* x, int64_t k, int64_t b, float scale) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHasAvx512 && b >= 16) return hadamard_row_avx512(x, k, b, scale);
+#endif
+  hadamard_row_scalar(x, k, b, scale);
+}
+
+// Smoothing, Hadamard and per-token quantization of float32 x (M, K) in one pass per row (the
+// row goes through a small buffer: x is never written).
+QV_CLONES void smooth_row(const float* x, const float* inv_smooth, int64_t k, float* out) {
+  if (inv_smooth) {
+    for (int64_t i = 0; i < k; ++i) out[i] = x[i] * inv_smooth[i];
+  } else {
+    for (int64_t i = 0; i < k; ++i) out[i] = x[i];
+  }
+}
+
+void hadamard_quantize_rows(const float* x, const float* inv_smooth, int64_t m, int64_t k, int64_t b,
+                            float scale, float qmax, int8_t* q, float* xs) {
+  at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(k);
     for (int64_t r = r0; r < r1; ++r) {
-      const float* row = v + r * k;
-      // 16 running maxima, then one: an elementwise select vectorizes where a scalar
-      // reduction would not (max is exact in any order)
-      float lane[16] = {0.0f};
-      int64_t j = 0;
-      for (; j + 16 <= k; j += 16)
-        for (int l = 0; l < 16; ++l) {
-          const float a = std::fabs(row[j + l]);
-          lane[l] = a > lane[l] ? a : lane[l];
-        }
-      float amax = 0.0f;
-      for (; j < k; ++j) {
-        const float a = std::fabs(row[j]);
-        amax = a > amax ? a : amax;
-      }
-      for (int l = 0; l < 16; ++l) amax = lane[l] > amax ? lane[l] : amax;
-      int8_t* out = q + r * k;
-      if (amax > 0.0f) {
-        const float inv = qmax / amax;
-        scale[r] = amax / qmax;
-        // round half to even without a libm call: |row[j] * inv| <= qmax * (1 + 2^-23) < 2^22, so
-        // adding and subtracting 1.5 * 2^23 rounds to an integer in the FPU's default mode
-        // (round to nearest even), the same result as torch.round / nearbyint, and vectorizes.
-        for (int64_t j = 0; j < k; ++j) {
-          const float t = row[j] * inv;
-          const float r = (t + kRoundMagic) - kRoundMagic;
-          out[j] = static_cast<int8_t>(static_cast<int32_t>(r));
-        }
-      } else {  // all-zero row (or NaN-free zero): scale 1, codes 0, as every other backend
-        scale[r] = 1.0f;
-        for (int64_t j = 0; j < k; ++j) out[j] = 0;
-      }
+      smooth_row(x + r * k, inv_smooth, k, row.data());
+      hadamard_row(row.data(), k, b, scale);
+      xs[r] = quantize_row(row.data(), k, qmax, q + r * k);
     }
   });
 }
 
-template <typename OutT>
-void epilogue_channel(const int32_t* acc, const float* xs, const float* ws, const float* bias,
-                      int64_t m, int64_t n, OutT* y) {
-  at::parallel_for(0, m, row_grain(n), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float s = xs[r];
-      const int32_t* a = acc + r * n;
-      OutT* out = y + r * n;
-      if (bias) {
-        for (int64_t c = 0; c < n; ++c) out[c] = static_cast<OutT>((static_cast<float>(a[c]) * s) * ws[c] + bias[c]);
-      } else {
-        for (int64_t c = 0; c < n; ++c) out[c] = static_cast<OutT>((static_cast<float>(a[c]) * s) * ws[c]);
-      }
-    }
-  });
+// One output row, per-channel scales: (float(acc) * s) * ws (+ bias), as floats.
+QV_CLONES void epilogue_channel_row(const int32_t* a, float s, const float* ws, const float* bias, int64_t n,
+                                    float* out) {
+  if (bias) {
+    for (int64_t c = 0; c < n; ++c) out[c] = (static_cast<float>(a[c]) * s) * ws[c] + bias[c];
+  } else {
+    for (int64_t c = 0; c < n; ++c) out[c] = (static_cast<float>(a[c]) * s) * ws[c];
+  }
 }
 
-template <typename OutT>
-void epilogue_groups(const int32_t* acc, int64_t groups, const float* xs, const float* ws_t,
-                     const float* bias, int64_t m, int64_t n, OutT* y) {
-  // acc: (G, M, N); ws_t: (G, N) (the group scales, transposed once by the caller)
+// One output row, group scales: ((0 + p_0) + p_1 + ...) * s (+ bias), p_g = float(acc_g) * ws_g.
+QV_CLONES void epilogue_group_row(const int32_t* acc, int64_t groups, int64_t group_stride, float s,
+                                  const float* ws_t, const float* bias, int64_t n, float* out) {
+  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<float>(acc[c]) * ws_t[c] + 0.0f;
+  for (int64_t g = 1; g < groups; ++g) {  // group order, as the torch path sums
+    const int32_t* ag = acc + g * group_stride;
+    const float* wg = ws_t + g * n;
+    for (int64_t c = 0; c < n; ++c) out[c] = out[c] + static_cast<float>(ag[c]) * wg[c];
+  }
+  if (bias) {
+    for (int64_t c = 0; c < n; ++c) out[c] = out[c] * s + bias[c];
+  } else {
+    for (int64_t c = 0; c < n; ++c) out[c] = out[c] * s;
+  }
+}
+
+inline void store_row(const float* row, int64_t n, c10::BFloat16* out) {
+  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<c10::BFloat16>(row[c]);  // round to nearest even
+}
+
+// acc (M, N) or (G, M, N) int32 -> y (M, N) float32 or bfloat16; ws (N,) (per channel) or ws_t
+// (G, N) (per group, also G = 1: its sum is formed as the torch path forms it).
+void epilogue(const int32_t* acc, bool per_channel, int64_t groups, const float* xs, const float* ws,
+              const float* bias, int64_t m, int64_t n, at::Tensor& y) {
+  const bool f32 = y.scalar_type() == at::kFloat;
   at::parallel_for(0, m, row_grain(n * groups), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(n);
+    std::vector<float> buf(f32 ? 0 : n);
     for (int64_t r = r0; r < r1; ++r) {
-      const int32_t* a0 = acc + r * n;
-      for (int64_t c = 0; c < n; ++c) row[c] = static_cast<float>(a0[c]) * ws_t[c] + 0.0f;
-      for (int64_t g = 1; g < groups; ++g) {  // group order, as the torch path sums
-        const int32_t* ag = acc + (g * m + r) * n;
-        const float* wg = ws_t + g * n;
-        for (int64_t c = 0; c < n; ++c) row[c] = row[c] + static_cast<float>(ag[c]) * wg[c];
-      }
-      const float s = xs[r];
-      OutT* out = y + r * n;
-      if (bias) {
-        for (int64_t c = 0; c < n; ++c) out[c] = static_cast<OutT>(row[c] * s + bias[c]);
-      } else {
-        for (int64_t c = 0; c < n; ++c) out[c] = static_cast<OutT>(row[c] * s);
-      }
+      float* row = f32 ? y.data_ptr<float>() + r * n : buf.data();
+      if (per_channel)
+        epilogue_channel_row(acc + r * n, xs[r], ws, bias, n, row);
+      else
+        epilogue_group_row(acc + r * n, groups, m * n, xs[r], ws, bias, n, row);
+      if (!f32) store_row(row, n, y.data_ptr<c10::BFloat16>() + r * n);
     }
   });
 }
@@ -116,14 +216,16 @@ void epilogue_groups(const int32_t* acc, int64_t groups, const float* xs, const 
 }  // namespace
 
 // x (M, K) float32 or bfloat16; inv_smooth (K,) fp32 or undefined; perm (K,) int64 or undefined;
-// rotation (B, B) or (K/B, B, B) fp32 or undefined; w_groups: int8 (N, K) or G pieces (N, K/G);
-// ws (N,) fp32 per channel, or ws_t (G, N) fp32 for groups; bias (N,) fp32 or undefined.
-// Returns (M, N) in x's dtype.
+// rotation (B, B) or (K/B, B, B) fp32 or undefined (hadamard_block >= 16: it is the Sylvester H_B
+// times hadamard_scale, applied by the fast transform); w_groups: int8 (N, K) or G pieces
+// (N, K/G); ws (N,) fp32 per channel, or ws_t (G, N) fp32 for groups; bias (N,) fp32 or
+// undefined. Returns (M, N) in x's dtype.
 torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tensor>& inv_smooth,
                          const c10::optional<torch::Tensor>& perm,
                          const c10::optional<torch::Tensor>& rotation,
                          const std::vector<torch::Tensor>& w_groups, const torch::Tensor& ws,
-                         const c10::optional<torch::Tensor>& bias, int64_t qmax) {
+                         const c10::optional<torch::Tensor>& bias, int64_t qmax, int64_t hadamard_block,
+                         double hadamard_scale) {
   TORCH_CHECK(x.dim() == 2, "int_linear: x must be (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "int_linear: x must be float32 or bfloat16");
@@ -132,47 +234,49 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
   const int64_t n = w_groups[0].size(0);
   const int64_t groups = static_cast<int64_t>(w_groups.size());
   at::Tensor v = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  bool transformed = false;
-  if (inv_smooth.has_value() && inv_smooth->defined()) { v = v * inv_smooth->unsqueeze(0); transformed = true; }
-  if (perm.has_value() && perm->defined()) { v = v.index_select(1, *perm); transformed = true; }
-  if (rotation.has_value() && rotation->defined()) {
-    const auto& rot = *rotation;
-    const int64_t b = rot.size(-1);
-    if (rot.dim() == 2) v = at::matmul(v.reshape({m, k / b, b}), rot).reshape({m, k});
-    else v = at::einsum("mgb,gbc->mgc", {v.reshape({m, k / b, b}), rot}).reshape({m, k});
-    transformed = true;
-  }
-  (void)transformed;
-  v = v.contiguous();
   at::Tensor q = at::empty({m, k}, x.options().dtype(at::kChar));
   at::Tensor xs = at::empty({m}, x.options().dtype(at::kFloat));
-  quantize_rows(v.data_ptr<float>(), m, k, static_cast<float>(qmax), q.data_ptr<int8_t>(), xs.data_ptr<float>());
+  const bool has_smooth = inv_smooth.has_value() && inv_smooth->defined();
+  const bool has_perm = perm.has_value() && perm->defined();
+  if (rotation.has_value() && rotation->defined() && hadamard_block >= 16 && !has_perm) {
+    // the rotation is H_B / sqrt(B) (rebuilt from its kind, never trained): smoothing, the fast
+    // transform and quantization in one pass per row
+    TORCH_CHECK(hadamard_block <= 64 && k % hadamard_block == 0, "int_linear: bad Hadamard block");
+    v = v.contiguous();
+    at::Tensor sm = has_smooth ? inv_smooth->to(at::kFloat).contiguous() : at::Tensor();
+    hadamard_quantize_rows(v.data_ptr<float>(), has_smooth ? sm.data_ptr<float>() : nullptr, m, k, hadamard_block,
+                           static_cast<float>(hadamard_scale), static_cast<float>(qmax), q.data_ptr<int8_t>(),
+                           xs.data_ptr<float>());
+  } else {
+    if (has_smooth) v = v * inv_smooth->unsqueeze(0);
+    if (has_perm) v = v.index_select(1, *perm);
+    if (rotation.has_value() && rotation->defined()) {
+      const auto& rot = *rotation;
+      const int64_t b = rot.size(-1);
+      if (rot.dim() == 2) v = at::matmul(v.reshape({m, k / b, b}), rot).reshape({m, k});
+      else v = at::einsum("mgb,gbc->mgc", {v.reshape({m, k / b, b}), rot}).reshape({m, k});
+    }
+    v = v.contiguous();
+    quantize_rows(v.data_ptr<float>(), m, k, static_cast<float>(qmax), q.data_ptr<int8_t>(), xs.data_ptr<float>());
+  }
   at::Tensor y = at::empty({m, n}, x.options());
   at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
   const at::Tensor ws_c = ws.to(at::kFloat).contiguous();
-  if (groups == 1 && ws.dim() == 1) {
-    at::Tensor acc = at::_int_mm(q, w_groups[0].t());
-    if (y.scalar_type() == at::kFloat)
-      epilogue_channel<float>(acc.data_ptr<int32_t>(), xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, n, y.data_ptr<float>());
-    else
-      epilogue_channel<c10::BFloat16>(acc.data_ptr<int32_t>(), xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, n,
-                                      y.data_ptr<c10::BFloat16>());
-    return y;
+  at::Tensor acc;
+  if (groups == 1 && ws_c.dim() == 1) {
+    acc = at::_int_mm(q, w_groups[0].t());
+  } else {
+    const int64_t gs = w_groups[0].size(1);
+    TORCH_CHECK(ws_c.dim() == 2 && ws_c.size(0) == groups && ws_c.size(1) == n,
+                "int_linear: group scales must be (G, N)");
+    acc = at::empty({groups, m, n}, x.options().dtype(at::kInt));
+    for (int64_t g = 0; g < groups; ++g) {
+      at::Tensor out = acc.select(0, g);
+      at::_int_mm_out(out, q.narrow(1, g * gs, gs), w_groups[g].t());
+    }
   }
-  const int64_t gs = w_groups[0].size(1);
-  TORCH_CHECK(ws_c.dim() == 2 && ws_c.size(0) == groups && ws.size(1) == n, "int_linear: group scales must be (G, N)");
-  at::Tensor acc = at::empty({groups, m, n}, x.options().dtype(at::kInt));
-  for (int64_t g = 0; g < groups; ++g) {
-    at::Tensor out = acc.select(0, g);
-    at::_int_mm_out(out, q.narrow(1, g * gs, gs), w_groups[g].t());
-  }
-  if (y.scalar_type() == at::kFloat)
-    epilogue_groups<float>(acc.data_ptr<int32_t>(), groups, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, n,
-                           y.data_ptr<float>());
-  else
-    epilogue_groups<c10::BFloat16>(acc.data_ptr<int32_t>(), groups, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m,
-                                   n, y.data_ptr<c10::BFloat16>());
+  epilogue(acc.data_ptr<int32_t>(), groups == 1 && ws_c.dim() == 1, groups, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, n, y);
   return y;
 }
 

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import quantvla_kernels as qk  # noqa: E402
-from quantvla_kernels import ops  # noqa: E402
+from quantvla_kernels import quantize as kquant  # noqa: E402 - owns the row-kernel launcher
 from quantvla_kernels.ops import triton_interpreting  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_interpreting(), reason="needs TRITON_INTERPRET=1 (CPU run)")
@@ -31,13 +31,13 @@ from test_kernels_ops import _codes, _np_quant  # noqa: E402 - the independent n
 def row_spy(monkeypatch):
     """Counts launches of the row kernel (so a silent fallback to the tile kernel fails)."""
     calls = []
-    real = ops._launch_row_quant
+    real = kquant._launch_row_quant
 
     def spy(*a, **kw):
         calls.append(a[1].shape)
         return real(*a, **kw)
 
-    monkeypatch.setattr(ops, "_launch_row_quant", spy)
+    monkeypatch.setattr(kquant, "_launch_row_quant", spy)
     return calls
 
 

@@ -15,6 +15,17 @@ from quantvla_kernels import ops
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(autouse=True)
+def torch_op_lean_path():
+    """These tests pin the torch-op lean path (the fallback where no compiler is found); the
+    compiled fused linear is tied to it in test_kernels_cpu_fused.py."""
+    from quantvla_kernels import cpu_fused
+
+    cpu_fused.set_enabled(False)
+    yield
+    cpu_fused.set_enabled(True)
+
+
 def _transform(kind: str, k: int, block: int) -> InputTransform | None:
     g = torch.Generator().manual_seed(k + block)
     smooth = torch.rand(k, generator=g) + 0.5

@@ -56,6 +56,17 @@ def _kernels():
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
+_FAST_HADAMARD = True
+
+
+def set_fast_hadamard(enabled: bool) -> None:
+    """Apply Hadamard rotations in the fused CPU linear as a fast Walsh-Hadamard transform (True,
+    default; sums in butterfly order, so a code at an exact rounding boundary can move by one
+    step against the matmul) or as the matmul the torch-op path uses (False: bit-identical to
+    it). Takes effect for each layer when its CPU operands are next built (first use, or after
+    its buffers change)."""
+    global _FAST_HADAMARD
+    _FAST_HADAMARD = bool(enabled)
 
 
 def _fused_cpu():
@@ -307,8 +318,12 @@ class QuantLinear(nn.Module):
             perm64 = None if perm is None else perm.long()
             # the fused extension reads group scales as (G, N) rows
             ws_fused = wscale if wscale.dim() == 1 else wscale.t().contiguous()
-        fused_args = (bufs.get("inv_smooth"), perm64, bufs.get("rotation"), list(groups), ws_fused,
-                      bufs.get("bias"), qmax(self.a_bits))
+        rotation = bufs.get("rotation")
+        # Hadamard rotations (rebuilt from their kind, never trained) run as the fast transform
+        hb = self.rotation_block if (self.rotation_kind == "hadamard" and rotation is not None
+                                     and _FAST_HADAMARD) else 0
+        fused_args = (bufs.get("inv_smooth"), perm64, rotation, list(groups), ws_fused, bufs.get("bias"),
+                      qmax(self.a_bits), hb, float(rotation[0, 0]) if hb else 0.0)
         value = (groups, perm64, fused_args)
         if key is not None:
             self._cpu_cache = (key, value)

@@ -19,21 +19,16 @@ gets scale 1 and q 0.  ``y`` is built as ``v = x * (offset + w)`` (RMSNorm weigh
 ``InputTransform.fold_weight`` does): ``W' = rotate(permute(W * s))`` on the K axis, so
 ``y W'^T`` equals the original ``norm(x) W^T``.
 
-This module is the compatibility face of ``quantvla_kernels``: the code lives in one module per
-job (dispatch.py: backend choice; validation.py: argument checks; torch_math.py: the exact torch
-math above; quantize.py: activation quantization; tiles.py: GEMM tile configs and tuning;
-gemm.py: the GEMMs and float-input linears; cpu_path.py: QuantLinear's lean CPU path).  Every
-name this module used to define is re-exported here, and assigning one through this module
-(``ops.X = v``, ``monkeypatch.setattr(ops, "X", v)``) rebinds it in the modules that use it, as
-when they all lived here; the flags those modules flip at run time are read live.
+This module holds that math contract and re-exports the ops; the code lives in one module per
+job: dispatch.py (backend choice), validation.py (argument checks), torch_math.py (the exact
+torch math above), quantize.py (activation quantization), tiles.py (GEMM tile configs and
+tuning), gemm.py (the Triton GEMMs and float-input linears), cpu_path.py (QuantLinear's torch-op
+CPU path) and cpu_fused.py + cpu_int_linear.cpp (the compiled fused CPU linear).  Read or patch
+a module's state (flags such as ``quantize._ROW_BROKEN``) in the module that owns it.
 """
 from __future__ import annotations
 
-import sys
-import types
-
-from . import cpu_path, dispatch, gemm, quantize, tiles, torch_math, validation
-# Re-exports: every name ops.py defined (or imported from packing) before the split.
+# Re-exports (names callers and tests use through ``quantvla_kernels.ops``).
 from .cpu_path import _CPU_QMAX, _cpu_qmax_tensor, cpu_int_linear, cpu_quantize_codes, cpu_weight_groups
 from .dispatch import (BACKENDS, _state, _triton_modules, backend_scope, resolve_backend, set_default_backend,
                        triton_cdiv, triton_interpreting, triton_next_pow2)
@@ -52,47 +47,3 @@ from .torch_math import (_epilogue, _gemm_torch, _grouped_acc_torch, _int_dot_ex
 from .validation import (_QMAX, OUT_DTYPES, ROTATION_BLOCKS, _check_bias, _check_bits, _check_out,
                          _check_out_dtype, _check_perm, _check_rotation, _check_same_device, _check_tensor,
                          _check_weight_scales, _flatten_act)
-
-_PARTS = (dispatch, validation, torch_math, quantize, tiles, gemm, cpu_path)
-
-# Globals their module rebinds at run time (a setter, a flag raised on a kernel's first build
-# failure): not copied here but properties of this module that read and write the owner's, so
-# they never go stale (and monkeypatch saves and restores the owner's value).
-_LIVE = {"_global_default": dispatch, "_ROW_BROKEN": quantize, "_AUTOTUNE": tiles,
-         "_env_loaded": tiles, "_W4_SWAP_BROKEN": gemm}
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LIVE))
-
-
-class _SharedNamespace(types.ModuleType):
-    """ops as the single namespace it once was: setting or deleting a name here also sets or
-    deletes it in every part module that binds it, so a patched helper or flag takes effect in
-    the code that uses it (and monkeypatch's undo restores it there too)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if not name.startswith("__") and name not in _LIVE:
-            for part in _PARTS:
-                if name in vars(part):
-                    setattr(part, name, value)
-        super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        if not name.startswith("__") and name not in _LIVE:
-            for part in _PARTS:
-                if name in vars(part):
-                    delattr(part, name)
-        super().__delattr__(name)
-
-
-def _live(owner: types.ModuleType, name: str) -> property:
-    return property(lambda _self: getattr(owner, name), lambda _self, value: setattr(owner, name, value),
-                    doc=f"{owner.__name__}.{name}, read and written there")
-
-
-for _name, _owner in _LIVE.items():
-    setattr(_SharedNamespace, _name, _live(_owner, _name))
-del _name, _owner
-
-sys.modules[__name__].__class__ = _SharedNamespace

@@ -268,8 +268,8 @@ class OpCensus(TorchDispatchMode):
 
 def triton_census_modules(device: torch.device) -> list:
     """quantvla_kernels' Triton modules, imported for ``device`` (interpreter check on the CPU)."""
-    from quantvla_kernels import ops
-    if device.type != "cuda" and not ops.triton_interpreting():
+    from quantvla_kernels import dispatch
+    if device.type != "cuda" and not dispatch.triton_interpreting():
         raise ValueError("--census-backend triton on the CPU needs the Triton interpreter: set "
                          "TRITON_INTERPRET=1 in the environment before starting; accepted otherwise: "
                          "--census-backend auto")

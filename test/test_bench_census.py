@@ -179,8 +179,8 @@ def test_triton_census_launches_a_quantization_and_a_gemm_per_integer_linear_of_
 
 
 def test_census_backend_triton_without_the_interpreter_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    import quantvla_kernels.ops as ops
-    monkeypatch.setattr(ops, "triton_interpreting", lambda: False)
+    import quantvla_kernels.dispatch as dispatch
+    monkeypatch.setattr(dispatch, "triton_interpreting", lambda: False)
     rc = cli.main(["bench", "--census", "--census-backend", "triton", "--preset", "tiny", "--cameras", "1",
                    "--out", str(tmp_path), "--no-progress"])
     assert rc == 2

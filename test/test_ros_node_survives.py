@@ -99,7 +99,8 @@ def _no_trajectory_for(h, stamps):
 # ---------------------------------------------------------------- a camera that stops
 def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
     h, proc, _ = node
-    assert all(r.successful for r in h.set_params(NODE, image_timeout_s=0.3))
+    # WARN after 0.5 s, ERROR after 1.5 s: a 1 s WARN window, 5 diagnostics periods wide
+    assert all(r.successful for r in h.set_params(NODE, image_timeout_s=0.5))
     try:
         h.act()
         h.wait_for(lambda: level_of(h.status("inputs")) == 0, 5.0, "inputs ok while streaming")
@@ -107,7 +108,7 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
         computed = int(h.values("policy")["chunks_computed"])
         # camera1 stops, camera0 keeps streaming: nothing is matched, nothing computed
         stamps = []
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + 8.0
         while time.monotonic() < deadline:
             stamps.append(h.send_pair(cam1=False))
             status = h.status("inputs")
@@ -117,14 +118,15 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
         status = h.status("inputs")
         assert level_of(status) == 2 and "camera1" in status.message, status.message
         v = h.values("inputs")
-        assert float(v["camera1_age_s"]) > 0.9 and float(v["camera0_age_s"]) < 0.5, v
+        assert float(v["camera1_age_s"]) > 1.5 and float(v["camera0_age_s"]) < 0.5, v
         assert float(v["camera0_rate_hz"]) > 5 and float(v["joint_state_age_s"]) >= 0, v
         assert int(h.values("policy")["chunks_computed"]) == computed
         assert _no_trajectory_for(h, stamps)
         # WARN comes first: between 1 and 3 image timeouts
         seen_warn = []
         h.send_pair()
-        for _ in range(40):
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
             h.send_pair(cam1=False)
             s = h.status("inputs")
             if s is not None and level_of(s) == 1 and "camera stale" in s.message:
@@ -133,14 +135,12 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
             time.sleep(0.02)
         assert seen_warn, "no WARN while camera1 was stale but not yet lost"
         # both cameras stop: both ages grow, still no action from the last (now stale) frames
-        t_stop = time.monotonic()
-        h.wait_for(lambda: float(h.values("inputs")["camera0_age_s"]) > 0.9
-                   and level_of(h.status("inputs")) == 2, 5.0, "camera0 lost too")
+        h.wait_for(lambda: float(h.values("inputs")["camera0_age_s"]) > 1.5
+                   and level_of(h.status("inputs")) == 2, 8.0, "camera0 lost too")
         lost = h.status("inputs").message.split("; ")[0]
         assert lost.startswith("camera lost:") and "camera0" in lost and "camera1" in lost
-        assert time.monotonic() - t_stop < 3.0
         h.act()  # streaming again: it acts
-        h.wait_for(lambda: float(h.values("inputs")["camera0_age_s"]) < 0.3, 5.0, "fresh again")
+        h.wait_for(lambda: float(h.values("inputs")["camera0_age_s"]) < 0.5, 5.0, "fresh again")
     finally:
         h.set_params(NODE, image_timeout_s=2.0)
     assert proc.poll() is None

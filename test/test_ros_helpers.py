@@ -209,7 +209,8 @@ def param_node(monkeypatch):
     import rclpy
     from rclpy.parameter import Parameter
 
-    domain = 100 + (os.getpid() * 7 + 41) % 100
+    # the run's domain (CI / a developer's, else conftest's per-run one)
+    domain = int(os.environ.get("ROS_DOMAIN_ID") or 100 + (os.getpid() * 7 + 41) % 100)
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
     ctx = rclpy.Context()

@@ -24,7 +24,8 @@ LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 @pytest.fixture(scope="module")
 def loopback_domain():
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["ROS_DOMAIN_ID"] = str(100 + (os.getpid() * 13) % 100)
+    os.environ["ROS_DOMAIN_ID"] = (os.environ.get("ROS_DOMAIN_ID")  # the run's, else our own
+                                   or str(100 + (os.getpid() * 13) % 100))
     os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", os.path.join(
         os.path.dirname(LAUNCH_DIR), "config", "fastdds_large_data.xml"))
     return int(os.environ["ROS_DOMAIN_ID"])

@@ -239,8 +239,8 @@ def test_search_picks_per_group_and_beats_fixed_015_on_outlier_channels():
     calib = _calib()
     searched, fixed = make(), make()
     ref = [searched(x) for x in calib]
-    rep = quantize_(searched, QuantConfig(scheme="w4a8", group_size=None, atm=False, ohb=False), calib,
-                    ArchSpec.generic(searched))
+    rep = quantize_(searched, QuantConfig(scheme="w4a8", group_size=None, atm=False, ohb=False,
+                                          smooth_search=True), calib, ArchSpec.generic(searched))
     rep_f = quantize_(fixed, QuantConfig(scheme="w4a8", group_size=None, atm=False, ohb=False,
                                          smooth_search=False, smooth_strength=0.15), calib, ArchSpec.generic(fixed))
     for g in rep["groups"]:

@@ -1,6 +1,8 @@
 """benchmarks/kernels.py runs end to end on the CPU and writes a table and JSON we can read back."""
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,3 +44,27 @@ def test_targets_evaluated_from_rows():
     assert t["backbone_up M=1 w8a8 >= 1.8x bf16"]["met"] is True
     assert t["backbone_up M=1 w4a8 >= 3x bf16"]["met"] is False
     assert t["backbone_up M=1 w8a8 not slower than int_mm"]["met"] is True
+
+
+def test_gpu_check_runs_on_the_cpu_under_the_interpreter(capsys):
+    """The GPU script's correctness step, on tiny shapes with the Triton interpreter: it runs
+    end to end, and passes (Triton vs the exact CPU path, q/k/v fusion bit for bit)."""
+    import importlib.util
+
+    from quantvla_kernels.dispatch import triton_interpreting
+    if not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU CHECK PASSED" in out and out.count(" ok") == 9
+
+
+def test_gpu_all_script_is_valid_bash():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_all.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -1,0 +1,124 @@
+"""GPU results against the CPU reference, before any GPU timing is trusted.
+
+For the layer shapes of pi0.5 / GR00T (and tiny ones on the CPU under the Triton interpreter,
+so this script itself is tested without a GPU), every scheme's Triton path (activation
+quantization + integer GEMM, through QuantLinear, including q/k/v fused into one layer) is
+compared with the exact CPU path on the same inputs:
+  * activation codes and scales: equal, except where the block rotation's dot sums in another
+    order (then within one code step on < 0.5% of values and 1e-6 relative on scales);
+  * layer outputs: within 2% of the output range (a code moved by one step) and mostly equal;
+  * sibling fusion: the fused q/k/v layer equals the three separate layers bit for bit.
+Prints a table; exits 1 on any mismatch.
+
+    python benchmarks/gpu_check.py                 # CUDA (the GPU script runs this first)
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --device cpu   # small shapes, interpreter
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+_root = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_root))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from quantvla_core.quant.qlinear import QuantLinear, concat_quant_linears  # noqa: E402
+from quantvla_core.quant.transforms import InputTransform, hadamard  # noqa: E402
+
+GPU_SHAPES = [  # (what, M, K, N)
+    ("pi05 backbone qkv, prefix", 816, 2048, 2560),
+    ("pi05 backbone down, prefix", 816, 16384, 2048),
+    ("pi05 expert up, step", 50, 1024, 4096),
+    ("pi05 expert down, step", 50, 4096, 1024),
+    ("groot dit ff, step", 49, 1536, 6144),
+    ("single token", 1, 2048, 2048),
+]
+CPU_SHAPES = [("tiny prefix", 33, 256, 192), ("tiny step", 17, 128, 256), ("single token", 1, 128, 64)]
+SCHEMES = {"w8a8": (8, 8, None), "w4a8": (4, 8, 128), "w4a4": (4, 4, 128)}
+
+
+def _layer(k: int, n: int, w_bits: int, a_bits: int, group, seed: int, device) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) / k ** 0.5)
+        lin.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    t = InputTransform(inv_smooth=torch.rand(k, generator=g) + 0.5, rotation=hadamard(64).float(),
+                       rotation_kind="hadamard")
+    return QuantLinear.from_linear(lin, w_bits=w_bits, a_bits=a_bits, group_size=group, transform=t,
+                                   clip_grid=(1.0,)).to(device)
+
+
+def _close_outputs(y: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float, float]:
+    y, ref = y.float().cpu(), ref.float().cpu()
+    err = float((y - ref).abs().max())
+    span = float(ref.abs().max()) or 1.0
+    equal = float((y == ref).float().mean())
+    return err <= 0.02 * span, err / span, equal
+
+
+def check(device: torch.device, dtype: torch.dtype) -> bool:
+    import quantvla_kernels as qk
+
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    ok_all = True
+    print(f"{'shape':28s} {'scheme':6s} {'codes eq':>9s} {'max|dy|/span':>13s} {'y equal':>8s} {'fused':>6s}  result")
+    for i, (what, m, k, n) in enumerate(shapes):
+        g = torch.Generator().manual_seed(100 + i)
+        x = torch.randn(m, k, generator=g) * 2
+        x[0, 7] = 60.0  # an outlier channel
+        for name, (w_bits, a_bits, group) in SCHEMES.items():
+            layer = _layer(k, n, w_bits, a_bits, group, 10 * i + w_bits + a_bits, device)
+            xd = x.to(device=device, dtype=dtype)
+            layer.backend = "triton"
+            y = layer(xd)
+            layer_cpu = _layer(k, n, w_bits, a_bits, group, 10 * i + w_bits + a_bits, "cpu")
+            layer_cpu.backend = "cpu"
+            ref = layer_cpu(x.to(dtype).float()).to(dtype)
+            # the codes themselves, Triton vs CPU
+            q1, s1 = qk.quantize_per_token(xd, a_bits, layer.inv_smooth, layer.rotation, backend="triton")
+            q2, s2 = qk.quantize_per_token(x.to(dtype).float(), a_bits, layer_cpu.inv_smooth, layer_cpu.rotation,
+                                           backend="cpu")
+            c1 = qk.unpack_int4(q1.cpu()) if a_bits == 4 else q1.cpu()
+            c2 = qk.unpack_int4(q2) if a_bits == 4 else q2
+            codes_eq = float((c1 == c2).float().mean())
+            codes_ok = (c1.int() - c2.int()).abs().max() <= 1 and codes_eq > 0.995 and \
+                torch.allclose(s1.cpu(), s2, rtol=1e-6, atol=0)
+            out_ok, rel, equal = _close_outputs(y, ref)
+            # sibling fusion on this backend: bit for bit
+            sib = [_layer(k, n // 2 or 1, w_bits, a_bits, group, 7 + j, device) for j in range(2)]
+            for s in sib:
+                s.inv_smooth = layer.inv_smooth.clone()
+                s.backend = "triton"
+            fused = concat_quant_linears(sib)
+            fused_ok = fused is not None and torch.equal(fused(xd), torch.cat([s(xd) for s in sib], -1))
+            ok = bool(codes_ok and out_ok and fused_ok)
+            ok_all &= ok
+            print(f"{what:28s} {name:6s} {codes_eq:9.4f} {rel:13.2e} {equal:8.3f} {str(fused_ok):>6s}  "
+                  f"{'ok' if ok else 'MISMATCH'}", flush=True)
+    return ok_all
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bf16 (CUDA default) or fp32 (CPU default)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cpu":
+        from quantvla_kernels.dispatch import triton_interpreting
+        if not triton_interpreting():
+            print("gpu_check on the CPU needs TRITON_INTERPRET=1 (the Triton interpreter)", file=sys.stderr)
+            return 2
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype] or \
+        (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ok = check(device, dtype)
+    print("GPU CHECK PASSED" if ok else "GPU CHECK FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

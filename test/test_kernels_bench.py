@@ -1,9 +1,9 @@
 """benchmarks/kernels.py runs end to end on the CPU and writes a table and JSON we can read back."""
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -385,8 +385,14 @@ def census_policy(policy, obs, num_steps: int, backend: str = "auto", warmup: bo
         # Triton launches are invisible to aten: instrument them wherever they run (--census-backend
         # triton, or auto on CUDA, where the kernels pick Triton themselves)
         modules = triton_census_modules(policy.device) if _resolved_backend(policy.device) == "triton" else []
-        if warmup:  # lazily built caches (CPU weight groups) exist before weights are collected
+        if warmup:  # lazily built caches (CPU weight groups, fused sibling layers) exist first
             runner.run_staged(lambda name: contextlib.nullcontext())
+        else:  # the Triton interpreter is too slow for a warm-up chunk: build the same caches on
+            # the exact CPU path (the fused sibling layers do not depend on the backend), so the
+            # counted chunk sees what every chunk after the first one runs
+            import quantvla_kernels
+            with quantvla_kernels.backend_scope("cpu"):
+                runner.run_staged(lambda name: contextlib.nullcontext())
         census = OpCensus(policy.model)
         quantized = any(isinstance(m, QuantLinear) for m in policy.model.modules())
         with contextlib.ExitStack() as stack:

@@ -143,23 +143,49 @@ void hadamard_row(float* x, int64_t k, int64_t b, float scale) {
   hadamard_row_scalar(x, k, b, scale);
 }
 
-// Smoothing, Hadamard and per-token quantization of float32 x (M, K) in one pass per row (the
-// row goes through a small buffer: x is never written).
-QV_CLONES void smooth_row(const float* x, const float* inv_smooth, int64_t k, float* out) {
-  if (inv_smooth) {
-    for (int64_t i = 0; i < k; ++i) out[i] = x[i] * inv_smooth[i];
+// RMSNorm, smoothing, Hadamard and per-token quantization of float32 x (M, K), one pass per
+// row through a small buffer (x is never written). The norm follows the kernels' contract:
+// v = x * (offset + w) [* inv_smooth] [H], y = v * rstd, rstd = 1 / sqrt(sum(x^2) / K + eps),
+// with sum(x^2) over 16 running partial sums (an order of its own: not bit-identical to a
+// separate RMSNorm module, whose output the model would also round to its dtype first).
+QV_CLONES float row_rstd(const float* x, int64_t k, float eps) {
+  float lane[16] = {0.0f};
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16)
+    for (int l = 0; l < 16; ++l) lane[l] = lane[l] + x[j + l] * x[j + l];
+  float sum = 0.0f;
+  for (; j < k; ++j) sum = sum + x[j] * x[j];
+  for (int l = 0; l < 16; ++l) sum = sum + lane[l];
+  return 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
+}
+
+QV_CLONES void scale_row(const float* x, const float* a, const float* b, int64_t k, float* out) {
+  // out = x * a [* b]   (a: the norm's offset + w, or the smoothing; b: the smoothing or null)
+  if (b) {
+    for (int64_t i = 0; i < k; ++i) out[i] = (x[i] * a[i]) * b[i];
   } else {
-    for (int64_t i = 0; i < k; ++i) out[i] = x[i];
+    for (int64_t i = 0; i < k; ++i) out[i] = x[i] * a[i];
   }
 }
 
-void hadamard_quantize_rows(const float* x, const float* inv_smooth, int64_t m, int64_t k, int64_t b,
-                            float scale, float qmax, int8_t* q, float* xs) {
+QV_CLONES void mul_row(float* v, float s, int64_t k) {
+  for (int64_t i = 0; i < k; ++i) v[i] = v[i] * s;
+}
+
+void transform_quantize_rows(const float* x, const float* norm_w, float eps, const float* inv_smooth, int64_t m,
+                             int64_t k, int64_t had_b, float had_scale, float qmax, int8_t* q, float* xs) {
   at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
     std::vector<float> row(k);
     for (int64_t r = r0; r < r1; ++r) {
-      smooth_row(x + r * k, inv_smooth, k, row.data());
-      hadamard_row(row.data(), k, b, scale);
+      const float* xr = x + r * k;
+      if (norm_w)
+        scale_row(xr, norm_w, inv_smooth, k, row.data());
+      else if (inv_smooth)
+        scale_row(xr, inv_smooth, nullptr, k, row.data());
+      else
+        std::copy(xr, xr + k, row.data());
+      if (had_b > 1) hadamard_row(row.data(), k, had_b, had_scale);
+      if (norm_w) mul_row(row.data(), row_rstd(xr, k, eps), k);
       xs[r] = quantize_row(row.data(), k, qmax, q + r * k);
     }
   });
@@ -219,13 +245,15 @@ void epilogue(const int32_t* acc, bool per_channel, int64_t groups, const float*
 // rotation (B, B) or (K/B, B, B) fp32 or undefined (hadamard_block >= 16: it is the Sylvester H_B
 // times hadamard_scale, applied by the fast transform); w_groups: int8 (N, K) or G pieces
 // (N, K/G); ws (N,) fp32 per channel, or ws_t (G, N) fp32 for groups; bias (N,) fp32 or
-// undefined. Returns (M, N) in x's dtype.
+// undefined; norm_weight (K,) or undefined: x is first RMS-normalised with it (x * rstd *
+// (norm_offset + w), eps norm_eps) inside the same row pass. Returns (M, N) in x's dtype.
 torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tensor>& inv_smooth,
                          const c10::optional<torch::Tensor>& perm,
                          const c10::optional<torch::Tensor>& rotation,
                          const std::vector<torch::Tensor>& w_groups, const torch::Tensor& ws,
                          const c10::optional<torch::Tensor>& bias, int64_t qmax, int64_t hadamard_block,
-                         double hadamard_scale) {
+                         double hadamard_scale, const c10::optional<torch::Tensor>& norm_weight, double norm_eps,
+                         double norm_offset) {
   TORCH_CHECK(x.dim() == 2, "int_linear: x must be (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "int_linear: x must be float32 or bfloat16");
@@ -238,15 +266,22 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
   at::Tensor xs = at::empty({m}, x.options().dtype(at::kFloat));
   const bool has_smooth = inv_smooth.has_value() && inv_smooth->defined();
   const bool has_perm = perm.has_value() && perm->defined();
-  if (rotation.has_value() && rotation->defined() && hadamard_block >= 16 && !has_perm) {
-    // the rotation is H_B / sqrt(B) (rebuilt from its kind, never trained): smoothing, the fast
-    // transform and quantization in one pass per row
-    TORCH_CHECK(hadamard_block <= 64 && k % hadamard_block == 0, "int_linear: bad Hadamard block");
+  const bool has_rot = rotation.has_value() && rotation->defined();
+  const bool has_norm = norm_weight.has_value() && norm_weight->defined();
+  const bool fast_rot = has_rot && hadamard_block >= 16;
+  TORCH_CHECK(!has_norm || (!has_perm && (!has_rot || fast_rot)),
+              "int_linear: a fused RMSNorm takes no permutation and only the fast Hadamard rotation");
+  if (!has_perm && (!has_rot || fast_rot)) {
+    // one pass per row: [RMSNorm weight] [smoothing] [fast Hadamard] [* rstd] -> codes
+    TORCH_CHECK(!fast_rot || (hadamard_block <= 64 && k % hadamard_block == 0), "int_linear: bad Hadamard block");
     v = v.contiguous();
     at::Tensor sm = has_smooth ? inv_smooth->to(at::kFloat).contiguous() : at::Tensor();
-    hadamard_quantize_rows(v.data_ptr<float>(), has_smooth ? sm.data_ptr<float>() : nullptr, m, k, hadamard_block,
-                           static_cast<float>(hadamard_scale), static_cast<float>(qmax), q.data_ptr<int8_t>(),
-                           xs.data_ptr<float>());
+    at::Tensor nw = has_norm ? (norm_weight->to(at::kFloat) + static_cast<float>(norm_offset)).contiguous()
+                             : at::Tensor();
+    transform_quantize_rows(v.data_ptr<float>(), has_norm ? nw.data_ptr<float>() : nullptr,
+                            static_cast<float>(norm_eps), has_smooth ? sm.data_ptr<float>() : nullptr, m, k,
+                            fast_rot ? hadamard_block : 0, static_cast<float>(hadamard_scale),
+                            static_cast<float>(qmax), q.data_ptr<int8_t>(), xs.data_ptr<float>());
   } else {
     if (has_smooth) v = v * inv_smooth->unsqueeze(0);
     if (has_perm) v = v.index_select(1, *perm);

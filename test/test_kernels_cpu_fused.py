@@ -93,7 +93,7 @@ def test_fast_hadamard_equals_the_rotation_matrix():
         want = (x.reshape(9, k // b, b) @ h).reshape(9, k)
         w = torch.eye(k, dtype=torch.int8) * 127  # the GEMM returns the codes themselves
         y = mod.int_linear(x.float(), None, None, h.float(), [w], torch.ones(k) / 127, None, 127, b,
-                           float(h[0, 0]))
+                           float(h[0, 0]), None, 0.0, 0.0)
         amax = want.abs().amax(1, keepdim=True)
         codes_want = torch.round(want * 127 / amax)
         codes = torch.round(y.double() / (amax.float().double() / 127))
@@ -130,3 +130,49 @@ def test_disabled_extension_is_not_used(fused, monkeypatch):
         finally:
             cpu_fused.set_enabled(True)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("transform", ["none", "smooth+hadamard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_inside_the_quantization_matches_norm_then_layer(fused, backend, transform, dtype):
+    """try_forward_rmsnorm (CPU row pass / Triton rmsnorm_quantize) against the model's own
+    RMSNorm module followed by the layer, with outlier channels: within a code step; and the
+    normalised activations reach the same codes as a float64 norm would (oracle)."""
+    from quantvla_core.models.layers import RMSNorm
+    from quantvla_kernels.dispatch import triton_interpreting
+    if backend == "triton" and not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    torch.manual_seed(5)
+    k, n = 256, 96
+    norm = RMSNorm(k, eps=1e-6, offset=1.0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(k) * 0.2)
+        norm.weight[7] = 8.0  # an outlier channel the norm creates
+    t = None
+    if transform == "smooth+hadamard":
+        t = InputTransform(inv_smooth=torch.rand(k) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard")
+    ql = QuantLinear.from_linear(nn.Linear(k, n), w_bits=8, a_bits=8, transform=t, clip_grid=(1.0,))
+    ql.backend = backend
+    x = (torch.randn(2, 9, k) * 3).to(dtype)
+    with torch.inference_mode():
+        y = ql.try_forward_rmsnorm(x, norm.weight, norm.eps, norm.offset)
+        want = ql(norm.to(dtype)(x) if dtype == torch.float32 else norm(x))
+        oracle = ql.forward_reference(norm.double()(x.double()).reshape(-1, k)).reshape(2, 9, n)
+    assert y is not None and y.dtype == dtype and y.shape == (2, 9, n)
+    span = want.float().abs().max().item()
+    torch.testing.assert_close(y.float(), want.float(), rtol=0, atol=0.03 * span)
+    torch.testing.assert_close(y.double(), oracle, rtol=0, atol=0.03 * span)
+
+
+def test_rmsnorm_fusion_declines_what_it_does_not_cover(fused):
+    from quantvla_core.models.layers import RMSNorm
+    norm = RMSNorm(96)
+    g = torch.Generator().manual_seed(0)
+    svd = InputTransform(inv_smooth=None, perm=torch.randperm(96, generator=g),
+                         rotation=torch.linalg.qr(torch.randn(3, 32, 32, generator=g, dtype=torch.float64))[0].float(),
+                         rotation_kind="svd")
+    ql = QuantLinear.from_linear(nn.Linear(96, 8), w_bits=8, a_bits=8, transform=svd, clip_grid=(1.0,))
+    assert ql.try_forward_rmsnorm(torch.randn(3, 96), norm.weight, norm.eps, norm.offset) is None
+    ql_ref = QuantLinear.from_linear(nn.Linear(96, 8), w_bits=8, a_bits=8, clip_grid=(1.0,), backend="reference")
+    assert ql_ref.try_forward_rmsnorm(torch.randn(3, 96), norm.weight, norm.eps, norm.offset) is None

@@ -14,7 +14,7 @@ from quantvla_core.models import build_model
 from quantvla_core.models.layers import GatedMLP
 from quantvla_core.policy import Observation, Policy
 from quantvla_core.quant.qlinear import (QuantLinear, concat_quant_linears, fused_siblings, quant_backend,
-                                         scale_output_channels, set_sibling_fusion)
+                                         scale_output_channels, set_norm_fusion, set_sibling_fusion)
 from quantvla_core.quant.transforms import InputTransform, hadamard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -68,6 +68,64 @@ def test_fused_copy_follows_in_place_scale_changes():
     assert torch.equal(mlp(x), want)
 
 
+@pytest.fixture
+def no_norm_fusion():
+    """Sibling fusion alone (the RMSNorm fused into the quantization changes rounding)."""
+    set_norm_fusion(False)
+    yield
+    set_norm_fusion(True)
+
+
+def _policy_and_obs(name: str, scheme: str = "w8a8"):
+    cfg = preset(name)
+    model = build_model(cfg, seed=0).eval()
+    quick_quantize(model, cfg.arch, scheme)
+    policy = Policy(model, cfg, name=name, device="cpu", dtype="fp32", scheme=scheme)
+    rng = np.random.default_rng(0)
+    obs = Observation(images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)], instruction="open the drawer",
+                      state=rng.normal(size=cfg.state_dim).astype(np.float32))
+    return policy, obs
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_rmsnorm_fused_into_quantization_matches_norm_then_layers(name, scheme, backend):
+    """Plain RMSNorms feeding quantized q/k/v or gate/up run inside the activation quantization
+    (CPU: the fused extension's row pass; Triton: rmsnorm_quantize): the path is taken, and the
+    actions stay within quantization rounding of norm-then-layers (not bit for bit: the norm is
+    not rounded to the model dtype and its sum runs in the kernel's order)."""
+    import quantvla_kernels as qk
+    from quantvla_kernels.dispatch import triton_interpreting
+    if backend == "triton" and not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    policy, obs = _policy_and_obs(name, scheme)
+    taken = []
+    real = QuantLinear.try_forward_rmsnorm
+
+    def spy(self, *a, **kw):
+        y = real(self, *a, **kw)
+        taken.append(y is not None)
+        return y
+
+    QuantLinear.try_forward_rmsnorm = spy
+    try:
+        with qk.backend_scope(None if backend == "auto" else backend):
+            fused = policy.predict(obs, seed=3).actions
+            calls = list(taken)
+            set_norm_fusion(False)
+            try:
+                plain = policy.predict(obs, seed=3).actions
+            finally:
+                set_norm_fusion(True)
+    finally:
+        QuantLinear.try_forward_rmsnorm = real
+    assert calls and all(calls), "a plain RMSNorm before quantized siblings was not fused"
+    assert not np.array_equal(fused, plain) or name == "tiny-pi05"
+    np.testing.assert_allclose(fused, plain, rtol=0, atol=0.05 * np.abs(plain).max())
+
+
+@pytest.mark.usefixtures("no_norm_fusion")
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
 def test_quantized_policy_is_bit_identical_with_and_without_fusion(name):
     cfg = preset(name)

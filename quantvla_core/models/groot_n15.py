@@ -51,11 +51,11 @@ class Qwen3Attention(DecoderAttention):
         self.q_norm = RMSNorm(cfg.head_dim, eps=1e-6, offset=0.0)
         self.k_norm = RMSNorm(cfg.head_dim, eps=1e-6, offset=0.0)
 
-    def qkv(self, x, cos, sin):
-        b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+    def to_heads(self, q, k, v, cos, sin):
+        b, t, _ = q.shape
+        q = self.q_norm(q.reshape(b, t, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.reshape(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 

@@ -23,6 +23,19 @@ def _fused(parent: nn.Module, names: tuple[str, ...]):
     return fused_siblings(parent, names)
 
 
+def _normed_fused(parent: nn.Module, names: tuple[str, ...], norm: nn.Module, x: torch.Tensor):
+    """The parent's fused sibling layer applied to ``norm(x)`` with the RMSNorm computed inside
+    the activation quantization (one kernel / one row pass), or None (float model, adaptive or
+    other norm, or a layer the fused norm does not cover: the caller runs norm, then layers).
+    Only for norms whose output feeds nothing but these siblings, which the caller knows."""
+    if type(norm) is not RMSNorm:
+        return None
+    fused = _fused(parent, names)
+    if fused is None:
+        return None
+    return fused.try_forward_rmsnorm(x, norm.weight, norm.eps, norm.offset)
+
+
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
@@ -97,6 +110,15 @@ class GatedMLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(activation(self.act, gate) * up)
 
+    def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``self(norm(x))``, with the norm fused into gate/up's activation quantization where
+        the model is quantized (the norm's output feeds only this MLP)."""
+        y = _normed_fused(self, ("gate_proj", "up_proj"), norm, x)
+        if y is None:
+            return self(norm(x))
+        gate, up = y.split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
+        return self.down_proj(activation(self.act, gate) * up)
+
 
 class DecoderAttention(nn.Module):
     """GQA self-attention with RoPE; q/k/v/o names as in Gemma/Llama/Qwen."""
@@ -111,19 +133,34 @@ class DecoderAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.width, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.width, bias=False)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
-        fused = _fused(self, ("q_proj", "k_proj", "v_proj"))
-        if fused is not None:  # quantized: one activation quantization and one GEMM for q, k, v
-            q, k, v = fused(x).split([self.q_proj.out_features, self.k_proj.out_features,
-                                      self.v_proj.out_features], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def to_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected (B, T, H*D) q/k/v -> per-head (B, H, T, D), RoPE on q and k. Subclasses with
+        per-head norms (Qwen3) override this, not the projections."""
+        b, t, _ = q.shape
         q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _split_qkv(self, y: torch.Tensor):
+        return y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fused = _fused(self, ("q_proj", "k_proj", "v_proj"))
+        if fused is not None:  # quantized: one activation quantization and one GEMM for q, k, v
+            return self.to_heads(*self._split_qkv(fused(x)), cos, sin)
+        return self.to_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin)
+
+    def qkv_normed(self, x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``self.qkv(norm(x), cos, sin)``, with the norm fused into the q/k/v activation
+        quantization where the model is quantized (the norm's output feeds only q/k/v)."""
+        y = _normed_fused(self, ("q_proj", "k_proj", "v_proj"), norm, x)
+        if y is None:
+            return self.qkv(norm(x), cos, sin)
+        return self.to_heads(*self._split_qkv(y), cos, sin)
 
     def attend(self, q, k, v, mask) -> torch.Tensor:
         out = attention(q, k, v, mask, name=self.attn_name)
@@ -151,11 +188,22 @@ class DecoderLayer(nn.Module):
             return which(x, cond)
         return which(x), None
 
+    def attn_qkv(self, x: torch.Tensor, cond: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
+        """(q, k, v, gate) of the attention half: input norm then q/k/v projections, the norm
+        fused into their quantization where it can be (plain RMSNorm, quantized model)."""
+        if self.adaptive:
+            h, gate = self.norm(self.input_layernorm, x, cond)
+            return (*self.self_attn.qkv(h, cos, sin), gate)
+        return (*self.self_attn.qkv_normed(x, self.input_layernorm, cos, sin), None)
+
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor, gate1, cond) -> torch.Tensor:
         """Residual after attention, then the MLP half of the layer."""
         x = x + (attn_out if gate1 is None else attn_out * gate1)
-        h, gate2 = self.norm(self.post_attention_layernorm, x, cond)
-        h = self.mlp(h)
+        if self.adaptive:
+            h, gate2 = self.norm(self.post_attention_layernorm, x, cond)
+            h = self.mlp(h)
+        else:  # the norm's output feeds only the MLP: fused into its quantization where it can be
+            h, gate2 = self.mlp.forward_normed(x, self.post_attention_layernorm), None
         return x + (h if gate2 is None else h * gate2)
 
 
@@ -180,8 +228,7 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         kv = []
         for layer in self.layers:
-            h, gate = layer.norm(layer.input_layernorm, x, cond)
-            q, k, v = layer.self_attn.qkv(h, cos, sin)
+            q, k, v, gate = layer.attn_qkv(x, cond, cos, sin)
             if return_kv:
                 kv.append((k, v))
             x = layer.finish(x, layer.self_attn.attend(q, k, v, mask), gate, cond)

@@ -159,8 +159,7 @@ class PI0Model(FlowMatchingVLA):
         cos, sin = cache.suffix_rope
         tp = cache.prefix_len
         for layer, (kb, vb) in zip(expert.layers, cache.kv):
-            h, gate = layer.norm(layer.input_layernorm, x, cond)
-            q, k, v = layer.self_attn.qkv(h, cos, sin)
+            q, k, v, gate = layer.attn_qkv(x, cond, cos, sin)
             kb[:, :, tp:] = k
             vb[:, :, tp:] = v
             x = layer.finish(x, layer.self_attn.attend(q, kb, vb, mask), gate, cond)

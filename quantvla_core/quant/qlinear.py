@@ -323,7 +323,7 @@ class QuantLinear(nn.Module):
         hb = self.rotation_block if (self.rotation_kind == "hadamard" and rotation is not None
                                      and _FAST_HADAMARD) else 0
         fused_args = (bufs.get("inv_smooth"), perm64, rotation, list(groups), ws_fused, bufs.get("bias"),
-                      qmax(self.a_bits), hb, float(rotation[0, 0]) if hb else 0.0)
+                      qmax(self.a_bits), hb, float(rotation[0, 0]) if hb else 0.0, None, 0.0, 0.0)
         value = (groups, perm64, fused_args)
         if key is not None:
             self._cpu_cache = (key, value)
@@ -350,6 +350,60 @@ class QuantLinear(nn.Module):
         else:
             q, xs = ops.cpu_quantize_codes(xf, self.a_bits, self.inv_smooth, perm, self.rotation)
         return ops.cpu_int_linear(q, xs, groups, self.wscale, self.bias)
+
+    def try_forward_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            offset: float) -> torch.Tensor | None:
+        """``self(rmsnorm(x))`` with the norm inside the activation quantization, or None where
+        that does not apply (the caller then runs norm-then-linear): on Triton
+        ``rmsnorm_quantize`` (one kernel: norm, smoothing, rotation, codes), on the CPU the fused
+        extension's row pass; the normalised tensor is never written. The caller guarantees that
+        the norm's output feeds only this layer (the model's own data flow). Numerics: the norm
+        is not rounded to the model dtype before quantization and its sum of squares runs in the
+        kernel's order, so codes can differ from norm-then-linear by one step at rounding
+        boundaries. Not fused: the reference backend, static scales, weight-only layers,
+        permutations, SVD rotations. ``norm_weight`` holds any folded smoothing;
+        the norm is ``x * rstd * (offset + w)``."""
+        if not _NORM_FUSION:
+            return None
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        backend = self.backend or getattr(_default, "backend", "auto")
+        fusable = (self._lean_cpu and not self._rotate_first and self.perm is None and x2.shape[0] > 0
+                   and (self.rotation is None or (self.rotation_kind == "hadamard" and self.rotation_block >= 16)))
+        if fusable and backend in ("auto", "cpu", "triton"):
+            k = _kernels()
+            name = k.resolve_backend(None if backend == "auto" else backend, x2.device)
+            if name == "cpu" and x2.device.type == "cpu" and x2.dtype in _FUSED_DTYPES:
+                fused = _fused_cpu()
+                groups, perm, args = self._cpu_operands(k.ops)
+                if fused is not None and args[7] == (self.rotation_block if self.rotation is not None else 0):
+                    y = fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), *args[:9],
+                                         norm_weight.detach(), float(eps), float(offset))
+                    return y.reshape(*lead, self.out_features)
+            elif name == "triton" and self.w_bits in (4, 8):
+                direct = direct_io() and x2.dtype in _KERNEL_DTYPES
+                xq, xs = k.rmsnorm_quantize(x2 if direct else x2.float(), norm_weight.detach(), float(eps),
+                                            bits=self.a_bits, offset=float(offset), inv_smooth=self.inv_smooth,
+                                            rotation=self.rotation, backend="triton")
+                out_dtype = x2.dtype if direct else torch.float32
+                y = self._gemm(k, xq, xs, out_dtype, "triton")
+                return y.to(x.dtype).reshape(*lead, self.out_features)
+        return None
+
+    def _gemm(self, k, xq, xs, out_dtype, backend):
+        """The integer GEMM for activation codes ``xq`` with scales ``xs`` (kernels' backends)."""
+        if self.a_bits == 8 and self.w_bits == 8:
+            return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, bias=self.bias, out_dtype=out_dtype,
+                               backend=backend)
+        if self.a_bits == 8 and self.w_bits == 4:
+            return k.gemm_w4a8(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=self.bias,
+                               out_dtype=out_dtype, backend=backend)
+        if self.a_bits == 4 and self.w_bits == 4:
+            return k.gemm_w4a4(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=self.bias,
+                               out_dtype=out_dtype, backend=backend)
+        raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
 
     def _forward_kernels(self, x2: torch.Tensor, backend: str | None) -> torch.Tensor:
         if self.a_bits is None:  # weight-only: dequantize into the compute dtype
@@ -497,6 +551,15 @@ def _still_valid(sources) -> bool:
 
 
 _SIBLING_FUSION = True
+_NORM_FUSION = True
+
+
+def set_norm_fusion(enabled: bool) -> None:
+    """Compute a decoder's RMSNorm inside the following quantized layers' activation
+    quantization (True, default) or as its own module first (False: the layer-by-layer numbers,
+    used by tests and benchmarks to compare the two)."""
+    global _NORM_FUSION
+    _NORM_FUSION = bool(enabled)
 
 
 def set_sibling_fusion(enabled: bool) -> None:

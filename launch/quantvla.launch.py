@@ -4,9 +4,10 @@
         camera_topics:=/cam_high/image_raw,/cam_wrist/image_raw/compressed use_sim_time:=true
 
 Parameters come from `params_file` (default: the package's config/default.yaml); the launch
-arguments below override it. With autostart:=true (default) the node configures (loads and
-warms up the model) and activates itself; with autostart:=false a lifecycle manager or
-`ros2 lifecycle set` drives it.
+arguments below override it where given (empty = the params file's value). The shipped YAML
+does not autostart: a lifecycle manager or `ros2 lifecycle set` configures and activates the
+node, or autostart:=true makes it do so itself. dry_run:=true computes chunks and diagnostics
+without publishing a trajectory (set it for the first runs on a robot).
 """
 import os
 
@@ -25,7 +26,10 @@ ARGUMENTS = (
     ("camera_topics", "", "comma-separated camera topics (a '/compressed' suffix selects "
                           "CompressedImage); empty = the params file's value"),
     ("device", "", "torch device (cpu, cuda, cuda:N); empty = the params file's value"),
-    ("autostart", "true", "configure + activate on start-up"),
+    ("autostart", "", "true: configure + activate on start-up; empty = the params file's value "
+                      "(false in the shipped config/default.yaml)"),
+    ("dry_run", "", "true: compute and report chunks, publish no trajectory; empty = the params "
+                    "file's value"),
     ("log_level", "info", "ROS log level of the policy node"),
 )
 
@@ -34,8 +38,10 @@ def _policy_node(context):
     arg = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
     params_file = arg["params_file"] or os.path.join(
         get_package_share_directory("quantvla_ros"), "config", "default.yaml")
-    overrides = {"use_sim_time": arg["use_sim_time"].lower() in ("true", "1", "yes"),
-                 "autostart": arg["autostart"].lower() in ("true", "1", "yes")}
+    overrides = {"use_sim_time": arg["use_sim_time"].lower() in ("true", "1", "yes")}
+    for flag in ("autostart", "dry_run"):  # only when given: the YAML's value otherwise
+        if arg[flag]:
+            overrides[flag] = arg[flag].lower() in ("true", "1", "yes")
     if arg["model"]:
         overrides["model"] = arg["model"]
     if arg["device"]:

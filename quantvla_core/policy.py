@@ -24,6 +24,31 @@ DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "assets" / "default_polic
 # The same policy quantized with QuantVLA W4A8 (MT10 demo frames as calibration).
 DEFAULT_W4A8_DIR = Path(__file__).resolve().parent / "assets" / "default_policy_w4a8"
 QUANT_FILE = "quantization.json"
+# What a committed default policy directory must hold to be loaded (quantization.json as well
+# for the W4A8 one); checked before loading so a missing asset is named, not a random model.
+_DEFAULT_FILES = ("config.json", "model.safetensors", "manifest.json")
+
+
+def default_policy_dir(name: str = "default") -> Path:
+    """The directory of the committed policy `name` ('default' or 'default-w4a8'), after
+    checking that its files are there. Raises CheckpointError naming the first missing file and
+    how to get it back; there is no silent fallback to random weights (a preset name such as
+    'small' is the way to ask for those)."""
+    dirs = {"default": DEFAULT_POLICY_DIR, "default-w4a8": DEFAULT_W4A8_DIR}
+    if name not in dirs:
+        raise ValueError(f"unknown default policy {name!r}; accepted: {', '.join(dirs)}")
+    path = Path(dirs[name])
+    needed = _DEFAULT_FILES + ((QUANT_FILE,) if name == "default-w4a8" else ())
+    for fname in needed:
+        if not (path / fname).is_file():
+            raise CheckpointError(
+                f"Policy.load({name!r}): the committed policy file {path / fname} is missing. "
+                f"It ships in the git repository under quantvla_core/assets/{path.name}/ "
+                f"(restore it with `git checkout -- quantvla_core/assets/{path.name}`, or install "
+                "from a full clone so the package data is included); docs/default-policy.md says "
+                "how to retrain and quantize it. For a model with seeded random weights, load a "
+                f"preset instead ({', '.join(PRESETS)}).")
+    return path
 
 
 @dataclass
@@ -96,17 +121,12 @@ class Policy:
     @classmethod
     def load(cls, source: str | Path = "default", device: str | torch.device | None = "cpu",
              dtype: str | None = None, seed: int = 0) -> "Policy":
-        """'default' (the committed trained policy, else `small` with seeded random weights),
+        """'default' (the committed trained policy; an error naming the file when it is missing),
         'default-w4a8' (that policy quantized),
         a preset name (seeded random weights) or a model / quantized-artifact directory."""
         src = str(source)
-        if src == "default-w4a8":
-            return cls.load(DEFAULT_W4A8_DIR, device, dtype, seed)
-        if src == "default":
-            if (DEFAULT_POLICY_DIR / "config.json").is_file():
-                return cls.load(DEFAULT_POLICY_DIR, device, dtype, seed)
-            return cls(build_model(preset("small")), preset("small"), name="default(small, random)",
-                       device=device, dtype=dtype, seed=seed)
+        if src in ("default", "default-w4a8"):
+            return cls.load(default_policy_dir(src), device, dtype, seed)
         if src in PRESETS:
             cfg = preset(src)
             return cls(build_model(cfg), cfg, name=src, device=device, dtype=dtype, seed=seed)

@@ -112,6 +112,45 @@ def test_load_errors_name_what_is_accepted(tmp_path):
         Policy.load("tiny", device="cuda" if not torch.cuda.is_available() else "tpu")
 
 
+@pytest.mark.parametrize("name,attr,missing", [
+    ("default", "DEFAULT_POLICY_DIR", "config.json"),
+    ("default-w4a8", "DEFAULT_W4A8_DIR", "config.json"),
+    ("default", "DEFAULT_POLICY_DIR", "model.safetensors"),  # config there, weights gone
+    ("default-w4a8", "DEFAULT_W4A8_DIR", "quantization.json"),
+])
+def test_missing_default_policy_is_an_error_naming_the_file(tmp_path, monkeypatch, name, attr, missing):
+    """No silent fallback to random weights: the error names the missing file and how to get it."""
+    import quantvla_core.policy as policy_mod
+    empty = tmp_path / "assets" / "gone"
+    empty.mkdir(parents=True)
+    # Every file the policy needs up to (not including) the missing one is present.
+    for f in ("config.json", "model.safetensors", "manifest.json", "quantization.json"):
+        if f == missing:
+            break
+        (empty / f).write_text("{}")
+    monkeypatch.setattr(policy_mod, attr, empty)
+    with pytest.raises(CheckpointError) as err:
+        Policy.load(name)
+    msg = str(err.value)
+    assert str(empty / missing) in msg
+    assert "git checkout -- quantvla_core/assets/gone" in msg and "docs/default-policy.md" in msg
+    # quantize's layout lookup resolves 'default' the same way.
+    from quantvla_core.quant.cli import _model_for_layout
+    with pytest.raises(CheckpointError, match=missing):
+        _model_for_layout(name)
+    # Presets still give seeded random weights, unaffected by the missing assets.
+    a, b = Policy.load("tiny", seed=0), Policy.load("tiny", seed=0)
+    assert a.name == "tiny"
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_committed_default_policies_load():
+    for name in ("default", "default-w4a8"):
+        pol = Policy.load(name)
+        assert pol.name in ("default_policy", "default_policy_w4a8")
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(images=[]), "1 or more camera images"),
     (dict(images=[np.zeros((10, 10, 3), np.float32)]), "uint8"),

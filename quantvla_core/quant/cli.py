@@ -128,8 +128,9 @@ def _model_for_layout(source: str):
     from ..checkpoint import read_config
     from ..config import PRESETS, preset
     from ..models import build_model
-    from ..policy import DEFAULT_POLICY_DIR, DEFAULT_W4A8_DIR
-    source = {"default": str(DEFAULT_POLICY_DIR), "default-w4a8": str(DEFAULT_W4A8_DIR)}.get(source, source)
+    from ..policy import default_policy_dir
+    if source in ("default", "default-w4a8"):
+        source = str(default_policy_dir(source))  # names a missing asset file
     if source in PRESETS:
         cfg = preset(source)
         return build_model(cfg, device="meta"), cfg.arch, None

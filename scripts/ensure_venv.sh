@@ -27,3 +27,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[quantvla] ready. Put the quantvla command on PATH in this shell with:" >&2
   echo "[quantvla]   source .venv/bin/activate      (or run .venv/bin/quantvla)" >&2
 fi
+# The fused CPU integer linear is compiled on first use (25-40 s once per machine, cached under
+# ~/.cache/torch_extensions): build it here, so a first inference (a ROS node's warm-up, a
+# test waiting for a trajectory) never pays for it. Without a compiler it says why and the
+# torch-op path (same numbers, slower) is used.
+"$venv/bin/python" - <<'PY' >&2
+from quantvla_kernels import cpu_fused
+if cpu_fused.module() is None:
+    print(f"[quantvla] fused CPU linear not built ({cpu_fused.failure()}): using the torch-op CPU path")
+PY

@@ -52,7 +52,8 @@ def test_model_dir_round_trip_is_bit_exact(tmp_path):
     np.testing.assert_allclose(out, ref[0].numpy() * 0.5 + np.array([1, 2, 3, 4]), rtol=1e-5, atol=1e-5)
 
 
-def test_save_is_atomic_and_replaces_whole_directory(tmp_path):
+def test_save_is_atomic_and_replaces_whole_directory(tmp_path, monkeypatch):
+    import quantvla_core.checkpoint as ckpt
     save_tiny(tmp_path / "m")
     (tmp_path / "m" / "stray.txt").write_text("old")
     save_tiny(tmp_path / "m", "tiny-pi05")
@@ -60,8 +61,15 @@ def test_save_is_atomic_and_replaces_whole_directory(tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["arch"] == "pi05"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dirs left behind
 
-    with pytest.raises(Exception):
-        save_model_dir(tmp_path / "m", preset("tiny"), {"x": object()})  # fails mid-write
+    # Fail mid-write: config.json and model.safetensors are already in the temporary directory
+    # when the extra file turns out not to be JSON-serialisable.
+    written = []
+    real_save_file = ckpt.save_file
+    monkeypatch.setattr(ckpt, "save_file", lambda t, f, **kw: (written.append(f), real_save_file(t, f, **kw)))
+    cfg = preset("tiny")
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save_model_dir(tmp_path / "m", cfg, build_model(cfg).state_dict(), extra_files={"x.json": object()})
+    assert len(written) == 1 and written[0].endswith("model.safetensors") and "/m/" not in written[0]
     assert json.loads((tmp_path / "m" / "config.json").read_text())["arch"] == "pi05"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 

@@ -40,8 +40,13 @@ def test_weight_quantization_error_bound(bits, group):
     err = (qw.dequantize() - w).abs()
     step = qw.scale[:, None] if group is None else qw.scale.repeat_interleave(group, 1)
     assert bool((err <= step / 2 + 1e-6).all())
-    # the row/group absmax is represented exactly at +-qmax
-    assert torch.allclose(qw.dequantize().abs().amax(1), w.abs().amax(1), rtol=1e-6) or group is not None
+    # the row/group absmax is represented exactly at +-qmax (per row, or per group of columns)
+    size = group or w.shape[1]
+    amax_deq = qw.dequantize().abs().reshape(w.shape[0], -1, size).amax(-1)
+    amax_w = w.abs().reshape(w.shape[0], -1, size).amax(-1)
+    assert amax_w.shape == (24, 64 // size)
+    assert torch.allclose(amax_deq, amax_w, rtol=1e-6)
+    assert int((qw.q.abs().reshape(w.shape[0], -1, size).amax(-1) == qmax(bits)).sum()) == amax_w.numel()
 
 
 def test_mse_clip_search_never_worse_than_absmax():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's test command: set up ./.venv if needed, then run the whole suite on the CPU.
+# The README's test command: set up ./.venv if needed, lint, then run the whole suite on the CPU.
 # ROS 2 traffic stays on loopback (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) in a domain of
 # its own; Triton kernels run in the interpreter.
 set -uo pipefail
@@ -11,6 +11,8 @@ export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$(( (RANDOM % 100) + 101 ))}
 export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 export PYTHONUNBUFFERED=1
+# Lint first (rules in pyproject.toml: bugs and dead code, not style); a failure fails the run.
+.venv/bin/python -m ruff check . || { echo "lint failed: fix the findings above (.venv/bin/python -m ruff check .)" >&2; exit 1; }
 .venv/bin/python -m pytest -q "$@" test
 rc=$?
 # pytest exits 5 when it collected no test: that is a failure of the suite, not a pass.

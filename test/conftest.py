@@ -1,4 +1,5 @@
 """Shared test set-up: CPU determinism, Triton interpreter, and ROS 2 kept on loopback."""
+import contextlib
 import os
 import random
 
@@ -41,3 +42,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+FASTDDS_PROFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
+                               "fastdds_large_data.xml")
+
+
+@contextlib.contextmanager
+def loopback_ros_env(domain_id: int):
+    """Loopback-only discovery in ``domain_id``, Fast DDS's large-message profile; restores the
+    environment after (set by tests, never by the nodes: robots need the network)."""
+    keys = ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID", "FASTDDS_DEFAULT_PROFILES_FILE")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = FASTDDS_PROFILE
+    try:
+        yield domain_id
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -29,23 +29,15 @@ from quantvla_ros.synthetic_camera import render_scene  # noqa: E402
 
 from test_ros_policy_node import (FASTDDS_PROFILE, JOINTS, Harness, _domain_id,  # noqa: E402
                                   _log_lines, _node_params)
+from conftest import loopback_ros_env  # noqa: E402
 
 NODE = "survivor"
 
 
 @pytest.fixture(scope="module")
 def ros_env():
-    keys = ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID", "FASTDDS_DEFAULT_PROFILES_FILE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["ROS_DOMAIN_ID"] = str(_domain_id(3))
-    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = FASTDDS_PROFILE
-    yield int(os.environ["ROS_DOMAIN_ID"])
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with loopback_ros_env(_domain_id(3)) as domain:
+        yield domain
 
 
 @pytest.fixture(scope="module")

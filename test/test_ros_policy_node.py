@@ -33,6 +33,7 @@ from quantvla_ros.diagnostics import level_of, status_values  # noqa: E402
 from quantvla_ros.image_conversion import rgb_to_compressed, rgb_to_image  # noqa: E402
 from quantvla_ros.node_process import start_node, stop_node, write_params  # noqa: E402
 from quantvla_ros.synthetic_camera import render_scene  # noqa: E402
+from conftest import loopback_ros_env  # noqa: E402
 
 LATCHED = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -218,18 +219,8 @@ def _node_params(prefix, **over):
 @pytest.fixture(scope="module")
 def ros_env():
     """Loopback-only discovery in a domain of this run's own (set here, never in the node)."""
-    keys = ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID", "FASTDDS_DEFAULT_PROFILES_FILE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["ROS_DOMAIN_ID"] = str(_domain_id(0))
-    # Large best-effort images need a bigger shared-memory segment (see the XML's comment).
-    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = FASTDDS_PROFILE
-    yield int(os.environ["ROS_DOMAIN_ID"])
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with loopback_ros_env(_domain_id(0)) as domain:
+        yield domain
 
 
 @pytest.fixture(scope="module")

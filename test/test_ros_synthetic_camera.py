@@ -20,23 +20,15 @@ from std_msgs.msg import String  # noqa: E402
 from quantvla_ros.image_conversion import compressed_to_rgb, image_to_rgb  # noqa: E402
 from quantvla_ros.node_process import start_node, stop_node, write_params  # noqa: E402
 from quantvla_ros.synthetic_camera import render_scene  # noqa: E402
+from conftest import loopback_ros_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def ros_env():
-    keys = ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID", "FASTDDS_DEFAULT_PROFILES_FILE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["ROS_DOMAIN_ID"] = str(100 + (os.getpid() * 7 + 31) % 100)
-    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = os.path.join(ROOT, "config", "fastdds_large_data.xml")
-    yield int(os.environ["ROS_DOMAIN_ID"])
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with loopback_ros_env(100 + (os.getpid() * 7 + 31) % 100) as domain:
+        yield domain
 
 
 def test_render_scene_shows_the_objects_the_instruction_names():

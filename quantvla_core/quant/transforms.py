@@ -195,9 +195,3 @@ def fold_smoothing_into_norm(norm: nn.Module, inv_smooth: torch.Tensor, offset: 
         norm.weight.data.copy_(((offset + w) * inv - offset).to(norm.weight.dtype))
         if getattr(norm, "bias", None) is not None:  # LayerNorm
             norm.bias.data.copy_((norm.bias.data.to(torch.float64) * inv).to(norm.bias.dtype))
-
-
-def fold_smoothing_into_linear_output(linear: nn.Module, inv_smooth: torch.Tensor) -> None:
-    """Scale the producing linear's output channels by 1/s (e.g. up_proj feeding down_proj)."""
-    from .qlinear import scale_output_channels
-    scale_output_channels(linear, inv_smooth)

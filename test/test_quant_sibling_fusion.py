@@ -155,3 +155,36 @@ def test_quantized_policy_is_bit_identical_with_and_without_fusion(name):
     finally:
         set_sibling_fusion(True)
     assert np.array_equal(with_fusion, without)
+
+
+def test_fusion_steps_aside_while_a_child_or_the_norm_is_hooked():
+    """Hooks see the modules they were put on: with a hook on a child (or the norm), its
+    siblings run one by one and the norm as its own module, with the unfused numbers."""
+    from quantvla_core.models.layers import RMSNorm
+    mlp = GatedMLP(128, 64, "gelu_tanh")
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = _ql(128, 64, False), _ql(128, 64, False), _ql(64, 128, False)
+    norm = RMSNorm(128)
+    x = torch.randn(5, 128)
+    seen = []
+    handle = mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        assert fused_siblings(mlp, ("gate_proj", "up_proj")) is None
+        y = mlp.forward_normed(x, norm)
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([5, 64])]
+    set_norm_fusion(False)
+    set_sibling_fusion(False)
+    try:
+        want = mlp(norm(x))
+    finally:
+        set_norm_fusion(True)
+        set_sibling_fusion(True)
+    assert torch.equal(y, want)
+    norm_seen = []
+    h2 = norm.register_forward_hook(lambda m, i, o: norm_seen.append(1))
+    try:
+        mlp.forward_normed(x, norm)
+    finally:
+        h2.remove()
+    assert norm_seen == [1] and fused_siblings(mlp, ("gate_proj", "up_proj")) is not None

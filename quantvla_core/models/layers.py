@@ -28,8 +28,8 @@ def _normed_fused(parent: nn.Module, names: tuple[str, ...], norm: nn.Module, x:
     the activation quantization (one kernel / one row pass), or None (float model, adaptive or
     other norm, or a layer the fused norm does not cover: the caller runs norm, then layers).
     Only for norms whose output feeds nothing but these siblings, which the caller knows."""
-    if type(norm) is not RMSNorm:
-        return None
+    if type(norm) is not RMSNorm or norm._forward_hooks or norm._forward_pre_hooks:
+        return None  # another norm, or one somebody observes: it runs as its own module
     fused = _fused(parent, names)
     if fused is None:
         return None

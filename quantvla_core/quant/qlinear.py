@@ -554,6 +554,13 @@ _SIBLING_FUSION = True
 _NORM_FUSION = True
 
 
+def _observed(modules) -> bool:
+    """Whether one of these modules has its own forward hook: fused execution calls a copy
+    instead of them, so it steps aside while one is watched (a tracer, a debug hook). Global
+    module hooks (profilers) see the fused layer itself and keep it."""
+    return any(mod is not None and (mod._forward_hooks or mod._forward_pre_hooks) for mod in modules)
+
+
 def set_norm_fusion(enabled: bool) -> None:
     """Compute a decoder's RMSNorm inside the following quantized layers' activation
     quantization (True, default) or as its own module first (False: the layer-by-layer numbers,
@@ -581,6 +588,8 @@ def fused_siblings(parent: nn.Module, names: tuple[str, ...]) -> QuantLinear | N
     first = mods.get(names[0])
     if not isinstance(first, QuantLinear):
         return None  # a float model: nothing to fuse
+    if _observed(mods.get(n) for n in names):
+        return None  # someone hooks a child (a tracer, a profiler, a debug hook): call each one
     if (first.backend or getattr(_default, "backend", "auto")) == "reference":
         return None  # the float64 oracle stays layer by layer
     cache = parent.__dict__.get("_fused_siblings")

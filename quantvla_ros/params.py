@@ -16,6 +16,8 @@ from rclpy.parameter import Parameter
 from quantvla_ros.chunk_aggregation import MODES
 from quantvla_ros.power import SOURCES
 
+KERNEL_BACKENDS = {"auto": None, "triton": "triton", "torch": "cpu"}  # -> quantvla_kernels backend
+
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
@@ -35,6 +37,10 @@ SPECS: tuple[Spec, ...] = (
          "a model directory or a quantized artifact directory (Policy.load at configure)."),
     Spec("device", "cpu", "Torch device for the model: cpu, cuda, cuda:N."),
     Spec("dtype", "", "Compute dtype (float32, bfloat16, float16); empty = the model's default."),
+    Spec("kernel_backend", "auto", "Integer kernels of a quantized model: auto (Triton on CUDA, the "
+         "compiled CPU path on the CPU), triton, or torch (exact torch integer math on any device: "
+         "a GPU without Triton, e.g. a Jetson whose JetPack torch ships none).",
+         constraints="one of: " + ", ".join(("auto", "triton", "torch"))),
     Spec("num_threads", 0, "torch intra-op threads; 0 leaves torch's default.", 0, 256),
     Spec("seed", 0, "Seed for the policy's noise sampling (deterministic chunks).", 0, 2**31 - 1),
     Spec("camera_topics", ["camera/image_raw"], "Camera topics, one per model camera; the "

@@ -170,6 +170,9 @@ class PolicyNode(LifecycleNode):
             if p.name == "chunk_aggregation" and p.value not in MODES:
                 return SetParametersResult(successful=False, reason=(
                     f"chunk_aggregation {p.value!r} is not one of {', '.join(MODES)}"))
+            if p.name == "kernel_backend" and p.value not in P.KERNEL_BACKENDS:
+                return SetParametersResult(successful=False, reason=(
+                    f"kernel_backend {p.value!r} is not one of {', '.join(P.KERNEL_BACKENDS)}"))
             if p.name == "power_source" and p.value not in SOURCES:
                 return SetParametersResult(successful=False, reason=(
                     f"power_source {p.value!r} is not one of {', '.join(SOURCES)}"))
@@ -228,6 +231,11 @@ class PolicyNode(LifecycleNode):
         if not model:
             raise ConfigError("parameter model is empty; give a preset name (e.g. tiny), a model "
                               "directory or a quantized artifact directory")
+        if cfg["kernel_backend"] not in P.KERNEL_BACKENDS:
+            raise ConfigError(f"kernel_backend {cfg['kernel_backend']!r} is not one of "
+                              f"{', '.join(P.KERNEL_BACKENDS)}")
+        import quantvla_kernels  # the process's integer kernels (one policy per node process)
+        quantvla_kernels.set_default_backend(P.KERNEL_BACKENDS[cfg["kernel_backend"]])
         t0 = time.perf_counter()
         try:
             policy = Policy.load(model, device=cfg["device"], dtype=cfg["dtype"] or None)

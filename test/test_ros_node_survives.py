@@ -7,7 +7,6 @@ camera that stops, a 10000x1 image, a JPEG that decodes to garbage, a stamp with
 executors. Waits are on messages and counters, not fixed sleeps, except where a test must show
 that nothing comes (then it first waits until the node has demonstrably processed the input).
 """
-import os
 import signal
 import time
 
@@ -19,15 +18,13 @@ pytestmark = pytest.mark.ros
 
 from rclpy.parameter import Parameter  # noqa: E402
 from rcl_interfaces.srv import SetParametersAtomically  # noqa: E402
-from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
 from quantvla_ros.diagnostics import level_of  # noqa: E402
 from quantvla_ros.image_conversion import rgb_to_compressed, rgb_to_image  # noqa: E402
 from quantvla_ros.node_process import start_node, stop_node, write_params  # noqa: E402
-from quantvla_ros.synthetic_camera import render_scene  # noqa: E402
 
-from test_ros_policy_node import (FASTDDS_PROFILE, JOINTS, Harness, _domain_id,  # noqa: E402
+from test_ros_policy_node import (JOINTS, Harness, _domain_id,  # noqa: E402
                                   _log_lines, _node_params)
 from conftest import loopback_ros_env  # noqa: E402
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .atm import AttentionTarget, LogitStats, calibrate_atm
-from .ohb import calibrate_ohb
+from .ohb import OutputRMS, calibrate_ohb
 from .qlinear import QuantLinear, quant_backend, scale_output_channels
 from .quantizers import qmax
 from .spec import ArchSpec
@@ -141,21 +141,10 @@ def teacher_pass(teacher: nn.Module, run: Runner, int_names: list[str], atm_name
     mods = dict(teacher.named_modules())
     stats = InputStats(cap, seed)
     logits = LogitStats(set(atm_names))
-    rms_sum: dict[str, float] = {}
-    rms_cnt: dict[str, int] = {}
-
-    def out_hook(name):
-        def hook(_m, _i, out):
-            with torch._C.DisableTorchFunction():
-                y = out.detach().float()
-                y = y if y.dim() > 1 else y[None]
-                per = y.reshape(y.shape[0], -1).pow(2).mean(-1).sqrt()
-            rms_sum[name] = rms_sum.get(name, 0.0) + float(per.sum())
-            rms_cnt[name] = rms_cnt.get(name, 0) + per.numel()
-        return hook
+    rms = OutputRMS()
 
     handles = [mods[n].register_forward_pre_hook(stats.hook(n)) for n in int_names]
-    handles += [mods[n].register_forward_hook(out_hook(n)) for n in ohb_names]
+    handles += [mods[n].register_forward_hook(rms.hook(n)) for n in ohb_names]
     outputs: list = []
     try:
         with logit_observer(logits), attention_logit_scope(teacher, atm_names, logits):
@@ -163,7 +152,7 @@ def teacher_pass(teacher: nn.Module, run: Runner, int_names: list[str], atm_name
     finally:
         for h in handles:
             h.remove()
-    return tr, stats, logits.sigma(), {n: rms_sum[n] / rms_cnt[n] for n in rms_sum}, outputs
+    return tr, stats, logits.sigma(), rms.means(), outputs
 
 
 # ---- per-group search ------------------------------------------------------------------------------

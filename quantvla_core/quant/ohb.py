@@ -20,33 +20,44 @@ LOG_BETA_CLAMP = 0.30
 LOG_BETA_DEAD_ZONE = 0.03
 
 
+class OutputRMS:
+    """Mean over calls and samples of RMS(output) per named module, from forward hooks (the
+    statistic OHB balances; the teacher pass and the student pass share it)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def hook(self, name: str):
+        def hook(_mod, _inp, out):
+            with torch._C.DisableTorchFunction():  # invisible to a tracing function mode
+                y = out.detach().float()
+                y = y if y.dim() > 1 else y[None]
+                per_sample = y.reshape(y.shape[0], -1).pow(2).mean(-1).sqrt()
+            self.sums[name] = self.sums.get(name, 0.0) + float(per_sample.sum())
+            self.counts[name] = self.counts.get(name, 0) + per_sample.numel()
+        return hook
+
+    def means(self) -> dict[str, float]:
+        return {n: self.sums[n] / self.counts[n] for n in self.sums}
+
+
 def collect_output_rms(model: nn.Module, run: Runner, names: Iterable[str]) -> dict[str, float]:
     """Mean over calls and samples of RMS(output) of the named modules."""
     modules = dict(model.named_modules())
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    rms = OutputRMS()
     handles = []
-
-    def hook_for(name):
-        def hook(_mod, _inp, out):
-            y = out.detach().float()
-            y = y if y.dim() > 1 else y[None]
-            per_sample = y.reshape(y.shape[0], -1).pow(2).mean(-1).sqrt()
-            sums[name] = sums.get(name, 0.0) + float(per_sample.sum())
-            counts[name] = counts.get(name, 0) + per_sample.numel()
-        return hook
-
     for n in names:
         if n not in modules:
             raise ValueError(f"OHB target {n!r} is not a module of the model")
-        handles.append(modules[n].register_forward_hook(hook_for(n)))
+        handles.append(modules[n].register_forward_hook(rms.hook(n)))
     try:
         with torch.no_grad():
             run(model)
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+    return rms.means()
 
 
 def ohb_beta(rms_t: float, rms_q: float, log_clamp: float = LOG_BETA_CLAMP,

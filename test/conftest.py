@@ -65,3 +65,15 @@ def loopback_ros_env(domain_id: int):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def tiny_smolvla_config():
+    """A SmolVLA-layout ModelConfig small enough for unit tests (no such preset ships)."""
+    from quantvla_core.config import DecoderConfig, ModelConfig, VisionConfig
+
+    return ModelConfig(
+        arch="smolvla", name="tiny-smolvla",
+        vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=1, heads=1, mlp=64, pixel_shuffle=2),
+        backbone=DecoderConfig(width=64, depth=2, mlp=96, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
+        expert=DecoderConfig(width=48, depth=2, mlp=64, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
+        action_dim=4, state_dim=4, horizon=5, num_steps=3, max_cameras=1, max_text_tokens=16)

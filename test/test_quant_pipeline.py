@@ -345,14 +345,9 @@ def test_ablate_cli_prints_both_tables_and_json(tmp_path, capsys):
 def test_smolvla_cross_attention_kv_are_not_folded_into_the_norm():
     """SmolVLA's odd expert layers re-project cached keys with k/v_proj: those must not share
     the input norm's smoothing (different width and input), yet q/k/v of self layers do."""
-    from quantvla_core.config import DecoderConfig, ModelConfig, VisionConfig
+    from conftest import tiny_smolvla_config
     from quantvla_core.models import build_model
-    cfg = ModelConfig(
-        arch="smolvla", name="tiny-smolvla",
-        vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=1, heads=1, mlp=64, pixel_shuffle=2),
-        backbone=DecoderConfig(width=64, depth=2, mlp=96, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
-        expert=DecoderConfig(width=48, depth=2, mlp=64, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
-        action_dim=4, state_dim=4, horizon=5, num_steps=3, max_cameras=1, max_text_tokens=16)
+    cfg = tiny_smolvla_config()
     policy = Policy(build_model(cfg), cfg, name="tiny-smolvla", dtype="fp32")
     # a fixed strength: the per-group search may choose no smoothing for a group
     r = quantize(policy, QuantConfig(scheme="w8a8", layout="llm+dit-all", calib_samples=4, smooth_search=False),

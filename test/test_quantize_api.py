@@ -322,14 +322,9 @@ def test_top_level_exports():
 
 
 def test_smolvla_builtin_spec_names_the_expert_attention():
-    from quantvla_core.config import DecoderConfig, ModelConfig, VisionConfig
+    from conftest import tiny_smolvla_config
     from quantvla_core.models import build_model
-    cfg = ModelConfig(
-        arch="smolvla", name="tiny-smolvla",
-        vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=1, heads=1, mlp=64, pixel_shuffle=2),
-        backbone=DecoderConfig(width=64, depth=2, mlp=96, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
-        expert=DecoderConfig(width=48, depth=2, mlp=64, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
-        action_dim=4, state_dim=4, horizon=5, num_steps=3, max_cameras=1, max_text_tokens=16)
+    cfg = tiny_smolvla_config()
     spec = ArchSpec.builtin(build_model(cfg, device="meta"))
     assert spec.name == "smolvla"
     act = [a for a in spec.attention if a.part == "action"]

@@ -433,17 +433,7 @@ class QuantLinear(nn.Module):
             # smoothing, permutation and block rotation all happen inside the quantization kernel
             xq, xs = k.quantize_per_token(xf, bits=self.a_bits, inv_smooth=self.inv_smooth,
                                           rotation=self.rotation, perm=self.perm, backend=backend)
-        bias = self.bias
-        if self.a_bits == 8 and self.w_bits == 8:
-            return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, bias=bias, out_dtype=out_dtype,
-                               backend=backend)
-        if self.a_bits == 8 and self.w_bits == 4:
-            return k.gemm_w4a8(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=bias,
-                               out_dtype=out_dtype, backend=backend)
-        if self.a_bits == 4 and self.w_bits == 4:
-            return k.gemm_w4a4(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=bias,
-                               out_dtype=out_dtype, backend=backend)
-        raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
+        return self._gemm(k, xq, xs, out_dtype, backend)
 
     def _forward_int_torch(self, x2: torch.Tensor) -> torch.Tensor:
         """Integer GEMM in plain torch (int32 accumulation), fp32 epilogue; same math as the kernels."""

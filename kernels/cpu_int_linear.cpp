@@ -221,20 +221,111 @@ inline void store_row(const float* row, int64_t n, c10::BFloat16* out) {
   for (int64_t c = 0; c < n; ++c) out[c] = static_cast<c10::BFloat16>(row[c]);  // round to nearest even
 }
 
-// acc (M, N) or (G, M, N) int32 -> y (M, N) float32 or bfloat16; ws (N,) (per channel) or ws_t
-// (G, N) (per group, also G = 1: its sum is formed as the torch path forms it).
+// The epilogue's activations. act 1: GELU, tanh approximation, as 0.5 y (2 - 2 / (exp(2u) + 1))
+// with u = sqrt(2/pi) (y + 0.044715 y^3); act 2: SiLU, y / (1 + exp(-y)). Not bit-identical to
+// torch's vectorized kernels (another exp): within a few float ulps (tested).
+inline float act_scalar(float y, int64_t act) {
+  if (act == 1) {
+    const float u = 0.7978845608028654f * (y + 0.044715f * y * y * y);
+    return 0.5f * y * (2.0f - 2.0f / (std::exp(std::min(2.0f * u, 88.0f)) + 1.0f));
+  }
+  return y / (1.0f + std::exp(std::min(-y, 88.0f)));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// exp on 16 floats: Cody-Waite reduction by ln 2 and a degree-6 polynomial (Cephes expf
+// coefficients), 2^n applied with scalef; |x| clamped to 88 (exp(88) < FLT_MAX).
+__attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f"))) inline __m512 act_avx512(__m512 y, int64_t act) {
+  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+  if (act == 1) {
+    const __m512 y3 = _mm512_mul_ps(_mm512_mul_ps(y, y), y);
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                   _mm512_add_ps(y, _mm512_mul_ps(_mm512_set1_ps(0.044715f), y3)));
+    const __m512 e = exp_avx512(_mm512_mul_ps(two, u));
+    const __m512 t = _mm512_sub_ps(two, _mm512_div_ps(two, _mm512_add_ps(e, one)));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), y), t);
+  }
+  const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), y));
+  return _mm512_div_ps(y, _mm512_add_ps(one, e));
+}
+
+// out[c] = act(row[2c]) * row[2c + 1] (gated) or act(row[c]), 16 outputs at a time.
+__attribute__((target("avx512f"))) int64_t activate_avx512(const float* row, int64_t n_out, int64_t act, bool gated,
+                                                          float* out) {
+  int64_t c = 0;
+  if (gated) {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (; c + 16 <= n_out; c += 16) {
+      const __m512 lo = _mm512_loadu_ps(row + 2 * c), hi = _mm512_loadu_ps(row + 2 * c + 16);
+      const __m512 g = _mm512_permutex2var_ps(lo, even, hi), u = _mm512_permutex2var_ps(lo, odd, hi);
+      _mm512_storeu_ps(out + c, _mm512_mul_ps(act_avx512(g, act), u));
+    }
+  } else {
+    for (; c + 16 <= n_out; c += 16) _mm512_storeu_ps(out + c, act_avx512(_mm512_loadu_ps(row + c), act));
+  }
+  return c;
+}
+#endif
+
+// Activation (and gate pairs) of one row: row (n floats) -> out (n_out floats); may alias when
+// not gated.
+void activate_row(const float* row, int64_t n_out, int64_t act, bool gated, float* out) {
+  int64_t c = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHasAvx512) c = activate_avx512(row, n_out, act, gated, out);
+#endif
+  for (; c < n_out; ++c) out[c] = gated ? act_scalar(row[2 * c], act) * row[2 * c + 1] : act_scalar(row[c], act);
+}
+
+template <typename T>
+void add_residual_row(float* row, const T* res, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) row[c] = row[c] + to_f(res[c]);
+}
+
+// acc (M, N) or (G, M, N) int32 -> y (M, N_out) float32 or bfloat16; ws (N,) (per channel) or
+// ws_t (G, N) (per group, also G = 1: its sum is formed as the torch path forms it); then the
+// optional activation (act 0 none, 1 GELU-tanh, 2 SiLU; gated: on interleaved gate/up pairs,
+// N_out = N / 2) and the optional residual (M, N_out) in y's dtype, summed in fp32.
 void epilogue(const int32_t* acc, bool per_channel, int64_t groups, const float* xs, const float* ws,
-              const float* bias, int64_t m, int64_t n, at::Tensor& y) {
+              const float* bias, int64_t m, int64_t n, int64_t act, bool gated, const at::Tensor& res,
+              at::Tensor& y) {
   const bool f32 = y.scalar_type() == at::kFloat;
+  const int64_t n_out = gated ? n / 2 : n;
+  const bool direct = f32 && !gated;  // the full row can be formed in y itself
   at::parallel_for(0, m, row_grain(n * groups), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(f32 ? 0 : n);
+    std::vector<float> buf(direct ? 0 : n);
     for (int64_t r = r0; r < r1; ++r) {
-      float* row = f32 ? y.data_ptr<float>() + r * n : buf.data();
+      float* row = direct ? y.data_ptr<float>() + r * n : buf.data();
       if (per_channel)
         epilogue_channel_row(acc + r * n, xs[r], ws, bias, n, row);
       else
         epilogue_group_row(acc + r * n, groups, m * n, xs[r], ws, bias, n, row);
-      if (!f32) store_row(row, n, y.data_ptr<c10::BFloat16>() + r * n);
+      float* outr = f32 ? y.data_ptr<float>() + r * n_out : row;
+      if (act) activate_row(row, n_out, act, gated, outr);
+      if (res.defined()) {
+        if (res.scalar_type() == at::kFloat)
+          add_residual_row(outr, res.data_ptr<float>() + r * n_out, n_out);
+        else
+          add_residual_row(outr, res.data_ptr<c10::BFloat16>() + r * n_out, n_out);
+      }
+      if (!f32) store_row(outr, n_out, y.data_ptr<c10::BFloat16>() + r * n_out);
     }
   });
 }
@@ -246,14 +337,16 @@ void epilogue(const int32_t* acc, bool per_channel, int64_t groups, const float*
 // times hadamard_scale, applied by the fast transform); w_groups: int8 (N, K) or G pieces
 // (N, K/G); ws (N,) fp32 per channel, or ws_t (G, N) fp32 for groups; bias (N,) fp32 or
 // undefined; norm_weight (K,) or undefined: x is first RMS-normalised with it (x * rstd *
-// (norm_offset + w), eps norm_eps) inside the same row pass. Returns (M, N) in x's dtype.
+// (norm_offset + w), eps norm_eps) inside the same row pass; act / gated / residual: the
+// epilogue's activation, gate/up pairs and residual (see epilogue()). Returns (M, N_out) in x's
+// dtype.
 torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tensor>& inv_smooth,
                          const c10::optional<torch::Tensor>& perm,
                          const c10::optional<torch::Tensor>& rotation,
                          const std::vector<torch::Tensor>& w_groups, const torch::Tensor& ws,
                          const c10::optional<torch::Tensor>& bias, int64_t qmax, int64_t hadamard_block,
                          double hadamard_scale, const c10::optional<torch::Tensor>& norm_weight, double norm_eps,
-                         double norm_offset) {
+                         double norm_offset, int64_t act, bool gated, const c10::optional<torch::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2, "int_linear: x must be (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "int_linear: x must be float32 or bfloat16");
@@ -294,7 +387,15 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
     v = v.contiguous();
     quantize_rows(v.data_ptr<float>(), m, k, static_cast<float>(qmax), q.data_ptr<int8_t>(), xs.data_ptr<float>());
   }
-  at::Tensor y = at::empty({m, n}, x.options());
+  TORCH_CHECK(act >= 0 && act <= 2, "int_linear: act must be 0 (none), 1 (GELU-tanh) or 2 (SiLU)");
+  TORCH_CHECK(!gated || (act != 0 && n % 2 == 0), "int_linear: gated needs an activation and an even N");
+  const int64_t n_out = gated ? n / 2 : n;
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) {
+    res = residual->scalar_type() == x.scalar_type() ? residual->contiguous() : residual->to(x.scalar_type()).contiguous();
+    TORCH_CHECK(res.dim() == 2 && res.size(0) == m && res.size(1) == n_out, "int_linear: residual must be (M, N_out)");
+  }
+  at::Tensor y = at::empty({m, n_out}, x.options());
   at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
   const at::Tensor ws_c = ws.to(at::kFloat).contiguous();
@@ -311,10 +412,16 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
       at::_int_mm_out(out, q.narrow(1, g * gs, gs), w_groups[g].t());
     }
   }
-  epilogue(acc.data_ptr<int32_t>(), groups == 1 && ws_c.dim() == 1, groups, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, n, y);
+  epilogue(acc.data_ptr<int32_t>(), groups == 1 && ws_c.dim() == 1, groups, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, n,
+           act, gated, res, y);
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("int_linear", &int_linear, "fused per-token int8 quantization + int8 GEMM + epilogue (CPU)");
+  namespace py = pybind11;
+  mod.def("int_linear", &int_linear, "fused per-token int8 quantization + int8 GEMM + epilogue (CPU)",
+          py::arg("x"), py::arg("inv_smooth"), py::arg("perm"), py::arg("rotation"), py::arg("w_groups"),
+          py::arg("ws"), py::arg("bias"), py::arg("qmax"), py::arg("hadamard_block"), py::arg("hadamard_scale"),
+          py::arg("norm_weight"), py::arg("norm_eps"), py::arg("norm_offset"), py::arg("act") = 0,
+          py::arg("gated") = false, py::arg("residual") = py::none());
 }

@@ -10,6 +10,12 @@ Backends (``backend=`` keyword, or :func:`set_default_backend` / :func:`backend_
 
 All backends share one epilogue: ``y = acc.float() * xs[m] * ws[n] (+ bias[n])`` cast to
 ``out_dtype``; with group-wise weight scales ``y = (sum_g acc_g.float() * ws[n, g]) * xs[m]``.
+Optionally (``act=``, ``gated=``, ``residual=`` of the GEMMs) the epilogue goes on in fp32:
+``y = act(y)`` (GELU-tanh or SiLU), or with ``gated`` ``y = act(y[:, 0::2]) * y[:, 1::2]`` on
+interleaved (gate, up) column pairs (N/2 outputs: a fused gate/up MLP projection), then
+``y = y + residual``; written once.  The torch backends compute exactly this in torch
+(torch_math.finish_output); the Triton kernels and the fused CPU linear use their own exp, so
+activations agree within a few float ulps.
 
 Activation quantization (symmetric, per token): ``q = round_half_even(y * QMAX / absmax(y))``
 clamped to +-QMAX (127 for 8 bits, 7 for 4 bits), ``scale = absmax / QMAX``; an all-zero row

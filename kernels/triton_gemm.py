@@ -3,6 +3,11 @@
 Both operands are K-major (x (M, K), w (N, K), K contiguous), which is what Hopper's 8-bit
 wgmma needs; the weight tile is loaded as (BLOCK_N, BLOCK_K) and fed transposed to ``tl.dot``.
 
+Epilogue (every kernel): per-token x per-channel scales, bias, then optionally an activation
+(``ACT``: GELU-tanh or SiLU) - with ``GATED`` on interleaved gate/up column pairs, writing
+act(gate) * up (half the columns: a fused gate/up projection's MLP input) - and a residual
+add, so the float output is written once.
+
 * ``w8a8_kernel``: int8 x int8 -> int32 accumulator.
 * ``w4_kernel``: int4 weights packed by ``packing.py`` (and optionally int4 activations packed
   the same way).  A K-tile is one 128-wide packing group: 64 bytes per row unpack with two
@@ -51,8 +56,23 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _activate(y, ACT: tl.constexpr):
+    """ACT 1: GELU (tanh approximation), 2: SiLU; tanh as 1 - 2 / (exp(2u) + 1) (saturates
+    to +-1 without overflow: exp(large) = inf gives 1 - 0)."""
+    if ACT == 1:
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    elif ACT == 2:
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+@triton.jit
 def _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                    APPLY_WS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    APPLY_WS: tl.constexpr, HAS_BIAS: tl.constexpr, res_ptr, stride_rm,
+                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr):
+    """Scales, bias, then the optional activation (GATED: interleaved gate/up column pairs ->
+    act(gate) * up, half the columns), then the optional residual; one store."""
     mmask = rm < M
     nmask = rn < N
     y = acc.to(tl.float32) * xs[:, None]
@@ -62,8 +82,22 @@ def _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
     if HAS_BIAS:
         b = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
         y = y + b[None, :]
-    optr = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    if GATED:
+        gate, up = tl.split(tl.reshape(y, (y.shape[0], y.shape[1] // 2, 2)))
+        y = _activate(gate, ACT) * up
+        cols, _odd = tl.split(tl.reshape(rn, (rn.shape[0] // 2, 2)))
+        cols = cols // 2
+        ncols = N // 2
+    else:
+        y = _activate(y, ACT)
+        cols = rn
+        ncols = N
+    omask = mmask[:, None] & (cols < ncols)[None, :]
+    if HAS_RES:
+        r = tl.load(res_ptr + rm[:, None] * stride_rm + cols[None, :], mask=omask, other=0.0)
+        y = y + r.to(tl.float32)
+    optr = out_ptr + rm[:, None] * stride_om + cols[None, :]
+    tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -113,11 +147,12 @@ def _store_partial(acc, rm, rn, part_ptr, pid_k, M, N):
 
 @triton.jit
 def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_ptr, xs_out_ptr,
-                M, N, K, stride_xm, stride_wn, stride_om,
+                res_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_rm,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                 HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                PRO_K: tl.constexpr, SWAP: tl.constexpr):
+                PRO_K: tl.constexpr, SWAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                HAS_RES: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -157,7 +192,8 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smoot
     if SWAP:
         acc = tl.trans(acc)
     if SPLIT_K == 1:
-        _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, True, HAS_BIAS)
+        _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, True, HAS_BIAS,
+                        res_ptr, stride_rm, ACT, GATED, HAS_RES)
     else:
         _store_partial(acc, rm, rn, part_ptr, pid_k, M, N)
 
@@ -171,12 +207,13 @@ def _unpack_lo_hi(p):
 
 @triton.jit
 def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_ptr, xs_out_ptr,
-              M, N, K, stride_xm, stride_wn, stride_wsn, stride_om, group_size,
+              res_ptr, M, N, K, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm, group_size,
               A_PACKED: tl.constexpr, GROUPED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
               HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-              PRO_K: tl.constexpr, SWAP: tl.constexpr):
+              PRO_K: tl.constexpr, SWAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+              HAS_RES: tl.constexpr):
     HALF: tl.constexpr = 64
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -250,21 +287,22 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_
     if GROUPED:
         if SPLIT_K == 1:
             _epilogue_store(acc_f, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, False,
-                            HAS_BIAS)
+                            HAS_BIAS, res_ptr, stride_rm, ACT, GATED, HAS_RES)
         else:
             _store_partial(acc_f, rm, rn, part_ptr, pid_k, M, N)
     else:
         if SPLIT_K == 1:
             _epilogue_store(acc_i, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, True,
-                            HAS_BIAS)
+                            HAS_BIAS, res_ptr, stride_rm, ACT, GATED, HAS_RES)
         else:
             _store_partial(acc_i, rm, rn, part_ptr, pid_k, M, N)
 
 
 @triton.jit
-def splitk_reduce_kernel(part_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+def splitk_reduce_kernel(part_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, res_ptr, M, N, stride_om, stride_rm,
                          SPLIT_K: tl.constexpr, APPLY_WS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr,
+                         GATED: tl.constexpr, HAS_RES: tl.constexpr):
     """Sum SPLIT_K partial tiles in a fixed order, then the scale/bias epilogue."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -274,4 +312,5 @@ def splitk_reduce_kernel(part_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stri
     for s in tl.static_range(1, SPLIT_K):
         acc += tl.load(ptrs + s * M * N, mask=m2, other=0)
     xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-    _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, APPLY_WS, HAS_BIAS)
+    _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, APPLY_WS, HAS_BIAS,
+                    res_ptr, stride_rm, ACT, GATED, HAS_RES)

@@ -126,3 +126,25 @@ def _check_perm(perm, k: int, device: torch.device):
     if perm.device != device:
         raise ValueError(f"perm is on {perm.device} but x is on {device}")
     return perm
+
+
+_EPILOGUE_ACTS = ("gelu_tanh", "silu")
+
+
+def _check_epilogue(act, gated: bool, residual, lead: tuple, n: int, device) -> int:
+    """Checks the fused epilogue's arguments; returns the number of output columns (N, or N/2
+    for a gated pair layout)."""
+    if act is not None and act not in _EPILOGUE_ACTS:
+        raise ValueError(f"act must be None or one of {_EPILOGUE_ACTS}, got {act!r}")
+    if gated and act is None:
+        raise ValueError("gated=True needs an activation (act='gelu_tanh' or 'silu')")
+    if gated and n % 2:
+        raise ValueError(f"a gated epilogue needs interleaved gate/up pairs: N must be even, got {n}")
+    n_out = n // 2 if gated else n
+    if residual is not None:
+        _check_tensor(residual, "residual", OUT_DTYPES, "the residual added to the output (..., N_out)")
+        if tuple(residual.shape) != (*lead, n_out):
+            raise ValueError(f"residual must have the output's shape {(*lead, n_out)}, got {tuple(residual.shape)}")
+        if residual.device != device:
+            raise ValueError(f"residual is on {residual.device}, the activations on {device}")
+    return n_out

@@ -14,7 +14,8 @@ from quantvla_core.models import build_model
 from quantvla_core.models.layers import GatedMLP
 from quantvla_core.policy import Observation, Policy
 from quantvla_core.quant.qlinear import (QuantLinear, concat_quant_linears, fused_siblings, quant_backend,
-                                         scale_output_channels, set_norm_fusion, set_sibling_fusion)
+                                         scale_output_channels, set_epilogue_fusion, set_norm_fusion,
+                                         set_sibling_fusion)
 from quantvla_core.quant.transforms import InputTransform, hadamard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,10 +71,13 @@ def test_fused_copy_follows_in_place_scale_changes():
 
 @pytest.fixture
 def no_norm_fusion():
-    """Sibling fusion alone (the RMSNorm fused into the quantization changes rounding)."""
+    """Sibling fusion alone (the RMSNorm fused into the quantization and the activation /
+    residual in the GEMM epilogue change rounding)."""
     set_norm_fusion(False)
+    set_epilogue_fusion(False)
     yield
     set_norm_fusion(True)
+    set_epilogue_fusion(True)
 
 
 def _policy_and_obs(name: str, scheme: str = "w8a8"):
@@ -139,9 +143,9 @@ def test_quantized_policy_is_bit_identical_with_and_without_fusion(name):
     import quantvla_core.quant.qlinear as qlinear_module
     real = qlinear_module.concat_quant_linears
 
-    def spy(layers):
+    def spy(layers, *args):
         fused_calls.append(len(layers))
-        return real(layers)
+        return real(layers, *args)
 
     qlinear_module.concat_quant_linears = spy
     try:

@@ -93,7 +93,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x, temb=None, kv=None, mask=None):
         h = self.norm1(x, temb) if temb is not None else self.norm1(x)
         x = x + self.attn1(h, kv=kv, mask=mask)
-        return x + self.ff(self.norm3(x))
+        return self.ff(self.norm3(x), residual=x)  # the add in ff's epilogue where quantized
 
 
 class TimestepEncoder(nn.Module):

@@ -23,17 +23,47 @@ def _fused(parent: nn.Module, names: tuple[str, ...]):
     return fused_siblings(parent, names)
 
 
-def _normed_fused(parent: nn.Module, names: tuple[str, ...], norm: nn.Module, x: torch.Tensor):
+def _fused_gate_up(mlp: nn.Module):
+    """A quantized MLP's gate/up projections as one gated-pairs layer whose GEMM epilogue
+    writes act(gate) * up, or None (float model, epilogue fusion off, observed children)."""
+    from ..quant.qlinear import epilogue_fusion, fused_siblings
+
+    return fused_siblings(mlp, ("gate_proj", "up_proj"), pairs=True) if epilogue_fusion() else None
+
+
+def _epilogue_layer(layer: nn.Module):
+    """``layer`` if it is a quantized linear that can add a residual (or apply an activation)
+    in its GEMM epilogue: nobody hooks it (a hook must see the layer's own output)."""
+    from ..quant.qlinear import QuantLinear, epilogue_fusion
+
+    if (isinstance(layer, QuantLinear) and epilogue_fusion() and not layer.gated_pairs
+            and not layer._forward_hooks and not layer._forward_pre_hooks):
+        return layer
+    return None
+
+
+def linear_residual(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + layer(x)``, the add inside a quantized layer's GEMM epilogue where it can be."""
+    if residual is None:
+        return layer(x)
+    fused = _epilogue_layer(layer)
+    if fused is not None:
+        return fused(x, residual=residual)
+    return residual + layer(x)
+
+
+def _normed_fused(parent: nn.Module, names: tuple[str, ...], norm: nn.Module, x: torch.Tensor,
+                  fused=None, act: str | None = None):
     """The parent's fused sibling layer applied to ``norm(x)`` with the RMSNorm computed inside
     the activation quantization (one kernel / one row pass), or None (float model, adaptive or
     other norm, or a layer the fused norm does not cover: the caller runs norm, then layers).
     Only for norms whose output feeds nothing but these siblings, which the caller knows."""
     if type(norm) is not RMSNorm or norm._forward_hooks or norm._forward_pre_hooks:
         return None  # another norm, or one somebody observes: it runs as its own module
-    fused = _fused(parent, names)
+    fused = fused if fused is not None else _fused(parent, names)
     if fused is None:
         return None
-    return fused.try_forward_rmsnorm(x, norm.weight, norm.eps, norm.offset)
+    return fused.try_forward_rmsnorm(x, norm.weight, norm.eps, norm.offset, act=act)
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -102,22 +132,37 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(width, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, width, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """act(gate(x)) * up(x): where quantized, one activation quantization and one GEMM whose
+        epilogue writes the product (gated pairs), else the layer-by-layer ops."""
+        pairs = _fused_gate_up(self)
+        if pairs is not None:
+            return pairs(x, act=self.act)
         fused = _fused(self, ("gate_proj", "up_proj"))
         if fused is not None:  # quantized: one activation quantization and one GEMM for both
             gate, up = fused(x).split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(activation(self.act, gate) * up)
+        return activation(self.act, gate) * up
 
-    def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        """``self(norm(x))``, with the norm fused into gate/up's activation quantization where
-        the model is quantized (the norm's output feeds only this MLP)."""
-        y = _normed_fused(self, ("gate_proj", "up_proj"), norm, x)
-        if y is None:
-            return self(norm(x))
-        gate, up = y.split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
-        return self.down_proj(activation(self.act, gate) * up)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)) (+ residual, added in down's epilogue where quantized)."""
+        return linear_residual(self.down_proj, self.hidden(x), residual)
+
+    def forward_normed(self, x: torch.Tensor, norm: nn.Module, residual: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """``self(norm(x)) (+ residual)``, with the norm fused into gate/up's activation
+        quantization where the model is quantized (the norm's output feeds only this MLP)."""
+        pairs = _fused_gate_up(self)
+        if pairs is not None:
+            h = _normed_fused(self, ("gate_proj", "up_proj"), norm, x, fused=pairs, act=self.act)
+        else:
+            y = _normed_fused(self, ("gate_proj", "up_proj"), norm, x)
+            h = None if y is None else activation(
+                self.act, y[..., :self.gate_proj.out_features]) * y[..., self.gate_proj.out_features:]
+        if h is None:
+            return self(norm(x), residual)
+        return linear_residual(self.down_proj, h, residual)
 
 
 class DecoderAttention(nn.Module):
@@ -202,9 +247,10 @@ class DecoderLayer(nn.Module):
         if self.adaptive:
             h, gate2 = self.norm(self.post_attention_layernorm, x, cond)
             h = self.mlp(h)
-        else:  # the norm's output feeds only the MLP: fused into its quantization where it can be
-            h, gate2 = self.mlp.forward_normed(x, self.post_attention_layernorm), None
-        return x + (h if gate2 is None else h * gate2)
+            return x + h * gate2
+        # the norm's output feeds only the MLP: fused into its quantization where it can be, and
+        # the residual added in down_proj's epilogue
+        return self.mlp.forward_normed(x, self.post_attention_layernorm, residual=x)
 
 
 class Decoder(nn.Module):
@@ -274,8 +320,12 @@ class FeedForward(nn.Module):
         proj.proj = nn.Linear(width, hidden)
         self.net = nn.ModuleList([proj, nn.Dropout(0.0), nn.Linear(hidden, width)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """net.2(gelu(net.0.proj(x))) (+ residual): GELU and residual in the GEMM epilogues where
+        the layers are quantized."""
+        proj = _epilogue_layer(self.net[0].proj)
+        h = proj(x, act="gelu_tanh") if proj is not None else F.gelu(self.net[0].proj(x), approximate="tanh")
+        return linear_residual(self.net[2], h, residual)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3,

@@ -29,6 +29,18 @@ _default = threading.local()
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = ("gelu_tanh", "silu")
+_ACT_CODES = {None: 0, "gelu_tanh": 1, "silu": 2}  # the fused CPU linear's act argument
+
+
+def _finish(y: torch.Tensor, act: str | None, gated: bool, res2: torch.Tensor | None) -> torch.Tensor:
+    """The epilogue's activation / gate pairs / residual in torch, for the paths whose GEMM does
+    not apply it (reference, weight-only, torch int math): the kernels' math contract."""
+    if act is None and res2 is None:
+        return y
+    from quantvla_kernels.torch_math import finish_output
+
+    return finish_output(y, act, gated, res2)
 
 
 def direct_io() -> bool:
@@ -153,6 +165,9 @@ class QuantLinear(nn.Module):
         # Lean CPU cache (see _cpu_operands): a plain attribute, not a buffer, so it is neither in
         # the state_dict nor counted as weight bytes by Policy.describe() / memory reports.
         self._cpu_cache: tuple | None = None
+        # True on a fused gate/up copy whose output columns are interleaved (gate, up) pairs
+        # (concat_quant_linears(..., pairs=True)); forward(x, act=...) then returns act(gate) * up.
+        self.gated_pairs = False
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -245,25 +260,44 @@ class QuantLinear(nn.Module):
         return self
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _epilogue_args(self, x: torch.Tensor, act: str | None, residual: torch.Tensor | None):
+        """Checks forward's epilogue options; returns (output width, residual as (M, width))."""
+        if act is not None and act not in ACTIVATIONS:
+            raise ValueError(f"act must be None or one of {ACTIVATIONS}, got {act!r}")
+        if self.gated_pairs and act is None:
+            raise ValueError("this fused gate/up layer interleaves (gate, up) columns: call it with act=")
+        width = self.out_features // 2 if self.gated_pairs else self.out_features
+        if residual is None:
+            return width, None
+        want = (*x.shape[:-1], width)
+        if tuple(residual.shape) != want:
+            raise ValueError(f"residual must have the output's shape {want}, got {tuple(residual.shape)}")
+        return width, residual.reshape(-1, width)
+
+    def forward(self, x: torch.Tensor, *, act: str | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x W^T + b``; with ``act`` ('gelu_tanh' | 'silu') the activation of it (on a
+        gated-pairs layer ``act(gate) * up``), then ``+ residual``: computed in the GEMM epilogue
+        (one output write) on the CPU and Triton paths, after it elsewhere."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
+        width, res2 = self._epilogue_args(x, act, residual)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = self.backend or getattr(_default, "backend", "auto")
         if self._lean_cpu and x2.device.type == "cpu" and x2.shape[0] and backend in ("auto", "cpu"):
             k = _kernels()
             if k.resolve_backend(None if backend == "auto" else backend, x2.device) == "cpu":
-                y = self._forward_cpu(x2, k.ops)
-                return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, self.out_features)
+                y = self._forward_cpu(x2, k.ops, act, res2)
+                return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, width)
         if backend == "reference":
-            y = self.forward_reference(x2)
+            y = _finish(self.forward_reference(x2), act, self.gated_pairs, res2)
         elif backend in ("auto", "cpu", "triton"):
             # auto: the kernels pick by device (and honour quantvla_kernels.backend_scope)
-            y = self._forward_kernels(x2, None if backend == "auto" else backend)
+            y = self._forward_kernels(x2, None if backend == "auto" else backend, act, res2)
         else:
             raise ValueError(f"unknown QuantLinear backend {backend!r}; accepted: {', '.join(BACKENDS)}")
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return y.to(x.dtype).reshape(*lead, width)
 
     def quantize_input(self, x2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference activation quantization of the transformed input: (int8 codes, scales)."""
@@ -335,24 +369,27 @@ class QuantLinear(nn.Module):
             return 0
         return sum(g.numel() * g.element_size() for g in self._cpu_cache[1][0])
 
-    def _forward_cpu(self, x2: torch.Tensor, ops) -> torch.Tensor:
+    def _forward_cpu(self, x2: torch.Tensor, ops, act=None, res2=None) -> torch.Tensor:
         """Lean CPU forward: the compiled fused linear (kernels/cpu_fused.py) where it is built,
         else one pass of the activation transform, int8 codes for 8 and 4 bits (4-bit codes are
         never packed), cached unpacked weights; both compute the same numbers as
-        quantize_per_token + gemm_* on backend 'cpu'."""
+        quantize_per_token + gemm_* on backend 'cpu' (the extension's activation: within a few
+        ulps of torch's)."""
         groups, perm, fused_args = self._cpu_operands(ops)
         fused = _fused_cpu()
         if fused is not None and not self._rotate_first and x2.dtype in _FUSED_DTYPES:
-            return fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), *fused_args)
+            return fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), *fused_args,
+                                    _ACT_CODES[act], self.gated_pairs, res2)
         xf = x2 if x2.dtype == torch.float32 else x2.float()
         if self._rotate_first:
             q, xs = ops.cpu_quantize_codes(self.input_transform().apply(xf), self.a_bits)
         else:
             q, xs = ops.cpu_quantize_codes(xf, self.a_bits, self.inv_smooth, perm, self.rotation)
-        return ops.cpu_int_linear(q, xs, groups, self.wscale, self.bias)
+        return _finish(ops.cpu_int_linear(q, xs, groups, self.wscale, self.bias), act, self.gated_pairs, res2)
 
     def try_forward_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                            offset: float) -> torch.Tensor | None:
+                            offset: float, *, act: str | None = None,
+                            residual: torch.Tensor | None = None) -> torch.Tensor | None:
         """``self(rmsnorm(x))`` with the norm inside the activation quantization, or None where
         that does not apply (the caller then runs norm-then-linear): on Triton
         ``rmsnorm_quantize`` (one kernel: norm, smoothing, rotation, codes), on the CPU the fused
@@ -362,11 +399,12 @@ class QuantLinear(nn.Module):
         kernel's order, so codes can differ from norm-then-linear by one step at rounding
         boundaries. Not fused: the reference backend, static scales, weight-only layers,
         permutations, SVD rotations. ``norm_weight`` holds any folded smoothing;
-        the norm is ``x * rstd * (offset + w)``."""
+        the norm is ``x * rstd * (offset + w)``. ``act`` / ``residual`` as in :meth:`forward`."""
         if not _NORM_FUSION:
             return None
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
+        width, res2 = self._epilogue_args(x, act, residual)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = self.backend or getattr(_default, "backend", "auto")
@@ -380,39 +418,44 @@ class QuantLinear(nn.Module):
                 groups, perm, args = self._cpu_operands(k.ops)
                 if fused is not None and args[7] == (self.rotation_block if self.rotation is not None else 0):
                     y = fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), *args[:9],
-                                         norm_weight.detach(), float(eps), float(offset))
-                    return y.reshape(*lead, self.out_features)
+                                         norm_weight.detach(), float(eps), float(offset),
+                                         _ACT_CODES[act], self.gated_pairs, res2)
+                    return y.reshape(*lead, width)
             elif name == "triton" and self.w_bits in (4, 8):
                 direct = direct_io() and x2.dtype in _KERNEL_DTYPES
                 xq, xs = k.rmsnorm_quantize(x2 if direct else x2.float(), norm_weight.detach(), float(eps),
                                             bits=self.a_bits, offset=float(offset), inv_smooth=self.inv_smooth,
                                             rotation=self.rotation, backend="triton")
                 out_dtype = x2.dtype if direct else torch.float32
-                y = self._gemm(k, xq, xs, out_dtype, "triton")
-                return y.to(x.dtype).reshape(*lead, self.out_features)
+                y = self._gemm(k, xq, xs, out_dtype, "triton", act, res2)
+                return y.to(x.dtype).reshape(*lead, width)
         return None
 
-    def _gemm(self, k, xq, xs, out_dtype, backend):
-        """The integer GEMM for activation codes ``xq`` with scales ``xs`` (kernels' backends)."""
+    def _gemm(self, k, xq, xs, out_dtype, backend, act=None, res2=None):
+        """The integer GEMM for activation codes ``xq`` with scales ``xs`` (kernels' backends),
+        with the activation / gate pairs / residual in its epilogue."""
+        epi = dict(act=act, gated=self.gated_pairs, residual=res2)
         if self.a_bits == 8 and self.w_bits == 8:
             return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, bias=self.bias, out_dtype=out_dtype,
-                               backend=backend)
+                               backend=backend, **epi)
         if self.a_bits == 8 and self.w_bits == 4:
             return k.gemm_w4a8(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=self.bias,
-                               out_dtype=out_dtype, backend=backend)
+                               out_dtype=out_dtype, backend=backend, **epi)
         if self.a_bits == 4 and self.w_bits == 4:
             return k.gemm_w4a4(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=self.bias,
-                               out_dtype=out_dtype, backend=backend)
+                               out_dtype=out_dtype, backend=backend, **epi)
         raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
 
-    def _forward_kernels(self, x2: torch.Tensor, backend: str | None) -> torch.Tensor:
+    def _forward_kernels(self, x2: torch.Tensor, backend: str | None, act=None, res2=None) -> torch.Tensor:
         if self.a_bits is None:  # weight-only: dequantize into the compute dtype
             dt = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
             xt = self.input_transform().apply(x2.to(dt)) if self.has_transform else x2.to(dt)
-            return F.linear(xt, self.dequantized_weight(dt), None if self.bias is None else self.bias.to(dt))
+            y = F.linear(xt, self.dequantized_weight(dt), None if self.bias is None else self.bias.to(dt))
+            return y if act is None and res2 is None else _finish(y.float(), act, self.gated_pairs, res2)
         k = _kernels()
         if not hasattr(k, "gemm_w8a8") or (self.w_bits == 8 and self.group_size):
-            return self._forward_int_torch(x2)  # no kernel for this case: exact torch int path
+            # no kernel for this case: exact torch int path
+            return _finish(self._forward_int_torch(x2), act, self.gated_pairs, res2)
         direct = direct_io() and x2.dtype in _KERNEL_DTYPES
         # The quantization kernels read fp16 / bf16 themselves (the same fp32 values as x2.float())
         # and the GEMM epilogue rounds its fp32 result to the model dtype as .to(x.dtype) would:
@@ -433,7 +476,7 @@ class QuantLinear(nn.Module):
             # smoothing, permutation and block rotation all happen inside the quantization kernel
             xq, xs = k.quantize_per_token(xf, bits=self.a_bits, inv_smooth=self.inv_smooth,
                                           rotation=self.rotation, perm=self.perm, backend=backend)
-        return self._gemm(k, xq, xs, out_dtype, backend)
+        return self._gemm(k, xq, xs, out_dtype, backend, act, res2)
 
     def _forward_int_torch(self, x2: torch.Tensor) -> torch.Tensor:
         """Integer GEMM in plain torch (int32 accumulation), fp32 epilogue; same math as the kernels."""
@@ -482,10 +525,12 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
 
 
-def concat_quant_linears(layers: list[QuantLinear]) -> QuantLinear | None:
+def concat_quant_linears(layers: list[QuantLinear], pairs: bool = False) -> QuantLinear | None:
     """One QuantLinear computing ``cat([l(x) for l in layers], -1)``, or None where the layers
     cannot share one activation quantization (different bits, group size, static scale,
-    backend or input transform).
+    backend or input transform). ``pairs`` (two layers of equal width, gate and up): the output
+    columns interleave them (gate_0, up_0, gate_1, ...) and the result is a gated-pairs layer
+    whose epilogue writes act(gate) * up (``forward(x, act=...)``).
 
     Why: sibling projections that read the same tensor (q/k/v, gate/up) then quantize it once
     and run one GEMM instead of three; every output column is the same integer dot and the same
@@ -502,20 +547,26 @@ def concat_quant_linears(layers: list[QuantLinear]) -> QuantLinear | None:
             return None
     if spec0["a_bits"] is None or spec0["static_act"]:
         return None  # weight-only / static layers gain nothing from sharing a quantization
+    if pairs and (len(layers) != 2 or layers[0].out_features != layers[1].out_features):
+        return None
     n = sum(layer.out_features for layer in layers)
     has_bias = any(layer.bias is not None for layer in layers)
     fused = QuantLinear(**dict(spec0, out_features=n, bias=has_bias), dtype=first.weight.dtype,
                         backend=first.backend).to(first.qweight.device)
+    # rows of every per-output-channel tensor: stacked, or interleaved for gate/up pairs
+    join = ((lambda ts: torch.stack(ts, 1).reshape(-1, *ts[0].shape[1:]).contiguous()) if pairs
+            else (lambda ts: torch.cat(ts, 0).contiguous()))
     with torch.no_grad():
-        fused.qweight = torch.cat([layer.qweight for layer in layers], 0).contiguous()
-        fused.wscale = torch.cat([layer.wscale for layer in layers], 0).contiguous()
+        fused.qweight = join([layer.qweight for layer in layers])
+        fused.wscale = join([layer.wscale for layer in layers])
         if has_bias:
-            fused.bias = torch.cat([layer.bias if layer.bias is not None
-                                    else torch.zeros(layer.out_features, device=layer.qweight.device)
-                                    for layer in layers], 0).contiguous()
+            fused.bias = join([layer.bias if layer.bias is not None
+                               else torch.zeros(layer.out_features, device=layer.qweight.device)
+                               for layer in layers])
         for name in ("inv_smooth", "perm", "rotation"):
             if getattr(first, name) is not None:
                 setattr(fused, name, getattr(first, name))
+    fused.gated_pairs = pairs
     return fused
 
 
@@ -542,6 +593,7 @@ def _still_valid(sources) -> bool:
 
 _SIBLING_FUSION = True
 _NORM_FUSION = True
+_EPILOGUE_FUSION = True
 
 
 def _observed(modules) -> bool:
@@ -559,6 +611,19 @@ def set_norm_fusion(enabled: bool) -> None:
     _NORM_FUSION = bool(enabled)
 
 
+def set_epilogue_fusion(enabled: bool) -> None:
+    """Compute MLP activations (act(gate) * up) and residual adds in the quantized layers' GEMM
+    epilogue (True, default) or as separate ops after them (False: the layer-by-layer numbers;
+    the fused activation differs from torch's in the last float bits, the residual is summed
+    in fp32 before rounding to the model dtype)."""
+    global _EPILOGUE_FUSION
+    _EPILOGUE_FUSION = bool(enabled)
+
+
+def epilogue_fusion() -> bool:
+    return _EPILOGUE_FUSION
+
+
 def set_sibling_fusion(enabled: bool) -> None:
     """Run sibling projections as one fused layer (True, default) or one by one (False: the
     same numbers, used by tests and benchmarks to compare the two)."""
@@ -566,12 +631,13 @@ def set_sibling_fusion(enabled: bool) -> None:
     _SIBLING_FUSION = bool(enabled)
 
 
-def fused_siblings(parent: nn.Module, names: tuple[str, ...]) -> QuantLinear | None:
+def fused_siblings(parent: nn.Module, names: tuple[str, ...], pairs: bool = False) -> QuantLinear | None:
     """The fused layer of ``parent``'s children ``names`` if all are QuantLinears that can share
     one activation quantization, else None (float models, mixed layouts). Built on first use,
     rebuilt when a child's codes, scales or transform change (ATM/OHB, reloads), held as a plain
     attribute: not a submodule, not saved, not counted as weights. Its codes are a copy of the
-    children's (the children stay the saved, inspectable layers)."""
+    children's (the children stay the saved, inspectable layers). ``pairs``: the gate/up
+    interleaved layout (see concat_quant_linears), cached separately."""
     if not _SIBLING_FUSION:
         return None
     mods = parent._modules
@@ -582,7 +648,8 @@ def fused_siblings(parent: nn.Module, names: tuple[str, ...]) -> QuantLinear | N
         return None  # someone hooks a child (a tracer, a profiler, a debug hook): call each one
     if (first.backend or getattr(_default, "backend", "auto")) == "reference":
         return None  # the float64 oracle stays layer by layer
-    cache = parent.__dict__.get("_fused_siblings")
+    slot = "_fused_pairs" if pairs else "_fused_siblings"
+    cache = parent.__dict__.get(slot)
     if (cache is not None and cache[0] == names and all(mods.get(n) is c for n, c in zip(names, cache[1]))
             and _still_valid(cache[2])):  # this runs on every forward: dict lookups only
         return cache[3]
@@ -593,6 +660,6 @@ def fused_siblings(parent: nn.Module, names: tuple[str, ...]) -> QuantLinear | N
     if sources is None:
         return None
     with torch.inference_mode(False):
-        fused = concat_quant_linears(layers)
-    parent.__dict__["_fused_siblings"] = (names, tuple(layers), sources, fused)
+        fused = concat_quant_linears(layers, pairs)
+    parent.__dict__[slot] = (names, tuple(layers), sources, fused)
     return fused

@@ -24,6 +24,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -217,6 +219,14 @@ QV_CLONES void epilogue_group_row(const int32_t* acc, int64_t groups, int64_t gr
   }
 }
 
+QV_CLONES void presum_row(const float* sum, float s, const float* bias, int64_t n, float* out) {
+  if (bias) {
+    for (int64_t c = 0; c < n; ++c) out[c] = sum[c] * s + bias[c];
+  } else {
+    for (int64_t c = 0; c < n; ++c) out[c] = sum[c] * s;
+  }
+}
+
 inline void store_row(const float* row, int64_t n, c10::BFloat16* out) {
   for (int64_t c = 0; c < n; ++c) out[c] = static_cast<c10::BFloat16>(row[c]);  // round to nearest even
 }
@@ -305,7 +315,7 @@ void add_residual_row(float* row, const T* res, int64_t n) {
 // N_out = N / 2) and the optional residual (M, N_out) in y's dtype, summed in fp32.
 void epilogue(const int32_t* acc, bool per_channel, int64_t groups, const float* xs, const float* ws,
               const float* bias, int64_t m, int64_t n, int64_t act, bool gated, const at::Tensor& res,
-              at::Tensor& y) {
+              at::Tensor& y, const float* presum = nullptr) {
   const bool f32 = y.scalar_type() == at::kFloat;
   const int64_t n_out = gated ? n / 2 : n;
   const bool direct = f32 && !gated;  // the full row can be formed in y itself
@@ -313,7 +323,9 @@ void epilogue(const int32_t* acc, bool per_channel, int64_t groups, const float*
     std::vector<float> buf(direct ? 0 : n);
     for (int64_t r = r0; r < r1; ++r) {
       float* row = direct ? y.data_ptr<float>() + r * n : buf.data();
-      if (per_channel)
+      if (presum)  // group sums formed by the VNNI kernel: the tail of epilogue_group_row
+        presum_row(presum + r * n, xs[r], bias, n, row);
+      else if (per_channel)
         epilogue_channel_row(acc + r * n, xs[r], ws, bias, n, row);
       else
         epilogue_group_row(acc + r * n, groups, m * n, xs[r], ws, bias, n, row);
@@ -329,6 +341,116 @@ void epilogue(const int32_t* acc, bool per_channel, int64_t groups, const float*
     }
   });
 }
+
+
+// ---------------------------------------------------------------------------------------------
+// VNNI integer GEMM on prepacked weights (x86 with AVX512-VNNI).
+// Why: at robot token counts oneDNN's _int_mm spends much of its time outside the dot products
+// (it repacks the weight on every call), and group-wise int4 scales need one _int_mm per
+// 128-channel group. Here the weights are packed once (vnni_pack) and each (rows x 32 columns)
+// tile runs every group in registers: int32 dot products with vpdpbusd, then, per group, the
+// float product with the group scale added to a float accumulator in group order - the same
+// IEEE operations as the epilogue's group sum, so results are bit-identical to _int_mm + the
+// epilogue. vpdpbusd multiplies unsigned by signed bytes: the activation codes are offset by
+// 128 (q ^ 0x80) and 128 * (sum of the group's weights) is subtracted from each group's sum.
+// Packed layout: (N/16, K/4, 16, 4) int8, element [nb][k4][j][t] = w[16 nb + j][4 k4 + t].
+#if defined(__x86_64__) && defined(__GNUC__)
+const bool kHasVnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+#endif
+constexpr int64_t kVnniMaxRows = 64;
+#if defined(__x86_64__) && defined(__GNUC__)
+
+template <int MR, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(
+    const int8_t* q, int64_t ldq, int64_t k, const int8_t* wp, int64_t nb_stride, int64_t gs, int64_t groups,
+    const int32_t* colsum, int64_t n, const float* ws_t, int32_t* acc_out, float* sum_out, int64_t ldo) {
+  __m512i acc[MR][NB];
+  __m512 fsum[MR][NB];
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int r = 0; r < MR; ++r)
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
+    const int64_t k4_end = (g + 1) * gs / 4;
+    for (int64_t k4 = g * gs / 4; k4 < k4_end; ++k4) {
+      __m512i w[NB];
+      for (int b = 0; b < NB; ++b) w[b] = _mm512_loadu_si512(wp + b * nb_stride + k4 * 64);
+      for (int r = 0; r < MR; ++r) {
+        int32_t four;
+        std::memcpy(&four, q + r * ldq + k4 * 4, 4);
+        const __m512i a = _mm512_set1_epi32(four);
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], a, w[b]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      const __m512i cs = _mm512_slli_epi32(_mm512_loadu_si512(colsum + g * n + b * 16), 7);
+      for (int r = 0; r < MR; ++r) acc[r][b] = _mm512_sub_epi32(acc[r][b], cs);
+    }
+    if (sum_out) {  // group scales: (0 + p_0) + p_1 + ..., p_g = float(acc_g) * ws[g, n]
+      for (int b = 0; b < NB; ++b) {
+        const __m512 wsg = _mm512_loadu_ps(ws_t + g * n + b * 16);
+        for (int r = 0; r < MR; ++r) {
+          const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][b]), wsg);
+          fsum[r][b] = g == 0 ? _mm512_add_ps(p, _mm512_setzero_ps()) : _mm512_add_ps(fsum[r][b], p);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int b = 0; b < NB; ++b) {
+      if (sum_out)
+        _mm512_storeu_ps(sum_out + r * ldo + b * 16, fsum[r][b]);
+      else
+        _mm512_storeu_si512(acc_out + r * ldo + b * 16, acc[r][b]);
+    }
+}
+
+template <int NB>
+void vnni_rows(const int8_t* q, int64_t m, int64_t k, const int8_t* wp, int64_t nb_stride, int64_t gs, int64_t groups,
+               const int32_t* colsum, int64_t n, const float* ws_t, int32_t* acc_out, float* sum_out) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4)
+    vnni_tile<4, NB>(q + r * k, k, k, wp, nb_stride, gs, groups, colsum, n, ws_t, acc_out ? acc_out + r * n : nullptr,
+                     sum_out ? sum_out + r * n : nullptr, n);
+  const int64_t left = m - r;
+  auto tail = [&](auto mr) {
+    constexpr int MR = decltype(mr)::value;
+    vnni_tile<MR, NB>(q + r * k, k, k, wp, nb_stride, gs, groups, colsum, n, ws_t, acc_out ? acc_out + r * n : nullptr,
+                      sum_out ? sum_out + r * n : nullptr, n);
+  };
+  if (left == 3) tail(std::integral_constant<int, 3>());
+  if (left == 2) tail(std::integral_constant<int, 2>());
+  if (left == 1) tail(std::integral_constant<int, 1>());
+}
+
+// q (M, K) int8 codes x packed weights -> int32 (M, N) (per channel, groups == 1) or the
+// float group sums (M, N). Columns are split over threads in 32-wide strips.
+void vnni_gemm(const int8_t* q_signed, int64_t m, int64_t k, const int8_t* wp, int64_t n, int64_t gs, int64_t groups,
+               const int32_t* colsum, const float* ws_t, int32_t* acc_out, float* sum_out) {
+  // the unsigned operand: codes + 128 (flipping the sign bit), once for all column strips
+  std::vector<int8_t> flipped(m * k);
+  for (int64_t i = 0; i < m * k; ++i) flipped[i] = static_cast<int8_t>(static_cast<uint8_t>(q_signed[i]) ^ 0x80u);
+  const int8_t* q = flipped.data();
+  const bool wide = sum_out == nullptr;  // no float sums held: room for 64-column tiles
+  const int64_t width = wide ? 64 : 32;
+  const int64_t strips = (n + width - 1) / width;
+  const int64_t nb_stride = (k / 4) * 64;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(m * k * width / 2048, 1));
+  at::parallel_for(0, strips, grain, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t c0 = s * width;
+      const int8_t* w = wp + (c0 / 16) * nb_stride;
+      int32_t* a = acc_out ? acc_out + c0 : nullptr;
+      float* f = sum_out ? sum_out + c0 : nullptr;
+      const float* sc = ws_t ? ws_t + c0 : nullptr;
+      switch (std::min<int64_t>(width, n - c0) / 16) {
+        case 4: vnni_rows<4>(q, m, k, w, nb_stride, gs, groups, colsum + c0, n, sc, a, f); break;
+        case 3: vnni_rows<3>(q, m, k, w, nb_stride, gs, groups, colsum + c0, n, sc, a, f); break;
+        case 2: vnni_rows<2>(q, m, k, w, nb_stride, gs, groups, colsum + c0, n, sc, a, f); break;
+        default: vnni_rows<1>(q, m, k, w, nb_stride, gs, groups, colsum + c0, n, sc, a, f); break;
+      }
+    }
+  });
+}
+#endif
 
 }  // namespace
 
@@ -346,13 +468,15 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
                          const std::vector<torch::Tensor>& w_groups, const torch::Tensor& ws,
                          const c10::optional<torch::Tensor>& bias, int64_t qmax, int64_t hadamard_block,
                          double hadamard_scale, const c10::optional<torch::Tensor>& norm_weight, double norm_eps,
-                         double norm_offset, int64_t act, bool gated, const c10::optional<torch::Tensor>& residual) {
+                         double norm_offset, int64_t act, bool gated, const c10::optional<torch::Tensor>& residual,
+                         const c10::optional<torch::Tensor>& vnni_weight, const c10::optional<torch::Tensor>& w_colsum) {
   TORCH_CHECK(x.dim() == 2, "int_linear: x must be (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "int_linear: x must be float32 or bfloat16");
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(!w_groups.empty(), "int_linear: no weight groups");
-  const int64_t n = w_groups[0].size(0);
+  const bool packed_only = w_groups.empty();
+  TORCH_CHECK(!packed_only || (vnni_weight.has_value() && vnni_weight->defined()), "int_linear: no weights");
+  const int64_t n = packed_only ? vnni_weight->size(0) * 16 : w_groups[0].size(0);
   const int64_t groups = static_cast<int64_t>(w_groups.size());
   at::Tensor v = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   at::Tensor q = at::empty({m, k}, x.options().dtype(at::kChar));
@@ -399,6 +523,37 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
   at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
   const at::Tensor ws_c = ws.to(at::kFloat).contiguous();
+  // VNNI-packed weights (vnni_pack): always where they are the only weights (4-bit layers), and
+  // for few tokens where _int_mm weights exist too (above ~64 rows oneDNN's blocking wins)
+  const bool has_vnni = vnni_weight.has_value() && vnni_weight->defined();
+  if (has_vnni && (w_groups.empty() || m <= kVnniMaxRows)) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    TORCH_CHECK(kHasVnni, "int_linear: VNNI-packed weights on a CPU without AVX512-VNNI");
+    TORCH_CHECK(w_colsum.has_value() && w_colsum->defined(), "int_linear: VNNI weights need their column sums");
+    const at::Tensor& wp = *vnni_weight;
+    const int64_t np = wp.size(0) * 16, ng = w_colsum->size(0);
+    TORCH_CHECK(wp.size(1) * 4 == k && k % (4 * ng) == 0, "int_linear: packed weights do not match K");
+    const int64_t gsz = k / ng;
+    const bool per_ch = ws_c.dim() == 1;
+    TORCH_CHECK(per_ch ? ng == 1 : (ws_c.size(0) == ng && ws_c.size(1) == np), "int_linear: scales do not match");
+    if (per_ch) {
+      at::Tensor acc = at::empty({m, np}, x.options().dtype(at::kInt));
+      vnni_gemm(q.data_ptr<int8_t>(), m, k, wp.data_ptr<int8_t>(), np, gsz, 1, w_colsum->data_ptr<int32_t>(), nullptr,
+                acc.data_ptr<int32_t>(), nullptr);
+      epilogue(acc.data_ptr<int32_t>(), true, 1, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, np, act, gated,
+               res, y);
+    } else {
+      at::Tensor sums = at::empty({m, np}, x.options().dtype(at::kFloat));
+      vnni_gemm(q.data_ptr<int8_t>(), m, k, wp.data_ptr<int8_t>(), np, gsz, ng, w_colsum->data_ptr<int32_t>(),
+                ws_c.data_ptr<float>(), nullptr, sums.data_ptr<float>());
+      epilogue(nullptr, false, ng, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, np, act, gated, res, y,
+               sums.data_ptr<float>());
+    }
+    return y;
+#else
+    TORCH_CHECK(false, "int_linear: VNNI-packed weights need an x86-64 build");
+#endif
+  }
   at::Tensor acc;
   if (groups == 1 && ws_c.dim() == 1) {
     acc = at::_int_mm(q, w_groups[0].t());
@@ -417,11 +572,39 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
   return y;
 }
 
+// Weights (N, K) int8 -> (packed (N/16, K/4, 16, 4) int8, column sums (G, N) int32 over each of
+// the G groups of K / G channels) for the VNNI GEMM; empty tensors where it does not apply
+// (no AVX512-VNNI, N % 16, K % 4 or the group length % 4).
+std::vector<torch::Tensor> vnni_pack(const torch::Tensor& w, int64_t groups) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "vnni_pack: w must be (N, K) int8");
+  const int64_t n = w.size(0), k = w.size(1);
+  bool ok = groups >= 1 && n % 16 == 0 && k % (4 * groups) == 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  ok = ok && kHasVnni;
+#else
+  ok = false;
+#endif
+  if (!ok) return {};
+  at::Tensor packed = w.contiguous().view({n / 16, 16, k / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+  at::Tensor colsum = w.to(at::kInt).view({n, groups, k / groups}).sum(2).t().contiguous().to(at::kInt);
+  return {packed, colsum};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   namespace py = pybind11;
   mod.def("int_linear", &int_linear, "fused per-token int8 quantization + int8 GEMM + epilogue (CPU)",
           py::arg("x"), py::arg("inv_smooth"), py::arg("perm"), py::arg("rotation"), py::arg("w_groups"),
           py::arg("ws"), py::arg("bias"), py::arg("qmax"), py::arg("hadamard_block"), py::arg("hadamard_scale"),
           py::arg("norm_weight"), py::arg("norm_eps"), py::arg("norm_offset"), py::arg("act") = 0,
-          py::arg("gated") = false, py::arg("residual") = py::none());
+          py::arg("gated") = false, py::arg("residual") = py::none(), py::arg("vnni_weight") = py::none(),
+          py::arg("w_colsum") = py::none());
+  mod.attr("VNNI_MAX_ROWS") = kVnniMaxRows;
+  mod.def("vnni_pack", &vnni_pack, "prepack int8 weights (N, K) for the VNNI GEMM: (packed, group column sums)");
+  mod.def("has_vnni", []() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return kHasVnni;
+#else
+    return false;
+#endif
+  });
 }

@@ -118,6 +118,9 @@ def test_disabled_extension_is_not_used(fused, monkeypatch):
             calls.append(1)
             return fused.int_linear(*a)
 
+        def __getattr__(self, name):  # the rest of the extension's API, unwatched
+            return getattr(fused, name)
+
     monkeypatch.setattr(cpu_fused, "_module", Spy())
     ql = QuantLinear.from_linear(nn.Linear(64, 16), w_bits=8, a_bits=8, clip_grid=(1.0,))
     x = torch.randn(3, 64)
@@ -176,3 +179,29 @@ def test_rmsnorm_fusion_declines_what_it_does_not_cover(fused):
     assert ql.try_forward_rmsnorm(torch.randn(3, 96), norm.weight, norm.eps, norm.offset) is None
     ql_ref = QuantLinear.from_linear(nn.Linear(96, 8), w_bits=8, a_bits=8, clip_grid=(1.0,), backend="reference")
     assert ql_ref.try_forward_rmsnorm(torch.randn(3, 96), norm.weight, norm.eps, norm.offset) is None
+
+
+@pytest.mark.parametrize("m", [1, 5, 17, 70])
+@pytest.mark.parametrize("n,k,groups", [(48, 128, 1), (96, 256, 2), (64, 512, 4), (80, 384, 3)])
+def test_vnni_gemm_is_bit_identical_to_int_mm(fused, m, n, k, groups):
+    """The prepacked VNNI GEMM (AVX512-VNNI CPUs) gives the _int_mm path's numbers bit for bit:
+    per channel and with group scales, for row counts that are not a multiple of its 4-row
+    tile, column counts not a multiple of its 64-column strip, and above the row count where
+    8-bit layers switch back to _int_mm."""
+    if not fused.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    g = torch.Generator().manual_seed(m * 7 + n)
+    x = torch.randn(m, k, generator=g)
+    x[0, 1] = 25.0
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) * 0.01 if groups == 1 else torch.rand(groups, n, generator=g) * 0.01
+    bias = torch.randn(n, generator=g)
+    pieces = [w] if groups == 1 else [w[:, i * k // groups:(i + 1) * k // groups].contiguous() for i in range(groups)]
+    packed, colsum = fused.vnni_pack(w, groups)
+    assert packed.shape == (n // 16, k // 4, 16, 4) and colsum.shape == (groups, n)
+    args = (None, None, None)
+    want = fused.int_linear(x, *args, pieces, ws, bias, 127, 0, 0.0, None, 0.0, 0.0)
+    only = fused.int_linear(x, *args, [], ws, bias, 127, 0, 0.0, None, 0.0, 0.0, 0, False, None, packed, colsum)
+    both = fused.int_linear(x, *args, pieces, ws, bias, 127, 0, 0.0, None, 0.0, 0.0, 0, False, None, packed, colsum)
+    assert torch.equal(only, want) and torch.equal(both, want)
+    assert fused.vnni_pack(w[:, :k - 2].contiguous(), 1) == []  # K not a multiple of 4: not packed

@@ -326,8 +326,10 @@ class QuantLinear(nn.Module):
         """Everything the lean CPU forward needs, built on first CPU use and rebuilt when a
         source buffer is replaced or changed in place (keyed by the tensor objects and their
         version counters, read from ``_buffers`` directly: this runs on every call).
-        Returns (weight groups, int64 perm, fused-extension arguments). Costs N x K bytes per
-        4-bit layer (2x its packed codes)."""
+        Returns (weight groups or None, int64 perm, fused-extension arguments, (VNNI-packed
+        weights, their group column sums) or Nones). Costs N x K bytes per layer: the unpacked
+        4-bit codes or, on a CPU with AVX512-VNNI, the VNNI layout (then 4-bit layers keep only
+        that; 8-bit ones also use their stored codes for more than 64 tokens)."""
         bufs = self._buffers
         cache = self._cpu_cache
         if cache is not None:
@@ -347,27 +349,41 @@ class QuantLinear(nn.Module):
             raise ValueError(f"wscale has shape {tuple(wscale.shape)}, which does not match "
                              f"{self.out_features} outputs and group_size {self.group_size}")
         perm = bufs.get("perm")
+        fused = _fused_cpu()
         with torch.inference_mode(False):  # normal tensors: usable later outside inference mode
             groups = ops.cpu_weight_groups(bufs["qweight"], self.w_bits, self.in_features, self.group_size)
             perm64 = None if perm is None else perm.long()
             # the fused extension reads group scales as (G, N) rows
             ws_fused = wscale if wscale.dim() == 1 else wscale.t().contiguous()
+            vnni = (None, None)
+            if fused is not None and not self._rotate_first and fused.has_vnni():
+                full = groups[0] if len(groups) == 1 else torch.cat(groups, 1)
+                packed = fused.vnni_pack(full, len(groups))
+                if packed:  # the VNNI layout; 4-bit layers then keep only it (the same N x K bytes)
+                    vnni = (packed[0], packed[1])
+                    if self.w_bits == 4:
+                        groups = None
         rotation = bufs.get("rotation")
         # Hadamard rotations (rebuilt from their kind, never trained) run as the fast transform
         hb = self.rotation_block if (self.rotation_kind == "hadamard" and rotation is not None
                                      and _FAST_HADAMARD) else 0
-        fused_args = (bufs.get("inv_smooth"), perm64, rotation, list(groups), ws_fused, bufs.get("bias"),
-                      qmax(self.a_bits), hb, float(rotation[0, 0]) if hb else 0.0, None, 0.0, 0.0)
-        value = (groups, perm64, fused_args)
+        fused_args = (bufs.get("inv_smooth"), perm64, rotation, [] if groups is None else list(groups), ws_fused,
+                      bufs.get("bias"), qmax(self.a_bits), hb, float(rotation[0, 0]) if hb else 0.0, None, 0.0, 0.0)
+        value = (groups, perm64, fused_args, vnni)
         if key is not None:
             self._cpu_cache = (key, value)
         return value
 
     def cpu_cache_bytes(self) -> int:
-        """Bytes the lean CPU forward holds beyond the stored codes (0 until first CPU use)."""
-        if self._cpu_cache is None or self.w_bits == 8:  # int8 codes are used in place
+        """Bytes the lean CPU forward holds beyond the stored codes (0 until first CPU use):
+        unpacked 4-bit codes or the VNNI-packed copy (N x K bytes either way)."""
+        if self._cpu_cache is None:
             return 0
-        return sum(g.numel() * g.element_size() for g in self._cpu_cache[1][0])
+        groups, _, _, vnni = self._cpu_cache[1]
+        total = sum(t.numel() * t.element_size() for t in vnni if t is not None)
+        if groups is not None and self.w_bits == 4:  # int8 codes are used in place
+            total += sum(g.numel() * g.element_size() for g in groups)
+        return total
 
     def _forward_cpu(self, x2: torch.Tensor, ops, act=None, res2=None) -> torch.Tensor:
         """Lean CPU forward: the compiled fused linear (kernels/cpu_fused.py) where it is built,
@@ -375,11 +391,13 @@ class QuantLinear(nn.Module):
         never packed), cached unpacked weights; both compute the same numbers as
         quantize_per_token + gemm_* on backend 'cpu' (the extension's activation: within a few
         ulps of torch's)."""
-        groups, perm, fused_args = self._cpu_operands(ops)
+        groups, perm, fused_args, vnni = self._cpu_operands(ops)
         fused = _fused_cpu()
         if fused is not None and not self._rotate_first and x2.dtype in _FUSED_DTYPES:
             return fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), *fused_args,
-                                    _ACT_CODES[act], self.gated_pairs, res2)
+                                    _ACT_CODES[act], self.gated_pairs, res2, *vnni)
+        if groups is None:  # only the VNNI layout is cached (rare dtype on a VNNI machine)
+            groups = ops.cpu_weight_groups(self.qweight, self.w_bits, self.in_features, self.group_size)
         xf = x2 if x2.dtype == torch.float32 else x2.float()
         if self._rotate_first:
             q, xs = ops.cpu_quantize_codes(self.input_transform().apply(xf), self.a_bits)
@@ -415,11 +433,11 @@ class QuantLinear(nn.Module):
             name = k.resolve_backend(None if backend == "auto" else backend, x2.device)
             if name == "cpu" and x2.device.type == "cpu" and x2.dtype in _FUSED_DTYPES:
                 fused = _fused_cpu()
-                groups, perm, args = self._cpu_operands(k.ops)
+                groups, perm, args, vnni = self._cpu_operands(k.ops)
                 if fused is not None and args[7] == (self.rotation_block if self.rotation is not None else 0):
                     y = fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), *args[:9],
                                          norm_weight.detach(), float(eps), float(offset),
-                                         _ACT_CODES[act], self.gated_pairs, res2)
+                                         _ACT_CODES[act], self.gated_pairs, res2, *vnni)
                     return y.reshape(*lead, width)
             elif name == "triton" and self.w_bits in (4, 8):
                 direct = direct_io() and x2.dtype in _KERNEL_DTYPES

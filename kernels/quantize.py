@@ -8,7 +8,8 @@ import os
 
 import torch
 
-from .dispatch import _triton_modules, resolve_backend, triton_cdiv, triton_next_pow2
+from .dispatch import (_triton_modules, log_fallback_once, resolve_backend, triton_build_errors, triton_cdiv,
+                       triton_next_pow2)
 from .packing import PACK_GROUP
 from .torch_math import _quantize_torch
 from .validation import (_QMAX, OUT_DTYPES, _check_bits, _check_out, _check_perm, _check_rotation,
@@ -89,8 +90,8 @@ def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, b
             try:
                 _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, bits, q, s, prec)
                 return q, s
-            except Exception as e:  # noqa: BLE001 - a compile failure of the row kernel only
-                if x2.device.type != "cuda":  # the interpreter: a bug, not a toolchain limit
+            except triton_build_errors() as e:  # this Triton / card cannot build the row kernel
+                if x2.device.type != "cuda":  # the interpreter builds nothing: a bug, not a toolchain limit
                     raise
                 _disable_row_kernel(e)
     tq.norm_quant_kernel[(triton_cdiv(m, block_m),)](
@@ -164,13 +165,11 @@ def _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, b
 
 def _disable_row_kernel(err: Exception) -> None:
     """The row kernel was first compiled for a GPU in the run that measures it: if this
-    Triton/card rejects it, say so once and use the tile kernel from then on."""
+    Triton/card rejects it, log why once and use the tile kernel (same codes) from then on."""
     global _ROW_BROKEN
-    import warnings
-
     _ROW_BROKEN = True
-    warnings.warn(f"row-wise quantization kernel failed to build ({type(err).__name__}: {str(err)[:200]}); "
-                  "using the tile kernel", RuntimeWarning, stacklevel=3)
+    log_fallback_once("building the row-wise quantization kernel", err,
+                      "quantizing rotated activations with the tile kernel from now on (same codes)")
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = None,

@@ -1,11 +1,12 @@
 """GEMM tile configs: the fixed table, shared-memory fitting, the small tuner and tuned-config I/O."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-from .dispatch import triton_cdiv, triton_next_pow2
+from .dispatch import log_fallback_once, triton_build_errors, triton_cdiv, triton_next_pow2
 from .packing import PACK_GROUP
 
 _SMS: dict = {}
@@ -163,7 +164,9 @@ def _pick_config(kind, m, n, k, device, run, x_bytes: int = 1) -> dict:
             continue
         try:
             t = do_bench(lambda: run(cand), warmup=5, rep=20)
-        except Exception:  # a config can exceed shared memory on a smaller card
+        except triton_build_errors() as e:  # a config can exceed shared memory on a smaller card
+            log_fallback_once(f"tile config {cand} for {kind} M<={m_bucket(m)} N={n} K={k}", e,
+                              "the tuner skips it", logging.INFO)
             continue
         if t < best_t:
             best, best_t = cand, t

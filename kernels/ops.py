@@ -42,9 +42,9 @@ from .gemm import (FUSE_MAX_M, PROLOGUE_ELEMS, _disable_w4_swap, _gemm_w4, _laun
                    _launch_w8a8, _linear, _prologue_k, gemm_w4a4, gemm_w4a8, gemm_w8a8, linear_w4a8,
                    linear_w8a8)
 from .packing import PACK_GROUP, unpack_int4
-from .quantize import (_ROT_PREC, ROW_CHUNK_MAX, _disable_row_kernel, _launch_row_quant, _quantize_impl,
-                       _quantize_triton, _row_chunk, _row_kernel_applies, quant_kernel_kind,
-                       quantize_per_token, rmsnorm_quantize, rotation_precision)
+from .quantize import (_ROT_PREC, ROTATION_KERNELS, ROW_CHUNK_MAX, _disable_row_kernel, _launch_row_quant,
+                       _quantize_impl, _quantize_triton, _row_chunk, _row_kernel_applies, quantize_per_token,
+                       rmsnorm_quantize)
 from .tiles import (_CFG_KEYS, _SMS, _TUNED, SMEM_BUDGET, _candidates, _load_env_tuned, _num_sms,
                     _pick_config, _split_for, fit_smem, gemm_config, load_tuned_configs, m_bucket,
                     set_autotune, smem_estimate, tuned_configs)

@@ -2,11 +2,11 @@
 # Issue 7 in one short device call (about 4.5 minutes, capped at 320 s by inner timeouts):
 #  1. benchmarks/e2e_profile.py: torch.profiler top kernels + CUDA-graph ms of one prefix pass and
 #     one denoising step, pi05-3b (3 cam: fp, w8a8, w4a8) and groot-n15 (1 cam: fp, w8a8), for
-#     the per-linear paths old (x.float(), tile quant kernel, fp32 out + cast), new (direct
-#     bf16 I/O, row quant kernel, ieee rotation), new-tf32x3 / new-tf32 (rotation on tensor cores);
-#  2. benchmarks/e2e.py (whole chunks, CUDA graphs) with the new path (the default): pi05-3b 3 cam
-#     and groot-n15 1 cam, fp,w8a8,w4a8; then, as time allows, the old path (pi05-3b fp,w8a8)
-#     and smooth-only transforms (pi05-3b fp,w8a8).
+#     the activation-quantization settings ieee (the library's path: row kernel, exact
+#     rotation), tile (the fallback kernel), tf32x3 / tf32 (rotation on tensor cores);
+#  2. benchmarks/e2e.py (whole chunks, CUDA graphs) on the library's path: pi05-3b 3 cam and
+#     groot-n15 1 cam, fp,w8a8,w4a8; then, as time allows, smooth-only transforms (pi05-3b
+#     fp,w8a8).  (The former fp32-cast path, "path v1" in docs/benchmarks.md, is gone.)
 # Device tool:  run(command="bash benchmarks/e2e_gpu_profile.sh", timeout_s=330)
 # Results: $OUT/prof.tgz (all txt/json/png) and the key tables at the end of stdout.
 set -uo pipefail
@@ -35,15 +35,13 @@ run() {
 }
 common=(--device cuda --quick --no-progress)
 run 110 prof-pi05 $PY benchmarks/e2e_profile.py --preset pi05-3b --cameras 3 --device cuda --schemes fp,w8a8,w4a8 \
-  --paths old,new,new-tf32x3,new-tf32 --out "$RES"
+  --paths ieee,tile,tf32x3,tf32 --out "$RES"
 run 45 prof-groot $PY benchmarks/e2e_profile.py --preset groot-n15 --cameras 1 --device cuda --schemes fp,w8a8 \
-  --paths old,new,new-tf32x3 --out "$RES"
+  --paths ieee,tf32x3 --out "$RES"
 run 80 e2e-pi05-new $PY benchmarks/e2e.py --preset pi05-3b --cameras 3 "${common[@]}" --schemes fp,w8a8,w4a8 \
   --time-budget 55 --out "$RES" --tag e2e-new-pi05-3b
 run 40 e2e-groot-new $PY benchmarks/e2e.py --preset groot-n15 --cameras 1 "${common[@]}" --schemes fp,w8a8,w4a8 \
   --time-budget 25 --out "$RES" --tag e2e-new-groot-n15
-QUANTVLA_QLINEAR_DIRECT=0 QUANTVLA_QUANT_KERNEL=tile run 60 e2e-pi05-old $PY benchmarks/e2e.py --preset pi05-3b \
-  --cameras 3 "${common[@]}" --schemes fp,w8a8 --time-budget 40 --out "$RES" --tag e2e-old-pi05-3b
 run 60 e2e-pi05-smooth $PY benchmarks/e2e.py --preset pi05-3b --cameras 3 "${common[@]}" --schemes fp,w8a8 \
   --transforms smooth --time-budget 40 --out "$RES" --tag e2e-smooth-pi05-3b
 tar czf "$OUT_DIR/prof.tgz" -C "$RES" . 2>/dev/null

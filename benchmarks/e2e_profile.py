@@ -1,7 +1,6 @@
 """Per-kernel profile and CUDA-graph timing of one prefix pass and one denoising step, FP vs
-quantized schemes under several per-linear path settings (issue 7), all in one process: the
-path switches (QUANTVLA_QLINEAR_DIRECT, QUANTVLA_QUANT_KERNEL, QUANTVLA_ROT_PRECISION) are read
-on every call, so one quantized model is profiled and captured once per setting.
+quantized schemes under several settings of the activation quantization (issue 7), all in one
+process: one quantized model is profiled and captured once per setting (``--paths``).
 
     python benchmarks/e2e_profile.py --preset pi05-3b --cameras 3 --device cuda --out DIR
     python benchmarks/e2e_profile.py --preset small --cameras 1 --device cpu   # dry run
@@ -9,9 +8,10 @@ on every call, so one quantized model is profiled and captured once per setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,14 +27,33 @@ from quantvla_core.bench import BenchOptions, _observation, _Variants, add_argum
 from quantvla_core.chunk_timing import ChunkRunner  # noqa: E402
 from quantvla_core.config import preset  # noqa: E402
 
-# name -> env settings; "old" is the path measured in runs/device1 (issue 7)
+# name -> keyword arguments of the activation-quantization ops for rotated inputs. "ieee" is
+# the library's path (QuantLinear always calls the ops with their defaults: row kernel, exact
+# fp32 rotation); the others measure what the ops offer besides: the tile kernel (the fallback
+# when the row kernel fails to build) and the tensor-core rotation (not a QuantLinear option).
 PATHS = {
-    "old": {"QUANTVLA_QLINEAR_DIRECT": "0", "QUANTVLA_QUANT_KERNEL": "tile", "QUANTVLA_ROT_PRECISION": "ieee"},
-    "new": {"QUANTVLA_QLINEAR_DIRECT": "1", "QUANTVLA_QUANT_KERNEL": "row", "QUANTVLA_ROT_PRECISION": "ieee"},
-    "new-tf32x3": {"QUANTVLA_QLINEAR_DIRECT": "1", "QUANTVLA_QUANT_KERNEL": "row", "QUANTVLA_ROT_PRECISION": "tf32x3"},
-    "new-tf32": {"QUANTVLA_QLINEAR_DIRECT": "1", "QUANTVLA_QUANT_KERNEL": "row", "QUANTVLA_ROT_PRECISION": "tf32"},
-    "old-tf32": {"QUANTVLA_QLINEAR_DIRECT": "1", "QUANTVLA_QUANT_KERNEL": "tile", "QUANTVLA_ROT_PRECISION": "tf32"},
+    "ieee": {},
+    "tile": {"rotation_kernel": "tile"},
+    "tf32x3": {"rotation_precision": "tf32x3"},
+    "tf32": {"rotation_precision": "tf32"},
 }
+
+
+@contextlib.contextmanager
+def quantization_options(options: dict):
+    """QuantLinear calls the quantization ops through the quantvla_kernels package: for this
+    benchmark only, call them with ``options`` inside the block (a CUDA graph captured inside
+    keeps them)."""
+    import quantvla_kernels as qk
+
+    saved = {name: getattr(qk, name) for name in ("quantize_per_token", "rmsnorm_quantize")}
+    for name, op in saved.items():
+        setattr(qk, name, functools.partial(op, **options))
+    try:
+        yield
+    finally:
+        for name, op in saved.items():
+            setattr(qk, name, op)
 
 
 def _kernel_table(prof, cuda: bool, top: int) -> tuple[list[dict], str]:
@@ -109,7 +128,7 @@ def profile_policy(policy, cfg, cams: int, label: str, cuda: bool, top: int, out
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
-    p.add_argument("--paths", default="old,new,new-tf32x3,new-tf32", help=f"of {','.join(PATHS)}")
+    p.add_argument("--paths", default="ieee,tf32x3,tf32", help=f"of {','.join(PATHS)}")
     p.add_argument("--top", type=int, default=12)
     p.set_defaults(preset="pi05-3b", schemes="fp,w8a8", cameras="3", out="runs/bench")  # git-ignored; copy what you keep into benchmarks/results
     a = p.parse_args()
@@ -131,7 +150,6 @@ def main() -> int:
 
     result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",
                     "paths": {k: PATHS[k] for k in paths}, "stages": {}}
-    saved = {k: os.environ.get(k) for k in PATHS["old"]}
     t0 = time.perf_counter()
     for pname in opts.presets:
         base = preset(pname)
@@ -143,15 +161,12 @@ def main() -> int:
         for scheme in opts.schemes:
             policy = variants.build(scheme)
             for path in (["-"] if scheme == "fp" else paths):
-                os.environ.update(PATHS.get(path, {}))
                 try:
-                    profile_policy(policy, cfg, cams, f"{pname} {cams}cam {scheme} {path}", cuda, a.top,
-                                   result["stages"], log)
+                    with quantization_options(PATHS.get(path, {})):
+                        profile_policy(policy, cfg, cams, f"{pname} {cams}cam {scheme} {path}", cuda, a.top,
+                                       result["stages"], log)
                 except Exception as e:  # noqa: BLE001 - report and go on with the next setting
                     log(f"\n== {pname} {scheme} {path}: FAILED {type(e).__name__}: {str(e)[:300]}")
-                finally:
-                    for k, v in saved.items():
-                        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
                 log(f"   ({time.perf_counter() - t0:.0f} s)")
             if scheme != "fp":
                 del policy

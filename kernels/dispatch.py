@@ -7,6 +7,7 @@ use.  The backends themselves and the math they share are described in ops.py.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from typing import Iterator
@@ -17,6 +18,7 @@ BACKENDS = ("triton", "cpu", "reference")
 
 _state = threading.local()
 _global_default: str | None = None
+log = logging.getLogger("quantvla_kernels")
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -73,6 +75,37 @@ def _triton_modules(device: torch.device):
     from . import triton_gemm, triton_quant
 
     return triton_gemm, triton_quant
+
+
+# ----------------------------------------------------------------------------- fallbacks
+def triton_build_errors() -> tuple[type[BaseException], ...]:
+    """What Triton raises when this toolchain or card cannot build or launch a kernel variant:
+    its own errors (compilation, out of shared memory / registers, ptxas) and the RuntimeError
+    of a failing MLIR pass or driver launch. Anything else (TypeError, KeyError, ...) is a bug
+    in the launcher and must propagate, not switch kernels."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors as runtime_errors
+
+    try:
+        from triton.errors import TritonError  # the common base in recent Triton
+    except ImportError:  # older Triton: the classes one by one
+        TritonError = CompilationError
+    extra = tuple(getattr(runtime_errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(runtime_errors, n))
+    return (TritonError, CompilationError, RuntimeError, *extra)
+
+
+_logged_fallbacks: set = set()
+
+
+def log_fallback_once(what: str, err: BaseException, instead: str, level: int = logging.WARNING) -> None:
+    """Log that ``what`` failed (with the exception as the reason) and ``instead`` runs; once
+    per (what, reason) in a process, so a fallback taken on every call logs one line."""
+    text = str(err).strip()
+    reason = f"{type(err).__name__}: {text.splitlines()[-1][:300] if text else ''}"
+    if (what, reason) in _logged_fallbacks:
+        return
+    _logged_fallbacks.add((what, reason))
+    log.log(level, "%s failed (%s); %s", what, reason, instead)
 
 
 

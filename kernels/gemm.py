@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from .dispatch import _triton_modules, resolve_backend, triton_cdiv, triton_next_pow2
+from .dispatch import (_triton_modules, log_fallback_once, resolve_backend, triton_build_errors, triton_cdiv,
+                       triton_next_pow2)
 from .packing import PACK_GROUP, unpack_int4
 from .quantize import quantize_per_token
 from .tiles import _pick_config, m_bucket
@@ -104,8 +105,8 @@ def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smoot
     swap = bool(cfg.get("SWAP", False)) and not _W4_SWAP_BROKEN
     try:
         launch(swap)
-    except Exception as e:  # noqa: BLE001 - compile-time failure of the unmeasured variant only
-        if not swap:
+    except triton_build_errors() as e:  # this Triton / card cannot build the swapped variant
+        if not swap or x.device.type != "cuda":  # the interpreter builds nothing: a bug, not a toolchain limit
             raise
         _disable_w4_swap(e)
         launch(False)
@@ -120,13 +121,10 @@ _W4_SWAP_BROKEN = False
 def _disable_w4_swap(err: Exception) -> None:
     """The swapped W4 kernel was never compiled on a GPU before it became the default: if this
     Triton/card rejects it (compile errors surface before any launch, also under graph
-    capture), say so once and use the unswapped kernel from then on."""
+    capture), log why once and use the unswapped kernel (same numbers) from then on."""
     global _W4_SWAP_BROKEN
-    import warnings
-
     _W4_SWAP_BROKEN = True
-    warnings.warn(f"swapped W4 kernel failed to build ({type(err).__name__}: {str(err)[:200]}); "
-                  "using the unswapped W4 kernel", RuntimeWarning, stacklevel=3)
+    log_fallback_once("building the swapped W4 GEMM kernel", err, "using the unswapped W4 kernel from now on")
 
 
 # ----------------------------------------------------------------------------- public GEMMs

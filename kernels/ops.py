@@ -34,7 +34,7 @@ a module's state (flags such as ``quantize._ROW_BROKEN``) in the module that own
 """
 from __future__ import annotations
 
-# Re-exports (names callers and tests use through ``quantvla_kernels.ops``).
+# Re-exports (names callers and tests use through ``quantvla_kernels.ops``; listed in __all__).
 from .cpu_path import _CPU_QMAX, _cpu_qmax_tensor, cpu_int_linear, cpu_quantize_codes, cpu_weight_groups
 from .dispatch import (BACKENDS, _state, _triton_modules, backend_scope, resolve_backend, set_default_backend,
                        triton_cdiv, triton_interpreting, triton_next_pow2)
@@ -42,9 +42,9 @@ from .gemm import (FUSE_MAX_M, PROLOGUE_ELEMS, _disable_w4_swap, _gemm_w4, _laun
                    _launch_w8a8, _linear, _prologue_k, gemm_w4a4, gemm_w4a8, gemm_w8a8, linear_w4a8,
                    linear_w8a8)
 from .packing import PACK_GROUP, unpack_int4
-from .quantize import (_ROT_PREC, ROW_CHUNK_MAX, _disable_row_kernel, _launch_row_quant, _quantize_impl,
-                       _quantize_triton, _row_chunk, _row_kernel_applies, quant_kernel_kind,
-                       quantize_per_token, rmsnorm_quantize, rotation_precision)
+from .quantize import (_ROT_PREC, ROTATION_KERNELS, ROW_CHUNK_MAX, _disable_row_kernel, _launch_row_quant,
+                       _quantize_impl, _quantize_triton, _row_chunk, _row_kernel_applies, quantize_per_token,
+                       rmsnorm_quantize)
 from .tiles import (_CFG_KEYS, _SMS, _TUNED, SMEM_BUDGET, _candidates, _load_env_tuned, _num_sms,
                     _pick_config, _split_for, fit_smem, gemm_config, load_tuned_configs, m_bucket,
                     set_autotune, smem_estimate, tuned_configs)
@@ -53,3 +53,22 @@ from .torch_math import (_epilogue, _gemm_torch, _grouped_acc_torch, _int_dot_ex
 from .validation import (_QMAX, OUT_DTYPES, ROTATION_BLOCKS, _check_bias, _check_bits, _check_out,
                          _check_out_dtype, _check_perm, _check_rotation, _check_same_device, _check_tensor,
                          _check_weight_scales, _flatten_act)
+
+__all__ = [
+    # the public ops, their settings and helpers (the package exports the main ones too)
+    "BACKENDS", "FUSE_MAX_M", "OUT_DTYPES", "PACK_GROUP", "PROLOGUE_ELEMS", "ROTATION_BLOCKS", "ROTATION_KERNELS",
+    "ROW_CHUNK_MAX", "SMEM_BUDGET", "backend_scope", "cpu_int_linear", "cpu_quantize_codes", "cpu_weight_groups",
+    "fit_smem", "gemm_config", "gemm_w4a4", "gemm_w4a8", "gemm_w8a8", "linear_w4a8", "linear_w8a8",
+    "load_tuned_configs", "m_bucket", "quantize_per_token", "resolve_backend", "rmsnorm_quantize", "set_autotune",
+    "set_default_backend", "smem_estimate", "triton_cdiv", "triton_interpreting", "triton_next_pow2",
+    "tuned_configs", "unpack_int4",
+    # internals, for callers and tests that still reach them as quantvla_kernels.ops.<name>
+    # (new code imports them from the module that owns them)
+    "_CFG_KEYS", "_CPU_QMAX", "_QMAX", "_ROT_PREC", "_SMS", "_TUNED", "_candidates", "_check_bias", "_check_bits",
+    "_check_out", "_check_out_dtype", "_check_perm", "_check_rotation", "_check_same_device", "_check_tensor",
+    "_check_weight_scales", "_cpu_qmax_tensor", "_disable_row_kernel", "_disable_w4_swap", "_epilogue",
+    "_flatten_act", "_gemm_torch", "_gemm_w4", "_grouped_acc_torch", "_int_dot_exact", "_launch_reduce",
+    "_launch_row_quant", "_launch_w4", "_launch_w8a8", "_linear", "_load_env_tuned", "_num_sms", "_pick_config",
+    "_prologue_k", "_quantize_impl", "_quantize_torch", "_quantize_triton", "_reference_dot", "_row_chunk",
+    "_row_kernel_applies", "_split_for", "_state", "_triton_modules",
+]

@@ -4,20 +4,22 @@ between the row-wise and the tile Triton kernels."""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from .dispatch import _triton_modules, resolve_backend, triton_cdiv, triton_next_pow2
+from .dispatch import (_triton_modules, log_fallback_once, resolve_backend, triton_build_errors, triton_cdiv,
+                       triton_next_pow2)
 from .packing import PACK_GROUP
 from .torch_math import _quantize_torch
 from .validation import (_QMAX, OUT_DTYPES, _check_bits, _check_out, _check_perm, _check_rotation,
                          _check_same_device, _check_tensor)
 
 
-def _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out):
+def _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out,
+                   rotation_kernel="row", rotation_precision="ieee"):
     _check_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16), "activations (..., K)")
     bits = _check_bits(bits)
+    _check_rotation_options(rotation_kernel, rotation_precision)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., K)")
     lead, k = tuple(x.shape[:-1]), x.shape[-1]
@@ -55,13 +57,15 @@ def _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits
         return out[0].copy_(q), out[1].copy_(s)
     q2 = out[0].view(m, kq) if out is not None else None
     s2 = out[1].view(m) if out is not None else None
-    q, s = _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q2, s2)
+    q, s = _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q2, s2,
+                            rotation_kernel, rotation_precision)
     if out is not None:
         return out[0], out[1]
     return q.reshape(*lead, kq), s.reshape(lead)
 
 
-def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q=None, s=None):
+def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q=None, s=None,
+                     rotation_kernel="row", prec="ieee"):
     _, tq = _triton_modules(x2.device)
     m, k = x2.shape
     if x2.stride(-1) != 1:
@@ -81,16 +85,15 @@ def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, b
     else:
         block_k, block_m = 1024, 4
     dummy = s
-    prec = rotation_precision()
     if has_rot:
         rot = rotation.to(torch.float32).contiguous()
         stride_rb = rot.stride(0) if rot.dim() == 3 else 0
-        if _row_kernel_applies(rot, k, bits):
+        if rotation_kernel == "row" and _row_kernel_applies(rot, k, bits):
             try:
                 _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, bits, q, s, prec)
                 return q, s
-            except Exception as e:  # noqa: BLE001 - a compile failure of the row kernel only
-                if x2.device.type != "cuda":  # the interpreter: a bug, not a toolchain limit
+            except triton_build_errors() as e:  # this Triton / card cannot build the row kernel
+                if x2.device.type != "cuda":  # the interpreter builds nothing: a bug, not a toolchain limit
                     raise
                 _disable_row_kernel(e)
     tq.norm_quant_kernel[(triton_cdiv(m, block_m),)](
@@ -106,38 +109,31 @@ def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, b
     return q, s
 
 
-# Rotated activations: how the quantization kernel runs (read on every call, so a benchmark can
-# compare the variants in one process; a captured CUDA graph keeps what was set at capture).
-# QUANTVLA_QUANT_KERNEL=row (default): one program per token, the rotation one dot of the row
+# Rotated activations on Triton, chosen per call by two arguments of the public ops:
+# rotation_kernel="row" (default): one program per token, the rotation one dot of the row
 #   reshaped to (K / B, B) rows (shared (B, B) rotation, 16 <= B, 8-bit or K % 128 == 0);
-#   =tile: the original BLOCK_M=16 kernel with a block-diagonal (64, 64) dot per tile.
-# QUANTVLA_ROT_PRECISION=ieee (default, fp32 FMA: the tested-exact numbers) | tf32 (tensor cores,
-#   v rounded to a 10-bit mantissa before the dot: codes at rounding boundaries may move by one)
-#   | tf32x3 (tensor cores, split operands: within a few fp32 ulps of ieee).  Only CUDA honours
-#   tf32 / tf32x3; the interpreter computes every variant in fp32.
+#   "tile": the BLOCK_M=16 kernel with a block-diagonal (B, B) dot per tile, which also runs
+#   every rotation the row kernel does not take and is the fallback when it fails to build.
+# rotation_precision="ieee" (default, fp32 FMA: the tested-exact numbers) | "tf32" (tensor
+#   cores, v rounded to a 10-bit mantissa before the dot: codes at rounding boundaries may move
+#   by one) | "tf32x3" (tensor cores, split operands: within a few fp32 ulps of ieee).  Only
+#   CUDA honours tf32 / tf32x3; the interpreter computes every variant in fp32.
 _ROT_PREC = {"ieee": 0, "tf32": 1, "tf32x3": 2}
+ROTATION_KERNELS = ("row", "tile")
 ROW_CHUNK_MAX = 4096
 _ROW_BROKEN = False
 
 
-def rotation_precision() -> str:
-    p = os.environ.get("QUANTVLA_ROT_PRECISION", "ieee").strip().lower() or "ieee"
-    if p not in _ROT_PREC:
-        raise ValueError(f"QUANTVLA_ROT_PRECISION must be one of {tuple(_ROT_PREC)}, got {p!r}")
-    return p
-
-
-def quant_kernel_kind() -> str:
-    kind = os.environ.get("QUANTVLA_QUANT_KERNEL", "row").strip().lower() or "row"
-    if kind not in ("row", "tile"):
-        raise ValueError(f"QUANTVLA_QUANT_KERNEL must be row or tile, got {kind!r}")
-    return kind
+def _check_rotation_options(rotation_kernel: str, rotation_precision: str) -> None:
+    if rotation_kernel not in ROTATION_KERNELS:
+        raise ValueError(f"rotation_kernel must be one of {ROTATION_KERNELS}, got {rotation_kernel!r}")
+    if rotation_precision not in _ROT_PREC:
+        raise ValueError(f"rotation_precision must be one of {tuple(_ROT_PREC)}, got {rotation_precision!r}")
 
 
 def _row_kernel_applies(rot: torch.Tensor, k: int, bits: int) -> bool:
     b = rot.shape[-1]
-    return (not _ROW_BROKEN and quant_kernel_kind() == "row" and rot.dim() == 2 and b >= 16
-            and (bits == 8 or k % PACK_GROUP == 0))
+    return not _ROW_BROKEN and rot.dim() == 2 and b >= 16 and (bits == 8 or k % PACK_GROUP == 0)
 
 
 def _row_chunk(k: int, b: int, bits: int) -> int:
@@ -164,18 +160,17 @@ def _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, b
 
 def _disable_row_kernel(err: Exception) -> None:
     """The row kernel was first compiled for a GPU in the run that measures it: if this
-    Triton/card rejects it, say so once and use the tile kernel from then on."""
+    Triton/card rejects it, log why once and use the tile kernel (same codes) from then on."""
     global _ROW_BROKEN
-    import warnings
-
     _ROW_BROKEN = True
-    warnings.warn(f"row-wise quantization kernel failed to build ({type(err).__name__}: {str(err)[:200]}); "
-                  "using the tile kernel", RuntimeWarning, stacklevel=3)
+    log_fallback_once("building the row-wise quantization kernel", err,
+                      "quantizing rotated activations with the tile kernel from now on (same codes)")
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = None,
                        rotation: torch.Tensor | None = None, *, perm: torch.Tensor | None = None,
-                       backend: str | None = None, out: tuple | None = None):
+                       backend: str | None = None, out: tuple | None = None, rotation_kernel: str = "row",
+                       rotation_precision: str = "ieee"):
     """Symmetric per-token quantization of x (..., K) -> (q, scale (...,) float32).
 
     q is int8 (..., K) for bits=8, packed uint8 (..., K // 2) for bits=4 (layout of
@@ -183,16 +178,26 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor 
     (``v[:, j] = v[:, perm[j]]``), then ``rotation`` - (B, B) shared or (K/B, B, B) per block,
     B a power of two <= 64 - maps each block of B channels ``v_b -> v_b @ R_b``.  This is the
     activation side of quantvla_core.quant.transforms.InputTransform, done in the kernel.
+
+    Rotated input on Triton: ``rotation_kernel`` "row" (default, one program per token, for a
+    shared rotation with B >= 16) or "tile" (16 tokens per program; the same codes, the kernel of
+    every other rotation and the fallback when the row kernel fails to build); ``rotation_precision``
+    "ieee" (default, exact fp32), "tf32" or "tf32x3" (tensor cores, CUDA only: tf32 can move a
+    code at a rounding boundary by one step).  The other backends ignore both (after checking them).
     """
-    return _quantize_impl(x, None, 0.0, 0.0, inv_smooth, perm, rotation, bits, backend, out)
+    return _quantize_impl(x, None, 0.0, 0.0, inv_smooth, perm, rotation, bits, backend, out,
+                          rotation_kernel, rotation_precision)
 
 
 def rmsnorm_quantize(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, bits: int = 8,
                      offset: float = 0.0, inv_smooth: torch.Tensor | None = None,
                      rotation: torch.Tensor | None = None, *, perm: torch.Tensor | None = None,
-                     backend: str | None = None, out: tuple | None = None):
+                     backend: str | None = None, out: tuple | None = None, rotation_kernel: str = "row",
+                     rotation_precision: str = "ieee"):
     """RMSNorm ``x * rstd * (offset + w)`` (Gemma: offset=1) fused with smoothing, rotation and
-    per-token quantization, in one kernel on Triton.  Returns (q, scale) as quantize_per_token."""
+    per-token quantization, in one kernel on Triton.  Returns (q, scale) as quantize_per_token,
+    whose ``rotation_kernel`` / ``rotation_precision`` it takes too."""
     if norm_weight is None:
         raise ValueError("rmsnorm_quantize needs norm_weight (K,); use quantize_per_token without a norm")
-    return _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out)
+    return _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out,
+                          rotation_kernel, rotation_precision)

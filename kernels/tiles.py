@@ -1,21 +1,24 @@
 """GEMM tile configs: the fixed table, shared-memory fitting, the small tuner and tuned-config I/O."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-from .dispatch import triton_cdiv, triton_next_pow2
+from .dispatch import log_fallback_once, triton_build_errors, triton_cdiv, triton_next_pow2
 from .packing import PACK_GROUP
 
 _SMS: dict = {}
 _TUNED: dict = {}
-_AUTOTUNE = os.environ.get("QUANTVLA_AUTOTUNE", "0") == "1"
+_AUTOTUNE = False
 
 
 def set_autotune(enabled: bool) -> None:
     """Benchmark a few tile configs per (kernel, M bucket, N, K) on first use (CUDA only, M <= 64,
-    never during CUDA-graph capture, where the fixed table is used)."""
+    never during CUDA-graph capture, where the fixed table is used). Off by default: a tuning
+    aid (``benchmarks/kernels.py --autotune``); a deployment loads the measured configs instead
+    (:func:`load_tuned_configs`)."""
     global _AUTOTUNE
     _AUTOTUNE = bool(enabled)
 
@@ -69,10 +72,11 @@ def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
             cfg = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)
         else:
             cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
-        # Swapped (acc^T = W x^T) by default: see triton_gemm.py; chosen from Hopper's operand
-        # rules after the H200 run, where the unswapped W4 kernel was 3x slower than W8A8.
-        # QUANTVLA_W4_SWAP=0 restores the unswapped kernel (the one measured on the H200).
-        cfg["SWAP"] = os.environ.get("QUANTVLA_W4_SWAP", "1") != "0"
+        # Swapped (acc^T = W x^T): see triton_gemm.py; chosen from Hopper's operand rules after
+        # the H200 run, where the unswapped W4 kernel was 3x slower than W8A8. The unswapped
+        # kernel stays reachable: a tuned config or ``config=`` with SWAP=False, and the
+        # automatic fallback when the swapped one fails to build (gemm._disable_w4_swap).
+        cfg["SWAP"] = True
         k_tiles = triton_cdiv(k, PACK_GROUP)
     tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
     if kind == "w8a8" and mb <= 64 and cfg["BLOCK_N"] > 32 and tiles < sms and 20 * tiles >= 9 * sms:
@@ -163,7 +167,9 @@ def _pick_config(kind, m, n, k, device, run, x_bytes: int = 1) -> dict:
             continue
         try:
             t = do_bench(lambda: run(cand), warmup=5, rep=20)
-        except Exception:  # a config can exceed shared memory on a smaller card
+        except triton_build_errors() as e:  # a config can exceed shared memory on a smaller card
+            log_fallback_once(f"tile config {cand} for {kind} M<={m_bucket(m)} N={n} K={k}", e,
+                              "the tuner skips it", logging.INFO)
             continue
         if t < best_t:
             best, best_t = cand, t

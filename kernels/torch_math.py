@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import log_fallback_once
 from .validation import _QMAX
 
 
@@ -57,8 +58,8 @@ def _int_dot_exact(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
     if x8.device.type == "cuda" and m > 16 and k % 8 == 0 and w8.shape[0] % 8 == 0:
         try:
             return torch._int_mm(x8, w8.t())
-        except RuntimeError:  # shape rules differ between torch versions: take the exact f64 path
-            pass
+        except RuntimeError as e:  # shape rules differ between torch versions: take the exact f64 path
+            log_fallback_once("torch._int_mm on CUDA", e, "using the exact float64 matmul (same numbers, slower)")
     return (x8.to(torch.float64) @ w8.to(torch.float64).t()).to(torch.int32)
 
 

@@ -1,13 +1,13 @@
 """The fast per-linear paths of issue 7 (rotated quantization, direct fp16/bf16 I/O) against the
 former paths and an independent numpy reference, under the Triton interpreter on the CPU.
 
-* QUANTVLA_QUANT_KERNEL=row (one program per token, rotation as one reshaped dot) must give the
-  same codes and scales as the tile kernel and the torch path.
-* QUANTVLA_QLINEAR_DIRECT=1 (kernels read fp16/bf16, GEMM writes the model dtype) must give the
+* rotation_kernel="row" (one program per token, rotation as one reshaped dot) must give the
+  same codes and scales as the tile kernel ("tile", also the fallback) and the torch path.
+* QuantLinear's direct I/O (kernels read fp16/bf16, GEMM writes the model dtype) must give the
   same outputs as x.float() -> kernels -> .to(dtype).  The interpreter rounds fp32 -> bf16 by
   truncation (CUDA rounds to nearest even, as torch does), so bf16 outputs of the Triton backend
   are compared within one bf16 step here; fp16 and the cpu backend are compared exactly.
-* QUANTVLA_ROT_PRECISION=tf32 is GPU-only (the interpreter computes fp32); its effect on the
+* rotation_precision="tf32" is GPU-only (the interpreter computes fp32); its effect on the
   codes is bounded with a torch emulation of tf32 operand rounding.
 """
 import os
@@ -69,7 +69,7 @@ def _hadamard(b):
 @pytest.mark.parametrize("bits,k,b,norm", [(8, 256, 64, False), (8, 2048, 64, True), (8, 8192, 64, False),
                                            (8, 96, 32, True), (8, 128, 16, False), (4, 256, 64, True),
                                            (4, 8192, 64, False), (4, 384, 32, False)])
-def test_row_kernel_matches_tile_kernel_torch_and_numpy(monkeypatch, row_spy, bits, k, b, norm):
+def test_row_kernel_matches_tile_kernel_torch_and_numpy(row_spy, bits, k, b, norm):
     m = 5
     g = torch.Generator().manual_seed(k + b + bits)
     x = torch.randn(m, k, generator=g) * 2
@@ -81,11 +81,10 @@ def test_row_kernel_matches_tile_kernel_torch_and_numpy(monkeypatch, row_spy, bi
     w = torch.randn(k, generator=g) * 0.1 if norm else None
 
     def run(kind, backend):
-        monkeypatch.setenv("QUANTVLA_QUANT_KERNEL", kind)
         if norm:
             return qk.rmsnorm_quantize(x, w, 1e-6, bits=bits, offset=1.0, inv_smooth=inv_s, rotation=rot,
-                                       perm=perm, backend=backend)
-        return qk.quantize_per_token(x, bits, inv_s, rot, perm=perm, backend=backend)
+                                       perm=perm, backend=backend, rotation_kernel=kind)
+        return qk.quantize_per_token(x, bits, inv_s, rot, perm=perm, backend=backend, rotation_kernel=kind)
 
     q_row, s_row = run("row", "triton")
     assert len(row_spy) == 1
@@ -127,27 +126,25 @@ def test_row_kernel_not_used_where_it_does_not_apply(row_spy):
     assert row_spy == []
 
 
-def test_switches_reject_unknown_values(monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_rotation_options_reject_unknown_values(backend):
     x = torch.randn(2, 64)
-    monkeypatch.setenv("QUANTVLA_QUANT_KERNEL", "fast")
-    with pytest.raises(ValueError, match="QUANTVLA_QUANT_KERNEL"):
-        qk.quantize_per_token(x, 8, None, _hadamard(64), backend="triton")
-    monkeypatch.setenv("QUANTVLA_QUANT_KERNEL", "row")
-    monkeypatch.setenv("QUANTVLA_ROT_PRECISION", "bf16")
-    with pytest.raises(ValueError, match="QUANTVLA_ROT_PRECISION"):
-        qk.quantize_per_token(x, 8, None, _hadamard(64), backend="triton")
+    with pytest.raises(ValueError, match=r"rotation_kernel must be one of \('row', 'tile'\), got 'fast'"):
+        qk.quantize_per_token(x, 8, None, _hadamard(64), backend=backend, rotation_kernel="fast")
+    with pytest.raises(ValueError, match=r"rotation_precision must be one of .*'tf32x3'\), got 'bf16'"):
+        qk.rmsnorm_quantize(x, torch.ones(64), 1e-6, 8, rotation=_hadamard(64), backend=backend,
+                            rotation_precision="bf16")
 
 
 @pytest.mark.parametrize("prec", ["tf32", "tf32x3"])
-def test_fast_rotation_precisions_run_and_equal_fp32_in_the_interpreter(monkeypatch, row_spy, prec):
+def test_fast_rotation_precisions_run_and_equal_fp32_in_the_interpreter(row_spy, prec):
     """The interpreter computes every input_precision in fp32: the variants compile and, here,
     give the exact codes (the CUDA effect of tf32 is bounded by the emulation test below)."""
     x = torch.randn(4, 2048, generator=torch.Generator().manual_seed(5))
     want = qk.quantize_per_token(x, 8, None, _hadamard(64), backend="cpu")
     for kind in ("row", "tile"):
-        monkeypatch.setenv("QUANTVLA_QUANT_KERNEL", kind)
-        monkeypatch.setenv("QUANTVLA_ROT_PRECISION", prec)
-        q, s = qk.quantize_per_token(x, 8, None, _hadamard(64), backend="triton")
+        q, s = qk.quantize_per_token(x, 8, None, _hadamard(64), backend="triton", rotation_kernel=kind,
+                                     rotation_precision=prec)
         _same_quant(q, s, want[0], want[1], 8)
     assert len(row_spy) == 1
 
@@ -160,7 +157,7 @@ def _tf32(v: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits,max_flip", [(8, 0.02), (4, 0.003)])
 def test_tf32_rotation_moves_few_codes_by_at_most_one(bits, max_flip):
-    """Model of QUANTVLA_ROT_PRECISION=tf32 on CUDA: the Hadamard entries (+-1/8) are exact in
+    """Model of rotation_precision="tf32" on CUDA: the Hadamard entries (+-1/8) are exact in
     tf32, the rotated input is rounded to tf32 before an fp32-accumulated dot.  Activations with
     outlier channels (what smoothing leaves) over 4096 channels."""
     g = torch.Generator().manual_seed(6)
@@ -198,18 +195,19 @@ def test_quantlinear_direct_io_matches_the_cast_path(monkeypatch, row_spy, w_bit
         monkeypatch.setattr(qk, n, lambda *a, _f=f, **kw: seen.append((a[0].dtype, kw["out_dtype"])) or _f(*a, **kw))
     out = {}
     for backend in ("cpu", "triton"):
-        for direct in ("1", "0"):
-            monkeypatch.setenv("QUANTVLA_QLINEAR_DIRECT", direct)
-            ql.backend = backend
-            y = ql._forward_kernels(x.reshape(-1, 256), backend) if backend == "cpu" else ql(x).reshape(-1, 96)
-            out[backend, direct] = y
+        ql.backend = backend
+        # "direct": the model-dtype input as it is; "cast": the same values as fp32, whose fp32
+        # output is then rounded to the model dtype (what the layer computed before direct I/O)
+        for path, xin in (("direct", x), ("cast", x.float())):
+            y = ql._forward_kernels(xin.reshape(-1, 256), backend) if backend == "cpu" else ql(xin).reshape(-1, 96)
+            out[backend, path] = y
     assert seen[0][1] == dtype and seen[1][1] == torch.float32  # the GEMM wrote the model dtype
-    assert out["cpu", "1"].dtype == dtype and out["triton", "1"].dtype == dtype
-    ref = out["cpu", "0"].to(dtype)
-    assert torch.equal(out["cpu", "1"], ref)
-    _same_output(out["triton", "0"], ref)  # the rotation's dot: see _same_quant
+    assert out["cpu", "direct"].dtype == dtype and out["triton", "direct"].dtype == dtype
+    ref = out["cpu", "cast"].to(dtype)
+    assert torch.equal(out["cpu", "direct"], ref)
+    _same_output(out["triton", "cast"].to(dtype), ref)  # the rotation's dot: see _same_quant
     if dtype == torch.float16:
-        _same_output(out["triton", "1"], out["triton", "0"].to(dtype))
+        _same_output(out["triton", "direct"], out["triton", "cast"].to(dtype))
     else:  # interpreter truncates fp32 -> bf16: about half the values are one bf16 step lower
-        _same_output(out["triton", "1"], ref, min_equal=0.25)
+        _same_output(out["triton", "direct"], ref, min_equal=0.25)
     assert len(row_spy) == 2  # the triton forwards quantized through the row kernel

@@ -12,7 +12,6 @@ compute dtype, because host models read those attributes (pi0's ``.weight.dtype`
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from typing import Iterator
 
@@ -28,6 +27,8 @@ _FP32_BUFFERS = ("wscale", "bias", "inv_smooth", "rotation", "act_scale")
 _default = threading.local()
 
 
+# Activations the kernel backends read as they are, writing the output in the same dtype (the
+# same numbers as x.float() -> kernels -> fp32 -> .to(x.dtype)); others are cast to fp32 first.
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = ("gelu_tanh", "silu")
 _ACT_CODES = {None: 0, "gelu_tanh": 1, "silu": 2}  # the fused CPU linear's act argument
@@ -41,13 +42,6 @@ def _finish(y: torch.Tensor, act: str | None, gated: bool, res2: torch.Tensor | 
     from quantvla_kernels.torch_math import finish_output
 
     return finish_output(y, act, gated, res2)
-
-
-def direct_io() -> bool:
-    """QUANTVLA_QLINEAR_DIRECT=1 (default): the kernel backends take fp16 / bf16 activations as
-    they are and write the output in the input dtype (same numbers as casting around fp32 kernels);
-    =0: the former x.float() -> kernels -> fp32 -> .to(x.dtype) path.  Read on every call."""
-    return os.environ.get("QUANTVLA_QLINEAR_DIRECT", "1").strip() not in ("0", "false", "no", "off")
 
 
 _KERNELS = None
@@ -440,7 +434,7 @@ class QuantLinear(nn.Module):
                                          _ACT_CODES[act], self.gated_pairs, res2, *vnni)
                     return y.reshape(*lead, width)
             elif name == "triton" and self.w_bits in (4, 8):
-                direct = direct_io() and x2.dtype in _KERNEL_DTYPES
+                direct = x2.dtype in _KERNEL_DTYPES
                 xq, xs = k.rmsnorm_quantize(x2 if direct else x2.float(), norm_weight.detach(), float(eps),
                                             bits=self.a_bits, offset=float(offset), inv_smooth=self.inv_smooth,
                                             rotation=self.rotation, backend="triton")
@@ -474,7 +468,7 @@ class QuantLinear(nn.Module):
         if not hasattr(k, "gemm_w8a8") or (self.w_bits == 8 and self.group_size):
             # no kernel for this case: exact torch int path
             return _finish(self._forward_int_torch(x2), act, self.gated_pairs, res2)
-        direct = direct_io() and x2.dtype in _KERNEL_DTYPES
+        direct = x2.dtype in _KERNEL_DTYPES
         # The quantization kernels read fp16 / bf16 themselves (the same fp32 values as x2.float())
         # and the GEMM epilogue rounds its fp32 result to the model dtype as .to(x.dtype) would:
         # no cast kernels, no fp32 copies of x and y.

@@ -16,7 +16,6 @@ COMMAND_MODULES = (
     "quantvla_core.quant.cli",  # quantize, layout, ablate
     "quantvla_core.sim.cli",  # sim demos, eval
     "quantvla_core.sim.train",  # train
-    "quantvla_core.bench",  # bench
 )
 
 

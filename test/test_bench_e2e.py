@@ -329,3 +329,24 @@ def test_default_output_folder_is_runs_bench_under_the_current_directory(tmp_pat
     files = list((tmp_path / "runs" / "bench").glob("e2e-memory-*-tiny.*"))
     assert {f.suffix for f in files} == {".json", ".txt"}
     assert "runs/bench" in capsys.readouterr().out
+
+
+def test_installed_packages_hold_no_benchmark_code():
+    """The benchmark runs from a checkout: setup.py installs none of it, and no installed module
+    imports it (the library's own needs, such as the layer plan, live in the library)."""
+    import ast
+    import re
+    setup = (ROOT / "setup.py").read_text()
+    packages = re.search(r"packages=\[(.*?)\]", setup, re.S).group(1)
+    assert "bench" not in packages
+    for pkg in ("quantvla_core", "quantvla_ros", "kernels"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                assert not any(n.split(".")[0] in ("quantvla_bench", "benchmarks") for n in names), path
+    assert not [p.name for p in (ROOT / "quantvla_core").glob("*.py")
+                if p.stem in ("bench", "bench_variants", "census", "chunk_timing")]
+    from quantvla_core.cli import build_parser
+    with pytest.raises(SystemExit):  # no `quantvla bench`: the script is the one way to run it
+        build_parser().parse_args(["bench", "--preset", "tiny"])

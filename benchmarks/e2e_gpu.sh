@@ -4,7 +4,8 @@
 #   every variant as CUDA graphs (vision, prefix, each denoising step), CUDA-event timing,
 #   medians of interleaved repeats, per-variant CUDA memory; torchao peers if importable.
 # Device tool:  run(command="bash benchmarks/e2e_gpu.sh", timeout_s=240)  (inner timeouts: 150 + 70 s)
-# Then copy the kept $OUT/*.json|txt|png into benchmarks/results/ and update README "## Benchmarks".
+# Then copy the kept $OUT/*.json|txt|png into benchmarks/results/ and update docs/benchmarks.md
+# (current figures; the run it supersedes goes into its history table) and README "## Benchmarks".
 # `bash benchmarks/e2e_gpu.sh peers` (a second call) times bf16 + torch.compile on groot-n15.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -10,7 +10,8 @@
 #      the bf16 model as the float peer.
 # Device tool:  run(command="bash benchmarks/gpu_all.sh", timeout_s=540)
 # Files land in $OUT (the device tool's folder) or ./runs/bench; copy them into
-# benchmarks/results/ with the card and date, and update docs/benchmarks.md and README.
+# benchmarks/results/ with the card and date, and update docs/benchmarks.md (current figures;
+# the superseded run goes into its history table) and README.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR=${OUT:-runs/bench}

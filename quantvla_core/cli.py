@@ -15,8 +15,7 @@ COMMAND_MODULES = (
     "quantvla_core.cli_model",  # info, run, demo
     "quantvla_core.quant.cli",  # quantize, layout, ablate
     "quantvla_core.sim.cli",  # sim demos, eval
-    "quantvla_core.train",  # train
-    "quantvla_core.bench",  # bench
+    "quantvla_core.sim.train",  # train
 )
 
 

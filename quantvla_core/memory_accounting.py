@@ -3,8 +3,8 @@ FP16 against each quantization scheme, with every scale, bias and stored transfo
 
 Why from shapes: the full-size presets (pi05-3b, groot-n15) must be accounted for on a laptop,
 so the model is built on the ``meta`` device and the deployed QuantLinears are created empty
-from the same layer plan the benchmark quantizes with. A real (materialised) model gives the
-same numbers; the tests check that.
+from the layer plan (``quant/layer_plan.py``) the benchmark's quick quantizer deploys too. A
+real (materialised) model gives the same numbers; the tests check that.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .models import COMPONENTS, build_model, component_of
+from .quant.layer_plan import plan_layers, replace_module
 from .quant.qlinear import QuantLinear
 
 FP16_BYTES = 2
@@ -66,7 +67,6 @@ def account(model: nn.Module) -> dict[str, Any]:
 
 def meta_model(cfg: ModelConfig, scheme: str, layout: str = "quantvla") -> nn.Module:
     """The deployed model on the meta device: the FP model, or the layer plan's QuantLinears."""
-    from .bench_variants import plan_layers, _set_module
     arch = cfg.arch
     model = build_model(cfg, seed=None, device="meta")
     if scheme == "fp":
@@ -74,7 +74,7 @@ def meta_model(cfg: ModelConfig, scheme: str, layout: str = "quantvla") -> nn.Mo
     for p in plan_layers(model, arch, scheme, layout):
         with torch.device("meta"):
             ql = QuantLinear(**p.spec)
-        _set_module(model, p.name, ql)
+        replace_module(model, p.name, ql)
     return model
 
 

@@ -214,6 +214,19 @@ class Policy:
         return Batch(batch.images[:, cams], batch.image_mask[:, cams], batch.tokens[:, toks],
                      batch.token_mask[:, toks], batch.state)
 
+    def model_inputs(self, obs: Observation) -> Batch:
+        """The batch ``predict`` feeds the model for ``obs``: preprocessed on the policy's device
+        and dtype, absent cameras and padding tokens left out. Benchmarks time this exact batch."""
+        return self._drop_masked(self.preprocess(obs))
+
+    def robot_actions(self, x: torch.Tensor) -> np.ndarray:
+        """The model's normalised chunk (1, horizon, action_dim) -> (horizon, action_dim) float32
+        in the robot's units; refuses non-finite values."""
+        actions = self.action_norm.unnormalize(x[0].float().cpu().numpy()).astype(np.float32)
+        if not np.all(np.isfinite(actions)):
+            raise FloatingPointError("the model produced non-finite actions; refusing to return them")
+        return actions
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -233,17 +246,14 @@ class Policy:
             timings[stage] = (now - last) * 1e3
             last = now
 
-        batch = self._drop_masked(self.preprocess(obs))
+        batch = self.model_inputs(obs)
         if noise is None:
             gen = torch.Generator().manual_seed(seed) if seed is not None else self._generator
             noise = self.model.sample_noise(1, gen)
         mark("preprocess")
         x = self.model.sample_actions(batch, noise.to(self.device), on_stage=mark)
-        actions = x[0].float().cpu().numpy()
-        actions = self.action_norm.unnormalize(actions).astype(np.float32)
+        actions = self.robot_actions(x)
         mark("postprocess")
-        if not np.all(np.isfinite(actions)):
-            raise FloatingPointError("the model produced non-finite actions; refusing to return them")
         steps = [v for k, v in timings.items() if k.startswith("denoise_step_")]
         timings["denoise"] = float(sum(steps))
         timings["total"] = (time.perf_counter() - t0) * 1e3

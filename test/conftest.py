@@ -15,6 +15,12 @@ os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE",
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+# The benchmark code lives in the checkout, not in the installed packages: benchmarks/ on the
+# path makes its package (quantvla_bench) importable by the tests that check it.
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 # Triton's LLVM must load before MuJoCo's EGL/Mesa driver brings its own LLVM into the process:

@@ -1,4 +1,4 @@
-"""`quantvla bench --census`: launch and byte counts per stage. The counter is checked against
+"""The benchmark's `--census` (benchmarks/e2e.py): launch and byte counts per stage. The counter is checked against
 hand counts on modules whose kernels are known, view ops are free, every stage of a tiny policy
 launches work, and the Triton census counts one launch per kernel (quantization + GEMM per
 integer linear of a denoising step) without the interpreter's own aten ops."""
@@ -13,11 +13,11 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from quantvla_core import census as C
-from quantvla_core import cli
-from quantvla_core.bench import _observation
-from quantvla_core.bench_variants import build_fp_model, quick_quantize
-from quantvla_core.chunk_timing import ChunkRunner
+from quantvla_bench import census as C
+from quantvla_bench.bench import _observation
+from quantvla_bench.bench import main as bench_main
+from quantvla_bench.chunk_timing import ChunkRunner
+from quantvla_bench.variants import build_fp_model, quick_quantize
 from quantvla_core.config import preset
 from quantvla_core.policy import Policy
 from quantvla_core.quant.qlinear import QuantLinear
@@ -78,7 +78,7 @@ def test_expanded_inputs_count_their_distinct_elements_once():
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05"])
 def test_tiny_census_every_stage_of_every_variant_does_work(name, tmp_path, capsys):
-    rc = cli.main(["bench", "--census", "--preset", name, "--cameras", "1", "--out", str(tmp_path),
+    rc = bench_main(["--census", "--preset", name, "--cameras", "1", "--out", str(tmp_path),
                    "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -181,7 +181,7 @@ def test_triton_census_launches_a_quantization_and_a_gemm_per_integer_linear_of_
 def test_census_backend_triton_without_the_interpreter_is_a_clear_error(monkeypatch, tmp_path, capsys):
     import quantvla_kernels.dispatch as dispatch
     monkeypatch.setattr(dispatch, "triton_interpreting", lambda: False)
-    rc = cli.main(["bench", "--census", "--census-backend", "triton", "--preset", "tiny", "--cameras", "1",
+    rc = bench_main(["--census", "--census-backend", "triton", "--preset", "tiny", "--cameras", "1",
                    "--out", str(tmp_path), "--no-progress"])
     assert rc == 2
     err = capsys.readouterr().err
@@ -190,6 +190,6 @@ def test_census_backend_triton_without_the_interpreter_is_a_clear_error(monkeypa
 
 
 def test_census_backend_needs_census(tmp_path, capsys):
-    rc = cli.main(["bench", "--census-backend", "triton", "--preset", "tiny", "--out", str(tmp_path)])
+    rc = bench_main(["--census-backend", "triton", "--preset", "tiny", "--out", str(tmp_path)])
     assert rc == 2
     assert "--census" in capsys.readouterr().err

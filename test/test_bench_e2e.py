@@ -4,6 +4,7 @@ same layer structure as the PTQ pipeline; memory accounting from shapes matches 
 the quantization report. No timing assertions (this machine is shared)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -13,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from quantvla_core import cli
-from quantvla_core.bench import TABLE_COLUMNS, _observation
-from quantvla_core.bench_variants import (PEERS, apply_ao_dynamic_int8, build_fp_model, check_peers,
-                                          peer_available, plan_layers, quick_quantize, with_activation_bits)
-from quantvla_core.chunk_timing import ChunkRunner, stage_names
+from quantvla_bench.bench import TABLE_COLUMNS, _observation
+from quantvla_bench.bench import main as bench_main
+from quantvla_bench.chunk_timing import ChunkRunner, stage_names
+from quantvla_bench.variants import (PEERS, apply_ao_dynamic_int8, build_fp_model, check_peers, peer_available,
+                                     quick_quantize, with_activation_bits)
 from quantvla_core.config import preset
 from quantvla_core.memory_accounting import account, meta_model
 from quantvla_core.policy import Policy
 from quantvla_core.quant import layout as L
+from quantvla_core.quant.layer_plan import plan_layers
 from quantvla_core.quant.qlinear import QuantLinear
 from quantvla_core.quant.quantize import QuantConfig, quantize
 from quantvla_core.quant.report import memory_report
@@ -72,7 +74,7 @@ def _check_printed_table(text: str, cameras: list[int], schemes=SCHEMES) -> None
 
 def test_quantvla_bench_cli_on_tiny(tmp_path, capsys):
     out = tmp_path / "res"
-    rc = cli.main(["bench", "--preset", "tiny", "--cameras", "1,2", "--repeats", "1", "--warmup", "0",
+    rc = bench_main(["--preset", "tiny", "--cameras", "1,2", "--repeats", "1", "--warmup", "0",
                    "--out", str(out), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -96,7 +98,7 @@ def test_e2e_script_on_tiny(tmp_path):
 def test_calibrated_quantizer_and_smooth_only_entry_points(tmp_path, capsys):
     for extra in (["--quantizer", "calib"], ["--transforms", "smooth"]):
         out = tmp_path / extra[1]
-        rc = cli.main(["bench", "--preset", "tiny", "--schemes", "fp,w8a8", "--cameras", "1", "--repeats", "1",
+        rc = bench_main(["--preset", "tiny", "--schemes", "fp,w8a8", "--cameras", "1", "--repeats", "1",
                        "--warmup", "0", "--out", str(out), "--no-progress", "--no-png"] + extra)
         assert rc == 0
         _check_printed_table(capsys.readouterr().out, [1], ("fp", "w8a8"))
@@ -106,7 +108,7 @@ def test_calibrated_quantizer_and_smooth_only_entry_points(tmp_path, capsys):
 
 
 def test_memory_only_accounts_full_size_presets_from_shapes(tmp_path, capsys):
-    rc = cli.main(["bench", "--memory-only", "--preset", "pi05-3b", "--out", str(tmp_path), "--no-progress"])
+    rc = bench_main(["--memory-only", "--preset", "pi05-3b", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     assert "weight memory, pi05-3b" in capsys.readouterr().out
     res = json.loads(next(tmp_path.glob("e2e-memory-*-pi05-3b.json")).read_text())
@@ -131,24 +133,41 @@ def test_memory_only_accounts_full_size_presets_from_shapes(tmp_path, capsys):
     (["--transforms", "permute"], "smooth"),
 ])
 def test_bad_arguments_name_what_is_accepted(argv, needle, capsys, tmp_path):
-    rc = cli.main(["bench", "--out", str(tmp_path), "--no-progress"] + argv)
+    rc = bench_main(["--out", str(tmp_path), "--no-progress"] + argv)
     assert rc == 2
     assert needle in capsys.readouterr().err
 
 
-def test_runner_computes_the_chunk_policy_predict_computes():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_runner_times_the_chunk_policy_predict_computes(dtype):
+    """The bench times the deployed path: the batch Policy.predict feeds the model (an absent
+    camera and the padding tokens left out), the fp32 integration of the network run in the
+    policy dtype, the same de-normalisation. One camera fewer than the model reads and bf16
+    make any difference in those show in the actions."""
     cfg = preset("tiny")
-    obs = _observation(cfg, 2)
+    obs = _observation(cfg, cfg.max_cameras - 1)
     for scheme in ("fp", "w8a8"):
         model = build_fp_model(cfg, torch.device("cpu"), torch.float32)
         if scheme != "fp":
             quick_quantize(model, cfg.arch, scheme)
-        pol = Policy(model, cfg, device="cpu", dtype="fp32", scheme=scheme)
+        pol = Policy(model, cfg, device="cpu", dtype=dtype, scheme=scheme)
         runner = ChunkRunner(pol, obs, exec_mode="eager", seed=3)
         t = runner.run()
         expected = pol.predict(obs, seed=3).actions
         np.testing.assert_array_equal(runner.last_actions, expected)
         assert set(stage_names(cfg.num_steps)) <= set(t)
+        batch, _noise = runner._inputs()  # the vision tower and the backbone see no blank input
+        assert batch.images.shape[1] == len(obs.images) and bool(batch.token_mask.all())
+        seen = []
+
+        @contextlib.contextmanager
+        def record(name):
+            seen.append(name)
+            yield
+            seen.append("/" + name)
+
+        np.testing.assert_array_equal(runner.run_staged(record), expected)  # what the census counts
+        assert seen == [x for n in stage_names(cfg.num_steps) for x in (n, "/" + n)]
     with pytest.raises(ValueError, match="CUDA"):
         ChunkRunner(pol, obs, exec_mode="graph")
 
@@ -245,7 +264,7 @@ def test_cpu_peers_build_run_and_print_a_row(tmp_path, capsys):
     """compile, bf16 and ao-dynamic-int8 are timed by the same runner as FP; torchao is skipped
     with a note where it is not installed."""
     out = tmp_path / "res"
-    rc = cli.main(["bench", "--preset", "tiny", "--cameras", "1", "--schemes", "fp", "--repeats", "1",
+    rc = bench_main(["--preset", "tiny", "--cameras", "1", "--schemes", "fp", "--repeats", "1",
                    "--quick", "--peers", "all", "--out", str(out), "--no-progress", "--no-png"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -305,8 +324,29 @@ def test_peer_availability_names_why():
 
 def test_default_output_folder_is_runs_bench_under_the_current_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc = cli.main(["bench", "--memory-only", "--preset", "tiny", "--no-progress"])
+    rc = bench_main(["--memory-only", "--preset", "tiny", "--no-progress"])
     assert rc == 0
     files = list((tmp_path / "runs" / "bench").glob("e2e-memory-*-tiny.*"))
     assert {f.suffix for f in files} == {".json", ".txt"}
     assert "runs/bench" in capsys.readouterr().out
+
+
+def test_installed_packages_hold_no_benchmark_code():
+    """The benchmark runs from a checkout: setup.py installs none of it, and no installed module
+    imports it (the library's own needs, such as the layer plan, live in the library)."""
+    import ast
+    import re
+    setup = (ROOT / "setup.py").read_text()
+    packages = re.search(r"packages=\[(.*?)\]", setup, re.S).group(1)
+    assert "bench" not in packages
+    for pkg in ("quantvla_core", "quantvla_ros", "kernels"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                assert not any(n.split(".")[0] in ("quantvla_bench", "benchmarks") for n in names), path
+    assert not [p.name for p in (ROOT / "quantvla_core").glob("*.py")
+                if p.stem in ("bench", "bench_variants", "census", "chunk_timing")]
+    from quantvla_core.cli import build_parser
+    with pytest.raises(SystemExit):  # no `quantvla bench`: the script is the one way to run it
+        build_parser().parse_args(["bench", "--preset", "tiny"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantvla_core.bench_variants import quick_quantize
+from quantvla_bench.variants import quick_quantize
 from quantvla_core.config import preset
 from quantvla_core.models import build_model
 from quantvla_core.models.layers import GatedMLP

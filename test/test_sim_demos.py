@@ -174,7 +174,7 @@ def test_bundle_parts_join_into_the_whole_and_overlaps_are_refused(tmp_path):
     import torch
 
     from quantvla_core.config import preset
-    from quantvla_core.train import DemoDataset
+    from quantvla_core.sim.train import DemoDataset
     cfg = preset("tiny")
     data = DemoDataset([tmp_path / "p1.npz", tmp_path / "p2.npz"], cfg)
     assert len(data) == 7 and data.num_episodes == 3

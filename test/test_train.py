@@ -7,7 +7,7 @@ import pytest
 from quantvla_core import Observation, Policy
 from quantvla_core.config import preset
 from quantvla_core.sim.shards import Episode, write_shard
-from quantvla_core.train import TrainConfig, train
+from quantvla_core.sim.train import TrainConfig, train
 
 
 def write_toy_demos(folder, episodes=6, steps=12, size=32, task="reach-v3", name="toy", offset=0.0,
@@ -51,7 +51,7 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
     import torch
 
     from quantvla_core.models import build_model
-    from quantvla_core.train import DemoDataset
+    from quantvla_core.sim.train import DemoDataset
     write_toy_demos(tmp_path / "demos")
     cfg = preset("tiny")
     data = DemoDataset(tmp_path / "demos", cfg)
@@ -80,7 +80,7 @@ def test_batches_hold_the_right_actions_prompts_and_shifted_crops(tmp_path):
 
     from quantvla_core.sim.instructions import INSTRUCTIONS
     from quantvla_core.sim.shards import load_demos
-    from quantvla_core.train import DemoDataset
+    from quantvla_core.sim.train import DemoDataset
     write_toy_demos(tmp_path / "demos", episodes=3, steps=12)
     cfg = preset("tiny")
     raw = load_demos(tmp_path / "demos")
@@ -114,7 +114,7 @@ def test_task_weights_set_each_tasks_share_of_the_batches(tmp_path):
     weight 0 leaves a task out; unknown tasks and negative weights are refused by name."""
     import torch
 
-    from quantvla_core.train import DemoDataset, parse_task_weights
+    from quantvla_core.sim.train import DemoDataset, parse_task_weights
     write_toy_demos(tmp_path / "demos", episodes=4, steps=12, task="reach-v3", name="a")
     write_toy_demos(tmp_path / "demos", episodes=2, steps=12, task="push-v3", name="b", first_index=10)
     data = DemoDataset(tmp_path / "demos", preset("tiny"))
@@ -142,7 +142,7 @@ def test_fine_tuning_keeps_the_starting_policys_normalisation(tmp_path):
     weights were trained with (new ones would shift every input and output of the policy)."""
     import torch
 
-    from quantvla_core.train import DemoDataset
+    from quantvla_core.sim.train import DemoDataset
     write_toy_demos(tmp_path / "base")
     tc = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, save_every=100, shift_pixels=0)
     train(tmp_path / "base", tmp_path / "run1", preset("tiny"), tc, progress=False)

@@ -134,14 +134,19 @@ class FlowMatchingVLA(nn.Module):
         mark("vision")
         cache = self.encode_prefix(batch, image_tokens)
         mark("prefix")
-        # The integration state stays fp32 (as openpi/LeRobot keep x_t); only the network's
-        # input is cast to the model dtype, so 10 bf16 roundings do not accumulate.
         x = noise.float()
         dt = self.step_size(num_steps)
         for i, t in enumerate(self.time_grid(num_steps)):
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-            v = self.denoise_step(cache, x.to(batch.state.dtype), tt, batch.state)
-            x = x + dt * v.float()
+            x = self.euler_step(cache, x, tt, dt, batch.state)
             mark(f"denoise_step_{i}")
         return x
+
+    def euler_step(self, cache: Any, x: torch.Tensor, t: torch.Tensor, dt: float, state: torch.Tensor
+                   ) -> torch.Tensor:
+        """One integration step of ``sample_actions``. The integration state stays fp32 (as
+        openpi/LeRobot keep x_t); only the network's input is cast to the model dtype, so 10
+        bf16 roundings do not accumulate."""
+        v = self.denoise_step(cache, x.to(state.dtype), t, state)
+        return x + dt * v.float()
 

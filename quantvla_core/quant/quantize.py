@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,65 +151,6 @@ class _InputStats:
                 pool = pool[torch.randperm(pool.shape[0], generator=self.gen)[: self.cap]]
             self.tokens[name] = pool
         return pre_hook
-
-
-# ---- smoothing fold targets -------------------------------------------------------------------
-
-_NORM_GROUPS = ((r"^(.*)\.self_attn\.(q|k|v)_proj$", "{}.input_layernorm", ("q_proj", "k_proj", "v_proj"), "self_attn"),
-                (r"^(.*)\.mlp\.(gate|up)_proj$", "{}.post_attention_layernorm", ("gate_proj", "up_proj"), "mlp"))
-_PRODUCER = ((r"^(.*)\.mlp\.down_proj$", "{}.mlp.up_proj"),)
-
-
-def _norm_width(norm: nn.Module) -> int | None:
-    if isinstance(getattr(norm, "dense", None), nn.Linear):
-        return norm.dense.out_features // 3
-    w = getattr(norm, "weight", None)
-    return int(w.numel()) if isinstance(w, torch.Tensor) and w.dim() == 1 else None
-
-
-def _input_groups(names: list[str], modules: dict[str, nn.Module], absmax: dict[str, torch.Tensor]
-                  ) -> list[tuple[list[str], str | None, str]]:
-    """LEGACY, name-based (kept for quantvla_core.bench_variants; the pipeline no longer uses it):
-    linears that read one tensor, with where their smoothing can be folded. Wrong for models
-    whose norms sit elsewhere (Gemma-2/3 pre_feedforward_layernorm): the pipeline proves fold
-    targets from a traced forward instead (tracing.py, api.search_and_fold).
-
-    Returns (members, fold_target, kind) with kind 'norm' (RMSNorm / adaRMS dense), 'producer'
-    (scale the producing linear's output rows) or 'none' (inv_smooth in the quantization op).
-    A norm group keeps only linears whose teacher input statistics are identical (they really
-    read the norm's output: SmolVLA's cross-attention k/v read cached keys instead), and a norm
-    is changed only when none of its readers stays float.
-    """
-    name_set = set(names)
-    out: list[tuple[list[str], str | None, str]] = []
-    norm_groups: dict[str, list[str]] = {}
-    for n in names:
-        for pat, tmpl, siblings, parent in _NORM_GROUPS:
-            m = re.match(pat, n)
-            if m and tmpl.format(m.group(1)) in modules:
-                norm_groups.setdefault(tmpl.format(m.group(1)) + "|" + m.group(1) + "." + parent + "|"
-                                       + ",".join(siblings), []).append(n)
-                break
-        else:
-            target, kind = None, "none"
-            for pat, tmpl in _PRODUCER:
-                m = re.match(pat, n)
-                if m and isinstance(modules.get(tmpl.format(m.group(1))), nn.Linear):
-                    target, kind = tmpl.format(m.group(1)), "producer"
-            out.append(([n], target, kind))
-    for key, members in norm_groups.items():
-        norm_name, parent, siblings = key.split("|")
-        width = _norm_width(modules[norm_name])
-        readers = [n for n in members if modules[n].in_features == width]
-        ref = absmax[readers[0]] if readers else None
-        same = [n for n in readers if torch.equal(absmax[n], ref)]
-        float_readers = [f"{parent}.{c}" for c in siblings.split(",")
-                         if f"{parent}.{c}" in modules and f"{parent}.{c}" not in name_set
-                         and getattr(modules[f"{parent}.{c}"], "in_features", None) == width]
-        if same:
-            out.append((same, norm_name if not float_readers else None, "norm" if not float_readers else "none"))
-        out += [([n], None, "none") for n in members if n not in same]
-    return out
 
 
 # ---- the pipeline -------------------------------------------------------------------------------

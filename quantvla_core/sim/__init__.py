@@ -1,1 +1,1 @@
-"""Meta-World MT10 closed loop: environments, expert demonstrations, evaluation."""
+"""Meta-World MT10 closed loop: environments, expert demonstrations, training on them, evaluation."""

@@ -1,11 +1,17 @@
 """Time one action chunk stage by stage, the same way for every variant of a policy.
 
-Why not ``Policy.predict``'s timings: those synchronise the device after every stage and run
+What is timed is the deployed chunk: ``Policy.model_inputs`` (absent cameras and padding
+tokens left out, as the node runs them), ``FlowMatchingVLA.sample_actions`` (fp32 integration
+state, the network in the policy dtype) and ``Policy.robot_actions``, the very calls
+``Policy.predict`` makes; test/test_bench_e2e.py checks that the chunks are equal.
+
+Why not ``Policy.predict``'s own timings: those synchronise the device after every stage and run
 eagerly. A fair speed comparison needs (a) device-side timing (CUDA events, no sync between
 stages), (b) the same execution for FP and quantized models - on CUDA the vision tower, the
-prefix and every denoising step are captured as CUDA graphs over static input buffers (the
-prefix KV cache is written into the same buffers every chunk) - and (c) on a shared CPU, the
-thread's CPU time next to wall time, so a neighbour's load can be told apart from our work.
+prefix and every denoising step (``euler_step``, the step ``sample_actions`` takes) are captured
+as CUDA graphs over static input buffers (the prefix KV cache is written into the same buffers
+every chunk) - and (c) on a shared CPU, the thread's CPU time next to wall time, so a
+neighbour's load can be told apart from our work.
 
 Stages: preprocess (image resize, tokenize, host->device copies), vision, prefix,
 denoise_step_0..N-1, postprocess (device->host, de-normalise); ``denoise`` is their sum of
@@ -14,14 +20,14 @@ steps and ``total`` the wall time of the whole chunk.
 from __future__ import annotations
 
 import gc
-
+import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from .models import Batch
+from quantvla_core.models import Batch
 
 EXEC_MODES = ("eager", "graph")
 
@@ -61,18 +67,12 @@ class ChunkRunner:
         self.capture_bytes = 0  # CUDA memory the graphs' pool keeps (activations of a chunk)
         self.last_actions: np.ndarray | None = None
 
-    # -- the chunk, in pieces ----------------------------------------------------------------
-    def _preprocess(self) -> tuple[Batch, torch.Tensor]:
-        batch = self.policy.preprocess(self.obs)
-        return batch, self.noise.to(self.device, non_blocking=True).to(batch.state.dtype)
+    # -- the chunk, in pieces (the calls Policy.predict makes) --------------------------------
+    def _inputs(self) -> tuple[Batch, torch.Tensor]:
+        return self.policy.model_inputs(self.obs), self.noise.to(self.device)
 
     def _step(self, cache, x: torch.Tensor, tt: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        v = self.model.denoise_step(cache, x, tt, state)
-        return x + self.dt * v.to(x.dtype)
-
-    def _postprocess(self, x: torch.Tensor) -> np.ndarray:
-        a = x[0].float().cpu().numpy()
-        return self.policy.action_norm.unnormalize(a).astype(np.float32)
+        return self.model.euler_step(cache, x, tt, self.dt, state)
 
     def _times(self) -> list[torch.Tensor]:
         return [torch.full((1,), t, device=self.device, dtype=torch.float32) for t in self.grid]
@@ -117,17 +117,10 @@ class ChunkRunner:
             torch.cuda.synchronize(self.device)
         t0, c0 = time.perf_counter(), time.thread_time()
         mark, finish = self._mark_factory()
-        batch, x = self._preprocess()
-        times = self._times()
+        batch, noise = self._inputs()
         mark("preprocess")
-        image_tokens = self.model.encode_images(batch)
-        mark("vision")
-        cache = self.model.encode_prefix(batch, image_tokens)
-        mark("prefix")
-        for i, tt in enumerate(times):
-            x = self._step(cache, x, tt, batch.state)
-            mark(f"denoise_step_{i}")
-        self.last_actions = self._postprocess(x)
+        x = self.model.sample_actions(batch, noise, self.num_steps, on_stage=mark)
+        self.last_actions = self.policy.robot_actions(x)
         mark("postprocess")
         out = finish()
         out["total"] = (time.perf_counter() - t0) * 1e3
@@ -138,26 +131,36 @@ class ChunkRunner:
     @torch.inference_mode()
     def run_staged(self, stage) -> np.ndarray:
         """One eager chunk, each stage inside the context ``stage(name)`` (names as ``run()``'s
-        keys). The launch census counts ops this way, so it sees exactly the chunk that is timed."""
+        keys). The launch census counts ops this way, so it sees exactly the chunk that is timed:
+        ``sample_actions`` reports the end of each stage, which closes its context and opens the
+        next one."""
         with stage("preprocess"):
-            batch, x = self._preprocess()
-            times = self._times()
-        with stage("vision"):
-            image_tokens = self.model.encode_images(batch)
-        with stage("prefix"):
-            cache = self.model.encode_prefix(batch, image_tokens)
-        for i, tt in enumerate(times):
-            with stage(f"denoise_step_{i}"):
-                x = self._step(cache, x, tt, batch.state)
+            batch, noise = self._inputs()
+        following = dict(zip(self.stages[1:-2], self.stages[2:-1]))  # vision -> prefix -> step 0 ...
+        current = [stage("vision")]
+        current[0].__enter__()
+
+        def mark(name: str) -> None:
+            current[0].__exit__(None, None, None)
+            current[0] = stage(following[name]) if name in following else None
+            if current[0] is not None:
+                current[0].__enter__()
+
+        try:
+            x = self.model.sample_actions(batch, noise, self.num_steps, on_stage=mark)
+        except BaseException:
+            if current[0] is not None:
+                current[0].__exit__(*sys.exc_info())
+            raise
         with stage("postprocess"):
-            self.last_actions = self._postprocess(x)
+            self.last_actions = self.policy.robot_actions(x)
         return self.last_actions
 
     # -- CUDA graphs -------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, warmup: int = 2) -> None:
         """Warm up eagerly on a side stream, then capture vision / prefix / each step."""
-        batch, x = self._preprocess()
+        batch, x = self._inputs()
         static = Batch(batch.images.clone(), batch.image_mask.clone(), batch.tokens.clone(),
                        batch.token_mask.clone(), batch.state.clone())
         x0 = x.clone()
@@ -208,7 +211,7 @@ class ChunkRunner:
         torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         mark, finish = self._mark_factory()
-        batch, x = self._preprocess()
+        batch, x = self._inputs()
         st = gr["static"]
         for dst, src in ((st.images, batch.images), (st.image_mask, batch.image_mask), (st.tokens, batch.tokens),
                          (st.token_mask, batch.token_mask), (st.state, batch.state), (gr["x0"], x)):
@@ -221,7 +224,7 @@ class ChunkRunner:
         for i, g in enumerate(gr["steps"]):
             g.replay()
             mark(f"denoise_step_{i}")
-        self.last_actions = self._postprocess(gr["x_out"])
+        self.last_actions = self.policy.robot_actions(gr["x_out"])
         mark("postprocess")
         out = finish()
         out["total"] = (time.perf_counter() - t0) * 1e3
@@ -233,8 +236,6 @@ class ChunkRunner:
         out["denoise"] = sum(out[f"denoise_step_{i}"] for i in range(self.num_steps))
         if "denoise_step_0@cpu" in out:
             out["denoise@cpu"] = sum(out[f"denoise_step_{i}@cpu"] for i in range(self.num_steps))
-        if self.last_actions is not None and not np.all(np.isfinite(self.last_actions)):
-            raise FloatingPointError(f"{self.policy.name}: non-finite actions in the benchmark chunk")
         return out
 
     def release(self) -> None:

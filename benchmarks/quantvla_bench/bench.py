@@ -1,5 +1,7 @@
-"""`quantvla bench`: end-to-end chunk latency per stage and weight memory, FP vs W8A8 / W4A8 /
-W4A4 (and peers where installed), under the same execution for every variant.
+"""End-to-end chunk latency per stage and weight memory, FP vs quantized schemes and peers.
+
+FP vs W8A8 / W4A8 / W4A4 (and peers where installed), under the same execution for every
+variant. Run from a checkout as ``python benchmarks/e2e.py``.
 
 Why this shape: users choose a quantizer by latency per chunk and memory on their robot's
 computer, so the comparison must be whole chunks (vision, prefix, every denoising step,
@@ -9,13 +11,13 @@ then hits every variant alike), and ratios taken only between variants timed the
 a user could pick (torch.compile, bf16) and against PyTorch's own int8 (torch.ao dynamic int8 on
 the CPU, torchao where installed), timed by the same runner. ``--census`` counts kernel launches
 and bytes moved per stage instead of timing (census.py). Results: a printed table, JSON
-(machine, date, versions, exact command), a PNG, under ``./runs/bench`` (relative to the current
-directory; ``--out`` elsewhere).
+(machine, date, versions, commit, exact command), a PNG, under ``./runs/bench`` (relative to
+the current directory; ``--out`` elsewhere).
 
-    quantvla bench --preset small --cameras 1,3            # CPU, fp32 vs integer path
-    quantvla bench --preset small --cameras 1 --peers compile,bf16,ao-dynamic-int8
-    quantvla bench --preset small --cameras 1 --census     # launches and bytes, no timing
-    quantvla bench --preset pi05-3b --device cuda --cameras 3 --quick
+    python benchmarks/e2e.py --preset small --cameras 1,3            # CPU, fp32 vs integer path
+    python benchmarks/e2e.py --preset small --cameras 1 --peers compile,bf16,ao-dynamic-int8
+    python benchmarks/e2e.py --preset small --cameras 1 --census     # launches and bytes, no timing
+    python benchmarks/e2e.py --preset pi05-3b --device cuda --cameras 3 --quick
 """
 from __future__ import annotations
 
@@ -39,16 +41,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .bench_variants import (PEER_SETS, PEERS, QUANT_BITS, QUANTIZERS, SCHEMES, apply_ao_dynamic_int8,
-                             apply_torchao, build_fp_model, calibrated_student, check_peers, check_schemes,
-                             peer_available, quick_quantize, with_activation_bits)
-from .chunk_timing import ChunkRunner, model_bytes, peak_memory_chunk
-from .config import PRESETS, preset
-from .fileio import atomic_write_bytes, atomic_write_json
-from .memory_accounting import format_memory, memory_table
-from .policy import Observation, Policy, resolve_device
+from quantvla_core.config import PRESETS, preset
+from quantvla_core.fileio import atomic_write_bytes, atomic_write_json
+from quantvla_core.memory_accounting import format_memory, memory_table
+from quantvla_core.policy import Observation, Policy, resolve_device
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .chunk_timing import ChunkRunner, model_bytes, peak_memory_chunk
+from .variants import (PEER_SETS, PEERS, QUANT_BITS, QUANTIZERS, SCHEMES, apply_ao_dynamic_int8, apply_torchao,
+                       build_fp_model, calibrated_student, check_peers, check_schemes, peer_available,
+                       quick_quantize, with_activation_bits)
+
+CHECKOUT = Path(__file__).resolve().parents[2]  # the git checkout this benchmark runs from
 DEFAULT_OUT = Path("runs") / "bench"  # relative to the current directory; ./runs is git-ignored
 COMPILE_MIN_WARMUP = 2  # torch.compile's first chunks compile (and recompile once on a guard): never timed
 CENSUS_BACKENDS = ("auto", "triton")
@@ -116,13 +119,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="end-to-end chunk latency and memory, FP vs quantized",
-                              description=__doc__.splitlines()[0])
-    add_arguments(p)
-    p.set_defaults(func=lambda a: main_from_args(a, ["quantvla"] + sys.argv[1:]))
-
-
 @dataclasses.dataclass
 class BenchOptions:
     presets: list[str]
@@ -172,7 +168,7 @@ class BenchOptions:
             raise ValueError(f"--threads must be >= 1, got {a.threads}")
         if a.steps is not None and a.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {a.steps}")
-        from .quant.layout import check_layout
+        from quantvla_core.quant.layout import check_layout
         check_layout(a.layout)
         transforms = tuple(t for t in _csv(a.transforms) if t != "none")
         if any(t not in ("smooth", "rotate") for t in transforms):
@@ -209,7 +205,7 @@ def _cpu_model() -> str:
 
 def _git_commit() -> str | None:
     try:
-        r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+        r = subprocess.run(["git", "-C", str(CHECKOUT), "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, timeout=5)
         return r.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -219,8 +215,8 @@ def _git_commit() -> str | None:
 def _git_dirty() -> bool | None:
     """Whether the code that ran differs from the commit (library, kernels, benchmarks)."""
     try:
-        r = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "quantvla_core", "kernels",
-                            "benchmarks/e2e.py"], capture_output=True, text=True, timeout=5)
+        r = subprocess.run(["git", "-C", str(CHECKOUT), "status", "--porcelain", "--", "quantvla_core", "kernels",
+                            "benchmarks"], capture_output=True, text=True, timeout=5)
         return bool(r.stdout.strip()) if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -541,7 +537,7 @@ def format_table(result: dict[str, Any]) -> str:
 def format_report(result: dict[str, Any]) -> str:
     env = result["environment"]
     where = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch thread(s))"
-    head = [f"quantvla bench - {env['date_utc']} - {where}",
+    head = [f"quantvla end-to-end benchmark - {env['date_utc']} - {where}",
             f"torch {env['torch']}, triton {env.get('triton')}, commit {env.get('git_commit')}"
             f"{' (+ local changes)' if env.get('git_dirty') else ''}; "
             f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}",
@@ -649,11 +645,14 @@ def main_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> i
 
 
 def main(argv: list[str] | None = None, prog: str = "benchmarks/e2e.py") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    """The command line. A bad option, a missing file or a device this machine lacks ends in
+    one line on stderr and exit status 2."""
+    from quantvla_core.cli import OneLineParser
+    p = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
     try:
         return main_from_args(args, [prog] + list(argv if argv is not None else sys.argv[1:]))
-    except ValueError as e:
-        print(f"e2e: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

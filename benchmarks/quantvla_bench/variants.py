@@ -4,8 +4,9 @@ Why a separate "quick" quantizer: timing needs the deployed structure (which lin
 integer, their bit widths, group scales, where a Hadamard rotation or an un-foldable smoothing
 runs inside the activation quantization), not a calibrated student. ATM and OHB fold into
 scales and smoothing folds into norms / producer rows, so they cost nothing at run time and the
-quick path skips them. The layer structure is taken from the PTQ pipeline's own decisions
-(layout rules, fold targets). Since the pipeline searches the transform per layer group on
+quick path skips them. The layer structure is the library's layer plan
+(``quantvla_core.quant.layer_plan``: layout rules, fold targets by name), the one the
+weight-memory accounting counts. Since the pipeline searches the transform per layer group on
 its calibration data, it may drop a rotation the quick path keeps, or keep smoothing inside the
 quantization where its traced fold check fails: the quick structure is the PTQ default (every
 group rotated), and ``--quantizer calib`` times the searched one. The test suite checks that
@@ -13,21 +14,18 @@ both have the same integer layers, bit widths and groups.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .models import build_model
-from .quant import layout as L
-from .quant.qlinear import QuantLinear
-from .quant.transforms import InputTransform, hadamard, rotation_block_size
+from quantvla_core.config import ModelConfig
+from quantvla_core.models import build_model
+from quantvla_core.quant.layer_plan import GROUP_SIZE, QUANT_BITS, integer_linears, plan_layers, replace_module
+from quantvla_core.quant.qlinear import QuantLinear
+from quantvla_core.quant.transforms import InputTransform, hadamard
 
-SCHEMES = ("fp", "w8a8", "w4a8", "w4a4")
-QUANT_BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
-GROUP_SIZE = 128
+SCHEMES = ("fp",) + tuple(QUANT_BITS)
 QUANTIZERS = ("quick", "calib")
 PEERS = ("compile", "bf16", "ao-dynamic-int8", "torchao-int8dq", "torchao-int4wo")
 PEER_SETS = {"all": PEERS}  # shorthand: every peer; those that cannot run here are skipped with a note
@@ -51,59 +49,6 @@ def check_peers(peers: list[str]) -> list[str]:
     if bad:
         raise ValueError(f"unknown peers {bad}; accepted: {', '.join(PEERS)}, all or none")
     return out
-
-
-@dataclass
-class LayerPlan:
-    """How one integer linear is deployed: what QuantLinear(...) gets, and its input transform."""
-    name: str
-    spec: dict[str, Any]
-    rotation_block: int
-    smooth_in_kernel: bool
-
-
-def smoothing_in_kernel(model: nn.Module, int_names: list[str]) -> set[str]:
-    """Integer linears whose smoothing cannot be folded into a neighbour (the pipeline then
-    applies ``inv_smooth`` inside the activation quantization: attention output before o_proj,
-    GR00T's weightless norm3 and GELU)."""
-    from .quant.quantize import _input_groups  # the pipeline's own fold decision
-    modules = dict(model.named_modules())
-    stats = {n: torch.ones(modules[n].in_features) for n in int_names}
-    out: set[str] = set()
-    for members, _target, kind in _input_groups(int_names, modules, stats):
-        if kind == "none":
-            out.update(members)
-    return out
-
-
-def plan_layers(model: nn.Module, arch: str, scheme: str, layout: str = "quantvla",
-                rotation_block: int = 64, smooth: bool = True, rotate: bool = True) -> list[LayerPlan]:
-    """The integer layers of ``model`` under ``layout`` at ``scheme``, as the PTQ defaults
-    (smooth + Hadamard rotation, int4 groups of 128 where K allows) would deploy them."""
-    if scheme not in QUANT_BITS:
-        raise ValueError(f"plan_layers needs an integer scheme; accepted: {', '.join(QUANT_BITS)}")
-    w_bits, a_bits = QUANT_BITS[scheme]
-    modules = dict(model.named_modules())
-    names = [e.name for e in L.plan_model(model, arch, layout)
-             if e.integer and isinstance(modules[e.name], nn.Linear)]
-    in_kernel = smoothing_in_kernel(model, names) if smooth else set()
-    plans = []
-    for n in names:
-        lin = modules[n]
-        k = lin.in_features
-        b = rotation_block_size(k, rotation_block) if rotate else 1
-        gs = GROUP_SIZE if (w_bits == 4 and k % GROUP_SIZE == 0) else None
-        spec = {"in_features": k, "out_features": lin.out_features, "w_bits": w_bits, "a_bits": a_bits,
-                "group_size": gs, "bias": lin.bias is not None, "smooth": n in in_kernel,
-                "permute": False, "rotation_kind": "hadamard" if b > 1 else None,
-                "rotation_block": b if b > 1 else 0, "static_act": False}
-        plans.append(LayerPlan(n, spec, b, n in in_kernel))
-    return plans
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def quick_quantize(model: nn.Module, arch: str, scheme: str, layout: str = "quantvla",
@@ -130,7 +75,7 @@ def quick_quantize(model: nn.Module, arch: str, scheme: str, layout: str = "quan
         with torch.no_grad():
             ql = QuantLinear.from_linear(lin, w_bits=p.spec["w_bits"], a_bits=p.spec["a_bits"],
                                          group_size=p.spec["group_size"], transform=t, clip_grid=(1.0,))
-        _set_module(model, p.name, ql)
+        replace_module(model, p.name, ql)
         del lin
         if progress:
             progress(p.name)
@@ -144,7 +89,7 @@ def with_activation_bits(model: nn.Module, a_bits: int) -> nn.Module:
             spec = dict(m.spec(), a_bits=a_bits)
             new = QuantLinear(**spec, dtype=m.weight.dtype).to(m.qweight.device)
             new.load_state_dict(m.state_dict())
-            _set_module(model, name, new)
+            replace_module(model, name, new)
     return model
 
 
@@ -158,7 +103,7 @@ def build_fp_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, s
 def calibrated_student(policy, scheme: str, calib: str, layout: str = "quantvla"):
     """The real PTQ pipeline (synthetic or recorded calibration), ATM/OHB off: they fold into
     scales and change no run-time work. Returns the student Policy."""
-    from .quant.quantize import QuantConfig, quantize
+    from quantvla_core.quant.quantize import QuantConfig, quantize
     qc = QuantConfig(scheme=scheme, layout=layout, atm=False, ohb=False, calib_samples=4, batch_size=4)
     return quantize(policy, qc, calib, report=False, progress=False).policy
 
@@ -193,19 +138,12 @@ def peer_available(peer: str, device: torch.device | None = None, fp_dtype: str 
     return True, ""
 
 
-def layout_integer_linears(model: nn.Module, arch: str, layout: str = "quantvla") -> list[str]:
-    """Names of the nn.Linear modules our layout makes integer: every peer quantizes exactly these."""
-    modules = dict(model.named_modules())
-    return [e.name for e in L.plan_model(model, arch, layout)
-            if e.integer and isinstance(modules.get(e.name), nn.Linear)]
-
-
 def apply_ao_dynamic_int8(model: nn.Module, arch: str, layout: str = "quantvla") -> nn.Module:
     """torch.ao dynamic int8 (int8 weights per channel, activations quantized per call) on the
     layout's integer linears, in place. torch.ao.quantization is deprecated in favour of torchao;
     its warnings are silenced here because the peer is still the int8 path that ships with torch."""
     import warnings
-    names = set(layout_integer_linears(model, arch, layout))
+    names = set(integer_linears(model, arch, layout))
     if not names:
         raise ValueError(f"layout {layout!r} makes no nn.Linear of this model integer")
     with warnings.catch_warnings():
@@ -218,7 +156,7 @@ def apply_torchao(model: nn.Module, arch: str, peer: str, layout: str = "quantvl
     """torchao on the same linears our layout makes integer (int8 dynamic activation + int8
     weight, or int4 weight-only group 128); the API name differs across torchao releases."""
     import torchao.quantization as tq
-    names = set(layout_integer_linears(model, arch, layout))
+    names = set(integer_linears(model, arch, layout))
 
     def only_layout(module: nn.Module, fqn: str) -> bool:
         return isinstance(module, nn.Linear) and fqn in names

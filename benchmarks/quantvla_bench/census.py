@@ -1,4 +1,4 @@
-"""`quantvla bench --census`: device kernel launches and bytes moved per stage, no timing.
+"""The benchmark's ``--census``: device kernel launches and bytes moved per stage, no timing.
 
 Why: at batch 1 a denoising step is a few hundred small kernels, so on a GPU its latency is
 set as much by the number of launches and the bytes each one moves as by FLOPs. Integer layers
@@ -379,7 +379,7 @@ def census_policy(policy, obs, num_steps: int, backend: str = "auto", warmup: bo
     """Count one chunk of ``policy`` stage by stage (runner stages; 'step' = denoise step 0,
     'denoise' = all steps, 'chunk' = every stage)."""
     from .chunk_timing import ChunkRunner
-    from .quant.qlinear import QuantLinear
+    from quantvla_core.quant.qlinear import QuantLinear
     runner = ChunkRunner(policy, obs, num_steps, "eager")
     with quantvla_backend_scope(backend):
         # Triton launches are invisible to aten: instrument them wherever they run (--census-backend
@@ -425,7 +425,7 @@ def census_variants(opts) -> list[str]:
 def run_census(opts, argv: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Census of every (preset, cameras, variant). Returns the JSON dict."""
     from .bench import _observation, _Variants, environment
-    from .config import preset
+    from quantvla_core.config import preset
     if opts.device.type == "cpu":
         torch.set_num_threads(opts.threads)
     if opts.census_backend == "triton":
@@ -496,7 +496,7 @@ def format_census(result: dict[str, Any]) -> str:
     per denoise step than bf16."""
     env = result["environment"]
     mib = 2 ** 20
-    out = [f"quantvla bench --census - {env['date_utc']} - {env.get('gpu') or env['cpu']}",
+    out = [f"quantvla end-to-end benchmark --census - {env['date_utc']} - {env.get('gpu') or env['cpu']}",
            f"torch {env['torch']}, triton {env.get('triton')}, commit {env.get('git_commit')}"
            f"{' (+ local changes)' if env.get('git_dirty') else ''}",
            f"command: {env['command']}",
@@ -541,7 +541,7 @@ def format_census(result: dict[str, Any]) -> str:
 
 def write_census(result: dict[str, Any], out_dir: Path, tag: str | None) -> dict[str, Path]:
     from .bench import device_tag
-    from .fileio import atomic_write_bytes, atomic_write_json
+    from quantvla_core.fileio import atomic_write_bytes, atomic_write_json
     env, o = result["environment"], result["options"]
     stem = tag or (f"census-{device_tag(env)}-{env['date_utc'][:10]}-{'+'.join(o['presets'])}"
                    + ("-triton" if o["census_backend"] == "triton" else ""))

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoint import save_model_dir
-from .config import PRESETS, ModelConfig, preset
-from .fileio import atomic_directory, atomic_write_json
-from .models import Batch, build_model
-from .tokenizer import ByteTokenizer, prompt_text
+from ..checkpoint import save_model_dir
+from ..config import PRESETS, ModelConfig, preset
+from ..fileio import atomic_directory, atomic_write_json
+from ..models import Batch, build_model
+from ..tokenizer import ByteTokenizer, prompt_text
 
 
 @dataclass
@@ -57,11 +57,11 @@ class DemoDataset:
 
     def __init__(self, folder: str | Path | list, cfg: ModelConfig,
                  device: str | torch.device = "cpu"):
-        from .sim.instructions import INSTRUCTIONS
-        from .sim.shards import load_demos
+        from .instructions import INSTRUCTIONS
+        from .shards import load_demos
         if isinstance(folder, (list, tuple)) or str(folder).endswith(".npz"):
             # compact bundle(s): images only for some rows; several parts are joined
-            from .sim.compact import read_bundles
+            from .compact import read_bundles
             demos, rows = read_bundles(folder if isinstance(folder, (list, tuple)) else [folder])
         else:
             demos = load_demos(folder)
@@ -243,7 +243,7 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
         # Fine-tuning keeps the normalisation the weights were trained with: demos of a few
         # tasks have other means and spreads, and new statistics would shift every input and
         # output of the starting policy (a loss jump instead of a continuation).
-        from .checkpoint import read_config
+        from ..checkpoint import read_config
         norm = read_config(Path(tc.init))
         stats = (norm.state_mean, norm.state_std, norm.action_mean, norm.action_std)
         if all(v is not None for v in stats):
@@ -255,7 +255,7 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     model_cfg.action_mean, model_cfg.action_std = data.action_mean.tolist(), data.action_std.tolist()
     model = build_model(model_cfg, seed=tc.seed)
     if tc.init:
-        from .checkpoint import load_state_into, verify_manifest
+        from ..checkpoint import load_state_into, verify_manifest
         verify_manifest(Path(tc.init))
         load_state_into(model, tc.init)
     model = model.to(device).train()

@@ -207,7 +207,7 @@ def test_mlp_and_feedforward_fuse_and_step_aside_for_hooks():
 def test_policy_actions_with_and_without_epilogue_fusion(name, scheme):
     """Whole quantized policies: the fused epilogues change only float rounding (actions within
     1e-3 of the chunk's range), and pi0 / pi0.5 really build gate/up pair layers."""
-    from quantvla_core.bench_variants import quick_quantize
+    from quantvla_bench.variants import quick_quantize
 
     cfg = preset(name)
     model = build_model(cfg, seed=0).eval()

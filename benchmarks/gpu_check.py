@@ -7,7 +7,9 @@ compared with the exact CPU path on the same inputs:
   * activation codes and scales: equal, except where the block rotation's dot sums in another
     order (then within one code step on < 0.5% of values and 1e-6 relative on scales);
   * layer outputs: within 2% of the output range (a code moved by one step) and mostly equal;
-  * sibling fusion: the fused q/k/v layer equals the three separate layers bit for bit.
+  * sibling fusion: the fused q/k/v layer equals the three separate layers bit for bit;
+  * GEMM epilogue: a gate/up pair layer's gelu(gate) * up + residual within 2% of the output
+    range of the separate layers and torch's ops.
 Prints a table; exits 1 on any mismatch.
 
     python benchmarks/gpu_check.py                 # CUDA (the GPU script runs this first)
@@ -65,7 +67,8 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
 
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     ok_all = True
-    print(f"{'shape':28s} {'scheme':6s} {'codes eq':>9s} {'max|dy|/span':>13s} {'y equal':>8s} {'fused':>6s}  result")
+    print(f"{'shape':28s} {'scheme':6s} {'codes eq':>9s} {'max|dy|/span':>13s} {'y equal':>8s} {'fused':>6s} "
+          f"{'epilog':>6s}  result")
     for i, (what, m, k, n) in enumerate(shapes):
         g = torch.Generator().manual_seed(100 + i)
         x = torch.randn(m, k, generator=g) * 2
@@ -95,10 +98,17 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
                 s.backend = "triton"
             fused = concat_quant_linears(sib)
             fused_ok = fused is not None and torch.equal(fused(xd), torch.cat([s(xd) for s in sib], -1))
-            ok = bool(codes_ok and out_ok and fused_ok)
+            # the GEMM epilogue: gate/up pairs -> gelu(gate) * up, then + residual, against the
+            # separate layers and torch's ops (float rounding only)
+            pair = concat_quant_linears(sib, pairs=True)
+            res = torch.randn(m, sib[0].out_features, generator=g).to(device=device, dtype=dtype)
+            want = (torch.nn.functional.gelu(sib[0](xd).float(), approximate="tanh") * sib[1](xd).float()
+                    + res.float())
+            epi_ok = pair is not None and _close_outputs(pair(xd, act="gelu_tanh", residual=res), want)[0]
+            ok = bool(codes_ok and out_ok and fused_ok and epi_ok)
             ok_all &= ok
-            print(f"{what:28s} {name:6s} {codes_eq:9.4f} {rel:13.2e} {equal:8.3f} {str(fused_ok):>6s}  "
-                  f"{'ok' if ok else 'MISMATCH'}", flush=True)
+            print(f"{what:28s} {name:6s} {codes_eq:9.4f} {rel:13.2e} {equal:8.3f} {str(fused_ok):>6s} "
+                  f"{str(epi_ok):>6s}  {'ok' if ok else 'MISMATCH'}", flush=True)
     return ok_all
 
 

@@ -57,13 +57,14 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.jit
 def _activate(y, ACT: tl.constexpr):
-    """ACT 1: GELU (tanh approximation), 2: SiLU; tanh as 1 - 2 / (exp(2u) + 1) (saturates
-    to +-1 without overflow: exp(large) = inf gives 1 - 0)."""
+    """ACT 1: GELU (tanh approximation), 2: SiLU; tanh as 1 - 2 / (exp(2u) + 1). exp's
+    argument is capped at 88 (exp(88) < FLT_MAX): the results saturate without an inf, as in
+    the CPU linear."""
     if ACT == 1:
         u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        y = 0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        y = 0.5 * y * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 88.0)) + 1.0))
     elif ACT == 2:
-        y = y / (1.0 + tl.exp(-y))
+        y = y / (1.0 + tl.exp(tl.minimum(-y, 88.0)))
     return y
 
 

@@ -89,9 +89,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def _saved_io(path: Path) -> PolicyIO | None:
     """A model dir derived from a real checkpoint (LeRobot / openpi) keeps that checkpoint's
-    tokenizer, prompt format and normalisation in policy_io.json; None when it has none."""
-    from .loaders import IO_FILE, read_io
-    return read_io(path) if (path / IO_FILE).is_file() else None
+    tokenizer, prompt format and normalisation in policy_io.json (loaders.IO_FILE); None when
+    it has none. The loaders are imported only then: plain model dirs do not pay for them."""
+    if not (path / "policy_io.json").is_file():
+        return None
+    from .loaders import read_io
+    return read_io(path)
 
 
 def _refuse_external_options(source: str, tokenizer, robot) -> None:

@@ -3,6 +3,9 @@
 One object hides the model family, quantization, device and normalisation so that the ROS node,
 the simulator and the CLI all run policies the same way, with per-stage timings that
 synchronise the GPU (timings taken without a sync measure launch queues, not work).
+What surrounds the model (tokenizer, prompt, image and state / action conventions) is the
+component `policy.io` (policy_io.py): the project's own conventions, or a real checkpoint's
+(loaders.external.ExternalIO), which the loaders build without importing this module.
 """
 from __future__ import annotations
 
@@ -17,8 +20,7 @@ import torch
 from .checkpoint import CheckpointError, load_state_into, read_config, verify_manifest
 from .config import PRESETS, ModelConfig, preset
 from .models import Batch, FlowMatchingVLA, build_model, component_of
-from .preprocess import Normalizer, images_to_array
-from .tokenizer import ByteTokenizer, prompt_text
+from .policy_io import PolicyIO, ReferenceIO
 
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "assets" / "default_policy"
 # The same policy quantized with QuantVLA W4A8 (MT10 demo frames as calibration).
@@ -85,21 +87,31 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _with_policy_io(policy: "Policy", path: Path) -> "Policy":
+def _saved_io(path: Path) -> PolicyIO | None:
     """A model dir derived from a real checkpoint (LeRobot / openpi) keeps that checkpoint's
-    tokenizer, prompt format and normalisation in policy_io.json; give them back to the policy."""
-    if (path / "policy_io.json").is_file():
-        from .loaders import with_saved_io
-        return with_saved_io(policy, path)
-    return policy
+    tokenizer, prompt format and normalisation in policy_io.json (loaders.IO_FILE); None when
+    it has none. The loaders are imported only then: plain model dirs do not pay for them."""
+    if not (path / "policy_io.json").is_file():
+        return None
+    from .loaders import read_io
+    return read_io(path)
+
+
+def _refuse_external_options(source: str, tokenizer, robot) -> None:
+    if tokenizer is not None or robot is not None:
+        raise ValueError(f"Policy.load({source!r}): tokenizer= and robot= apply to a LeRobot or openpi "
+                         "checkpoint directory (model.safetensors without manifest.json) only; accepted "
+                         "here: neither")
 
 
 class Policy:
-    """A loaded VLA policy on one device."""
+    """A loaded VLA policy on one device. `io` (default: ReferenceIO of `config`) turns
+    observations into model inputs and model outputs into actions."""
 
     def __init__(self, model: FlowMatchingVLA, config: ModelConfig, *, name: str = "custom",
                  device: str | torch.device | None = "cpu", dtype: str | None = None,
-                 scheme: str = "fp", quant_meta: dict[str, Any] | None = None, seed: int = 0):
+                 scheme: str = "fp", quant_meta: dict[str, Any] | None = None, seed: int = 0,
+                 io: PolicyIO | None = None):
         self.config = config
         self.name = name
         self.device = resolve_device(device)
@@ -112,22 +124,27 @@ class Policy:
                                                       torch.float16: "fp16"}[self.dtype]
         self.quant_meta = quant_meta or {}
         self.model.eval()
-        self.tokenizer = ByteTokenizer()
-        self.state_norm = Normalizer(config.state_mean, config.state_std, config.state_dim, "state")
-        self.action_norm = Normalizer(config.action_mean, config.action_std, config.action_dim, "action")
+        self.io: PolicyIO = io if io is not None else ReferenceIO(config)
         self._generator = torch.Generator().manual_seed(seed)
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
     def load(cls, source: str | Path = "default", device: str | torch.device | None = "cpu",
-             dtype: str | None = None, seed: int = 0) -> "Policy":
+             dtype: str | None = None, seed: int = 0, *, tokenizer: str | Path | None = None,
+             robot: str | None = None) -> "Policy":
         """'default' (the committed trained policy; an error naming the file when it is missing),
         'default-w4a8' (that policy quantized),
-        a preset name (seeded random weights) or a model / quantized-artifact directory."""
+        a preset name (seeded random weights) or a model / quantized-artifact directory.
+
+        A LeRobot or openpi checkpoint directory (model.safetensors, no manifest.json) is
+        converted on load (loaders.read_external); for it only, `tokenizer` is the tokenizer
+        file's path and `robot` the openpi robot transform (loaders.robots.ROBOTS)."""
         src = str(source)
         if src in ("default", "default-w4a8"):
+            _refuse_external_options(src, tokenizer, robot)
             return cls.load(default_policy_dir(src), device, dtype, seed)
         if src in PRESETS:
+            _refuse_external_options(src, tokenizer, robot)
             cfg = preset(src)
             return cls(build_model(cfg), cfg, name=src, device=device, dtype=dtype, seed=seed)
         path = Path(src)
@@ -138,18 +155,20 @@ class Policy:
             raise CheckpointError(f"{src}: is a file; a model is a directory with config.json, "
                                   "model.safetensors and manifest.json")
         if not (path / "manifest.json").is_file() and (path / "model.safetensors").is_file():
-            from .loaders import load_external  # real checkpoints (LeRobot / openpi layouts)
-            return load_external(path, device=device, dtype=dtype, seed=seed)
+            from .loaders import read_external  # real checkpoints (LeRobot / openpi layouts)
+            ext = read_external(path, tokenizer=tokenizer, robot=robot)
+            return cls(ext.model, ext.config, io=ext.io, name=path.name, device=device, dtype=dtype, seed=seed)
+        _refuse_external_options(src, tokenizer, robot)
         verify_manifest(path)
         cfg = read_config(path)
         model = build_model(cfg, seed=None)
         if (path / QUANT_FILE).is_file():
             from .quant.artifact import load_quantized
             model, meta = load_quantized(model, path, verify=False)  # manifest checked above
-            return _with_policy_io(cls(model, cfg, name=path.name, device=device, dtype=dtype,
-                                       scheme=meta.get("scheme", "quantized"), quant_meta=meta, seed=seed), path)
+            return cls(model, cfg, name=path.name, device=device, dtype=dtype, scheme=meta.get("scheme", "quantized"),
+                       quant_meta=meta, seed=seed, io=_saved_io(path))
         load_state_into(model, path)
-        return _with_policy_io(cls(model, cfg, name=path.name, device=device, dtype=dtype, seed=seed), path)
+        return cls(model, cfg, name=path.name, device=device, dtype=dtype, seed=seed, io=_saved_io(path))
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -158,11 +177,21 @@ class Policy:
 
     @property
     def action_dim(self) -> int:
-        return self.config.action_dim
+        """Entries of each returned action (a real checkpoint's robot may use fewer than the model)."""
+        return self.io.action_dim(self.config)
 
     @property
     def state_dim(self) -> int:
-        return self.config.state_dim
+        """Entries of the state an Observation carries."""
+        return self.io.state_dim(self.config)
+
+    @property
+    def state_norm(self):
+        return self.io.state_norm
+
+    @property
+    def action_norm(self):
+        return self.io.action_norm
 
     @property
     def num_steps(self) -> int:
@@ -182,23 +211,16 @@ class Policy:
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "weight_bytes": weight_bytes, "weight_bytes_per_component": per_component,
                 "horizon": self.horizon, "action_dim": self.action_dim, "num_steps": self.num_steps,
-                "max_cameras": self.config.max_cameras}
+                "max_cameras": self.config.max_cameras, **self.io.describe(self.config)}
+
+    def save_io(self, directory: str | Path) -> None:
+        """Write the files a model directory derived from this policy needs to keep its IO
+        conventions (policy_io.json and the tokenizer for a real checkpoint; none otherwise)."""
+        self.io.save(directory)
 
     # -- inference ----------------------------------------------------------------------
     def preprocess(self, obs: Observation) -> Batch:
-        cfg = self.config
-        images, image_mask = images_to_array(obs.images, cfg.vision.image_size, cfg.max_cameras)
-        state = self.state_norm.normalize(obs.state)
-        text = prompt_text(cfg.arch, obs.instruction, state)
-        tokens, token_mask = self.tokenizer.encode(text, cfg.max_text_tokens)
-        needed = 1 + len(text.encode("utf-8"))
-        if cfg.arch == "pi05" and needed > cfg.max_text_tokens:
-            raise ValueError(f"the pi0.5 prompt needs {needed} tokens but the model reads {cfg.max_text_tokens}: "
-                             "the state and the action cue would be cut off; accepted: a shorter instruction")
-        batch = Batch(torch.from_numpy(images)[None], torch.from_numpy(image_mask)[None],
-                      torch.from_numpy(tokens)[None], torch.from_numpy(token_mask)[None],
-                      torch.from_numpy(state)[None])
-        return batch.to(self.device, self.dtype)
+        return self.io.to_batch(obs, self.config, self.model).to(self.device, self.dtype)
 
     @staticmethod
     def _drop_masked(batch: Batch) -> Batch:
@@ -219,10 +241,11 @@ class Policy:
         and dtype, absent cameras and padding tokens left out. Benchmarks time this exact batch."""
         return self._drop_masked(self.preprocess(obs))
 
-    def robot_actions(self, x: torch.Tensor) -> np.ndarray:
-        """The model's normalised chunk (1, horizon, action_dim) -> (horizon, action_dim) float32
-        in the robot's units; refuses non-finite values."""
-        actions = self.action_norm.unnormalize(x[0].float().cpu().numpy()).astype(np.float32)
+    def robot_actions(self, x: torch.Tensor, obs: Observation) -> np.ndarray:
+        """The model's normalised chunk (1, horizon, action_dim) for ``obs`` -> (horizon,
+        action_dim) float32 in the robot's units (the IO conventions' actions_out); refuses
+        non-finite values."""
+        actions = np.asarray(self.io.actions_out(x[0].float().cpu().numpy(), obs, self.config), dtype=np.float32)
         if not np.all(np.isfinite(actions)):
             raise FloatingPointError("the model produced non-finite actions; refusing to return them")
         return actions
@@ -252,7 +275,7 @@ class Policy:
             noise = self.model.sample_noise(1, gen)
         mark("preprocess")
         x = self.model.sample_actions(batch, noise.to(self.device), on_stage=mark)
-        actions = self.robot_actions(x)
+        actions = self.robot_actions(x, obs)
         mark("postprocess")
         steps = [v for k, v in timings.items() if k.startswith("denoise_step_")]
         timings["denoise"] = float(sum(steps))

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import nn
 
 from quantvla_bench import census as C
-from quantvla_bench.bench import _observation
+from quantvla_bench.runs import observation as _observation
 from quantvla_bench.bench import main as bench_main
 from quantvla_bench.chunk_timing import ChunkRunner
 from quantvla_bench.variants import build_fp_model, quick_quantize

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from quantvla_bench.bench import TABLE_COLUMNS, _observation
+from quantvla_bench.bench import TABLE_COLUMNS
+from quantvla_bench.runs import observation as _observation
 from quantvla_bench.bench import main as bench_main
 from quantvla_bench.chunk_timing import ChunkRunner, stage_names
 from quantvla_bench.variants import (PEERS, apply_ao_dynamic_int8, build_fp_model, check_peers, peer_available,

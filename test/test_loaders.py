@@ -375,7 +375,7 @@ def test_cli_info_and_run_accept_lerobot_dirs(tmp_path, sp_model, capsys):
 def test_policy_io_round_trips_into_a_derived_model_dir(tmp_path, sp_model):
     """A derived quantvla model dir (as a quantized artifact would be) keeps tokenizer and stats."""
     from quantvla_core.checkpoint import save_model_dir
-    from quantvla_core.loaders import ExternalPolicy
+    from quantvla_core.loaders import ExternalIO
     pol = Policy.load(write_lerobot(tmp_path / "c", "pi05", planted_state("pi05"), tokenizer=sp_model))
     out = tmp_path / "derived"
     save_model_dir(out, pol.config, pol.model.state_dict())
@@ -384,7 +384,7 @@ def test_policy_io_round_trips_into_a_derived_model_dir(tmp_path, sp_model):
     a = pol.predict(obs, seed=1).actions
     (tmp_path / "c" / "tokenizer.model").unlink()  # the derived dir carries its own copy
     back = Policy.load(out)
-    assert isinstance(back, ExternalPolicy) and back.io.format == "lerobot/pi05"
+    assert isinstance(back.io, ExternalIO) and back.io.format == "lerobot/pi05"
     b = back.predict(obs, seed=1).actions
     np.testing.assert_allclose(a, b, rtol=1e-6)
     assert back.action_dim == ROBOT_ACTION and math.isfinite(float(a.sum()))

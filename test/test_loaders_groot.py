@@ -266,7 +266,7 @@ def test_saved_and_quantized_n15_policies_reload_as_n15(tmp_path, tokenizer_json
     """A model dir and a w8a8 artifact of a real GR00T checkpoint rebuild the N1.5 model from
     config.json alone (variant + embodiment), so they predict what the in-memory policies do."""
     from quantvla_core.checkpoint import read_config, save_model_dir
-    from quantvla_core.loaders import ExternalPolicy
+    from quantvla_core.loaders import ExternalIO
     from quantvla_core.quant.quantize import QuantConfig, quantize
     from quantvla_core.quant.qlinear import QuantLinear
     pol = Policy.load(write_groot(tmp_path / "g", planted(), tokenizer_json))
@@ -278,7 +278,7 @@ def test_saved_and_quantized_n15_policies_reload_as_n15(tmp_path, tokenizer_json
     save_model_dir(saved, pol.config, pol.model.state_dict())
     pol.save_io(saved)
     back = Policy.load(saved)
-    assert isinstance(back, ExternalPolicy) and isinstance(back.model, GR00TN15Model)
+    assert isinstance(back.io, ExternalIO) and isinstance(back.model, GR00TN15Model)
     assert back.model.embodiment_id == 31 and back.config == pol.config
     # Same weights, same inputs; BLAS may pick another summation order for the reloaded
     # (contiguous) tensors, hence fp32 rounding and not bit equality.
@@ -290,7 +290,7 @@ def test_saved_and_quantized_n15_policies_reload_as_n15(tmp_path, tokenizer_json
     assert read_config(tmp_path / "q").variant == "n15"
     assert read_config(saved).image_token_id == read_config(tmp_path / "q").image_token_id == 151669
     q = Policy.load(tmp_path / "q")
-    assert isinstance(q, ExternalPolicy) and isinstance(q.model, GR00TN15Model) and q.scheme == "w8a8"
+    assert isinstance(q.io, ExternalIO) and isinstance(q.model, GR00TN15Model) and q.scheme == "w8a8"
     assert q.model.embodiment_id == 31
     assert sum(isinstance(m, QuantLinear) for m in q.model.modules()) == len(res.meta["modules"]) > 0
     got = q.predict(obs, seed=3).actions

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from quantvla_core import Observation, Policy
 from quantvla_core.checkpoint import CheckpointError
 from quantvla_core.config import DecoderConfig, ModelConfig, VisionConfig
-from quantvla_core.loaders import load_external, read_io
+from quantvla_core.loaders import read_io
 from quantvla_core.loaders.imaging import images_to_model
 from quantvla_core.loaders.robots import ROBOTS, robot_transform
 from quantvla_core.models import build_model
@@ -144,7 +144,7 @@ def test_libero_checkpoint_recognised_from_its_asset_id(tmp_path, sp_model, monk
     pol.save_io(tmp_path / "derived")
     assert read_io(tmp_path / "derived").robot == "libero"
     # robot 'none': the plain unnormalised first 7 dims
-    plain = load_external(d, robot="none")
+    plain = Policy.load(d, robot="none")
     np.testing.assert_allclose(constant_velocity(plain, bias, Observation([frame], "open the drawer", state)),
                                np.tile(want - np.r_[state[:6], 0.0], (HORIZON, 1)), rtol=1e-5, atol=1e-5)
 
@@ -152,7 +152,7 @@ def test_libero_checkpoint_recognised_from_its_asset_id(tmp_path, sp_model, monk
 def test_aloha_checkpoint_by_name_and_refusals(tmp_path, sp_model):  # noqa: F811
     d, stats = write_openpi(tmp_path / "al", "my_aloha", 14, 14, sp_model)
     assert Policy.load(d).io.robot == "none"  # unknown asset id: no transform unless asked
-    pol = load_external(d, robot="aloha")
+    pol = Policy.load(d, robot="aloha")
     state = np.linspace(0.1, 0.9, 14).astype(np.float32)
     t = robot_transform("aloha", "pi0")
     bias = np.linspace(0.3, -0.3, DIM).astype(np.float32)
@@ -163,6 +163,6 @@ def test_aloha_checkpoint_by_name_and_refusals(tmp_path, sp_model):  # noqa: F81
     np.testing.assert_allclose(got, np.tile(t.actions_out(model_out[None], t.state_in(state)), (HORIZON, 1)),
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match="accepted: libero, droid, aloha, aloha_sim, none"):
-        load_external(d, robot="franka")
+        Policy.load(d, robot="franka")
     with pytest.raises(CheckpointError, match="robot 'libero' has state 8"):
-        load_external(d, robot="libero")
+        Policy.load(d, robot="libero")

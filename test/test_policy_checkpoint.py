@@ -118,6 +118,14 @@ def test_load_errors_name_what_is_accepted(tmp_path):
         Policy.load(tmp_path / "nope")
     with pytest.raises(ValueError, match="CUDA is not available|unsupported device"):
         Policy.load("tiny", device="cuda" if not torch.cuda.is_available() else "tpu")
+    # tokenizer= / robot= belong to real (LeRobot / openpi) checkpoints; elsewhere they would be ignored
+    d = tmp_path / "m"
+    save_tiny(d)
+    for source in ("tiny", d):
+        with pytest.raises(ValueError, match="apply to a LeRobot or openpi checkpoint directory"):
+            Policy.load(source, robot="libero")
+        with pytest.raises(ValueError, match="apply to a LeRobot or openpi checkpoint directory"):
+            Policy.load(source, tokenizer=tmp_path / "tokenizer.model")
 
 
 @pytest.mark.parametrize("name,attr,missing", [

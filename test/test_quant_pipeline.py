@@ -365,7 +365,7 @@ def test_real_checkpoint_keeps_its_io_through_quantization(tmp_path):
     """A LeRobot pi0.5 directory (written in the real key layout by the loader tests' helpers)
     quantizes into an artifact that keeps its tokenizer, prompt format and normalisation."""
     import test_loaders as loaders_tests  # the loader tests write the real key layout
-    from quantvla_core.loaders import ExternalPolicy
+    from quantvla_core.loaders import ExternalIO
     sp = tmp_path / "sp"
     sp.mkdir()
     import sentencepiece as spm
@@ -379,14 +379,14 @@ def test_real_checkpoint_keeps_its_io_through_quantization(tmp_path):
     ckpt = loaders_tests.write_lerobot(tmp_path / "ckpt", "pi05", loaders_tests.planted_state("pi05"),
                                        tokenizer=sp / "tok.model")
     teacher = Policy.load(ckpt)
-    assert isinstance(teacher, ExternalPolicy) and teacher.state_dim == loaders_tests.ROBOT_STATE
+    assert isinstance(teacher.io, ExternalIO) and teacher.state_dim == loaders_tests.ROBOT_STATE
     r = quantize(teacher, QuantConfig(scheme="w8a8", calib_samples=3), "synthetic", progress=False)
-    assert isinstance(r.policy, ExternalPolicy)
+    assert isinstance(r.policy.io, ExternalIO)
     out = tmp_path / "art"
     r.save(out)
     (ckpt / "tokenizer.model").unlink()  # the artifact carries its own copy
     back = Policy.load(out)
-    assert isinstance(back, ExternalPolicy) and back.scheme == "w8a8" and back.io.format == "lerobot/pi05"
+    assert isinstance(back.io, ExternalIO) and back.scheme == "w8a8" and back.io.format == "lerobot/pi05"
     obs = Observation(loaders_tests.frames(1), "push the button", np.array([0.2, -1.0, 1.0]))
     a_mem, a_disk = r.policy.predict(obs, seed=1).actions, back.predict(obs, seed=1).actions
     np.testing.assert_array_equal(a_disk, a_mem)

@@ -24,8 +24,8 @@ from quantvla_ros.diagnostics import level_of  # noqa: E402
 from quantvla_ros.image_conversion import rgb_to_compressed, rgb_to_image  # noqa: E402
 from quantvla_ros.node_process import start_node, stop_node, write_params  # noqa: E402
 
-from test_ros_policy_node import (JOINTS, Harness, _domain_id,  # noqa: E402
-                                  _log_lines, _node_params)
+from test_ros_policy_node import (JOINTS, STAMP_TOLERANCE_S, Harness, _domain_id,  # noqa: E402
+                                  _log_lines, _node_params, wait_past)
 from conftest import loopback_ros_env  # noqa: E402
 
 NODE = "survivor"
@@ -75,10 +75,22 @@ def _settled(h):
 
 
 def _outside_tolerance():
-    """The valid camera1 frames sent so far are older than stamp_tolerance_s (0.02 s) after
-    this, so a camera0 frame sent next cannot pair with them (a stamp spacing, not a wait for
-    the node)."""
-    time.sleep(0.05)
+    """The valid camera1 frames sent so far are older than stamp_tolerance_s after this, so a
+    camera0 frame sent next cannot pair with them (a stamp spacing: real time must pass, as the
+    stamps come from the clock)."""
+    wait_past(STAMP_TOLERANCE_S)
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (Linux: SigCgt in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (int(sig) - 1) & 1)
+    except FileNotFoundError:  # exited
+        pass
+    return False
 
 
 def _no_trajectory_for(h, stamps):
@@ -103,7 +115,7 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
             status = h.status("inputs")
             if status is not None and level_of(status) == 2 and "camera lost" in status.message:
                 break
-            time.sleep(0.05)
+            time.sleep(0.05)  # camera0 streams at ~20 Hz while camera1's age grows: real time
         status = h.status("inputs")
         assert level_of(status) == 2 and "camera1" in status.message, status.message
         v = h.values("inputs")
@@ -121,7 +133,7 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
             if s is not None and level_of(s) == 1 and "camera stale" in s.message:
                 seen_warn.append(s.message)
                 break
-            time.sleep(0.02)
+            time.sleep(0.02)  # camera0 streams while camera1 ages into the WARN window: real time
         assert seen_warn, "no WARN while camera1 was stale but not yet lost"
         # both cameras stop: both ages grow, still no action from the last (now stale) frames
         h.wait_for(lambda: float(h.values("inputs")["camera0_age_s"]) > 1.5
@@ -393,7 +405,13 @@ def test_stop_request_during_configure_and_imports_exits_cleanly(ros_env, tmp_pa
     log2 = str(tmp_path / "import.log")
     proc = start_node("policy_node", params, log2, extra_args=["-r", "__node:=early"])
     try:
-        time.sleep(0.3)  # inside the imports (torch, rclpy), before main() runs
+        # The executable's first statement installs the stop-request handler (early_signals),
+        # then the heavy imports start: signal as soon as the handler is there.
+        end = time.monotonic() + 60
+        while not _catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.001)
+        assert _catches(proc.pid, signal.SIGTERM), "the executable never installed its SIGTERM handler"
+        assert not _log_lines(log2, "GIL switch interval")  # main() has not started
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
     finally:

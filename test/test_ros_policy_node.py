@@ -39,6 +39,22 @@ LATCHED = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=Relia
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
 JOINTS = ["shoulder", "elbow", "wrist", "gripper"]
 HORIZON, DT = 8, 0.05
+# The node's stamp_tolerance_s here: camera frames further apart than this are not one set.
+STAMP_TOLERANCE_S = 0.02
+# How much later than a timeout a test looks: the input is then older than the timeout for sure
+# (the node's clock and this process's sleep differ by scheduling jitter, not by more).
+TIMEOUT_MARGIN_S = 0.1
+# send_pair publishes camera1 this long before camera0 (the reference camera), so the partner
+# frame is usually at the node first; a reference arriving first is still matched on the
+# partner's arrival, but is counted as an unmatched set meanwhile. DDS orders nothing across
+# topics, so only time can make this order likely.
+PARTNER_LEAD_S = 0.005
+
+
+def wait_past(timeout_s: float) -> None:
+    """Let real time pass beyond a node timeout (an input going stale is what such a test is
+    about: no event can stand in for the clock)."""
+    time.sleep(timeout_s + TIMEOUT_MARGIN_S)
 FASTDDS_PROFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "config", "fastdds_large_data.xml")  # the tiny preset's horizon; action_dt given to the node
 
@@ -106,7 +122,7 @@ class Harness:
         stamp = stamp or self.stamp()
         if cam1 is not False:  # False: a one-camera node
             self.cam1.publish(cam1 if cam1 is not None else self.jpeg_msg(stamp))
-            time.sleep(0.005)
+            time.sleep(PARTNER_LEAD_S)
         self.cam0.publish(cam0 if cam0 is not None else self.image(stamp))
         return stamp
 
@@ -209,7 +225,7 @@ def _node_params(prefix, **over):
         "instruction_topic": f"/{prefix}/instruction", "joint_state_topic": f"/{prefix}/joint_states",
         "trajectory_topic": f"/{prefix}/traj", "diagnostics_topic": f"/{prefix}/diagnostics",
         "joint_names": JOINTS, "action_dt": DT, "diagnostics_period_s": 0.2, "log_quiet_s": 60.0,
-        "stamp_tolerance_s": 0.02, "image_timeout_s": 2.0, "joint_state_timeout_s": 0.0,
+        "stamp_tolerance_s": STAMP_TOLERANCE_S, "image_timeout_s": 2.0, "joint_state_timeout_s": 0.0,
         "warmup_count": 1, "max_image_pixels": 1_000_000, "num_threads": 1,
     }
     params.update(over)
@@ -313,7 +329,6 @@ def test_bad_raw_image_is_refused_counted_and_logged_once(active_node, code):
         s = h.stamp()
         stamps.append(s)
         h.send_pair(s, cam0=BAD_IMAGES[code](h, s))
-        time.sleep(0.03)
     h.wait_for(lambda: h.counter(f"invalid.camera0.{code}") > before, 5.0, f"{code} counted")
     h.wait_for(lambda: level_of(h.status("inputs")) == 2 and code in h.status("inputs").message,
                2.0, "an ERROR naming the failure class")
@@ -338,7 +353,6 @@ def test_really_large_image_is_refused(active_node):
         s = h.stamp()
         big.header.stamp = s
         stamps.append(h.send_pair(s, cam0=big))
-        time.sleep(0.05)
     h.wait_for(lambda: h.counter("invalid.camera0.too_large") > before, 5.0, "1300x800 refused")
     h.act()
     assert all(h.trajectory_for(s) is None for s in stamps) and proc.poll() is None
@@ -348,14 +362,14 @@ def test_corrupt_jpeg_on_compressed_camera_gives_no_action(active_node):
     h, proc, _ = active_node
     before = h.counter("invalid.camera1.corrupt")
     unmatched = int(h.values("inputs")["unmatched_frame_sets"])
-    time.sleep(0.1)  # older valid camera1 frames are now out of stamp_tolerance_s (0.02 s)
+    wait_past(STAMP_TOLERANCE_S)  # older valid camera1 frames are now out of stamp_tolerance_s
     stamps = [h.send_pair(cam1=h.jpeg_msg(h.stamp(), h.jpeg[:100] + bytes(200))) for _ in range(3)]
     h.wait_for(lambda: h.counter("invalid.camera1.corrupt") > before, 5.0, "corrupt jpeg counted")
     h.wait_for(lambda: int(h.values("inputs")["unmatched_frame_sets"]) > unmatched, 5.0,
                "camera0 frames without a camera1 partner counted as unmatched")
     # The valid camera0 frames of those stamps may still pair with a valid camera1 frame
     # sent within stamp_tolerance_s; keep the next valid pair further away than that.
-    time.sleep(0.1)
+    wait_past(STAMP_TOLERANCE_S)
     h.act()
     assert all(h.trajectory_for(s) is None for s in stamps) and proc.poll() is None
 
@@ -444,8 +458,9 @@ def test_live_parameters_limits_clipping_dry_run_and_refusals(active_node):
 
 def test_instruction_and_joint_state_watchdogs(active_node):
     h, proc, _ = active_node
-    assert all(r.successful for r in h.set_params("policy_node", instruction_timeout_s=0.3))
-    time.sleep(0.4)  # the latched instruction is now older than 0.3 s
+    timeout_s = 0.3
+    assert all(r.successful for r in h.set_params("policy_node", instruction_timeout_s=timeout_s))
+    wait_past(timeout_s)  # the latched instruction is now older than the timeout
     stamps = [h.send_pair() for _ in range(2)]
     h.wait_for(lambda: h.counter("stale.instruction.stale") > 0, 5.0, "stale instruction")
     assert level_of(h.status("inputs")) >= 1  # WARN (ERROR if an invalid input is also recent)
@@ -453,33 +468,36 @@ def test_instruction_and_joint_state_watchdogs(active_node):
     assert all(h.trajectory_for(s) is None for s in stamps)
     h.set_params("policy_node", instruction_timeout_s=0.0)
     h.act()
-    h.set_params("policy_node", joint_state_timeout_s=0.3)
-    time.sleep(0.4)
+    h.set_params("policy_node", joint_state_timeout_s=timeout_s)
+    wait_past(timeout_s)  # the last joint state is now older than the timeout
     stamps = [h.send_pair() for _ in range(2)]
     h.wait_for(lambda: h.counter("stale.joint_state.stale") > 0, 5.0, "stale joint state")
     assert all(h.trajectory_for(s) is None for s in stamps)
-    h.act(joints=True)  # fresh states within the 0.3 s timeout: it acts again
+    h.act(joints=True)  # fresh states within the timeout: it acts again
     h.set_params("policy_node", joint_state_timeout_s=0.0)
     assert proc.poll() is None
 
 
 def test_replan_rate_keeps_newest_frame_and_callbacks_keep_running(active_node):
     h, _, _ = active_node
-    assert all(r.successful for r in h.set_params("policy_node", replan_rate_hz=2.0))
-    time.sleep(0.6)  # let the rate limiter's clock start from a finished inference
+    rate_hz, frame_period_s = 2.0, 0.05  # frames at 20 Hz into a node that may act at 2 Hz
+    assert all(r.successful for r in h.set_params("policy_node", replan_rate_hz=rate_hz))
+    # The limiter spaces inferences 1 / rate_hz apart from the last one (of an earlier test);
+    # a full period must pass so that it counts from a finished inference, not from that one.
+    wait_past(1.0 / rate_hz)
     before = h.values("inputs")
     with h.lock:
         n_traj = len(h.trajectories)
     t0 = time.monotonic()
-    for _ in range(30):  # 20 Hz for 1.5 s
+    for _ in range(30):  # a camera stream: real time between frames is the point
         h.send_pair()
-        time.sleep(0.05)
+        time.sleep(frame_period_s)
     elapsed = time.monotonic() - t0
-    time.sleep(0.5)
+    time.sleep(1.0 / rate_hz)  # the newest frame held by the limiter is run one period later
     h.set_params("policy_node", replan_rate_hz=0.0)
     with h.lock:
         chunks = len(h.trajectories) - n_traj
-    assert 1 <= chunks <= math.ceil((elapsed + 0.5) * 2.0) + 1  # 2 Hz over the whole window
+    assert 1 <= chunks <= math.ceil((elapsed + 1.0 / rate_hz) * rate_hz) + 1  # rate_hz over the window
     h.wait_for(lambda: int(h.values("inputs")["camera0_received"])
                >= int(before["camera0_received"]) + 25, 5.0, "every frame received")
     assert int(h.values("inputs")["camera0_dropped"]) >= int(before["camera0_dropped"]) + 20
@@ -491,7 +509,7 @@ def test_weighted_average_blends_overlap_aligned_by_stamp(active_node):
     _, raw = h.act()  # same image/state/instruction/seed every time: the model output is fixed
     raw = np.array([p.positions for p in raw.points])
     assert all(r.successful for r in h.set_params("policy_node", chunk_aggregation="weighted_average"))
-    time.sleep(0.5)  # > horizon * dt: the next chunk has nothing to blend with
+    wait_past(HORIZON * DT)  # the chunk has played out: the next one has nothing to blend with
     s1 = h.send_pair()
     h.wait_for(lambda: h.trajectory_for(s1) is not None, 5.0, "first chunk")
     first = h.trajectory_for(s1)
@@ -513,12 +531,13 @@ def test_stale_joint_state_gives_no_action_even_when_not_required(active_node):
     """require_joint_state false feeds zeros only before any state came; a state that came and
     went stale is refused like on the required path (docs: stale joint states give no action)."""
     h, proc, _ = active_node
+    timeout_s = 0.5
     assert all(r.successful for r in h.set_params("policy_node", require_joint_state=False,
-                                                  joint_state_timeout_s=0.5))
+                                                  joint_state_timeout_s=timeout_s))
     try:
         h.act(joints=True)
         before = h.counter("stale.joint_state.stale")
-        time.sleep(0.7)  # the last joint state is now older than 0.5 s
+        wait_past(timeout_s)  # the last joint state is now older than the timeout
         stamps = [h.send_pair() for _ in range(2)]
         h.wait_for(lambda: h.counter("stale.joint_state.stale") > before, 5.0,
                    "a stale joint state refused although not required")
@@ -546,7 +565,7 @@ def test_limits_apply_to_the_blended_chunk(active_node):
     try:
         assert all(r.successful for r in h.set_params("policy_node",
                                                       chunk_aggregation="weighted_average"))
-        time.sleep(0.5)  # > horizon * dt: the next chunk has nothing to blend with
+        wait_past(HORIZON * DT)  # the chunk has played out: the next one has nothing to blend with
         s1 = h.send_pair()
         h.wait_for(lambda: h.trajectory_for(s1) is not None, 5.0, "unlimited first chunk")
         np.testing.assert_allclose([p.positions for p in h.trajectory_for(s1).points], raw,
@@ -784,7 +803,8 @@ def test_chunk_from_a_frame_that_went_stale_during_inference_is_not_published(ro
     """An inference slower than image_timeout_s: its chunk is dropped (counted), not sent."""
     from rclpy.lifecycle import TransitionCallbackReturn as R
 
-    ctx, node = _inproc_node(ros_env, "qf", image_timeout_s=0.3)
+    image_timeout_s = 0.3
+    ctx, node = _inproc_node(ros_env, "qf", image_timeout_s=image_timeout_s)
     gated = None
     try:
         assert node.trigger_configure() == R.SUCCESS
@@ -794,7 +814,7 @@ def test_chunk_from_a_frame_that_went_stale_during_inference_is_not_published(ro
         assert node.trigger_activate() == R.SUCCESS
         _feed(node)
         assert gated.entered.wait(10.0), "the inference never started"
-        time.sleep(0.4)  # the frame's age passes image_timeout_s while the model runs
+        wait_past(image_timeout_s)  # the frame's age passes image_timeout_s while the model runs
         gated.gate.set()
         end = time.monotonic() + 10.0
         while node._counters.get("chunks_dropped_stale") == 0 and time.monotonic() < end:

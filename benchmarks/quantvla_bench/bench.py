@@ -23,14 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
-import datetime as _dt
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -44,18 +39,16 @@ from tqdm import tqdm
 from quantvla_core.config import PRESETS, preset
 from quantvla_core.fileio import atomic_write_bytes, atomic_write_json
 from quantvla_core.memory_accounting import format_memory, memory_table
-from quantvla_core.policy import Observation, Policy, resolve_device
+from quantvla_core.policy import resolve_device
 
 from .chunk_timing import ChunkRunner, model_bytes, peak_memory_chunk
-from .variants import (PEER_SETS, PEERS, QUANT_BITS, QUANTIZERS, SCHEMES, apply_ao_dynamic_int8, apply_torchao,
-                       build_fp_model, calibrated_student, check_peers, check_schemes, peer_available,
-                       quick_quantize, with_activation_bits)
+from .machine import device_tag, environment
+from .runs import Variants as _Variants, observation as _observation
+from .variants import (PEER_SETS, PEERS, QUANTIZERS, SCHEMES, check_peers, check_schemes, peer_available)
 
-CHECKOUT = Path(__file__).resolve().parents[2]  # the git checkout this benchmark runs from
 DEFAULT_OUT = Path("runs") / "bench"  # relative to the current directory; ./runs is git-ignored
 COMPILE_MIN_WARMUP = 2  # torch.compile's first chunks compile (and recompile once on a guard): never timed
 CENSUS_BACKENDS = ("auto", "triton")
-FRAME_HW = (240, 320)  # a typical robot camera frame; resizing it is part of the chunk
 TABLE_COLUMNS = ("preset", "cams", "steps", "variant", "exec", "total ms", "x FP", "preprocess", "vision",
                  "prefix", "step", "denoise", "post", "cpu total", "x FP cpu", "peak MiB")
 
@@ -193,155 +186,6 @@ class BenchOptions:
 
 # ---- environment -------------------------------------------------------------------------------
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "-C", str(CHECKOUT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                           text=True, timeout=5)
-        return r.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _git_dirty() -> bool | None:
-    """Whether the code that ran differs from the commit (library, kernels, benchmarks)."""
-    try:
-        r = subprocess.run(["git", "-C", str(CHECKOUT), "status", "--porcelain", "--", "quantvla_core", "kernels",
-                            "benchmarks"], capture_output=True, text=True, timeout=5)
-        return bool(r.stdout.strip()) if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device, threads: int, argv: list[str] | None) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv)),
-        "git_commit": _git_commit(),
-        "git_dirty": _git_dirty(),
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-        "device": str(device),
-    }
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        env["loadavg_start"] = list(os.getloadavg())
-    except OSError:
-        pass
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
-    return env
-
-
-def device_tag(env: dict[str, Any]) -> str:
-    if "gpu" in env:
-        name = env["gpu"].lower()
-        for key in ("h200", "h100", "a100", "l40s", "a10", "orin", "4090"):
-            if key in name:
-                return key
-        return "".join(ch for ch in name if ch.isalnum())[:16] or "cuda"
-    return "cpu"
-
-
-# ---- variants ------------------------------------------------------------------------------------
-
-def _observation(cfg, cameras: int, seed: int = 0) -> Observation:
-    rng = np.random.default_rng(seed)
-    imgs = [rng.integers(0, 256, (*FRAME_HW, 3), dtype=np.uint8) for _ in range(cameras)]
-    return Observation(images=imgs, instruction="pick up the red cup and place it in the bin",
-                       state=rng.normal(0, 0.5, cfg.state_dim).astype(np.float32))
-
-
-def _policy(model, cfg, name: str, opts: BenchOptions, scheme: str) -> Policy:
-    return Policy(model, cfg, name=name, device=opts.device, dtype=opts.dtype, scheme=scheme)
-
-
-class _Variants:
-    """Builds the variants of one (preset, cameras) lazily, sharing work between them."""
-
-    def __init__(self, cfg, opts: BenchOptions):
-        self.cfg, self.opts = cfg, opts
-        self.torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.dtype]
-        self._fp: Policy | None = None
-        self._w4a8: Policy | None = None
-
-    def fp(self) -> Policy:
-        if self._fp is None:
-            model = build_fp_model(self.cfg, self.opts.device, self.torch_dtype)
-            self._fp = _policy(model, self.cfg, f"{self.cfg.name}-{self.opts.dtype}", self.opts, "fp")
-        return self._fp
-
-    def quantized(self, scheme: str) -> Policy:
-        o = self.opts
-        if o.quantizer == "calib":
-            return calibrated_student(self.fp(), scheme, "synthetic:4", o.layout)
-        if scheme == "w4a4" and self._w4a8 is not None:  # same int4 weights, 4-bit activations
-            model = with_activation_bits(copy.deepcopy(self._w4a8.model), 4)
-            return _policy(model, self.cfg, f"{self.cfg.name}-w4a4", o, "w4a4")
-        model = build_fp_model(self.cfg, o.device, self.torch_dtype)
-        quick_quantize(model, self.cfg.arch, scheme, o.layout, transforms=o.transforms)
-        pol = _policy(model, self.cfg, f"{self.cfg.name}-{scheme}", o, scheme)
-        if scheme == "w4a8":
-            self._w4a8 = pol
-        return pol
-
-    def peer(self, name: str) -> Policy:
-        o = self.opts
-        if name == "compile":
-            fp = self.fp()
-            pol = copy.copy(fp)
-            pol.model = _CompiledModel(fp.model)
-            pol.name, pol.scheme = f"{fp.name}+compile", "compile"
-            return pol
-        if name == "bf16":  # the same seeded FP weights, cast to bfloat16
-            model = build_fp_model(self.cfg, o.device, torch.bfloat16)
-            return Policy(model, self.cfg, name=f"{self.cfg.name}-bf16", device=o.device, dtype="bf16", scheme="bf16")
-        model = build_fp_model(self.cfg, o.device, self.torch_dtype)
-        if name == "ao-dynamic-int8":
-            if self.torch_dtype != torch.float32:
-                raise ValueError(f"ao-dynamic-int8 takes fp32 activations; FP here is {o.dtype} (use --dtype fp32)")
-            apply_ao_dynamic_int8(model, self.cfg.arch, o.layout)
-        else:
-            apply_torchao(model, self.cfg.arch, name, o.layout)
-        return _policy(model, self.cfg, f"{self.cfg.name}-{name}", o, name)
-
-    def build(self, variant: str) -> Policy:
-        if variant == "fp":
-            return self.fp()
-        if variant in QUANT_BITS:
-            return self.quantized(variant)
-        return self.peer(variant)
-
-
-class _CompiledModel:
-    """The FP model with its three stage functions through torch.compile (inductor's default
-    mode: fusion without GEMM autotuning, which would take minutes on a 3B model, and without
-    inductor CUDA graphs: the benchmark captures its own, as for every other variant)."""
-
-    def __init__(self, model):
-        self._model = model
-        kw = {"dynamic": False}
-        self.encode_images = torch.compile(model.encode_images, **kw)
-        self.encode_prefix = torch.compile(model.encode_prefix, **kw)
-        self.denoise_step = torch.compile(model.denoise_step, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 # ---- measurement ---------------------------------------------------------------------------------

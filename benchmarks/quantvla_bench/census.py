@@ -424,7 +424,8 @@ def census_variants(opts) -> list[str]:
 
 def run_census(opts, argv: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Census of every (preset, cameras, variant). Returns the JSON dict."""
-    from .bench import _observation, _Variants, environment
+    from .machine import environment
+    from .runs import Variants as _Variants, observation as _observation
     from quantvla_core.config import preset
     if opts.device.type == "cpu":
         torch.set_num_threads(opts.threads)
@@ -540,7 +541,7 @@ def format_census(result: dict[str, Any]) -> str:
 
 
 def write_census(result: dict[str, Any], out_dir: Path, tag: str | None) -> dict[str, Path]:
-    from .bench import device_tag
+    from .machine import device_tag
     from quantvla_core.fileio import atomic_write_bytes, atomic_write_json
     env, o = result["environment"], result["options"]
     stem = tag or (f"census-{device_tag(env)}-{env['date_utc'][:10]}-{'+'.join(o['presets'])}"

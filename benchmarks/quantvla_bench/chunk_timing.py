@@ -120,7 +120,7 @@ class ChunkRunner:
         batch, noise = self._inputs()
         mark("preprocess")
         x = self.model.sample_actions(batch, noise, self.num_steps, on_stage=mark)
-        self.last_actions = self.policy.robot_actions(x)
+        self.last_actions = self.policy.robot_actions(x, self.obs)
         mark("postprocess")
         out = finish()
         out["total"] = (time.perf_counter() - t0) * 1e3
@@ -153,7 +153,7 @@ class ChunkRunner:
                 current[0].__exit__(*sys.exc_info())
             raise
         with stage("postprocess"):
-            self.last_actions = self.policy.robot_actions(x)
+            self.last_actions = self.policy.robot_actions(x, self.obs)
         return self.last_actions
 
     # -- CUDA graphs -------------------------------------------------------------------------
@@ -224,7 +224,7 @@ class ChunkRunner:
         for i, g in enumerate(gr["steps"]):
             g.replay()
             mark(f"denoise_step_{i}")
-        self.last_actions = self.policy.robot_actions(gr["x_out"])
+        self.last_actions = self.policy.robot_actions(gr["x_out"], self.obs)
         mark("postprocess")
         out = finish()
         out["total"] = (time.perf_counter() - t0) * 1e3

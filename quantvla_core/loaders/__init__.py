@@ -1,13 +1,14 @@
-"""Real checkpoint formats -> our reference modules, wrapped as a Policy.
+"""Real checkpoint formats -> our reference modules and the checkpoint's IO conventions.
 
-`load_external(dir)` recognises:
+`read_external(dir)` recognises:
 - LeRobot policy directories (config.json `"type"`: pi0, pi05, smolvla, groot = GR00T N1.5);
 - openpi PyTorch checkpoints (config.json with `paligemma_variant` / `action_horizon`, written by
   openpi's convert_jax_model_to_pytorch, + assets/<asset_id>/norm_stats.json), pi0 and pi0.5.
 Weights are mapped by name (keymap.Rule lists per format), the model size is derived from the
-tensors, and the returned ExternalPolicy applies the original tokenizer / prompt format,
-resize-with-pad and normalisation. `Policy.load(dir)` calls this for any directory that has a
-model.safetensors but no quantvla manifest.json.
+tensors, and the returned ExternalCheckpoint's `io` (an ExternalIO) applies the original tokenizer /
+prompt format, resize-with-pad and normalisation once a Policy holds it. `Policy.load(dir)` calls
+this for any directory that has a model.safetensors but no quantvla manifest.json; this package
+never imports the Policy (the dependency points one way: policy -> loaders).
 """
 from __future__ import annotations
 
@@ -18,15 +19,14 @@ import torch
 from ..checkpoint import CheckpointError, MODEL_FILE, load_tensors, read_json
 from ..models import build_model
 from . import groot, paligemma, smolvla
-from .external import IO_FILE, ExternalIO, ExternalPolicy, read_io
+from .external import IO_FILE, ExternalCheckpoint, ExternalIO, read_io
 from .keymap import load_mapped, map_keys, strip_prefix
 from .lerobot import LEROBOT_TYPES, read_lerobot_config, lerobot_normalizers
 from .normalization import FeatureNormalizer, groot_processor, openpi_norm_stats
 from .robots import ROBOTS, robot_from_asset, robot_transform
 from .text import find_tokenizer_file
 
-__all__ = ["load_external", "detect_format", "ExternalPolicy", "ExternalIO", "read_io", "IO_FILE", "FORMATS",
-           "with_saved_io"]
+__all__ = ["read_external", "detect_format", "ExternalCheckpoint", "ExternalIO", "read_io", "IO_FILE", "FORMATS"]
 
 FORMATS = ("lerobot/pi0", "lerobot/pi05", "lerobot/smolvla", "lerobot/groot", "openpi/pi0", "openpi/pi05")
 
@@ -96,9 +96,10 @@ def _build(cfg):
     return build_model(cfg, device="meta")
 
 
-def load_external(path: str | Path, device: str | torch.device | None = "cpu", dtype: str | None = None,
-                  seed: int = 0, tokenizer: str | Path | None = None, robot: str | None = None) -> ExternalPolicy:
-    """Load a LeRobot or openpi checkpoint directory as a Policy (see module docstring).
+def read_external(path: str | Path, tokenizer: str | Path | None = None, robot: str | None = None
+                  ) -> ExternalCheckpoint:
+    """Convert a LeRobot or openpi checkpoint directory (see module docstring); `Policy.load(path,
+    tokenizer=..., robot=...)` is the way to get a Policy from it.
 
     `robot` (openpi only): the robot's data transforms, one of robots.ROBOTS ("libero", "droid", "aloha",
     "aloha_sim", "none"); default $QUANTVLA_ROBOT, else from the asset id of the published checkpoints
@@ -108,12 +109,12 @@ def load_external(path: str | Path, device: str | torch.device | None = "cpu", d
     source = str(directory / MODEL_FILE)
     tensors = load_tensors(directory / MODEL_FILE)
     if fmt.startswith("openpi/"):
-        return _load_openpi(directory, fmt, tensors, source, device, dtype, seed, tokenizer, robot)
+        return _load_openpi(directory, fmt, tensors, source, tokenizer, robot)
     if robot not in (None, "none"):
         raise CheckpointError(f"{directory}: robot transforms are openpi's; a {fmt} checkpoint takes robot=None")
     cfg = read_lerobot_config(directory)
     if cfg.type == "groot":
-        return _load_groot(directory, cfg, tensors, source, device, dtype, seed, tokenizer)
+        return _load_groot(directory, cfg, tensors, source, tokenizer)
     t, original = strip_prefix(tensors, "model.")
     if cfg.type in ("pi0", "pi05"):
         pi05 = cfg.type == "pi05"
@@ -162,7 +163,7 @@ def load_external(path: str | Path, device: str | torch.device | None = "cpu", d
                     state_norm=state_norm, action_norm=action_norm,
                     tokenizer_path=_tok_path(directory, tok_name, tokenizer), source=str(directory),
                     notes=notes + COMMON_NOTES)
-    return ExternalPolicy(model, mcfg, io=io, name=directory.name, device=device, dtype=dtype, seed=seed)
+    return ExternalCheckpoint(model, mcfg, io)
 
 
 def _tok_path(directory: Path, name: str, explicit) -> str | None:
@@ -170,7 +171,7 @@ def _tok_path(directory: Path, name: str, explicit) -> str | None:
     return str(p) if p is not None else None
 
 
-def _load_openpi(directory: Path, fmt: str, tensors, source: str, device, dtype, seed, tokenizer, robot=None):
+def _load_openpi(directory: Path, fmt: str, tensors, source: str, tokenizer, robot=None) -> ExternalCheckpoint:
     cfg = read_json(directory / "config.json", "openpi config")
     pi05 = fmt == "openpi/pi05"
     mapped = map_keys(paligemma.normalise_variants(tensors, pi05), paligemma.RULES)
@@ -218,16 +219,10 @@ def _load_openpi(directory: Path, fmt: str, tensors, source: str, device, dtype,
                     action_norm=FeatureNormalizer("actions", action_dim, mode, stats["actions"], "openpi"),
                     tokenizer_path=_tok_path(directory, "tokenizer.model", tokenizer), source=str(directory),
                     notes=notes + COMMON_NOTES + robot_notes, robot=robot)
-    return ExternalPolicy(model, mcfg, io=io, name=directory.name, device=device, dtype=dtype, seed=seed)
+    return ExternalCheckpoint(model, mcfg, io)
 
 
-def with_saved_io(policy, directory: str | Path):
-    """A policy loaded from a quantvla model dir that carries policy_io.json gets its IO back."""
-    io = read_io(Path(directory))
-    return policy if io is None else ExternalPolicy.wrap(policy, io)
-
-
-def _load_groot(directory: Path, cfg, tensors, source: str, device, dtype, seed, tokenizer):
+def _load_groot(directory: Path, cfg, tensors, source: str, tokenizer) -> ExternalCheckpoint:
     t, original = strip_prefix(tensors, "_groot_model.")
     if any(k.startswith("backbone.eagle_linear.") for k in t):
         raise CheckpointError(f"{directory}: unsupported variant: backbone.eagle_linear (project_to_dim) is set; "
@@ -263,4 +258,4 @@ def _load_groot(directory: Path, cfg, tensors, source: str, device, dtype, seed,
                     state_norm=norms[0], action_norm=norms[1],
                     tokenizer_path=_tok_path(directory, "tokenizer.json", tokenizer), source=str(directory),
                     notes=GROOT_NOTES + COMMON_NOTES)
-    return ExternalPolicy(model, mcfg, io=io, name=directory.name, device=device, dtype=dtype, seed=seed)
+    return ExternalCheckpoint(model, mcfg, io)

@@ -1,4 +1,4 @@
-"""A Policy whose inputs and outputs follow a real checkpoint's conventions.
+"""A real checkpoint's input / output conventions, as the component a Policy holds (`policy.io`).
 
 The model itself is one of ours (weights mapped by name); what differs from the reference
 policies is everything around it, which `ExternalIO` holds and `policy_io.json` stores:
@@ -7,6 +7,9 @@ normalisation (mode, statistics, epsilon convention) and the robot's true state 
 (the model works on vectors zero-padded to `config.state_dim` / `config.action_dim`), and for
 openpi checkpoints the robot's data transforms (`robot`, see robots.py): applied to the state and
 camera list before normalisation and to the unnormalised actions after the model.
+
+ExternalIO fulfils the contract of policy_io.PolicyIO (the Policy calls it; this module does not
+import the Policy, so that Policy.load can use the loaders without an import cycle).
 """
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
+from ..config import ModelConfig
 from ..fileio import atomic_write_json
 from ..models import Batch
-from ..policy import ActionChunk, Observation, Policy
 from .imaging import PAD_MODES, images_to_model
 from .normalization import FeatureNormalizer, pad
 from .robots import ROBOTS, RobotTransform, robot_transform
@@ -68,6 +72,61 @@ class ExternalIO:
             self._tokenizer = tok
         return self._tokenizer
 
+    # -- the PolicyIO contract (policy_io.py) ---------------------------------------------------
+    def robot_for(self, config: ModelConfig) -> RobotTransform | None:
+        """The openpi robot transform for this model's architecture; None for robot 'none'."""
+        return robot_transform(self.robot, config.arch)
+
+    def state_dim(self, config: ModelConfig) -> int:
+        robot = self.robot_for(config)
+        return robot.state_dim if robot is not None else self.state_norm.dim
+
+    def action_dim(self, config: ModelConfig) -> int:
+        robot = self.robot_for(config)
+        return robot.action_dim if robot is not None else self.action_norm.dim
+
+    def describe(self, config: ModelConfig) -> dict[str, Any]:
+        return {"action_dim": self.action_dim(config), "state_dim": self.state_dim(config), "format": self.format,
+                "source": self.source, "model_action_dim": config.action_dim,
+                "model_state_dim": config.state_dim, "differences": list(self.notes), "robot": self.robot}
+
+    def to_batch(self, obs, config: ModelConfig, model: torch.nn.Module) -> Batch:
+        """The robot's input transform, the original image placement, normalisation and prompt;
+        state and actions are zero-padded to the model's sizes."""
+        robot = self.robot_for(config)
+        raw_images = robot.images_in(obs.images) if robot is not None else obs.images
+        images, image_mask = images_to_model(raw_images, config.vision.image_size, config.max_cameras, self.image_pad)
+        state = self.state_norm.normalize(robot.state_in(obs.state) if robot is not None else obs.state)
+        emb = _embedding_rows(model)
+        placeholder = getattr(config, "image_token_id", None)  # GR00T N1.5: image tokens placed inside the prompt
+        if placeholder is not None and self.prompt_style != "groot-eagle":
+            raise CheckpointError(f"{self.format} policy from {self.source}: the model places image tokens "
+                                  f"at placeholder id {placeholder}, which needs the 'groot-eagle' prompt, not "
+                                  f"{self.prompt_style!r}; re-create it from the LeRobot directory")
+        n_images = int(image_mask.sum())
+        ids = prompt_ids(self.prompt_style, self.tokenizer(emb), obs.instruction, state,
+                         n_images=n_images, tokens_per_image=config.num_image_tokens, image_token_id=placeholder)
+        if self.prompt_style == "groot-eagle" and len(ids) > config.max_text_tokens:
+            what = "" if placeholder is None else f" ({n_images} x {config.num_image_tokens} image placeholders included)"
+            raise ValueError(f"the GR00T prompt needs {len(ids)} tokens{what} but the model reads "
+                             f"{config.max_text_tokens}; accepted: a shorter instruction")
+        real = [i for i in ids if placeholder is None or i != placeholder]  # the placeholder is never embedded
+        if real and emb is not None and max(real) >= emb:
+            raise ValueError(f"token id {max(real)} is outside the model's vocabulary of {emb}; "
+                             f"{self.tokenizer_path} is not this policy's tokenizer")
+        tokens, token_mask = pad_ids(ids, config.max_text_tokens)
+        return Batch(torch.from_numpy(images)[None], torch.from_numpy(image_mask)[None],
+                     torch.from_numpy(tokens)[None], torch.from_numpy(token_mask)[None],
+                     torch.from_numpy(pad(state, config.state_dim))[None])
+
+    def actions_out(self, actions: np.ndarray, obs, config: ModelConfig) -> np.ndarray:
+        """Unnormalise (keeping the robot's action_dim of the padded output), then the robot's
+        output transform (delta -> absolute, ALOHA encoding)."""
+        out = self.action_norm.unnormalize(actions).astype(np.float32)
+        robot = self.robot_for(config)
+        return robot.actions_out(out, robot.state_in(obs.state)) if robot is not None else out
+
+    # -- policy_io.json -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": IO_FORMAT, "version": 1, "policy_format": self.format,
                 "prompt_style": self.prompt_style, "tokenizer_name": self.tokenizer_name,
@@ -114,80 +173,13 @@ def read_io(directory: Path) -> ExternalIO | None:
     return ExternalIO.from_dict(d, Path(directory))
 
 
-class ExternalPolicy(Policy):
-    """Policy with a real checkpoint's preprocessing / postprocessing (see ExternalIO)."""
-
-    def __init__(self, model, config, *, io: ExternalIO, **kwargs):
-        super().__init__(model, config, **kwargs)
-        self.io = io
-        self.state_norm = io.state_norm
-        self.action_norm = io.action_norm  # Policy.predict unnormalises through this (truncates padding)
-        self.tokenizer = None  # the user's tokenizer is opened on first predict (io.tokenizer())
-        self.robot = robot_transform(io.robot, config.arch)
-
-    @classmethod
-    def wrap(cls, policy: Policy, io: ExternalIO) -> "ExternalPolicy":
-        """Re-wrap a plain Policy (e.g. a quantized artifact) with saved IO conventions."""
-        out = cls.__new__(cls)
-        out.__dict__.update(policy.__dict__)
-        out.io, out.state_norm, out.action_norm, out.tokenizer = io, io.state_norm, io.action_norm, None
-        out.robot = robot_transform(io.robot, policy.config.arch)
-        return out
-
-    @property
-    def state_dim(self) -> int:
-        return self.robot.state_dim if self.robot is not None else self.io.state_norm.dim
-
-    @property
-    def action_dim(self) -> int:
-        return self.robot.action_dim if self.robot is not None else self.io.action_norm.dim
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d.update({"action_dim": self.action_dim, "state_dim": self.state_dim, "format": self.io.format,
-                  "source": self.io.source, "model_action_dim": self.config.action_dim,
-                  "model_state_dim": self.config.state_dim, "differences": list(self.io.notes),
-                  "robot": self.io.robot})
-        return d
-
-    def save_io(self, directory: str | Path) -> None:
-        self.io.save(directory)
-
-    def preprocess(self, obs: Observation) -> Batch:
-        cfg = self.config
-        robot: RobotTransform | None = self.robot
-        raw_images = robot.images_in(obs.images) if robot is not None else obs.images
-        images, image_mask = images_to_model(raw_images, cfg.vision.image_size, cfg.max_cameras, self.io.image_pad)
-        state = self.io.state_norm.normalize(robot.state_in(obs.state) if robot is not None else obs.state)
-        emb = _embedding_rows(self.model)
-        placeholder = getattr(cfg, "image_token_id", None)  # GR00T N1.5: image tokens placed inside the prompt
-        if placeholder is not None and self.io.prompt_style != "groot-eagle":
-            raise CheckpointError(f"{self.io.format} policy from {self.io.source}: the model places image tokens "
-                                  f"at placeholder id {placeholder}, which needs the 'groot-eagle' prompt, not "
-                                  f"{self.io.prompt_style!r}; re-create it from the LeRobot directory")
-        n_images = int(image_mask.sum())
-        ids = prompt_ids(self.io.prompt_style, self.io.tokenizer(emb), obs.instruction, state,
-                         n_images=n_images, tokens_per_image=cfg.num_image_tokens, image_token_id=placeholder)
-        if self.io.prompt_style == "groot-eagle" and len(ids) > cfg.max_text_tokens:
-            what = "" if placeholder is None else f" ({n_images} x {cfg.num_image_tokens} image placeholders included)"
-            raise ValueError(f"the GR00T prompt needs {len(ids)} tokens{what} but the model reads "
-                             f"{cfg.max_text_tokens}; accepted: a shorter instruction")
-        real = [i for i in ids if placeholder is None or i != placeholder]  # the placeholder is never embedded
-        if real and emb is not None and max(real) >= emb:
-            raise ValueError(f"token id {max(real)} is outside the model's vocabulary of {emb}; "
-                             f"{self.io.tokenizer_path} is not this policy's tokenizer")
-        tokens, token_mask = pad_ids(ids, cfg.max_text_tokens)
-        batch = Batch(torch.from_numpy(images)[None], torch.from_numpy(image_mask)[None],
-                      torch.from_numpy(tokens)[None], torch.from_numpy(token_mask)[None],
-                      torch.from_numpy(pad(state, cfg.state_dim))[None])
-        return batch.to(self.device, self.dtype)
-
-    def predict(self, obs: Observation, seed: int | None = None, noise: torch.Tensor | None = None) -> ActionChunk:
-        """Policy.predict, then the robot's output transform (delta -> absolute, ALOHA encoding)."""
-        chunk = super().predict(obs, seed=seed, noise=noise)
-        if self.robot is not None:
-            chunk.actions = self.robot.actions_out(chunk.actions, self.robot.state_in(obs.state))
-        return chunk
+@dataclass
+class ExternalCheckpoint:
+    """A real checkpoint converted: our model holding its weights, the model's config, and the
+    checkpoint's conventions (what `Policy(model, config, io=io)` needs)."""
+    model: torch.nn.Module
+    config: ModelConfig
+    io: ExternalIO
 
 
 def _embedding_rows(model) -> int | None:

@@ -5,7 +5,7 @@ shuffle connector, final-norm VL features, diffusers timestep / action-encoder e
 affine norm3); the derived config records `variant="n15"` and the robot's embodiment id so that
 `build_model` rebuilds the same model from a saved config (quantized artifacts, model dirs).
 The Eagle 2.5 chat template (text.eagle_prompt) and image processor (imaging.eagle_image) are
-applied by ExternalPolicy; the config's `image_token_id` makes the model put each present
+applied by ExternalIO (the policy's `io`); the config's `image_token_id` makes the model put each present
 camera's image tokens in place of its `<IMG_CONTEXT>` run inside the templated prompt, as
 Eagle 2.5 does (see docs/real-checkpoints.md).
 """
@@ -31,7 +31,7 @@ DIT = "action_head.model"
 DIT_HEAD_DIM = 48  # N1.5 diffusion_model_cfg: 32 heads x 48
 QWEN3_ROPE_THETA = 1_000_000.0
 # Eagle 2.5's <IMG_CONTEXT> id in GR00T N1.5's tokenizer (its `image_token_index`). To the model it is
-# only a marker: placeholder positions are never looked up in the embedding, and ExternalPolicy writes
+# only a marker: placeholder positions are never looked up in the embedding, and ExternalIO writes
 # this id at the positions where the user's tokenizer put <IMG_CONTEXT>, whatever that tokenizer's id.
 EAGLE_IMAGE_TOKEN_ID = 151669
 EMBODIMENTS = {"new_embodiment": 31, "oxe_droid": 17, "agibot_genie1": 26, "gr1": 24, "so100": 2, "unitree_g1": 3}

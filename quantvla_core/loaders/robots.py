@@ -5,7 +5,7 @@ openpi wraps the model in robot-specific transforms (`policies/<robot>_policy.py
   inputs:  robot Inputs (camera key mapping, ALOHA state decoding) -> Normalize -> pad to 32
   outputs: Unnormalize -> AbsoluteActions (delta dims + state) -> robot Outputs (first N dims,
            ALOHA action encoding)
-Here each robot is one `RobotTransform` (selected by name with `robot_transform`); ExternalPolicy
+Here each robot is one `RobotTransform` (selected by name with `robot_transform`); ExternalIO
 applies `state_in` / `images_in` before normalisation and `actions_out` after unnormalisation.
 `actions_in` is the training direction (robot actions -> model actions), kept for round trips.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 _EXPORTS = {
     "quantize_": "api", "fold_smoothing_": "api", "quantized_copy": "api",
     "ArchSpec": "spec", "AttentionSpec": "spec",
-    "quantize": "quantize", "QuantConfig": "quantize", "QuantResult": "quantize", "SCHEMES": "quantize",
+    "quantize": "quantize", "QuantConfig": "config", "QuantResult": "quantize", "SCHEMES": "config",
     "QuantLinear": "qlinear", "quant_backend": "qlinear",
     "load_quantized": "artifact", "save_quantized": "artifact",
     "LAYOUTS": "layout", "RULES": "layout",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .atm import AttentionTarget, LogitStats, calibrate_atm
+from .config import QuantConfig
 from .ohb import OutputRMS, calibrate_ohb
 from .qlinear import QuantLinear, quant_backend, scale_output_channels
 from .quantizers import qmax
@@ -496,7 +497,6 @@ def quantize_(model: nn.Module, config=None, calib=None, spec: ArchSpec | None =
     the generic one for HF-style decoder blocks. filter_fn(module, name) -> bool further restricts
     which linears become integer (as in torchao). heldout: batches for the fidelity figure
     (default: the calibration batches)."""
-    from .quantize import QuantConfig
     from .report import fidelity, memory_report, summarize
     qc = config or QuantConfig()
     if any(isinstance(m, QuantLinear) for m in model.modules()):
@@ -547,7 +547,6 @@ def fold_smoothing_(model: nn.Module, config=None, calib=None, spec: ArchSpec | 
     proven norm / producer and the members' weight columns, in place; groups whose fold cannot be
     proven are left as they are. The float function is unchanged (checked; undone otherwise).
     -> {"groups", "float_check", "folded"}."""
-    from .quantize import QuantConfig
     qc = config or QuantConfig()
     spec = spec or ArchSpec.for_model(model)
     run = make_runner(calib)

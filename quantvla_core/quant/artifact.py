@@ -47,8 +47,7 @@ def save_quantized(directory: str | Path, result) -> Path:
         if result.report.get("memory"):  # quantize(report=False) has none
             atomic_write_json(tmp / REPORT_FILE, result.report)
             save_png(result.report, tmp / REPORT_PNG)
-        if hasattr(policy, "save_io"):  # real checkpoints: tokenizer, prompt format, normalisation
-            policy.save_io(tmp)
+        policy.save_io(tmp)  # real checkpoints: tokenizer, prompt format, normalisation (else nothing)
         write_manifest(tmp)
     return directory
 

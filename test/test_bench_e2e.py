@@ -264,10 +264,15 @@ def test_plan_keeps_vision_and_expert_attention_float():
 def test_cpu_peers_build_run_and_print_a_row(tmp_path, capsys):
     """compile, bf16 and ao-dynamic-int8 are timed by the same runner as FP; torchao is skipped
     with a note where it is not installed."""
+    from torch._dynamo.utils import counters
     out = tmp_path / "res"
+    counters.clear()
     rc = bench_main(["--preset", "tiny", "--cameras", "1", "--schemes", "fp", "--repeats", "1",
                    "--quick", "--peers", "all", "--out", str(out), "--no-progress", "--no-png"])
     assert rc == 0
+    # the compile peer really ran compiled stage functions (the runner calls sample_actions,
+    # which must reach them)
+    assert counters["frames"]["ok"] >= 3, dict(counters["frames"])
     printed = capsys.readouterr().out
     res = json.loads(next(out.glob("*.json")).read_text())
     torchao = all(peer_available(p)[0] for p in ("torchao-int8dq", "torchao-int4wo"))

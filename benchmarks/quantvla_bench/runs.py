@@ -60,7 +60,7 @@ class Variants:
         if name == "compile":
             fp = self.fp()
             pol = copy.copy(fp)
-            pol.model = _CompiledModel(fp.model)
+            pol.model = _compiled_model(fp.model)
             pol.name, pol.scheme = f"{fp.name}+compile", "compile"
             return pol
         if name == "bf16":  # the same seeded FP weights, cast to bfloat16
@@ -83,17 +83,14 @@ class Variants:
         return self.peer(variant)
 
 
-class _CompiledModel:
-    """The FP model with its three stage functions through torch.compile (inductor's default
-    mode: fusion without GEMM autotuning, which would take minutes on a 3B model, and without
-    inductor CUDA graphs: the benchmark captures its own, as for every other variant)."""
-
-    def __init__(self, model):
-        self._model = model
-        kw = {"dynamic": False}
-        self.encode_images = torch.compile(model.encode_images, **kw)
-        self.encode_prefix = torch.compile(model.encode_prefix, **kw)
-        self.denoise_step = torch.compile(model.denoise_step, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
+def _compiled_model(model):
+    """A shallow copy of the FP model (same parameters) whose three stage functions go through
+    torch.compile (inductor's default mode: fusion without GEMM autotuning, which would take
+    minutes on a 3B model, and without inductor CUDA graphs: the benchmark captures its own, as
+    for every other variant). Instance attributes, so ``sample_actions`` / ``euler_step`` (which
+    the runner calls, as ``Policy.predict`` does) reach the compiled functions."""
+    compiled = copy.copy(model)
+    kw = {"dynamic": False}
+    for name in ("encode_images", "encode_prefix", "denoise_step"):
+        object.__setattr__(compiled, name, torch.compile(getattr(model, name), **kw))
+    return compiled

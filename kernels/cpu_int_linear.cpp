@@ -365,7 +365,6 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(
     const int8_t* q, int64_t ldq, int64_t k, const int8_t* wp, int64_t nb_stride, int64_t gs, int64_t groups,
     const int32_t* colsum, int64_t n, const float* ws_t, int32_t* acc_out, float* sum_out, int64_t ldo) {
   __m512i acc[MR][NB];
-  __m512 fsum[MR][NB];
   for (int64_t g = 0; g < groups; ++g) {
     for (int r = 0; r < MR; ++r)
       for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
@@ -384,23 +383,21 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(
       const __m512i cs = _mm512_slli_epi32(_mm512_loadu_si512(colsum + g * n + b * 16), 7);
       for (int r = 0; r < MR; ++r) acc[r][b] = _mm512_sub_epi32(acc[r][b], cs);
     }
-    if (sum_out) {  // group scales: (0 + p_0) + p_1 + ..., p_g = float(acc_g) * ws[g, n]
+    if (sum_out) {  // group scales: (0 + p_0) + p_1 + ..., p_g = float(acc_g) * ws[g, n], summed in
+      // the output rows (L1-resident; registers stay free for a wider tile)
       for (int b = 0; b < NB; ++b) {
         const __m512 wsg = _mm512_loadu_ps(ws_t + g * n + b * 16);
         for (int r = 0; r < MR; ++r) {
+          float* dst = sum_out + r * ldo + b * 16;
           const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][b]), wsg);
-          fsum[r][b] = g == 0 ? _mm512_add_ps(p, _mm512_setzero_ps()) : _mm512_add_ps(fsum[r][b], p);
+          _mm512_storeu_ps(dst, _mm512_add_ps(g == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(dst), p));
         }
       }
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int b = 0; b < NB; ++b) {
-      if (sum_out)
-        _mm512_storeu_ps(sum_out + r * ldo + b * 16, fsum[r][b]);
-      else
-        _mm512_storeu_si512(acc_out + r * ldo + b * 16, acc[r][b]);
-    }
+  if (!sum_out)
+    for (int r = 0; r < MR; ++r)
+      for (int b = 0; b < NB; ++b) _mm512_storeu_si512(acc_out + r * ldo + b * 16, acc[r][b]);
 }
 
 template <int NB>
@@ -429,8 +426,7 @@ void vnni_gemm(const int8_t* q_signed, int64_t m, int64_t k, const int8_t* wp, i
   std::vector<int8_t> flipped(m * k);
   for (int64_t i = 0; i < m * k; ++i) flipped[i] = static_cast<int8_t>(static_cast<uint8_t>(q_signed[i]) ^ 0x80u);
   const int8_t* q = flipped.data();
-  const bool wide = sum_out == nullptr;  // no float sums held: room for 64-column tiles
-  const int64_t width = wide ? 64 : 32;
+  const int64_t width = 64;  // (4 rows x 64 columns) tiles: 16 int32 accumulators
   const int64_t strips = (n + width - 1) / width;
   const int64_t nb_stride = (k / 4) * 64;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(m * k * width / 2048, 1));

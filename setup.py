@@ -1,5 +1,6 @@
 """ament_python package: the library (quantvla_core), the kernels (kernels/ installed as
 quantvla_kernels), the ROS 2 nodes (quantvla_ros), launch files and parameter YAML."""
+
 from glob import glob
 
 from setuptools import setup

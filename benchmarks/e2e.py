@@ -9,6 +9,7 @@ The code is in benchmarks/quantvla_bench/. It times the quantvla_core and kernel
 checkout (put first on the import path, so an installed copy does not shadow them). Results go
 to ./runs/bench under the current directory unless --out says otherwise.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,8 +19,11 @@ from pathlib import Path
 _checkout = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_checkout), str(_checkout / "benchmarks")]
 if "quantvla_kernels" not in sys.modules:  # the checkout's kernels/ is the package quantvla_kernels
-    _spec = importlib.util.spec_from_file_location("quantvla_kernels", _checkout / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(_checkout / "kernels")])
+    _spec = importlib.util.spec_from_file_location(
+        "quantvla_kernels",
+        _checkout / "kernels" / "__init__.py",
+        submodule_search_locations=[str(_checkout / "kernels")],
+    )
     _mod = importlib.util.module_from_spec(_spec)
     sys.modules["quantvla_kernels"] = _mod
     _spec.loader.exec_module(_mod)

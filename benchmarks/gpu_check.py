@@ -15,6 +15,7 @@ Prints a table; exits 1 on any mismatch.
     python benchmarks/gpu_check.py                 # CUDA (the GPU script runs this first)
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --device cpu   # small shapes, interpreter
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,14 @@ def _layer(k: int, n: int, w_bits: int, a_bits: int, group, seed: int, device) -
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, n, bias=True)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(n, k, generator=g) / k ** 0.5)
+        lin.weight.copy_(torch.randn(n, k, generator=g) / k**0.5)
         lin.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    t = InputTransform(inv_smooth=torch.rand(k, generator=g) + 0.5, rotation=hadamard(64).float(),
-                       rotation_kind="hadamard")
-    return QuantLinear.from_linear(lin, w_bits=w_bits, a_bits=a_bits, group_size=group, transform=t,
-                                   clip_grid=(1.0,)).to(device)
+    t = InputTransform(
+        inv_smooth=torch.rand(k, generator=g) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard"
+    )
+    return QuantLinear.from_linear(
+        lin, w_bits=w_bits, a_bits=a_bits, group_size=group, transform=t, clip_grid=(1.0,)
+    ).to(device)
 
 
 def _close_outputs(y: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float, float]:
@@ -67,8 +70,10 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
 
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     ok_all = True
-    print(f"{'shape':28s} {'scheme':6s} {'codes eq':>9s} {'max|dy|/span':>13s} {'y equal':>8s} {'fused':>6s} "
-          f"{'epilog':>6s}  result")
+    print(
+        f"{'shape':28s} {'scheme':6s} {'codes eq':>9s} {'max|dy|/span':>13s} {'y equal':>8s} {'fused':>6s} "
+        f"{'epilog':>6s}  result"
+    )
     for i, (what, m, k, n) in enumerate(shapes):
         g = torch.Generator().manual_seed(100 + i)
         x = torch.randn(m, k, generator=g) * 2
@@ -83,13 +88,17 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
             ref = layer_cpu(x.to(dtype).float()).to(dtype)
             # the codes themselves, Triton vs CPU
             q1, s1 = qk.quantize_per_token(xd, a_bits, layer.inv_smooth, layer.rotation, backend="triton")
-            q2, s2 = qk.quantize_per_token(x.to(dtype).float(), a_bits, layer_cpu.inv_smooth, layer_cpu.rotation,
-                                           backend="cpu")
+            q2, s2 = qk.quantize_per_token(
+                x.to(dtype).float(), a_bits, layer_cpu.inv_smooth, layer_cpu.rotation, backend="cpu"
+            )
             c1 = qk.unpack_int4(q1.cpu()) if a_bits == 4 else q1.cpu()
             c2 = qk.unpack_int4(q2) if a_bits == 4 else q2
             codes_eq = float((c1 == c2).float().mean())
-            codes_ok = (c1.int() - c2.int()).abs().max() <= 1 and codes_eq > 0.995 and \
-                torch.allclose(s1.cpu(), s2, rtol=1e-6, atol=0)
+            codes_ok = (
+                (c1.int() - c2.int()).abs().max() <= 1
+                and codes_eq > 0.995
+                and torch.allclose(s1.cpu(), s2, rtol=1e-6, atol=0)
+            )
             out_ok, rel, equal = _close_outputs(y, ref)
             # sibling fusion on this backend: bit for bit
             sib = [_layer(k, n // 2 or 1, w_bits, a_bits, group, 7 + j, device) for j in range(2)]
@@ -102,13 +111,15 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
             # separate layers and torch's ops (float rounding only)
             pair = concat_quant_linears(sib, pairs=True)
             res = torch.randn(m, sib[0].out_features, generator=g).to(device=device, dtype=dtype)
-            want = (torch.nn.functional.gelu(sib[0](xd).float(), approximate="tanh") * sib[1](xd).float()
-                    + res.float())
+            want = torch.nn.functional.gelu(sib[0](xd).float(), approximate="tanh") * sib[1](xd).float() + res.float()
             epi_ok = pair is not None and _close_outputs(pair(xd, act="gelu_tanh", residual=res), want)[0]
             ok = bool(codes_ok and out_ok and fused_ok and epi_ok)
             ok_all &= ok
-            print(f"{what:28s} {name:6s} {codes_eq:9.4f} {rel:13.2e} {equal:8.3f} {str(fused_ok):>6s} "
-                  f"{str(epi_ok):>6s}  {'ok' if ok else 'MISMATCH'}", flush=True)
+            print(
+                f"{what:28s} {name:6s} {codes_eq:9.4f} {rel:13.2e} {equal:8.3f} {str(fused_ok):>6s} "
+                f"{str(epi_ok):>6s}  {'ok' if ok else 'MISMATCH'}",
+                flush=True,
+            )
     return ok_all
 
 
@@ -120,11 +131,13 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     if device.type == "cpu":
         from quantvla_kernels.dispatch import triton_interpreting
+
         if not triton_interpreting():
             print("gpu_check on the CPU needs TRITON_INTERPRET=1 (the Triton interpreter)", file=sys.stderr)
             return 2
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype] or \
-        (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype] or (
+        torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
     ok = check(device, dtype)
     print("GPU CHECK PASSED" if ok else "GPU CHECK FAILED")
     return 0 if ok else 1

@@ -15,6 +15,7 @@ On CPU (no GPU here) it runs tiny shapes with the torch integer path, so a test 
 
     python benchmarks/kernels.py --quick --out benchmarks/results/h100-quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ except ImportError:  # running from a checkout that is not installed: kernels/ i
     import importlib.util
 
     _root = Path(__file__).resolve().parents[1]
-    _spec = importlib.util.spec_from_file_location("quantvla_kernels", _root / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(_root / "kernels")])
+    _spec = importlib.util.spec_from_file_location(
+        "quantvla_kernels", _root / "kernels" / "__init__.py", submodule_search_locations=[str(_root / "kernels")]
+    )
     qk = importlib.util.module_from_spec(_spec)
     sys.modules["quantvla_kernels"] = qk
     _spec.loader.exec_module(qk)
@@ -103,9 +105,11 @@ class Timer:
                     c()
             run = graph.replay
         else:
+
             def run():
                 for c in calls:
                     c()
+
         run()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -162,8 +166,18 @@ def bench_shape(layer, m, k, n, timer, device, copies_bytes, full, tol_fail):
     rows = []
 
     def add(method, calls, wbytes, abytes, obytes, note="", check=None):
-        row = dict(layer=layer, M=m, K=k, N=n, method=method, us=None, bytes=wbytes + abytes + obytes,
-                   ops=2.0 * m * n * k, copies=len(calls), note=note)
+        row = dict(
+            layer=layer,
+            M=m,
+            K=k,
+            N=n,
+            method=method,
+            us=None,
+            bytes=wbytes + abytes + obytes,
+            ops=2.0 * m * n * k,
+            copies=len(calls),
+            note=note,
+        )
         try:  # one failing method must not lose the rest of the run
             y, ref = check() if check is not None else (None, None)
             row["us"] = timer(calls)
@@ -184,16 +198,27 @@ def bench_shape(layer, m, k, n, timer, device, copies_bytes, full, tol_fail):
     # bf16 (fp32 on CPU) cuBLAS
     r = copies(w.numel() * w.element_size())
     ws_, xs_ = clone(w, r), clone(x, r)
-    add("bf16" if cuda else "fp32", [lambda i=i: F.linear(xs_[i], ws_[i]) for i in range(r)],
-        w.numel() * w.element_size(), x.numel() * x.element_size(), out_b)
+    add(
+        "bf16" if cuda else "fp32",
+        [lambda i=i: F.linear(xs_[i], ws_[i]) for i in range(r)],
+        w.numel() * w.element_size(),
+        x.numel() * x.element_size(),
+        out_b,
+    )
     # torch._int_mm (raw int32 result, no epilogue; CUDA needs M > 16: padded)
     mp = m if (not cuda or m > 16) else 32
     xp = torch.zeros(mp, k, dtype=torch.int8, device=device)
     xp[:m] = xq
     r = copies(w8.numel())
     w8s, xps = clone(w8, r), clone(xp, r)
-    add("int_mm", [lambda i=i: torch._int_mm(xps[i], w8s[i].t()) for i in range(r)], w8.numel(),
-        xp.numel(), mp * n * 4, note=f"M padded to {mp}" if mp != m else "")
+    add(
+        "int_mm",
+        [lambda i=i: torch._int_mm(xps[i], w8s[i].t()) for i in range(r)],
+        w8.numel(),
+        xp.numel(),
+        mp * n * 4,
+        note=f"M padded to {mp}" if mp != m else "",
+    )
     # fp8 e4m3 _scaled_mm, per-tensor scales, bf16 out (CUDA only; M padded to a multiple of 16)
     if cuda:
         mf = max(16, -(-m // 16) * 16)
@@ -204,44 +229,79 @@ def bench_shape(layer, m, k, n, timer, device, copies_bytes, full, tol_fail):
         one = torch.ones((), device=device)
         r = copies(wf8.numel())
         wf8s, xf8s = clone(wf8, r), clone(xf8, r)
-        add("fp8", [lambda i=i: torch._scaled_mm(xf8s[i], wf8s[i].t(), one, one, out_dtype=torch.bfloat16)
-                    for i in range(r)], wf8.numel(), xf8.numel(), mf * n * 2,
-            note=f"M padded to {mf}" if mf != m else "")
+        add(
+            "fp8",
+            [lambda i=i: torch._scaled_mm(xf8s[i], wf8s[i].t(), one, one, out_dtype=torch.bfloat16) for i in range(r)],
+            wf8.numel(),
+            xf8.numel(),
+            mf * n * 2,
+            note=f"M padded to {mf}" if mf != m else "",
+        )
     # ours
     odt = torch.bfloat16 if cuda else torch.float32
     r = copies(w8.numel())
     w8s = clone(w8, r)
     ref8 = x_deq @ wd8.t()
-    add("w8a8", [lambda i=i: qk.gemm_w8a8(xq, xs, w8s[i], ws8, out_dtype=odt) for i in range(r)],
-        w8.numel() + ws8.numel() * 4, xq.numel() + m * 4, out_b,
-        check=lambda: (qk.gemm_w8a8(xq, xs, w8, ws8, out_dtype=odt), ref8))
+    add(
+        "w8a8",
+        [lambda i=i: qk.gemm_w8a8(xq, xs, w8s[i], ws8, out_dtype=odt) for i in range(r)],
+        w8.numel() + ws8.numel() * 4,
+        xq.numel() + m * 4,
+        out_b,
+        check=lambda: (qk.gemm_w8a8(xq, xs, w8, ws8, out_dtype=odt), ref8),
+    )
     r = copies(w4g.numel())
     w4gs = clone(w4g, r)
     ref4g = x_deq @ wd4g.t()
-    add("w4a8_g128", [lambda i=i: qk.gemm_w4a8(xq, xs, w4gs[i], ws4g, 128, out_dtype=odt) for i in range(r)],
-        w4g.numel() + ws4g.numel() * 4, xq.numel() + m * 4, out_b,
-        check=lambda: (qk.gemm_w4a8(xq, xs, w4g, ws4g, 128, out_dtype=odt), ref4g))
+    add(
+        "w4a8_g128",
+        [lambda i=i: qk.gemm_w4a8(xq, xs, w4gs[i], ws4g, 128, out_dtype=odt) for i in range(r)],
+        w4g.numel() + ws4g.numel() * 4,
+        xq.numel() + m * 4,
+        out_b,
+        check=lambda: (qk.gemm_w4a8(xq, xs, w4g, ws4g, 128, out_dtype=odt), ref4g),
+    )
     if full:
         w4cs = clone(w4c, r)
-        add("w4a8_pc", [lambda i=i: qk.gemm_w4a8(xq, xs, w4cs[i], ws4c, None, out_dtype=odt) for i in range(r)],
-            w4c.numel() + ws4c.numel() * 4, xq.numel() + m * 4, out_b,
-            check=lambda: (qk.gemm_w4a8(xq, xs, w4c, ws4c, None, out_dtype=odt), x_deq @ wd4c.t()))
-        add("w4a4_g128", [lambda i=i: qk.gemm_w4a4(xq4, xs4, w4gs[i], ws4g, 128, out_dtype=odt) for i in range(r)],
-            w4g.numel() + ws4g.numel() * 4, xq4.numel() + m * 4, out_b,
-            check=lambda: (qk.gemm_w4a4(xq4, xs4, w4g, ws4g, 128, out_dtype=odt), x4_deq @ wd4g.t()))
+        add(
+            "w4a8_pc",
+            [lambda i=i: qk.gemm_w4a8(xq, xs, w4cs[i], ws4c, None, out_dtype=odt) for i in range(r)],
+            w4c.numel() + ws4c.numel() * 4,
+            xq.numel() + m * 4,
+            out_b,
+            check=lambda: (qk.gemm_w4a8(xq, xs, w4c, ws4c, None, out_dtype=odt), x_deq @ wd4c.t()),
+        )
+        add(
+            "w4a4_g128",
+            [lambda i=i: qk.gemm_w4a4(xq4, xs4, w4gs[i], ws4g, 128, out_dtype=odt) for i in range(r)],
+            w4g.numel() + ws4g.numel() * 4,
+            xq4.numel() + m * 4,
+            out_b,
+            check=lambda: (qk.gemm_w4a4(xq4, xs4, w4g, ws4g, 128, out_dtype=odt), x4_deq @ wd4g.t()),
+        )
     if layer.startswith("expert") or layer.startswith("tiny"):
         # Float activations in: the activation quantization is counted (fused into the GEMM
         # for M <= 64 on Triton, a separate kernel above).
         r = copies(w8.numel())
         w8s = clone(w8, r)
-        add("lin_w8a8", [lambda i=i: qk.linear_w8a8(x, w8s[i], ws8, out_dtype=odt) for i in range(r)],
-            w8.numel() + ws8.numel() * 4, x.numel() * x.element_size(), out_b,
-            check=lambda: (qk.linear_w8a8(x, w8, ws8, out_dtype=odt), ref8))
+        add(
+            "lin_w8a8",
+            [lambda i=i: qk.linear_w8a8(x, w8s[i], ws8, out_dtype=odt) for i in range(r)],
+            w8.numel() + ws8.numel() * 4,
+            x.numel() * x.element_size(),
+            out_b,
+            check=lambda: (qk.linear_w8a8(x, w8, ws8, out_dtype=odt), ref8),
+        )
         r = copies(w4g.numel())
         w4gs = clone(w4g, r)
-        add("lin_w4a8_g128", [lambda i=i: qk.linear_w4a8(x, w4gs[i], ws4g, 128, out_dtype=odt) for i in range(r)],
-            w4g.numel() + ws4g.numel() * 4, x.numel() * x.element_size(), out_b,
-            check=lambda: (qk.linear_w4a8(x, w4g, ws4g, 128, out_dtype=odt), ref4g))
+        add(
+            "lin_w4a8_g128",
+            [lambda i=i: qk.linear_w4a8(x, w4gs[i], ws4g, 128, out_dtype=odt) for i in range(r)],
+            w4g.numel() + ws4g.numel() * 4,
+            x.numel() * x.element_size(),
+            out_b,
+            check=lambda: (qk.linear_w4a8(x, w4g, ws4g, 128, out_dtype=odt), ref4g),
+        )
     return rows
 
 
@@ -287,12 +347,20 @@ def check_targets(rows: list[dict]) -> list[dict]:
             out.append(dict(target=f"{layer} M=816 w8a8 >= 1.5x bf16", value=sp(layer, 816, "w8a8"), need=1.5))
     for layer, m in {(r["layer"], r["M"]) for r in rows}:
         if (layer, m, "int_mm") in idx and (layer, m, "w8a8") in idx:
-            out.append(dict(target=f"{layer} M={m} w8a8 not slower than int_mm",
-                            value=sp(layer, m, "w8a8", "speedup_vs_int_mm"), need=1.0))
+            out.append(
+                dict(
+                    target=f"{layer} M={m} w8a8 not slower than int_mm",
+                    value=sp(layer, m, "w8a8", "speedup_vs_int_mm"),
+                    need=1.0,
+                )
+            )
     for layer in ("expert_up", "expert_down"):
         if 50 in ms:
-            out.append(dict(target=f"{layer} M=50 w8a8 incl. act-quant >= 1.3x bf16",
-                            value=sp(layer, 50, "lin_w8a8"), need=1.3))
+            out.append(
+                dict(
+                    target=f"{layer} M=50 w8a8 incl. act-quant >= 1.3x bf16", value=sp(layer, 50, "lin_w8a8"), need=1.3
+                )
+            )
     for t in out:
         t["met"] = None if t["value"] is None else bool(t["value"] >= t["need"])
     out.sort(key=lambda t: t["target"])
@@ -334,8 +402,12 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=None,
-                    help="directory for results.json and table.txt (default: ./runs/bench/kernels-<device>-<date>)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for results.json and table.txt (default: ./runs/bench/kernels-<device>-<date>)",
+    )
     ap.add_argument("--quick", action="store_true", help="fewer shapes and methods (GPU: well under a minute)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--iters", type=int, default=None, help="timed replays per method (default 20 GPU, 5 CPU)")
@@ -363,12 +435,19 @@ def main(argv: list[str] | None = None) -> dict:
     timer = Timer(device, iters, graphs=cuda and not args.eager)
     import triton
 
-    meta = dict(device=dev_name, device_type=device.type, torch=torch.__version__, triton=triton.__version__,
-                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-                timing=("cuda-graph" if timer.graphs else "eager cuda events") if cuda else "cpu perf_counter",
-                iters=iters, quick=args.quick, autotune=args.autotune,
-                ceilings=_ceilings(dev_name) if cuda else None)
+    meta = dict(
+        device=dev_name,
+        device_type=device.type,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        timing=("cuda-graph" if timer.graphs else "eager cuda events") if cuda else "cpu perf_counter",
+        iters=iters,
+        quick=args.quick,
+        autotune=args.autotune,
+        ceilings=_ceilings(dev_name) if cuda else None,
+    )
     rows: list[dict] = []
     skipped = []
     t0 = time.time()
@@ -382,8 +461,14 @@ def main(argv: list[str] | None = None) -> dict:
         rows += bench_shape(name, m, k, n, timer, device, copies_bytes, full=not args.quick, tol_fail=2e-2)
     derive(rows, meta["ceilings"])
     targets = check_targets(rows) if cuda else []
-    result = dict(meta=meta, rows=rows, targets=targets, skipped=skipped, seconds=time.time() - t0,
-                  tuned_configs=qk.ops.tuned_configs())
+    result = dict(
+        meta=meta,
+        rows=rows,
+        targets=targets,
+        skipped=skipped,
+        seconds=time.time() - t0,
+        tuned_configs=qk.ops.tuned_configs(),
+    )
 
     methods = ["bf16" if cuda else "fp32", "int_mm"] + (["fp8"] if cuda else [])
     methods += [m for m in OURS if any(r["method"] == m for r in rows)]
@@ -393,11 +478,13 @@ def main(argv: list[str] | None = None) -> dict:
         slug = "".join(c if c.isalnum() else "-" for c in dev_name.split(" (")[0]).strip("-").lower()
         out_dir = Path("runs") / "bench" / f"kernels-{slug}-{meta['date'][:10]}"  # git-ignored
     _atomic_write(out_dir / "results.json", json.dumps(result, indent=1))
-    header = (f"device: {dev_name} | torch {torch.__version__} | triton {triton.__version__} | "
-              f"{meta['timing']}, median of {iters} | {meta['date']}\n"
-              f"command: {meta['command']}\n"
-              "cells: median us per call and speed-up over bf16 (fp32 on CPU); '!' = failed the accuracy check;\n"
-              "lin_* take float activations (per-token quantization counted in, fused for M <= 64)\n")
+    header = (
+        f"device: {dev_name} | torch {torch.__version__} | triton {triton.__version__} | "
+        f"{meta['timing']}, median of {iters} | {meta['date']}\n"
+        f"command: {meta['command']}\n"
+        "cells: median us per call and speed-up over bf16 (fp32 on CPU); '!' = failed the accuracy check;\n"
+        "lin_* take float activations (per-token quantization counted in, fused for M <= 64)\n"
+    )
     _atomic_write(out_dir / "table.txt", header + table + "\n")
 
     print(f"results: {out_dir}/results.json ({len(rows)} rows, {result['seconds']:.0f} s)")

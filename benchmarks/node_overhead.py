@@ -17,6 +17,7 @@ environment and the node's start-up settings line. A caller's ROS_DOMAIN_ID is k
 --publisher thread and --bench-malloc-mmap-threshold-mib change only this (camera) process and
 were measured to make no consistent difference (docs/ros_node.md), so the defaults stay.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,14 @@ def _percentiles(values) -> dict:
         return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
     a = np.asarray(values, dtype=np.float64)
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(a.max()),
-            "n": int(a.size)}
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(a.max()), "n": int(a.size)}
 
 
 def _node_settings(log_path: str) -> str:
     """The node's start-up line naming its executor, GIL switch interval and malloc setting."""
     try:
         with open(log_path, encoding="utf-8", errors="replace") as f:
-            return next((line.split("]: ", 1)[-1].strip() for line in f
-                         if "GIL switch interval" in line), "")
+            return next((line.split("]: ", 1)[-1].strip() for line in f if "GIL switch interval" in line), "")
     except OSError:
         return ""
 
@@ -54,6 +53,7 @@ def _node_settings(log_path: str) -> str:
 def _write_json(path: str, data: dict) -> None:
     """fsynced, and no temp file is left behind on failure."""
     from quantvla_core.fileio import atomic_write_json
+
     atomic_write_json(path, data)
 
 
@@ -68,24 +68,45 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-threads", type=int, default=1, help="torch threads in the node")
-    ap.add_argument("--executor", default="single_threaded",
-                    choices=("single_threaded", "multi_threaded"),
-                    help="the node's executor parameter")
-    ap.add_argument("--gil-switch-interval-ms", type=float, default=None,
-                    help="the node's gil_switch_interval_ms parameter (default: the node's)")
-    ap.add_argument("--malloc-mmap-threshold-mib", type=int, default=None,
-                    help="the node's malloc_mmap_threshold_mib parameter (default: the node's)")
-    ap.add_argument("--bench-malloc-mmap-threshold-mib", type=int, default=0,
-                    help="the same glibc malloc setting for this (camera) process; 0 = glibc's")
-    ap.add_argument("--publisher", default="timer", choices=("timer", "thread"),
-                    help="timer: images from an rclpy timer on the receiving executor; thread: "
-                         "from a thread of their own, so a publish never delays a receive")
+    ap.add_argument(
+        "--executor",
+        default="single_threaded",
+        choices=("single_threaded", "multi_threaded"),
+        help="the node's executor parameter",
+    )
+    ap.add_argument(
+        "--gil-switch-interval-ms",
+        type=float,
+        default=None,
+        help="the node's gil_switch_interval_ms parameter (default: the node's)",
+    )
+    ap.add_argument(
+        "--malloc-mmap-threshold-mib",
+        type=int,
+        default=None,
+        help="the node's malloc_mmap_threshold_mib parameter (default: the node's)",
+    )
+    ap.add_argument(
+        "--bench-malloc-mmap-threshold-mib",
+        type=int,
+        default=0,
+        help="the same glibc malloc setting for this (camera) process; 0 = glibc's",
+    )
+    ap.add_argument(
+        "--publisher",
+        default="timer",
+        choices=("timer", "thread"),
+        help="timer: images from an rclpy timer on the receiving executor; thread: "
+        "from a thread of their own, so a publish never delays a receive",
+    )
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "node_overhead.json"))
     ap.add_argument("--plot", action="store_true", help="also write a PNG next to the JSON")
     args = ap.parse_args(argv)
-    for bad, why in ((args.duration <= 0, "--duration must be > 0"),
-                     (args.rate <= 0, "--rate must be > 0"),
-                     (args.width <= 0 or args.height <= 0, "--width/--height must be > 0")):
+    for bad, why in (
+        (args.duration <= 0, "--duration must be > 0"),
+        (args.rate <= 0, "--rate must be > 0"),
+        (args.width <= 0 or args.height <= 0, "--width/--height must be > 0"),
+    ):
         if bad:
             ap.error(why)
 
@@ -93,9 +114,9 @@ def main(argv=None) -> int:
     # A caller's ROS_DOMAIN_ID is kept (shared machines give each worker its own).
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     os.environ["ROS_DOMAIN_ID"] = os.environ.get("ROS_DOMAIN_ID") or os.environ.get(
-        "BENCH_ROS_DOMAIN_ID", str(20 + os.getpid() % 80))
-    os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE",
-                          os.path.join(ROOT, "config", "fastdds_large_data.xml"))
+        "BENCH_ROS_DOMAIN_ID", str(20 + os.getpid() % 80)
+    )
+    os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", os.path.join(ROOT, "config", "fastdds_large_data.xml"))
 
     import psutil
     import rclpy
@@ -115,16 +136,35 @@ def main(argv=None) -> int:
 
     bench_malloc = apply_malloc_thresholds(args.bench_malloc_mmap_threshold_mib)
     work = tempfile.mkdtemp(prefix="node_overhead_")
-    params = write_params(os.path.join(work, "params.yaml"), {"policy_node": {
-        "model": args.model, "device": args.device, "autostart": True,
-        "camera_topics": ["/bench/image_raw"], "instruction_topic": "/bench/instruction",
-        "joint_state_topic": "/bench/joint_states", "trajectory_topic": "/bench/trajectory",
-        "diagnostics_topic": "/bench/diagnostics", "timing_topic": "/bench/chunk_timings",
-        "num_threads": args.num_threads, "executor": args.executor, "diagnostics_period_s": 1.0,
-        "warmup_count": 3, "joint_state_timeout_s": 0.0,
-        **{name: value for name, value in (
-            ("gil_switch_interval_ms", args.gil_switch_interval_ms),
-            ("malloc_mmap_threshold_mib", args.malloc_mmap_threshold_mib)) if value is not None}}})
+    params = write_params(
+        os.path.join(work, "params.yaml"),
+        {
+            "policy_node": {
+                "model": args.model,
+                "device": args.device,
+                "autostart": True,
+                "camera_topics": ["/bench/image_raw"],
+                "instruction_topic": "/bench/instruction",
+                "joint_state_topic": "/bench/joint_states",
+                "trajectory_topic": "/bench/trajectory",
+                "diagnostics_topic": "/bench/diagnostics",
+                "timing_topic": "/bench/chunk_timings",
+                "num_threads": args.num_threads,
+                "executor": args.executor,
+                "diagnostics_period_s": 1.0,
+                "warmup_count": 3,
+                "joint_state_timeout_s": 0.0,
+                **{
+                    name: value
+                    for name, value in (
+                        ("gil_switch_interval_ms", args.gil_switch_interval_ms),
+                        ("malloc_mmap_threshold_mib", args.malloc_mmap_threshold_mib),
+                    )
+                    if value is not None
+                },
+            }
+        },
+    )
     log_path = os.path.join(work, "policy_node.log")
     proc = start_node("policy_node", params, log_path)
 
@@ -135,14 +175,11 @@ def main(argv=None) -> int:
     received: dict[tuple, float] = {}
     model_ms: dict[tuple, float] = {}
     diag: dict[str, dict] = {}
-    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    node.create_publisher(String, "/bench/instruction", latched).publish(
-        String(data="pick up the red block"))
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    node.create_publisher(String, "/bench/instruction", latched).publish(String(data="pick up the red block"))
     img_pub = node.create_publisher(Image, "/bench/image_raw", qos_profile_sensor_data)
     js_pub = node.create_publisher(JointState, "/bench/joint_states", 10)
-    frames = [rgb_to_image(render_scene(args.width, args.height, t), args.encoding)
-              for t in (0.0, 0.5, 1.0, 1.5)]
+    frames = [rgb_to_image(render_scene(args.width, args.height, t), args.encoding) for t in (0.0, 0.5, 1.0, 1.5)]
 
     def on_traj(msg):
         t = time.time()
@@ -152,8 +189,7 @@ def main(argv=None) -> int:
     def on_timing(msg):
         v = status_values(msg.status[0])
         with lock:
-            model_ms[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = {
-                k: float(x) for k, x in v.items()}
+            model_ms[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = {k: float(x) for k, x in v.items()}
 
     def on_diag(msg):
         with lock:
@@ -188,6 +224,7 @@ def main(argv=None) -> int:
     if args.publisher == "timer":
         node.create_timer(1.0 / args.rate, tick)
     else:
+
         def publish_loop():
             period, t_next = 1.0 / args.rate, time.monotonic()
             while not stop_pub.is_set():
@@ -198,13 +235,18 @@ def main(argv=None) -> int:
                     stop_pub.wait(delay)
                 else:
                     t_next = time.monotonic()  # fell behind: no burst to catch up
+
         threading.Thread(target=publish_loop, daemon=True).start()
     spin.start()
-    result = {"config": vars(args), "command": " ".join([os.path.relpath(sys.argv[0], ROOT)]
-                                                           + sys.argv[1:]),
-              "env": {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
-                                                     "FASTDDS_DEFAULT_PROFILES_FILE")},
-              "bench_malloc": bench_malloc}
+    result = {
+        "config": vars(args),
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "env": {
+            k: os.environ.get(k)
+            for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "FASTDDS_DEFAULT_PROFILES_FILE")
+        },
+        "bench_malloc": bench_malloc,
+    }
     rss_trace, queue_trace = [], []
     rc = 0
     try:
@@ -242,21 +284,29 @@ def main(argv=None) -> int:
             missing = [k for k in keys if k not in received]
             d_policy, d_inputs = dict(diag.get("policy", {})), dict(diag.get("inputs", {}))
         rss = [r for _, r in rss_trace]
-        result.update({
-            "frames_sent": len(keys), "chunks_received": len(overhead),
-            "frames_without_chunk": len(missing),
-            "overhead_ms": _percentiles(overhead), "end_to_end_ms": _percentiles(e2e),
-            "model_total_ms": _percentiles(models),
-            "breakdown_ms": {name: _percentiles(v) for name, v in parts.items()},
-            "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
-            "node_settings": _node_settings(log_path),
-            "node_diagnostics": {"policy": d_policy, "inputs": d_inputs},
-            "rss_mib": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
-                        "max": max(rss) if rss else None},
-            "rss_trace": rss_trace, "dropped_trace": queue_trace,
-            "target": {"overhead_p99_ms": 5.0,
-                       "met": bool(overhead) and _percentiles(overhead)["p99"] <= 5.0},
-        })
+        result.update(
+            {
+                "frames_sent": len(keys),
+                "chunks_received": len(overhead),
+                "frames_without_chunk": len(missing),
+                "overhead_ms": _percentiles(overhead),
+                "end_to_end_ms": _percentiles(e2e),
+                "model_total_ms": _percentiles(models),
+                "breakdown_ms": {name: _percentiles(v) for name, v in parts.items()},
+                "load_average": os.getloadavg(),
+                "cpu_count": os.cpu_count(),
+                "node_settings": _node_settings(log_path),
+                "node_diagnostics": {"policy": d_policy, "inputs": d_inputs},
+                "rss_mib": {
+                    "first": rss[0] if rss else None,
+                    "last": rss[-1] if rss else None,
+                    "max": max(rss) if rss else None,
+                },
+                "rss_trace": rss_trace,
+                "dropped_trace": queue_trace,
+                "target": {"overhead_p99_ms": 5.0, "met": bool(overhead) and _percentiles(overhead)["p99"] <= 5.0},
+            }
+        )
     except Exception as exc:  # noqa: BLE001 - report and clean up
         print(f"benchmark failed: {exc}", file=sys.stderr)
         result["error"] = str(exc)
@@ -270,8 +320,10 @@ def main(argv=None) -> int:
     if rc:
         return rc
 
-    print(f"\npolicy_node overhead, model {args.model} on {args.device}, {args.width}x{args.height} "
-          f"{args.encoding} at {args.rate:g} Hz, {args.duration:g} s")
+    print(
+        f"\npolicy_node overhead, model {args.model} on {args.device}, {args.width}x{args.height} "
+        f"{args.encoding} at {args.rate:g} Hz, {args.duration:g} s"
+    )
     print(f"{'metric':<22}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'n':>7}")
     for name in ("overhead_ms", "end_to_end_ms", "model_total_ms"):
         p = result[name]
@@ -282,27 +334,32 @@ def main(argv=None) -> int:
         fmt = lambda v: f"{v:9.2f}" if v is not None else f"{'-':>9}"  # noqa: E731
         print(f"  {name:<20}{fmt(p['p50'])}{fmt(p['p90'])}{fmt(p['p99'])}{fmt(p['max'])}{p['n']:>7}")
     print(f"load average {result['load_average'][0]:.1f} on {result['cpu_count']} cores")
-    print(f"frames sent {result['frames_sent']}, chunks {result['chunks_received']}, frames "
-          f"without a chunk {result['frames_without_chunk']} (dropped in node "
-          f"{result['node_diagnostics']['inputs'].get('camera0_dropped')}); node RSS "
-          f"{result['rss_mib']['first']:.1f} -> {result['rss_mib']['last']:.1f} MiB; target "
-          f"overhead p99 <= 5 ms: {'met' if result['target']['met'] else 'NOT met'}")
+    print(
+        f"frames sent {result['frames_sent']}, chunks {result['chunks_received']}, frames "
+        f"without a chunk {result['frames_without_chunk']} (dropped in node "
+        f"{result['node_diagnostics']['inputs'].get('camera0_dropped')}); node RSS "
+        f"{result['rss_mib']['first']:.1f} -> {result['rss_mib']['last']:.1f} MiB; target "
+        f"overhead p99 <= 5 ms: {'met' if result['target']['met'] else 'NOT met'}"
+    )
     pol = result["node_diagnostics"]["policy"]
-    print(f"node deadline view: last chunk {pol.get('last_chunk_latency_ms', 'n/a')} ms against "
-          f"budget {pol.get('latency_budget_ms', 'n/a')} ms, {pol.get('deadline_misses', 'n/a')} "
-          f"misses, worst {pol.get('worst_chunk_latency_ms', 'n/a')} ms")
+    print(
+        f"node deadline view: last chunk {pol.get('last_chunk_latency_ms', 'n/a')} ms against "
+        f"budget {pol.get('latency_budget_ms', 'n/a')} ms, {pol.get('deadline_misses', 'n/a')} "
+        f"misses, worst {pol.get('worst_chunk_latency_ms', 'n/a')} ms"
+    )
     _write_json(args.out, result)
     print(f"wrote {args.out}")
     if args.plot:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6))
         ax1.plot(overhead, ".", ms=2)
         ax1.set_ylabel("overhead ms")
         ax1.set_xlabel("chunk")
-        ax1.set_title(f"policy_node overhead ({args.width}x{args.height} {args.encoding} "
-                      f"@ {args.rate:g} Hz)")
+        ax1.set_title(f"policy_node overhead ({args.width}x{args.height} {args.encoding} @ {args.rate:g} Hz)")
         ax2.plot([t for t, _ in rss_trace], [r for _, r in rss_trace])
         ax2.set_ylabel("node RSS MiB")
         ax2.set_xlabel("s")
@@ -311,6 +368,7 @@ def main(argv=None) -> int:
         import io
 
         from quantvla_core.fileio import atomic_write_bytes
+
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
         atomic_write_bytes(png, buf.getvalue())

@@ -6,6 +6,7 @@ chunk (eager, same execution for FP and quantized).
 
     python benchmarks/quant_targets.py [--device cpu|cuda] [--samples 32] [--out targets.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,19 +48,27 @@ def main() -> int:
         torch.set_num_threads(1)
     teacher = Policy.load(args.model, device=args.device, dtype="fp32")
     rng = np.random.default_rng(0)
-    obs = Observation(images=[rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)], instruction="open the drawer",
-                      state=np.zeros(teacher.state_dim, np.float32))
+    obs = Observation(
+        images=[rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)],
+        instruction="open the drawer",
+        state=np.zeros(teacher.state_dim, np.float32),
+    )
     rows, checks = [], []
     for scheme in args.schemes.split(","):
         for atm_ohb in (False, True):
             qc = QuantConfig(scheme=scheme, calib_samples=args.samples, atm=atm_ohb, ohb=atm_ohb)
             r = quantize(teacher, qc, "synthetic", progress=True)
             rep = r.report
-            row = {"scheme": scheme, "atm_ohb": atm_ohb, **rep["fidelity"],
-                   "component_ratio": rep["memory"]["quantized_components_ratio"],
-                   "model_ratio": rep["memory"]["model_ratio"], "quantize_s": rep["timings_s"]["total"],
-                   "alpha_changed": rep["alpha_summary"].get("changed", 0),
-                   "beta_changed": rep["beta_summary"].get("changed", 0)}
+            row = {
+                "scheme": scheme,
+                "atm_ohb": atm_ohb,
+                **rep["fidelity"],
+                "component_ratio": rep["memory"]["quantized_components_ratio"],
+                "model_ratio": rep["memory"]["model_ratio"],
+                "quantize_s": rep["timings_s"]["total"],
+                "alpha_changed": rep["alpha_summary"].get("changed", 0),
+                "beta_changed": rep["beta_summary"].get("changed", 0),
+            }
             if args.device.startswith("cuda"):
                 a_ref = None
                 with quant_backend("reference"):
@@ -75,13 +84,21 @@ def main() -> int:
     print(f"\n{args.model} on {args.device}: {args.samples} calibration observations, held-out fidelity")
     print(f"{'scheme':<8}{'ATM+OHB':<9}{'cos mean':>10}{'cos min':>10}{'relL2':>9}{'comp mem':>10}{'model mem':>10}")
     for r in rows:
-        print(f"{r['scheme']:<8}{str(r['atm_ohb']):<9}{r['cosine_mean']:>10.5f}{r['cosine_min']:>10.5f}"
-              f"{r['rel_l2_mean']:>9.4f}{r['component_ratio']:>10.1%}{r['model_ratio']:>10.1%}"
-              + (f"  triton-ref {r['triton_vs_reference_max_abs']:.2e}  chunk {r['chunk_ms_quantized_triton']:.1f} ms"
-                 f" (fp32 {r['chunk_ms_fp32']:.1f} ms)" if "chunk_ms_fp32" in r else ""))
+        print(
+            f"{r['scheme']:<8}{str(r['atm_ohb']):<9}{r['cosine_mean']:>10.5f}{r['cosine_min']:>10.5f}"
+            f"{r['rel_l2_mean']:>9.4f}{r['component_ratio']:>10.1%}{r['model_ratio']:>10.1%}"
+            + (
+                f"  triton-ref {r['triton_vs_reference_max_abs']:.2e}  chunk {r['chunk_ms_quantized_triton']:.1f} ms"
+                f" (fp32 {r['chunk_ms_fp32']:.1f} ms)"
+                if "chunk_ms_fp32" in r
+                else ""
+            )
+        )
     print("\ntargets (issue 3):")
     for c in checks:
-        print(f"  [{'PASS' if c['ok'] else 'MISS'}] {c['scheme']} {c['what']}: {c['value']:.4f} ({c['op']} {c['target']})")
+        print(
+            f"  [{'PASS' if c['ok'] else 'MISS'}] {c['scheme']} {c['what']}: {c['value']:.4f} ({c['op']} {c['target']})"
+        )
     if args.out:
         atomic_write_json(args.out, {"model": args.model, "device": args.device, "rows": rows, "targets": checks})
     return 0 if all(c["ok"] for c in checks) else 1

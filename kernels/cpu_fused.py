@@ -6,6 +6,7 @@ around ``torch._int_mm``; the extension does them in two loops (bit-identical nu
 .cpp header). Building takes about a minute once per machine and torch version; the result is
 cached under torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ~/.cache).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,12 @@ def _build():
     except ImportError:
         pass
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    return cpp_extension.load(name=f"quantvla_cpu_int_linear_{digest}", sources=[str(SOURCE)],
-                              extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+    return cpp_extension.load(
+        name=f"quantvla_cpu_int_linear_{digest}",
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-ffp-contract=off"],
+        verbose=False,
+    )
 
 
 def module():
@@ -65,8 +70,9 @@ def module():
                 _module = _build()
             except (OSError, RuntimeError, ImportError, SubprocessErrorTypes) as e:
                 _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
-                log.warning("fused CPU integer linear unavailable (%s); using the torch-op path "
-                            "(same numbers, slower)", _failed)
+                log.warning(
+                    "fused CPU integer linear unavailable (%s); using the torch-op path (same numbers, slower)", _failed
+                )
     return _module
 
 

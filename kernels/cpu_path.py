@@ -1,4 +1,5 @@
 """The lean CPU path of QuantLinear: pre-split weight codes, activation codes, exact int linear."""
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,7 @@ def cpu_weight_groups(wq: torch.Tensor, w_bits: int, k: int, group_size: int | N
     w = unpack_int4(wq) if w_bits == 4 else wq.contiguous()
     if group_size is None:
         return (w,)
-    return tuple(w[:, k0:k0 + group_size].contiguous() for k0 in range(0, k, group_size))
+    return tuple(w[:, k0 : k0 + group_size].contiguous() for k0 in range(0, k, group_size))
 
 
 def cpu_quantize_codes(x: torch.Tensor, bits: int, inv_smooth=None, perm=None, rotation=None):
@@ -71,8 +72,9 @@ def _cpu_qmax_tensor(qmax: int) -> torch.Tensor:
     return _CPU_QMAX[qmax]
 
 
-def cpu_int_linear(q: torch.Tensor, xs: torch.Tensor, w_groups: tuple, ws: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+def cpu_int_linear(
+    q: torch.Tensor, xs: torch.Tensor, w_groups: tuple, ws: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """fp32 (M, N) from int8 codes q (M, K), scales xs (M,) and :func:`cpu_weight_groups` output:
     the shared epilogue (acc * xs * ws + bias; group-wise: sum_g acc_g * ws[:, g] in group
     order, then * xs + bias), exact int32 accumulation through torch._int_mm."""
@@ -84,7 +86,7 @@ def cpu_int_linear(q: torch.Tensor, xs: torch.Tensor, w_groups: tuple, ws: torch
         gs, ng = w_groups[0].shape[1], len(w_groups)
         acc = torch.empty((ng, q.shape[0], w_groups[0].shape[0]), dtype=torch.int32)
         for g, wg in enumerate(w_groups):
-            torch._int_mm(q[:, g * gs:(g + 1) * gs], wg.t(), out=acc[g])
+            torch._int_mm(q[:, g * gs : (g + 1) * gs], wg.t(), out=acc[g])
         # acc_g * ws[:, g] for all groups at once (a contiguous (G, 1, N) scale: 2x faster than
         # broadcasting the transposed view)
         part = acc.to(torch.float32).mul_(ws.t().contiguous()[:, None, :])

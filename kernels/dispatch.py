@@ -4,6 +4,7 @@ Which backend an op runs on (``backend=`` keyword, :func:`set_default_backend`,
 :func:`backend_scope`, else by device) and the import of the Triton kernel modules on first
 use.  The backends themselves and the math they share are described in ops.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,7 +72,8 @@ def _triton_modules(device: torch.device):
         raise RuntimeError(
             "backend='triton' got CPU tensors but the Triton interpreter is off: set "
             "TRITON_INTERPRET=1 before importing quantvla_kernels' Triton kernels, or use "
-            "backend='cpu' / 'reference'")
+            "backend='cpu' / 'reference'"
+        )
     from . import triton_gemm, triton_quant
 
     return triton_gemm, triton_quant
@@ -106,7 +108,6 @@ def log_fallback_once(what: str, err: BaseException, instead: str, level: int = 
         return
     _logged_fallbacks.add((what, reason))
     log.log(level, "%s failed (%s); %s", what, reason, instead)
-
 
 
 # ----------------------------------------------------------------------------- grid helpers

@@ -1,19 +1,35 @@
 """The integer GEMMs (W8A8, W4A8, W4A4) and the float-input linears: checks, the torch
 fallback, and the Triton launchers (split-K reduction, swapped W4 kernel fallback)."""
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .dispatch import (_triton_modules, log_fallback_once, resolve_backend, triton_build_errors, triton_cdiv,
-                       triton_next_pow2)
+from .dispatch import (
+    _triton_modules,
+    log_fallback_once,
+    resolve_backend,
+    triton_build_errors,
+    triton_cdiv,
+    triton_next_pow2,
+)
 from .packing import PACK_GROUP, unpack_int4
 from .quantize import quantize_per_token
 from .tiles import _pick_config, m_bucket
 from .torch_math import _gemm_torch
-from .validation import (OUT_DTYPES, _check_bias, _check_epilogue, _check_out, _check_out_dtype,
-                         _check_same_device, _check_tensor, _check_weight_scales, _flatten_act)
+from .validation import (
+    OUT_DTYPES,
+    _check_bias,
+    _check_epilogue,
+    _check_out,
+    _check_out_dtype,
+    _check_same_device,
+    _check_tensor,
+    _check_weight_scales,
+    _flatten_act,
+)
 
 
 # ----------------------------------------------------------------------------- Triton GEMMs
@@ -40,8 +56,11 @@ def _epilogue_spec(act, gated, residual):
 def _epi_args(epi, out):
     """Kernel arguments of the fused epilogue ``epi`` = (act, gated, residual) or None."""
     act, gated, res = epi if epi is not None else (None, False, None)
-    return (res if res is not None else out, res.stride(0) if res is not None else 0,
-            dict(ACT=_ACT_CODES[act], GATED=bool(gated), HAS_RES=res is not None))
+    return (
+        res if res is not None else out,
+        res.stride(0) if res is not None else 0,
+        dict(ACT=_ACT_CODES[act], GATED=bool(gated), HAS_RES=res is not None),
+    )
 
 
 def _launch_w8a8(tg, x, xs, w8, ws, bias, out, cfg, smooth=None, xs_out=None, epi=None):
@@ -56,14 +75,38 @@ def _launch_w8a8(tg, x, xs, w8, ws, bias, out, cfg, smooth=None, xs_out=None, ep
     scales = xs_out if a_float else xs
     res, stride_r, flags = _epi_args(epi, out)
     tg.w8a8_kernel[grid](
-        x, w8, scales, ws, bias if bias is not None else ws, out, part,
-        smooth if smooth is not None else ws, scales, res,
-        m, n, k, x.stride(0), w8.stride(0), out.stride(0), stride_r,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-        GROUP_M=cfg["GROUP_M"], EVEN_K=k % (cfg["BLOCK_K"] * split) == 0,
-        HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
-        PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16, SWAP=bool(cfg.get("SWAP", False)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+        x,
+        w8,
+        scales,
+        ws,
+        bias if bias is not None else ws,
+        out,
+        part,
+        smooth if smooth is not None else ws,
+        scales,
+        res,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w8.stride(0),
+        out.stride(0),
+        stride_r,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        SPLIT_K=split,
+        GROUP_M=cfg["GROUP_M"],
+        EVEN_K=k % (cfg["BLOCK_K"] * split) == 0,
+        HAS_BIAS=bias is not None,
+        A_FLOAT=a_float,
+        HAS_SMOOTH=smooth is not None,
+        PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16,
+        SWAP=bool(cfg.get("SWAP", False)),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        **flags,
+    )
     if split > 1:
         _launch_reduce(tg, part, scales, ws, bias, out, apply_ws=True, epi=epi)
     return out
@@ -73,9 +116,25 @@ def _launch_reduce(tg, part, xs, ws, bias, out, apply_ws, epi=None):
     split, m, n = part.shape
     grid = (triton_cdiv(m, 16), triton_cdiv(n, 128))
     res, stride_r, flags = _epi_args(epi, out)
-    tg.splitk_reduce_kernel[grid](part, xs, ws, bias if bias is not None else xs, out, res, m, n, out.stride(0),
-                                  stride_r, SPLIT_K=split, APPLY_WS=apply_ws, HAS_BIAS=bias is not None,
-                                  BLOCK_M=16, BLOCK_N=128, num_warps=4, **flags)
+    tg.splitk_reduce_kernel[grid](
+        part,
+        xs,
+        ws,
+        bias if bias is not None else xs,
+        out,
+        res,
+        m,
+        n,
+        out.stride(0),
+        stride_r,
+        SPLIT_K=split,
+        APPLY_WS=apply_ws,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=16,
+        BLOCK_N=128,
+        num_warps=4,
+        **flags,
+    )
 
 
 def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smooth=None, xs_out=None, epi=None):
@@ -92,15 +151,41 @@ def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smoot
 
     def launch(swap: bool):
         tg.w4_kernel[grid](
-            x, wp, scales, ws, bias if bias is not None else ws, out, part,
-            smooth if smooth is not None else ws, scales, res,
-            m, n, k, x.stride(0), wp.stride(0), ws.stride(0) if grouped else 1, out.stride(0), stride_r,
+            x,
+            wp,
+            scales,
+            ws,
+            bias if bias is not None else ws,
+            out,
+            part,
+            smooth if smooth is not None else ws,
+            scales,
+            res,
+            m,
+            n,
+            k,
+            x.stride(0),
+            wp.stride(0),
+            ws.stride(0) if grouped else 1,
+            out.stride(0),
+            stride_r,
             group_size if grouped else PACK_GROUP,
-            A_PACKED=a_packed, GROUPED=grouped, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            SPLIT_K=split, GROUP_M=cfg["GROUP_M"], EVEN_K=k % PACK_GROUP == 0,
-            HAS_BIAS=bias is not None, A_FLOAT=a_float, HAS_SMOOTH=smooth is not None,
-            PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16, SWAP=swap,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+            A_PACKED=a_packed,
+            GROUPED=grouped,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            SPLIT_K=split,
+            GROUP_M=cfg["GROUP_M"],
+            EVEN_K=k % PACK_GROUP == 0,
+            HAS_BIAS=bias is not None,
+            A_FLOAT=a_float,
+            HAS_SMOOTH=smooth is not None,
+            PRO_K=_prologue_k(cfg["BLOCK_M"], k) if a_float else 16,
+            SWAP=swap,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+            **flags,
+        )
 
     swap = bool(cfg.get("SWAP", False)) and not _W4_SWAP_BROKEN
     try:
@@ -128,11 +213,21 @@ def _disable_w4_swap(err: Exception) -> None:
 
 
 # ----------------------------------------------------------------------------- public GEMMs
-def gemm_w8a8(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-              bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
-              backend: str | None = None, config: dict | None = None,
-              out: torch.Tensor | None = None, act: str | None = None, gated: bool = False,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_w8a8(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    backend: str | None = None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+    act: str | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """int8 activations xq (..., K) with per-token scales xs (...,) times int8 weights wq (N, K)
     with per-channel scales ws (N,) -> (..., N) in out_dtype (default float32, or out's dtype).
     ``config`` overrides the Triton tile choice (tuning and tests); ``out`` is written in place.
@@ -163,8 +258,7 @@ def gemm_w8a8(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
         return y.reshape(*lead, n_out) if out is None else out.copy_(y.reshape(*lead, n_out))
     tg, _ = _triton_modules(device)
     wq = wq.contiguous()
-    out2 = (torch.empty((m, n_out), dtype=out_dtype, device=device) if out is None
-            else out.view(m, n_out))
+    out2 = torch.empty((m, n_out), dtype=out_dtype, device=device) if out is None else out.view(m, n_out)
     epi = _epilogue_spec(act, gated, res2)
 
     def run(cfg):
@@ -174,11 +268,29 @@ def gemm_w8a8(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
     return out2.reshape(*lead, n_out) if out is None else out
 
 
-def _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, a_packed, out,
-             act=None, gated=False, residual=None):
+def _gemm_w4(
+    xq,
+    xs,
+    wq_packed,
+    ws,
+    group_size,
+    bias,
+    out_dtype,
+    backend,
+    config,
+    a_packed,
+    out,
+    act=None,
+    gated=False,
+    residual=None,
+):
     aname = "xq_packed" if a_packed else "xq"
-    _check_tensor(xq, aname, (torch.uint8,) if a_packed else (torch.int8,),
-                  "packed int4 activations (..., K/2)" if a_packed else "int8 activations (..., K)")
+    _check_tensor(
+        xq,
+        aname,
+        (torch.uint8,) if a_packed else (torch.int8,),
+        "packed int4 activations (..., K/2)" if a_packed else "int8 activations (..., K)",
+    )
     _check_tensor(xs, "xs", (torch.float32, torch.float16, torch.bfloat16), "per-token scales")
     _check_tensor(wq_packed, "wq_packed", (torch.uint8,), "packed int4 weights (N, K/2) from pack_int4")
     if out_dtype is None and isinstance(out, torch.Tensor):
@@ -201,16 +313,17 @@ def _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config
     m = x2.shape[0]
     res2 = None if residual is None else residual.reshape(m, n_out)
     if name == "triton" and group_size is not None and group_size % PACK_GROUP:
-        raise ValueError(f"the Triton int4 kernels take group_size as a multiple of {PACK_GROUP} "
-                         f"(or None for per-channel), got {group_size}; backend='cpu' takes any")
+        raise ValueError(
+            f"the Triton int4 kernels take group_size as a multiple of {PACK_GROUP} "
+            f"(or None for per-channel), got {group_size}; backend='cpu' takes any"
+        )
     if name != "triton" or m == 0 or n == 0 or k == 0:
         x8 = unpack_int4(x2) if a_packed else x2
         y = _gemm_torch(x8, xs2, unpack_int4(wq_packed), ws, group_size, bias, out_dtype, name, act, gated, res2)
         return y.reshape(*lead, n_out) if out is None else out.copy_(y.reshape(*lead, n_out))
     tg, _ = _triton_modules(device)
     wq_packed = wq_packed.contiguous()
-    out2 = (torch.empty((m, n_out), dtype=out_dtype, device=device) if out is None
-            else out.view(m, n_out))
+    out2 = torch.empty((m, n_out), dtype=out_dtype, device=device) if out is None else out.view(m, n_out)
     kind = "w4a4" if a_packed else "w4a8"
     epi = _epilogue_spec(act, gated, res2)
 
@@ -221,27 +334,51 @@ def _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config
     return out2.reshape(*lead, n_out) if out is None else out
 
 
-def gemm_w4a8(xq: torch.Tensor, xs: torch.Tensor, wq_packed: torch.Tensor, ws: torch.Tensor,
-              group_size: int | None = None, bias: torch.Tensor | None = None,
-              out_dtype: torch.dtype | None = None, *, backend: str | None = None,
-              config: dict | None = None, out: torch.Tensor | None = None, act: str | None = None,
-              gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_w4a8(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq_packed: torch.Tensor,
+    ws: torch.Tensor,
+    group_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    backend: str | None = None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+    act: str | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """int8 activations (..., K) x int4 weights packed (N, K/2); ws (N,) per channel or
     (N, ceil(K / group_size)) per group -> (..., N); epilogue options as :func:`gemm_w8a8`."""
-    return _gemm_w4(xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, False, out,
-                    act, gated, residual)
+    return _gemm_w4(
+        xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, False, out, act, gated, residual
+    )
 
 
-def gemm_w4a4(xq_packed: torch.Tensor, xs: torch.Tensor, wq_packed: torch.Tensor, ws: torch.Tensor,
-              group_size: int | None = None, bias: torch.Tensor | None = None,
-              out_dtype: torch.dtype | None = None, *, backend: str | None = None,
-              config: dict | None = None, out: torch.Tensor | None = None, act: str | None = None,
-              gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_w4a4(
+    xq_packed: torch.Tensor,
+    xs: torch.Tensor,
+    wq_packed: torch.Tensor,
+    ws: torch.Tensor,
+    group_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    backend: str | None = None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+    act: str | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """int4 activations packed (..., K/2) (from quantize_per_token(bits=4)) x int4 weights
     packed (N, K/2) -> (..., N).  Both are unpacked to int8 for the int8 tensor-core dot.
     Epilogue options as :func:`gemm_w8a8`."""
-    return _gemm_w4(xq_packed, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, True, out,
-                    act, gated, residual)
+    return _gemm_w4(
+        xq_packed, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, True, out, act, gated, residual
+    )
 
 
 # ----------------------------------------------------------------------------- float-in linears
@@ -250,8 +387,23 @@ FUSE_MAX_M = 64
 every weight-tile column would re-read x, so a separate quantization kernel is cheaper."""
 
 
-def _linear(x, wq, ws, group_size, bias, out_dtype, inv_smooth, backend, config, out, fuse, w_bits,
-            act=None, gated=False, residual=None):
+def _linear(
+    x,
+    wq,
+    ws,
+    group_size,
+    bias,
+    out_dtype,
+    inv_smooth,
+    backend,
+    config,
+    out,
+    fuse,
+    w_bits,
+    act=None,
+    gated=False,
+    residual=None,
+):
     _check_tensor(x, "x", OUT_DTYPES, "float activations (..., K)")
     k = x.shape[-1]
     lead = tuple(x.shape[:-1])
@@ -267,8 +419,7 @@ def _linear(x, wq, ws, group_size, bias, out_dtype, inv_smooth, backend, config,
         epi = dict(act=act, gated=gated, residual=residual)
         if w_bits == 8:
             return gemm_w8a8(xq, xs, wq, ws, bias, out_dtype, backend=name, config=config, out=out, **epi)
-        return gemm_w4a8(xq, xs, wq, ws, group_size, bias, out_dtype, backend=name, config=config, out=out,
-                         **epi)
+        return gemm_w4a8(xq, xs, wq, ws, group_size, bias, out_dtype, backend=name, config=config, out=out, **epi)
     # Validate through the int8 entry points' rules, on a zero-size stand-in for the codes.
     if inv_smooth is not None:
         _check_tensor(inv_smooth, "inv_smooth", OUT_DTYPES, "inverse smoothing factors (K,)")
@@ -283,8 +434,10 @@ def _linear(x, wq, ws, group_size, bias, out_dtype, inv_smooth, backend, config,
         if k % 2 or wq.dim() != 2 or wq.shape[1] * 2 != k:
             raise ValueError(f"wq_packed must be (N, K/2) = (N, {k // 2}) for K={k}, got {tuple(wq.shape)}")
         if group_size is not None and group_size % PACK_GROUP:
-            raise ValueError(f"the Triton int4 kernels take group_size as a multiple of {PACK_GROUP} "
-                             f"(or None for per-channel), got {group_size}; backend='cpu' takes any")
+            raise ValueError(
+                f"the Triton int4 kernels take group_size as a multiple of {PACK_GROUP} "
+                f"(or None for per-channel), got {group_size}; backend='cpu' takes any"
+            )
     n = wq.shape[0]
     device = x.device
     _check_same_device(device, wq=wq, ws=ws, inv_smooth=inv_smooth)
@@ -303,36 +456,62 @@ def _linear(x, wq, ws, group_size, bias, out_dtype, inv_smooth, backend, config,
     out2 = torch.empty((m, n_out), dtype=out_dtype, device=device) if out is None else out.view(m, n_out)
     xs_out = torch.empty((m,), dtype=torch.float32, device=device)
     if w_bits == 8:
+
         def run(cfg):
             return _launch_w8a8(tg, x2, None, wq, ws, bias, out2, cfg, smooth, xs_out, epi=epi)
+
         kind = "w8a8f"
     else:
+
         def run(cfg):
             return _launch_w4(tg, x2, None, wq, ws, group_size, bias, out2, k, False, cfg, smooth, xs_out, epi=epi)
+
         kind = "w4a8f"
     run(config or _pick_config(kind, m, n, k, device, run, x_bytes=x2.element_size()))
     return out2.reshape(*lead, n_out) if out is None else out
 
 
-def linear_w8a8(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None, *, inv_smooth: torch.Tensor | None = None,
-                backend: str | None = None, config: dict | None = None, out: torch.Tensor | None = None,
-                fuse: bool | None = None, act: str | None = None, gated: bool = False,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+def linear_w8a8(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    inv_smooth: torch.Tensor | None = None,
+    backend: str | None = None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+    fuse: bool | None = None,
+    act: str | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Float x (..., K) -> dynamic per-token int8 -> W8A8 GEMM -> (..., N) in out_dtype (default
     x.dtype).  Exactly quantize_per_token(x, 8, inv_smooth) then gemm_w8a8 (epilogue options
     as there); on Triton with few tokens and short rows (``fuse``: None = automatic) both happen
     in one kernel."""
-    return _linear(x, wq, ws, None, bias, out_dtype, inv_smooth, backend, config, out, fuse, 8,
-                   act, gated, residual)
+    return _linear(x, wq, ws, None, bias, out_dtype, inv_smooth, backend, config, out, fuse, 8, act, gated, residual)
 
 
-def linear_w4a8(x: torch.Tensor, wq_packed: torch.Tensor, ws: torch.Tensor, group_size: int | None = None,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
-                inv_smooth: torch.Tensor | None = None, backend: str | None = None,
-                config: dict | None = None, out: torch.Tensor | None = None,
-                fuse: bool | None = None, act: str | None = None, gated: bool = False,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+def linear_w4a8(
+    x: torch.Tensor,
+    wq_packed: torch.Tensor,
+    ws: torch.Tensor,
+    group_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    inv_smooth: torch.Tensor | None = None,
+    backend: str | None = None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+    fuse: bool | None = None,
+    act: str | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Float x -> dynamic per-token int8 -> W4A8 GEMM; see :func:`linear_w8a8`."""
-    return _linear(x, wq_packed, ws, group_size, bias, out_dtype, inv_smooth, backend, config, out, fuse, 4,
-                   act, gated, residual)
+    return _linear(
+        x, wq_packed, ws, group_size, bias, out_dtype, inv_smooth, backend, config, out, fuse, 4, act, gated, residual
+    )

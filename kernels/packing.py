@@ -16,6 +16,7 @@ both halves feed ``tl.dot`` directly.  The group boundary coincides with group-1
 When both operands are packed the same way (W4A4), low nibbles pair with low nibbles and high
 with high, so the positions never need to be reconstructed.
 """
+
 from __future__ import annotations
 
 import torch

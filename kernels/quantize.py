@@ -1,22 +1,49 @@
 """Per-token activation quantization (optionally fused with RMSNorm, smoothing, permutation
 and block rotation): the public entry points, the torch / Triton dispatch, and the choice
 between the row-wise and the tile Triton kernels."""
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .dispatch import (_triton_modules, log_fallback_once, resolve_backend, triton_build_errors, triton_cdiv,
-                       triton_next_pow2)
+from .dispatch import (
+    _triton_modules,
+    log_fallback_once,
+    resolve_backend,
+    triton_build_errors,
+    triton_cdiv,
+    triton_next_pow2,
+)
 from .packing import PACK_GROUP
 from .torch_math import _quantize_torch
-from .validation import (_QMAX, OUT_DTYPES, _check_bits, _check_out, _check_perm, _check_rotation,
-                         _check_same_device, _check_tensor)
+from .validation import (
+    _QMAX,
+    OUT_DTYPES,
+    _check_bits,
+    _check_out,
+    _check_perm,
+    _check_rotation,
+    _check_same_device,
+    _check_tensor,
+)
 
 
-def _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out,
-                   rotation_kernel="row", rotation_precision="ieee"):
+def _quantize_impl(
+    x,
+    norm_weight,
+    eps,
+    offset,
+    inv_smooth,
+    perm,
+    rotation,
+    bits,
+    backend,
+    out,
+    rotation_kernel="row",
+    rotation_precision="ieee",
+):
     _check_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16), "activations (..., K)")
     bits = _check_bits(bits)
     _check_rotation_options(rotation_kernel, rotation_precision)
@@ -57,15 +84,17 @@ def _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits
         return out[0].copy_(q), out[1].copy_(s)
     q2 = out[0].view(m, kq) if out is not None else None
     s2 = out[1].view(m) if out is not None else None
-    q, s = _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q2, s2,
-                            rotation_kernel, rotation_precision)
+    q, s = _quantize_triton(
+        x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q2, s2, rotation_kernel, rotation_precision
+    )
     if out is not None:
         return out[0], out[1]
     return q.reshape(*lead, kq), s.reshape(lead)
 
 
-def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q=None, s=None,
-                     rotation_kernel="row", prec="ieee"):
+def _quantize_triton(
+    x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q=None, s=None, rotation_kernel="row", prec="ieee"
+):
     _, tq = _triton_modules(x2.device)
     m, k = x2.shape
     if x2.stride(-1) != 1:
@@ -97,15 +126,33 @@ def _quantize_triton(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, b
                     raise
                 _disable_row_kernel(e)
     tq.norm_quant_kernel[(triton_cdiv(m, block_m),)](
-        x2, norm_weight.contiguous() if norm_weight is not None else dummy,
+        x2,
+        norm_weight.contiguous() if norm_weight is not None else dummy,
         inv_smooth.contiguous() if inv_smooth is not None else dummy,
         perm.contiguous() if perm is not None else dummy,
-        rot if has_rot else dummy, q, s,
-        m, k, x2.stride(0), q.stride(0), stride_rb if has_rot else 0, float(eps), float(offset),
-        HAS_NORM=norm_weight is not None, HAS_SMOOTH=inv_smooth is not None,
-        HAS_PERM=perm is not None, HAS_ROT=has_rot, ROT_B=rotation.shape[-1] if has_rot else 1,
-        QMAX=_QMAX[bits], PACK4=bits == 4, BLOCK_M=block_m, BLOCK_K=block_k, SINGLE_TILE=single,
-        ROT_PREC=_ROT_PREC[prec], num_warps=num_warps)
+        rot if has_rot else dummy,
+        q,
+        s,
+        m,
+        k,
+        x2.stride(0),
+        q.stride(0),
+        stride_rb if has_rot else 0,
+        float(eps),
+        float(offset),
+        HAS_NORM=norm_weight is not None,
+        HAS_SMOOTH=inv_smooth is not None,
+        HAS_PERM=perm is not None,
+        HAS_ROT=has_rot,
+        ROT_B=rotation.shape[-1] if has_rot else 1,
+        QMAX=_QMAX[bits],
+        PACK4=bits == 4,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        SINGLE_TILE=single,
+        ROT_PREC=_ROT_PREC[prec],
+        num_warps=num_warps,
+    )
     return q, s
 
 
@@ -149,13 +196,29 @@ def _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, b
     chunk = _row_chunk(k, b, bits)
     dummy = s
     tq.row_quant_kernel[(m,)](
-        x2, norm_weight.contiguous() if norm_weight is not None else dummy,
+        x2,
+        norm_weight.contiguous() if norm_weight is not None else dummy,
         inv_smooth.contiguous() if inv_smooth is not None else dummy,
-        perm.contiguous() if perm is not None else dummy, rot, q, s,
-        k, x2.stride(0), q.stride(0), float(eps), float(offset),
-        HAS_NORM=norm_weight is not None, HAS_SMOOTH=inv_smooth is not None, HAS_PERM=perm is not None,
-        ROT_B=b, ROT_PREC=_ROT_PREC[prec], QMAX=_QMAX[bits], PACK4=bits == 4, CHUNK=chunk,
-        SINGLE=chunk >= k, num_warps=4 if chunk <= 2048 else 8)
+        perm.contiguous() if perm is not None else dummy,
+        rot,
+        q,
+        s,
+        k,
+        x2.stride(0),
+        q.stride(0),
+        float(eps),
+        float(offset),
+        HAS_NORM=norm_weight is not None,
+        HAS_SMOOTH=inv_smooth is not None,
+        HAS_PERM=perm is not None,
+        ROT_B=b,
+        ROT_PREC=_ROT_PREC[prec],
+        QMAX=_QMAX[bits],
+        PACK4=bits == 4,
+        CHUNK=chunk,
+        SINGLE=chunk >= k,
+        num_warps=4 if chunk <= 2048 else 8,
+    )
 
 
 def _disable_row_kernel(err: Exception) -> None:
@@ -163,14 +226,25 @@ def _disable_row_kernel(err: Exception) -> None:
     Triton/card rejects it, log why once and use the tile kernel (same codes) from then on."""
     global _ROW_BROKEN
     _ROW_BROKEN = True
-    log_fallback_once("building the row-wise quantization kernel", err,
-                      "quantizing rotated activations with the tile kernel from now on (same codes)")
+    log_fallback_once(
+        "building the row-wise quantization kernel",
+        err,
+        "quantizing rotated activations with the tile kernel from now on (same codes)",
+    )
 
 
-def quantize_per_token(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = None,
-                       rotation: torch.Tensor | None = None, *, perm: torch.Tensor | None = None,
-                       backend: str | None = None, out: tuple | None = None, rotation_kernel: str = "row",
-                       rotation_precision: str = "ieee"):
+def quantize_per_token(
+    x: torch.Tensor,
+    bits: int = 8,
+    inv_smooth: torch.Tensor | None = None,
+    rotation: torch.Tensor | None = None,
+    *,
+    perm: torch.Tensor | None = None,
+    backend: str | None = None,
+    out: tuple | None = None,
+    rotation_kernel: str = "row",
+    rotation_precision: str = "ieee",
+):
     """Symmetric per-token quantization of x (..., K) -> (q, scale (...,) float32).
 
     q is int8 (..., K) for bits=8, packed uint8 (..., K // 2) for bits=4 (layout of
@@ -185,19 +259,31 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor 
     "ieee" (default, exact fp32), "tf32" or "tf32x3" (tensor cores, CUDA only: tf32 can move a
     code at a rounding boundary by one step).  The other backends ignore both (after checking them).
     """
-    return _quantize_impl(x, None, 0.0, 0.0, inv_smooth, perm, rotation, bits, backend, out,
-                          rotation_kernel, rotation_precision)
+    return _quantize_impl(
+        x, None, 0.0, 0.0, inv_smooth, perm, rotation, bits, backend, out, rotation_kernel, rotation_precision
+    )
 
 
-def rmsnorm_quantize(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, bits: int = 8,
-                     offset: float = 0.0, inv_smooth: torch.Tensor | None = None,
-                     rotation: torch.Tensor | None = None, *, perm: torch.Tensor | None = None,
-                     backend: str | None = None, out: tuple | None = None, rotation_kernel: str = "row",
-                     rotation_precision: str = "ieee"):
+def rmsnorm_quantize(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    bits: int = 8,
+    offset: float = 0.0,
+    inv_smooth: torch.Tensor | None = None,
+    rotation: torch.Tensor | None = None,
+    *,
+    perm: torch.Tensor | None = None,
+    backend: str | None = None,
+    out: tuple | None = None,
+    rotation_kernel: str = "row",
+    rotation_precision: str = "ieee",
+):
     """RMSNorm ``x * rstd * (offset + w)`` (Gemma: offset=1) fused with smoothing, rotation and
     per-token quantization, in one kernel on Triton.  Returns (q, scale) as quantize_per_token,
     whose ``rotation_kernel`` / ``rotation_precision`` it takes too."""
     if norm_weight is None:
         raise ValueError("rmsnorm_quantize needs norm_weight (K,); use quantize_per_token without a norm")
-    return _quantize_impl(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out,
-                          rotation_kernel, rotation_precision)
+    return _quantize_impl(
+        x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out, rotation_kernel, rotation_precision
+    )

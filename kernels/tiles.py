@@ -1,4 +1,5 @@
 """GEMM tile configs: the fixed table, shared-memory fitting, the small tuner and tuned-config I/O."""
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,7 @@ def _split_for(tiles: int, k_tiles: int, sms: int, min_iters: int) -> int:
     return split
 
 
-def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device,
-                num_sms: int | None = None) -> dict:
+def gemm_config(kind: str, m: int, n: int, k: int, device: torch.device, num_sms: int | None = None) -> dict:
     """The fixed (non-tuned) tile table: small M uses BLOCK_M 16/32/64 with split-K, large M
     128x128 tiles; see docs/kernels-notes.md for the reasoning."""
     mb = m_bucket(m)
@@ -95,7 +95,7 @@ def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
     out = [base]
     if m_bucket(m) <= 64:
         bks = (256, 512) if kind == "w8a8" else (None,)
-        for bn in ((32, 64, 128) if kind == "w8a8" else (64, 128)):
+        for bn in (32, 64, 128) if kind == "w8a8" else (64, 128):
             for bk in bks:
                 k_tiles = triton_cdiv(k, bk or PACK_GROUP)
                 for split in (1, 2, 4, 8):
@@ -109,14 +109,20 @@ def _candidates(kind: str, m: int, n: int, k: int, device) -> list[dict]:
         if kind != "w8a8":
             out += [dict(c, SWAP=not c.get("SWAP", False)) for c in list(out)]
         else:  # swapped W8A8: weight rows as the 64-row MMA dimension (wgmma-eligible)
-            out += [dict(c, SWAP=True) for c in list(out)
-                    if c["BLOCK_N"] >= 64 and c.get("BLOCK_K") == min(256, max(32, triton_next_pow2(k)))]
+            out += [
+                dict(c, SWAP=True)
+                for c in list(out)
+                if c["BLOCK_N"] >= 64 and c.get("BLOCK_K") == min(256, max(32, triton_next_pow2(k)))
+            ]
     else:
         if kind != "w8a8":
             out.append(dict(base, SWAP=not base.get("SWAP", False)))
-        out += [dict(base, BLOCK_N=256, num_warps=8, num_stages=3, SPLIT_K=1),
-                dict(base, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, SPLIT_K=1),
-                dict(base, num_stages=3), dict(base, SPLIT_K=2)]
+        out += [
+            dict(base, BLOCK_N=256, num_warps=8, num_stages=3, SPLIT_K=1),
+            dict(base, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, SPLIT_K=1),
+            dict(base, num_stages=3),
+            dict(base, SPLIT_K=2),
+        ]
     return out
 
 
@@ -156,8 +162,12 @@ def _pick_config(kind, m, n, k, device, run, x_bytes: int = 1) -> dict:
     cfg = _TUNED.get(key)
     if cfg is not None:
         return fit_smem(kind, cfg, x_bytes)
-    if (not (_AUTOTUNE and device.type == "cuda") or base_kind != kind or m_bucket(m) > 64
-            or torch.cuda.is_current_stream_capturing()):
+    if (
+        not (_AUTOTUNE and device.type == "cuda")
+        or base_kind != kind
+        or m_bucket(m) > 64
+        or torch.cuda.is_current_stream_capturing()
+    ):
         return fit_smem(kind, gemm_config(kind, m, n, k, device), x_bytes)
     from triton.testing import do_bench
 
@@ -168,8 +178,9 @@ def _pick_config(kind, m, n, k, device, run, x_bytes: int = 1) -> dict:
         try:
             t = do_bench(lambda: run(cand), warmup=5, rep=20)
         except triton_build_errors() as e:  # a config can exceed shared memory on a smaller card
-            log_fallback_once(f"tile config {cand} for {kind} M<={m_bucket(m)} N={n} K={k}", e,
-                              "the tuner skips it", logging.INFO)
+            log_fallback_once(
+                f"tile config {cand} for {kind} M<={m_bucket(m)} N={n} K={k}", e, "the tuner skips it", logging.INFO
+            )
             continue
         if t < best_t:
             best, best_t = cand, t
@@ -203,8 +214,10 @@ def load_tuned_configs(source) -> int:
     for i, c in enumerate(source):
         missing = [key for key in ("kind", "m_bucket", "N", "K", "BLOCK_M", "BLOCK_N", "SPLIT_K") if key not in c]
         if missing or c["kind"] not in ("w8a8", "w4a8", "w4a4") or (c["kind"] == "w8a8" and "BLOCK_K" not in c):
-            raise ValueError(f"tuned config #{i} is malformed (missing {missing or ['BLOCK_K']}, or unknown "
-                             f"kind {c.get('kind')!r}; kinds: w8a8, w4a8, w4a4): {c}")
+            raise ValueError(
+                f"tuned config #{i} is malformed (missing {missing or ['BLOCK_K']}, or unknown "
+                f"kind {c.get('kind')!r}; kinds: w8a8, w4a8, w4a4): {c}"
+            )
         cfg = {key: int(c[key]) for key in _CFG_KEYS if key in c}
         cfg.setdefault("GROUP_M", 1)
         cfg.setdefault("num_warps", 4)

@@ -3,6 +3,7 @@
 Integer GEMMs with the shared epilogue and per-token activation quantization, in the
 arithmetic order of the contract in ops.py (the Triton kernels follow the same order).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,15 +32,22 @@ def finish_output(y: torch.Tensor, act: str | None, gated: bool, residual: torch
     interleaved layout of a fused gate/up layer: (M, N/2)), then ``+ residual`` (fp32 sum)."""
     if act is not None:
         # contiguous halves: torch's activation kernels round differently on strided input
-        y = (activation(act, y[:, 0::2].contiguous()) * y[:, 1::2].contiguous() if gated
-             else activation(act, y))
+        y = activation(act, y[:, 0::2].contiguous()) * y[:, 1::2].contiguous() if gated else activation(act, y)
     if residual is not None:
         y = y + residual.to(y.dtype)
     return y
 
 
-def _epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor | None, bias, out_dtype,
-              act: str | None = None, gated: bool = False, residual: torch.Tensor | None = None):
+def _epilogue(
+    acc: torch.Tensor,
+    xs: torch.Tensor,
+    ws: torch.Tensor | None,
+    bias,
+    out_dtype,
+    act: str | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+):
     y = acc.to(torch.float32) * xs[:, None]
     if ws is not None:
         y = y * ws[None, :]
@@ -68,7 +76,7 @@ def _grouped_acc_torch(x8, w8, ws, group_size, dot):
     k = x8.shape[1]
     y = torch.zeros((x8.shape[0], w8.shape[0]), dtype=torch.float32, device=x8.device)
     for g, k0 in enumerate(range(0, k, group_size)):
-        acc = dot(x8[:, k0:k0 + group_size].contiguous(), w8[:, k0:k0 + group_size].contiguous())
+        acc = dot(x8[:, k0 : k0 + group_size].contiguous(), w8[:, k0 : k0 + group_size].contiguous())
         y = y + acc.to(torch.float32) * ws[None, :, g]
     return y
 
@@ -118,5 +126,6 @@ def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bit
     q = torch.clamp(torch.round(v * inv[:, None]), -qmax, qmax).to(torch.int8)
     if bits == 4:
         from .packing import pack_int4
+
         q = pack_int4(q)
     return q, scale

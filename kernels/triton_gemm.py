@@ -32,6 +32,7 @@ dot.  Same arithmetic as ``norm_quant_kernel`` without a norm, so codes and scal
 bit-identical to quantize-then-GEMM while saving a launch and the int8 round trip.  The
 program with pid_n == pid_k == 0 also stores the scales (the split-K reduction reads them).
 """
+
 from __future__ import annotations
 
 import triton
@@ -69,9 +70,25 @@ def _activate(y, ACT: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                    APPLY_WS: tl.constexpr, HAS_BIAS: tl.constexpr, res_ptr, stride_rm,
-                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr):
+def _epilogue_store(
+    acc,
+    xs,
+    rm,
+    rn,
+    ws_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    stride_om,
+    APPLY_WS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    res_ptr,
+    stride_rm,
+    ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
     """Scales, bias, then the optional activation (GATED: interleaved gate/up column pairs ->
     act(gate) * up, half the columns), then the optional residual; one store."""
     mmask = rm < M
@@ -102,9 +119,22 @@ def _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
 
 
 @triton.jit
-def _act_scales(x_ptr, smooth_ptr, xs_ptr, xs_out_ptr, rm, rm_l, M, K, stride_xm, store,
-                A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def _act_scales(
+    x_ptr,
+    smooth_ptr,
+    xs_ptr,
+    xs_out_ptr,
+    rm,
+    rm_l,
+    M,
+    K,
+    stride_xm,
+    store,
+    A_FLOAT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Per-row (scale, 127/absmax): loaded (int8 input) or computed over all of K (float input)."""
     if A_FLOAT:
         rk = tl.arange(0, BLOCK_K)
@@ -112,8 +142,7 @@ def _act_scales(x_ptr, smooth_ptr, xs_ptr, xs_out_ptr, rm, rm_l, M, K, stride_xm
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             km = kk < K
-            v = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :], mask=km[None, :],
-                        other=0.0).to(tl.float32)
+            v = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :], mask=km[None, :], other=0.0).to(tl.float32)
             if HAS_SMOOTH:
                 v = v * tl.load(smooth_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]
             amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
@@ -147,13 +176,39 @@ def _store_partial(acc, rm, rn, part_ptr, pid_k, M, N):
 
 
 @triton.jit
-def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_ptr, xs_out_ptr,
-                res_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_rm,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                PRO_K: tl.constexpr, SWAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-                HAS_RES: tl.constexpr):
+def w8a8_kernel(
+    x_ptr,
+    w_ptr,
+    xs_ptr,
+    ws_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    smooth_ptr,
+    xs_out_ptr,
+    res_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    stride_rm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    A_FLOAT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    PRO_K: tl.constexpr,
+    SWAP: tl.constexpr,
+    ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -162,8 +217,22 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smoot
     # Wrap out-of-range rows/columns onto valid ones: loads need no M/N mask, stores are masked.
     rm_l = rm % M
     rn_l = rn % N
-    xs, inv = _act_scales(x_ptr, smooth_ptr, xs_ptr, xs_out_ptr, rm, rm_l, M, K, stride_xm,
-                          (pid_n == 0) & (pid_k == 0), A_FLOAT, HAS_SMOOTH, BLOCK_M, PRO_K)
+    xs, inv = _act_scales(
+        x_ptr,
+        smooth_ptr,
+        xs_ptr,
+        xs_out_ptr,
+        rm,
+        rm_l,
+        M,
+        K,
+        stride_xm,
+        (pid_n == 0) & (pid_k == 0),
+        A_FLOAT,
+        HAS_SMOOTH,
+        BLOCK_M,
+        PRO_K,
+    )
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + (k_start + rk)[None, :]
@@ -193,8 +262,25 @@ def w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smoot
     if SWAP:
         acc = tl.trans(acc)
     if SPLIT_K == 1:
-        _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, True, HAS_BIAS,
-                        res_ptr, stride_rm, ACT, GATED, HAS_RES)
+        _epilogue_store(
+            acc,
+            xs,
+            rm,
+            rn,
+            ws_ptr,
+            bias_ptr,
+            out_ptr,
+            M,
+            N,
+            stride_om,
+            True,
+            HAS_BIAS,
+            res_ptr,
+            stride_rm,
+            ACT,
+            GATED,
+            HAS_RES,
+        )
     else:
         _store_partial(acc, rm, rn, part_ptr, pid_k, M, N)
 
@@ -207,14 +293,42 @@ def _unpack_lo_hi(p):
 
 
 @triton.jit
-def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_ptr, xs_out_ptr,
-              res_ptr, M, N, K, stride_xm, stride_wn, stride_wsn, stride_om, stride_rm, group_size,
-              A_PACKED: tl.constexpr, GROUPED: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-              HAS_BIAS: tl.constexpr, A_FLOAT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-              PRO_K: tl.constexpr, SWAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-              HAS_RES: tl.constexpr):
+def w4_kernel(
+    x_ptr,
+    w_ptr,
+    xs_ptr,
+    ws_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    smooth_ptr,
+    xs_out_ptr,
+    res_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_wsn,
+    stride_om,
+    stride_rm,
+    group_size,
+    A_PACKED: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    A_FLOAT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    PRO_K: tl.constexpr,
+    SWAP: tl.constexpr,
+    ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
     HALF: tl.constexpr = 64
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -223,8 +337,22 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_
     rm_l = rm % M
     rn_l = rn % N
     j = tl.arange(0, HALF)
-    xs, inv = _act_scales(x_ptr, smooth_ptr, xs_ptr, xs_out_ptr, rm, rm_l, M, K, stride_xm,
-                          (pid_n == 0) & (pid_k == 0), A_FLOAT, HAS_SMOOTH, BLOCK_M, PRO_K)
+    xs, inv = _act_scales(
+        x_ptr,
+        smooth_ptr,
+        xs_ptr,
+        xs_out_ptr,
+        rm,
+        rm_l,
+        M,
+        K,
+        stride_xm,
+        (pid_n == 0) & (pid_k == 0),
+        A_FLOAT,
+        HAS_SMOOTH,
+        BLOCK_M,
+        PRO_K,
+    )
     num_tiles = tl.cdiv(K, 2 * HALF)
     tiles_per_split = tl.cdiv(num_tiles, SPLIT_K)
     t_start = pid_k * tiles_per_split
@@ -250,17 +378,13 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_
         else:
             half = tl.minimum(K - k0, 2 * HALF) // 2
             jm = j < half
-            wb = tl.load(w_ptr + rn_l[:, None] * stride_wn + (k0 // 2 + j)[None, :], mask=jm[None, :],
-                         other=0)
+            wb = tl.load(w_ptr + rn_l[:, None] * stride_wn + (k0 // 2 + j)[None, :], mask=jm[None, :], other=0)
             if A_PACKED:
-                xb = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 // 2 + j)[None, :],
-                             mask=jm[None, :], other=0)
+                xb = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 // 2 + j)[None, :], mask=jm[None, :], other=0)
                 x_lo, x_hi = _unpack_lo_hi(xb)
             else:
-                x_lo = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + j)[None, :], mask=jm[None, :],
-                               other=0)
-                x_hi = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + half + j)[None, :],
-                               mask=jm[None, :], other=0)
+                x_lo = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + j)[None, :], mask=jm[None, :], other=0)
+                x_hi = tl.load(x_ptr + rm_l[:, None] * stride_xm + (k0 + half + j)[None, :], mask=jm[None, :], other=0)
         if A_FLOAT:
             x_lo = _quant_tile(x_lo, inv, smooth_ptr, k0 + j, jm, HAS_SMOOTH)
             x_hi = _quant_tile(x_hi, inv, smooth_ptr, k0 + half + j, jm, HAS_SMOOTH)
@@ -287,23 +411,73 @@ def w4_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, smooth_
         acc_f = tl.trans(acc_f)
     if GROUPED:
         if SPLIT_K == 1:
-            _epilogue_store(acc_f, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, False,
-                            HAS_BIAS, res_ptr, stride_rm, ACT, GATED, HAS_RES)
+            _epilogue_store(
+                acc_f,
+                xs,
+                rm,
+                rn,
+                ws_ptr,
+                bias_ptr,
+                out_ptr,
+                M,
+                N,
+                stride_om,
+                False,
+                HAS_BIAS,
+                res_ptr,
+                stride_rm,
+                ACT,
+                GATED,
+                HAS_RES,
+            )
         else:
             _store_partial(acc_f, rm, rn, part_ptr, pid_k, M, N)
     else:
         if SPLIT_K == 1:
-            _epilogue_store(acc_i, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, True,
-                            HAS_BIAS, res_ptr, stride_rm, ACT, GATED, HAS_RES)
+            _epilogue_store(
+                acc_i,
+                xs,
+                rm,
+                rn,
+                ws_ptr,
+                bias_ptr,
+                out_ptr,
+                M,
+                N,
+                stride_om,
+                True,
+                HAS_BIAS,
+                res_ptr,
+                stride_rm,
+                ACT,
+                GATED,
+                HAS_RES,
+            )
         else:
             _store_partial(acc_i, rm, rn, part_ptr, pid_k, M, N)
 
 
 @triton.jit
-def splitk_reduce_kernel(part_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, res_ptr, M, N, stride_om, stride_rm,
-                         SPLIT_K: tl.constexpr, APPLY_WS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr,
-                         GATED: tl.constexpr, HAS_RES: tl.constexpr):
+def splitk_reduce_kernel(
+    part_ptr,
+    xs_ptr,
+    ws_ptr,
+    bias_ptr,
+    out_ptr,
+    res_ptr,
+    M,
+    N,
+    stride_om,
+    stride_rm,
+    SPLIT_K: tl.constexpr,
+    APPLY_WS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
     """Sum SPLIT_K partial tiles in a fixed order, then the scale/bias epilogue."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -313,5 +487,22 @@ def splitk_reduce_kernel(part_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, res_ptr, M
     for s in tl.static_range(1, SPLIT_K):
         acc += tl.load(ptrs + s * M * N, mask=m2, other=0)
     xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-    _epilogue_store(acc, xs, rm, rn, ws_ptr, bias_ptr, out_ptr, M, N, stride_om, APPLY_WS, HAS_BIAS,
-                    res_ptr, stride_rm, ACT, GATED, HAS_RES)
+    _epilogue_store(
+        acc,
+        xs,
+        rm,
+        rn,
+        ws_ptr,
+        bias_ptr,
+        out_ptr,
+        M,
+        N,
+        stride_om,
+        APPLY_WS,
+        HAS_BIAS,
+        res_ptr,
+        stride_rm,
+        ACT,
+        GATED,
+        HAS_RES,
+    )

@@ -13,6 +13,7 @@ Arithmetic order (mirrored by the torch path in ``ops.py``):
 ``y = v * rstd``.  The permutation is a gather on the load, the rotation one ``tl.dot`` per
 64-wide tile with a block-diagonal matrix gathered from the per-block rotations.
 """
+
 from __future__ import annotations
 
 import triton
@@ -28,10 +29,26 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, cmask, stride_xm,
-               stride_rb, offset, HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-               HAS_PERM: tl.constexpr, HAS_ROT: tl.constexpr, ROT_B: tl.constexpr,
-               ROT_PREC: tl.constexpr):
+def _transform(
+    x_ptr,
+    nw_ptr,
+    smooth_ptr,
+    perm_ptr,
+    rot_ptr,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    stride_xm,
+    stride_rb,
+    offset,
+    HAS_NORM: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_ROT: tl.constexpr,
+    ROT_B: tl.constexpr,
+    ROT_PREC: tl.constexpr,
+):
     """Load a (BLOCK_M, BLOCK_K) tile of x at columns ``cols``; return (x, v) with v the
     pre-rstd transform rot(perm(x * (offset + w) * inv_s)).  The tile must start on a
     rotation-block boundary and hold whole blocks."""
@@ -54,8 +71,11 @@ def _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, 
         ca = cols[:, None]
         cb = cols[None, :]
         same = (ca // ROT_B) == (cb // ROT_B)
-        r = tl.load(rot_ptr + (ca // ROT_B) * stride_rb + (ca % ROT_B) * ROT_B + (cb % ROT_B),
-                    mask=same & cmask[:, None] & cmask[None, :], other=0.0)
+        r = tl.load(
+            rot_ptr + (ca // ROT_B) * stride_rb + (ca % ROT_B) * ROT_B + (cb % ROT_B),
+            mask=same & cmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
         v = _rot_dot(v, r, ROT_PREC)
     return x, v
 
@@ -78,13 +98,33 @@ def _row_scales(sumsq, amax, K, eps, HAS_NORM: tl.constexpr, QMAX: tl.constexpr,
 
 
 @triton.jit
-def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr,
-                      M, K, stride_xm, stride_qm, stride_rb, eps, offset,
-                      HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_PERM: tl.constexpr,
-                      HAS_ROT: tl.constexpr, ROT_B: tl.constexpr,
-                      QMAX: tl.constexpr, PACK4: tl.constexpr,
-                      ROT_PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_TILE: tl.constexpr):
+def norm_quant_kernel(
+    x_ptr,
+    nw_ptr,
+    smooth_ptr,
+    perm_ptr,
+    rot_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_rb,
+    eps,
+    offset,
+    HAS_NORM: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_ROT: tl.constexpr,
+    ROT_B: tl.constexpr,
+    QMAX: tl.constexpr,
+    PACK4: tl.constexpr,
+    ROT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -94,35 +134,119 @@ def norm_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr
         # The whole row in one tile (8-bit, K <= BLOCK_K): one memory round trip, no re-read;
         # a loop of dependent tiles is latency-bound at the few tokens of the action expert.
         cmask = ck < K
-        x, v = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, ck, cmask,
-                          stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B, ROT_PREC)
-        rstd, scale, inv = _row_scales(tl.sum(x * x, axis=1), tl.max(tl.abs(v), axis=1), K, eps,
-                                       HAS_NORM, QMAX, BLOCK_M)
+        x, v = _transform(
+            x_ptr,
+            nw_ptr,
+            smooth_ptr,
+            perm_ptr,
+            rot_ptr,
+            rows,
+            rmask,
+            ck,
+            cmask,
+            stride_xm,
+            stride_rb,
+            offset,
+            HAS_NORM,
+            HAS_SMOOTH,
+            HAS_PERM,
+            HAS_ROT,
+            ROT_B,
+            ROT_PREC,
+        )
+        rstd, scale, inv = _row_scales(
+            tl.sum(x * x, axis=1), tl.max(tl.abs(v), axis=1), K, eps, HAS_NORM, QMAX, BLOCK_M
+        )
         tl.store(s_ptr + rows, scale, mask=rmask)
         q = _round_half_even((v * rstd[:, None]) * inv[:, None])
         q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
-        tl.store(q_ptr + rows[:, None] * stride_qm + ck[None, :], q.to(tl.int8),
-                 mask=rmask[:, None] & cmask[None, :])
+        tl.store(q_ptr + rows[:, None] * stride_qm + ck[None, :], q.to(tl.int8), mask=rmask[:, None] & cmask[None, :])
     else:
-        _two_pass(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr, rows, rmask, ck,
-                  K, stride_xm, stride_qm, stride_rb, eps, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM,
-                  HAS_ROT, ROT_B, QMAX, PACK4, BLOCK_M, BLOCK_K, ROT_PREC)
+        _two_pass(
+            x_ptr,
+            nw_ptr,
+            smooth_ptr,
+            perm_ptr,
+            rot_ptr,
+            q_ptr,
+            s_ptr,
+            rows,
+            rmask,
+            ck,
+            K,
+            stride_xm,
+            stride_qm,
+            stride_rb,
+            eps,
+            offset,
+            HAS_NORM,
+            HAS_SMOOTH,
+            HAS_PERM,
+            HAS_ROT,
+            ROT_B,
+            QMAX,
+            PACK4,
+            BLOCK_M,
+            BLOCK_K,
+            ROT_PREC,
+        )
 
 
 @triton.jit
-def _two_pass(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr, rows, rmask, ck,
-              K, stride_xm, stride_qm, stride_rb, eps, offset,
-              HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_PERM: tl.constexpr,
-              HAS_ROT: tl.constexpr, ROT_B: tl.constexpr, QMAX: tl.constexpr, PACK4: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROT_PREC: tl.constexpr):
+def _two_pass(
+    x_ptr,
+    nw_ptr,
+    smooth_ptr,
+    perm_ptr,
+    rot_ptr,
+    q_ptr,
+    s_ptr,
+    rows,
+    rmask,
+    ck,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_rb,
+    eps,
+    offset,
+    HAS_NORM: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_ROT: tl.constexpr,
+    ROT_B: tl.constexpr,
+    QMAX: tl.constexpr,
+    PACK4: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROT_PREC: tl.constexpr,
+):
     """Rows longer than one tile (or rotated / packed output): statistics pass, then codes."""
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + ck
         cmask = cols < K
-        x, v = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, cmask,
-                          stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B, ROT_PREC)
+        x, v = _transform(
+            x_ptr,
+            nw_ptr,
+            smooth_ptr,
+            perm_ptr,
+            rot_ptr,
+            rows,
+            rmask,
+            cols,
+            cmask,
+            stride_xm,
+            stride_rb,
+            offset,
+            HAS_NORM,
+            HAS_SMOOTH,
+            HAS_PERM,
+            HAS_ROT,
+            ROT_B,
+            ROT_PREC,
+        )
         if HAS_NORM:
             sumsq += tl.sum(x * x, axis=1)
         amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
@@ -135,10 +259,46 @@ def _two_pass(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr, rows, 
         for g0 in range(0, K, 2 * BLOCK_K):
             half = tl.minimum(K - g0, 2 * BLOCK_K) // 2
             jm = ck < half
-            _, v_lo = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, g0 + ck, jm,
-                                 stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B, ROT_PREC)
-            _, v_hi = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, g0 + half + ck,
-                                 jm, stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B, ROT_PREC)
+            _, v_lo = _transform(
+                x_ptr,
+                nw_ptr,
+                smooth_ptr,
+                perm_ptr,
+                rot_ptr,
+                rows,
+                rmask,
+                g0 + ck,
+                jm,
+                stride_xm,
+                stride_rb,
+                offset,
+                HAS_NORM,
+                HAS_SMOOTH,
+                HAS_PERM,
+                HAS_ROT,
+                ROT_B,
+                ROT_PREC,
+            )
+            _, v_hi = _transform(
+                x_ptr,
+                nw_ptr,
+                smooth_ptr,
+                perm_ptr,
+                rot_ptr,
+                rows,
+                rmask,
+                g0 + half + ck,
+                jm,
+                stride_xm,
+                stride_rb,
+                offset,
+                HAS_NORM,
+                HAS_SMOOTH,
+                HAS_PERM,
+                HAS_ROT,
+                ROT_B,
+                ROT_PREC,
+            )
             q_lo = _round_half_even((v_lo * rstd[:, None]) * inv[:, None])
             q_hi = _round_half_even((v_hi * rstd[:, None]) * inv[:, None])
             q_lo = tl.minimum(tl.maximum(q_lo, -QMAX * 1.0), QMAX * 1.0).to(tl.int32)
@@ -150,8 +310,26 @@ def _two_pass(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr, rows, 
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + ck
             cmask = cols < K
-            _, v = _transform(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, rows, rmask, cols, cmask,
-                              stride_xm, stride_rb, offset, HAS_NORM, HAS_SMOOTH, HAS_PERM, HAS_ROT, ROT_B, ROT_PREC)
+            _, v = _transform(
+                x_ptr,
+                nw_ptr,
+                smooth_ptr,
+                perm_ptr,
+                rot_ptr,
+                rows,
+                rmask,
+                cols,
+                cmask,
+                stride_xm,
+                stride_rb,
+                offset,
+                HAS_NORM,
+                HAS_SMOOTH,
+                HAS_PERM,
+                HAS_ROT,
+                ROT_B,
+                ROT_PREC,
+            )
             q = _round_half_even((v * rstd[:, None]) * inv[:, None])
             q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
             optr = q_ptr + rows[:, None] * stride_qm + cols[None, :]
@@ -166,6 +344,7 @@ def _two_pass(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr, rows, 
 # Same arithmetic order as norm_quant_kernel (see the module docstring), so the codes and scales
 # match it wherever the dot sums its B products the same way (exactly under "ieee").
 
+
 @triton.jit
 def _rot_dot(v, r, ROT_PREC: tl.constexpr):
     """v (R, B) @ r (B, B) in fp32: 0 = "ieee" (CUDA-core FMA), 1 = "tf32" (tensor cores,
@@ -179,9 +358,23 @@ def _rot_dot(v, r, ROT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _row_transform(x_row_ptr, nw_ptr, smooth_ptr, perm_ptr, r, cols, cmask,
-                   offset, HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_PERM: tl.constexpr,
-                   ROT_B: tl.constexpr, ROT_PREC: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+def _row_transform(
+    x_row_ptr,
+    nw_ptr,
+    smooth_ptr,
+    perm_ptr,
+    r,
+    cols,
+    cmask,
+    offset,
+    HAS_NORM: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    ROT_B: tl.constexpr,
+    ROT_PREC: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+):
     """x and v = rot(perm(x * (offset + w) * inv_s)) for an (R, C) tile of column indices
     (C a multiple of ROT_B, every row of C columns made of whole rotation blocks)."""
     if HAS_PERM:
@@ -208,11 +401,29 @@ def _row_codes(v, rstd, inv, QMAX: tl.constexpr):
 
 
 @triton.jit
-def row_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr,
-                     K, stride_xm, stride_qm, eps, offset,
-                     HAS_NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_PERM: tl.constexpr,
-                     ROT_B: tl.constexpr, ROT_PREC: tl.constexpr, QMAX: tl.constexpr,
-                     PACK4: tl.constexpr, CHUNK: tl.constexpr, SINGLE: tl.constexpr):
+def row_quant_kernel(
+    x_ptr,
+    nw_ptr,
+    smooth_ptr,
+    perm_ptr,
+    rot_ptr,
+    q_ptr,
+    s_ptr,
+    K,
+    stride_xm,
+    stride_qm,
+    eps,
+    offset,
+    HAS_NORM: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    ROT_B: tl.constexpr,
+    ROT_PREC: tl.constexpr,
+    QMAX: tl.constexpr,
+    PACK4: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
     """One row per program; shared (ROT_B, ROT_B) rotation; 4-bit needs K % 128 == 0."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
@@ -226,13 +437,44 @@ def row_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr,
         gc = tl.arange(0, G)[:, None] * 128 + tl.arange(0, 64)[None, :]
         if SINGLE:
             m = gc < K
-            x_lo, v_lo = _row_transform(x_row, nw_ptr, smooth_ptr, perm_ptr, r, gc, m, offset, HAS_NORM,
-                                        HAS_SMOOTH, HAS_PERM, ROT_B, ROT_PREC, G, 64)
-            x_hi, v_hi = _row_transform(x_row, nw_ptr, smooth_ptr, perm_ptr, r, gc + 64, m, offset, HAS_NORM,
-                                        HAS_SMOOTH, HAS_PERM, ROT_B, ROT_PREC, G, 64)
+            x_lo, v_lo = _row_transform(
+                x_row,
+                nw_ptr,
+                smooth_ptr,
+                perm_ptr,
+                r,
+                gc,
+                m,
+                offset,
+                HAS_NORM,
+                HAS_SMOOTH,
+                HAS_PERM,
+                ROT_B,
+                ROT_PREC,
+                G,
+                64,
+            )
+            x_hi, v_hi = _row_transform(
+                x_row,
+                nw_ptr,
+                smooth_ptr,
+                perm_ptr,
+                r,
+                gc + 64,
+                m,
+                offset,
+                HAS_NORM,
+                HAS_SMOOTH,
+                HAS_PERM,
+                ROT_B,
+                ROT_PREC,
+                G,
+                64,
+            )
             sumsq = tl.sum(tl.sum(x_lo * x_lo, axis=1) + tl.sum(x_hi * x_hi, axis=1), axis=0)
-            amax = tl.maximum(tl.max(tl.max(tl.abs(v_lo), axis=1), axis=0),
-                              tl.max(tl.max(tl.abs(v_hi), axis=1), axis=0))
+            amax = tl.maximum(
+                tl.max(tl.max(tl.abs(v_lo), axis=1), axis=0), tl.max(tl.max(tl.abs(v_hi), axis=1), axis=0)
+            )
             rstd, scale, inv = _row_scales(one * sumsq, one * amax, K, eps, HAS_NORM, QMAX, 1)
             tl.store(s_ptr + row + tl.arange(0, 1), scale)
             q_lo = _row_codes(v_lo, rstd[:, None], inv[:, None], QMAX).to(tl.int32)
@@ -245,22 +487,86 @@ def row_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr,
             amax = tl.zeros((1,), tl.float32)
             for c0 in range(0, K, CHUNK):
                 m = c0 + gc < K
-                x_lo, v_lo = _row_transform(x_row, nw_ptr, smooth_ptr, perm_ptr, r, c0 + gc, m, offset,
-                                            HAS_NORM, HAS_SMOOTH, HAS_PERM, ROT_B, ROT_PREC, G, 64)
-                x_hi, v_hi = _row_transform(x_row, nw_ptr, smooth_ptr, perm_ptr, r, c0 + gc + 64, m, offset,
-                                            HAS_NORM, HAS_SMOOTH, HAS_PERM, ROT_B, ROT_PREC, G, 64)
+                x_lo, v_lo = _row_transform(
+                    x_row,
+                    nw_ptr,
+                    smooth_ptr,
+                    perm_ptr,
+                    r,
+                    c0 + gc,
+                    m,
+                    offset,
+                    HAS_NORM,
+                    HAS_SMOOTH,
+                    HAS_PERM,
+                    ROT_B,
+                    ROT_PREC,
+                    G,
+                    64,
+                )
+                x_hi, v_hi = _row_transform(
+                    x_row,
+                    nw_ptr,
+                    smooth_ptr,
+                    perm_ptr,
+                    r,
+                    c0 + gc + 64,
+                    m,
+                    offset,
+                    HAS_NORM,
+                    HAS_SMOOTH,
+                    HAS_PERM,
+                    ROT_B,
+                    ROT_PREC,
+                    G,
+                    64,
+                )
                 sumsq += tl.sum(tl.sum(x_lo * x_lo, axis=1) + tl.sum(x_hi * x_hi, axis=1), axis=0)
-                amax = tl.maximum(amax, tl.maximum(tl.max(tl.max(tl.abs(v_lo), axis=1), axis=0),
-                                                   tl.max(tl.max(tl.abs(v_hi), axis=1), axis=0)))
+                amax = tl.maximum(
+                    amax,
+                    tl.maximum(
+                        tl.max(tl.max(tl.abs(v_lo), axis=1), axis=0), tl.max(tl.max(tl.abs(v_hi), axis=1), axis=0)
+                    ),
+                )
             rstd, scale, inv = _row_scales(sumsq, amax, K, eps, HAS_NORM, QMAX, 1)
             tl.store(s_ptr + row + tl.arange(0, 1), scale)
             bc = tl.arange(0, G)[:, None] * 64 + tl.arange(0, 64)[None, :]
             for c0 in range(0, K, CHUNK):
                 m = c0 + gc < K
-                _, v_lo = _row_transform(x_row, nw_ptr, smooth_ptr, perm_ptr, r, c0 + gc, m, offset,
-                                         HAS_NORM, HAS_SMOOTH, HAS_PERM, ROT_B, ROT_PREC, G, 64)
-                _, v_hi = _row_transform(x_row, nw_ptr, smooth_ptr, perm_ptr, r, c0 + gc + 64, m, offset,
-                                         HAS_NORM, HAS_SMOOTH, HAS_PERM, ROT_B, ROT_PREC, G, 64)
+                _, v_lo = _row_transform(
+                    x_row,
+                    nw_ptr,
+                    smooth_ptr,
+                    perm_ptr,
+                    r,
+                    c0 + gc,
+                    m,
+                    offset,
+                    HAS_NORM,
+                    HAS_SMOOTH,
+                    HAS_PERM,
+                    ROT_B,
+                    ROT_PREC,
+                    G,
+                    64,
+                )
+                _, v_hi = _row_transform(
+                    x_row,
+                    nw_ptr,
+                    smooth_ptr,
+                    perm_ptr,
+                    r,
+                    c0 + gc + 64,
+                    m,
+                    offset,
+                    HAS_NORM,
+                    HAS_SMOOTH,
+                    HAS_PERM,
+                    ROT_B,
+                    ROT_PREC,
+                    G,
+                    64,
+                )
                 q_lo = _row_codes(v_lo, rstd[:, None], inv[:, None], QMAX).to(tl.int32)
                 q_hi = _row_codes(v_hi, rstd[:, None], inv[:, None], QMAX).to(tl.int32)
                 byte = (q_lo & 0xF) | ((q_hi & 0xF) << 4)
@@ -270,8 +576,23 @@ def row_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr,
         bcols = tl.arange(0, NB)[:, None] * ROT_B + rb[None, :]
         if SINGLE:
             m = bcols < K
-            x, v = _row_transform(x_row, nw_ptr, smooth_ptr, perm_ptr, r, bcols, m, offset, HAS_NORM,
-                                  HAS_SMOOTH, HAS_PERM, ROT_B, ROT_PREC, NB, ROT_B)
+            x, v = _row_transform(
+                x_row,
+                nw_ptr,
+                smooth_ptr,
+                perm_ptr,
+                r,
+                bcols,
+                m,
+                offset,
+                HAS_NORM,
+                HAS_SMOOTH,
+                HAS_PERM,
+                ROT_B,
+                ROT_PREC,
+                NB,
+                ROT_B,
+            )
             sumsq = tl.sum(tl.sum(x * x, axis=1), axis=0)
             amax = tl.max(tl.max(tl.abs(v), axis=1), axis=0)
             rstd, scale, inv = _row_scales(one * sumsq, one * amax, K, eps, HAS_NORM, QMAX, 1)
@@ -283,15 +604,45 @@ def row_quant_kernel(x_ptr, nw_ptr, smooth_ptr, perm_ptr, rot_ptr, q_ptr, s_ptr,
             amax = tl.zeros((1,), tl.float32)
             for c0 in range(0, K, CHUNK):
                 m = c0 + bcols < K
-                x, v = _row_transform(x_row, nw_ptr, smooth_ptr, perm_ptr, r, c0 + bcols, m, offset, HAS_NORM,
-                                      HAS_SMOOTH, HAS_PERM, ROT_B, ROT_PREC, NB, ROT_B)
+                x, v = _row_transform(
+                    x_row,
+                    nw_ptr,
+                    smooth_ptr,
+                    perm_ptr,
+                    r,
+                    c0 + bcols,
+                    m,
+                    offset,
+                    HAS_NORM,
+                    HAS_SMOOTH,
+                    HAS_PERM,
+                    ROT_B,
+                    ROT_PREC,
+                    NB,
+                    ROT_B,
+                )
                 sumsq += tl.sum(tl.sum(x * x, axis=1), axis=0)
                 amax = tl.maximum(amax, tl.max(tl.max(tl.abs(v), axis=1), axis=0))
             rstd, scale, inv = _row_scales(sumsq, amax, K, eps, HAS_NORM, QMAX, 1)
             tl.store(s_ptr + row + tl.arange(0, 1), scale)
             for c0 in range(0, K, CHUNK):
                 m = c0 + bcols < K
-                _, v = _row_transform(x_row, nw_ptr, smooth_ptr, perm_ptr, r, c0 + bcols, m, offset, HAS_NORM,
-                                      HAS_SMOOTH, HAS_PERM, ROT_B, ROT_PREC, NB, ROT_B)
+                _, v = _row_transform(
+                    x_row,
+                    nw_ptr,
+                    smooth_ptr,
+                    perm_ptr,
+                    r,
+                    c0 + bcols,
+                    m,
+                    offset,
+                    HAS_NORM,
+                    HAS_SMOOTH,
+                    HAS_PERM,
+                    ROT_B,
+                    ROT_PREC,
+                    NB,
+                    ROT_B,
+                )
                 q = _row_codes(v, rstd[:, None], inv[:, None], QMAX)
                 tl.store(q_row + c0 + bcols, q.to(tl.int8), mask=m)

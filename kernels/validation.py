@@ -1,4 +1,5 @@
 """Argument checks shared by the public ops: dtypes, shapes, devices, caller-provided outputs."""
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ def _flatten_act(xq: torch.Tensor, xs: torch.Tensor, name: str):
     lead = tuple(xq.shape[:-1])
     m = math.prod(lead)
     if xs.numel() != m:
-        raise ValueError(f"xs must hold one scale per row of {name}: expected {m} values "
-                         f"(shape {lead}), got shape {tuple(xs.shape)}")
+        raise ValueError(
+            f"xs must hold one scale per row of {name}: expected {m} values (shape {lead}), got shape {tuple(xs.shape)}"
+        )
     return lead, xq.reshape(m, xq.shape[-1]).contiguous(), xs.reshape(m).to(torch.float32).contiguous()
 
 
@@ -49,15 +51,19 @@ def _check_weight_scales(ws: torch.Tensor, n: int, k: int, group_size: int | Non
         if ws.dim() == 2 and ws.shape[1] == 1:
             ws = ws[:, 0]
         if tuple(ws.shape) != (n,):
-            raise ValueError(f"per-channel ws must have shape ({n},) (one scale per output channel), "
-                             f"got {tuple(ws.shape)}; pass group_size for group-wise scales")
+            raise ValueError(
+                f"per-channel ws must have shape ({n},) (one scale per output channel), "
+                f"got {tuple(ws.shape)}; pass group_size for group-wise scales"
+            )
     else:
         if not isinstance(group_size, int) or group_size <= 0:
             raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
         g = -(-k // group_size)
         if tuple(ws.shape) != (n, g):
-            raise ValueError(f"group-wise ws must have shape (N, ceil(K / group_size)) = ({n}, {g}) "
-                             f"for K={k}, group_size={group_size}; got {tuple(ws.shape)}")
+            raise ValueError(
+                f"group-wise ws must have shape (N, ceil(K / group_size)) = ({n}, {g}) "
+                f"for K={k}, group_size={group_size}; got {tuple(ws.shape)}"
+            )
     return ws.to(torch.float32).contiguous()
 
 
@@ -79,8 +85,10 @@ def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device, name
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
-        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(
+            f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     if not out.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
     return out
@@ -89,18 +97,25 @@ def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device, name
 def _check_same_device(device: torch.device, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the activations are on {device}; "
-                             "all operands must be on one device")
+            raise ValueError(
+                f"{name} is on {t.device} but the activations are on {device}; all operands must be on one device"
+            )
 
 
 def _check_rotation(rotation, k: int, bits: int, device: torch.device):
     if rotation is None:
         return None
-    _check_tensor(rotation, "rotation", (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-                  "orthogonal block rotation (B, B) or (K/B, B, B)")
+    _check_tensor(
+        rotation,
+        "rotation",
+        (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        "orthogonal block rotation (B, B) or (K/B, B, B)",
+    )
     if rotation.dim() not in (2, 3) or rotation.shape[-1] != rotation.shape[-2]:
-        raise ValueError(f"rotation must be (B, B) (shared by all blocks) or (K/B, B, B) (one per "
-                         f"block), got shape {tuple(rotation.shape)}")
+        raise ValueError(
+            f"rotation must be (B, B) (shared by all blocks) or (K/B, B, B) (one per "
+            f"block), got shape {tuple(rotation.shape)}"
+        )
     b = rotation.shape[-1]
     if b not in ROTATION_BLOCKS:
         raise ValueError(f"rotation block size B must be one of {ROTATION_BLOCKS}, got {b}")
@@ -111,7 +126,8 @@ def _check_rotation(rotation, k: int, bits: int, device: torch.device):
     if bits == 4 and ((k % PACK_GROUP) // 2) % b:
         raise ValueError(
             f"with bits=4 the last packing group of K={k} has half-width {(k % PACK_GROUP) // 2}, "
-            f"not a multiple of the rotation block B={b}; use a smaller B or K % 128 == 0")
+            f"not a multiple of the rotation block B={b}; use a smaller B or K % 128 == 0"
+        )
     if rotation.device != device:
         raise ValueError(f"rotation is on {rotation.device} but x is on {device}")
     return rotation

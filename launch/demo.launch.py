@@ -9,6 +9,7 @@ Large best-effort images between processes on one machine need a Fast DDS shared
 segment larger than the 512 KiB default: export FASTDDS_DEFAULT_PROFILES_FILE pointing at the
 repository's config/fastdds_large_data.xml (scripts/camera_demo.sh does).
 """
+
 import os
 
 from ament_index_python.packages import get_package_share_directory
@@ -30,15 +31,27 @@ def generate_launch_description():
         DeclareLaunchArgument("use_sim_time", default_value="false", description="follow /clock"),
     ]
     camera = Node(
-        package="quantvla_ros", executable="synthetic_camera", name="synthetic_camera",
+        package="quantvla_ros",
+        executable="synthetic_camera",
+        name="synthetic_camera",
         output="screen",
-        parameters=[params_file, {
-            "width": LaunchConfiguration("width"), "height": LaunchConfiguration("height"),
-            "rate_hz": LaunchConfiguration("rate_hz"),
-            "use_sim_time": LaunchConfiguration("use_sim_time")}])
+        parameters=[
+            params_file,
+            {
+                "width": LaunchConfiguration("width"),
+                "height": LaunchConfiguration("height"),
+                "rate_hz": LaunchConfiguration("rate_hz"),
+                "use_sim_time": LaunchConfiguration("use_sim_time"),
+            },
+        ],
+    )
     policy = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(os.path.join(share, "launch", "quantvla.launch.py")),
-        launch_arguments={"model": LaunchConfiguration("model"), "params_file": params_file,
-                          "use_sim_time": LaunchConfiguration("use_sim_time"),
-                          "autostart": "true"}.items())
+        launch_arguments={
+            "model": LaunchConfiguration("model"),
+            "params_file": params_file,
+            "use_sim_time": LaunchConfiguration("use_sim_time"),
+            "autostart": "true",
+        }.items(),
+    )
     return LaunchDescription(args + [camera, policy])

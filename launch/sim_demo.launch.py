@@ -7,12 +7,18 @@ with use_sim_time, both from config/sim_demo.yaml.
 
 The bridge exits after the last episode; the launch then shuts down the policy node too.
 """
+
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import (DeclareLaunchArgument, EmitEvent, IncludeLaunchDescription,
-                            OpaqueFunction, RegisterEventHandler)
+from launch.actions import (
+    DeclareLaunchArgument,
+    EmitEvent,
+    IncludeLaunchDescription,
+    OpaqueFunction,
+    RegisterEventHandler,
+)
 from launch.event_handlers import OnProcessExit
 from launch.events import Shutdown
 from launch.launch_description_sources import PythonLaunchDescriptionSource
@@ -38,26 +44,37 @@ def _nodes(context):
     overrides = {}
     if arg["tasks"]:
         overrides["tasks"] = [t.strip() for t in arg["tasks"].split(",") if t.strip()]
-    for name, cast in (("episodes_per_task", int), ("max_steps", int),
-                       ("real_time_factor", float)):
+    for name, cast in (("episodes_per_task", int), ("max_steps", int), ("real_time_factor", float)):
         if arg[name]:
             overrides[name] = cast(arg[name])
     if arg["results_path"]:
         overrides["results_path"] = arg["results_path"]
-    bridge = Node(package="quantvla_ros", executable="sim_bridge", name="sim_bridge",
-                  output="screen", emulate_tty=True, parameters=[params_file, overrides])
+    bridge = Node(
+        package="quantvla_ros",
+        executable="sim_bridge",
+        name="sim_bridge",
+        output="screen",
+        emulate_tty=True,
+        parameters=[params_file, overrides],
+    )
     policy = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(os.path.join(share, "launch", "quantvla.launch.py")),
-        launch_arguments={"model": arg["model"], "params_file": params_file,
-                          "device": arg["device"], "use_sim_time": "true",
-                          "autostart": "true"}.items())
-    stop_with_bridge = RegisterEventHandler(OnProcessExit(
-        target_action=bridge, on_exit=[EmitEvent(event=Shutdown(reason="sim_bridge finished"))]))
+        launch_arguments={
+            "model": arg["model"],
+            "params_file": params_file,
+            "device": arg["device"],
+            "use_sim_time": "true",
+            "autostart": "true",
+        }.items(),
+    )
+    stop_with_bridge = RegisterEventHandler(
+        OnProcessExit(target_action=bridge, on_exit=[EmitEvent(event=Shutdown(reason="sim_bridge finished"))])
+    )
     return [bridge, policy, stop_with_bridge]
 
 
 def generate_launch_description():
     return LaunchDescription(
-        [DeclareLaunchArgument(name, default_value=default, description=text)
-         for name, default, text in ARGUMENTS]
-        + [OpaqueFunction(function=_nodes)])
+        [DeclareLaunchArgument(name, default_value=default, description=text) for name, default, text in ARGUMENTS]
+        + [OpaqueFunction(function=_nodes)]
+    )

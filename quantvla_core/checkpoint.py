@@ -3,6 +3,7 @@
 Every failure names the file or tensor at fault: missing files, checksum mismatches, truncated
 or corrupt safetensors, missing/unexpected keys and shape mismatches.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,18 @@ class CheckpointError(ValueError):
 
 
 def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
-             if p.is_file() and p.name != MANIFEST_FILE}
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "files": files, **(extra or {})}
     atomic_write_json(directory / MANIFEST_FILE, manifest)
     return manifest
 
 
-def save_model_dir(directory: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                   extra_files: dict[str, Any] | None = None) -> Path:
+def save_model_dir(
+    directory: str | Path,
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
     """Write atomically: a reader sees the old directory or the complete new one, never a mix.
 
     extra_files: name -> JSON-able object, written beside the config (e.g. quantization.json).
@@ -63,8 +67,9 @@ def read_json(path: Path, what: str) -> Any:
 def verify_manifest(directory: Path) -> dict[str, Any]:
     manifest = read_json(directory / MANIFEST_FILE, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CheckpointError(f"{directory / MANIFEST_FILE}: not a quantvla manifest "
-                              f"(expected format {MANIFEST_FORMAT!r})")
+        raise CheckpointError(
+            f"{directory / MANIFEST_FILE}: not a quantvla manifest (expected format {MANIFEST_FORMAT!r})"
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{directory / MANIFEST_FILE}: lists no files")
@@ -74,8 +79,10 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: listed in the manifest but missing")
         actual = sha256_file(path)
         if actual != digest:
-            raise CheckpointError(f"{path}: sha256 mismatch (manifest {digest[:12]}..., file "
-                                  f"{actual[:12]}...): the file is truncated, corrupt or was edited")
+            raise CheckpointError(
+                f"{path}: sha256 mismatch (manifest {digest[:12]}..., file "
+                f"{actual[:12]}...): the file is truncated, corrupt or was edited"
+            )
     return manifest
 
 
@@ -103,13 +110,21 @@ def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], s
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors))
+        if tensors[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+        problems.append(
+            f"missing keys ({len(missing)}): {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
+        )
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+        problems.append(
+            f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}"
+            + (" ..." if len(unexpected) > 10 else "")
+        )
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}")
     if problems:

@@ -4,6 +4,7 @@ Every failure a user can cause (a bad flag, a missing file, a device this machin
 in one line on stderr and exit status 2; Ctrl-C ends with status 130 and no traceback; a closed
 pipe (`quantvla layout tiny | head`) ends quietly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,14 @@ def device_arg(text: str) -> str:
     if head not in ("cuda", "mps") or (index and not index.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r}: accepted cpu, cuda, cuda:N (and auto where offered)")
     import torch
+
     if head == "cuda":
         if not torch.cuda.is_available():
             build = torch.__version__ + ("" if torch.version.cuda else ", a CPU-only build")
-            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device usable by this torch ({build}); "
-                                             "install a CUDA build of torch (docs/deploy.md) or use cpu")
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: no CUDA device usable by this torch ({build}); "
+                "install a CUDA build of torch (docs/deploy.md) or use cpu"
+            )
         if index and int(index) >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif not torch.backends.mps.is_available():

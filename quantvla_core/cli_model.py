@@ -1,4 +1,5 @@
 """`quantvla info | run | demo`: inspect a model, run it on images, or demo the default policy."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,14 @@ def model_summary(source: str) -> dict:
     import torch
 
     from .models import COMPONENTS, build_model, component_of
+
     if source in PRESETS:
         model, name = build_model(preset(source), device="meta"), source
         tensors = list(model.named_parameters())
         scheme = "fp32 (random init)"
     else:
         from .policy import Policy
+
         pol = Policy.load(source)
         model, name, scheme = pol.model, pol.name, pol.scheme
         tensors = list(model.named_parameters()) + list(model.named_buffers())
@@ -36,9 +39,14 @@ def model_summary(source: str) -> dict:
         c = component_of(n)
         rows[c]["params"] += t.numel()
         rows[c]["bytes"] += t.numel() * (t.element_size() if t.dtype != torch.float32 or scheme.startswith("fp") else 4)
-    return {"model": name, "arch": model.cfg.arch, "scheme": scheme, "components": rows,
-            "total_params": sum(r["params"] for r in rows.values()),
-            "total_bytes": sum(r["bytes"] for r in rows.values())}
+    return {
+        "model": name,
+        "arch": model.cfg.arch,
+        "scheme": scheme,
+        "components": rows,
+        "total_params": sum(r["params"] for r in rows.values()),
+        "total_bytes": sum(r["bytes"] for r in rows.values()),
+    }
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -49,9 +57,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"model {s['model']}  arch {s['arch']}  scheme {s['scheme']}")
     print(f"{'component':<10} {'params':>12} {'bytes':>14} {'bf16 bytes':>14}")
     for comp, r in s["components"].items():
-        print(f"{comp:<10} {_fmt_count(r['params']):>12} {_fmt_bytes(r['bytes']):>14} {_fmt_bytes(2 * r['params']):>14}")
-    print(f"{'total':<10} {_fmt_count(s['total_params']):>12} {_fmt_bytes(s['total_bytes']):>14} "
-          f"{_fmt_bytes(2 * s['total_params']):>14}")
+        print(
+            f"{comp:<10} {_fmt_count(r['params']):>12} {_fmt_bytes(r['bytes']):>14} {_fmt_bytes(2 * r['params']):>14}"
+        )
+    print(
+        f"{'total':<10} {_fmt_count(s['total_params']):>12} {_fmt_bytes(s['total_bytes']):>14} "
+        f"{_fmt_bytes(2 * s['total_params']):>14}"
+    )
     return 0
 
 
@@ -63,13 +75,17 @@ def print_chunk(chunk, max_rows: int = 8) -> None:
             print(f"  t+{k:<3d} {row}")
     t = chunk.timings_ms
     steps = [v for k, v in t.items() if k.startswith("denoise_step_")]
-    print("timings (ms): " + "  ".join(f"{k} {t[k]:.1f}" for k in ("preprocess", "vision", "prefix", "denoise", "postprocess", "total")))
+    print(
+        "timings (ms): "
+        + "  ".join(f"{k} {t[k]:.1f}" for k in ("preprocess", "vision", "prefix", "denoise", "postprocess", "total"))
+    )
     if steps:
         print(f"  per denoising step: median {np.median(steps):.2f} ms over {len(steps)} steps")
 
 
 def _read_image(path: str) -> np.ndarray:
     import cv2
+
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"{path}: cannot read image (accepted: PNG, JPEG, BMP, ... readable by OpenCV)")
@@ -78,6 +94,7 @@ def _read_image(path: str) -> np.ndarray:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .policy import Observation, Policy
+
     pol = Policy.load(args.model, device=args.device)
     images = [_read_image(p) for p in args.image]
     state = np.array(args.state, dtype=np.float32) if args.state else np.zeros(pol.state_dim, np.float32)
@@ -91,24 +108,28 @@ def synthetic_frame(rng: np.random.Generator, size: tuple[int, int] = (240, 320)
     """A table-top-like test frame: grey table, a few coloured blocks."""
     h, w = size
     img = np.full((h, w, 3), (90, 90, 100), np.uint8)
-    img[h // 2:] = (140, 110, 80)
+    img[h // 2 :] = (140, 110, 80)
     for color in ((220, 40, 40), (40, 180, 60), (40, 80, 220)):
         y, x = rng.integers(h // 2, h - 30), rng.integers(0, w - 30)
-        img[y:y + 24, x:x + 24] = color
+        img[y : y + 24, x : x + 24] = color
     return img
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .policy import Observation, Policy
+
     pol = Policy.load(args.model, device=args.device)
     d = pol.describe()
-    print(f"policy {d['name']}: arch {d['arch']}, scheme {d['scheme']}, {_fmt_bytes(d['weight_bytes'])} "
-          f"of weights, chunk {d['horizon']} x {d['action_dim']}, {d['num_steps']} denoising steps")
+    print(
+        f"policy {d['name']}: arch {d['arch']}, scheme {d['scheme']}, {_fmt_bytes(d['weight_bytes'])} "
+        f"of weights, chunk {d['horizon']} x {d['action_dim']}, {d['num_steps']} denoising steps"
+    )
     rng = np.random.default_rng(args.seed)
     for i in range(args.chunks):
         images = [synthetic_frame(rng) for _ in range(min(2, pol.config.max_cameras))]
-        chunk = pol.predict(Observation(images, "pick up the red block", np.zeros(pol.state_dim, np.float32)),
-                            seed=args.seed + i)
+        chunk = pol.predict(
+            Observation(images, "pick up the red block", np.zeros(pol.state_dim, np.float32)), seed=args.seed + i
+        )
         print(f"-- chunk {i}")
         print_chunk(chunk, max_rows=4)
     return 0

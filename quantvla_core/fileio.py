@@ -3,6 +3,7 @@
 Everything the project writes (models, artifacts, reports, demo shards) goes through here so a
 crash or Ctrl-C never leaves a half-written file where a reader would find it.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ so the model is built on the ``meta`` device and the deployed QuantLinears are c
 from the layer plan (``quant/layer_plan.py``) the benchmark's quick quantizer deploys too. A
 real (materialised) model gives the same numbers; the tests check that.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,8 +38,10 @@ def account(model: nn.Module) -> dict[str, Any]:
     """Deployed bytes per component: float tensors at FP16, quantized layers at their real
     storage (codes + fp32 scales + bias + stored transforms). ``scales`` counts the fp32 side
     tensors of quantized layers (scales, bias, smoothing, rotation), which stay in the total."""
-    comps = {c: {"bytes": 0, "fp16_bytes": 0, "quantized_bytes": 0, "quantized_fp16_bytes": 0,
-                 "scale_bytes": 0, "params": 0} for c in COMPONENTS}
+    comps = {
+        c: {"bytes": 0, "fp16_bytes": 0, "quantized_bytes": 0, "quantized_fp16_bytes": 0, "scale_bytes": 0, "params": 0}
+        for c in COMPONENTS
+    }
     for name, mod, t in _persistent(model):
         c = comps[component_of(name)]
         nbytes = t.numel() * t.element_size()
@@ -89,7 +92,7 @@ def memory_table(cfg: ModelConfig, schemes: list[str], layout: str = "quantvla")
 def format_memory(table: dict[str, Any], title: str = "") -> str:
     """One row per component + the quantized layers + whole model; one column per scheme."""
     schemes = list(table)
-    mib = 1024 ** 2
+    mib = 1024**2
     head = f"{'component':<22}" + "".join(f"{('FP16' if s == 'fp' else s.upper()):>22}" for s in schemes)
     lines = [title, head] if title else [head]
 
@@ -101,8 +104,9 @@ def format_memory(table: dict[str, Any], title: str = "") -> str:
         ref = fp["components"][comp]["bytes"]
         if not ref:
             continue
-        lines.append(f"{comp:<22}" + "".join(f"{cell(table[s]['components'][comp]['bytes'], ref):>22}"
-                                             for s in schemes))
+        lines.append(
+            f"{comp:<22}" + "".join(f"{cell(table[s]['components'][comp]['bytes'], ref):>22}" for s in schemes)
+        )
     qrow = f"{'quantized layers':<22}"
     srow = f"{'  of which scales':<22}"
     for s in schemes:

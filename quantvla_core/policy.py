@@ -7,6 +7,7 @@ What surrounds the model (tokenizer, prompt, image and state / action convention
 component `policy.io` (policy_io.py): the project's own conventions, or a real checkpoint's
 (loaders.external.ExternalIO), which the loaders build without importing this module.
 """
+
 from __future__ import annotations
 
 import time
@@ -49,7 +50,8 @@ def default_policy_dir(name: str = "default") -> Path:
                 f"(restore it with `git checkout -- quantvla_core/assets/{path.name}`, or install "
                 "from a full clone so the package data is included); docs/default-policy.md says "
                 "how to retrain and quantize it. For a model with seeded random weights, load a "
-                f"preset instead ({', '.join(PRESETS)}).")
+                f"preset instead ({', '.join(PRESETS)})."
+            )
     return path
 
 
@@ -69,8 +71,14 @@ class ActionChunk:
 def _dtype_from_name(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; accepted: fp32, bf16, fp16")
     return table[name]
@@ -94,24 +102,36 @@ def _saved_io(path: Path) -> PolicyIO | None:
     if not (path / "policy_io.json").is_file():
         return None
     from .loaders import read_io
+
     return read_io(path)
 
 
 def _refuse_external_options(source: str, tokenizer, robot) -> None:
     if tokenizer is not None or robot is not None:
-        raise ValueError(f"Policy.load({source!r}): tokenizer= and robot= apply to a LeRobot or openpi "
-                         "checkpoint directory (model.safetensors without manifest.json) only; accepted "
-                         "here: neither")
+        raise ValueError(
+            f"Policy.load({source!r}): tokenizer= and robot= apply to a LeRobot or openpi "
+            "checkpoint directory (model.safetensors without manifest.json) only; accepted "
+            "here: neither"
+        )
 
 
 class Policy:
     """A loaded VLA policy on one device. `io` (default: ReferenceIO of `config`) turns
     observations into model inputs and model outputs into actions."""
 
-    def __init__(self, model: FlowMatchingVLA, config: ModelConfig, *, name: str = "custom",
-                 device: str | torch.device | None = "cpu", dtype: str | None = None,
-                 scheme: str = "fp", quant_meta: dict[str, Any] | None = None, seed: int = 0,
-                 io: PolicyIO | None = None):
+    def __init__(
+        self,
+        model: FlowMatchingVLA,
+        config: ModelConfig,
+        *,
+        name: str = "custom",
+        device: str | torch.device | None = "cpu",
+        dtype: str | None = None,
+        scheme: str = "fp",
+        quant_meta: dict[str, Any] | None = None,
+        seed: int = 0,
+        io: PolicyIO | None = None,
+    ):
         self.config = config
         self.name = name
         self.device = resolve_device(device)
@@ -120,8 +140,11 @@ class Policy:
         # Float parts (and the activations) run in the policy dtype; QuantLinear keeps its
         # integer codes and fp32 scales through .to(dtype), so this is safe for artifacts too.
         self.model = self.model.to(dtype=self.dtype)
-        self.scheme = scheme if scheme != "fp" else {torch.float32: "fp32", torch.bfloat16: "bf16",
-                                                      torch.float16: "fp16"}[self.dtype]
+        self.scheme = (
+            scheme
+            if scheme != "fp"
+            else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        )
         self.quant_meta = quant_meta or {}
         self.model.eval()
         self.io: PolicyIO = io if io is not None else ReferenceIO(config)
@@ -129,9 +152,16 @@ class Policy:
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str | Path = "default", device: str | torch.device | None = "cpu",
-             dtype: str | None = None, seed: int = 0, *, tokenizer: str | Path | None = None,
-             robot: str | None = None) -> "Policy":
+    def load(
+        cls,
+        source: str | Path = "default",
+        device: str | torch.device | None = "cpu",
+        dtype: str | None = None,
+        seed: int = 0,
+        *,
+        tokenizer: str | Path | None = None,
+        robot: str | None = None,
+    ) -> "Policy":
         """'default' (the committed trained policy; an error naming the file when it is missing),
         'default-w4a8' (that policy quantized),
         a preset name (seeded random weights) or a model / quantized-artifact directory.
@@ -149,13 +179,17 @@ class Policy:
             return cls(build_model(cfg), cfg, name=src, device=device, dtype=dtype, seed=seed)
         path = Path(src)
         if not path.exists():
-            raise CheckpointError(f"{src}: no such model directory or preset; accepted: 'default', 'default-w4a8', "
-                                  f"a preset ({', '.join(PRESETS)}) or a directory with config.json")
+            raise CheckpointError(
+                f"{src}: no such model directory or preset; accepted: 'default', 'default-w4a8', "
+                f"a preset ({', '.join(PRESETS)}) or a directory with config.json"
+            )
         if not path.is_dir():
-            raise CheckpointError(f"{src}: is a file; a model is a directory with config.json, "
-                                  "model.safetensors and manifest.json")
+            raise CheckpointError(
+                f"{src}: is a file; a model is a directory with config.json, model.safetensors and manifest.json"
+            )
         if not (path / "manifest.json").is_file() and (path / "model.safetensors").is_file():
             from .loaders import read_external  # real checkpoints (LeRobot / openpi layouts)
+
             ext = read_external(path, tokenizer=tokenizer, robot=robot)
             return cls(ext.model, ext.config, io=ext.io, name=path.name, device=device, dtype=dtype, seed=seed)
         _refuse_external_options(src, tokenizer, robot)
@@ -164,9 +198,19 @@ class Policy:
         model = build_model(cfg, seed=None)
         if (path / QUANT_FILE).is_file():
             from .quant.artifact import load_quantized
+
             model, meta = load_quantized(model, path, verify=False)  # manifest checked above
-            return cls(model, cfg, name=path.name, device=device, dtype=dtype, scheme=meta.get("scheme", "quantized"),
-                       quant_meta=meta, seed=seed, io=_saved_io(path))
+            return cls(
+                model,
+                cfg,
+                name=path.name,
+                device=device,
+                dtype=dtype,
+                scheme=meta.get("scheme", "quantized"),
+                quant_meta=meta,
+                seed=seed,
+                io=_saved_io(path),
+            )
         load_state_into(model, path)
         return cls(model, cfg, name=path.name, device=device, dtype=dtype, seed=seed, io=_saved_io(path))
 
@@ -207,11 +251,20 @@ class Policy:
             per_component[component_of(n)] = per_component.get(component_of(n), 0) + nbytes
             if t.is_floating_point() or t.dtype in (torch.int8, torch.uint8):
                 params += t.numel()
-        return {"name": self.name, "arch": self.config.arch, "scheme": self.scheme,
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "weight_bytes": weight_bytes, "weight_bytes_per_component": per_component,
-                "horizon": self.horizon, "action_dim": self.action_dim, "num_steps": self.num_steps,
-                "max_cameras": self.config.max_cameras, **self.io.describe(self.config)}
+        return {
+            "name": self.name,
+            "arch": self.config.arch,
+            "scheme": self.scheme,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "weight_bytes": weight_bytes,
+            "weight_bytes_per_component": per_component,
+            "horizon": self.horizon,
+            "action_dim": self.action_dim,
+            "num_steps": self.num_steps,
+            "max_cameras": self.config.max_cameras,
+            **self.io.describe(self.config),
+        }
 
     def save_io(self, directory: str | Path) -> None:
         """Write the files a model directory derived from this policy needs to keep its IO
@@ -233,8 +286,13 @@ class Policy:
         toks = batch.token_mask[0].nonzero().flatten()
         if len(cams) == 0 or len(toks) == 0:
             return batch
-        return Batch(batch.images[:, cams], batch.image_mask[:, cams], batch.tokens[:, toks],
-                     batch.token_mask[:, toks], batch.state)
+        return Batch(
+            batch.images[:, cams],
+            batch.image_mask[:, cams],
+            batch.tokens[:, toks],
+            batch.token_mask[:, toks],
+            batch.state,
+        )
 
     def model_inputs(self, obs: Observation) -> Batch:
         """The batch ``predict`` feeds the model for ``obs``: preprocessed on the policy's device
@@ -255,8 +313,7 @@ class Policy:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def predict(self, obs: Observation, seed: int | None = None, noise: torch.Tensor | None = None
-                ) -> ActionChunk:
+    def predict(self, obs: Observation, seed: int | None = None, noise: torch.Tensor | None = None) -> ActionChunk:
         """One action chunk. Raises ValueError (naming the field) on invalid observations."""
         timings: dict[str, float] = {}
         self._sync()

@@ -12,6 +12,7 @@ component the Policy holds, `policy.io`. Two kinds exist:
 Keeping these out of the Policy class lets the loaders describe a checkpoint's conventions
 without importing the Policy, so the dependency points one way: policy -> loaders.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -76,11 +77,17 @@ class ReferenceIO:
         tokens, token_mask = self.tokenizer.encode(text, config.max_text_tokens)
         needed = 1 + len(text.encode("utf-8"))
         if config.arch == "pi05" and needed > config.max_text_tokens:
-            raise ValueError(f"the pi0.5 prompt needs {needed} tokens but the model reads {config.max_text_tokens}: "
-                             "the state and the action cue would be cut off; accepted: a shorter instruction")
-        return Batch(torch.from_numpy(images)[None], torch.from_numpy(image_mask)[None],
-                     torch.from_numpy(tokens)[None], torch.from_numpy(token_mask)[None],
-                     torch.from_numpy(state)[None])
+            raise ValueError(
+                f"the pi0.5 prompt needs {needed} tokens but the model reads {config.max_text_tokens}: "
+                "the state and the action cue would be cut off; accepted: a shorter instruction"
+            )
+        return Batch(
+            torch.from_numpy(images)[None],
+            torch.from_numpy(image_mask)[None],
+            torch.from_numpy(tokens)[None],
+            torch.from_numpy(token_mask)[None],
+            torch.from_numpy(state)[None],
+        )
 
     def actions_out(self, actions: np.ndarray, obs, config: ModelConfig) -> np.ndarray:
         return self.action_norm.unnormalize(actions).astype(np.float32)

@@ -4,6 +4,7 @@ Images arrive from cameras at any size; every model sees square images at its ow
 Resizing keeps the aspect ratio and pads with black (as PaliGemma/openpi do), so geometry is
 not distorted.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -35,7 +36,7 @@ def resize_with_pad(img: np.ndarray, size: int) -> np.ndarray:
     resized = cv2.resize(np.ascontiguousarray(img), (nw, nh), interpolation=interp)
     out = np.zeros((size, size, 3), dtype=np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
-    out[top:top + nh, left:left + nw] = resized
+    out[top : top + nh, left : left + nw] = resized
     return out
 
 
@@ -63,8 +64,9 @@ class Normalizer:
         self.mean = np.zeros(dim, np.float32) if mean is None else np.asarray(mean, np.float32)
         self.std = np.ones(dim, np.float32) if std is None else np.asarray(std, np.float32)
         if self.mean.shape != (dim,) or self.std.shape != (dim,):
-            raise ValueError(f"{what} normalisation stats must have {dim} entries, got "
-                             f"mean {self.mean.shape} std {self.std.shape}")
+            raise ValueError(
+                f"{what} normalisation stats must have {dim} entries, got mean {self.mean.shape} std {self.std.shape}"
+            )
         self.std = np.maximum(self.std, 1e-6)
 
     def normalize(self, x) -> np.ndarray:

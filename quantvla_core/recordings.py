@@ -15,6 +15,7 @@ imports rclpy or the ROS node package. Images are decoded by this module's own c
 (``image_to_rgb``): sensor_msgs/Image in rgb8 / bgr8 / rgba8 / bgra8 (mono8 when a topic is
 named explicitly) and sensor_msgs/CompressedImage in JPEG / PNG.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,12 +59,14 @@ def _image_rgb(msg, allow_mono: bool) -> np.ndarray:
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}.get(enc)
     if channels is None or (enc == "mono8" and not allow_mono):
-        raise RecordingError(f"image encoding {msg.encoding!r} is not a colour camera (accepted: "
-                             f"{', '.join(COLOR_ENCODINGS)}; mono8 when the topic is named explicitly)")
+        raise RecordingError(
+            f"image encoding {msg.encoding!r} is not a colour camera (accepted: "
+            f"{', '.join(COLOR_ENCODINGS)}; mono8 when the topic is named explicitly)"
+        )
     data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
     if h <= 0 or w <= 0 or step < w * channels or data.size < step * h:
         raise RecordingError(f"image {w}x{h} {enc}: step {step} and {data.size} data bytes do not fit")
-    rows = data[:step * h].reshape(h, step)[:, :w * channels].reshape(h, w, channels)
+    rows = data[: step * h].reshape(h, step)[:, : w * channels].reshape(h, w, channels)
     if enc == "mono8":
         return np.repeat(rows, 3, axis=2)
     if enc.startswith("bgr"):
@@ -73,6 +76,7 @@ def _image_rgb(msg, allow_mono: bool) -> np.ndarray:
 
 def _compressed_rgb(msg) -> np.ndarray:
     import cv2
+
     fmt = str(msg.format).lower()
     if "depth" in fmt or "16uc1" in fmt or "32fc1" in fmt:
         raise RecordingError(f"compressed image format {msg.format!r} is a depth stream, not a colour camera")
@@ -129,23 +133,28 @@ def recording_files(path: Path) -> list[Path]:
 
 def _damaged(f: Path, e: Exception, messages: int) -> RecordingError:
     from mcap.exceptions import EndOfFile, InvalidMagic
+
     if isinstance(e, InvalidMagic) and messages == 0:
-        return RecordingError(f"{f}: not an MCAP file (rosbag2 recordings in the sqlite3 format are "
-                              "not read: record with `ros2 bag record -s mcap` or convert with "
-                              "`ros2 bag convert`)")
+        return RecordingError(
+            f"{f}: not an MCAP file (rosbag2 recordings in the sqlite3 format are "
+            "not read: record with `ros2 bag record -s mcap` or convert with "
+            "`ros2 bag convert`)"
+        )
     if isinstance(e, (EndOfFile, EOFError)) or "end of file" in str(e).lower() or isinstance(e, InvalidMagic):
-        return RecordingError(f"{f}: the recording ends early after {messages} readable messages (truncated: "
-                              "the recorder was killed or the disk filled up). Re-record, or rewrite the "
-                              "readable part into a new file with `mcap recover` (the MCAP command-line "
-                              "tool) and calibrate from that")
-    return RecordingError(f"{f}: damaged MCAP recording after {messages} readable messages "
-                          f"({type(e).__name__}: {e})")
+        return RecordingError(
+            f"{f}: the recording ends early after {messages} readable messages (truncated: "
+            "the recorder was killed or the disk filled up). Re-record, or rewrite the "
+            "readable part into a new file with `mcap recover` (the MCAP command-line "
+            "tool) and calibrate from that"
+        )
+    return RecordingError(f"{f}: damaged MCAP recording after {messages} readable messages ({type(e).__name__}: {e})")
 
 
 def iter_raw(files: list[Path]) -> Iterator[tuple[str, str, int, bytes, object, object]]:
     """(topic, schema name, log time ns, payload, schema record, channel record) per message,
     file after file, streaming (indexed files in log-time order, others in file order)."""
     from mcap.reader import NonSeekingReader, SeekingReader
+
     for f in files:
         count = 0
         try:
@@ -161,8 +170,14 @@ def iter_raw(files: list[Path]) -> Iterator[tuple[str, str, int, bytes, object, 
                     it = NonSeekingReader(fh).iter_messages(log_time_order=False)
                 for schema, channel, message in it:
                     count += 1
-                    yield (channel.topic, schema.name if schema else "", message.log_time, message.data,
-                           schema, channel)
+                    yield (
+                        channel.topic,
+                        schema.name if schema else "",
+                        message.log_time,
+                        message.data,
+                        schema,
+                        channel,
+                    )
         except RecordingError:
             raise
         except Exception as e:  # the mcap reader raises several types for damaged files
@@ -174,6 +189,7 @@ class _Decoders:
 
     def __init__(self):
         from mcap_ros2.decoder import DecoderFactory
+
         self._factory = DecoderFactory()
         self._cache: dict = {}
 
@@ -184,8 +200,10 @@ class _Decoders:
         if fn is None:
             fn = self._factory.decoder_for(channel.message_encoding, schema)
             if fn is None:
-                raise RecordingError(f"topic {channel.topic}: cannot decode messages encoded as "
-                                     f"{channel.message_encoding!r} (accepted: cdr)")
+                raise RecordingError(
+                    f"topic {channel.topic}: cannot decode messages encoded as "
+                    f"{channel.message_encoding!r} (accepted: cdr)"
+                )
             self._cache[key] = fn
         return fn(data)
 
@@ -210,6 +228,7 @@ class Scan:
 def scan(files: list[Path], progress: bool = False) -> Scan:
     """Pass 1: what is in the recording (no image payload is kept)."""
     from tqdm import tqdm
+
     dec = _Decoders()
     topics: dict[str, TopicInfo] = {}
     times: dict[str, list[int]] = {}
@@ -238,7 +257,7 @@ def scan(files: list[Path], progress: bool = False) -> Scan:
             except Exception:
                 continue
             if not info.texts or info.texts[-1][1] != text:
-                info.texts.append((t, text[:MAX_INSTRUCTION_CHARS + 1]))
+                info.texts.append((t, text[: MAX_INSTRUCTION_CHARS + 1]))
     bar.close()
     for info in topics.values():
         if info.schema == TEXT:
@@ -263,8 +282,15 @@ def _listing(s: Scan) -> str:
     return "; ".join(rows) or "no messages"
 
 
-def select_topics(s: Scan, where: str, max_cameras: int, camera_topics=None, instruction_topic=None,
-                  state_topic=None, instruction_text: str | None = None) -> Selection:
+def select_topics(
+    s: Scan,
+    where: str,
+    max_cameras: int,
+    camera_topics=None,
+    instruction_topic=None,
+    state_topic=None,
+    instruction_text: str | None = None,
+) -> Selection:
     """Cameras, instruction and state topics: the named ones (checked), else chosen from the scan."""
     notes: list[str] = []
     missing: list[str] = []
@@ -273,11 +299,11 @@ def select_topics(s: Scan, where: str, max_cameras: int, camera_topics=None, ins
     def named(t: str, kinds: tuple, what: str, flag: str) -> str:
         real = found.get(norm_topic(t))
         if real is None:
-            raise RecordingError(f"{where}: {what} topic {t!r} ({flag}) is not in the recording; "
-                                 f"found: {_listing(s)}")
+            raise RecordingError(f"{where}: {what} topic {t!r} ({flag}) is not in the recording; found: {_listing(s)}")
         if s.topics[real].schema not in kinds:
-            raise RecordingError(f"{where}: {what} topic {t!r} ({flag}) is {s.topics[real].schema}, "
-                                 f"accepted: {', '.join(kinds)}")
+            raise RecordingError(
+                f"{where}: {what} topic {t!r} ({flag}) is {s.topics[real].schema}, accepted: {', '.join(kinds)}"
+            )
         return real
 
     if camera_topics:
@@ -292,14 +318,18 @@ def select_topics(s: Scan, where: str, max_cameras: int, camera_topics=None, ins
         colour = sorted(t for t, i in s.topics.items() if i.schema in IMAGE_TYPES and not i.problem)
         skipped = sorted(f"{t} ({i.problem})" for t, i in s.topics.items() if i.schema in IMAGE_TYPES and i.problem)
         if not colour:
-            missing.append(f"a colour camera topic (sensor_msgs/Image in {'/'.join(COLOR_ENCODINGS)} or a "
-                           "JPEG/PNG sensor_msgs/CompressedImage; --camera-topics)")
+            missing.append(
+                f"a colour camera topic (sensor_msgs/Image in {'/'.join(COLOR_ENCODINGS)} or a "
+                "JPEG/PNG sensor_msgs/CompressedImage; --camera-topics)"
+            )
         cams = colour[:max_cameras]
         if skipped:
             notes.append(f"not cameras: {', '.join(skipped)}")
         if len(colour) > max_cameras:
-            notes.append(f"the model takes {max_cameras} camera(s): left out {', '.join(colour[max_cameras:])} "
-                         "(--camera-topics picks them)")
+            notes.append(
+                f"the model takes {max_cameras} camera(s): left out {', '.join(colour[max_cameras:])} "
+                "(--camera-topics picks them)"
+            )
 
     instr = None
     if instruction_text is not None:
@@ -313,11 +343,15 @@ def select_topics(s: Scan, where: str, max_cameras: int, camera_topics=None, ins
         hinted = [t for t in cands if any(h in t.lower() for h in INSTRUCTION_HINTS)]
         pick = hinted if len(hinted) >= 1 else cands
         if not pick:
-            missing.append("an instruction topic (std_msgs/String with short text; --instruction-topic, "
-                           "or the task as text with --instruction)")
+            missing.append(
+                "an instruction topic (std_msgs/String with short text; --instruction-topic, "
+                "or the task as text with --instruction)"
+            )
         elif len(pick) > 1:
-            raise RecordingError(f"{where}: several String topics could be the instruction "
-                                 f"({', '.join(sorted(pick))}): name one with --instruction-topic")
+            raise RecordingError(
+                f"{where}: several String topics could be the instruction "
+                f"({', '.join(sorted(pick))}): name one with --instruction-topic"
+            )
         instr = pick[0] if pick else None
         if other:
             notes.append(f"not instructions: {', '.join(other)}")
@@ -374,9 +408,19 @@ class Sample:
     episode: int
 
 
-def read_samples(path: Path, state_dim: int, max_cameras: int, n: int | None, *, camera_topics=None,
-                 instruction_topic=None, state_topic=None, instruction_text: str | None = None,
-                 progress: bool = False, log=None) -> tuple[list[Sample], Selection, dict]:
+def read_samples(
+    path: Path,
+    state_dim: int,
+    max_cameras: int,
+    n: int | None,
+    *,
+    camera_topics=None,
+    instruction_topic=None,
+    state_topic=None,
+    instruction_text: str | None = None,
+    progress: bool = False,
+    log=None,
+) -> tuple[list[Sample], Selection, dict]:
     """``n`` observations spread evenly over the recording (all frames when n is None), in time
     order, with their time and episode; plus the topic selection and a summary dict."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -390,29 +434,37 @@ def read_samples(path: Path, state_dim: int, max_cameras: int, n: int | None, *,
     order = np.argsort(times, kind="stable")
     usable = order[times[order] >= ready]  # message numbers (arrival order) of usable reference frames
     if usable.size == 0:
-        raise RecordingError(f"{path}: no frame of {ref} arrived after the first message of every other selected "
-                             f"topic ({', '.join(needed[1:]) or 'none'})")
+        raise RecordingError(
+            f"{path}: no frame of {ref} arrived after the first message of every other selected "
+            f"topic ({', '.join(needed[1:]) or 'none'})"
+        )
     utimes = times[usable]
     changes = [t for t, _ in s.topics[sel.instruction].texts[1:]] if sel.instruction else []
     episodes = _episodes(utimes, changes)
     pick = spread(usable.size, n)
     wanted = {int(usable[i]): (int(utimes[i]), int(episodes[i])) for i in pick}
     dur = (utimes[-1] - utimes[0]) / 1e9
-    log(f"[calibration] {path.name}: cameras {', '.join(sel.cameras)}; instruction "
-        f"{sel.instruction or repr(instruction_text)}; state {sel.state or 'zeros'}")
+    log(
+        f"[calibration] {path.name}: cameras {', '.join(sel.cameras)}; instruction "
+        f"{sel.instruction or repr(instruction_text)}; state {sel.state or 'zeros'}"
+    )
     for note in sel.notes:
         log(f"[calibration]   {note}")
-    log(f"[calibration]   {len(wanted)} of {usable.size} frames over {dur:.1f} s "
-        f"({int(episodes[-1]) + 1} episode(s)), spread evenly")
+    log(
+        f"[calibration]   {len(wanted)} of {usable.size} frames over {dur:.1f} s "
+        f"({int(episodes[-1]) + 1} episode(s)), spread evenly"
+    )
 
     from tqdm import tqdm
+
     dec = _Decoders()
     latest: dict[str, tuple] = {}
     out: list[Sample] = []
     ref_seen = -1
     keep = set(needed)
-    bar = tqdm(total=s.messages, desc="sampling recording", unit="msg", disable=not progress, file=sys.stderr,
-               mininterval=0.5)
+    bar = tqdm(
+        total=s.messages, desc="sampling recording", unit="msg", disable=not progress, file=sys.stderr, mininterval=0.5
+    )
     for topic, schema_name, t, data, schema, channel in iter_raw(files):
         bar.update()
         if topic not in keep:
@@ -444,7 +496,7 @@ def read_samples(path: Path, state_dim: int, max_cameras: int, n: int | None, *,
             pos = np.asarray(list(dec.decode(sc, ch, d).position), dtype=np.float32)[:state_dim]
             if not np.all(np.isfinite(pos)):
                 continue
-            state[:pos.size] = pos
+            state[: pos.size] = pos
         out.append(Sample(images, text, state, t_ns, ep))
         if not wanted:
             break
@@ -452,37 +504,64 @@ def read_samples(path: Path, state_dim: int, max_cameras: int, n: int | None, *,
     out.sort(key=lambda r: r.time_ns)
     if not out:
         raise RecordingError(f"{path}: no usable frame (every joint state had non-finite positions)")
-    summary = {"cameras": sel.cameras, "instruction_topic": sel.instruction, "state_topic": sel.state,
-               "frames": int(usable.size), "samples": len(out), "seconds": round(float(dur), 2),
-               "episodes": int(episodes[-1]) + 1}
+    summary = {
+        "cameras": sel.cameras,
+        "instruction_topic": sel.instruction,
+        "state_topic": sel.state,
+        "frames": int(usable.size),
+        "samples": len(out),
+        "seconds": round(float(dur), 2),
+        "episodes": int(episodes[-1]) + 1,
+    }
     return out, sel, summary
 
 
 # ---- a synthetic robot recording -------------------------------------------------------------
 _SEP = "=" * 80 + "\n"
-_HEADER_DEFS = (_SEP + "MSG: std_msgs/Header\nbuiltin_interfaces/Time stamp\nstring frame_id\n" + _SEP
-                + "MSG: builtin_interfaces/Time\nint32 sec\nuint32 nanosec\n")
+_HEADER_DEFS = (
+    _SEP
+    + "MSG: std_msgs/Header\nbuiltin_interfaces/Time stamp\nstring frame_id\n"
+    + _SEP
+    + "MSG: builtin_interfaces/Time\nint32 sec\nuint32 nanosec\n"
+)
 MSGDEFS = {
-    IMAGE: ("std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\n"
-            "uint32 step\nuint8[] data\n" + _HEADER_DEFS),
+    IMAGE: (
+        "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\n"
+        "uint32 step\nuint8[] data\n" + _HEADER_DEFS
+    ),
     COMPRESSED: "std_msgs/Header header\nstring format\nuint8[] data\n" + _HEADER_DEFS,
     TEXT: "string data\n",
-    JOINT_STATE: ("std_msgs/Header header\nstring[] name\nfloat64[] position\nfloat64[] velocity\n"
-                  "float64[] effort\n" + _HEADER_DEFS),
+    JOINT_STATE: (
+        "std_msgs/Header header\nstring[] name\nfloat64[] position\nfloat64[] velocity\n"
+        "float64[] effort\n" + _HEADER_DEFS
+    ),
 }
-URDF_TEXT = ('<?xml version="1.0"?>\n<robot name="arm">\n'
-             + "".join(f'  <link name="link_{i}"><inertial><mass value="1.0"/></inertial></link>\n'
-                       f'  <joint name="joint_{i}" type="revolute"><parent link="link_{i}"/>'
-                       f'<child link="link_{i + 1}"/><limit lower="-3.14" upper="3.14" effort="10" '
-                       'velocity="1"/></joint>\n' for i in range(30))
-             + "</robot>\n")
+URDF_TEXT = (
+    '<?xml version="1.0"?>\n<robot name="arm">\n'
+    + "".join(
+        f'  <link name="link_{i}"><inertial><mass value="1.0"/></inertial></link>\n'
+        f'  <joint name="joint_{i}" type="revolute"><parent link="link_{i}"/>'
+        f'<child link="link_{i + 1}"/><limit lower="-3.14" upper="3.14" effort="10" '
+        'velocity="1"/></joint>\n'
+        for i in range(30)
+    )
+    + "</robot>\n"
+)
 
 
-def write_synthetic_recording(path: str | Path, seconds: float = 6.0, rate_hz: float = 15.0,
-                              size: tuple[int, int] = (96, 128), episodes: int = 2,
-                              instructions: tuple[str, ...] = ("open the drawer", "push the button"),
-                              depth: bool = True, urdf: bool = True, wrist_compressed: bool = True,
-                              compression: str = "zstd", seed: int = 0) -> dict:
+def write_synthetic_recording(
+    path: str | Path,
+    seconds: float = 6.0,
+    rate_hz: float = 15.0,
+    size: tuple[int, int] = (96, 128),
+    episodes: int = 2,
+    instructions: tuple[str, ...] = ("open the drawer", "push the button"),
+    depth: bool = True,
+    urdf: bool = True,
+    wrist_compressed: bool = True,
+    compression: str = "zstd",
+    seed: int = 0,
+) -> dict:
     """A rosbag2-style .mcap with the topic mix of a real robot recording: /cam_high/image_raw
     (rgb8 Image), /cam_wrist/image_raw/compressed (JPEG; or bgr8 Image), a 16UC1 depth stream,
     the URDF on /robot_description (std_msgs/String, once, first), /instruction (String, at each
@@ -491,6 +570,7 @@ def write_synthetic_recording(path: str | Path, seconds: float = 6.0, rate_hz: f
     import cv2
     from mcap.writer import CompressionType
     from mcap_ros2.writer import Writer
+
     h, w = size
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -509,8 +589,13 @@ def write_synthetic_recording(path: str | Path, seconds: float = 6.0, rate_hz: f
         sch = {k: wr.register_msgdef(k, v) for k, v in MSGDEFS.items()}
         cam_high = "/cam_high/image_raw"
         cam_wrist = "/cam_wrist/image_raw/compressed" if wrist_compressed else "/cam_wrist/image_raw"
-        out["topics"] = {"cameras": [cam_high, cam_wrist], "depth": "/cam_high/depth/image_raw",
-                         "urdf": "/robot_description", "instruction": "/instruction", "state": "/joint_states"}
+        out["topics"] = {
+            "cameras": [cam_high, cam_wrist],
+            "depth": "/cam_high/depth/image_raw",
+            "urdf": "/robot_description",
+            "instruction": "/instruction",
+            "state": "/joint_states",
+        }
         if urdf:
             wr.write_message("/robot_description", sch[TEXT], {"data": URDF_TEXT}, t0 - 10**9, t0 - 10**9)
         t = t0
@@ -522,32 +607,81 @@ def write_synthetic_recording(path: str | Path, seconds: float = 6.0, rate_hz: f
                 phase = (ep * per_ep + i) / max(frames, 1)
                 base = (np.stack([xx * (1 + phase), yy, xx + yy * phase], axis=-1) * (200.0 / max(h, w))) % 256
                 x0 = int((w - 20) * ((i / max(count, 1) + 0.3 * ep) % 1.0))
-                base[h // 3:h // 3 + 16, x0:x0 + 16] = (255, 40, 40)
+                base[h // 3 : h // 3 + 16, x0 : x0 + 16] = (255, 40, 40)
                 img = np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
                 for k in range(2):  # joint states at twice the camera rate
                     tj = t + k * dt // 2
-                    wr.write_message("/joint_states", sch[JOINT_STATE], {
-                        "header": hdr(tj, ""), "name": [f"joint_{j}" for j in range(6)],
-                        "position": [float(np.sin(phase * 6 + j)) for j in range(6)], "velocity": [],
-                        "effort": []}, tj, tj)
-                wr.write_message(cam_high, sch[IMAGE], {
-                    "header": hdr(t, "cam_high"), "height": h, "width": w, "encoding": "rgb8", "is_bigendian": 0,
-                    "step": 3 * w, "data": img.tobytes()}, t, t)
+                    wr.write_message(
+                        "/joint_states",
+                        sch[JOINT_STATE],
+                        {
+                            "header": hdr(tj, ""),
+                            "name": [f"joint_{j}" for j in range(6)],
+                            "position": [float(np.sin(phase * 6 + j)) for j in range(6)],
+                            "velocity": [],
+                            "effort": [],
+                        },
+                        tj,
+                        tj,
+                    )
+                wr.write_message(
+                    cam_high,
+                    sch[IMAGE],
+                    {
+                        "header": hdr(t, "cam_high"),
+                        "height": h,
+                        "width": w,
+                        "encoding": "rgb8",
+                        "is_bigendian": 0,
+                        "step": 3 * w,
+                        "data": img.tobytes(),
+                    },
+                    t,
+                    t,
+                )
                 wimg = np.ascontiguousarray(img[::-1, ::-1])
                 if wrist_compressed:
                     ok, jpg = cv2.imencode(".jpg", wimg[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-                    wr.write_message(cam_wrist, sch[COMPRESSED], {"header": hdr(t + 1000, "cam_wrist"),
-                                                                  "format": "jpeg", "data": jpg.tobytes()},
-                                     t + 1000, t + 1000)
+                    wr.write_message(
+                        cam_wrist,
+                        sch[COMPRESSED],
+                        {"header": hdr(t + 1000, "cam_wrist"), "format": "jpeg", "data": jpg.tobytes()},
+                        t + 1000,
+                        t + 1000,
+                    )
                 else:
-                    wr.write_message(cam_wrist, sch[IMAGE], {
-                        "header": hdr(t + 1000, "cam_wrist"), "height": h, "width": w, "encoding": "bgr8",
-                        "is_bigendian": 0, "step": 3 * w, "data": wimg[..., ::-1].tobytes()}, t + 1000, t + 1000)
+                    wr.write_message(
+                        cam_wrist,
+                        sch[IMAGE],
+                        {
+                            "header": hdr(t + 1000, "cam_wrist"),
+                            "height": h,
+                            "width": w,
+                            "encoding": "bgr8",
+                            "is_bigendian": 0,
+                            "step": 3 * w,
+                            "data": wimg[..., ::-1].tobytes(),
+                        },
+                        t + 1000,
+                        t + 1000,
+                    )
                 if depth:
                     d = (1000 + 500 * np.sin(xx / 17 + phase)).astype(np.uint16)
-                    wr.write_message("/cam_high/depth/image_raw", sch[IMAGE], {
-                        "header": hdr(t + 2000, "cam_high_depth"), "height": h, "width": w, "encoding": "16UC1",
-                        "is_bigendian": 0, "step": 2 * w, "data": d.tobytes()}, t + 2000, t + 2000)
+                    wr.write_message(
+                        "/cam_high/depth/image_raw",
+                        sch[IMAGE],
+                        {
+                            "header": hdr(t + 2000, "cam_high_depth"),
+                            "height": h,
+                            "width": w,
+                            "encoding": "16UC1",
+                            "is_bigendian": 0,
+                            "step": 2 * w,
+                            "data": d.tobytes(),
+                        },
+                        t + 2000,
+                        t + 2000,
+                    )
                 out["times_ns"].append(t)
                 out["instructions"].append(text)
                 out["episodes"].append(ep)

@@ -4,6 +4,7 @@ The reference models use a byte-level vocabulary (no download, any language): id
 with 0 = pad, 1 = bos, 2 = eos. Real checkpoints bring their own SentencePiece / tokenizers
 model (see quantvla_core.loaders); the prompt formats below are shared.
 """
+
 from __future__ import annotations
 
 import unicodedata

@@ -4,6 +4,7 @@ A camera that sends 30 broken frames a second must not flood the log: the first 
 a (source, code) pair is logged, repeats are counted silently, and when the problem has been
 quiet for `quiet_s` the next occurrence is logged again together with how many were suppressed.
 """
+
 from __future__ import annotations
 
 import threading

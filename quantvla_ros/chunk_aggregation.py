@@ -16,6 +16,7 @@ chunk that falls at the new chunk's start time is `round((t_new - t_old) / dt)`.
   decays exponentially from the committed actions to the new ones. Guided denoising inside the
   model (true RTC) would need a hook in the flow sampler; this is the post-hoc equivalent.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,7 @@ def inpaint_weights(n: int, delay_steps: int, smoothing_steps: int) -> np.ndarra
 
 
 class ChunkAggregator:
-    def __init__(self, mode: str = "latest_only", weight_new: float = 0.7, dt: float = 0.1,
-                 smoothing_steps: int = 4):
+    def __init__(self, mode: str = "latest_only", weight_new: float = 0.7, dt: float = 0.1, smoothing_steps: int = 4):
         if mode not in MODES:
             raise ValueError(f"chunk_aggregation {mode!r} is not one of {', '.join(MODES)}")
         if not 0.0 <= weight_new <= 1.0:
@@ -71,8 +71,7 @@ class ChunkAggregator:
     def restore(self, state) -> None:
         self._prev, self._prev_t = state
 
-    def merge(self, actions: np.ndarray, t_start: float,
-              delay_steps: int = 0) -> tuple[np.ndarray, int]:
+    def merge(self, actions: np.ndarray, t_start: float, delay_steps: int = 0) -> tuple[np.ndarray, int]:
         """(merged (N, D) float32, number of blended steps) for a chunk starting at t_start.
         `delay_steps`: steps executed from the old chunk before this one could take over
         (inpaint's committed prefix)."""
@@ -91,7 +90,6 @@ class ChunkAggregator:
                     w_old = inpaint_weights(n, delay_steps, self.smoothing_steps)
                 w_old = w_old[:, None].astype(np.float32)
                 merged[:n] = w_old * tail[:n] + (1.0 - w_old) * actions[:n]
-                blended = (n if self.mode == "weighted_average"
-                           else int(np.count_nonzero(w_old[:, 0] > 0)))
+                blended = n if self.mode == "weighted_average" else int(np.count_nonzero(w_old[:, 0] > 0))
         self._prev, self._prev_t = merged, t_start
         return merged, blended

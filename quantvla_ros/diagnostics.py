@@ -4,6 +4,7 @@ diagnostic_updater is not installable from PyPI, so the node assembles Diagnosti
 one DiagnosticStatus per concern (inference timing, inputs, resources), each value a KeyValue
 with a stable key (e.g. `total_ms_p99`) that dashboards and the tests read.
 """
+
 from __future__ import annotations
 
 import collections
@@ -91,8 +92,7 @@ class Counters:
         """Keys starting with `prefix` that were bumped in the last `within_s` seconds."""
         now = self._clock()
         with self._lock:
-            return sorted(k for k, t in self._last.items()
-                          if k.startswith(prefix) and now - t <= within_s)
+            return sorted(k for k, t in self._last.items() if k.startswith(prefix) and now - t <= within_s)
 
 
 def format_value(value) -> str:

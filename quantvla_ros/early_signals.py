@@ -2,6 +2,7 @@
 about half a second), so a stop request then is honoured by the clean shutdown path instead of
 a KeyboardInterrupt traceback or death by SIGTERM. Standard library only: it must be importable
 before anything heavy."""
+
 from __future__ import annotations
 
 import signal

@@ -6,6 +6,7 @@ whose stamp is closest to the reference stamp, if within the tolerance; otherwis
 not matched and inference waits for the next reference frame. This is the newest-frame form of
 message_filters' approximate-time policy, which is not installable from PyPI.
 """
+
 from __future__ import annotations
 
 import collections
@@ -83,6 +84,7 @@ class FrameStore:
     def wait_for_new(self, timeout_s: float, after_generation: int = -1) -> bool:
         """True when the reference camera has a frame newer than the last one taken and some
         frame arrived after `after_generation` (so an unmatched set is retried only on news)."""
+
         def ready():
             return self._closed or (self._has_new() and self.generation != after_generation)
 

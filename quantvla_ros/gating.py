@@ -7,6 +7,7 @@ decoded frames, a cleaned instruction and a joint-state vector whose names, leng
 were checked. `camera_ages` tells diagnostics how old each camera's newest frame is, so a
 camera that stops publishing is seen as such even though it never sent a bad message.
 """
+
 from __future__ import annotations
 
 import threading
@@ -17,8 +18,7 @@ import numpy as np
 from quantvla_ros.diagnostics import RateMeter
 from quantvla_ros.frame_sync import FrameStore
 from quantvla_ros.image_conversion import ImageConversionError, message_to_rgb
-from quantvla_ros.input_validation import (InputError, check_stamp, clean_instruction,
-                                           joint_state_vector, stamp_seconds)
+from quantvla_ros.input_validation import InputError, check_stamp, clean_instruction, joint_state_vector, stamp_seconds
 
 # How long an image callback sleeps after storing a frame, so the woken inference thread takes
 # the GIL at once (measured: queue p50 0.6 -> 0.1 ms at 640x480 30 Hz on 2 cores).
@@ -61,15 +61,21 @@ class InputGate:
         cfg = self.cfg
         try:
             stamp = stamp_seconds(msg.header.stamp)
-            check_stamp(stamp, now, self._last_stamp[cam],
-                        self._live("image_timeout_s"), self._live("max_future_s"))
-            rgb = message_to_rgb(msg, max_pixels=cfg["max_image_pixels"],
-                                 depth_max_m=cfg["depth_max_m"],
-                                 min_side=cfg["min_image_side"],
-                                 max_aspect=cfg["max_image_aspect"])
+            check_stamp(stamp, now, self._last_stamp[cam], self._live("image_timeout_s"), self._live("max_future_s"))
+            rgb = message_to_rgb(
+                msg,
+                max_pixels=cfg["max_image_pixels"],
+                depth_max_m=cfg["depth_max_m"],
+                min_side=cfg["min_image_side"],
+                max_aspect=cfg["max_image_aspect"],
+            )
         except (InputError, ImageConversionError) as exc:
-            self._refuse(source, exc.code, f"{exc} (topic {cfg['camera_topics'][cam]})",
-                         "warn" if exc.code == "stamp_old" else "error")
+            self._refuse(
+                source,
+                exc.code,
+                f"{exc} (topic {cfg['camera_topics'][cam]})",
+                "warn" if exc.code == "stamp_old" else "error",
+            )
             return
         except Exception as exc:  # noqa: BLE001 - never let a message kill the node
             self._refuse(source, "conversion_failed", f"{type(exc).__name__}: {exc}")
@@ -80,8 +86,7 @@ class InputGate:
         # meta: (header stamp, node-clock receive time, perf_counter at receive and after
         # conversion, conversion ms)
         t_done = time.perf_counter()
-        self.frames.put(cam, stamp, rgb,
-                        meta=(msg.header.stamp, now, t_recv, t_done, (t_done - t_recv) * 1e3))
+        self.frames.put(cam, stamp, rgb, meta=(msg.header.stamp, now, t_recv, t_done, (t_done - t_recv) * 1e3))
         # Hand the GIL to the inference thread now: put() woke it, but it would otherwise wait
         # for the executor's own bookkeeping (~0.5 ms here) or the switch interval.
         time.sleep(GIL_HANDOFF_S)
@@ -107,9 +112,14 @@ class InputGate:
         self._counters.bump("received.joint_state")
         try:
             stamp_seconds(msg.header.stamp)
-            vec = joint_state_vector(list(msg.name), list(msg.position), self.cfg["state_dim"],
-                                     self.cfg["state_joint_names"], list(msg.velocity),
-                                     list(msg.effort))
+            vec = joint_state_vector(
+                list(msg.name),
+                list(msg.position),
+                self.cfg["state_dim"],
+                self.cfg["state_joint_names"],
+                list(msg.velocity),
+                list(msg.effort),
+            )
         except InputError as exc:
             with self._lock:
                 self._joint_state = None
@@ -127,20 +137,28 @@ class InputGate:
         """Seconds since the current instruction / joint state arrived (None: none valid)."""
         with self._lock:
             instruction, joint_state = self._instruction, self._joint_state
-        return {"instruction": now - instruction[1] if instruction else None,
-                "joint_state": now - joint_state[1] if joint_state else None}
+        return {
+            "instruction": now - instruction[1] if instruction else None,
+            "joint_state": now - joint_state[1] if joint_state else None,
+        }
 
     def camera_ages(self, now: float) -> list[tuple[float, bool]]:
         """Per camera (age in s of its newest accepted frame, ever received since activation).
         A camera that never sent counts from configure/activate."""
-        return [(max(0.0, now - self._watch_since), False) if stamp is None
-                else (max(0.0, now - stamp), True) for stamp in self._newest]
+        return [
+            (max(0.0, now - self._watch_since), False) if stamp is None else (max(0.0, now - stamp), True)
+            for stamp in self._newest
+        ]
 
     def _too_old(self, what: str, received: float, now: float, timeout_param: str) -> bool:
         timeout = self._live(timeout_param)
         if timeout > 0 and now - received > timeout:
-            self._refuse(what, "stale", f"{what.replace('_', ' ')} is {now - received:.2f} s "
-                         f"old ({timeout_param} {timeout})", "warn")
+            self._refuse(
+                what,
+                "stale",
+                f"{what.replace('_', ' ')} is {now - received:.2f} s old ({timeout_param} {timeout})",
+                "warn",
+            )
             return True
         return False
 
@@ -151,8 +169,12 @@ class InputGate:
         if timeout <= 0:
             return False
         if now - matched.stamp_s > timeout:
-            self._refuse("camera0", "stale", f"newest frame is {now - matched.stamp_s:.3f} s old "
-                         f"(image_timeout_s {timeout}); no action", "warn")
+            self._refuse(
+                "camera0",
+                "stale",
+                f"newest frame is {now - matched.stamp_s:.3f} s old (image_timeout_s {timeout}); no action",
+                "warn",
+            )
             return True
         return False
 
@@ -161,16 +183,24 @@ class InputGate:
         with self._lock:
             instruction, joint_state = self._instruction, self._joint_state
         if instruction is None:
-            self._refuse("instruction", "missing", "no valid instruction yet on "
-                         f"{self.cfg['instruction_topic']}; no action", "warn")
+            self._refuse(
+                "instruction",
+                "missing",
+                f"no valid instruction yet on {self.cfg['instruction_topic']}; no action",
+                "warn",
+            )
             return None
         if self._too_old("instruction", instruction[1], now, "instruction_timeout_s"):
             return None
         if joint_state is None:
             if not self.cfg["joint_state_topic"] or not self._live("require_joint_state"):
                 return instruction[0], np.zeros(self.cfg["state_dim"], np.float32)
-            self._refuse("joint_state", "missing", "no valid joint state yet on "
-                         f"{self.cfg['joint_state_topic']}; no action", "warn")
+            self._refuse(
+                "joint_state",
+                "missing",
+                f"no valid joint state yet on {self.cfg['joint_state_topic']}; no action",
+                "warn",
+            )
             return None
         # A state that arrived but went stale is never fed, required or not.
         if self._too_old("joint_state", joint_state[1], now, "joint_state_timeout_s"):

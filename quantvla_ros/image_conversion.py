@@ -7,6 +7,7 @@ malformed message raises `ImageConversionError` whose `code` names the failure c
 a diagnostics counter key) and whose text names what was wrong and what is accepted; nothing
 is allocated from a header's claimed size before that size has been checked.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,26 +44,29 @@ class ImageConversionError(ValueError):
         self.code = code
 
 
-def _check_dims(width: int, height: int, max_pixels: int, min_side: int = 1,
-                max_aspect: float = 0.0) -> None:
+def _check_dims(width: int, height: int, max_pixels: int, min_side: int = 1, max_aspect: float = 0.0) -> None:
     """Geometry the model can use, checked before any pixel is touched: a 10000x1 frame fits
     max_pixels but would fail inside the model's resize (or become one smeared row)."""
     if width <= 0 or height <= 0:
-        raise ImageConversionError(
-            "empty", f"image is {width}x{height}; width and height must both be > 0")
+        raise ImageConversionError("empty", f"image is {width}x{height}; width and height must both be > 0")
     if width * height > max_pixels:
         raise ImageConversionError(
-            "too_large", f"image is {width}x{height} = {width * height} pixels; at most "
-            f"{max_pixels} are accepted (parameter max_image_pixels)")
+            "too_large",
+            f"image is {width}x{height} = {width * height} pixels; at most "
+            f"{max_pixels} are accepted (parameter max_image_pixels)",
+        )
     if min(width, height) < min_side:
         raise ImageConversionError(
-            "bad_geometry", f"image is {width}x{height}; both sides must be at least {min_side} "
-            "pixels (parameter min_image_side)")
+            "bad_geometry",
+            f"image is {width}x{height}; both sides must be at least {min_side} pixels (parameter min_image_side)",
+        )
     if max_aspect > 0 and max(width, height) > max_aspect * min(width, height):
         raise ImageConversionError(
-            "bad_geometry", f"image is {width}x{height}, aspect ratio "
+            "bad_geometry",
+            f"image is {width}x{height}, aspect ratio "
             f"{max(width, height) / min(width, height):.1f}:1; at most {max_aspect:g}:1 is "
-            "accepted (parameter max_image_aspect)")
+            "accepted (parameter max_image_aspect)",
+        )
 
 
 def _depth_to_gray(depth_m: np.ndarray, depth_max_m: float) -> np.ndarray:
@@ -72,9 +76,13 @@ def _depth_to_gray(depth_m: np.ndarray, depth_max_m: float) -> np.ndarray:
     return np.rint(scaled).astype(np.uint8)
 
 
-def image_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 depth_max_m: float = DEFAULT_DEPTH_MAX_M, min_side: int = 1,
-                 max_aspect: float = 0.0) -> np.ndarray:
+def image_to_rgb(
+    msg,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    depth_max_m: float = DEFAULT_DEPTH_MAX_M,
+    min_side: int = 1,
+    max_aspect: float = 0.0,
+) -> np.ndarray:
     """sensor_msgs/Image -> contiguous (height, width, 3) uint8 RGB (a copy, never a view).
 
     mono16 keeps its 8 most significant bits; 16UC1 (depth, millimetres) and 32FC1 (depth,
@@ -83,30 +91,35 @@ def image_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS,
     encoding = msg.encoding
     if encoding not in RAW_ENCODINGS:
         raise ImageConversionError(
-            "unsupported_encoding", f"image encoding {encoding!r} is not supported; accepted: "
-            f"{', '.join(RAW_ENCODINGS)}")
+            "unsupported_encoding",
+            f"image encoding {encoding!r} is not supported; accepted: {', '.join(RAW_ENCODINGS)}",
+        )
     width, height, step = int(msg.width), int(msg.height), int(msg.step)
     _check_dims(width, height, max_pixels, min_side, max_aspect)
     dtype, channels = RAW_ENCODINGS[encoding]
     row_bytes = width * channels * dtype.itemsize
     if step < row_bytes:
         raise ImageConversionError(
-            "size_mismatch", f"step {step} is smaller than width {width} x {channels} channel(s) "
-            f"x {dtype.itemsize} byte(s) = {row_bytes} for {encoding}")
+            "size_mismatch",
+            f"step {step} is smaller than width {width} x {channels} channel(s) "
+            f"x {dtype.itemsize} byte(s) = {row_bytes} for {encoding}",
+        )
     if step % dtype.itemsize:
         raise ImageConversionError(
-            "size_mismatch", f"step {step} is not a multiple of the {dtype.itemsize}-byte "
-            f"channel size of {encoding}")
+            "size_mismatch", f"step {step} is not a multiple of the {dtype.itemsize}-byte channel size of {encoding}"
+        )
     expected = step * height
     size = len(msg.data)
     if size < expected:
         raise ImageConversionError(
-            "truncated", f"image data has {size} bytes; step {step} x height {height} = "
-            f"{expected} are required")
+            "truncated", f"image data has {size} bytes; step {step} x height {height} = {expected} are required"
+        )
     if size > expected:
         raise ImageConversionError(
-            "size_mismatch", f"image data has {size} bytes but step {step} x height {height} = "
-            f"{expected}; data must be exactly step x height bytes")
+            "size_mismatch",
+            f"image data has {size} bytes but step {step} x height {height} = "
+            f"{expected}; data must be exactly step x height bytes",
+        )
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder(">" if msg.is_bigendian else "<")
     buf = np.frombuffer(msg.data, dtype=np.uint8)
@@ -151,11 +164,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             i += 2
             continue
-        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if i + 9 > n:
                 return None
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
             return width, height
         i += 2 + length
     return None
@@ -181,7 +194,7 @@ def _jpeg_structure_problem(data: bytes) -> str | None:
             continue
         if i + 4 > n:
             break
-        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
         if length < 2 or i + 2 + length > n:
             return f"segment 0xFF{marker:02X} at byte {i} runs past the end of the data"
         i += 2 + length
@@ -207,9 +220,16 @@ def _jpeg_structure_problem(data: bytes) -> str | None:
 # libjpeg reports recoverable damage (a flipped bit, a lost packet's worth of data) only as a
 # warning printed to stderr, and still returns an image, partly grey or garbage. These are the
 # phrases of libjpeg(-turbo)'s warning messages.
-_LIBJPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG", "Invalid SOS parameters",
-                     "Inconsistent progression", "Huffman", "JFIF revision", "Bogus",
-                     "Application transferred too")
+_LIBJPEG_WARNINGS = (
+    "Corrupt JPEG data",
+    "Premature end of JPEG",
+    "Invalid SOS parameters",
+    "Inconsistent progression",
+    "Huffman",
+    "JFIF revision",
+    "Bogus",
+    "Application transferred too",
+)
 _STDERR_LOCK = threading.Lock()
 _capture_file = None  # one unlinked temporary file, reused for every capture (under the lock)
 
@@ -245,8 +265,9 @@ def _decode_catching_libjpeg_warnings(data: bytes) -> tuple[np.ndarray | None, l
     return bgr, [w.strip() for w in warnings]
 
 
-def compressed_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
-                      max_aspect: float = 0.0, strict_jpeg: bool = True) -> np.ndarray:
+def compressed_to_rgb(
+    msg, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1, max_aspect: float = 0.0, strict_jpeg: bool = True
+) -> np.ndarray:
     """sensor_msgs/CompressedImage (JPEG or PNG) -> (height, width, 3) uint8 RGB.
 
     The container is recognised from its magic bytes; `format` (e.g. "jpeg" or
@@ -257,8 +278,10 @@ def compressed_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int =
     fmt = (msg.format or "").lower()
     if fmt and not any(name in fmt for name in COMPRESSED_FORMATS + ("jpg",)):
         raise ImageConversionError(
-            "unsupported_encoding", f"compressed image format {msg.format!r} is not supported; "
-            "accepted: jpeg, png (e.g. 'jpeg' or 'rgb8; jpeg compressed bgr8')")
+            "unsupported_encoding",
+            f"compressed image format {msg.format!r} is not supported; "
+            "accepted: jpeg, png (e.g. 'jpeg' or 'rgb8; jpeg compressed bgr8')",
+        )
     data = bytes(msg.data)
     if len(data) == 0:
         raise ImageConversionError("empty", "compressed image has no data")
@@ -268,11 +291,11 @@ def compressed_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int =
         size = _png_size(data)
     else:
         raise ImageConversionError(
-            "corrupt", f"compressed image data ({len(data)} bytes) starts with neither the JPEG "
-            "(FF D8) nor the PNG signature")
+            "corrupt",
+            f"compressed image data ({len(data)} bytes) starts with neither the JPEG (FF D8) nor the PNG signature",
+        )
     if size is None:
-        raise ImageConversionError(
-            "corrupt", "compressed image header is truncated or has no frame size")
+        raise ImageConversionError("corrupt", "compressed image header is truncated or has no frame size")
     _check_dims(size[0], size[1], max_pixels, min_side, max_aspect)
     warnings: list[str] = []
     if data[:2] == b"\xff\xd8" and strict_jpeg:
@@ -280,37 +303,45 @@ def compressed_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int =
         if problem is not None:
             raise ImageConversionError(
                 "truncated" if "truncated" in problem or "past the end" in problem else "corrupt",
-                f"JPEG ({len(data)} bytes) is damaged: {problem}; frame dropped")
+                f"JPEG ({len(data)} bytes) is damaged: {problem}; frame dropped",
+            )
         bgr, warnings = _decode_catching_libjpeg_warnings(data)
     else:
         bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if warnings:
         raise ImageConversionError(
-            "corrupt", f"JPEG ({len(data)} bytes) decoded with libjpeg warning(s) "
-            f"{'; '.join(warnings[:2])!r}: the image is partly garbage; frame dropped")
+            "corrupt",
+            f"JPEG ({len(data)} bytes) decoded with libjpeg warning(s) "
+            f"{'; '.join(warnings[:2])!r}: the image is partly garbage; frame dropped",
+        )
     if bgr is None or bgr.ndim != 3 or bgr.shape[0] * bgr.shape[1] == 0:
-        raise ImageConversionError(
-            "corrupt", f"compressed image ({len(data)} bytes) could not be decoded")
+        raise ImageConversionError("corrupt", f"compressed image ({len(data)} bytes) could not be decoded")
     if (bgr.shape[1], bgr.shape[0]) != size:
         raise ImageConversionError(
-            "corrupt", f"decoded size {bgr.shape[1]}x{bgr.shape[0]} differs from header "
-            f"size {size[0]}x{size[1]}")
+            "corrupt", f"decoded size {bgr.shape[1]}x{bgr.shape[0]} differs from header size {size[0]}x{size[1]}"
+        )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def message_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   depth_max_m: float = DEFAULT_DEPTH_MAX_M, min_side: int = 1,
-                   max_aspect: float = 0.0, strict_jpeg: bool = True) -> np.ndarray:
+def message_to_rgb(
+    msg,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    depth_max_m: float = DEFAULT_DEPTH_MAX_M,
+    min_side: int = 1,
+    max_aspect: float = 0.0,
+    strict_jpeg: bool = True,
+) -> np.ndarray:
     """Either camera message type -> RGB (CompressedImage has `format`, Image has `encoding`)."""
     if hasattr(msg, "format"):
-        return compressed_to_rgb(msg, max_pixels=max_pixels, min_side=min_side,
-                                 max_aspect=max_aspect, strict_jpeg=strict_jpeg)
-    return image_to_rgb(msg, max_pixels=max_pixels, depth_max_m=depth_max_m, min_side=min_side,
-                        max_aspect=max_aspect)
+        return compressed_to_rgb(
+            msg, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect, strict_jpeg=strict_jpeg
+        )
+    return image_to_rgb(msg, max_pixels=max_pixels, depth_max_m=depth_max_m, min_side=min_side, max_aspect=max_aspect)
 
 
-def rgb_to_image(rgb: np.ndarray, encoding: str = "rgb8", depth_max_m: float = DEFAULT_DEPTH_MAX_M,
-                 big_endian: bool = False):
+def rgb_to_image(
+    rgb: np.ndarray, encoding: str = "rgb8", depth_max_m: float = DEFAULT_DEPTH_MAX_M, big_endian: bool = False
+):
     """(H, W, 3) uint8 RGB -> sensor_msgs/Image in any supported encoding (header left empty).
 
     Used by the synthetic camera and the tests; depth encodings store the gray level as a
@@ -359,8 +390,7 @@ def rgb_to_compressed(rgb: np.ndarray, fmt: str = "jpeg", jpeg_quality: int = 90
     if fmt not in COMPRESSED_FORMATS:
         raise ValueError(f"format {fmt!r} is not supported; accepted: {', '.join(COMPRESSED_FORMATS)}")
     params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if fmt == "jpeg" else []
-    ok, encoded = cv2.imencode("." + ("jpg" if fmt == "jpeg" else "png"),
-                               cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    ok, encoded = cv2.imencode("." + ("jpg" if fmt == "jpeg" else "png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise ValueError(f"OpenCV could not encode a {rgb.shape} image as {fmt}")
     msg = CompressedImage()

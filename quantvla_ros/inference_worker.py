@@ -6,6 +6,7 @@ per burst). Every thread has its own stop flag and its own store, so a thread th
 `stop()` (an inference still running past the timeout) exits on its own later and a new
 thread is never started beside it.
 """
+
 from __future__ import annotations
 
 import threading
@@ -29,8 +30,7 @@ class InferenceWorker:
         if self.alive:
             raise RuntimeError("the inference thread is still running")
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(self._stop,), name=THREAD_NAME,
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(self._stop,), name=THREAD_NAME, daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float) -> bool:
@@ -63,10 +63,15 @@ class InferenceWorker:
                     if reason.startswith("unmatched"):
                         retry_generation = frames.generation
                         self._counters.bump("unmatched")
-                        self._warn_log.report("cameras", "unmatched", (
-                            f"camera {reason.split(':')[1]} has no frame within "
-                            f"stamp_tolerance_s {self._live('stamp_tolerance_s')} s of the "
-                            "reference camera"))
+                        self._warn_log.report(
+                            "cameras",
+                            "unmatched",
+                            (
+                                f"camera {reason.split(':')[1]} has no frame within "
+                                f"stamp_tolerance_s {self._live('stamp_tolerance_s')} s of the "
+                                "reference camera"
+                            ),
+                        )
                     continue
                 retry_generation = -1
                 last_start = time.monotonic()
@@ -75,5 +80,6 @@ class InferenceWorker:
                 self._act(matched)
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 self._counters.bump("inference_error")
-                self._error_log.report("inference", type(exc).__name__,
-                                       f"inference failed, no action: {type(exc).__name__}: {exc}")
+                self._error_log.report(
+                    "inference", type(exc).__name__, f"inference failed, no action: {type(exc).__name__}: {exc}"
+                )

@@ -5,6 +5,7 @@ benchmark start `python -m quantvla_ros.<node> --ros-args --params-file <yaml>` 
 The caller's environment (ROS_DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE) is passed through
 unchanged: the node never chooses its own discovery settings.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,8 @@ def start_node(module: str, params_file: str, log_path: str, extra_args=()) -> s
     """`python -m quantvla_ros.<module>` with its stdout+stderr in `log_path`."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", RCUTILS_COLORIZED_OUTPUT="0")
     log = open(log_path, "w")
-    cmd = [sys.executable, "-m", f"quantvla_ros.{module}", "--ros-args",
-           "--params-file", params_file, *extra_args]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    cmd = [sys.executable, "-m", f"quantvla_ros.{module}", "--ros-args", "--params-file", params_file, *extra_args]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     log.close()
     return proc
 

@@ -8,6 +8,7 @@ event; the main thread then stops in order: outputs closed (nothing is published
 signal), the node's own threads stopped, the spin loop left, the executor shut down, the node
 destroyed, and only then the context.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -87,6 +88,7 @@ class StopSignal:
 def spin_until(executor, stop: threading.Event, context) -> threading.Thread:
     """Spin `executor` in a thread until `stop` is set or the context goes down; the thread
     leaves between two spin_once calls, never inside a wait set that is being torn down."""
+
     def loop():
         try:
             while not stop.is_set() and context.ok():

@@ -13,6 +13,7 @@ get` and /diagnostics agree by construction). The pieces live in their own modul
 - `node_diagnostics`: the /diagnostics statuses;
 - `node_runtime`: executor, process settings and the signal-driven clean shutdown.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,15 +50,24 @@ from quantvla_ros.chunk_aggregation import MODES, ChunkAggregator
 from quantvla_ros.diagnostics import OK, Counters, LatencyStats, RateMeter, make_status
 from quantvla_ros.gating import InputGate
 from quantvla_ros.inference_worker import InferenceWorker
-from quantvla_ros.node_runtime import (EXECUTORS, StopSignal, apply_gil_switch_interval,  # noqa: F401
-                                       apply_malloc_thresholds, make_executor, spin_until)
+from quantvla_ros.node_runtime import (
+    EXECUTORS,  # noqa: F401  (re-exported: tests and tools reach the runtime through the node)
+    StopSignal,
+    apply_gil_switch_interval,
+    apply_malloc_thresholds,
+    make_executor,
+    spin_until,
+)
 from quantvla_ros.power import SOURCES, EnergyMeter, detect_power_source
 from quantvla_ros.publishing import DeadlineMonitor, OutputGate, build_trajectory, duration_of  # noqa: F401
 
 STAGES = ND.STAGES
-INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                             reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+INSTRUCTION_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
 
 
 class ConfigError(ValueError):
@@ -71,8 +81,10 @@ def stamp_to_s(stamp) -> float:
 def camera_kinds(topics: list[str], types: list[str]) -> list[str]:
     """Per topic 'raw' or 'compressed'; an unset entry follows the '/compressed' suffix."""
     if types and len(types) != len(topics):
-        raise ConfigError(f"camera_types has {len(types)} entries for {len(topics)} camera_topics; "
-                          "give one per topic (raw or compressed) or leave it unset")
+        raise ConfigError(
+            f"camera_types has {len(types)} entries for {len(topics)} camera_topics; "
+            "give one per topic (raw or compressed) or leave it unset"
+        )
     kinds = []
     for i, topic in enumerate(topics):
         kind = types[i] if types else ""
@@ -88,16 +100,14 @@ def limits_problem(lo: list, hi: list, action_dim: int | None) -> str | None:
     if not lo and not hi:
         return None
     if action_dim is not None and (len(lo) not in (0, action_dim) or len(hi) not in (0, action_dim)):
-        return (f"action_min/action_max have {len(lo)}/{len(hi)} entries; the model has "
-                f"{action_dim} action dimensions")
+        return f"action_min/action_max have {len(lo)}/{len(hi)} entries; the model has {action_dim} action dimensions"
     bad_values = [v for v in list(lo) + list(hi) if not math.isfinite(v)]
     if bad_values:
         return f"action limits must be finite, got {bad_values[:3]}"
     if lo and hi and len(lo) == len(hi):
         bad = [i for i in range(len(lo)) if not lo[i] < hi[i]]
         if bad:
-            return (f"action_min must be < action_max; not so at index {bad[:5]} "
-                    f"({[(lo[i], hi[i]) for i in bad[:3]]})")
+            return f"action_min must be < action_max; not so at index {bad[:5]} ({[(lo[i], hi[i]) for i in bad[:3]]})"
     return None
 
 
@@ -124,11 +134,10 @@ class PolicyNode(LifecycleNode):
         self._reset_stats()
         self._input_group = ReentrantCallbackGroup()
         self._diag_group = MutuallyExclusiveCallbackGroup()
-        self._diag_pub = self.create_publisher(
-            DiagnosticArray, self.get_parameter("diagnostics_topic").value, 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, self.get_parameter("diagnostics_topic").value, 10)
         self._diag_timer = self.create_timer(
-            self.get_parameter("diagnostics_period_s").value, self._publish_diagnostics,
-            callback_group=self._diag_group)
+            self.get_parameter("diagnostics_period_s").value, self._publish_diagnostics, callback_group=self._diag_group
+        )
         quiet = self.get_parameter("log_quiet_s").value
         # rclpy fixes one severity per call site, so each severity logs from its own method.
         self._warn_log = BurstLogger(self._log_warning, quiet)
@@ -136,8 +145,9 @@ class PolicyNode(LifecycleNode):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._autostart_timer = None
         if self.get_parameter("autostart").value:
-            self._autostart_timer = self.create_timer(0.0, self._autostart,
-                                                      callback_group=MutuallyExclusiveCallbackGroup())
+            self._autostart_timer = self.create_timer(
+                0.0, self._autostart, callback_group=MutuallyExclusiveCallbackGroup()
+            )
 
     @property
     def lifecycle_state(self) -> str:
@@ -163,19 +173,26 @@ class PolicyNode(LifecycleNode):
             if spec is None:
                 continue
             if not spec.live and state != "unconfigured":
-                return SetParametersResult(successful=False, reason=(
-                    f"{p.name} is read at configure; change it while the node is unconfigured "
-                    f"(now {state}); live parameters: "
-                    + ", ".join(s.name for s in P.SPECS if s.live)))
+                return SetParametersResult(
+                    successful=False,
+                    reason=(
+                        f"{p.name} is read at configure; change it while the node is unconfigured "
+                        f"(now {state}); live parameters: " + ", ".join(s.name for s in P.SPECS if s.live)
+                    ),
+                )
             if p.name == "chunk_aggregation" and p.value not in MODES:
-                return SetParametersResult(successful=False, reason=(
-                    f"chunk_aggregation {p.value!r} is not one of {', '.join(MODES)}"))
+                return SetParametersResult(
+                    successful=False, reason=(f"chunk_aggregation {p.value!r} is not one of {', '.join(MODES)}")
+                )
             if p.name == "kernel_backend" and p.value not in P.KERNEL_BACKENDS:
-                return SetParametersResult(successful=False, reason=(
-                    f"kernel_backend {p.value!r} is not one of {', '.join(P.KERNEL_BACKENDS)}"))
+                return SetParametersResult(
+                    successful=False,
+                    reason=(f"kernel_backend {p.value!r} is not one of {', '.join(P.KERNEL_BACKENDS)}"),
+                )
             if p.name == "power_source" and p.value not in SOURCES:
-                return SetParametersResult(successful=False, reason=(
-                    f"power_source {p.value!r} is not one of {', '.join(SOURCES)}"))
+                return SetParametersResult(
+                    successful=False, reason=(f"power_source {p.value!r} is not one of {', '.join(SOURCES)}")
+                )
         if "action_min" in new or "action_max" in new:
             # The pair as it would be after this set: inverted or non-finite limits are refused
             # here, not discovered at the next chunk.
@@ -200,8 +217,9 @@ class PolicyNode(LifecycleNode):
         self._autostart_timer.cancel()
         if self._output.closed:
             return
-        if (self.trigger_configure() == TransitionCallbackReturn.SUCCESS
-                and not self._output.closed):  # a stop request during configure: stay inactive
+        if (
+            self.trigger_configure() == TransitionCallbackReturn.SUCCESS and not self._output.closed
+        ):  # a stop request during configure: stay inactive
             self.trigger_activate()
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -229,116 +247,146 @@ class PolicyNode(LifecycleNode):
             raise ConfigError(f"the model runtime quantvla_core.policy is not importable: {exc}")
         model = cfg["model"]
         if not model:
-            raise ConfigError("parameter model is empty; give a preset name (e.g. tiny), a model "
-                              "directory or a quantized artifact directory")
+            raise ConfigError(
+                "parameter model is empty; give a preset name (e.g. tiny), a model "
+                "directory or a quantized artifact directory"
+            )
         if cfg["kernel_backend"] not in P.KERNEL_BACKENDS:
-            raise ConfigError(f"kernel_backend {cfg['kernel_backend']!r} is not one of "
-                              f"{', '.join(P.KERNEL_BACKENDS)}")
+            raise ConfigError(f"kernel_backend {cfg['kernel_backend']!r} is not one of {', '.join(P.KERNEL_BACKENDS)}")
         import quantvla_kernels  # the process's integer kernels (one policy per node process)
+
         quantvla_kernels.set_default_backend(P.KERNEL_BACKENDS[cfg["kernel_backend"]])
         t0 = time.perf_counter()
         try:
             policy = Policy.load(model, device=cfg["device"], dtype=cfg["dtype"] or None)
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"could not load model {model!r} on {cfg['device']}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise ConfigError(
+                f"could not load model {model!r} on {cfg['device']}: {type(exc).__name__}: {exc}"
+            ) from exc
         load_s = time.perf_counter() - t0
         horizon, action_dim, state_dim = policy.horizon, policy.action_dim, policy.state_dim
         max_cams = getattr(policy.config, "max_cameras", len(kinds))
         if len(kinds) > max_cams:
-            raise ConfigError(f"{len(kinds)} camera_topics but model {model!r} takes at most "
-                              f"{max_cams} cameras")
+            raise ConfigError(f"{len(kinds)} camera_topics but model {model!r} takes at most {max_cams} cameras")
         joint_names = cfg["joint_names"] or [f"joint_{i}" for i in range(action_dim)]
         if len(joint_names) != action_dim:
-            raise ConfigError(f"joint_names has {len(joint_names)} entries; model {model!r} "
-                              f"outputs {action_dim} action dimensions")
+            raise ConfigError(
+                f"joint_names has {len(joint_names)} entries; model {model!r} outputs {action_dim} action dimensions"
+            )
         if cfg["state_joint_names"] and len(cfg["state_joint_names"]) != state_dim:
-            raise ConfigError(f"state_joint_names has {len(cfg['state_joint_names'])} entries; "
-                              f"model {model!r} takes a state of {state_dim}")
+            raise ConfigError(
+                f"state_joint_names has {len(cfg['state_joint_names'])} entries; "
+                f"model {model!r} takes a state of {state_dim}"
+            )
         if cfg["actions_per_chunk"] > horizon:
-            raise ConfigError(f"actions_per_chunk {cfg['actions_per_chunk']} exceeds the model "
-                              f"horizon {horizon}")
+            raise ConfigError(f"actions_per_chunk {cfg['actions_per_chunk']} exceeds the model horizon {horizon}")
         self._check_limits(cfg["action_min"], cfg["action_max"], action_dim)
         if cfg["chunk_aggregation"] not in MODES:
-            raise ConfigError(f"chunk_aggregation {cfg['chunk_aggregation']!r} is not one of "
-                              f"{', '.join(MODES)}")
+            raise ConfigError(f"chunk_aggregation {cfg['chunk_aggregation']!r} is not one of {', '.join(MODES)}")
         if cfg["num_threads"] > 0:
             import torch
+
             torch.set_num_threads(cfg["num_threads"])
         warm = np.zeros((240, 320, 3), np.uint8)
         t0 = time.perf_counter()
         for i in range(cfg["warmup_count"]):
             try:
-                policy.predict(Observation(images=[warm] * len(kinds), instruction="warm up",
-                                           state=np.zeros(state_dim, np.float32)), seed=i)
+                policy.predict(
+                    Observation(
+                        images=[warm] * len(kinds), instruction="warm up", state=np.zeros(state_dim, np.float32)
+                    ),
+                    seed=i,
+                )
             except Exception as exc:  # noqa: BLE001
-                raise ConfigError(f"model {model!r} failed during warm-up: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                raise ConfigError(f"model {model!r} failed during warm-up: {type(exc).__name__}: {exc}") from exc
         warm_s = time.perf_counter() - t0
         power, power_note = detect_power_source(cfg["power_source"], cfg["device"])
         self._energy = EnergyMeter(power)
         self._power_note = power_note
         self._policy, self._observation_cls = policy, Observation
-        self._cfg = dict(cfg, kinds=kinds, joint_names=joint_names, horizon=horizon,
-                         action_dim=action_dim, state_dim=state_dim)
+        self._cfg = dict(
+            cfg, kinds=kinds, joint_names=joint_names, horizon=horizon, action_dim=action_dim, state_dim=state_dim
+        )
         try:
             self._describe = dict(policy.describe())
         except Exception as exc:  # noqa: BLE001
             self._describe = {"scheme": f"unknown ({type(exc).__name__})", "weight_bytes": -1}
-        self._aggregator = ChunkAggregator(cfg["chunk_aggregation"], cfg["aggregation_weight_new"],
-                                           cfg["action_dt"], cfg["smoothing_steps"])
+        self._aggregator = ChunkAggregator(
+            cfg["chunk_aggregation"], cfg["aggregation_weight_new"], cfg["action_dt"], cfg["smoothing_steps"]
+        )
         self._reset_stats()
-        self._gate = InputGate(self._cfg, self._live, self._now_s, self._refuse, self._counters,
-                               self._log_info)
+        self._gate = InputGate(self._cfg, self._live, self._now_s, self._refuse, self._counters, self._log_info)
         gate = self._gate
         for cam, (topic, kind) in enumerate(zip(cfg["camera_topics"], kinds)):
             msg_type = CompressedImage if kind == "compressed" else Image
-            self._subs.append(self.create_subscription(
-                msg_type, topic, lambda msg, cam=cam: gate.on_image(cam, msg),
-                qos_profile_sensor_data, callback_group=self._input_group))
-        self._subs.append(self.create_subscription(
-            String, cfg["instruction_topic"], gate.on_instruction, INSTRUCTION_QOS,
-            callback_group=self._input_group))
+            self._subs.append(
+                self.create_subscription(
+                    msg_type,
+                    topic,
+                    lambda msg, cam=cam: gate.on_image(cam, msg),
+                    qos_profile_sensor_data,
+                    callback_group=self._input_group,
+                )
+            )
+        self._subs.append(
+            self.create_subscription(
+                String, cfg["instruction_topic"], gate.on_instruction, INSTRUCTION_QOS, callback_group=self._input_group
+            )
+        )
         if cfg["joint_state_topic"]:
-            self._subs.append(self.create_subscription(
-                JointState, cfg["joint_state_topic"], gate.on_joint_state,
-                qos_profile_sensor_data, callback_group=self._input_group))
+            self._subs.append(
+                self.create_subscription(
+                    JointState,
+                    cfg["joint_state_topic"],
+                    gate.on_joint_state,
+                    qos_profile_sensor_data,
+                    callback_group=self._input_group,
+                )
+            )
         self._traj_pub = self.create_lifecycle_publisher(JointTrajectory, cfg["trajectory_topic"], 10)
-        self._timing_pub = (self.create_lifecycle_publisher(DiagnosticArray, cfg["timing_topic"], 10)
-                            if cfg["timing_topic"] else None)
+        self._timing_pub = (
+            self.create_lifecycle_publisher(DiagnosticArray, cfg["timing_topic"], 10) if cfg["timing_topic"] else None
+        )
         self.get_logger().info(
             f"configured: model {model!r} ({self._describe.get('scheme')}, "
             f"{self._describe.get('weight_bytes')} weight bytes) on {cfg['device']}, "
             f"horizon {horizon} x {action_dim}, state {state_dim}, cameras {cfg['camera_topics']} "
             f"({kinds}); load {load_s:.2f} s, {cfg['warmup_count']} warm-up runs {warm_s:.2f} s; "
-            f"power source {power.name}")
+            f"power source {power.name}"
+        )
 
     @staticmethod
     def _check_limits(lo: list, hi: list, action_dim: int) -> None:
         if not lo and not hi:
             return
         if len(lo) != action_dim or len(hi) != action_dim:
-            raise ConfigError(f"action_min/action_max have {len(lo)}/{len(hi)} entries; give "
-                              f"both with {action_dim} (the model's action_dim) or neither")
+            raise ConfigError(
+                f"action_min/action_max have {len(lo)}/{len(hi)} entries; give "
+                f"both with {action_dim} (the model's action_dim) or neither"
+            )
         problem = limits_problem(lo, hi, action_dim)
         if problem:
             raise ConfigError(problem)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         if self._worker is not None and self._worker.alive:
-            self.get_logger().error("activate refused: the previous inference thread is still "
-                                    "running (an inference did not finish); try again later")
+            self.get_logger().error(
+                "activate refused: the previous inference thread is still "
+                "running (an inference did not finish); try again later"
+            )
             return TransitionCallbackReturn.FAILURE
         if self._output.closed:
             return TransitionCallbackReturn.FAILURE
         self._gate.restart_watch()
         self._aggregator.reset()
-        self._worker = InferenceWorker(self._gate.frames, self._live, self._counters,
-                                       self._warn_log, self._error_log, self._act)
+        self._worker = InferenceWorker(
+            self._gate.frames, self._live, self._counters, self._warn_log, self._error_log, self._act
+        )
         self._worker.start()
-        self.get_logger().info("activated: publishing action chunks"
-                               + (" (dry_run: trajectories are computed, not published)"
-                                  if self._live("dry_run") else ""))
+        self.get_logger().info(
+            "activated: publishing action chunks"
+            + (" (dry_run: trajectories are computed, not published)" if self._live("dry_run") else "")
+        )
         return super().on_activate(state)
 
     def _stop_thread(self, timeout_s: float | None = None) -> bool:
@@ -349,15 +397,18 @@ class PolicyNode(LifecycleNode):
             return True
         timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
         if not self._worker.stop(timeout_s):
-            self.get_logger().error(f"the inference thread did not stop within {timeout_s} s "
-                                    "(an inference is still running)")
+            self.get_logger().error(
+                f"the inference thread did not stop within {timeout_s} s (an inference is still running)"
+            )
             return False
         return True
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         if not self._stop_thread():
-            self.get_logger().error("deactivate refused: the node stays active (it publishes at "
-                                    "most the chunk in flight); deactivate again once it finished")
+            self.get_logger().error(
+                "deactivate refused: the node stays active (it publishes at "
+                "most the chunk in flight); deactivate again once it finished"
+            )
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info("deactivated")
         return super().on_deactivate(state)
@@ -381,6 +432,7 @@ class PolicyNode(LifecycleNode):
         gc.collect()
         if device.startswith("cuda"):
             import torch
+
             torch.cuda.empty_cache()
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -390,8 +442,7 @@ class PolicyNode(LifecycleNode):
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         # From a process stop the worker was already given shutdown_timeout_s: don't wait twice.
-        self._teardown(0.0 if self._output.closed else
-                       self.get_parameter("shutdown_timeout_s").value)
+        self._teardown(0.0 if self._output.closed else self.get_parameter("shutdown_timeout_s").value)
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -474,10 +525,11 @@ class PolicyNode(LifecycleNode):
         actions, blended = agg.merge(actions, stamp_s, delay_steps)
         if not (lo or hi):
             return actions, blended
-        problem = (limits_problem(lo, hi, actions.shape[1])
-                   or (None if len(lo) == len(hi) == actions.shape[1] else
-                       f"action_min/action_max have {len(lo)}/{len(hi)} entries; give both "
-                       f"with {actions.shape[1]} or neither"))
+        problem = limits_problem(lo, hi, actions.shape[1]) or (
+            None
+            if len(lo) == len(hi) == actions.shape[1]
+            else f"action_min/action_max have {len(lo)}/{len(hi)} entries; give both with {actions.shape[1]} or neither"
+        )
         if problem:  # e.g. only one of the two set yet: never act unlimited
             self._counters.bump("chunks_refused_limits")
             self._refuse("model", "action_limits_invalid", f"{problem}; chunk not published")
@@ -488,9 +540,13 @@ class PolicyNode(LifecycleNode):
         if outside.any():
             if not self._live("clip_actions"):
                 self._counters.bump("chunks_refused_limits")
-                self._refuse("model", "action_limits", f"{int(outside.sum())} action values "
-                             "leave [action_min, action_max] and clip_actions is false; chunk "
-                             "not published")
+                self._refuse(
+                    "model",
+                    "action_limits",
+                    f"{int(outside.sum())} action values "
+                    "leave [action_min, action_max] and clip_actions is false; chunk "
+                    "not published",
+                )
                 agg.restore(before_merge)
                 return None
             self._counters.bump("chunks_clipped")
@@ -509,17 +565,16 @@ class PolicyNode(LifecycleNode):
             return
         instruction, state = inputs
         token = self._energy.start()
-        chunk = self._policy.predict(self._observation_cls(images=matched.images,
-                                                           instruction=instruction, state=state),
-                                     seed=self._cfg["seed"])
+        chunk = self._policy.predict(
+            self._observation_cls(images=matched.images, instruction=instruction, state=state), seed=self._cfg["seed"]
+        )
         energy = self._energy.stop(token)
         actions = np.asarray(chunk.actions, dtype=np.float32)
         n = self._cfg["actions_per_chunk"] or actions.shape[0]
         actions = actions[:n]
         self._counters.bump("chunks_computed")
         if not np.all(np.isfinite(actions)):
-            self._refuse("model", "nonfinite_actions", "the model returned non-finite actions; "
-                         "chunk not published")
+            self._refuse("model", "nonfinite_actions", "the model returned non-finite actions; chunk not published")
             return
         dt = self._cfg["action_dt"]
         before_merge = self._aggregator.snapshot()
@@ -533,9 +588,12 @@ class PolicyNode(LifecycleNode):
         age = self._now_s() - matched.stamp_s
         if timeout > 0 and age > timeout:
             self._counters.bump("chunks_dropped_stale")
-            self._refuse("camera0", "stale_at_publish", f"frame was {age:.3f} s old when its "
-                         f"chunk was ready (image_timeout_s {timeout}); chunk not published",
-                         "warn")
+            self._refuse(
+                "camera0",
+                "stale_at_publish",
+                f"frame was {age:.3f} s old when its chunk was ready (image_timeout_s {timeout}); chunk not published",
+                "warn",
+            )
             self._aggregator.restore(before_merge)
             return
         self._last_blended = blended
@@ -562,23 +620,37 @@ class PolicyNode(LifecycleNode):
         latency_ms = max(0.0, (t_recv_node - matched.stamp_s) * 1e3) + (done - t_recv) * 1e3
         budget = self._budget_ms(len(actions))
         if self._deadline.record(latency_ms, budget):
-            self._warn_log.report("deadline", "missed", (
-                f"chunk latency {latency_ms:.1f} ms exceeded latency_budget_ms {budget:.1f} "
-                f"({self._deadline.misses} misses so far); published anyway"))
+            self._warn_log.report(
+                "deadline",
+                "missed",
+                (
+                    f"chunk latency {latency_ms:.1f} ms exceeded latency_budget_ms {budget:.1f} "
+                    f"({self._deadline.misses} misses so far); published anyway"
+                ),
+            )
         if energy is not None:
             self._last_energy = energy
         if self._timing_pub is not None:
             timing = DiagnosticArray()
             timing.header.stamp = stamp_msg
-            values = dict(t, node_overhead=node_overhead, camera_skew=matched.skew_s * 1e3,
-                          transport=(t_recv_node - matched.stamp_s) * 1e3, convert=convert_ms,
-                          queue=(t_taken - t_converted) * 1e3, latency=latency_ms,
-                          latency_budget=budget,
-                          published=0.0 if self._live("dry_run") else 1.0)
+            values = dict(
+                t,
+                node_overhead=node_overhead,
+                camera_skew=matched.skew_s * 1e3,
+                transport=(t_recv_node - matched.stamp_s) * 1e3,
+                convert=convert_ms,
+                queue=(t_taken - t_converted) * 1e3,
+                latency=latency_ms,
+                latency_budget=budget,
+                published=0.0 if self._live("dry_run") else 1.0,
+            )
             if energy is not None:
                 values.update(energy_j=energy[0], power_w=energy[1])
-            timing.status = [make_status("chunk", self._cfg["device"], OK, "timings in ms",
-                                         {k: f"{float(v):.6g}" for k, v in values.items()})]
+            timing.status = [
+                make_status(
+                    "chunk", self._cfg["device"], OK, "timings in ms", {k: f"{float(v):.6g}" for k, v in values.items()}
+                )
+            ]
             self._output.publish(lambda: self._timing_pub, timing)
 
     # ------------------------------------------------------------------ diagnostics
@@ -588,8 +660,7 @@ class PolicyNode(LifecycleNode):
         try:
             arr = DiagnosticArray()
             arr.header.stamp = self.get_clock().now().to_msg()
-            arr.status = [ND.policy_status(self), ND.inputs_status(self),
-                          ND.resources_status(self)]
+            arr.status = [ND.policy_status(self), ND.inputs_status(self), ND.resources_status(self)]
             self._output.publish(self._diag_pub, arr)
         except Exception as exc:  # noqa: BLE001 - diagnostics must never take the node down
             self._error_log.report("diagnostics", type(exc).__name__, f"diagnostics failed: {exc}")
@@ -631,8 +702,7 @@ def main(args=None) -> int:
         spinner.join(max(5.0, node.get_parameter("shutdown_timeout_s").value))
         executor.shutdown(timeout_sec=5.0)
         node.finish_shutdown()
-        log.info("shut down cleanly" if stopped else
-                 "shut down; an inference was still running and is abandoned")
+        log.info("shut down cleanly" if stopped else "shut down; an inference was still running and is abandoned")
         node.destroy_node()
         rclpy.try_shutdown()
         stop.restore()

@@ -9,6 +9,7 @@ Sources, tried in this order by `auto`:
   max_energy_range_uj), summed over packages.
 With none of them the source is "unavailable" and no number is invented.
 """
+
 from __future__ import annotations
 
 import glob
@@ -80,7 +81,7 @@ class Ina3221Source(PowerSource):
             if _read_text(os.path.join(hwmon, "name")) != "ina3221":
                 continue
             for volt in sorted(glob.glob(os.path.join(hwmon, "in[0-9]*_input"))):
-                ch = os.path.basename(volt)[2:-len("_input")]
+                ch = os.path.basename(volt)[2 : -len("_input")]
                 curr = os.path.join(hwmon, f"curr{ch}_input")
                 if not os.path.exists(curr):
                     continue
@@ -89,7 +90,7 @@ class Ina3221Source(PowerSource):
         iio = os.path.join(root, "sys/bus/i2c/drivers/ina3221x/*/iio:device*")
         for dev in sorted(glob.glob(iio)):
             for pw in sorted(glob.glob(os.path.join(dev, "in_power[0-9]*_input"))):
-                ch = os.path.basename(pw)[len("in_power"):-len("_input")]
+                ch = os.path.basename(pw)[len("in_power") : -len("_input")]
                 label = _read_text(os.path.join(dev, f"rail_name_{ch}")) or f"rail{ch}"
                 rails.append((label, lambda p=pw: _read_number(p) / 1000.0))
         if not rails:
@@ -106,19 +107,23 @@ class RaplSource(PowerSource):
     has_energy_counter = True
 
     def __init__(self, root: str = "/"):
-        zones = [z for z in sorted(glob.glob(os.path.join(root, "sys/class/powercap/*rapl*:*")))
-                 if z.count(":") == 1 and os.path.exists(os.path.join(z, "energy_uj"))]
+        zones = [
+            z
+            for z in sorted(glob.glob(os.path.join(root, "sys/class/powercap/*rapl*:*")))
+            if z.count(":") == 1 and os.path.exists(os.path.join(z, "energy_uj"))
+        ]
         if not zones:
             raise FileNotFoundError("no RAPL package zones under /sys/class/powercap")
         self._zones = []
         for z in zones:
             _read_number(os.path.join(z, "energy_uj"))  # raises when unreadable (permissions)
             wrap = os.path.join(z, "max_energy_range_uj")
-            self._zones.append((z, _read_number(wrap) if os.path.exists(wrap) else 2.0 ** 32))
+            self._zones.append((z, _read_number(wrap) if os.path.exists(wrap) else 2.0**32))
         self._last = [None] * len(self._zones)
         self._total = 0.0
-        self.name = "rapl:" + "+".join(_read_text(os.path.join(z, "name")) or os.path.basename(z)
-                                       for z, _ in self._zones)
+        self.name = "rapl:" + "+".join(
+            _read_text(os.path.join(z, "name")) or os.path.basename(z) for z, _ in self._zones
+        )
 
     def energy_j(self) -> float:
         """Monotonic joules since construction, unwrapping each zone's counter."""
@@ -131,8 +136,7 @@ class RaplSource(PowerSource):
         return self._total
 
 
-def detect_power_source(preference: str = "auto", device: str = "cpu",
-                        root: str = "/") -> tuple[PowerSource, str]:
+def detect_power_source(preference: str = "auto", device: str = "cpu", root: str = "/") -> tuple[PowerSource, str]:
     """(source, note): the first working source allowed by `preference`; note says why not."""
     if preference not in SOURCES:
         raise ValueError(f"power_source {preference!r} is not one of {', '.join(SOURCES)}")
@@ -168,8 +172,7 @@ class EnergyMeter:
         if not self.available:
             return None
         try:
-            reading = (self.source.energy_j() if self.source.has_energy_counter
-                       else self.source.power_w())
+            reading = self.source.energy_j() if self.source.has_energy_counter else self.source.power_w()
         except Exception:  # noqa: BLE001 - a meter hiccup must not stop inference
             return None
         return self._clock(), reading

@@ -5,6 +5,7 @@ used again (no "publisher's context is invalid" from a timer or the inference th
 SIGINT). `DeadlineMonitor` compares each chunk's latency (observation stamp to publish) with a
 budget and counts the misses for /diagnostics.
 """
+
 from __future__ import annotations
 
 import threading
@@ -25,9 +26,10 @@ def build_trajectory(stamp_msg, joint_names, actions: np.ndarray, dt: float) -> 
     msg = JointTrajectory()
     msg.header.stamp = stamp_msg
     msg.joint_names = list(joint_names)
-    msg.points = [JointTrajectoryPoint(positions=row.astype(float).tolist(),
-                                       time_from_start=duration_of(k * dt))
-                  for k, row in enumerate(actions)]
+    msg.points = [
+        JointTrajectoryPoint(positions=row.astype(float).tolist(), time_from_start=duration_of(k * dt))
+        for k, row in enumerate(actions)
+    ]
     return msg
 
 
@@ -96,13 +98,14 @@ class DeadlineMonitor:
 
     def values(self) -> dict:
         with self._lock:
-            return {"last_chunk_latency_ms": self.last_ms if self.last_ms is not None else "n/a",
-                    "latency_budget_ms": (self.last_budget_ms if self.last_budget_ms is not None
-                                          else "n/a"),
-                    "last_chunk_within_budget": (self.last_ms <= self.last_budget_ms
-                                                 if self.last_ms is not None
-                                                 and self.last_budget_ms else "n/a"),
-                    "deadline_misses": self.misses,
-                    "deadline_misses_consecutive": self.consecutive,
-                    "deadline_miss_ratio": self.misses / self.chunks if self.chunks else 0.0,
-                    "worst_chunk_latency_ms": self.worst_ms}
+            return {
+                "last_chunk_latency_ms": self.last_ms if self.last_ms is not None else "n/a",
+                "latency_budget_ms": (self.last_budget_ms if self.last_budget_ms is not None else "n/a"),
+                "last_chunk_within_budget": (
+                    self.last_ms <= self.last_budget_ms if self.last_ms is not None and self.last_budget_ms else "n/a"
+                ),
+                "deadline_misses": self.misses,
+                "deadline_misses_consecutive": self.consecutive,
+                "deadline_miss_ratio": self.misses / self.chunks if self.chunks else 0.0,
+                "worst_chunk_latency_ms": self.worst_ms,
+            }

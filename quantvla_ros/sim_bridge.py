@@ -32,6 +32,7 @@ evaluation seeds by default). After each episode a JSON outcome goes out on `out
 summary (format "quantvla-sim-summary": per-task success with Wilson 95% intervals, counters)
 goes to `summary_topic`, is printed as a table and, with `results_path`, written as JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,17 @@ from quantvla_ros.params import Spec, descriptor
 from quantvla_ros.trajectory_player import ChunkPlayer, TrajectoryRejected, parse_trajectory
 
 # Import-light: quantvla_core.sim.env pulls in mujoco/metaworld only when an env is built.
-from quantvla_core.sim.env import (CAMERAS, DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE,  # noqa: E402
-                                   DEFAULT_MAX_STEPS, EVAL_SEEDS, STARTS_PER_SEED, TASKS,
-                                   check_task, starts_for)
+from quantvla_core.sim.env import (
+    CAMERAS,
+    DEFAULT_CAMERAS,
+    DEFAULT_IMAGE_SIZE,  # noqa: E402
+    DEFAULT_MAX_STEPS,
+    EVAL_SEEDS,
+    STARTS_PER_SEED,
+    TASKS,
+    check_task,
+    starts_for,
+)
 
 STATE_JOINT_NAMES = ("hand_x", "hand_y", "hand_z", "gripper_opening")
 ACTION_JOINT_NAMES = ("hand_dx", "hand_dy", "hand_dz", "gripper")
@@ -71,71 +80,163 @@ OUTCOME_FORMAT, SUMMARY_FORMAT = "quantvla-sim-episode", "quantvla-sim-summary"
 REJECT_CODES = ("joint_names", "empty", "point_length", "nonfinite", "time_order")
 
 SPECS: tuple[Spec, ...] = (
-    Spec("tasks", list(TASKS), "MT10 tasks to run, in order.",
-         constraints="each one of: " + ", ".join(TASKS), read_only=True),
-    Spec("seeds", list(EVAL_SEEDS[:1]), "metaworld.MT1 seeds the start states come from "
-         f"(50 per seed; {', '.join(map(str, EVAL_SEEDS))} are the held-out evaluation seeds).",
-         read_only=True),
-    Spec("episodes_per_task", 1, "Episodes per task: the first N starts of `seeds`.",
-         1, STARTS_PER_SEED * 100, read_only=True),
-    Spec("max_steps", DEFAULT_MAX_STEPS, "Control steps before an episode counts as failed.",
-         1, 100000, read_only=True),
-    Spec("cameras", list(DEFAULT_CAMERAS), "Cameras rendered, one Image topic each, in the "
-         "order the policy expects.", constraints="each one of: " + ", ".join(CAMERAS),
-         read_only=True),
-    Spec("image_size", DEFAULT_IMAGE_SIZE, "Rendered image width = height (pixels).", 16, 512,
-         read_only=True),
-    Spec("control_rate_hz", 10.0, "Simulated control steps per simulated second (dt = 1/rate); "
-         "match the policy node's action_dt.", 0.1, 1000.0, read_only=True),
-    Spec("real_time_factor", 0.0, "Sim seconds per wall second; 0 = lockstep: the simulation "
-         "advances as fast as chunks arrive and waits for the policy (up to chunk_timeout_s).",
-         0.0, 100.0, read_only=True),
-    Spec("chunk_timeout_s", 1.0, "Wall seconds to wait for a chunk when no trajectory point is "
-         "due; then the hand holds still (zero action) for one step. 0 = never wait.",
-         0.0, 3600.0, read_only=True),
-    Spec("startup_timeout_s", 120.0, "Wall seconds to wait before the first episode for a "
-         "trajectory publisher, an observation subscriber and then a chunk answering the probe "
-         "frames (model load, warm-up, activation).", 0.0, 86400.0, read_only=True),
-    Spec("max_points_per_chunk", 0, "Most steps executed from one chunk before the bridge "
-         "waits for a newer one (like the evaluator's replan_steps); 0 = the whole chunk.",
-         0, 100000, read_only=True),
-    Spec("sync_chunks", True, "Lockstep only: a new chunk may start only at the step whose "
-         "observation it was computed from (older ones are dropped and the simulation waits), "
-         "so policy latency costs no sim time, as in `quantvla eval`. Ignored when "
-         "real_time_factor > 0.", read_only=True),
-    Spec("episode_gap_s", 2.0, "Sim seconds skipped between episodes, so stamp-aligned chunk "
-         "blending in the policy never mixes two episodes (keep >= horizon x action_dt).",
-         0.0, 3600.0, read_only=True),
-    Spec("camera_topic_prefix", "camera", "Images go to <prefix>/<camera>/image_raw.",
-         read_only=True),
-    Spec("joint_state_topic", "joint_states", "sensor_msgs/JointState output (names: "
-         + ", ".join(STATE_JOINT_NAMES) + ").", read_only=True),
-    Spec("instruction_topic", "instruction", "std_msgs/String output, RELIABLE + "
-         "TRANSIENT_LOCAL.", read_only=True),
-    Spec("trajectory_topic", "joint_trajectory", "trajectory_msgs/JointTrajectory input: the "
-         "policy's action chunks.", read_only=True),
-    Spec("action_joint_names", list(ACTION_JOINT_NAMES), "Joint names a chunk must carry "
-         "(any order), mapped onto Meta-World's action (dx, dy, dz, grip).", read_only=True),
-    Spec("outcome_topic", "sim/episode_outcome", "std_msgs/String JSON per finished episode "
-         "(RELIABLE + TRANSIENT_LOCAL).", read_only=True),
-    Spec("summary_topic", "sim/summary", "std_msgs/String JSON summary after the last "
-         "episode (RELIABLE + TRANSIENT_LOCAL).", read_only=True),
-    Spec("diagnostics_topic", "/diagnostics", "diagnostic_msgs/DiagnosticArray after every "
-         "episode: progress, success so far, chunk counters (WARN when the last episode had "
-         "refused chunks or held still for most steps).", read_only=True),
-    Spec("publish_sim_state", False, "Also publish the privileged simulator observation "
-         "(scripted experts, debugging); a learned policy must not read it.", read_only=True),
-    Spec("sim_state_topic", "sim/privileged_state", "Topic of the privileged observation "
-         "(JointState, RELIABLE + TRANSIENT_LOCAL depth 1).", read_only=True),
-    Spec("results_path", "", "Write the summary JSON here at the end (atomic); empty = "
-         "don't.", read_only=True),
-    Spec("exit_when_done", True, "Exit after the last episode (else keep running until "
-         "interrupted).", read_only=True),
+    Spec(
+        "tasks",
+        list(TASKS),
+        "MT10 tasks to run, in order.",
+        constraints="each one of: " + ", ".join(TASKS),
+        read_only=True,
+    ),
+    Spec(
+        "seeds",
+        list(EVAL_SEEDS[:1]),
+        "metaworld.MT1 seeds the start states come from "
+        f"(50 per seed; {', '.join(map(str, EVAL_SEEDS))} are the held-out evaluation seeds).",
+        read_only=True,
+    ),
+    Spec(
+        "episodes_per_task",
+        1,
+        "Episodes per task: the first N starts of `seeds`.",
+        1,
+        STARTS_PER_SEED * 100,
+        read_only=True,
+    ),
+    Spec(
+        "max_steps", DEFAULT_MAX_STEPS, "Control steps before an episode counts as failed.", 1, 100000, read_only=True
+    ),
+    Spec(
+        "cameras",
+        list(DEFAULT_CAMERAS),
+        "Cameras rendered, one Image topic each, in the order the policy expects.",
+        constraints="each one of: " + ", ".join(CAMERAS),
+        read_only=True,
+    ),
+    Spec("image_size", DEFAULT_IMAGE_SIZE, "Rendered image width = height (pixels).", 16, 512, read_only=True),
+    Spec(
+        "control_rate_hz",
+        10.0,
+        "Simulated control steps per simulated second (dt = 1/rate); match the policy node's action_dt.",
+        0.1,
+        1000.0,
+        read_only=True,
+    ),
+    Spec(
+        "real_time_factor",
+        0.0,
+        "Sim seconds per wall second; 0 = lockstep: the simulation "
+        "advances as fast as chunks arrive and waits for the policy (up to chunk_timeout_s).",
+        0.0,
+        100.0,
+        read_only=True,
+    ),
+    Spec(
+        "chunk_timeout_s",
+        1.0,
+        "Wall seconds to wait for a chunk when no trajectory point is "
+        "due; then the hand holds still (zero action) for one step. 0 = never wait.",
+        0.0,
+        3600.0,
+        read_only=True,
+    ),
+    Spec(
+        "startup_timeout_s",
+        120.0,
+        "Wall seconds to wait before the first episode for a "
+        "trajectory publisher, an observation subscriber and then a chunk answering the probe "
+        "frames (model load, warm-up, activation).",
+        0.0,
+        86400.0,
+        read_only=True,
+    ),
+    Spec(
+        "max_points_per_chunk",
+        0,
+        "Most steps executed from one chunk before the bridge "
+        "waits for a newer one (like the evaluator's replan_steps); 0 = the whole chunk.",
+        0,
+        100000,
+        read_only=True,
+    ),
+    Spec(
+        "sync_chunks",
+        True,
+        "Lockstep only: a new chunk may start only at the step whose "
+        "observation it was computed from (older ones are dropped and the simulation waits), "
+        "so policy latency costs no sim time, as in `quantvla eval`. Ignored when "
+        "real_time_factor > 0.",
+        read_only=True,
+    ),
+    Spec(
+        "episode_gap_s",
+        2.0,
+        "Sim seconds skipped between episodes, so stamp-aligned chunk "
+        "blending in the policy never mixes two episodes (keep >= horizon x action_dt).",
+        0.0,
+        3600.0,
+        read_only=True,
+    ),
+    Spec("camera_topic_prefix", "camera", "Images go to <prefix>/<camera>/image_raw.", read_only=True),
+    Spec(
+        "joint_state_topic",
+        "joint_states",
+        "sensor_msgs/JointState output (names: " + ", ".join(STATE_JOINT_NAMES) + ").",
+        read_only=True,
+    ),
+    Spec("instruction_topic", "instruction", "std_msgs/String output, RELIABLE + TRANSIENT_LOCAL.", read_only=True),
+    Spec(
+        "trajectory_topic",
+        "joint_trajectory",
+        "trajectory_msgs/JointTrajectory input: the policy's action chunks.",
+        read_only=True,
+    ),
+    Spec(
+        "action_joint_names",
+        list(ACTION_JOINT_NAMES),
+        "Joint names a chunk must carry (any order), mapped onto Meta-World's action (dx, dy, dz, grip).",
+        read_only=True,
+    ),
+    Spec(
+        "outcome_topic",
+        "sim/episode_outcome",
+        "std_msgs/String JSON per finished episode (RELIABLE + TRANSIENT_LOCAL).",
+        read_only=True,
+    ),
+    Spec(
+        "summary_topic",
+        "sim/summary",
+        "std_msgs/String JSON summary after the last episode (RELIABLE + TRANSIENT_LOCAL).",
+        read_only=True,
+    ),
+    Spec(
+        "diagnostics_topic",
+        "/diagnostics",
+        "diagnostic_msgs/DiagnosticArray after every "
+        "episode: progress, success so far, chunk counters (WARN when the last episode had "
+        "refused chunks or held still for most steps).",
+        read_only=True,
+    ),
+    Spec(
+        "publish_sim_state",
+        False,
+        "Also publish the privileged simulator observation "
+        "(scripted experts, debugging); a learned policy must not read it.",
+        read_only=True,
+    ),
+    Spec(
+        "sim_state_topic",
+        "sim/privileged_state",
+        "Topic of the privileged observation (JointState, RELIABLE + TRANSIENT_LOCAL depth 1).",
+        read_only=True,
+    ),
+    Spec("results_path", "", "Write the summary JSON here at the end (atomic); empty = don't.", read_only=True),
+    Spec("exit_when_done", True, "Exit after the last episode (else keep running until interrupted).", read_only=True),
     Spec("progress", True, "Show a tqdm progress bar over episodes on stderr.", read_only=True),
 )
 
-LATCHED = dict(reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL,
-               history=HistoryPolicy.KEEP_LAST)
+LATCHED = dict(
+    reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST
+)
 
 
 class Stop(Exception):
@@ -151,8 +252,10 @@ def check_config(cfg: dict) -> None:
     if not cfg["seeds"]:
         raise ValueError("seeds is empty; give at least one metaworld.MT1 seed (e.g. 1000)")
     if cfg["episodes_per_task"] > STARTS_PER_SEED * len(cfg["seeds"]):
-        raise ValueError(f"episodes_per_task {cfg['episodes_per_task']} exceeds the "
-                         f"{STARTS_PER_SEED} starts per seed x {len(cfg['seeds'])} seeds")
+        raise ValueError(
+            f"episodes_per_task {cfg['episodes_per_task']} exceeds the "
+            f"{STARTS_PER_SEED} starts per seed x {len(cfg['seeds'])} seeds"
+        )
     if not cfg["cameras"]:
         raise ValueError(f"cameras is empty; give one or more of: {', '.join(CAMERAS)}")
     for cam in cfg["cameras"]:
@@ -160,12 +263,10 @@ def check_config(cfg: dict) -> None:
             raise ValueError(f"unknown camera {cam!r}; accepted: {', '.join(CAMERAS)}")
     names = list(cfg["action_joint_names"])
     if len(names) != 4 or len(set(names)) != 4:
-        raise ValueError(f"action_joint_names must be 4 distinct names (dx, dy, dz, grip), got "
-                         f"{names}")
+        raise ValueError(f"action_joint_names must be 4 distinct names (dx, dy, dz, grip), got {names}")
 
 
-def summarize(episodes: list[dict], counters: dict, cfg: dict, wall_s: float,
-              complete: bool) -> dict:
+def summarize(episodes: list[dict], counters: dict, cfg: dict, wall_s: float, complete: bool) -> dict:
     """Per-task and overall success (Wilson 95%), lengths and the bridge's chunk counters."""
     from quantvla_core.sim.stats import wilson_interval
 
@@ -173,26 +274,43 @@ def summarize(episodes: list[dict], counters: dict, cfg: dict, wall_s: float,
     for task in dict.fromkeys(e["task"] for e in episodes):
         te = [e for e in episodes if e["task"] == task]
         k = sum(e["success"] for e in te)
-        per_task[task] = {"successes": k, "episodes": len(te), "rate": k / len(te),
-                          "ci95": list(wilson_interval(k, len(te))),
-                          "mean_steps": float(np.mean([e["steps"] for e in te]))}
+        per_task[task] = {
+            "successes": k,
+            "episodes": len(te),
+            "rate": k / len(te),
+            "ci95": list(wilson_interval(k, len(te))),
+            "mean_steps": float(np.mean([e["steps"] for e in te])),
+        }
     k, n = sum(e["success"] for e in episodes), len(episodes)
-    return {"format": SUMMARY_FORMAT, "version": 1, "complete": complete,
-            "successes": k, "episodes": n,
-            "mean_success": float(np.mean([t["rate"] for t in per_task.values()])) if n else 0.0,
-            "ci95": list(wilson_interval(k, n)), "wall_s": round(wall_s, 2),
-            "tasks": per_task, "counters": counters, "config": cfg, "episode_outcomes": episodes}
+    return {
+        "format": SUMMARY_FORMAT,
+        "version": 1,
+        "complete": complete,
+        "successes": k,
+        "episodes": n,
+        "mean_success": float(np.mean([t["rate"] for t in per_task.values()])) if n else 0.0,
+        "ci95": list(wilson_interval(k, n)),
+        "wall_s": round(wall_s, 2),
+        "tasks": per_task,
+        "counters": counters,
+        "config": cfg,
+        "episode_outcomes": episodes,
+    }
 
 
 def format_table(summary: dict) -> str:
     rows = [f"{'task':<26}{'success':>10}{'rate':>8}{'95% CI':>16}{'steps':>8}"]
     for task, t in summary["tasks"].items():
         lo, hi = t["ci95"]
-        rows.append(f"{task:<26}{t['successes']:>5}/{t['episodes']:<4}{t['rate']:>8.2f}"
-                    f"{f'[{lo:.2f}, {hi:.2f}]':>16}{t['mean_steps']:>8.1f}")
+        rows.append(
+            f"{task:<26}{t['successes']:>5}/{t['episodes']:<4}{t['rate']:>8.2f}"
+            f"{f'[{lo:.2f}, {hi:.2f}]':>16}{t['mean_steps']:>8.1f}"
+        )
     lo, hi = summary["ci95"]
-    rows.append(f"{'all':<26}{summary['successes']:>5}/{summary['episodes']:<4}"
-                f"{summary['mean_success']:>8.2f}{f'[{lo:.2f}, {hi:.2f}]':>16}")
+    rows.append(
+        f"{'all':<26}{summary['successes']:>5}/{summary['episodes']:<4}"
+        f"{summary['mean_success']:>8.2f}{f'[{lo:.2f}, {hi:.2f}]':>16}"
+    )
     return "\n".join(rows)
 
 
@@ -213,38 +331,46 @@ class SimBridge(Node):
         self.player = ChunkPlayer(cfg["max_points_per_chunk"], sync_start=self.sync)
         self._cond = threading.Condition()
         self._pending: list = []  # parsed chunks not yet offered to the player
-        self._counters = {"chunks_received": 0, "chunks_accepted": 0, "chunks_stale": 0,
-                          "chunks_late": 0, "chunks_too_old": 0,
-                          **{f"rejected_{c}": 0 for c in REJECT_CODES}}
+        self._counters = {
+            "chunks_received": 0,
+            "chunks_accepted": 0,
+            "chunks_stale": 0,
+            "chunks_late": 0,
+            "chunks_too_old": 0,
+            **{f"rejected_{c}": 0 for c in REJECT_CODES},
+        }
         self._log = BurstLogger(lambda text: self.get_logger().warning(text), 5.0)
-        self.starts = [s for task in cfg["tasks"]
-                       for s in starts_for(task, cfg["seeds"])[:cfg["episodes_per_task"]]]
+        self.starts = [s for task in cfg["tasks"] for s in starts_for(task, cfg["seeds"])[: cfg["episodes_per_task"]]]
         n = len(self.starts)
         self._clock_pub = self.create_publisher(Clock, "/clock", 10)
-        self._joint_pub = self.create_publisher(JointState, cfg["joint_state_topic"],
-                                                qos_profile_sensor_data)
+        self._joint_pub = self.create_publisher(JointState, cfg["joint_state_topic"], qos_profile_sensor_data)
         prefix = cfg["camera_topic_prefix"].rstrip("/")
-        self.camera_topics = [f"{prefix}/{cam}/image_raw" if prefix else f"{cam}/image_raw"
-                              for cam in cfg["cameras"]]
-        self._image_pubs = [self.create_publisher(Image, topic, qos_profile_sensor_data)
-                            for topic in self.camera_topics]
-        self._instruction_pub = self.create_publisher(String, cfg["instruction_topic"],
-                                                      QoSProfile(depth=1, **LATCHED))
-        self._outcome_pub = self.create_publisher(String, cfg["outcome_topic"],
-                                                  QoSProfile(depth=min(max(n, 1), 1000), **LATCHED))
-        self._summary_pub = self.create_publisher(String, cfg["summary_topic"],
-                                                  QoSProfile(depth=1, **LATCHED))
-        self._sim_state_pub = (self.create_publisher(JointState, cfg["sim_state_topic"],
-                                                     QoSProfile(depth=1, **LATCHED))
-                               if cfg["publish_sim_state"] else None)
+        self.camera_topics = [f"{prefix}/{cam}/image_raw" if prefix else f"{cam}/image_raw" for cam in cfg["cameras"]]
+        self._image_pubs = [
+            self.create_publisher(Image, topic, qos_profile_sensor_data) for topic in self.camera_topics
+        ]
+        self._instruction_pub = self.create_publisher(String, cfg["instruction_topic"], QoSProfile(depth=1, **LATCHED))
+        self._outcome_pub = self.create_publisher(
+            String, cfg["outcome_topic"], QoSProfile(depth=min(max(n, 1), 1000), **LATCHED)
+        )
+        self._summary_pub = self.create_publisher(String, cfg["summary_topic"], QoSProfile(depth=1, **LATCHED))
+        self._sim_state_pub = (
+            self.create_publisher(JointState, cfg["sim_state_topic"], QoSProfile(depth=1, **LATCHED))
+            if cfg["publish_sim_state"]
+            else None
+        )
         self._diag_pub = self.create_publisher(DiagnosticArray, cfg["diagnostics_topic"], 10)
         self.create_subscription(JointTrajectory, cfg["trajectory_topic"], self._on_trajectory, 10)
         self.get_logger().info(
             f"{n} episodes over {cfg['tasks']} x seeds {cfg['seeds']}, max {cfg['max_steps']} "
             f"steps at {cfg['control_rate_hz']} Hz sim, "
-            + (("lockstep" + (", chunks start at their own stamp" if self.sync else ""))
-               if cfg["real_time_factor"] == 0 else f"{cfg['real_time_factor']}x real time")
-            + f"; cameras {self.camera_topics}; chunks on {cfg['trajectory_topic']}")
+            + (
+                ("lockstep" + (", chunks start at their own stamp" if self.sync else ""))
+                if cfg["real_time_factor"] == 0
+                else f"{cfg['real_time_factor']}x real time"
+            )
+            + f"; cameras {self.camera_topics}; chunks on {cfg['trajectory_topic']}"
+        )
 
     # ------------------------------------------------------------------ chunks in
     def _on_trajectory(self, msg: JointTrajectory) -> None:
@@ -300,8 +426,7 @@ class SimBridge(Node):
     def _publish_observation(self, obs: dict, env) -> None:
         stamp = self._stamp()
         self._clock_pub.publish(Clock(clock=stamp))
-        js = JointState(name=list(STATE_JOINT_NAMES),
-                        position=[float(v) for v in obs["state"]])
+        js = JointState(name=list(STATE_JOINT_NAMES), position=[float(v) for v in obs["state"]])
         js.header.stamp = stamp
         self._joint_pub.publish(js)
         for cam, pub, rgb in zip(self.cfg["cameras"], self._image_pubs, obs["images"]):
@@ -310,8 +435,9 @@ class SimBridge(Node):
             img.header.frame_id = cam
             pub.publish(img)
         if self._sim_state_pub is not None:
-            full = JointState(name=[f"sim_obs_{i}" for i in range(len(env.sim_obs))],
-                              position=[float(v) for v in env.sim_obs])
+            full = JointState(
+                name=[f"sim_obs_{i}" for i in range(len(env.sim_obs))], position=[float(v) for v in env.sim_obs]
+            )
             full.header.stamp = stamp
             full.header.frame_id = env.task
             self._sim_state_pub.publish(full)
@@ -345,11 +471,14 @@ class SimBridge(Node):
         topics = self.camera_topics + [self.cfg["joint_state_topic"]]
         if self._sim_state_pub is not None:
             topics.append(self.cfg["sim_state_topic"])
-        while not (self.count_publishers(self.cfg["trajectory_topic"]) > 0
-                   and any(self.count_subscribers(t) > 0 for t in topics)):
+        while not (
+            self.count_publishers(self.cfg["trajectory_topic"]) > 0
+            and any(self.count_subscribers(t) > 0 for t in topics)
+        ):
             if time.monotonic() > deadline:
-                return self._no_policy("no publisher on " + self.cfg["trajectory_topic"]
-                                       + " or no subscriber to the observations")
+                return self._no_policy(
+                    "no publisher on " + self.cfg["trajectory_topic"] + " or no subscriber to the observations"
+                )
             if not rclpy.ok(context=self.context):
                 raise Stop()
             self._publish_clock()
@@ -373,8 +502,9 @@ class SimBridge(Node):
                 return self._no_policy("no valid chunk answered the probe frames")
 
     def _no_policy(self, why: str) -> bool:
-        self.get_logger().warning(f"no policy after {self.cfg['startup_timeout_s']} s ({why}); "
-                                  "running anyway: the hand holds still")
+        self.get_logger().warning(
+            f"no policy after {self.cfg['startup_timeout_s']} s ({why}); running anyway: the hand holds still"
+        )
         return False
 
     def run_episode(self, env, start, number: int) -> dict:
@@ -408,21 +538,39 @@ class SimBridge(Node):
         with self._cond:  # one more tick: the next episode's stamps are strictly newer
             self.t_ns += self.dt_ns
             delta = {k: v - before[k] for k, v in self._counters.items()}
-            played = (self.player.points_executed, self.player.points_skipped,
-                      self.player.chunks_used, self.player.chunks_too_old)
+            played = (
+                self.player.points_executed,
+                self.player.points_skipped,
+                self.player.chunks_used,
+                self.player.chunks_too_old,
+            )
             self._counters["chunks_too_old"] += played[3]
-        return {"format": OUTCOME_FORMAT, "version": 1, "episode": number, "task": start.task,
-                "seed": start.seed, "index": start.index, "instruction": env.instruction,
-                "success": bool(env.success), "steps": env.steps,
-                "sim_time_start_s": sim0 * 1e-9, "sim_time_end_s": end_ns * 1e-9,
-                "wall_s": round(time.monotonic() - wall0, 3), "hold_steps": holds,
-                "points_executed": played[0], "points_skipped": played[1],
-                "chunks_used": played[2], "chunks_too_old": played[3],
-                "chunks_received": delta["chunks_received"],
-                "chunks_rejected": sum(delta[f"rejected_{c}"] for c in REJECT_CODES),
-                "chunks_stale": delta["chunks_stale"], "chunks_late": delta["chunks_late"],
-                "hand_start": hand0.round(5).tolist(), "hand_end": hand.round(5).tolist(),
-                "hand_path_m": round(path, 5)}
+        return {
+            "format": OUTCOME_FORMAT,
+            "version": 1,
+            "episode": number,
+            "task": start.task,
+            "seed": start.seed,
+            "index": start.index,
+            "instruction": env.instruction,
+            "success": bool(env.success),
+            "steps": env.steps,
+            "sim_time_start_s": sim0 * 1e-9,
+            "sim_time_end_s": end_ns * 1e-9,
+            "wall_s": round(time.monotonic() - wall0, 3),
+            "hold_steps": holds,
+            "points_executed": played[0],
+            "points_skipped": played[1],
+            "chunks_used": played[2],
+            "chunks_too_old": played[3],
+            "chunks_received": delta["chunks_received"],
+            "chunks_rejected": sum(delta[f"rejected_{c}"] for c in REJECT_CODES),
+            "chunks_stale": delta["chunks_stale"],
+            "chunks_late": delta["chunks_late"],
+            "hand_start": hand0.round(5).tolist(),
+            "hand_end": hand.round(5).tolist(),
+            "hand_path_m": round(path, 5),
+        }
 
     def run(self) -> dict:
         """Every episode in order; returns the summary (also published and written)."""
@@ -434,8 +582,7 @@ class SimBridge(Node):
         settings = EnvSettings(tuple(cfg["cameras"]), cfg["image_size"], cfg["max_steps"])
         wall0 = time.monotonic()
         outcomes, env, complete = [], None, False
-        bar = tqdm(total=len(self.starts), desc="sim_bridge", unit="ep", file=sys.stderr,
-                   disable=not cfg["progress"])
+        bar = tqdm(total=len(self.starts), desc="sim_bridge", unit="ep", file=sys.stderr, disable=not cfg["progress"])
         try:
             for number, start in enumerate(self.starts):
                 if env is None or env.task != start.task:
@@ -454,12 +601,12 @@ class SimBridge(Node):
                     f"start {start.index}: {'SUCCESS' if outcome['success'] else 'failure'} in "
                     f"{outcome['steps']} steps ({outcome['points_executed']} points executed, "
                     f"{outcome['hold_steps']} held, {outcome['chunks_rejected']} chunks "
-                    f"rejected); {wins}/{len(outcomes)} so far")
+                    f"rejected); {wins}/{len(outcomes)} so far"
+                )
                 bar.set_postfix(success=f"{wins}/{len(outcomes)}", refresh=False)
                 bar.update(1)
                 if cfg["episode_gap_s"] > 0 and number + 1 < len(self.starts):
-                    self._advance(int(round(cfg["episode_gap_s"] * 1e9)), time.monotonic(),
-                                  self.t_ns)
+                    self._advance(int(round(cfg["episode_gap_s"] * 1e9)), time.monotonic(), self.t_ns)
                     self._publish_clock()
                     time.sleep(0.05)  # the new time reaches the policy before the next frames
             complete = True
@@ -485,17 +632,29 @@ class SimBridge(Node):
             problems.append(f"held still {last['hold_steps']} of {last['steps']} steps")
         with self._cond:
             counters = dict(self._counters)
-        values = {"episodes_done": len(outcomes), "episodes_total": len(self.starts),
-                  "successes": wins, "success_rate": wins / len(outcomes),
-                  "last_task": last["task"], "last_success": last["success"],
-                  "last_steps": last["steps"], "last_hold_steps": last["hold_steps"],
-                  "last_points_executed": last["points_executed"], **counters}
+        values = {
+            "episodes_done": len(outcomes),
+            "episodes_total": len(self.starts),
+            "successes": wins,
+            "success_rate": wins / len(outcomes),
+            "last_task": last["task"],
+            "last_success": last["success"],
+            "last_steps": last["steps"],
+            "last_hold_steps": last["hold_steps"],
+            "last_points_executed": last["points_executed"],
+            **counters,
+        }
         arr = DiagnosticArray()
         arr.header.stamp = self._stamp()
-        arr.status = [make_status(f"{self.get_name()}: episodes", "mt10",
-                                  WARN if problems else OK,
-                                  "; ".join(problems) or f"{wins}/{len(outcomes)} successes",
-                                  values)]
+        arr.status = [
+            make_status(
+                f"{self.get_name()}: episodes",
+                "mt10",
+                WARN if problems else OK,
+                "; ".join(problems) or f"{wins}/{len(outcomes)} successes",
+                values,
+            )
+        ]
         self._diag_pub.publish(arr)
 
     def _finish(self, summary: dict) -> None:
@@ -508,11 +667,16 @@ class SimBridge(Node):
         if summary["episodes"]:
             print(format_table(summary), flush=True)
         counters = {k: v for k, v in summary["counters"].items() if v}
-        log = (self.get_logger().info if rclpy.ok(context=self.context)
-               else lambda text: print(f"[sim_bridge] {text}", file=sys.stderr))
-        log(f"done: {summary['successes']}/{summary['episodes']} successes"
+        log = (
+            self.get_logger().info
+            if rclpy.ok(context=self.context)
+            else lambda text: print(f"[sim_bridge] {text}", file=sys.stderr)
+        )
+        log(
+            f"done: {summary['successes']}/{summary['episodes']} successes"
             f"{'' if summary['complete'] else ' (interrupted)'}; chunk counters {counters}"
-            + (f"; results in {self.cfg['results_path']}" if self.cfg["results_path"] else ""))
+            + (f"; results in {self.cfg['results_path']}" if self.cfg["results_path"] else "")
+        )
 
 
 def main(args=None) -> int:
@@ -520,12 +684,15 @@ def main(args=None) -> int:
     try:
         node = SimBridge()
     except (ValueError, ParameterException, NameValidationException) as exc:
-        print(f"sim_bridge: bad parameters: {exc} (see config/sim_demo.yaml and "
-              "`ros2 param describe sim_bridge <name>`)", file=sys.stderr)
+        print(
+            f"sim_bridge: bad parameters: {exc} (see config/sim_demo.yaml and `ros2 param describe sim_bridge <name>`)",
+            file=sys.stderr,
+        )
         rclpy.try_shutdown()
         return 2
     executor = SingleThreadedExecutor()
     executor.add_node(node)
+
     def spin() -> None:
         try:
             executor.spin()

@@ -6,6 +6,7 @@ a green target) from a slightly different colour/offset, all frames of one tick 
 same stamp so the policy node's stamp matching pairs them. The instruction is latched
 (RELIABLE + TRANSIENT_LOCAL); joint states follow slow sines.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,29 +59,38 @@ class SyntheticCamera(Node):
         self._joint_names = list(p("joint_names", ["joint_0", "joint_1", "joint_2", "joint_3"]).value)
         joint_topic = p("joint_state_topic", "joint_states").value
         if self._encoding not in RAW_ENCODINGS:
-            raise ValueError(f"encoding {self._encoding!r} is not supported; accepted: "
-                             f"{', '.join(RAW_ENCODINGS)}")
+            raise ValueError(f"encoding {self._encoding!r} is not supported; accepted: {', '.join(RAW_ENCODINGS)}")
         if self._width <= 0 or self._height <= 0 or rate <= 0:
             raise ValueError("width, height and rate_hz must be > 0")
         from sensor_msgs.msg import CompressedImage, Image
+
         self._pubs = []
         for topic in self._topics:
             compressed = topic.rstrip("/").endswith("/compressed")
-            self._pubs.append((compressed, self.create_publisher(
-                CompressedImage if compressed else Image, topic, qos_profile_sensor_data)))
-        latched = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                             reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        self._instruction_pub = self.create_publisher(String, p("instruction_topic", "instruction").value,
-                                                      latched)
+            self._pubs.append(
+                (
+                    compressed,
+                    self.create_publisher(CompressedImage if compressed else Image, topic, qos_profile_sensor_data),
+                )
+            )
+        latched = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=1,
+            reliability=ReliabilityPolicy.RELIABLE,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL,
+        )
+        self._instruction_pub = self.create_publisher(String, p("instruction_topic", "instruction").value, latched)
         self._instruction_pub.publish(String(data=instruction))
-        self._joint_pub = (self.create_publisher(JointState, joint_topic, qos_profile_sensor_data)
-                           if joint_topic else None)
+        self._joint_pub = (
+            self.create_publisher(JointState, joint_topic, qos_profile_sensor_data) if joint_topic else None
+        )
         self._t0 = self.get_clock().now()
         self.frames_published = 0
         self._timer = self.create_timer(1.0 / rate, self._tick)
-        self.get_logger().info(f"publishing {self._width}x{self._height} {self._encoding} at "
-                               f"{rate} Hz on {self._topics}; instruction {instruction!r}")
+        self.get_logger().info(
+            f"publishing {self._width}x{self._height} {self._encoding} at "
+            f"{rate} Hz on {self._topics}; instruction {instruction!r}"
+        )
 
     def _tick(self) -> None:
         now = self.get_clock().now()

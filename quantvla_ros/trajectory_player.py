@@ -10,6 +10,7 @@ action: the caller holds still. With `sync_start` a chunk may only start at its 
 lockstep simulator then waits for a chunk computed from the current observation). Malformed chunks are refused whole before anything of them runs.
 Times are integer nanoseconds so grid-aligned stamps compare exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,39 +59,51 @@ def parse_trajectory(msg, joint_names: list[str], now_ns: int, default_spacing_n
     """
     names = list(msg.joint_names)
     if len(set(names)) != len(names):
-        raise TrajectoryRejected("joint_names", f"trajectory repeats joint names {names}; "
-                                 f"expected exactly {joint_names} (any order)")
+        raise TrajectoryRejected(
+            "joint_names", f"trajectory repeats joint names {names}; expected exactly {joint_names} (any order)"
+        )
     if set(names) != set(joint_names):
         missing = [n for n in joint_names if n not in names]
         extra = [n for n in names if n not in joint_names]
-        raise TrajectoryRejected("joint_names", f"trajectory joints {names} do not match: "
-                                 f"missing {missing}, unexpected {extra}; expected exactly "
-                                 f"{joint_names} (any order)")
+        raise TrajectoryRejected(
+            "joint_names",
+            f"trajectory joints {names} do not match: "
+            f"missing {missing}, unexpected {extra}; expected exactly "
+            f"{joint_names} (any order)",
+        )
     if not msg.points:
-        raise TrajectoryRejected("empty", "trajectory has no points; send the whole chunk, one "
-                                 "point per step")
+        raise TrajectoryRejected("empty", "trajectory has no points; send the whole chunk, one point per step")
     order = [names.index(n) for n in joint_names]
     rows, offsets = [], []
     for k, point in enumerate(msg.points):
         if len(point.positions) != len(names):
-            raise TrajectoryRejected("point_length", f"point {k} has {len(point.positions)} "
-                                     f"positions for {len(names)} joints; they must match")
+            raise TrajectoryRejected(
+                "point_length",
+                f"point {k} has {len(point.positions)} positions for {len(names)} joints; they must match",
+            )
         row = np.asarray(point.positions, dtype=np.float64)
         if not np.all(np.isfinite(row)):
-            raise TrajectoryRejected("nonfinite", f"point {k} has non-finite positions "
-                                     f"{row.tolist()}; every value must be finite")
+            raise TrajectoryRejected(
+                "nonfinite", f"point {k} has non-finite positions {row.tolist()}; every value must be finite"
+            )
         offset = duration_ns(point.time_from_start)
         if offset < 0 or (offsets and offset <= offsets[-1]):
-            raise TrajectoryRejected("time_order", f"point {k} time_from_start {offset * 1e-9:.6f}"
-                                     " s is negative or not after the previous point's; use "
-                                     "k * dt")
+            raise TrajectoryRejected(
+                "time_order",
+                f"point {k} time_from_start {offset * 1e-9:.6f}"
+                " s is negative or not after the previous point's; use "
+                "k * dt",
+            )
         rows.append(row[order])
         offsets.append(offset)
     stamp = duration_ns(msg.header.stamp)
     spacing = offsets[-1] - offsets[-2] if len(offsets) > 1 else default_spacing_ns
-    return Chunk(start_ns=stamp if stamp > 0 else now_ns,
-                 offsets_ns=np.asarray(offsets, dtype=np.int64),
-                 actions=np.asarray(rows, dtype=np.float32), spacing_ns=int(spacing))
+    return Chunk(
+        start_ns=stamp if stamp > 0 else now_ns,
+        offsets_ns=np.asarray(offsets, dtype=np.int64),
+        actions=np.asarray(rows, dtype=np.float32),
+        spacing_ns=int(spacing),
+    )
 
 
 @dataclass
@@ -128,14 +141,15 @@ class ChunkPlayer:
         dropped (latest command wins), chunks that arrived after it but start later wait.
         """
         if self.sync_start:
-            old = [c for c in self.chunks if c.executed == 0
-                   and c.start_ns + int(c.offsets_ns[0]) < t_ns - TOLERANCE_NS]
+            old = [
+                c for c in self.chunks if c.executed == 0 and c.start_ns + int(c.offsets_ns[0]) < t_ns - TOLERANCE_NS
+            ]
             self.chunks_too_old += len(old)
             self.chunks = [c for c in self.chunks if not any(c is o for o in old)]
         started = [i for i, c in enumerate(self.chunks) if c.start_ns <= t_ns + TOLERANCE_NS]
         if not started:
             return None
-        del self.chunks[:started[-1]]
+        del self.chunks[: started[-1]]
         current = self.chunks[0]
         if t_ns >= current.end_ns - TOLERANCE_NS:
             return None

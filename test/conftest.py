@@ -1,4 +1,5 @@
 """Shared test set-up: CPU determinism, Triton interpreter, and ROS 2 kept on loopback."""
+
 import contextlib
 import os
 import random
@@ -9,9 +10,10 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(10
 # Camera-sized messages need Fast DDS's large shared-memory segment (config/fastdds_large_data.xml).
 # Fast DDS reads the profile once per process, at its first participant, so set it here before
 # any test (in-process nodes included) initialises rclpy.
-os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE",
-                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                   "config", "fastdds_large_data.xml"))
+os.environ.setdefault(
+    "FASTDDS_DEFAULT_PROFILES_FILE",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "fastdds_large_data.xml"),
+)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 # Triton's LLVM must load before MuJoCo's EGL/Mesa driver brings its own LLVM into the process:
 # importing triton afterwards (torch's optimizers do, lazily) segfaults. Import it first.
 import triton  # noqa: E402,F401
@@ -50,8 +53,9 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
-FASTDDS_PROFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
-                               "fastdds_large_data.xml")
+FASTDDS_PROFILE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "fastdds_large_data.xml"
+)
 
 
 @contextlib.contextmanager
@@ -78,8 +82,15 @@ def tiny_smolvla_config():
     from quantvla_core.config import DecoderConfig, ModelConfig, VisionConfig
 
     return ModelConfig(
-        arch="smolvla", name="tiny-smolvla",
+        arch="smolvla",
+        name="tiny-smolvla",
         vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=1, heads=1, mlp=64, pixel_shuffle=2),
         backbone=DecoderConfig(width=64, depth=2, mlp=96, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
         expert=DecoderConfig(width=48, depth=2, mlp=64, heads=2, kv_heads=1, head_dim=32, vocab_size=384, act="silu"),
-        action_dim=4, state_dim=4, horizon=5, num_steps=3, max_cameras=1, max_text_tokens=16)
+        action_dim=4,
+        state_dim=4,
+        horizon=5,
+        num_steps=3,
+        max_cameras=1,
+        max_text_tokens=16,
+    )

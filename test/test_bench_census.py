@@ -2,6 +2,7 @@
 hand counts on modules whose kernels are known, view ops are free, every stage of a tiny policy
 launches work, and the Triton census counts one launch per kernel (quantization + GEMM per
 integer linear of a denoising step) without the interpreter's own aten ops."""
+
 from __future__ import annotations
 
 import contextlib
@@ -78,8 +79,7 @@ def test_expanded_inputs_count_their_distinct_elements_once():
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05"])
 def test_tiny_census_every_stage_of_every_variant_does_work(name, tmp_path, capsys):
-    rc = bench_main(["--census", "--preset", name, "--cameras", "1", "--out", str(tmp_path),
-                   "--no-progress"])
+    rc = bench_main(["--census", "--preset", name, "--cameras", "1", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "launches per denoise step" in printed
@@ -92,8 +92,10 @@ def test_tiny_census_every_stage_of_every_variant_does_work(name, tmp_path, caps
     for r in rows.values():
         st = r["stages"]
         for stage in ("vision", "prefix", "step", "denoise", "chunk"):
-            assert st[stage]["launches"] > 0 and st[stage]["act_bytes"] > 0 and st[stage]["weight_bytes"] > 0, \
-                (r["variant"], stage)
+            assert st[stage]["launches"] > 0 and st[stage]["act_bytes"] > 0 and st[stage]["weight_bytes"] > 0, (
+                r["variant"],
+                stage,
+            )
         steps = [st[f"denoise_step_{i}"]["launches"] for i in range(r["steps"])]
         assert len(set(steps)) == 1, steps  # every step runs the same kernels
         assert st["denoise"]["launches"] == sum(steps)
@@ -123,6 +125,7 @@ _Kernels.add_one_kernel = add_one_kernel
 
 def test_a_triton_launch_is_one_launch_and_the_interpreters_aten_ops_are_not_counted():
     from quantvla_kernels.ops import triton_interpreting
+
     if not triton_interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 before triton is imported")
     x = torch.zeros(10)
@@ -140,6 +143,7 @@ def test_a_triton_launch_is_one_launch_and_the_interpreters_aten_ops_are_not_cou
 
 def test_triton_census_launches_a_quantization_and_a_gemm_per_integer_linear_of_a_step():
     from quantvla_kernels.ops import triton_interpreting
+
     if not triton_interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 before triton is imported")
     cfg = preset("tiny")
@@ -160,6 +164,7 @@ def test_triton_census_launches_a_quantization_and_a_gemm_per_integer_linear_of_
         yield
 
     import quantvla_kernels
+
     handle = nn.modules.module.register_module_forward_hook(hook)
     try:
         with quantvla_kernels.backend_scope("triton"):
@@ -180,9 +185,22 @@ def test_triton_census_launches_a_quantization_and_a_gemm_per_integer_linear_of_
 
 def test_census_backend_triton_without_the_interpreter_is_a_clear_error(monkeypatch, tmp_path, capsys):
     import quantvla_kernels.dispatch as dispatch
+
     monkeypatch.setattr(dispatch, "triton_interpreting", lambda: False)
-    rc = bench_main(["--census", "--census-backend", "triton", "--preset", "tiny", "--cameras", "1",
-                   "--out", str(tmp_path), "--no-progress"])
+    rc = bench_main(
+        [
+            "--census",
+            "--census-backend",
+            "triton",
+            "--preset",
+            "tiny",
+            "--cameras",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "TRITON_INTERPRET=1" in err and "accepted" in err

@@ -2,6 +2,7 @@
 column; the runner computes the same chunk as Policy.predict; the quick quantizer deploys the
 same layer structure as the PTQ pipeline; memory accounting from shapes matches a real model and
 the quantization report. No timing assertions (this machine is shared)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,15 @@ from quantvla_bench.bench import TABLE_COLUMNS
 from quantvla_bench.runs import observation as _observation
 from quantvla_bench.bench import main as bench_main
 from quantvla_bench.chunk_timing import ChunkRunner, stage_names
-from quantvla_bench.variants import (PEERS, apply_ao_dynamic_int8, build_fp_model, check_peers, peer_available,
-                                     quick_quantize, with_activation_bits)
+from quantvla_bench.variants import (
+    PEERS,
+    apply_ao_dynamic_int8,
+    build_fp_model,
+    check_peers,
+    peer_available,
+    quick_quantize,
+    with_activation_bits,
+)
 from quantvla_core.config import preset
 from quantvla_core.memory_accounting import account, meta_model
 from quantvla_core.policy import Policy
@@ -75,8 +83,9 @@ def _check_printed_table(text: str, cameras: list[int], schemes=SCHEMES) -> None
 
 def test_quantvla_bench_cli_on_tiny(tmp_path, capsys):
     out = tmp_path / "res"
-    rc = bench_main(["--preset", "tiny", "--cameras", "1,2", "--repeats", "1", "--warmup", "0",
-                   "--out", str(out), "--no-progress"])
+    rc = bench_main(
+        ["--preset", "tiny", "--cameras", "1,2", "--repeats", "1", "--warmup", "0", "--out", str(out), "--no-progress"]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     _check_printed_table(printed, [1, 2])
@@ -86,9 +95,28 @@ def test_quantvla_bench_cli_on_tiny(tmp_path, capsys):
 
 def test_e2e_script_on_tiny(tmp_path):
     out = tmp_path / "res"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--preset", "tiny", "--cameras", "1",
-                        "--repeats", "1", "--warmup", "0", "--quick", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "e2e.py"),
+            "--preset",
+            "tiny",
+            "--cameras",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--quick",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     _check_printed_table(r.stdout, [1])
     res = _check_result_files(out, [1])
@@ -99,8 +127,25 @@ def test_e2e_script_on_tiny(tmp_path):
 def test_calibrated_quantizer_and_smooth_only_entry_points(tmp_path, capsys):
     for extra in (["--quantizer", "calib"], ["--transforms", "smooth"]):
         out = tmp_path / extra[1]
-        rc = bench_main(["--preset", "tiny", "--schemes", "fp,w8a8", "--cameras", "1", "--repeats", "1",
-                       "--warmup", "0", "--out", str(out), "--no-progress", "--no-png"] + extra)
+        rc = bench_main(
+            [
+                "--preset",
+                "tiny",
+                "--schemes",
+                "fp,w8a8",
+                "--cameras",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-png",
+            ]
+            + extra
+        )
         assert rc == 0
         _check_printed_table(capsys.readouterr().out, [1], ("fp", "w8a8"))
         res = json.loads(next(out.glob("*.json")).read_text())
@@ -121,18 +166,21 @@ def test_memory_only_accounts_full_size_presets_from_shapes(tmp_path, capsys):
     assert mem["w8a8"]["components"]["vision"] == mem["fp"]["components"]["vision"]
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--preset", "nope"], "accepted"),
-    (["--schemes", "w3a3"], "accepted"),
-    (["--exec", "graph", "--device", "cpu"], "CUDA"),
-    (["--cameras", "0"], "positive"),
-    (["--peers", "tensorrt"], "accepted"),
-    (["--peers", "compile,bf17"], "bf17"),
-    (["--census-backend", "triton"], "--census"),
-    (["--census", "--memory-only"], "accepted"),
-    (["--census", "--peers", "bf16"], "accepted"),
-    (["--transforms", "permute"], "smooth"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--preset", "nope"], "accepted"),
+        (["--schemes", "w3a3"], "accepted"),
+        (["--exec", "graph", "--device", "cpu"], "CUDA"),
+        (["--cameras", "0"], "positive"),
+        (["--peers", "tensorrt"], "accepted"),
+        (["--peers", "compile,bf17"], "bf17"),
+        (["--census-backend", "triton"], "--census"),
+        (["--census", "--memory-only"], "accepted"),
+        (["--census", "--peers", "bf16"], "accepted"),
+        (["--transforms", "permute"], "smooth"),
+    ],
+)
 def test_bad_arguments_name_what_is_accepted(argv, needle, capsys, tmp_path):
     rc = bench_main(["--out", str(tmp_path), "--no-progress"] + argv)
     assert rc == 2
@@ -203,11 +251,13 @@ def test_quick_quantizer_deploys_the_pipelines_layer_structure(name):
 def test_quick_quantizer_without_rotation_matches_the_pipeline_smooth_only():
     cfg = preset("tiny-pi05")
     teacher = Policy.load("tiny-pi05", device="cpu", dtype="fp32")
-    qc = QuantConfig(scheme="w8a8", transforms=("smooth",), calib_samples=2, batch_size=2, atm=False, ohb=False,
-                     heldout_fraction=0.0)
+    qc = QuantConfig(
+        scheme="w8a8", transforms=("smooth",), calib_samples=2, batch_size=2, atm=False, ohb=False, heldout_fraction=0.0
+    )
     student = quantize(teacher, qc, "synthetic", report=False, progress=False)
-    model = quick_quantize(build_fp_model(cfg, torch.device("cpu"), torch.float32), cfg.arch, "w8a8",
-                           transforms=("smooth",))
+    model = quick_quantize(
+        build_fp_model(cfg, torch.device("cpu"), torch.float32), cfg.arch, "w8a8", transforms=("smooth",)
+    )
     quick = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     _same_structure(quick, student.meta["modules"])
     assert all(s["rotation_kind"] is None for s in quick.values())
@@ -261,14 +311,33 @@ def test_plan_keeps_vision_and_expert_attention_float():
 
 # ---- peers on the CPU ------------------------------------------------------------------------------
 
+
 def test_cpu_peers_build_run_and_print_a_row(tmp_path, capsys):
     """compile, bf16 and ao-dynamic-int8 are timed by the same runner as FP; torchao is skipped
     with a note where it is not installed."""
     from torch._dynamo.utils import counters
+
     out = tmp_path / "res"
     counters.clear()
-    rc = bench_main(["--preset", "tiny", "--cameras", "1", "--schemes", "fp", "--repeats", "1",
-                   "--quick", "--peers", "all", "--out", str(out), "--no-progress", "--no-png"])
+    rc = bench_main(
+        [
+            "--preset",
+            "tiny",
+            "--cameras",
+            "1",
+            "--schemes",
+            "fp",
+            "--repeats",
+            "1",
+            "--quick",
+            "--peers",
+            "all",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-png",
+        ]
+    )
     assert rc == 0
     # the compile peer really ran compiled stage functions (the runner calls sample_actions,
     # which must reach them)
@@ -296,11 +365,15 @@ def test_cpu_peers_build_run_and_print_a_row(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
 def test_ao_dynamic_int8_replaces_exactly_the_layouts_integer_linears(name):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
     cfg = preset(name)
     reference = build_fp_model(cfg, torch.device("cpu"), torch.float32)
     modules = dict(reference.named_modules())
-    expected = {e.name for e in L.plan_model(reference, cfg.arch, "quantvla")
-                if e.integer and isinstance(modules[e.name], torch.nn.Linear)}
+    expected = {
+        e.name
+        for e in L.plan_model(reference, cfg.arch, "quantvla")
+        if e.integer and isinstance(modules[e.name], torch.nn.Linear)
+    }
     assert expected
     model = apply_ao_dynamic_int8(build_fp_model(cfg, torch.device("cpu"), torch.float32), cfg.arch)
     dynamic = {n for n, m in model.named_modules() if isinstance(m, DynamicLinear)}
@@ -342,17 +415,27 @@ def test_installed_packages_hold_no_benchmark_code():
     imports it (the library's own needs, such as the layer plan, live in the library)."""
     import ast
     import re
+
     setup = (ROOT / "setup.py").read_text()
     packages = re.search(r"packages=\[(.*?)\]", setup, re.S).group(1)
     assert "bench" not in packages
     for pkg in ("quantvla_core", "quantvla_ros", "kernels"):
         for path in (ROOT / pkg).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 assert not any(n.split(".")[0] in ("quantvla_bench", "benchmarks") for n in names), path
-    assert not [p.name for p in (ROOT / "quantvla_core").glob("*.py")
-                if p.stem in ("bench", "bench_variants", "census", "chunk_timing")]
+    assert not [
+        p.name
+        for p in (ROOT / "quantvla_core").glob("*.py")
+        if p.stem in ("bench", "bench_variants", "census", "chunk_timing")
+    ]
     from quantvla_core.cli import build_parser
+
     with pytest.raises(SystemExit):  # no `quantvla bench`: the script is the one way to run it
         build_parser().parse_args(["bench", "--preset", "tiny"])

@@ -6,6 +6,7 @@ history is never rewritten, so every re-commit of the weights stays in every clo
 (~21 MB each); a changed, added or removed asset file therefore fails here until SHA256SUMS and
 the doc are updated on purpose, in the same commit.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -21,7 +22,8 @@ WHAT_TO_DO = (
     "'Changing the committed weights'). If the change was not meant: `git checkout -- "
     "quantvla_core/assets`. If it was: regenerate the checksums with `cd quantvla_core/assets && "
     "sha256sum default_policy/* default_policy_w4a8/* > SHA256SUMS` and update docs/default-policy.md "
-    "(what changed, why, the exact commands, the new results), all in the same commit.")
+    "(what changed, why, the exact commands, the new results), all in the same commit."
+)
 
 
 def read_sums(path: Path) -> dict[str, str]:
@@ -38,8 +40,7 @@ def read_sums(path: Path) -> dict[str, str]:
 def asset_problems(assets: Path) -> list[str]:
     """Every difference between the files under `assets` and its SHA256SUMS, one line each."""
     listed = read_sums(assets / SUMS)
-    present = {p.relative_to(assets).as_posix(): p for p in sorted(assets.rglob("*"))
-               if p.is_file() and p.name != SUMS}
+    present = {p.relative_to(assets).as_posix(): p for p in sorted(assets.rglob("*")) if p.is_file() and p.name != SUMS}
     problems = []
     for name in sorted(set(listed) | set(present)):
         if name not in present:
@@ -55,8 +56,9 @@ def asset_problems(assets: Path) -> list[str]:
 
 def test_committed_assets_match_their_checksums():
     problems = asset_problems(ASSETS)
-    assert not problems, "quantvla_core/assets differs from its SHA256SUMS:\n  " + "\n  ".join(problems) \
-        + "\n" + WHAT_TO_DO
+    assert not problems, (
+        "quantvla_core/assets differs from its SHA256SUMS:\n  " + "\n  ".join(problems) + "\n" + WHAT_TO_DO
+    )
 
 
 def test_each_policy_manifest_agrees_with_the_checksums():

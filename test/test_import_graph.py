@@ -8,6 +8,7 @@ specific project module it names (`from .loaders import external` -> quantvla_co
 A package's `__init__` counts as one module; that a submodule's import first runs its package's
 `__init__` is Python's doing, not a dependency the author wrote, so it is not an edge.
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,8 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 # of quantvla_core (the bench package), which is where this is resolved.
 KNOWN_CYCLES: set[frozenset] = set()  # cycles accepted for now, each with a reason (none)
 # package name as imported -> its source directory (kernels/ is installed as quantvla_kernels)
-PACKAGES = {"quantvla_core": REPO / "quantvla_core", "quantvla_kernels": REPO / "kernels",
-            "quantvla_ros": REPO / "quantvla_ros", "quantvla_bench": REPO / "benchmarks" / "quantvla_bench"}
+PACKAGES = {
+    "quantvla_core": REPO / "quantvla_core",
+    "quantvla_kernels": REPO / "kernels",
+    "quantvla_ros": REPO / "quantvla_ros",
+    "quantvla_bench": REPO / "benchmarks" / "quantvla_bench",
+}
 
 
 def project_modules() -> dict[str, Path]:
@@ -49,7 +54,7 @@ def imported_modules(tree: ast.AST, module: str, is_package: bool, mods: dict[st
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = here.split(".")
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 prefix = ".".join(base + ([node.module] if node.module else []))
             else:
                 prefix = node.module or ""
@@ -147,4 +152,5 @@ def test_no_import_cycles_between_project_modules():
         "import cycles between project modules (each listed as one path that returns to its start):\n"
         + "\n".join("  " + " -> ".join(c) for c in found)
         + "\nMake the dependency point one way: move the shared piece into a module both import, or "
-        "have one side hold the other's behaviour as a component.")
+        "have one side hold the other's behaviour as a component."
+    )

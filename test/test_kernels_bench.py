@@ -1,4 +1,5 @@
 """benchmarks/kernels.py runs end to end on the CPU and writes a table and JSON we can read back."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -37,8 +38,10 @@ def test_kernel_benchmark_cpu_one_iteration(tmp_path, capsys):
 
 def test_targets_evaluated_from_rows():
     bench = _load_bench()
-    rows = [dict(layer="backbone_up", M=1, K=2048, N=16384, method=m, us=us, bytes=1, ops=1.0, note="")
-            for m, us in (("bf16", 27.0), ("int_mm", 17.5), ("w8a8", 13.0), ("w4a8_g128", 10.0))]
+    rows = [
+        dict(layer="backbone_up", M=1, K=2048, N=16384, method=m, us=us, bytes=1, ops=1.0, note="")
+        for m, us in (("bf16", 27.0), ("int_mm", 17.5), ("w8a8", 13.0), ("w4a8_g128", 10.0))
+    ]
     bench.derive(rows, bench.CEILINGS["H100"])
     t = {x["target"]: x for x in bench.check_targets(rows)}
     assert t["backbone_up M=1 w8a8 >= 1.8x bf16"]["met"] is True
@@ -52,6 +55,7 @@ def test_gpu_check_runs_on_the_cpu_under_the_interpreter(capsys):
     import importlib.util
 
     from quantvla_kernels.dispatch import triton_interpreting
+
     if not triton_interpreting():
         pytest.skip("needs TRITON_INTERPRET=1")
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"

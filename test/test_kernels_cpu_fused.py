@@ -1,6 +1,7 @@
 """The compiled fused CPU integer linear (kernels/cpu_int_linear.cpp): it builds on this
 machine, and its outputs are bit for bit those of the torch-op lean path, which the tests in
 test_quant_cpu_path.py tie to the general kernels path and the float64 oracle."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,14 +50,18 @@ def test_fused_equals_torch_ops(fused, m, k, n, scheme, transform):
     g = torch.Generator().manual_seed(k)
     t = None
     if transform == "smooth+hadamard":
-        t = InputTransform(inv_smooth=torch.rand(k, generator=g) + 0.5, rotation=hadamard(64).float(),
-                           rotation_kind="hadamard")
+        t = InputTransform(
+            inv_smooth=torch.rand(k, generator=g) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard"
+        )
     elif transform == "perm+svd":
         q, _ = torch.linalg.qr(torch.randn(k // 32, 32, 32, generator=g, dtype=torch.float64))
-        t = InputTransform(inv_smooth=torch.rand(k, generator=g) + 0.5, perm=torch.randperm(k, generator=g),
-                           rotation=q.float(), rotation_kind="svd")
-    ql = QuantLinear.from_linear(lin, w_bits=w_bits, a_bits=a_bits, group_size=group, transform=t,
-                                 clip_grid=(1.0,))
+        t = InputTransform(
+            inv_smooth=torch.rand(k, generator=g) + 0.5,
+            perm=torch.randperm(k, generator=g),
+            rotation=q.float(),
+            rotation_kind="svd",
+        )
+    ql = QuantLinear.from_linear(lin, w_bits=w_bits, a_bits=a_bits, group_size=group, transform=t, clip_grid=(1.0,))
     x = torch.randn(m, k) * 2
     x[0, 1] = 60.0  # outlier channel
     if m > 2:
@@ -92,8 +97,9 @@ def test_fast_hadamard_equals_the_rotation_matrix():
         h = hadamard(b)
         want = (x.reshape(9, k // b, b) @ h).reshape(9, k)
         w = torch.eye(k, dtype=torch.int8) * 127  # the GEMM returns the codes themselves
-        y = mod.int_linear(x.float(), None, None, h.float(), [w], torch.ones(k) / 127, None, 127, b,
-                           float(h[0, 0]), None, 0.0, 0.0)
+        y = mod.int_linear(
+            x.float(), None, None, h.float(), [w], torch.ones(k) / 127, None, 127, b, float(h[0, 0]), None, 0.0, 0.0
+        )
         amax = want.abs().amax(1, keepdim=True)
         codes_want = torch.round(want * 127 / amax)
         codes = torch.round(y.double() / (amax.float().double() / 127))
@@ -144,6 +150,7 @@ def test_rmsnorm_inside_the_quantization_matches_norm_then_layer(fused, backend,
     normalised activations reach the same codes as a float64 norm would (oracle)."""
     from quantvla_core.models.layers import RMSNorm
     from quantvla_kernels.dispatch import triton_interpreting
+
     if backend == "triton" and not triton_interpreting():
         pytest.skip("needs TRITON_INTERPRET=1")
     torch.manual_seed(5)
@@ -170,11 +177,15 @@ def test_rmsnorm_inside_the_quantization_matches_norm_then_layer(fused, backend,
 
 def test_rmsnorm_fusion_declines_what_it_does_not_cover(fused):
     from quantvla_core.models.layers import RMSNorm
+
     norm = RMSNorm(96)
     g = torch.Generator().manual_seed(0)
-    svd = InputTransform(inv_smooth=None, perm=torch.randperm(96, generator=g),
-                         rotation=torch.linalg.qr(torch.randn(3, 32, 32, generator=g, dtype=torch.float64))[0].float(),
-                         rotation_kind="svd")
+    svd = InputTransform(
+        inv_smooth=None,
+        perm=torch.randperm(96, generator=g),
+        rotation=torch.linalg.qr(torch.randn(3, 32, 32, generator=g, dtype=torch.float64))[0].float(),
+        rotation_kind="svd",
+    )
     ql = QuantLinear.from_linear(nn.Linear(96, 8), w_bits=8, a_bits=8, transform=svd, clip_grid=(1.0,))
     assert ql.try_forward_rmsnorm(torch.randn(3, 96), norm.weight, norm.eps, norm.offset) is None
     ql_ref = QuantLinear.from_linear(nn.Linear(96, 8), w_bits=8, a_bits=8, clip_grid=(1.0,), backend="reference")
@@ -196,7 +207,7 @@ def test_vnni_gemm_is_bit_identical_to_int_mm(fused, m, n, k, groups):
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     ws = torch.rand(n, generator=g) * 0.01 if groups == 1 else torch.rand(groups, n, generator=g) * 0.01
     bias = torch.randn(n, generator=g)
-    pieces = [w] if groups == 1 else [w[:, i * k // groups:(i + 1) * k // groups].contiguous() for i in range(groups)]
+    pieces = [w] if groups == 1 else [w[:, i * k // groups : (i + 1) * k // groups].contiguous() for i in range(groups)]
     packed, colsum = fused.vnni_pack(w, groups)
     assert packed.shape == (n // 16, k // 4, 16, 4) and colsum.shape == (groups, n)
     args = (None, None, None)
@@ -204,4 +215,4 @@ def test_vnni_gemm_is_bit_identical_to_int_mm(fused, m, n, k, groups):
     only = fused.int_linear(x, *args, [], ws, bias, 127, 0, 0.0, None, 0.0, 0.0, 0, False, None, packed, colsum)
     both = fused.int_linear(x, *args, pieces, ws, bias, 127, 0, 0.0, None, 0.0, 0.0, 0, False, None, packed, colsum)
     assert torch.equal(only, want) and torch.equal(both, want)
-    assert fused.vnni_pack(w[:, :k - 2].contiguous(), 1) == []  # K not a multiple of 4: not packed
+    assert fused.vnni_pack(w[:, : k - 2].contiguous(), 1) == []  # K not a multiple of 4: not packed

@@ -7,6 +7,7 @@ A real build failure needs a GPU whose Triton rejects a kernel; here it is injec
 launch (the kernel object raises before running), and the fallback's consequence (the other
 kernel, the log line) runs for real.
 """
+
 import logging
 import os
 
@@ -34,6 +35,7 @@ def fresh_log(monkeypatch, caplog):
 
 def _hadamard(b):
     from quantvla_core.quant.transforms import hadamard
+
     return hadamard(b).to(torch.float32)
 
 
@@ -55,17 +57,21 @@ class _FailsWhen:
             if self.when(kw):
                 raise self.error
             return self.real[grid](*args, **kw)
+
         return launch
 
 
 def test_log_fallback_once_logs_each_reason_once(fresh_log):
     for _ in range(3):
-        dispatch.log_fallback_once("building kernel A", RuntimeError("too much shared memory\nneeds 300 KB"),
-                                   "using kernel B")
+        dispatch.log_fallback_once(
+            "building kernel A", RuntimeError("too much shared memory\nneeds 300 KB"), "using kernel B"
+        )
     dispatch.log_fallback_once("building kernel A", RuntimeError("ptxas crashed"), "using kernel B")
     lines = [r.getMessage() for r in fresh_log.records]
-    assert lines == ["building kernel A failed (RuntimeError: needs 300 KB); using kernel B",
-                     "building kernel A failed (RuntimeError: ptxas crashed); using kernel B"]
+    assert lines == [
+        "building kernel A failed (RuntimeError: needs 300 KB); using kernel B",
+        "building kernel A failed (RuntimeError: ptxas crashed); using kernel B",
+    ]
     assert all(r.levelno == logging.WARNING for r in fresh_log.records)
 
 

@@ -4,6 +4,7 @@ The Triton kernels run under the interpreter (TRITON_INTERPRET=1) on the CPU, wh
 are exact; outputs are fp32/fp16 because bf16 is unreliable in the interpreter.  Accumulators
 are checked bit-exactly by running with unit scales (|acc| < 2^24, so fp32 holds it exactly).
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -20,14 +21,17 @@ DEV = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cp
 BACKENDS = ["reference", "cpu"] + (["triton"] if TRITON_OK else [])
 
 # Small explicit tiles so the interpreter runs several programs, ragged edges and split-K.
-W8_CFGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1),
-           dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=3),
-           dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=2,
-                SWAP=True)]
-W4_CFGS = [dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1),
-           dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=2),
-           dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1, SWAP=True),
-           dict(BLOCK_M=32, BLOCK_N=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=2, SWAP=True)]
+W8_CFGS = [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=3),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=2, SWAP=True),
+]
+W4_CFGS = [
+    dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1),
+    dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=2),
+    dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1, SWAP=True),
+    dict(BLOCK_M=32, BLOCK_N=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=2, SWAP=True),
+]
 
 
 def _gen(seed):
@@ -46,10 +50,10 @@ def _np_unpack(p: np.ndarray) -> np.ndarray:
     out = np.zeros((n, k), dtype=np.int64)
     for k0 in range(0, k, 128):
         t = min(128, k - k0)
-        b = p[:, k0 // 2:k0 // 2 + t // 2].astype(np.int64)
+        b = p[:, k0 // 2 : k0 // 2 + t // 2].astype(np.int64)
         lo, hi = b & 15, b >> 4
-        out[:, k0:k0 + t // 2] = np.where(lo >= 8, lo - 16, lo)
-        out[:, k0 + t // 2:k0 + t] = np.where(hi >= 8, hi - 16, hi)
+        out[:, k0 : k0 + t // 2] = np.where(lo >= 8, lo - 16, lo)
+        out[:, k0 + t // 2 : k0 + t] = np.where(hi >= 8, hi - 16, hi)
     return out
 
 
@@ -61,7 +65,7 @@ def _np_epilogue(acc, xs, ws, bias):
 def _np_grouped(x8, w8, xs, ws, gs, bias):
     y = np.zeros((x8.shape[0], w8.shape[0]))
     for g, k0 in enumerate(range(0, x8.shape[1], gs)):
-        y += _np_acc(x8[:, k0:k0 + gs], w8[:, k0:k0 + gs]) * ws[None, :, g].astype(np.float64)
+        y += _np_acc(x8[:, k0 : k0 + gs], w8[:, k0 : k0 + gs]) * ws[None, :, g].astype(np.float64)
     y = y * xs.astype(np.float64)[:, None]
     return y if bias is None else y + bias.astype(np.float64)[None, :]
 
@@ -91,8 +95,7 @@ def test_w8a8_exact_accumulator(backend, m, n, k):
     for cfg in _cfgs(backend, W8_CFGS):
         out = _poisoned((m, n), torch.float32)
         x_, w_, o_ = _to(xq, wq, out)
-        qk.gemm_w8a8(x_, torch.ones(m, device=DEV), w_, torch.ones(n, device=DEV), backend=backend,
-                     config=cfg, out=o_)
+        qk.gemm_w8a8(x_, torch.ones(m, device=DEV), w_, torch.ones(n, device=DEV), backend=backend, config=cfg, out=o_)
         got = o_.cpu().double().numpy()
         assert not np.isnan(got).any(), f"unwritten outputs with config {cfg}"
         assert np.array_equal(got, want), f"accumulator mismatch with config {cfg}"
@@ -144,8 +147,7 @@ def test_w4a8_per_channel_exact(backend, m, n, k):
     for cfg in _cfgs(backend, W4_CFGS):
         out = _poisoned((m, n), torch.float32)
         x_, w_, o_ = _to(xq, wp, out)
-        qk.gemm_w4a8(x_, torch.ones(m, device=DEV), w_, torch.ones(n, device=DEV), backend=backend,
-                     config=cfg, out=o_)
+        qk.gemm_w4a8(x_, torch.ones(m, device=DEV), w_, torch.ones(n, device=DEV), backend=backend, config=cfg, out=o_)
         got = o_.cpu().double().numpy()
         assert not np.isnan(got).any()
         assert np.array_equal(got, want), f"accumulator mismatch with config {cfg}"
@@ -164,8 +166,7 @@ def test_w4a8_group128_epilogue(backend, k):
     want = _np_grouped(xq.numpy(), _np_unpack(wp.numpy()), xs.numpy(), ws.numpy(), gs, bias.numpy())
     for cfg in _cfgs(backend, W4_CFGS):
         out = _poisoned((m, n), torch.float32)
-        qk.gemm_w4a8(*_to(xq, xs, wp, ws), group_size=gs, bias=bias.to(DEV), backend=backend,
-                     config=cfg, out=out)
+        qk.gemm_w4a8(*_to(xq, xs, wp, ws), group_size=gs, bias=bias.to(DEV), backend=backend, config=cfg, out=out)
         np.testing.assert_allclose(out.cpu().double().numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -188,8 +189,11 @@ def test_w4a4_exact_and_grouped(backend, grouped):
         qk.gemm_w4a4(*_to(xp, xs, wp, ws), group_size=gs, backend=backend, config=cfg, out=out)
         got = out.cpu().double().numpy()
         assert not np.isnan(got).any()
-        want = acc if not grouped else _np_grouped(_np_unpack(xp.numpy()), _np_unpack(wp.numpy()),
-                                                   xs.numpy(), ws.numpy(), 128, None)
+        want = (
+            acc
+            if not grouped
+            else _np_grouped(_np_unpack(xp.numpy()), _np_unpack(wp.numpy()), xs.numpy(), ws.numpy(), 128, None)
+        )
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
 
@@ -274,8 +278,7 @@ def test_rmsnorm_quantize_fused_vs_unfused(backend, bits):
     amax = np.abs(v).max(1)
     qmax = 127 if bits == 8 else 7
     want_q = np.clip(np.round(v / (amax / qmax)[:, None]), -qmax, qmax).astype(np.int64)
-    q, s = qk.rmsnorm_quantize(*_to(x, w), 1e-6, bits=bits, offset=1.0, inv_smooth=inv_s.to(DEV),
-                               backend=backend)
+    q, s = qk.rmsnorm_quantize(*_to(x, w), 1e-6, bits=bits, offset=1.0, inv_smooth=inv_s.to(DEV), backend=backend)
     _check_quant(q, s, want_q, (amax / qmax).astype(np.float32), bits, exact=False)
     # And the kernel's own documented arithmetic order, element for element.
     q2, s2 = _np_quant(x.float().numpy(), bits, norm_w=w.numpy(), offset=1.0, inv_s=inv_s.numpy())
@@ -283,8 +286,9 @@ def test_rmsnorm_quantize_fused_vs_unfused(backend, bits):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bits,k,b,per_block", [(8, 192, 64, False), (8, 96, 32, True),
-                                                (4, 256, 64, True), (4, 160, 16, False)])
+@pytest.mark.parametrize(
+    "bits,k,b,per_block", [(8, 192, 64, False), (8, 96, 32, True), (4, 256, 64, True), (4, 160, 16, False)]
+)
 def test_quantize_with_perm_and_rotation(backend, bits, k, b, per_block):
     m = 17
     g = _gen(k + b)
@@ -295,10 +299,12 @@ def test_quantize_with_perm_and_rotation(backend, bits, k, b, per_block):
     nb = k // b if per_block else 1
     rot = torch.linalg.qr(torch.randn(nb, b, b, generator=g, dtype=torch.float64))[0].float()
     rot = rot if per_block else rot[0]
-    want_q, want_s = _np_quant(x.numpy(), bits, norm_w=w.numpy(), inv_s=inv_s.numpy(),
-                               perm=perm.numpy(), rot=rot.numpy())
-    q, s = qk.rmsnorm_quantize(*_to(x, w), 1e-6, bits=bits, inv_smooth=inv_s.to(DEV), perm=perm.to(DEV),
-                               rotation=rot.to(DEV), backend=backend)
+    want_q, want_s = _np_quant(
+        x.numpy(), bits, norm_w=w.numpy(), inv_s=inv_s.numpy(), perm=perm.numpy(), rot=rot.numpy()
+    )
+    q, s = qk.rmsnorm_quantize(
+        *_to(x, w), 1e-6, bits=bits, inv_smooth=inv_s.to(DEV), perm=perm.to(DEV), rotation=rot.to(DEV), backend=backend
+    )
     _check_quant(q, s, want_q, want_s, bits, exact=False)
 
 
@@ -352,8 +358,9 @@ def test_clear_errors():
         qk.rmsnorm_quantize(torch.randn(2, 8), torch.ones(7), 1e-6)
     if TRITON_OK:
         with pytest.raises(ValueError, match="multiple of 128"):
-            qk.gemm_w4a8(i8, one, torch.zeros((4, 32), dtype=torch.uint8), torch.ones(4, 2),
-                         group_size=32, backend="triton")
+            qk.gemm_w4a8(
+                i8, one, torch.zeros((4, 32), dtype=torch.uint8), torch.ones(4, 2), group_size=32, backend="triton"
+            )
 
 
 def test_backend_scope_and_dispatch():
@@ -391,9 +398,12 @@ def test_cuda_graph_capture_bf16_layer_shapes(m, n, k):
 
     def step():
         xq, xs = qk.quantize_per_token(x)
-        return (qk.gemm_w8a8(xq, xs, wq, ws, out_dtype=torch.bfloat16),
-                qk.gemm_w4a8(xq, xs, w4, wsg, 128, out_dtype=torch.bfloat16),
-                qk.linear_w8a8(x, wq, ws), qk.linear_w4a8(x, w4, wsg, 128))
+        return (
+            qk.gemm_w8a8(xq, xs, wq, ws, out_dtype=torch.bfloat16),
+            qk.gemm_w4a8(xq, xs, w4, wsg, 128, out_dtype=torch.bfloat16),
+            qk.linear_w8a8(x, wq, ws),
+            qk.linear_w4a8(x, w4, wsg, 128),
+        )
 
     eager = step()
     torch.cuda.synchronize()
@@ -433,11 +443,13 @@ def test_linear_fused_quant_equals_quantize_then_gemm(backend, m, n, k):
     for cfg8, cfg4 in zip(_cfgs(backend, W8_CFGS), _cfgs(backend, W4_CFGS)):
         fuse = backend == "triton"
         out = _poisoned((m, n), torch.float32)
-        y8 = qk.linear_w8a8(x, wq, ws, bias, torch.float32, inv_smooth=inv_s, backend=backend,
-                            config=cfg8, fuse=fuse, out=out)
+        y8 = qk.linear_w8a8(
+            x, wq, ws, bias, torch.float32, inv_smooth=inv_s, backend=backend, config=cfg8, fuse=fuse, out=out
+        )
         assert y8 is out and torch.equal(y8, want8), f"w8a8 fused mismatch with {cfg8}"
-        y4 = qk.linear_w4a8(x, wp, wsg, 128, bias, torch.float32, inv_smooth=inv_s, backend=backend,
-                            config=cfg4, fuse=fuse)
+        y4 = qk.linear_w4a8(
+            x, wp, wsg, 128, bias, torch.float32, inv_smooth=inv_s, backend=backend, config=cfg4, fuse=fuse
+        )
         torch.testing.assert_close(y4, want4, rtol=1e-6, atol=1e-6 * float(want4.abs().max()))
     assert qk.linear_w8a8(x, wq, ws, backend=backend).dtype == torch.float16
 
@@ -446,8 +458,19 @@ def test_tuned_configs_round_trip_through_json(tmp_path):
     """A tuning run's configs (benchmark JSON) load back and steer the Triton launch."""
     from quantvla_kernels import ops
 
-    cfg = dict(kind="w8a8", m_bucket=16, N=40, K=200, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1,
-               SPLIT_K=2, num_warps=4, num_stages=2)
+    cfg = dict(
+        kind="w8a8",
+        m_bucket=16,
+        N=40,
+        K=200,
+        BLOCK_M=16,
+        BLOCK_N=16,
+        BLOCK_K=32,
+        GROUP_M=1,
+        SPLIT_K=2,
+        num_warps=4,
+        num_stages=2,
+    )
     path = tmp_path / "results.json"
     path.write_text(__import__("json").dumps({"tuned_configs": [cfg]}))
     saved = dict(ops._TUNED)

@@ -1,4 +1,5 @@
 """Int4 packing: exact round trip, the documented byte layout, clear errors."""
+
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ def test_documented_layout_full_and_tail_group():
     # K = 128 + 6: one full group (half 64) and a tail group of width 6 (half 3).
     k = 134
     q = torch.zeros((1, k), dtype=torch.int8)
-    q[0, 5], q[0, 5 + 64] = 3, -2          # byte 5: low 3, high -2 (0xE)
+    q[0, 5], q[0, 5 + 64] = 3, -2  # byte 5: low 3, high -2 (0xE)
     q[0, 128 + 1], q[0, 128 + 1 + 3] = -8, 7  # tail byte 64 + 1: low -8 (0x8), high 7
     p = qk.pack_int4(q)
     assert int(p[0, 5]) == 0xE3

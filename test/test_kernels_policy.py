@@ -3,6 +3,7 @@
 `reference` is QuantLinear's float64 oracle (dequantize, matmul); `cpu` and `triton` run the
 integer kernels of quantvla_kernels (Triton under the interpreter here).
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,8 +31,11 @@ def quantized_tiny():
 
 def _obs():
     rng = np.random.default_rng(7)
-    return Observation(images=[rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)],
-                       instruction="pick up the cup", state=rng.normal(size=4).astype(np.float32))
+    return Observation(
+        images=[rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)],
+        instruction="pick up the cup",
+        state=rng.normal(size=4).astype(np.float32),
+    )
 
 
 def test_quantized_tiny_policy_dispatch_matches_reference(quantized_tiny):

@@ -10,6 +10,7 @@ former paths and an independent numpy reference, under the Triton interpreter on
 * rotation_precision="tf32" is GPU-only (the interpreter computes fp32); its effect on the
   codes is bounded with a torch emulation of tf32 operand rounding.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -62,13 +63,24 @@ def _same_output(y, ref, min_equal=0.5):
 
 def _hadamard(b):
     from quantvla_core.quant.transforms import hadamard
+
     return hadamard(b).to(torch.float32)
 
 
 # K 2048 / 8192 run one chunk (SINGLE) / two chunks of 4096 (two passes); 4-bit 256 pads to 2048
-@pytest.mark.parametrize("bits,k,b,norm", [(8, 256, 64, False), (8, 2048, 64, True), (8, 8192, 64, False),
-                                           (8, 96, 32, True), (8, 128, 16, False), (4, 256, 64, True),
-                                           (4, 8192, 64, False), (4, 384, 32, False)])
+@pytest.mark.parametrize(
+    "bits,k,b,norm",
+    [
+        (8, 256, 64, False),
+        (8, 2048, 64, True),
+        (8, 8192, 64, False),
+        (8, 96, 32, True),
+        (8, 128, 16, False),
+        (4, 256, 64, True),
+        (4, 8192, 64, False),
+        (4, 384, 32, False),
+    ],
+)
 def test_row_kernel_matches_tile_kernel_torch_and_numpy(row_spy, bits, k, b, norm):
     m = 5
     g = torch.Generator().manual_seed(k + b + bits)
@@ -82,8 +94,18 @@ def test_row_kernel_matches_tile_kernel_torch_and_numpy(row_spy, bits, k, b, nor
 
     def run(kind, backend):
         if norm:
-            return qk.rmsnorm_quantize(x, w, 1e-6, bits=bits, offset=1.0, inv_smooth=inv_s, rotation=rot,
-                                       perm=perm, backend=backend, rotation_kernel=kind)
+            return qk.rmsnorm_quantize(
+                x,
+                w,
+                1e-6,
+                bits=bits,
+                offset=1.0,
+                inv_smooth=inv_s,
+                rotation=rot,
+                perm=perm,
+                backend=backend,
+                rotation_kernel=kind,
+            )
         return qk.quantize_per_token(x, bits, inv_s, rot, perm=perm, backend=backend, rotation_kernel=kind)
 
     q_row, s_row = run("row", "triton")
@@ -94,8 +116,15 @@ def test_row_kernel_matches_tile_kernel_torch_and_numpy(row_spy, bits, k, b, nor
     _same_quant(q_row, s_row, q_tile, s_tile, bits)
     if not norm:  # (with a norm, sum(x^2) is reduced in another order than torch's)
         _same_quant(q_row, s_row, q_cpu, s_cpu, bits)
-    want_q, want_s = _np_quant(x.numpy(), bits, norm_w=None if w is None else w.numpy(),
-                               offset=1.0 if norm else 0.0, inv_s=inv_s.numpy(), perm=perm.numpy(), rot=rot.numpy())
+    want_q, want_s = _np_quant(
+        x.numpy(),
+        bits,
+        norm_w=None if w is None else w.numpy(),
+        offset=1.0 if norm else 0.0,
+        inv_s=inv_s.numpy(),
+        perm=perm.numpy(),
+        rot=rot.numpy(),
+    )
     got = _codes(q_row, bits)
     assert np.abs(got - want_q).max() <= 1 and (got == want_q).mean() > 0.98
     assert (got[1] == 0).all() and s_row[1] == 1.0
@@ -132,8 +161,9 @@ def test_rotation_options_reject_unknown_values(backend):
     with pytest.raises(ValueError, match=r"rotation_kernel must be one of \('row', 'tile'\), got 'fast'"):
         qk.quantize_per_token(x, 8, None, _hadamard(64), backend=backend, rotation_kernel="fast")
     with pytest.raises(ValueError, match=r"rotation_precision must be one of .*'tf32x3'\), got 'bf16'"):
-        qk.rmsnorm_quantize(x, torch.ones(64), 1e-6, 8, rotation=_hadamard(64), backend=backend,
-                            rotation_precision="bf16")
+        qk.rmsnorm_quantize(
+            x, torch.ones(64), 1e-6, 8, rotation=_hadamard(64), backend=backend, rotation_precision="bf16"
+        )
 
 
 @pytest.mark.parametrize("prec", ["tf32", "tf32x3"])
@@ -143,8 +173,9 @@ def test_fast_rotation_precisions_run_and_equal_fp32_in_the_interpreter(row_spy,
     x = torch.randn(4, 2048, generator=torch.Generator().manual_seed(5))
     want = qk.quantize_per_token(x, 8, None, _hadamard(64), backend="cpu")
     for kind in ("row", "tile"):
-        q, s = qk.quantize_per_token(x, 8, None, _hadamard(64), backend="triton", rotation_kernel=kind,
-                                     rotation_precision=prec)
+        q, s = qk.quantize_per_token(
+            x, 8, None, _hadamard(64), backend="triton", rotation_kernel=kind, rotation_precision=prec
+        )
         _same_quant(q, s, want[0], want[1], 8)
     assert len(row_spy) == 1
 

@@ -1,5 +1,6 @@
 """LeRobot GR00T N1.5 directories: planted values in the real `_groot_model.` layout, GR00T's
 min-max convention, the str([task]) prompt, the N1.5 numerics swapped into the model, errors."""
+
 import json
 import math
 
@@ -20,14 +21,30 @@ ROBOT_STATE, ROBOT_ACTION, MAX_STATE, MAX_ACTION = 3, 4, 6, 5
 
 def tiny_config():
     return ModelConfig(
-        arch="groot", name="tiny-n15",
+        arch="groot",
+        name="tiny-n15",
         vision=VisionConfig(image_size=28, patch_size=7, width=144, depth=1, heads=2, mlp=64, pixel_shuffle=2),
-        backbone=DecoderConfig(width=64, depth=2, mlp=96, heads=4, kv_heads=2, head_dim=16, vocab_size=VOCAB,
-                               rope_theta=1e6, act="silu"),
-        dit=DiTConfig(width=96, depth=2, heads=2, head_dim=48, mlp=128, vl_self_attention_depth=1,
-                      num_future_tokens=3, num_embodiments=32, hidden=40),
-        action_dim=MAX_ACTION, state_dim=MAX_STATE, horizon=HORIZON, num_steps=STEPS, max_cameras=1,
-        max_text_tokens=64)
+        backbone=DecoderConfig(
+            width=64, depth=2, mlp=96, heads=4, kv_heads=2, head_dim=16, vocab_size=VOCAB, rope_theta=1e6, act="silu"
+        ),
+        dit=DiTConfig(
+            width=96,
+            depth=2,
+            heads=2,
+            head_dim=48,
+            mlp=128,
+            vl_self_attention_depth=1,
+            num_future_tokens=3,
+            num_embodiments=32,
+            hidden=40,
+        ),
+        action_dim=MAX_ACTION,
+        state_dim=MAX_STATE,
+        horizon=HORIZON,
+        num_steps=STEPS,
+        max_cameras=1,
+        max_text_tokens=64,
+    )
 
 
 def planted():
@@ -43,21 +60,39 @@ EAGLE_SPECIAL = ["<|im_start|>", "<|im_end|>", "<IMG_CONTEXT>", "<img>", "</img>
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=EAGLE_SPECIAL + ["<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["['pick up the apple']", "['place the cup on the plate']", "system\nYou are a "
-                             "helpful assistant.", "user\n<image 1>", "<image 2>", "assistant\n"] * 20, trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=EAGLE_SPECIAL + ["<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(
+        [
+            "['pick up the apple']",
+            "['place the cup on the plate']",
+            "system\nYou are a helpful assistant.",
+            "user\n<image 1>",
+            "<image 2>",
+            "assistant\n",
+        ]
+        * 20,
+        trainer,
+    )
     path = tmp_path_factory.mktemp("qwen") / "tokenizer.json"
     tok.save(str(path))
     return path
 
 
-STATS = {"observation.state.min": np.array([0, -1, 2], np.float32),
-         "observation.state.max": np.array([2, 1, 2], np.float32),
-         "action.min": np.array([-1, 0, 3, 0], np.float32), "action.max": np.array([1, 4, 3, 10], np.float32)}
+STATS = {
+    "observation.state.min": np.array([0, -1, 2], np.float32),
+    "observation.state.max": np.array([2, 1, 2], np.float32),
+    "action.min": np.array([-1, 0, 3, 0], np.float32),
+    "action.max": np.array([1, 4, 3, 10], np.float32),
+}
 
 
 def write_groot(directory, state, tokenizer=None, overrides=None, extra=None, tag="new_embodiment"):
@@ -69,27 +104,59 @@ def write_groot(directory, state, tokenizer=None, overrides=None, extra=None, ta
     tensors["_groot_model.backbone.eagle_model.vision_model.vision_model.head.mlp.fc1.weight"] = torch.randn(64, 144)
     tensors.update(extra or {})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
-    cfg = {"type": "groot", "n_obs_steps": 1, "chunk_size": HORIZON, "n_action_steps": HORIZON,
-           "max_state_dim": MAX_STATE, "max_action_dim": MAX_ACTION, "embodiment_tag": tag,
-           "base_model_path": "nvidia/GR00T-N1.5-3B", "image_size": [224, 224],
-           "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
-           "input_features": {"observation.images.front": {"type": "VISUAL", "shape": [3, 480, 640]},
-                              "observation.state": {"type": "STATE", "shape": [ROBOT_STATE]}},
-           "output_features": {"action": {"type": "ACTION", "shape": [ROBOT_ACTION]}}}
+    cfg = {
+        "type": "groot",
+        "n_obs_steps": 1,
+        "chunk_size": HORIZON,
+        "n_action_steps": HORIZON,
+        "max_state_dim": MAX_STATE,
+        "max_action_dim": MAX_ACTION,
+        "embodiment_tag": tag,
+        "base_model_path": "nvidia/GR00T-N1.5-3B",
+        "image_size": [224, 224],
+        "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+        "input_features": {
+            "observation.images.front": {"type": "VISUAL", "shape": [3, 480, 640]},
+            "observation.state": {"type": "STATE", "shape": [ROBOT_STATE]},
+        },
+        "output_features": {"action": {"type": "ACTION", "shape": [ROBOT_ACTION]}},
+    }
     cfg.update(overrides or {})
     (directory / "config.json").write_text(json.dumps(cfg))
     save_numpy(STATS, str(directory / "policy_preprocessor_step_2_groot_pack_inputs_v3.safetensors"))
-    save_numpy({k: v for k, v in STATS.items() if k.startswith("action")},
-               str(directory / "policy_postprocessor_step_0_groot_action_unpack_unnormalize_v1.safetensors"))
-    (directory / "policy_preprocessor.json").write_text(json.dumps({"name": "policy_preprocessor", "steps": [
-        {"registry_name": "groot_pack_inputs_v3", "config": {"max_state_dim": MAX_STATE, "embodiment_tag": tag,
-                                                             "normalize_min_max": True},
-         "state_file": "policy_preprocessor_step_2_groot_pack_inputs_v3.safetensors"},
-        {"registry_name": "groot_eagle_encode_v3", "config": {}}]}))
-    (directory / "policy_postprocessor.json").write_text(json.dumps({"name": "policy_postprocessor", "steps": [
-        {"registry_name": "groot_action_unpack_unnormalize_v1", "config": {"env_action_dim": ROBOT_ACTION,
-                                                                           "normalize_min_max": True},
-         "state_file": "policy_postprocessor_step_0_groot_action_unpack_unnormalize_v1.safetensors"}]}))
+    save_numpy(
+        {k: v for k, v in STATS.items() if k.startswith("action")},
+        str(directory / "policy_postprocessor_step_0_groot_action_unpack_unnormalize_v1.safetensors"),
+    )
+    (directory / "policy_preprocessor.json").write_text(
+        json.dumps(
+            {
+                "name": "policy_preprocessor",
+                "steps": [
+                    {
+                        "registry_name": "groot_pack_inputs_v3",
+                        "config": {"max_state_dim": MAX_STATE, "embodiment_tag": tag, "normalize_min_max": True},
+                        "state_file": "policy_preprocessor_step_2_groot_pack_inputs_v3.safetensors",
+                    },
+                    {"registry_name": "groot_eagle_encode_v3", "config": {}},
+                ],
+            }
+        )
+    )
+    (directory / "policy_postprocessor.json").write_text(
+        json.dumps(
+            {
+                "name": "policy_postprocessor",
+                "steps": [
+                    {
+                        "registry_name": "groot_action_unpack_unnormalize_v1",
+                        "config": {"env_action_dim": ROBOT_ACTION, "normalize_min_max": True},
+                        "state_file": "policy_postprocessor_step_0_groot_action_unpack_unnormalize_v1.safetensors",
+                    }
+                ],
+            }
+        )
+    )
     if tokenizer is not None:
         (directory / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     return directory
@@ -97,6 +164,7 @@ def write_groot(directory, state, tokenizer=None, overrides=None, extra=None, ta
 
 def test_groot_planted_values_prompt_normalisation_and_forward(tmp_path, tokenizer_json):
     from tokenizers import Tokenizer
+
     state = planted()
     pol = Policy.load(write_groot(tmp_path / "g", state, tokenizer_json))
     assert pol.describe()["format"] == "lerobot/groot" and isinstance(pol.model, GR00TN15Model)
@@ -147,11 +215,16 @@ def eagle_reference_ids(tok, task, n_images, per_image, with_images):
 def test_eagle_prompt_layout_matches_the_chat_template(tokenizer_json):
     from tokenizers import Tokenizer
     from quantvla_core.loaders.text import eagle_layout, eagle_prompt, open_tokenizer, prompt_ids
+
     tok, ref = open_tokenizer(tokenizer_json), Tokenizer.from_file(str(tokenizer_json))
     text = eagle_prompt("place the cup", 2, 3)
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image 1><img>"
-                    + "<IMG_CONTEXT>" * 3 + "</img><image 2><img>" + "<IMG_CONTEXT>" * 3
-                    + "</img>['place the cup']<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image 1><img>"
+        + "<IMG_CONTEXT>" * 3
+        + "</img><image 2><img>"
+        + "<IMG_CONTEXT>" * 3
+        + "</img>['place the cup']<|im_end|>\n<|im_start|>assistant\n"
+    )
     full, slots = eagle_layout(tok, "place the cup", 2, 64)
     assert full == eagle_reference_ids(ref, "place the cup", 2, 64, True)
     img, start, end = (ref.token_to_id(t) for t in ("<IMG_CONTEXT>", "<img>", "</img>"))
@@ -166,11 +239,14 @@ def test_eagle_prompt_layout_matches_the_chat_template(tokenizer_json):
 def _bicubic_aa_matrix(n_in, n_out):
     """Antialiased bicubic resampling weights (a = -0.5, support scaled by the shrink factor,
     pixel centres at i + 0.5, normalised per output pixel), written out in numpy."""
+
     def cubic(x):
         x = np.abs(x)
         a = -0.5
-        return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                        np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+        return np.where(
+            x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0)
+        )
+
     scale = n_in / n_out
     s = max(scale, 1.0)
     m = np.zeros((n_out, n_in))
@@ -186,6 +262,7 @@ def _bicubic_aa_matrix(n_in, n_out):
 @pytest.mark.parametrize("hw", [(48, 80), (17, 11), (224, 224)])
 def test_eagle_image_processor_matches_a_numpy_reference(hw):
     from quantvla_core.loaders.imaging import eagle_image
+
     rng = np.random.default_rng(hw[0])
     img = rng.integers(0, 256, size=(*hw, 3), dtype=np.uint8)
     got = eagle_image(img, 32 if hw != (224, 224) else 224)
@@ -212,6 +289,7 @@ def test_n15_numerics():
     assert math.isclose(e[1, 128].item(), math.sin(1.0), rel_tol=1e-6)
     # the cache path still equals the joint path with the swapped modules
     from test_models import make_batch
+
     torch.manual_seed(0)
     m = GR00TN15Model(tiny_config(), embodiment_id=3).eval()
     for p in m.parameters():
@@ -224,11 +302,14 @@ def test_n15_numerics():
     torch.testing.assert_close(cached, joint, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,match", [
-    ("eagle_linear", "unsupported variant: backbone.eagle_linear"),
-    ("tag", "unknown embodiment_tag 'mars_rover'"),
-    ("no_qnorm", "missing tensor 'backbone.eagle_model.language_model.model.layers.0.self_attn.q_norm.weight'"),
-])
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("eagle_linear", "unsupported variant: backbone.eagle_linear"),
+        ("tag", "unknown embodiment_tag 'mars_rover'"),
+        ("no_qnorm", "missing tensor 'backbone.eagle_model.language_model.model.layers.0.self_attn.q_norm.weight'"),
+    ],
+)
 def test_groot_errors(tmp_path, kind, match):
     state = planted()
     extra, tag = None, "new_embodiment"
@@ -244,19 +325,26 @@ def test_groot_errors(tmp_path, kind, match):
 
 def test_n15_variant_and_embodiment_are_part_of_the_config():
     from quantvla_core.models import GR00TModel, build_model
+
     cfg = tiny_config()
-    ref, n15 = build_model(cfg, device="meta"), build_model(ModelConfig.from_dict({**cfg.to_dict(), "variant": "n15"}),
-                                                            device="meta")
+    ref, n15 = (
+        build_model(cfg, device="meta"),
+        build_model(ModelConfig.from_dict({**cfg.to_dict(), "variant": "n15"}), device="meta"),
+    )
     assert type(ref) is GR00TModel and isinstance(n15, GR00TN15Model)
     assert set(n15.state_dict()) - set(ref.state_dict()) == {
         f"backbone.eagle_model.language_model.model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "qk"
-    } | {"action_head.vl_self_attention.transformer_blocks.0.norm3.weight",
-         "action_head.vl_self_attention.transformer_blocks.0.norm3.bias"}
+    } | {
+        "action_head.vl_self_attention.transformer_blocks.0.norm3.weight",
+        "action_head.vl_self_attention.transformer_blocks.0.norm3.bias",
+    }
     assert GR00TN15Model(cfg, embodiment_id=5).cfg.dit.embodiment_id == 5  # the override is recorded
-    for bad, match in ((dict(variant="n16"), "variant 'n16' does not exist for arch 'groot'; accepted: '', 'n15'"),
-                       (dict(arch="pi0", variant="n15", expert=cfg.backbone), "accepted: ''$"),
-                       (dict(dit={**cfg.to_dict()["dit"], "embodiment_id": 32}), r"embodiment_id must be .*\[0, 32\)"),
-                       (dict(dit={**cfg.to_dict()["dit"], "tag": 1}), "unexpected keyword argument 'tag'")):
+    for bad, match in (
+        (dict(variant="n16"), "variant 'n16' does not exist for arch 'groot'; accepted: '', 'n15'"),
+        (dict(arch="pi0", variant="n15", expert=cfg.backbone), "accepted: ''$"),
+        (dict(dit={**cfg.to_dict()["dit"], "embodiment_id": 32}), r"embodiment_id must be .*\[0, 32\)"),
+        (dict(dit={**cfg.to_dict()["dit"], "tag": 1}), "unexpected keyword argument 'tag'"),
+    ):
         d = {**cfg.to_dict(), **{k: (v.__dict__ if k == "expert" else v) for k, v in bad.items()}}
         with pytest.raises(ValueError, match=match):
             ModelConfig.from_dict(d)
@@ -269,6 +357,7 @@ def test_saved_and_quantized_n15_policies_reload_as_n15(tmp_path, tokenizer_json
     from quantvla_core.loaders import ExternalIO
     from quantvla_core.quant.quantize import QuantConfig, quantize
     from quantvla_core.quant.qlinear import QuantLinear
+
     pol = Policy.load(write_groot(tmp_path / "g", planted(), tokenizer_json))
     assert pol.config.variant == "n15" and pol.config.dit.embodiment_id == 31 and pol.config.image_token_id == 151669
     obs = Observation([np.full((20, 30, 3), 90, np.uint8)], "pick up the apple", np.array([1.0, 0.5, 2.0]))
@@ -305,6 +394,7 @@ def test_groot_n15_preset_has_the_real_structure_and_size():
     224 px image after Eagle's pixel shuffle."""
     from quantvla_core.config import preset
     from quantvla_core.models import build_model, component_of
+
     cfg = preset("groot-n15")
     assert cfg.variant == "n15" and cfg.num_image_tokens == 64 and cfg.vision.pixel_shuffle == 2
     assert (cfg.state_dim, cfg.action_dim, cfg.horizon, cfg.num_steps) == (64, 32, 16, 4)
@@ -319,9 +409,17 @@ def test_groot_n15_preset_has_the_real_structure_and_size():
 
     def lin(i, o, bias=True):
         return i * o + (o if bias else 0)
+
     v, vm = 1152, 4304  # SigLIP2 So400m/14 at 224 px, 27 layers; Eagle mlp1 on 2x2-shuffled patches
-    vision = (lin(3 * 14 * 14, v) + 256 * v + 27 * (4 * v + 4 * lin(v, v) + lin(v, vm) + lin(vm, v)) + 2 * v
-              + 2 * 4 * v + lin(4 * v, 2048) + lin(2048, 2048))
+    vision = (
+        lin(3 * 14 * 14, v)
+        + 256 * v
+        + 27 * (4 * v + 4 * lin(v, v) + lin(v, vm) + lin(vm, v))
+        + 2 * v
+        + 2 * 4 * v
+        + lin(4 * v, 2048)
+        + lin(2048, 2048)
+    )
     w, kv, m = 2048, 8 * 128, 6144  # Qwen3-1.7B: 12 of 28 layers kept, tied lm_head not used
     backbone = 151936 * w + 12 * (2 * w + 2 * 128 + lin(w, w, 0) * 2 + lin(w, kv, 0) * 2 + 3 * lin(w, m, 0)) + w
     d, e = 1536, 32  # DiT 32 x 48, 16 blocks (even ones cross-attend to the 2048-wide VL tokens)
@@ -330,10 +428,14 @@ def test_groot_n15_preset_has_the_real_structure_and_size():
         ctx = w if i % 2 == 0 else d
         dit += lin(d, 2 * d) + lin(d, d) + 2 * lin(ctx, d) + lin(d, d) + lin(d, 4 * d) + lin(4 * d, d)
     vlsa = 4 * (4 * w + 4 * lin(w, w) + lin(w, 4 * w) + lin(4 * w, w))  # vl_self_attention: 32 x 64 heads
-    heads = (e * (lin(64, 1024) + lin(1024, d))  # state encoder (max_state_dim 64)
-             + e * (lin(32, d) + lin(2 * d, d) + lin(d, d))  # action encoder W1..W3
-             + e * (lin(1024, 1024) + lin(1024, 32))  # action decoder
-             + 1024 * d + 32 * d + 2 * w)  # position embedding, future tokens, vlln
+    heads = (
+        e * (lin(64, 1024) + lin(1024, d))  # state encoder (max_state_dim 64)
+        + e * (lin(32, d) + lin(2 * d, d) + lin(d, d))  # action encoder W1..W3
+        + e * (lin(1024, 1024) + lin(1024, 32))  # action decoder
+        + 1024 * d
+        + 32 * d
+        + 2 * w
+    )  # position embedding, future tokens, vlln
     assert got == {"vision": vision, "backbone": backbone, "expert": dit + vlsa + heads}
     total = sum(got.values())
     assert 2.40e9 < total < 2.42e9  # + the unused tied lm_head (311M) = the ~2.7B tensors of the file
@@ -346,14 +448,18 @@ def _bf16_pair(offset: float = 0.0, seed: int = 0):
     import copy
 
     from test_models import make_batch
+
     torch.manual_seed(seed)
     m = GR00TN15Model(tiny_config(), embodiment_id=3).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        for emb in (m.action_head.future_tokens, m.action_head.position_embedding,
-                    m.backbone.eagle_model.language_model.model.embed_tokens):
+        for emb in (
+            m.action_head.future_tokens,
+            m.action_head.position_embedding,
+            m.backbone.eagle_model.language_model.model.embed_tokens,
+        ):
             emb.weight += offset
         for p in m.parameters():
             p.copy_(p.bfloat16().float())
@@ -392,6 +498,7 @@ def test_n15_bf16_with_fp32_islands_is_closer_to_fp32(offset, action_ratio):
 
     def rel(a, b):
         return ((a.float() - b).norm() / b.norm()).item()
+
     err = {}
     with torch.no_grad():
         vl = m._vl_features(batch, m.encode_images(batch))[0]
@@ -412,26 +519,35 @@ IMG_ID = 250  # a real vocabulary id: the model must not read its embedding row
 
 def placed_config(**kw):
     import dataclasses
-    return dataclasses.replace(tiny_config(), variant="n15", image_token_id=IMG_ID, max_cameras=2,
-                               max_text_tokens=40, **kw)
+
+    return dataclasses.replace(
+        tiny_config(), variant="n15", image_token_id=IMG_ID, max_cameras=2, max_text_tokens=40, **kw
+    )
 
 
 def placed_batch(cfg, seed=0):
     """Row 0: both cameras; row 1: camera 0 absent (so its one run takes camera 1) and padding."""
     from quantvla_core.models import Batch
+
     g = torch.Generator().manual_seed(seed)
     per = cfg.num_image_tokens
 
     def run(k):
         return [20 + k, 21] + [IMG_ID] * per + [22]
+
     rows = [[1, 2, 3, 4] + run(0) + run(1) + [30, 31, 32], [1, 2, 3, 4] + run(0) + [33, 34]]
     tokens = torch.zeros(2, cfg.max_text_tokens, dtype=torch.long)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+        tokens[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
     s = cfg.vision.image_size
-    return Batch(torch.rand(2, 2, 3, s, s, generator=g) * 2 - 1, torch.tensor([[True, True], [False, True]]),
-                 tokens, mask, torch.randn(2, MAX_STATE, generator=g))
+    return Batch(
+        torch.rand(2, 2, 3, s, s, generator=g) * 2 - 1,
+        torch.tensor([[True, True], [False, True]]),
+        tokens,
+        mask,
+        torch.randn(2, MAX_STATE, generator=g),
+    )
 
 
 def _random_n15(cfg, seed=0):
@@ -449,6 +565,7 @@ def reference_velocity(m, batch, x_t, t):
     order, by the next image token of the present cameras; then the same layers as the original
     (causal Qwen3 over positions 0..n-1, final norm, vlln, vl_self_attention, DiT)."""
     from quantvla_core.models.groot import DiTCache
+
     lm = m.backbone.eagle_model.language_model.model
     feats = m.encode_images(batch)
     per = m.cfg.num_image_tokens
@@ -466,9 +583,9 @@ def reference_velocity(m, batch, x_t, t):
         vl = m.action_head.vlln(lm.final_norm(lm(x, torch.arange(n)[None], causal), None))
         for blk in m.action_head.vl_self_attention.transformer_blocks:
             vl = blk(vl)
-        state = m.action_head.state_encoder(batch.state[b:b + 1, None], m._cat(1, vl.device))
+        state = m.action_head.state_encoder(batch.state[b : b + 1, None], m._cat(1, vl.device))
         cache = DiTCache(vl=vl, valid=torch.ones(1, n, dtype=torch.bool), cross_kv={}, state_tokens=state)
-        out.append(m._dit(cache, x_t[b:b + 1], t[b:b + 1], lambda i, blk: blk.attn1.kv(vl) if blk.cross else None))
+        out.append(m._dit(cache, x_t[b : b + 1], t[b : b + 1], lambda i, blk: blk.attn1.kv(vl) if blk.cross else None))
     return torch.cat(out)
 
 
@@ -489,10 +606,16 @@ def test_n15_placed_image_tokens_match_a_hand_built_sequence():
         legacy.load_state_dict(m.state_dict())
         keep = batch.tokens != IMG_ID
         from quantvla_core.models import Batch
-        text = torch.stack([torch.cat([r[k], torch.zeros(int((~k).sum()), dtype=torch.long)])
-                            for r, k in zip(batch.tokens, keep)])
-        tmask = torch.stack([torch.cat([mk[k], torch.zeros(int((~k).sum()), dtype=torch.bool)])
-                             for mk, k in zip(batch.token_mask, keep)])
+
+        text = torch.stack(
+            [torch.cat([r[k], torch.zeros(int((~k).sum()), dtype=torch.long)]) for r, k in zip(batch.tokens, keep)]
+        )
+        tmask = torch.stack(
+            [
+                torch.cat([mk[k], torch.zeros(int((~k).sum()), dtype=torch.bool)])
+                for mk, k in zip(batch.token_mask, keep)
+            ]
+        )
         old = legacy.velocity_joint(Batch(batch.images, batch.image_mask, text, tmask, batch.state), x_t, t)
     torch.testing.assert_close(joint, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cached, want, rtol=1e-4, atol=1e-5)
@@ -503,6 +626,7 @@ def test_n15_placed_image_tokens_match_a_hand_built_sequence():
 
 def dataclasses_replace(cfg, **kw):
     import dataclasses
+
     return dataclasses.replace(cfg, **kw)
 
 
@@ -511,8 +635,14 @@ def test_n15_placed_image_tokens_wrong_placeholder_count_is_refused():
     m = _random_n15(cfg)
     batch = placed_batch(cfg)
     batch.image_mask[1, 0] = True  # row 1 now claims two cameras but its prompt has one run
-    with torch.no_grad(), pytest.raises(ValueError, match=r"batch row 1: the prompt has 4 image placeholder tokens "
-                                                          r"\(id 250\) but 2 present camera\(s\) x 4 image tokens = 8"):
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            ValueError,
+            match=r"batch row 1: the prompt has 4 image placeholder tokens "
+            r"\(id 250\) but 2 present camera\(s\) x 4 image tokens = 8",
+        ),
+    ):
         m.velocity_joint(batch, torch.randn(2, HORIZON, MAX_ACTION), torch.tensor([0.25, 0.5]))
     batch = placed_batch(cfg)
     batch.tokens[0, 1] = IMG_ID  # an extra placeholder in row 0
@@ -540,9 +670,12 @@ def test_groot_policy_places_only_present_cameras(tmp_path, tokenizer_json):
     """A two-camera checkpoint given one frame: one <image 1> run in the prompt, the absent slot
     masked, and the prediction equals the model's on the full batch (absent camera kept)."""
     from tokenizers import Tokenizer
-    feats = {"observation.images.front": {"type": "VISUAL", "shape": [3, 480, 640]},
-             "observation.images.wrist": {"type": "VISUAL", "shape": [3, 480, 640]},
-             "observation.state": {"type": "STATE", "shape": [ROBOT_STATE]}}
+
+    feats = {
+        "observation.images.front": {"type": "VISUAL", "shape": [3, 480, 640]},
+        "observation.images.wrist": {"type": "VISUAL", "shape": [3, 480, 640]},
+        "observation.state": {"type": "STATE", "shape": [ROBOT_STATE]},
+    }
     pol = Policy.load(write_groot(tmp_path / "g", planted(), tokenizer_json, overrides={"input_features": feats}))
     assert pol.config.max_cameras == 2 and pol.config.max_text_tokens == 128 + 2 * 4
     obs = Observation([np.full((20, 30, 3), 60, np.uint8)], "place the cup on the plate", np.array([1.0, 0.5, 2.0]))
@@ -557,8 +690,9 @@ def test_groot_policy_places_only_present_cameras(tmp_path, tokenizer_json):
         full = pol.model.sample_actions(batch, noise)  # absent camera and padding still in the batch
     got = pol.predict(obs, noise=noise).actions  # Policy drops them for one observation
     norm = pol.action_norm.unnormalize(full[0].numpy())
-    np.testing.assert_allclose(got, norm[:, :ROBOT_ACTION] if norm.shape[1] != ROBOT_ACTION else norm,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        got, norm[:, :ROBOT_ACTION] if norm.shape[1] != ROBOT_ACTION else norm, rtol=1e-4, atol=1e-5
+    )
     obs3 = Observation([np.zeros((20, 30, 3), np.uint8)] * 2, "x " * 70, np.array([1.0, 0.5, 2.0]))
     with pytest.raises(ValueError, match=r"tokens \(2 x 4 image placeholders included\) but the model reads 136"):
         pol.preprocess(obs3)

@@ -1,5 +1,6 @@
 """SmolVLA: the reference model (cache path == joint path, masks, pixel shuffle) and the LeRobot
 SmolVLA loader (planted values, tokenizer.json prompt, top-left padding, errors)."""
+
 import json
 
 import numpy as np
@@ -21,14 +22,20 @@ ROBOT_STATE, ROBOT_ACTION, MAX_STATE, MAX_ACTION = 3, 4, 5, 6
 
 def tiny_config():
     return ModelConfig(
-        arch="smolvla", name="tiny-smolvla",
+        arch="smolvla",
+        name="tiny-smolvla",
         vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=1, heads=1, mlp=64, pixel_shuffle=2),
-        backbone=DecoderConfig(width=64, depth=4, mlp=96, heads=2, kv_heads=1, head_dim=64, vocab_size=VOCAB,
-                               act="silu"),
-        expert=DecoderConfig(width=48, depth=4, mlp=64, heads=2, kv_heads=1, head_dim=64, vocab_size=VOCAB,
-                             act="silu"),
-        action_dim=MAX_ACTION, state_dim=MAX_STATE, horizon=HORIZON, num_steps=STEPS, max_cameras=2,
-        max_text_tokens=16)
+        backbone=DecoderConfig(
+            width=64, depth=4, mlp=96, heads=2, kv_heads=1, head_dim=64, vocab_size=VOCAB, act="silu"
+        ),
+        expert=DecoderConfig(width=48, depth=4, mlp=64, heads=2, kv_heads=1, head_dim=64, vocab_size=VOCAB, act="silu"),
+        action_dim=MAX_ACTION,
+        state_dim=MAX_STATE,
+        horizon=HORIZON,
+        num_steps=STEPS,
+        max_cameras=2,
+        max_text_tokens=16,
+    )
 
 
 def make_batch(cfg, b=2, seed=0):
@@ -39,8 +46,13 @@ def make_batch(cfg, b=2, seed=0):
     if b > 1:  # second sample: one camera absent and a shorter instruction
         image_mask[1, -1] = False
         token_mask[1, 6:] = False
-    return Batch(torch.rand(b, c, 3, s, s, generator=g) * 2 - 1, image_mask,
-                 torch.randint(3, VOCAB, (b, 10), generator=g), token_mask, torch.randn(b, cfg.state_dim, generator=g))
+    return Batch(
+        torch.rand(b, c, 3, s, s, generator=g) * 2 - 1,
+        image_mask,
+        torch.randint(3, VOCAB, (b, 10), generator=g),
+        token_mask,
+        torch.randn(b, cfg.state_dim, generator=g),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +75,7 @@ def test_pixel_shuffle_matches_idefics3_order():
             for dh in range(f):
                 for dw in range(f):
                     src = x[0, (i * f + dh) * side + (j * f + dw)]
-                    dst = out[0, i * (side // f) + j, dh * d * f + dw * d: dh * d * f + dw * d + d]
+                    dst = out[0, i * (side // f) + j, dh * d * f + dw * d : dh * d * f + dw * d + d]
                     assert torch.equal(src, dst)
 
 
@@ -133,11 +145,16 @@ def test_flow_loss_backpropagates_and_components(model):
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["pick up the red cube\n", "place it in the box\n", "open the drawer\n"] * 20, trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
@@ -150,27 +167,57 @@ def write_smolvla(directory, state, tokenizer=None, overrides=None, extra=None):
     tensors["model.vlm_with_expert.vlm.lm_head.weight"] = torch.randn(VOCAB, 64)
     tensors.update(extra or {})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
-    cfg = {"type": "smolvla", "n_obs_steps": 1, "chunk_size": HORIZON, "n_action_steps": HORIZON,
-           "max_state_dim": MAX_STATE, "max_action_dim": MAX_ACTION, "resize_imgs_with_padding": [32, 32],
-           "empty_cameras": 0, "tokenizer_max_length": 16, "num_steps": STEPS, "attention_mode": "cross_attn",
-           "self_attn_every_n_layers": 2, "num_vlm_layers": 4, "num_expert_layers": -1,
-           "expert_width_multiplier": 0.75, "add_image_special_tokens": False, "prefix_length": -1,
-           "vlm_model_name": "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
-           "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MIN_MAX"},
-           "input_features": {"observation.images.top": {"type": "VISUAL", "shape": [3, 480, 640]},
-                              "observation.images.wrist": {"type": "VISUAL", "shape": [3, 480, 640]},
-                              "observation.state": {"type": "STATE", "shape": [ROBOT_STATE]}},
-           "output_features": {"action": {"type": "ACTION", "shape": [ROBOT_ACTION]}}}
+    cfg = {
+        "type": "smolvla",
+        "n_obs_steps": 1,
+        "chunk_size": HORIZON,
+        "n_action_steps": HORIZON,
+        "max_state_dim": MAX_STATE,
+        "max_action_dim": MAX_ACTION,
+        "resize_imgs_with_padding": [32, 32],
+        "empty_cameras": 0,
+        "tokenizer_max_length": 16,
+        "num_steps": STEPS,
+        "attention_mode": "cross_attn",
+        "self_attn_every_n_layers": 2,
+        "num_vlm_layers": 4,
+        "num_expert_layers": -1,
+        "expert_width_multiplier": 0.75,
+        "add_image_special_tokens": False,
+        "prefix_length": -1,
+        "vlm_model_name": "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
+        "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MIN_MAX"},
+        "input_features": {
+            "observation.images.top": {"type": "VISUAL", "shape": [3, 480, 640]},
+            "observation.images.wrist": {"type": "VISUAL", "shape": [3, 480, 640]},
+            "observation.state": {"type": "STATE", "shape": [ROBOT_STATE]},
+        },
+        "output_features": {"action": {"type": "ACTION", "shape": [ROBOT_ACTION]}},
+    }
     cfg.update(overrides or {})
     (directory / "config.json").write_text(json.dumps(cfg))
-    stats = {"observation.state.mean": np.array([1, 2, 3], np.float32),
-             "observation.state.std": np.array([2, 2, 2], np.float32),
-             "action.min": np.array([-1, 0, 0, 5], np.float32), "action.max": np.array([1, 2, 4, 5], np.float32)}
+    stats = {
+        "observation.state.mean": np.array([1, 2, 3], np.float32),
+        "observation.state.std": np.array([2, 2, 2], np.float32),
+        "action.min": np.array([-1, 0, 0, 5], np.float32),
+        "action.max": np.array([1, 2, 4, 5], np.float32),
+    }
     save_numpy(stats, str(directory / "policy_preprocessor_step_5_normalizer_processor.safetensors"))
     step = {"eps": 1e-8, "norm_map": cfg["normalization_mapping"], "features": {}}
-    (directory / "policy_preprocessor.json").write_text(json.dumps({"name": "policy_preprocessor", "steps": [
-        {"registry_name": "normalizer_processor", "config": step,
-         "state_file": "policy_preprocessor_step_5_normalizer_processor.safetensors"}]}))
+    (directory / "policy_preprocessor.json").write_text(
+        json.dumps(
+            {
+                "name": "policy_preprocessor",
+                "steps": [
+                    {
+                        "registry_name": "normalizer_processor",
+                        "config": step,
+                        "state_file": "policy_preprocessor_step_5_normalizer_processor.safetensors",
+                    }
+                ],
+            }
+        )
+    )
     if tokenizer is not None:
         (directory / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     return directory
@@ -178,12 +225,15 @@ def write_smolvla(directory, state, tokenizer=None, overrides=None, extra=None):
 
 def planted():
     g = torch.Generator().manual_seed(7)
-    return {k: torch.randn(v.shape, generator=g) * 0.05
-            for k, v in build_model(tiny_config(), device="meta").state_dict().items()}
+    return {
+        k: torch.randn(v.shape, generator=g) * 0.05
+        for k, v in build_model(tiny_config(), device="meta").state_dict().items()
+    }
 
 
 def test_lerobot_smolvla_planted_values_prompt_and_forward(tmp_path, tokenizer_json):
     from tokenizers import Tokenizer
+
     state = planted()
     pol = Policy.load(write_smolvla(tmp_path / "s", state, tokenizer_json))
     assert pol.config.arch == "smolvla" and pol.config.vision.pixel_shuffle == 2
@@ -208,21 +258,28 @@ def test_lerobot_smolvla_planted_values_prompt_and_forward(tmp_path, tokenizer_j
     np.testing.assert_allclose(mid[0], [0.0, 1.0, 2.0, 5.0 + 0.5e-8], rtol=1e-6)
 
 
-@pytest.mark.parametrize("override,match", [
-    ({"attention_mode": "self_attn"}, "unsupported variant attention_mode='self_attn'"),
-    ({"self_attn_every_n_layers": 3}, "unsupported variant self_attn_every_n_layers=3"),
-    ({"add_image_special_tokens": True}, "unsupported variant add_image_special_tokens=True"),
-    ({"num_vlm_layers": 16}, "num_vlm_layers=16 but the file has 4 backbone layers"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"attention_mode": "self_attn"}, "unsupported variant attention_mode='self_attn'"),
+        ({"self_attn_every_n_layers": 3}, "unsupported variant self_attn_every_n_layers=3"),
+        ({"add_image_special_tokens": True}, "unsupported variant add_image_special_tokens=True"),
+        ({"num_vlm_layers": 16}, "num_vlm_layers=16 but the file has 4 backbone layers"),
+    ],
+)
 def test_smolvla_variants_refused(tmp_path, override, match):
     with pytest.raises(CheckpointError, match=match):
         Policy.load(write_smolvla(tmp_path / "s", planted(), overrides=override))
 
 
 def test_smolvla_unknown_keys_are_named_with_file_names(tmp_path):
-    extra = {"model.vlm_with_expert.vlm.model.text_model.layers.0.self_attn.q_norm.weight": torch.ones(64),
-             "model.vlm_with_expert.vlm.model.text_model.rotary_emb.inv_freq": torch.ones(32)}
-    with pytest.raises(CheckpointError,
-                       match=r"unknown keys .*\(1\): model\.vlm_with_expert\.vlm\.model\.text_model"
-                             r"\.rotary_emb\.inv_freq \| keys with no place .*layers\.0\.self_attn\.q_norm"):
+    extra = {
+        "model.vlm_with_expert.vlm.model.text_model.layers.0.self_attn.q_norm.weight": torch.ones(64),
+        "model.vlm_with_expert.vlm.model.text_model.rotary_emb.inv_freq": torch.ones(32),
+    }
+    with pytest.raises(
+        CheckpointError,
+        match=r"unknown keys .*\(1\): model\.vlm_with_expert\.vlm\.model\.text_model"
+        r"\.rotary_emb\.inv_freq \| keys with no place .*layers\.0\.self_attn\.q_norm",
+    ):
         Policy.load(write_smolvla(tmp_path / "s", planted(), extra=extra))

@@ -1,5 +1,6 @@
 """openpi per-robot transforms (LIBERO, DROID, ALOHA): planted values through the transforms and
 back, against formulas written out here, and through a loaded openpi checkpoint."""
+
 import json
 import math
 
@@ -24,7 +25,7 @@ def aloha_state_gripper(v):
     """Normalised linear opening -> normalised angle: the horn (r = 22 mm) and arm (36 mm) with the
     opening d between them, angle from the law of cosines, one value at a time with math."""
     d = 0.01844 + v * (0.05800 - 0.01844)
-    ang = math.asin(max(-1.0, min(1.0, (0.022 ** 2 + d ** 2 - 0.036 ** 2) / (2 * 0.022 * d))))
+    ang = math.asin(max(-1.0, min(1.0, (0.022**2 + d**2 - 0.036**2) / (2 * 0.022 * d))))
     return (ang - 0.5476) / (1.6296 - 0.5476)
 
 
@@ -91,10 +92,18 @@ def test_unknown_robot_lists_the_accepted_names():
 
 def tiny_pi0():
     return ModelConfig(
-        arch="pi0", name="t", vision=VisionConfig(image_size=IMG, patch_size=14, width=144, depth=1, heads=2, mlp=64),
+        arch="pi0",
+        name="t",
+        vision=VisionConfig(image_size=IMG, patch_size=14, width=144, depth=1, heads=2, mlp=64),
         backbone=DecoderConfig(width=64, depth=1, mlp=96, heads=2, kv_heads=1, head_dim=16, vocab_size=300),
         expert=DecoderConfig(width=48, depth=1, mlp=64, heads=2, kv_heads=1, head_dim=16, vocab_size=300),
-        action_dim=DIM, state_dim=DIM, horizon=HORIZON, num_steps=10, max_cameras=3, max_text_tokens=48)
+        action_dim=DIM,
+        state_dim=DIM,
+        horizon=HORIZON,
+        num_steps=10,
+        max_cameras=3,
+        max_text_tokens=48,
+    )
 
 
 def write_openpi(directory, asset_id, state_dim, action_dim, tokenizer):
@@ -103,12 +112,21 @@ def write_openpi(directory, asset_id, state_dim, action_dim, tokenizer):
     model = build_model(tiny_pi0(), device="meta")
     tensors = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps({"action_dim": DIM, "action_horizon": HORIZON,
-                                                        "paligemma_variant": "gemma_2b",
-                                                        "action_expert_variant": "gemma_300m"}))
+    (directory / "config.json").write_text(
+        json.dumps(
+            {
+                "action_dim": DIM,
+                "action_horizon": HORIZON,
+                "paligemma_variant": "gemma_2b",
+                "action_expert_variant": "gemma_300m",
+            }
+        )
+    )
     rng = np.random.default_rng(1)
-    stats = {"state": {"mean": rng.normal(size=state_dim).tolist(), "std": (1 + rng.random(state_dim)).tolist()},
-             "actions": {"mean": rng.normal(size=action_dim).tolist(), "std": (1 + rng.random(action_dim)).tolist()}}
+    stats = {
+        "state": {"mean": rng.normal(size=state_dim).tolist(), "std": (1 + rng.random(state_dim)).tolist()},
+        "actions": {"mean": rng.normal(size=action_dim).tolist(), "std": (1 + rng.random(action_dim)).tolist()},
+    }
     (directory / "assets" / asset_id).mkdir(parents=True)
     (directory / "assets" / asset_id / "norm_stats.json").write_text(json.dumps({"norm_stats": stats}))
     (directory / "tokenizer.model").write_bytes(tokenizer.read_bytes())
@@ -135,8 +153,9 @@ def test_libero_checkpoint_recognised_from_its_asset_id(tmp_path, sp_model, monk
     batch = pol.preprocess(obs)
     assert batch.image_mask[0].tolist() == [True, True, False]
     s = stats["state"]
-    np.testing.assert_allclose(batch.state[0, :8].numpy(), (state - s["mean"]) / (np.array(s["std"]) + 1e-6),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        batch.state[0, :8].numpy(), (state - s["mean"]) / (np.array(s["std"]) + 1e-6), rtol=1e-5, atol=1e-6
+    )
     bias = np.linspace(-0.5, 0.5, DIM).astype(np.float32)
     a = stats["actions"]
     want = -bias[:7] * (np.array(a["std"]) + 1e-6) + a["mean"] + np.r_[state[:6], 0.0]
@@ -145,8 +164,12 @@ def test_libero_checkpoint_recognised_from_its_asset_id(tmp_path, sp_model, monk
     assert read_io(tmp_path / "derived").robot == "libero"
     # robot 'none': the plain unnormalised first 7 dims
     plain = Policy.load(d, robot="none")
-    np.testing.assert_allclose(constant_velocity(plain, bias, Observation([frame], "open the drawer", state)),
-                               np.tile(want - np.r_[state[:6], 0.0], (HORIZON, 1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        constant_velocity(plain, bias, Observation([frame], "open the drawer", state)),
+        np.tile(want - np.r_[state[:6], 0.0], (HORIZON, 1)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_aloha_checkpoint_by_name_and_refusals(tmp_path, sp_model):  # noqa: F811
@@ -160,8 +183,9 @@ def test_aloha_checkpoint_by_name_and_refusals(tmp_path, sp_model):  # noqa: F81
     model_out = -bias[:14] * (np.array(a["std"]) + 1e-6) + a["mean"]
     obs = Observation([np.zeros((20, 20, 3), np.uint8)], "fold the towel", state)
     got = constant_velocity(pol, bias, obs)
-    np.testing.assert_allclose(got, np.tile(t.actions_out(model_out[None], t.state_in(state)), (HORIZON, 1)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, np.tile(t.actions_out(model_out[None], t.state_in(state)), (HORIZON, 1)), rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(CheckpointError, match="accepted: libero, droid, aloha, aloha_sim, none"):
         Policy.load(d, robot="franka")
     with pytest.raises(CheckpointError, match="robot 'libero' has state 8"):

@@ -1,4 +1,5 @@
 """Reference models: shapes, cache == joint path, eager == SDPA, determinism, accounting."""
+
 import math
 
 import pytest
@@ -19,9 +20,13 @@ def make_batch(cfg, b=2, seed=0, partial=True):
     if partial and b > 1:
         image_mask[1, -1] = False  # second sample: one camera absent
         token_mask[1, 8:] = False  # and a shorter instruction
-    return Batch(torch.rand(b, c, 3, s, s, generator=g) * 2 - 1, image_mask,
-                 torch.randint(3, 200, (b, 12), generator=g), token_mask,
-                 torch.randn(b, cfg.state_dim, generator=g))
+    return Batch(
+        torch.rand(b, c, 3, s, s, generator=g) * 2 - 1,
+        image_mask,
+        torch.randint(3, 200, (b, 12), generator=g),
+        token_mask,
+        torch.randn(b, cfg.state_dim, generator=g),
+    )
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -120,19 +125,25 @@ def test_flow_loss_backpropagates(name):
 
 def test_module_names_mirror_real_checkpoints():
     names = {n for n, _ in build_model(preset("tiny-pi05"), device="meta").named_modules()}
-    for expected in ["paligemma_with_expert.paligemma.model.language_model.layers.0.self_attn.q_proj",
-                     "paligemma_with_expert.gemma_expert.model.layers.1.mlp.down_proj",
-                     "paligemma_with_expert.gemma_expert.model.layers.0.input_layernorm.dense",
-                     "paligemma_with_expert.gemma_expert.model.norm.dense",
-                     "paligemma_with_expert.paligemma.model.multi_modal_projector.linear",
-                     "time_mlp_in", "action_in_proj", "action_out_proj"]:
+    for expected in [
+        "paligemma_with_expert.paligemma.model.language_model.layers.0.self_attn.q_proj",
+        "paligemma_with_expert.gemma_expert.model.layers.1.mlp.down_proj",
+        "paligemma_with_expert.gemma_expert.model.layers.0.input_layernorm.dense",
+        "paligemma_with_expert.gemma_expert.model.norm.dense",
+        "paligemma_with_expert.paligemma.model.multi_modal_projector.linear",
+        "time_mlp_in",
+        "action_in_proj",
+        "action_out_proj",
+    ]:
         assert expected in names, expected
     groot = {n for n, _ in build_model(preset("tiny-groot"), device="meta").named_modules()}
-    for expected in ["action_head.model.transformer_blocks.0.attn1.to_q",
-                     "action_head.model.transformer_blocks.1.ff.net.0.proj",
-                     "action_head.model.transformer_blocks.1.ff.net.2",
-                     "action_head.model.transformer_blocks.0.norm1.linear",
-                     "backbone.eagle_model.language_model.model.layers.0.mlp.gate_proj"]:
+    for expected in [
+        "action_head.model.transformer_blocks.0.attn1.to_q",
+        "action_head.model.transformer_blocks.1.ff.net.0.proj",
+        "action_head.model.transformer_blocks.1.ff.net.2",
+        "action_head.model.transformer_blocks.0.norm1.linear",
+        "backbone.eagle_model.language_model.model.layers.0.mlp.gate_proj",
+    ]:
         assert expected in groot, expected
 
 
@@ -165,6 +176,7 @@ PLACEHOLDER = 7
 
 def placed_groot_config():
     import dataclasses
+
     return dataclasses.replace(preset("tiny-groot"), variant="n15", image_token_id=PLACEHOLDER, max_text_tokens=48)
 
 
@@ -179,14 +191,20 @@ def make_placed_batch(cfg, seed=0):
 
     def run():
         return [201] + [PLACEHOLDER] * per + [202]
+
     rows = [text(3) + run() + run() + text(4), text(3) + run() + text(2)]
     tokens = torch.zeros(2, length, dtype=torch.long)
     token_mask = torch.zeros(2, length, dtype=torch.bool)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)], token_mask[i, :len(r)] = torch.tensor(r), True
+        tokens[i, : len(r)], token_mask[i, : len(r)] = torch.tensor(r), True
     image_mask = torch.tensor([[True, True], [False, True]])
-    return Batch(torch.rand(2, 2, 3, s, s, generator=g) * 2 - 1, image_mask, tokens, token_mask,
-                 torch.randn(2, cfg.state_dim, generator=g))
+    return Batch(
+        torch.rand(2, 2, 3, s, s, generator=g) * 2 - 1,
+        image_mask,
+        tokens,
+        token_mask,
+        torch.randn(2, cfg.state_dim, generator=g),
+    )
 
 
 def test_groot_n15_placed_images_kv_cache_equals_joint_path():
@@ -214,6 +232,7 @@ def test_groot_n15_placed_images_kv_cache_equals_joint_path():
 
 def test_groot_n15_placement_needs_the_n15_variant():
     import dataclasses
+
     with pytest.raises(ValueError, match="image_token_id .* needs variant 'n15'"):
         dataclasses.replace(preset("tiny-groot"), image_token_id=3)
     cfg = placed_groot_config()

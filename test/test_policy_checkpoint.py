@@ -1,4 +1,5 @@
 """Policy API, preprocessing and model directories (round trip and every bad-checkpoint case)."""
+
 import json
 import subprocess
 import sys
@@ -17,8 +18,11 @@ from quantvla_core.tokenizer import ByteTokenizer, clean_instruction, prompt_tex
 
 def obs(state_dim=4, n_images=1, shape=(48, 64, 3), instruction="pick up the red block"):
     rng = np.random.default_rng(0)
-    return Observation([rng.integers(0, 255, shape, dtype=np.uint8) for _ in range(n_images)],
-                       instruction, np.zeros(state_dim, np.float32))
+    return Observation(
+        [rng.integers(0, 255, shape, dtype=np.uint8) for _ in range(n_images)],
+        instruction,
+        np.zeros(state_dim, np.float32),
+    )
 
 
 def save_tiny(path, name="tiny"):
@@ -35,8 +39,9 @@ def test_predict_shapes_timings_and_determinism():
     c2 = pol.predict(obs(n_images=2), seed=4)
     assert c1.actions.shape == (pol.horizon, pol.action_dim) and c1.actions.dtype == np.float32
     np.testing.assert_array_equal(c1.actions, c2.actions)
-    for key in ["preprocess", "vision", "prefix", "denoise", "postprocess", "total"] + \
-            [f"denoise_step_{i}" for i in range(pol.num_steps)]:
+    for key in ["preprocess", "vision", "prefix", "denoise", "postprocess", "total"] + [
+        f"denoise_step_{i}" for i in range(pol.num_steps)
+    ]:
         assert key in c1.timings_ms and c1.timings_ms[key] >= 0
     assert not np.array_equal(c1.actions, pol.predict(obs(n_images=2), seed=5).actions)
 
@@ -54,6 +59,7 @@ def test_model_dir_round_trip_is_bit_exact(tmp_path):
 
 def test_save_is_atomic_and_replaces_whole_directory(tmp_path, monkeypatch):
     import quantvla_core.checkpoint as ckpt
+
     save_tiny(tmp_path / "m")
     (tmp_path / "m" / "stray.txt").write_text("old")
     save_tiny(tmp_path / "m", "tiny-pi05")
@@ -74,17 +80,21 @@ def test_save_is_atomic_and_replaces_whole_directory(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
-@pytest.mark.parametrize("case,match", [
-    ("missing_weights", "listed in the manifest but missing"),
-    ("truncated", "sha256 mismatch"),
-    ("no_manifest_bad_json", "not valid JSON"),
-    ("wrong_shape", "shape mismatches"),
-    ("missing_key", "missing keys"),
-    ("corrupt_safetensors_rehashed", "cannot read safetensors"),
-    ("bad_config", "unknown model config keys"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing_weights", "listed in the manifest but missing"),
+        ("truncated", "sha256 mismatch"),
+        ("no_manifest_bad_json", "not valid JSON"),
+        ("wrong_shape", "shape mismatches"),
+        ("missing_key", "missing keys"),
+        ("corrupt_safetensors_rehashed", "cannot read safetensors"),
+        ("bad_config", "unknown model config keys"),
+    ],
+)
 def test_bad_checkpoints_give_clear_errors(tmp_path, case, match):
     from quantvla_core.checkpoint import write_manifest
+
     d = tmp_path / "m"
     cfg, model = save_tiny(d)
     if case == "missing_weights":
@@ -128,15 +138,19 @@ def test_load_errors_name_what_is_accepted(tmp_path):
             Policy.load(source, tokenizer=tmp_path / "tokenizer.model")
 
 
-@pytest.mark.parametrize("name,attr,missing", [
-    ("default", "DEFAULT_POLICY_DIR", "config.json"),
-    ("default-w4a8", "DEFAULT_W4A8_DIR", "config.json"),
-    ("default", "DEFAULT_POLICY_DIR", "model.safetensors"),  # config there, weights gone
-    ("default-w4a8", "DEFAULT_W4A8_DIR", "quantization.json"),
-])
+@pytest.mark.parametrize(
+    "name,attr,missing",
+    [
+        ("default", "DEFAULT_POLICY_DIR", "config.json"),
+        ("default-w4a8", "DEFAULT_W4A8_DIR", "config.json"),
+        ("default", "DEFAULT_POLICY_DIR", "model.safetensors"),  # config there, weights gone
+        ("default-w4a8", "DEFAULT_W4A8_DIR", "quantization.json"),
+    ],
+)
 def test_missing_default_policy_is_an_error_naming_the_file(tmp_path, monkeypatch, name, attr, missing):
     """No silent fallback to random weights: the error names the missing file and how to get it."""
     import quantvla_core.policy as policy_mod
+
     empty = tmp_path / "assets" / "gone"
     empty.mkdir(parents=True)
     # Every file the policy needs up to (not including) the missing one is present.
@@ -152,6 +166,7 @@ def test_missing_default_policy_is_an_error_naming_the_file(tmp_path, monkeypatc
     assert "git checkout -- quantvla_core/assets/gone" in msg and "docs/default-policy.md" in msg
     # quantize's layout lookup resolves 'default' the same way.
     from quantvla_core.quant.cli import _model_for_layout
+
     with pytest.raises(CheckpointError, match=missing):
         _model_for_layout(name)
     # Presets still give seeded random weights, unaffected by the missing assets.
@@ -167,18 +182,21 @@ def test_committed_default_policies_load():
         assert pol.name in ("default_policy", "default_policy_w4a8")
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(images=[]), "1 or more camera images"),
-    (dict(images=[np.zeros((10, 10, 3), np.float32)]), "uint8"),
-    (dict(images=[np.zeros((10, 10), np.uint8)]), "shape"),
-    (dict(images=[np.zeros((0, 10, 3), np.uint8)]), "pixels a side"),
-    (dict(images=[np.zeros((8, 8, 3), np.uint8)] * 3), "accepts 1..2"),
-    (dict(state=np.array([np.nan, 0, 0, 0], np.float32)), "NaN or inf"),
-    (dict(state=np.zeros(3, np.float32)), "expects 4"),
-    (dict(instruction="   "), "instruction is empty"),
-    (dict(instruction=None), "must be a str"),
-    (dict(instruction="x" * 5000), "at most"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(images=[]), "1 or more camera images"),
+        (dict(images=[np.zeros((10, 10, 3), np.float32)]), "uint8"),
+        (dict(images=[np.zeros((10, 10), np.uint8)]), "shape"),
+        (dict(images=[np.zeros((0, 10, 3), np.uint8)]), "pixels a side"),
+        (dict(images=[np.zeros((8, 8, 3), np.uint8)] * 3), "accepts 1..2"),
+        (dict(state=np.array([np.nan, 0, 0, 0], np.float32)), "NaN or inf"),
+        (dict(state=np.zeros(3, np.float32)), "expects 4"),
+        (dict(instruction="   "), "instruction is empty"),
+        (dict(instruction=None), "must be a str"),
+        (dict(instruction="x" * 5000), "at most"),
+    ],
+)
 def test_invalid_observations_raise_clear_errors(bad, match):
     pol = Policy.load("tiny")
     o = obs()
@@ -207,10 +225,15 @@ def test_prompt_formats_and_tokenizer_round_trip():
 
 def test_cli_info_run_and_demo(tmp_path):
     import cv2
+
     img = tmp_path / "cam.png"
     cv2.imwrite(str(img), np.full((30, 40, 3), 128, np.uint8))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "quantvla_core.cli", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "quantvla_core.cli", *a],  # noqa: E731
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     r = run("info", "pi05-3b")
     assert r.returncode == 0 and "backbone" in r.stdout and "2,508.5M" in r.stdout, r.stderr
     r = run("run", "tiny", "--image", str(img), "--instruction", "push the button")

@@ -1,4 +1,5 @@
 """`quantvla ablate --sim mt10`: every saved variant runs in paired closed loop with FP."""
+
 import json
 
 from quantvla_core.cli import main
@@ -6,9 +7,35 @@ from quantvla_core.cli import main
 
 def test_ablate_runs_variants_in_closed_loop_and_reports_success(tmp_path, capsys):
     out = tmp_path / "ablate.json"
-    rc = main(["ablate", "tiny", "--schemes", "w8a8", "--layouts", "llm", "--variants", "none",
-               "--samples", "3", "--no-progress", "--save-dir", str(tmp_path / "arts"), "--out", str(out),
-               "--sim", "mt10", "--episodes", "1", "--tasks", "reach-v3", "--workers", "1", "--max-steps", "24"])
+    rc = main(
+        [
+            "ablate",
+            "tiny",
+            "--schemes",
+            "w8a8",
+            "--layouts",
+            "llm",
+            "--variants",
+            "none",
+            "--samples",
+            "3",
+            "--no-progress",
+            "--save-dir",
+            str(tmp_path / "arts"),
+            "--out",
+            str(out),
+            "--sim",
+            "mt10",
+            "--episodes",
+            "1",
+            "--tasks",
+            "reach-v3",
+            "--workers",
+            "1",
+            "--max-steps",
+            "24",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "closed loop, MT10 held-out starts, 1 episodes per task" in text

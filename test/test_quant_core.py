@@ -1,4 +1,5 @@
 """Quantizers, QuantLinear, transforms, layout rules and ATM/OHB math (no full model needed)."""
+
 from __future__ import annotations
 
 import copy
@@ -10,13 +11,11 @@ import torch
 from torch import nn
 
 from quantvla_core.quant import layout as L
-from quantvla_core.quant.atm import (AttentionTarget, atm_alpha, calibrate_atm, collect_logit_std,
-                                     per_head_std)
+from quantvla_core.quant.atm import AttentionTarget, atm_alpha, calibrate_atm, collect_logit_std, per_head_std
 from quantvla_core.quant.ohb import calibrate_ohb, collect_output_rms, ohb_beta
 from quantvla_core.quant.qlinear import QuantLinear, scale_output_channels
 from quantvla_core.quant.quantizers import qmax, quantize_per_token, quantize_weight
-from quantvla_core.quant.transforms import (build_transform, fold_smoothing_into_norm, hadamard,
-                                            zigzag_permutation)
+from quantvla_core.quant.transforms import build_transform, fold_smoothing_into_norm, hadamard, zigzag_permutation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,8 +101,9 @@ def _independent_fp64(x, qw, bias, a_bits):
     return y + bias.double().numpy() if bias is not None else y
 
 
-@pytest.mark.parametrize("w_bits,a_bits,group", [(8, 8, None), (4, 8, 64), (4, 8, None), (4, 4, 64),
-                                                 (8, None, None), (4, None, 64)])
+@pytest.mark.parametrize(
+    "w_bits,a_bits,group", [(8, 8, None), (4, 8, 64), (4, 8, None), (4, 4, 64), (8, None, None), (4, None, 64)]
+)
 def test_quantlinear_reference_matches_independent_fp64(w_bits, a_bits, group):
     torch.manual_seed(0)
     lin = nn.Linear(128, 48, bias=True)
@@ -175,8 +175,9 @@ def test_folded_transforms_leave_float_output_unchanged(names, rotation):
         torch.testing.assert_close(y_t, lin(x).detach(), rtol=1e-5, atol=1e-5)
     if t.rotation is not None:  # blocks are orthogonal
         r = t.blocks(128).double()
-        torch.testing.assert_close(r @ r.transpose(1, 2), torch.eye(r.shape[-1], dtype=torch.float64).expand_as(r),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            r @ r.transpose(1, 2), torch.eye(r.shape[-1], dtype=torch.float64).expand_as(r), rtol=0, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
@@ -194,6 +195,7 @@ def test_smoothing_folded_into_rmsnorm_is_exact(offset):
 
 def test_smoothing_folded_into_adarmsnorm_dense_is_exact():
     from quantvla_core.models.layers import AdaRMSNorm
+
     torch.manual_seed(2)
     norm = AdaRMSNorm(32, 16)
     nn.init.normal_(norm.dense.weight, std=0.3)
@@ -243,7 +245,11 @@ PI0_NAMES = [
     "paligemma_with_expert.gemma_expert.model.layers.0.mlp.gate_proj",
     "paligemma_with_expert.gemma_expert.model.layers.0.input_layernorm.dense",
     "paligemma_with_expert.gemma_expert.lm_head",
-    "state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "time_mlp_out",
+    "state_proj",
+    "action_in_proj",
+    "action_out_proj",
+    "action_time_mlp_in",
+    "time_mlp_out",
     # LeRobot prefix and HF-transformers' older nesting: the same rules must hold
     "model.paligemma_with_expert.paligemma.language_model.model.layers.17.self_attn.q_proj",
     "model.paligemma_with_expert.gemma_expert.model.layers.17.mlp.up_proj",
@@ -266,20 +272,55 @@ GROOT_NAMES = [
 
 def test_layout_rules_pi0_real_and_reference_names():
     roles = [L.role_of(n, "pi0") for n in PI0_NAMES]
-    assert roles == ["float", "float", "llm", "llm", "dit_attn", "dit_mlp", "float", "float",
-                     "float", "float", "float", "float", "float", "llm", "dit_mlp"]
+    assert roles == [
+        "float",
+        "float",
+        "llm",
+        "llm",
+        "dit_attn",
+        "dit_mlp",
+        "float",
+        "float",
+        "float",
+        "float",
+        "float",
+        "float",
+        "float",
+        "llm",
+        "dit_mlp",
+    ]
     entries = L.plan([(n, 8, 8) for n in PI0_NAMES], "pi05", "quantvla")
     assert [e.integer for e in entries] == [r in ("llm", "dit_mlp") for r in roles]
 
 
 def test_layout_rules_groot_and_ablation_layouts():
     roles = [L.role_of(n, "groot") for n in GROOT_NAMES]
-    assert roles == ["float", "float", "llm", "llm", "dit_attn", "dit_attn", "dit_mlp", "dit_mlp",
-                     "float", "float", "float", "float"]
+    assert roles == [
+        "float",
+        "float",
+        "llm",
+        "llm",
+        "dit_attn",
+        "dit_attn",
+        "dit_mlp",
+        "dit_mlp",
+        "float",
+        "float",
+        "float",
+        "float",
+    ]
     shapes = [(n, 8, 8) for n in GROOT_NAMES]
     count = {lay: sum(e.integer for e in L.plan(shapes, "groot", lay)) for lay in L.LAYOUTS}
-    assert count == {"fp": 0, "llm": 2, "dit-all": 4, "dit-mlp": 2, "llm+dit-all": 6, "llm+dit-mlp": 4,
-                     "quantvla": 4, "all": 12}
+    assert count == {
+        "fp": 0,
+        "llm": 2,
+        "dit-all": 4,
+        "dit-mlp": 2,
+        "llm+dit-all": 6,
+        "llm+dit-mlp": 4,
+        "quantvla": 4,
+        "all": 12,
+    }
     with pytest.raises(ValueError, match="accepted"):
         L.plan(shapes, "groot", "everything")
     with pytest.raises(ValueError, match="accepted"):
@@ -294,6 +335,7 @@ class _ToyBlocks(nn.Module):
         super().__init__()
         from quantvla_core.models.attention import name_attention_modules
         from quantvla_core.models.layers import Attention
+
         self.blocks = nn.ModuleList(Attention(width, heads, width // heads) for _ in range(depth))
         for b in self.blocks:
             nn.init.normal_(b.to_q.weight, std=0.4)
@@ -315,6 +357,7 @@ def _toy_runner(steps=3):
     def run(model):
         for x in xs:
             model(x, mask)
+
     return run
 
 

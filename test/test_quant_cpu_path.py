@@ -1,5 +1,6 @@
 """QuantLinear's lean CPU forward: bit for bit the general kernels path, weight cache that is
 rebuilt when the weights change and never saved or counted as weights."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,8 +39,9 @@ def _transform(kind: str, k: int, block: int) -> InputTransform | None:
     if kind == "hadamard":
         return InputTransform(inv_smooth=smooth, rotation=hadamard(block).float(), rotation_kind="hadamard")
     q, _ = torch.linalg.qr(torch.randn(k // block, block, block, generator=g, dtype=torch.float64))
-    return InputTransform(inv_smooth=smooth, perm=torch.randperm(k, generator=g), rotation=q.float(),
-                          rotation_kind="svd")
+    return InputTransform(
+        inv_smooth=smooth, perm=torch.randperm(k, generator=g), rotation=q.float(), rotation_kind="svd"
+    )
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -63,8 +65,7 @@ def test_lean_cpu_forward_is_bit_identical_to_general_path(k, n, block, kind):
     t = _transform(kind, k, block)
     gs = 128 if k % 128 == 0 else 32
     for w_bits, a_bits, group in ((8, 8, None), (4, 8, gs), (4, 8, None), (4, 4, gs), (4, 4, None)):
-        ql = QuantLinear.from_linear(lin, w_bits=w_bits, a_bits=a_bits, group_size=group, transform=t,
-                                     clip_grid=(1.0,))
+        ql = QuantLinear.from_linear(lin, w_bits=w_bits, a_bits=a_bits, group_size=group, transform=t, clip_grid=(1.0,))
         with torch.inference_mode():
             lean = ql(x)
             again = ql(x)  # second call: cached weights
@@ -73,8 +74,9 @@ def test_lean_cpu_forward_is_bit_identical_to_general_path(k, n, block, kind):
         assert torch.equal(_bits(lean), _bits(ref)), (w_bits, a_bits, group, kind)
         assert torch.equal(_bits(again), _bits(ref))
         # and the integer math is right, against the float64 oracle (independent of the kernels)
-        torch.testing.assert_close(lean.double(), ql.forward_reference(x.reshape(-1, k)).reshape(2, 9, n),
-                                   rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            lean.double(), ql.forward_reference(x.reshape(-1, k)).reshape(2, 9, n), rtol=1e-5, atol=1e-4
+        )
 
 
 def test_lean_cpu_forward_bf16_input_and_single_token():

@@ -1,6 +1,7 @@
 """The GEMM epilogue's activation, gate/up pairs and residual add (issue "Faster than float",
 item 2): every backend against the torch math contract, the fused CPU linear and the Triton
 kernels (interpreter) within float rounding, and whole policies with the fusion on vs off."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,12 +15,11 @@ from quantvla_core.config import preset
 from quantvla_core.models import build_model
 from quantvla_core.models.layers import FeedForward, GatedMLP, RMSNorm
 from quantvla_core.policy import Observation, Policy
-from quantvla_core.quant.qlinear import (QuantLinear, concat_quant_linears, quant_backend, set_epilogue_fusion)
+from quantvla_core.quant.qlinear import QuantLinear, concat_quant_linears, quant_backend, set_epilogue_fusion
 from quantvla_core.quant.transforms import InputTransform, hadamard
 from quantvla_kernels import cpu_fused, ops
 from quantvla_kernels.packing import pack_int4
 from quantvla_kernels.torch_math import finish_output
-
 
 
 def _act(name, y):
@@ -61,8 +61,7 @@ def test_gemm_epilogue_matches_the_separate_ops(bits, group, act, gated, res):
     plain = _gemm(bits, group, xq, xs, wq, ws, bias, backend="cpu")
     want = plain
     if act is not None:
-        want = (_act(act, plain[:, 0::2].contiguous()) * plain[:, 1::2].contiguous() if gated
-                else _act(act, plain))
+        want = _act(act, plain[:, 0::2].contiguous()) * plain[:, 1::2].contiguous() if gated else _act(act, plain)
     if r is not None:
         want = want + r
     got = _gemm(bits, group, xq, xs, wq, ws, bias, backend="cpu", act=act, gated=gated, residual=r)
@@ -81,11 +80,13 @@ def test_triton_epilogue_after_split_k_and_fused_quantization(split):
     r = torch.randn(m, n // 2)
     want = finish_output(_gemm(8, None, xq, xs, wq, ws, bias, backend="cpu"), "silu", True, r)
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=split, GROUP_M=1, num_warps=4, num_stages=1)
-    got = ops.gemm_w8a8(xq, xs, wq, ws, bias, torch.float32, backend="triton", config=cfg, act="silu",
-                        gated=True, residual=r)
+    got = ops.gemm_w8a8(
+        xq, xs, wq, ws, bias, torch.float32, backend="triton", config=cfg, act="silu", gated=True, residual=r
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
-    fused = ops.linear_w8a8(x, wq, ws, bias, torch.float32, backend="triton", fuse=True, act="silu",
-                            gated=True, residual=r)
+    fused = ops.linear_w8a8(
+        x, wq, ws, bias, torch.float32, backend="triton", fuse=True, act="silu", gated=True, residual=r
+    )
     torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
@@ -102,14 +103,24 @@ def test_bad_epilogue_arguments_are_refused_with_what_is_accepted():
 
 
 def _pair(w_bits=8, a_bits=8, k=256, n=96, rotate=True):
-    t = (InputTransform(inv_smooth=torch.rand(k) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard")
-         if rotate else None)
+    t = (
+        InputTransform(inv_smooth=torch.rand(k) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard")
+        if rotate
+        else None
+    )
     layers = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        layers.append(QuantLinear.from_linear(nn.Linear(k, n, bias=seed == 1), w_bits=w_bits, a_bits=a_bits,
-                                              group_size=128 if w_bits == 4 else None, transform=t,
-                                              clip_grid=(1.0,)))
+        layers.append(
+            QuantLinear.from_linear(
+                nn.Linear(k, n, bias=seed == 1),
+                w_bits=w_bits,
+                a_bits=a_bits,
+                group_size=128 if w_bits == 4 else None,
+                transform=t,
+                clip_grid=(1.0,),
+            )
+        )
     return layers
 
 
@@ -126,7 +137,7 @@ def test_gated_pairs_layer_equals_gate_and_up_layers(w_bits, a_bits, dtype):
     x[0, 0, 5] = 30.0
     for act in ("gelu_tanh", "silu"):
         with torch.inference_mode():
-            want = (_act(act, gate(x).float()) * up(x).float())
+            want = _act(act, gate(x).float()) * up(x).float()
             got = pair(x, act=act)
             cpu_fused.set_enabled(False)  # the torch-op path: the same ops as separate layers
             try:
@@ -139,7 +150,7 @@ def test_gated_pairs_layer_equals_gate_and_up_layers(w_bits, a_bits, dtype):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
             assert torch.equal(exact, w32)
         else:
-            torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2 ** -7 * float(want.abs().max()))
+            torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
     with pytest.raises(ValueError, match="call it with act="):
         pair(x)
 
@@ -214,8 +225,11 @@ def test_policy_actions_with_and_without_epilogue_fusion(name, scheme):
     quick_quantize(model, cfg.arch, scheme)
     policy = Policy(model, cfg, name=name, device="cpu", dtype="fp32", scheme=scheme)
     rng = np.random.default_rng(0)
-    obs = Observation(images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)], instruction="open the drawer",
-                      state=rng.normal(size=cfg.state_dim).astype(np.float32))
+    obs = Observation(
+        images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)],
+        instruction="open the drawer",
+        state=rng.normal(size=cfg.state_dim).astype(np.float32),
+    )
     pairs = []
     real = qlinear_module.concat_quant_linears
 

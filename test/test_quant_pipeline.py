@@ -1,4 +1,5 @@
 """End to end on the `tiny` reference model: backends, quantize(), artifacts, calibration sources, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _obs(seed=0, cameras=1):
     rng = np.random.default_rng(seed)
-    return Observation(images=[rng.integers(0, 255, (40, 52, 3), dtype=np.uint8) for _ in range(cameras)],
-                       instruction="pick up the cup", state=rng.normal(size=4).astype(np.float32))
+    return Observation(
+        images=[rng.integers(0, 255, (40, 52, 3), dtype=np.uint8) for _ in range(cameras)],
+        instruction="pick up the cup",
+        state=rng.normal(size=4).astype(np.float32),
+    )
 
 
 # ---- backends ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("w_bits,a_bits,group,k", [(8, 8, None, 128), (4, 8, 128, 256), (4, 8, None, 96),
-                                                   (4, 4, 128, 256), (4, 4, None, 64)])
+@pytest.mark.parametrize(
+    "w_bits,a_bits,group,k", [(8, 8, None, 128), (4, 8, 128, 256), (4, 8, None, 96), (4, 4, 128, 256), (4, 4, None, 64)]
+)
 @pytest.mark.parametrize("with_transform", [False, True])
 def test_cpu_backend_equals_reference_on_integer_math(w_bits, a_bits, group, k, with_transform):
     import quantvla_kernels as qk
+
     torch.manual_seed(k + w_bits + a_bits)
     lin = nn.Linear(k, 40)
     x = torch.randn(20, k) * (torch.rand(k) * 5 + 0.1)
@@ -44,8 +50,9 @@ def test_cpu_backend_equals_reference_on_integer_math(w_bits, a_bits, group, k, 
         # packing groups would split a rotation block: QuantLinear rotates before the kernel
         q_k, s_k = qk.quantize_per_token(ql.input_transform().apply(x), bits=4, backend="cpu")
     else:
-        q_k, s_k = qk.quantize_per_token(x, bits=a_bits, inv_smooth=ql.inv_smooth, perm=ql.perm,
-                                         rotation=ql.rotation, backend="cpu")
+        q_k, s_k = qk.quantize_per_token(
+            x, bits=a_bits, inv_smooth=ql.inv_smooth, perm=ql.perm, rotation=ql.rotation, backend="cpu"
+        )
     if a_bits == 4:
         q_k = qk.unpack_int4(q_k)
     assert torch.equal(q_k, q_ref)
@@ -62,8 +69,10 @@ def test_cpu_backend_equals_reference_on_integer_math(w_bits, a_bits, group, k, 
     torch.testing.assert_close(y_scoped.double(), y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="triton backend needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="triton backend needs CUDA or TRITON_INTERPRET=1",
+)
 def test_triton_backend_matches_reference():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(5)
@@ -71,8 +80,9 @@ def test_triton_backend_matches_reference():
     x = torch.randn(8, 256)
     t = build_transform(("smooth", "rotate"), [lin.weight], x.abs().amax(0))
     for w_bits, a_bits in ((8, 8), (4, 8)):
-        ql = QuantLinear.from_linear(lin, w_bits=w_bits, a_bits=a_bits, group_size=128 if w_bits == 4 else None,
-                                     transform=t).to(dev)
+        ql = QuantLinear.from_linear(
+            lin, w_bits=w_bits, a_bits=a_bits, group_size=128 if w_bits == 4 else None, transform=t
+        ).to(dev)
         y_ref = ql.forward_reference(x.to(dev))
         ql.backend = "triton"
         y = ql(x.to(dev))
@@ -120,8 +130,14 @@ def test_quantize_reports_memory_fidelity_and_factors(w4a8_artifact, tiny_policy
 def test_artifact_round_trip_through_policy_load(w4a8_artifact):
     result, out = w4a8_artifact
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "quantization.json", "report.json", "report.png",
-            "manifest.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "quantization.json",
+        "report.json",
+        "report.png",
+        "manifest.json",
+    } <= names
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["files"]) == names - {"manifest.json"}
     meta = json.loads((out / "quantization.json").read_text())
@@ -141,6 +157,7 @@ def test_artifact_round_trip_through_policy_load(w4a8_artifact):
 def test_tampered_or_truncated_artifact_is_refused_clearly(w4a8_artifact, tmp_path):
     from quantvla_core.checkpoint import write_manifest
     from quantvla_core.models import build_model
+
     _, out = w4a8_artifact
     cfg = Policy.load(out).config
     # one flipped byte in the weights
@@ -189,8 +206,10 @@ def test_quant_config_rejects_bad_values_clearly():
 
 
 def test_weight_only_and_static_schemes_run(tiny_policy):
-    for qc in (QuantConfig(scheme="w8a16", atm=False, ohb=False, calib_samples=3),
-               QuantConfig(scheme="w8a8", activation="static", atm=False, ohb=False, calib_samples=3)):
+    for qc in (
+        QuantConfig(scheme="w8a16", atm=False, ohb=False, calib_samples=3),
+        QuantConfig(scheme="w8a8", activation="static", atm=False, ohb=False, calib_samples=3),
+    ):
         r = quantize(tiny_policy, qc, "synthetic", progress=False)
         assert r.report["fidelity"]["cosine_mean"] > 0.99, qc.scheme
         ql = next(m for m in r.model.modules() if isinstance(m, QuantLinear))
@@ -202,15 +221,30 @@ def test_weight_only_and_static_schemes_run(tiny_policy):
 HEADER = "builtin_interfaces/Time stamp\nstring frame_id\n"
 TIME = "int32 sec\nuint32 nanosec\n"
 SEP = "=" * 80 + "\n"
-IMAGE_DEF = ("std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\n"
-             "uint32 step\nuint8[] data\n" + SEP + "MSG: std_msgs/Header\n" + HEADER + SEP
-             + "MSG: builtin_interfaces/Time\n" + TIME)
-JOINT_DEF = ("std_msgs/Header header\nstring[] name\nfloat64[] position\nfloat64[] velocity\nfloat64[] effort\n"
-             + SEP + "MSG: std_msgs/Header\n" + HEADER + SEP + "MSG: builtin_interfaces/Time\n" + TIME)
+IMAGE_DEF = (
+    "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\n"
+    "uint32 step\nuint8[] data\n"
+    + SEP
+    + "MSG: std_msgs/Header\n"
+    + HEADER
+    + SEP
+    + "MSG: builtin_interfaces/Time\n"
+    + TIME
+)
+JOINT_DEF = (
+    "std_msgs/Header header\nstring[] name\nfloat64[] position\nfloat64[] velocity\nfloat64[] effort\n"
+    + SEP
+    + "MSG: std_msgs/Header\n"
+    + HEADER
+    + SEP
+    + "MSG: builtin_interfaces/Time\n"
+    + TIME
+)
 
 
 def _write_bag(path, frames=5):
     from mcap_ros2.writer import Writer
+
     rng = np.random.default_rng(0)
     images = []
     with open(path, "wb") as f:
@@ -222,18 +256,51 @@ def _write_bag(path, frames=5):
         hdr = lambda t: {"stamp": {"sec": t // 10**9, "nanosec": t % 10**9}, "frame_id": "cam"}  # noqa: E731
         # a frame before any instruction/state must be skipped
         img0 = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
-        w.write_message("/camera/image_raw", s_img, {"header": hdr(t0), "height": 24, "width": 32, "encoding": "rgb8",
-                                                      "is_bigendian": 0, "step": 96, "data": img0.tobytes()}, t0)
+        w.write_message(
+            "/camera/image_raw",
+            s_img,
+            {
+                "header": hdr(t0),
+                "height": 24,
+                "width": 32,
+                "encoding": "rgb8",
+                "is_bigendian": 0,
+                "step": 96,
+                "data": img0.tobytes(),
+            },
+            t0,
+        )
         w.write_message("/instruction", s_txt, {"data": "open the drawer"}, t0 + 1)
         for i in range(frames):
             t = t0 + (i + 1) * 100_000_000
-            w.write_message("/joint_states", s_js, {"header": hdr(t), "name": ["j0", "j1", "j2"],
-                                                    "position": [0.1 * i, -0.2, 0.3], "velocity": [], "effort": []}, t)
+            w.write_message(
+                "/joint_states",
+                s_js,
+                {
+                    "header": hdr(t),
+                    "name": ["j0", "j1", "j2"],
+                    "position": [0.1 * i, -0.2, 0.3],
+                    "velocity": [],
+                    "effort": [],
+                },
+                t,
+            )
             img = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
             bgr = np.ascontiguousarray(img[..., ::-1])
-            w.write_message("/camera/image_raw", s_img, {"header": hdr(t + 1), "height": 24, "width": 32,
-                                                          "encoding": "bgr8", "is_bigendian": 0, "step": 96,
-                                                          "data": bgr.tobytes()}, t + 1)
+            w.write_message(
+                "/camera/image_raw",
+                s_img,
+                {
+                    "header": hdr(t + 1),
+                    "height": 24,
+                    "width": 32,
+                    "encoding": "bgr8",
+                    "is_bigendian": 0,
+                    "step": 96,
+                    "data": bgr.tobytes(),
+                },
+                t + 1,
+            )
             images.append(img)
         w.finish()
     return images
@@ -251,13 +318,19 @@ def test_mcap_recording_calibrates(tmp_path, tiny_policy):
     r = quantize(tiny_policy, QuantConfig(scheme="w8a8", calib_samples=4, heldout_fraction=0.2), bag, progress=False)
     assert r.meta["calibration"]["samples"] == 4 and r.meta["calibration"]["heldout"] == 1
     assert r.report["fidelity"]["cosine_mean"] > 0.99
-    quick = quantize(tiny_policy, QuantConfig(scheme="w4a8", calib_samples=2, atm=False, ohb=False), bag,
-                     progress=False, report=False)
+    quick = quantize(
+        tiny_policy,
+        QuantConfig(scheme="w4a8", calib_samples=2, atm=False, ohb=False),
+        bag,
+        progress=False,
+        report=False,
+    )
     quick.save(tmp_path / "quick")  # no report: the artifact still loads
     assert not (tmp_path / "quick" / "report.json").exists()
     assert Policy.load(tmp_path / "quick").scheme == "w4a8"
     # a bag without a joint-state topic is refused with what was found and what is needed
     from mcap_ros2.writer import Writer
+
     lone = tmp_path / "lone.mcap"
     with open(lone, "wb") as f:
         w = Writer(f)
@@ -269,6 +342,7 @@ def test_mcap_recording_calibrates(tmp_path, tiny_policy):
 
 def test_folder_calibration_source(tmp_path, tiny_policy):
     import cv2
+
     rng = np.random.default_rng(1)
     lines = []
     for i in range(3):
@@ -279,8 +353,9 @@ def test_folder_calibration_source(tmp_path, tiny_policy):
     obs = load_observations(tmp_path, tiny_policy.config)
     assert [o.instruction for o in obs] == ["task 0", "task 1", "task 2"]
     assert obs[2].images[0].shape == (30, 40, 3) and obs[2].state[0] == 2
-    (tmp_path / "observations.jsonl").write_text(lines[0] + "\n" + '{"images": ["nope.png"], "instruction": "x", '
-                                                 '"state": [0, 0, 0, 0]}\n')
+    (tmp_path / "observations.jsonl").write_text(
+        lines[0] + "\n" + '{"images": ["nope.png"], "instruction": "x", "state": [0, 0, 0, 0]}\n'
+    )
     with pytest.raises(ValueError, match=r"observations.jsonl:2: cannot read image"):
         load_observations(tmp_path, tiny_policy.config)
     with pytest.raises(ValueError, match="accepted: synthetic"):
@@ -292,6 +367,7 @@ def test_layout_cli_lists_every_linear_with_precision(capsys):
     from quantvla_core.cli import main
     from quantvla_core.config import preset
     from quantvla_core.models import build_model
+
     assert main(["layout", "tiny-groot", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["modules"]
     model = build_model(preset("tiny-groot"), device="meta")
@@ -311,32 +387,88 @@ def test_layout_cli_lists_every_linear_with_precision(capsys):
 
 def test_quantize_cli_writes_artifact_and_report(tmp_path, capsys):
     from quantvla_core.cli import main
+
     out = tmp_path / "art"
-    assert main(["quantize", "tiny", "--scheme", "w8a8", "--samples", "3", "--no-atm", "--no-ohb",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "tiny",
+                "--scheme",
+                "w8a8",
+                "--samples",
+                "3",
+                "--no-atm",
+                "--no-ohb",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "quantized components" in text and "action fidelity" in text
     assert Policy.load(out).scheme == "w8a8"
     assert main(["report", str(out)]) == 0
     assert "whole model" in capsys.readouterr().out
-    assert main(["quantize", "tiny", "--scheme", "w8a8", "--calib", str(tmp_path / "nothing"), "--out",
-                 str(tmp_path / "x"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                "tiny",
+                "--scheme",
+                "w8a8",
+                "--calib",
+                str(tmp_path / "nothing"),
+                "--out",
+                str(tmp_path / "x"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "accepted: synthetic" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 def test_ablate_cli_prints_both_tables_and_json(tmp_path, capsys):
     from quantvla_core.cli import main
+
     out = tmp_path / "ablate.json"
-    assert main(["ablate", "tiny", "--schemes", "w8a8", "--layouts", "llm,dit-mlp", "--variants", "none,atm+ohb",
-                 "--samples", "3", "--out", str(out), "--no-progress", "--save-dir", str(tmp_path / "arts")]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "tiny",
+                "--schemes",
+                "w8a8",
+                "--layouts",
+                "llm,dit-mlp",
+                "--variants",
+                "none,atm+ohb",
+                "--samples",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--save-dir",
+                str(tmp_path / "arts"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "Table 1" in text and "Table 2" in text and "quantvla eval --sim mt10" in text
     assert Policy.load(tmp_path / "arts" / "w8a8_llm-dit-mlp_atm-ohb").quant_meta["config"]["atm"] is True
     rows = json.loads(out.read_text())["rows"]
     got = {(r["scheme"], r["layout"], r["variant"]) for r in rows}
-    assert got == {("w8a8", "llm", "none"), ("w8a8", "dit-mlp", "none"), ("w8a8", "llm+dit-mlp", "none"),
-                   ("w8a8", "llm+dit-mlp", "atm+ohb")}
+    assert got == {
+        ("w8a8", "llm", "none"),
+        ("w8a8", "dit-mlp", "none"),
+        ("w8a8", "llm+dit-mlp", "none"),
+        ("w8a8", "llm+dit-mlp", "atm+ohb"),
+    }
     assert all(0.9 < r["cosine_mean"] <= 1.0 + 1e-9 and r["memory_ratio"] < 0.6 for r in rows)
     assert main(["ablate", "tiny", "--layouts", "llm,everything", "--no-progress"]) == 2
     assert "accepted" in capsys.readouterr().err
@@ -347,11 +479,16 @@ def test_smolvla_cross_attention_kv_are_not_folded_into_the_norm():
     the input norm's smoothing (different width and input), yet q/k/v of self layers do."""
     from conftest import tiny_smolvla_config
     from quantvla_core.models import build_model
+
     cfg = tiny_smolvla_config()
     policy = Policy(build_model(cfg), cfg, name="tiny-smolvla", dtype="fp32")
     # a fixed strength: the per-group search may choose no smoothing for a group
-    r = quantize(policy, QuantConfig(scheme="w8a8", layout="llm+dit-all", calib_samples=4, smooth_search=False),
-                 "synthetic", progress=False)
+    r = quantize(
+        policy,
+        QuantConfig(scheme="w8a8", layout="llm+dit-all", calib_samples=4, smooth_search=False),
+        "synthetic",
+        progress=False,
+    )
     mods = dict(r.model.named_modules())
     cross_k = mods["vlm_with_expert.lm_expert.layers.1.self_attn.k_proj"]
     self_k = mods["vlm_with_expert.lm_expert.layers.0.self_attn.k_proj"]
@@ -366,18 +503,33 @@ def test_real_checkpoint_keeps_its_io_through_quantization(tmp_path):
     quantizes into an artifact that keeps its tokenizer, prompt format and normalisation."""
     import test_loaders as loaders_tests  # the loader tests write the real key layout
     from quantvla_core.loaders import ExternalIO
+
     sp = tmp_path / "sp"
     sp.mkdir()
     import sentencepiece as spm
+
     (sp / "corpus.txt").write_text(loaders_tests.CORPUS + "".join(f"{i} " for i in range(300)) + "\n")
     spm.SentencePieceTrainer.train(
-        input=str(sp / "corpus.txt"), model_prefix=str(sp / "tok"), vocab_size=loaders_tests.VOCAB,
-        model_type="bpe", character_coverage=1.0, pad_id=loaders_tests.PAD_ID, eos_id=loaders_tests.EOS_ID,
-        bos_id=loaders_tests.BOS_ID, unk_id=loaders_tests.UNK_ID, user_defined_symbols=["\n"],
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        hard_vocab_limit=False, split_digits=True, minloglevel=2)
-    ckpt = loaders_tests.write_lerobot(tmp_path / "ckpt", "pi05", loaders_tests.planted_state("pi05"),
-                                       tokenizer=sp / "tok.model")
+        input=str(sp / "corpus.txt"),
+        model_prefix=str(sp / "tok"),
+        vocab_size=loaders_tests.VOCAB,
+        model_type="bpe",
+        character_coverage=1.0,
+        pad_id=loaders_tests.PAD_ID,
+        eos_id=loaders_tests.EOS_ID,
+        bos_id=loaders_tests.BOS_ID,
+        unk_id=loaders_tests.UNK_ID,
+        user_defined_symbols=["\n"],
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        hard_vocab_limit=False,
+        split_digits=True,
+        minloglevel=2,
+    )
+    ckpt = loaders_tests.write_lerobot(
+        tmp_path / "ckpt", "pi05", loaders_tests.planted_state("pi05"), tokenizer=sp / "tok.model"
+    )
     teacher = Policy.load(ckpt)
     assert isinstance(teacher.io, ExternalIO) and teacher.state_dim == loaders_tests.ROBOT_STATE
     r = quantize(teacher, QuantConfig(scheme="w8a8", calib_samples=3), "synthetic", progress=False)
@@ -400,6 +552,7 @@ def test_smooth_strength_sweep_keeps_the_best_held_out_fidelity(tmp_path, capsys
     and equals a plain quantization at the kept strength."""
     from quantvla_core.cli import main
     from quantvla_core.quant.quantize import sweep_smooth_strength
+
     policy = Policy.load("tiny")
     qc = QuantConfig(scheme="w4a4", calib_samples=4, atm=False, ohb=False)
     best, rows = sweep_smooth_strength(policy, qc, "synthetic", grid=(0.2, 0.9), progress=False)
@@ -407,14 +560,43 @@ def test_smooth_strength_sweep_keeps_the_best_held_out_fidelity(tmp_path, capsys
     top = max(rows, key=lambda r: (r["cosine_mean"], r["cosine_min"]))
     assert best.meta["config"]["smooth_strength"] == top["smooth_strength"]
     assert best.report["smooth_strength_sweep"] == rows
-    again = quantize(policy, QuantConfig(scheme="w4a4", calib_samples=4, atm=False, ohb=False, smooth_search=False,
-                                         smooth_strength=top["smooth_strength"]), "synthetic", progress=False)
+    again = quantize(
+        policy,
+        QuantConfig(
+            scheme="w4a4",
+            calib_samples=4,
+            atm=False,
+            ohb=False,
+            smooth_search=False,
+            smooth_strength=top["smooth_strength"],
+        ),
+        "synthetic",
+        progress=False,
+    )
     assert again.report["fidelity"]["cosine_mean"] == pytest.approx(top["cosine_mean"], abs=1e-12)
     with pytest.raises(ValueError, match="needs the 'smooth' transform"):
         sweep_smooth_strength(policy, QuantConfig(transforms=("rotate",)), "synthetic", progress=False)
     out = tmp_path / "auto"
-    assert main(["quantize", "tiny", "--scheme", "w8a8", "--samples", "3", "--no-atm", "--no-ohb",
-                 "--smooth-strength", "auto", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "tiny",
+                "--scheme",
+                "w8a8",
+                "--samples",
+                "3",
+                "--no-atm",
+                "--no-ohb",
+                "--smooth-strength",
+                "auto",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "<- kept" in capsys.readouterr().out
     meta = json.loads((out / "quantization.json").read_text())
     assert [r["smooth_strength"] for r in meta["smooth_strength_sweep"]] == [0.15, 0.3, 0.5]

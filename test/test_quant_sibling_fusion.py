@@ -1,5 +1,6 @@
 """Sibling projections (q/k/v, gate/up) of quantized models run as one QuantLinear: one
 activation quantization and one GEMM, bit for bit the separate layers' outputs."""
+
 from __future__ import annotations
 
 
@@ -13,9 +14,16 @@ from quantvla_core.config import preset
 from quantvla_core.models import build_model
 from quantvla_core.models.layers import GatedMLP
 from quantvla_core.policy import Observation, Policy
-from quantvla_core.quant.qlinear import (QuantLinear, concat_quant_linears, fused_siblings, quant_backend,
-                                         scale_output_channels, set_epilogue_fusion, set_norm_fusion,
-                                         set_sibling_fusion)
+from quantvla_core.quant.qlinear import (
+    QuantLinear,
+    concat_quant_linears,
+    fused_siblings,
+    quant_backend,
+    scale_output_channels,
+    set_epilogue_fusion,
+    set_norm_fusion,
+    set_sibling_fusion,
+)
 from quantvla_core.quant.transforms import InputTransform, hadamard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,8 +31,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _ql(k, n, bias, t=None, w_bits=8, a_bits=8):
     torch.manual_seed(k * 3 + n)
-    return QuantLinear.from_linear(nn.Linear(k, n, bias=bias), w_bits=w_bits, a_bits=a_bits,
-                                   group_size=128 if w_bits == 4 else None, transform=t, clip_grid=(1.0,))
+    return QuantLinear.from_linear(
+        nn.Linear(k, n, bias=bias),
+        w_bits=w_bits,
+        a_bits=a_bits,
+        group_size=128 if w_bits == 4 else None,
+        transform=t,
+        clip_grid=(1.0,),
+    )
 
 
 @pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (4, 4)])
@@ -86,8 +100,11 @@ def _policy_and_obs(name: str, scheme: str = "w8a8"):
     quick_quantize(model, cfg.arch, scheme)
     policy = Policy(model, cfg, name=name, device="cpu", dtype="fp32", scheme=scheme)
     rng = np.random.default_rng(0)
-    obs = Observation(images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)], instruction="open the drawer",
-                      state=rng.normal(size=cfg.state_dim).astype(np.float32))
+    obs = Observation(
+        images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)],
+        instruction="open the drawer",
+        state=rng.normal(size=cfg.state_dim).astype(np.float32),
+    )
     return policy, obs
 
 
@@ -101,6 +118,7 @@ def test_rmsnorm_fused_into_quantization_matches_norm_then_layers(name, scheme, 
     not rounded to the model dtype and its sum runs in the kernel's order)."""
     import quantvla_kernels as qk
     from quantvla_kernels.dispatch import triton_interpreting
+
     if backend == "triton" and not triton_interpreting():
         pytest.skip("needs TRITON_INTERPRET=1")
     policy, obs = _policy_and_obs(name, scheme)
@@ -137,10 +155,14 @@ def test_quantized_policy_is_bit_identical_with_and_without_fusion(name):
     quick_quantize(model, cfg.arch, "w8a8")
     policy = Policy(model, cfg, name=name, device="cpu", dtype="fp32", scheme="w8a8")
     rng = np.random.default_rng(0)
-    obs = Observation(images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)], instruction="open the drawer",
-                      state=rng.normal(size=cfg.state_dim).astype(np.float32))
+    obs = Observation(
+        images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)],
+        instruction="open the drawer",
+        state=rng.normal(size=cfg.state_dim).astype(np.float32),
+    )
     fused_calls = []
     import quantvla_core.quant.qlinear as qlinear_module
+
     real = qlinear_module.concat_quant_linears
 
     def spy(layers, *args):
@@ -165,6 +187,7 @@ def test_fusion_steps_aside_while_a_child_or_the_norm_is_hooked():
     """Hooks see the modules they were put on: with a hook on a child (or the norm), its
     siblings run one by one and the norm as its own module, with the unfused numbers."""
     from quantvla_core.models.layers import RMSNorm
+
     mlp = GatedMLP(128, 64, "gelu_tanh")
     mlp.gate_proj, mlp.up_proj, mlp.down_proj = _ql(128, 64, False), _ql(128, 64, False), _ql(64, 128, False)
     norm = RMSNorm(128)

@@ -4,6 +4,7 @@ Tiny random models in the real HF module layouts: built from `transformers` conf
 package is installed (it is pinned in requirements.txt), and a hand-written Gemma-2-style block
 (norms before AND after attention and MLP, HF attribute names) that needs nothing extra.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,6 +22,7 @@ from quantvla_core.quant.spec import ArchSpec
 
 
 # ---- a hand-written Gemma-2-style block (HF names and norm placement) --------------------------------
+
 
 class GemmaRMSNorm(nn.Module):
     """y = x / rms(x) * (1 + w), computed in fp32 like HF's Gemma norm."""
@@ -123,8 +125,9 @@ def test_gemma2_layout_folds_into_the_norm_that_feeds_the_mlp_and_keeps_the_func
     model = _randomize(TinyLM()).double()
     calib = _calib(dtype=torch.float64)
     ref = [model(x) for x in calib]
-    rep = fold_smoothing_(model, QuantConfig(scheme="w8a8", smooth_search=False, smooth_strength=0.5),
-                          calib, ArchSpec.generic(model))
+    rep = fold_smoothing_(
+        model, QuantConfig(scheme="w8a8", smooth_search=False, smooth_strength=0.5), calib, ArchSpec.generic(model)
+    )
     by_members = {tuple(g["members"]): g for g in rep["groups"]}
     mlp = by_members[("layers.0.mlp.gate_proj", "layers.0.mlp.up_proj")]
     assert mlp["fold"] == "norm" and mlp["target"] == "layers.0.pre_feedforward_layernorm"
@@ -144,12 +147,14 @@ def test_name_based_fold_would_have_broken_the_gemma2_layer():
     """What the old rule did (smoothing of gate/up into post_attention_layernorm) changes the
     float function by O(1): the regression the trace prevents."""
     from quantvla_core.quant.transforms import fold_smoothing_into_norm, smoothing_vector
+
     model = _randomize(TinyLM(layers=1)).double()
     x = _calib(1, dtype=torch.float64)[0]
     ref = model(x)
     layer = model.layers[0]
-    s = smoothing_vector(torch.rand(64, dtype=torch.float64) * 10 + 0.1,
-                         [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight], 0.5)
+    s = smoothing_vector(
+        torch.rand(64, dtype=torch.float64) * 10 + 0.1, [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight], 0.5
+    )
     fold_smoothing_into_norm(layer.post_attention_layernorm, 1 / s, offset=1.0)
     with torch.no_grad():
         for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
@@ -180,8 +185,13 @@ def test_filter_fn_and_role_layouts():
     spec = ArchSpec.generic(model, action="layers.1")
     assert spec.role("layers.1.self_attn.q_proj") == "dit_attn" and spec.role("layers.1.mlp.up_proj") == "dit_mlp"
     assert spec.role("layers.0.mlp.up_proj") == "llm" and spec.role("lm_head") == "float"
-    rep = quantize_(model, QuantConfig(scheme="w8a8", layout=("dit_mlp",), atm=False, ohb=False), _calib(),
-                    spec, filter_fn=lambda m, n: not n.endswith("down_proj"))
+    rep = quantize_(
+        model,
+        QuantConfig(scheme="w8a8", layout=("dit_mlp",), atm=False, ohb=False),
+        _calib(),
+        spec,
+        filter_fn=lambda m, n: not n.endswith("down_proj"),
+    )
     assert rep["integer_layers"] == ["layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"]
 
 
@@ -191,6 +201,7 @@ def test_atm_and_ohb_land_on_the_action_attention_through_sdpa():
     recover them on exactly those modules."""
     from quantvla_core.quant.atm import AttentionTarget, calibrate_atm, collect_logit_std
     from quantvla_core.quant.ohb import calibrate_ohb, collect_output_rms
+
     teacher = _randomize(TinyLM()).eval()
     spec = ArchSpec.generic(teacher, action="layers.1")
     action = [a for a in spec.attention if a.part == "action"]
@@ -202,6 +213,7 @@ def test_atm_and_ohb_land_on_the_action_attention_through_sdpa():
         with torch.no_grad():
             for x in calib:
                 m(x)
+
     names = [a.name for a in spec.attention]
     sig_t = collect_logit_std(teacher, run, names)
     assert set(sig_t) == {"layers.0.self_attn", "layers.1.self_attn"} and sig_t["layers.1.self_attn"].numel() == 4
@@ -225,8 +237,9 @@ def test_static_activation_scale_is_never_zero():
     x[0, 3] = 5.0  # percentile row absmax is 0, the max is not
     assert static_act_scale(x, 50.0, 8) == pytest.approx(5.0 / 127)
     model = _randomize(TinyLM(layers=1))
-    rep = quantize_(model, QuantConfig(scheme="w8a8", activation="static", atm=False, ohb=False), _calib(),
-                    ArchSpec.generic(model))
+    rep = quantize_(
+        model, QuantConfig(scheme="w8a8", activation="static", atm=False, ohb=False), _calib(), ArchSpec.generic(model)
+    )
     assert all(float(m.act_scale) > 0 for m in model.modules() if isinstance(m, QuantLinear))
     assert rep["fidelity"]["cosine_mean"] > 0.99
 
@@ -234,15 +247,25 @@ def test_static_activation_scale_is_never_zero():
 def test_search_picks_per_group_and_beats_fixed_015_on_outlier_channels():
     """Injected activation outlier channels: every group's chosen (strength, rotate) has an
     output error no larger than the fixed 0.15 + rotation, and the whole model follows."""
+
     def make():
         return _randomize(TinyLM(), outliers=(3, 17, 40))
+
     calib = _calib()
     searched, fixed = make(), make()
     ref = [searched(x) for x in calib]
-    rep = quantize_(searched, QuantConfig(scheme="w4a8", group_size=None, atm=False, ohb=False,
-                                          smooth_search=True), calib, ArchSpec.generic(searched))
-    rep_f = quantize_(fixed, QuantConfig(scheme="w4a8", group_size=None, atm=False, ohb=False,
-                                         smooth_search=False, smooth_strength=0.15), calib, ArchSpec.generic(fixed))
+    rep = quantize_(
+        searched,
+        QuantConfig(scheme="w4a8", group_size=None, atm=False, ohb=False, smooth_search=True),
+        calib,
+        ArchSpec.generic(searched),
+    )
+    rep_f = quantize_(
+        fixed,
+        QuantConfig(scheme="w4a8", group_size=None, atm=False, ohb=False, smooth_search=False, smooth_strength=0.15),
+        calib,
+        ArchSpec.generic(fixed),
+    )
     for g in rep["groups"]:
         tried = {(r["strength"], r["rotate"]): r["error"] for r in g["search"]}
         assert len(tried) == 12 and g["choice"]["error"] == min(tried.values())
@@ -266,6 +289,7 @@ def test_grouping_is_linear_in_the_number_of_linears():
         def forward(self, x):
             h = self.norm(x)
             return sum(lin(h) for lin in self.heads)
+
     times = []
     for n in (200, 800):
         m = Wide(n)
@@ -284,6 +308,7 @@ def test_builtin_specs_match_the_layout_tables(arch):
     from quantvla_core.config import preset
     from quantvla_core.models import build_model
     from quantvla_core.quant import layout as L
+
     cfg = preset(arch)
     model = build_model(cfg, device="meta")
     spec = ArchSpec.builtin(model, cfg.arch)
@@ -294,8 +319,10 @@ def test_builtin_specs_match_the_layout_tables(arch):
             assert new == old or (old == "float" and new == "vision"), n
     pat = L.ACTION_ATTENTION[cfg.arch][0]
     import re
-    assert {a.name for a in spec.attention if a.part == "action"} == {n for n, _ in model.named_modules()
-                                                                       if re.search(pat, n)}
+
+    assert {a.name for a in spec.attention if a.part == "action"} == {
+        n for n, _ in model.named_modules() if re.search(pat, n)
+    }
     assert all(a.heads and a.head_dim for a in spec.attention)
 
 
@@ -303,11 +330,17 @@ def test_quantize_policy_leaves_the_input_model_untouched():
     from quantvla_core.config import preset
     from quantvla_core.models import build_model
     from quantvla_core.quant.quantize import quantize
+
     cfg = preset("tiny")
     model = build_model(cfg).to(torch.bfloat16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    r = quantize(model, QuantConfig(scheme="w8a8", calib_samples=2, atm=False, ohb=False), "synthetic",
-                 progress=False, report=False)
+    r = quantize(
+        model,
+        QuantConfig(scheme="w8a8", calib_samples=2, atm=False, ohb=False),
+        "synthetic",
+        progress=False,
+        report=False,
+    )
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert r.meta["float_check"]["ok"] and r.meta["fold_groups"]
@@ -317,6 +350,7 @@ def test_quantize_policy_leaves_the_input_model_untouched():
 def test_top_level_exports():
     import quantvla_core
     from quantvla_core import quant
+
     assert quantvla_core.quantize_ is quantize_ and quantvla_core.ArchSpec is ArchSpec
     assert quant.fold_smoothing_ is fold_smoothing_ and quant.QuantConfig is QuantConfig
 
@@ -324,6 +358,7 @@ def test_top_level_exports():
 def test_smolvla_builtin_spec_names_the_expert_attention():
     from conftest import tiny_smolvla_config
     from quantvla_core.models import build_model
+
     cfg = tiny_smolvla_config()
     spec = ArchSpec.builtin(build_model(cfg, device="meta"))
     assert spec.name == "smolvla"
@@ -341,9 +376,13 @@ class ForeignVLA(nn.Module):
         super().__init__()
         self.vision_tower = nn.ModuleDict({"patch": nn.Linear(48, d), "layers": nn.ModuleList([Gemma2Layer(d)])})
         self.language_model = nn.ModuleDict({"layers": nn.ModuleList([Gemma2Layer(d) for _ in range(2)])})
-        self.action_expert = nn.ModuleDict({"action_in": nn.Linear(7, d),
-                                            "layers": nn.ModuleList([Gemma2Layer(d) for _ in range(2)]),
-                                            "action_out": nn.Linear(d, 7)})
+        self.action_expert = nn.ModuleDict(
+            {
+                "action_in": nn.Linear(7, d),
+                "layers": nn.ModuleList([Gemma2Layer(d) for _ in range(2)]),
+                "action_out": nn.Linear(d, 7),
+            }
+        )
 
     def forward(self, patches, noisy_actions):
         v = self.vision_tower["patch"](patches)
@@ -354,7 +393,7 @@ class ForeignVLA(nn.Module):
         a = torch.cat([v, self.action_expert["action_in"](noisy_actions)], 1)
         for layer in self.action_expert["layers"]:
             a = layer(a)
-        return self.action_expert["action_out"](a[:, v.shape[1]:])
+        return self.action_expert["action_out"](a[:, v.shape[1] :])
 
 
 def test_foreign_vla_in_ten_lines():
@@ -380,6 +419,7 @@ def test_quantized_foreign_model_round_trips_through_a_state_dict(tmp_path):
     import json
 
     from quantvla_core.quant.artifact import install_quant_linears
+
     model = _randomize(TinyLM())
     calib = _calib()
     rep = quantize_(model, QuantConfig(scheme="w4a8", group_size=32), calib, ArchSpec.generic(model))

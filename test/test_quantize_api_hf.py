@@ -2,6 +2,7 @@
 Gemma-2, Gemma-3, SmolLM = Llama layout): every proven fold keeps the float function (float64,
 <= 1e-5 relative), the quantized model stays close, ATM/OHB land on the action block.
 Skipped when `transformers` is not installed (requirements.txt pins it, installed --no-deps)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,16 @@ from quantvla_core.quant.qlinear import QuantLinear  # noqa: E402
 from quantvla_core.quant.quantize import QuantConfig  # noqa: E402
 from quantvla_core.quant.spec import ArchSpec  # noqa: E402
 
-SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+SIZES = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),

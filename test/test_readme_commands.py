@@ -9,6 +9,7 @@
 - The command line fails in one line (bad flag, bad device), stops cleanly on Ctrl-C and
   stays quiet when its reader closes the pipe.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,11 +30,41 @@ PARSE_ONLY = "<!-- readme-test: parse only"
 VENV_BIN = Path(sys.executable).parent
 # commands the check knows and does not run or parse further (need a robot, a ROS 2
 # installation, a package manager or a network)
-NOT_CHECKED = ("colcon", "rosdep", "sudo", "apt", "apt-get", "pip", "pip3", "python3 -m pip", "cd", "export", "mkdir",
-               "ros2 bag", "ros2 run", "ros2 param", "ros2 lifecycle", "ros2 topic", "tegrastats", "nvidia-smi",
-               "git", "cat", "ls", "echo", "touch", "python -m colcon", "python3 -m colcon", "nvpmodel",
-               "jetson_clocks", "sensors", "ln", "cp", "source /opt/ros",
-               "source install/setup.bash", "source ~/")
+NOT_CHECKED = (
+    "colcon",
+    "rosdep",
+    "sudo",
+    "apt",
+    "apt-get",
+    "pip",
+    "pip3",
+    "python3 -m pip",
+    "cd",
+    "export",
+    "mkdir",
+    "ros2 bag",
+    "ros2 run",
+    "ros2 param",
+    "ros2 lifecycle",
+    "ros2 topic",
+    "tegrastats",
+    "nvidia-smi",
+    "git",
+    "cat",
+    "ls",
+    "echo",
+    "touch",
+    "python -m colcon",
+    "python3 -m colcon",
+    "nvpmodel",
+    "jetson_clocks",
+    "sensors",
+    "ln",
+    "cp",
+    "source /opt/ros",
+    "source install/setup.bash",
+    "source ~/",
+)
 
 
 def shell_blocks(path: Path) -> list[tuple[str, bool, int]]:
@@ -86,8 +117,9 @@ def test_documented_command_is_valid(cmd):
         assert (VENV_BIN / "activate").is_file()
         return
     plain = " ".join(shlex.split(cmd))
-    if any(plain.startswith(p) and (p.endswith("/") or plain[len(p):len(p) + 1] in ("", " ", "/"))
-           for p in NOT_CHECKED):
+    if any(
+        plain.startswith(p) and (p.endswith("/") or plain[len(p) : len(p) + 1] in ("", " ", "/")) for p in NOT_CHECKED
+    ):
         return
     for i, w in enumerate(words):  # leading VAR=value assignments
         if "=" not in w or w.startswith("-"):
@@ -96,6 +128,7 @@ def test_documented_command_is_valid(cmd):
     prog = words[0]
     if prog in ("quantvla", ".venv/bin/quantvla"):
         from quantvla_core.cli import build_parser
+
         try:
             args = build_parser().parse_args(words[1:])
         except SystemExit as e:
@@ -119,8 +152,10 @@ def test_documented_command_is_valid(cmd):
         pytest.fail(f"unknown command in the docs (teach test_readme_commands.py about it): {cmd}")
 
 
-REPO_PATH = re.compile(r"(?<![\w./-])((?:docs|scripts|benchmarks|config|launch|quantvla_core|quantvla_ros|kernels"
-                       r"|test)/[\w./-]*[\w/])")
+REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:docs|scripts|benchmarks|config|launch|quantvla_core|quantvla_ros|kernels"
+    r"|test)/[\w./-]*[\w/])"
+)
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -164,12 +199,16 @@ def test_readme_shell_blocks_run_as_written(tmp_path):
     work = _scratch_checkout(tmp_path)
     results_before = sorted(os.listdir(ROOT / "benchmarks" / "results"))
     script = "set -euo pipefail\n" + "\n".join(f"echo '>>> README line {n}'\n{b}" for b, n in blocks)
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONUNBUFFERED="1",
-               PATH=os.environ.get("PATH", "/usr/bin:/bin"))
+    env = dict(
+        os.environ,
+        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        PYTHONUNBUFFERED="1",
+        PATH=os.environ.get("PATH", "/usr/bin:/bin"),
+    )
     env.pop("VIRTUAL_ENV", None)
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != VENV_BIN)
     r = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=1400)
-    tail = (r.stdout[-3000:] + "\n--- stderr ---\n" + r.stderr[-3000:])
+    tail = r.stdout[-3000:] + "\n--- stderr ---\n" + r.stderr[-3000:]
     assert r.returncode == 0, tail
     assert "Traceback" not in r.stderr, tail
     assert (work / "runs" / "my_policy_w4a8" / "report.json").is_file(), tail
@@ -180,21 +219,24 @@ def test_readme_shell_blocks_run_as_written(tmp_path):
 
 # ---- the command line's failure modes ----------------------------------------------------------
 def _quantvla(*args, **kw):
-    return subprocess.run([str(VENV_BIN / "quantvla"), *args], capture_output=True, text=True, timeout=300,
-                          cwd=kw.get("cwd", ROOT))
+    return subprocess.run(
+        [str(VENV_BIN / "quantvla"), *args], capture_output=True, text=True, timeout=300, cwd=kw.get("cwd", ROOT)
+    )
 
 
 def test_bad_flags_and_devices_are_one_line():
-    for args, needle in ((["quantize", "tiny", "--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
-                         (["run", "tiny", "--image", "a.png", "--instruction", "x", "--device", "gpu"],
-                          "'gpu': accepted cpu, cuda"),
-                         (["layout", "no-such-model"], "neither 'default'"),
-                         (["nosuchcommand"], "invalid choice")):
+    for args, needle in (
+        (["quantize", "tiny", "--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["run", "tiny", "--image", "a.png", "--instruction", "x", "--device", "gpu"], "'gpu': accepted cpu, cuda"),
+        (["layout", "no-such-model"], "neither 'default'"),
+        (["nosuchcommand"], "invalid choice"),
+    ):
         r = _quantvla(*args)
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, r.stderr)
     import torch
+
     if not torch.cuda.is_available():
         r = _quantvla("run", "tiny", "--image", "a.png", "--instruction", "x", "--device", "cuda")
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no CUDA device" in r.stderr
@@ -203,9 +245,23 @@ def test_bad_flags_and_devices_are_one_line():
 def test_ctrl_c_and_closed_pipe_are_quiet(tmp_path):
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err_file:
-        p = subprocess.Popen([str(VENV_BIN / "quantvla"), "quantize", "tiny", "--calib", "synthetic:3000",
-                              "--samples", "3000", "--out", str(tmp_path / "never")], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        p = subprocess.Popen(
+            [
+                str(VENV_BIN / "quantvla"),
+                "quantize",
+                "tiny",
+                "--calib",
+                "synthetic:3000",
+                "--samples",
+                "3000",
+                "--out",
+                str(tmp_path / "never"),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            text=True,
+        )
     # Ctrl-C once the quantizer is at work (its progress bar "quantize w4a8" is on stderr), so the
     # interrupt lands inside the command and not in its imports; 3000 samples keep it busy.
     end = time.monotonic() + 240
@@ -218,6 +274,12 @@ def test_ctrl_c_and_closed_pipe_are_quiet(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "interrupted" in err, err[-2000:]
     assert not (tmp_path / "never").exists()  # nothing half-written
-    r = subprocess.run(f"{VENV_BIN / 'quantvla'} layout tiny | head -n 1", shell=True, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        f"{VENV_BIN / 'quantvla'} layout tiny | head -n 1",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.stdout.startswith("layout ") and r.stderr == "", r.stderr

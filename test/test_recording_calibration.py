@@ -4,6 +4,7 @@ The recordings are written here (``write_synthetic_recording``) with the topic m
 robot: two colour cameras (rgb8 Image + JPEG CompressedImage), a 16UC1 depth stream, the URDF
 on /robot_description, the instruction String and joint states.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,7 @@ def test_samples_spread_over_the_recording_and_heldout_is_other_spans(bag):
     assert all(len(r) >= 2 for r in runs)
     # with four episodes, whole episodes are held out
     path4 = path.parent / "four.mcap"
-    write_synthetic_recording(path4, seconds=8, rate_hz=15, episodes=4,
-                              instructions=("a", "b", "c", "d"))
+    write_synthetic_recording(path4, seconds=8, rate_hz=15, episodes=4, instructions=("a", "b", "c", "d"))
     obs4 = load_observations(path4, TINY, n=16)
     calib, held = split_buffer(obs4, 0.25)
     assert {o.instruction for o in held}.isdisjoint({o.instruction for o in calib}) and held
@@ -80,17 +80,27 @@ def test_samples_spread_over_the_recording_and_heldout_is_other_spans(bag):
 
 def test_named_topics_flags_and_yaml(bag, tmp_path, capsys):
     path, info = bag
-    one = load_observations(CalibrationSource(path, camera_topics=["cam_wrist/image_raw/compressed"],
-                                              instruction_topic="/instruction", state_topic="none"), TINY, n=4)
+    one = load_observations(
+        CalibrationSource(
+            path, camera_topics=["cam_wrist/image_raw/compressed"], instruction_topic="/instruction", state_topic="none"
+        ),
+        TINY,
+        n=4,
+    )
     assert len(one[0].images) == 1 and not one[0].state.any()
     spec = tmp_path / "calib.yaml"
-    spec.write_text(f"source: {path}\ncamera_topics: [/cam_wrist/image_raw/compressed, /cam_high/image_raw]\n"
-                    "instruction: stack the cups\n")
+    spec.write_text(
+        f"source: {path}\ncamera_topics: [/cam_wrist/image_raw/compressed, /cam_high/image_raw]\n"
+        "instruction: stack the cups\n"
+    )
     obs = load_observations(spec, TINY, n=4)
     assert [o.instruction for o in obs] == ["stack the cups"] * 4
     assert "cameras /cam_wrist/image_raw/compressed, /cam_high/image_raw" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"camera topic '/cam/missing' \(--camera-topics\) is not in the "
-                                         r"recording; found: .*/cam_high/image_raw"):
+    with pytest.raises(
+        ValueError,
+        match=r"camera topic '/cam/missing' \(--camera-topics\) is not in the "
+        r"recording; found: .*/cam_high/image_raw",
+    ):
         load_observations(CalibrationSource(path, camera_topics=["/cam/missing"]), TINY, n=4)
     with pytest.raises(ValueError, match="is not a colour camera"):
         load_observations(CalibrationSource(path, camera_topics=["/cam_high/depth/image_raw"]), TINY, n=4)
@@ -105,6 +115,7 @@ def test_ambiguous_or_missing_topics_are_named(tmp_path):
     from mcap_ros2.writer import Writer
 
     from quantvla_core.recordings import MSGDEFS, TEXT
+
     p = tmp_path / "two_strings.mcap"
     write_synthetic_recording(p, seconds=2, rate_hz=10, episodes=1)
     # a second short String topic: which is the instruction must be named
@@ -126,9 +137,12 @@ def test_truncated_and_foreign_files_get_clear_errors(bag, tmp_path):
     path, _ = bag
     data = path.read_bytes()
     cut = tmp_path / "cut.mcap"
-    cut.write_bytes(data[:len(data) // 2])
-    with pytest.raises(RecordingError, match=r"cut.mcap: the recording ends early after \d+ readable messages "
-                                             r"\(truncated.*mcap recover"):
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        RecordingError,
+        match=r"cut.mcap: the recording ends early after \d+ readable messages "
+        r"\(truncated.*mcap recover",
+    ):
         load_observations(cut, TINY, n=4)
     junk = tmp_path / "junk.mcap"
     junk.write_bytes(b"SQLite format 3\0" + bytes(100))
@@ -138,8 +152,16 @@ def test_truncated_and_foreign_files_get_clear_errors(bag, tmp_path):
 
 def test_streaming_memory_is_bounded_by_the_samples_kept(tmp_path):
     path = tmp_path / "long.mcap"
-    write_synthetic_recording(path, seconds=40, rate_hz=10, size=(120, 160), episodes=2, depth=False,
-                              wrist_compressed=False, compression="none")
+    write_synthetic_recording(
+        path,
+        seconds=40,
+        rate_hz=10,
+        size=(120, 160),
+        episodes=2,
+        depth=False,
+        wrist_compressed=False,
+        compression="none",
+    )
     frame = 120 * 160 * 3
     total = 400 * 2 * frame  # 46 MB of camera frames in the recording
     tracemalloc.start()
@@ -154,14 +176,32 @@ def test_streaming_memory_is_bounded_by_the_samples_kept(tmp_path):
 
 def test_quantize_cli_from_a_recording_with_topic_flags(bag, tmp_path, capsys):
     from quantvla_core.cli import main
+
     path, _ = bag
     out = tmp_path / "art"
     old = os.umask(0o027)
     try:
-        rc = main(["quantize", "tiny", "--scheme", "w8a8", "--calib", str(path), "--samples", "6",
-                   "--camera-topics", "/cam_high/image_raw,/cam_wrist/image_raw/compressed",
-                   "--instruction-topic", "/instruction", "--state-topic", "/joint_states",
-                   "--no-progress", "--out", str(out)])
+        rc = main(
+            [
+                "quantize",
+                "tiny",
+                "--scheme",
+                "w8a8",
+                "--calib",
+                str(path),
+                "--samples",
+                "6",
+                "--camera-topics",
+                "/cam_high/image_raw,/cam_wrist/image_raw/compressed",
+                "--instruction-topic",
+                "/instruction",
+                "--state-topic",
+                "/joint_states",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         os.umask(old)
     cap = capsys.readouterr()
@@ -172,19 +212,32 @@ def test_quantize_cli_from_a_recording_with_topic_flags(bag, tmp_path, capsys):
     # files and the artifact directory follow the umask (0027 here), not a fixed 0600/0644
     assert (out / "report.json").stat().st_mode & 0o777 == 0o640
     assert out.stat().st_mode & 0o777 == 0o750
-    rc = main(["quantize", "tiny", "--calib", str(path), "--camera-topics", "/nope", "--no-progress",
-               "--out", str(tmp_path / "x")])
+    rc = main(
+        [
+            "quantize",
+            "tiny",
+            "--calib",
+            str(path),
+            "--camera-topics",
+            "/nope",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "'/nope' (--camera-topics) is not in the" in err
 
 
 def test_progress_bar_and_no_ros_import(bag):
     path, _ = bag
-    code = ("import sys; from quantvla_core.config import preset; "
-            "from quantvla_core.quant.calibration import CalibrationSource, load_observations; "
-            f"load_observations(CalibrationSource({str(path)!r}, progress=True), preset('tiny'), n=3); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('rclpy', 'quantvla_ros', 'cv_bridge')]; "
-            "print('ROS' if bad else 'clean', bad)")
+    code = (
+        "import sys; from quantvla_core.config import preset; "
+        "from quantvla_core.quant.calibration import CalibrationSource, load_observations; "
+        f"load_observations(CalibrationSource({str(path)!r}, progress=True), preset('tiny'), n=3); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('rclpy', 'quantvla_ros', 'cv_bridge')]; "
+        "print('ROS' if bad else 'clean', bad)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("clean"), r.stdout
@@ -193,6 +246,7 @@ def test_progress_bar_and_no_ros_import(bag):
 
 def test_bag_directory_files_in_recording_order(tmp_path):
     from quantvla_core.recordings import recording_files
+
     for name in ("bag_10.mcap", "bag_2.mcap", "bag_0.mcap", "bag_1.mcap", "metadata.yaml"):
         (tmp_path / name).write_bytes(b"")
     assert [f.name for f in recording_files(tmp_path)] == ["bag_0.mcap", "bag_1.mcap", "bag_2.mcap", "bag_10.mcap"]

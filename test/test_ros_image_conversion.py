@@ -1,5 +1,6 @@
 """Image conversion against the sensor_msgs/Image field definitions (row-major, `step` bytes
 per row, `is_bigendian` for multi-byte channels), with messages built byte by byte here."""
+
 import struct
 
 import cv2
@@ -9,8 +10,14 @@ import pytest
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from quantvla_ros.image_conversion import (  # noqa: E402
-    RAW_ENCODINGS, ImageConversionError, compressed_to_rgb, image_to_rgb, message_to_rgb,
-    rgb_to_compressed, rgb_to_image)
+    RAW_ENCODINGS,
+    ImageConversionError,
+    compressed_to_rgb,
+    image_to_rgb,
+    message_to_rgb,
+    rgb_to_compressed,
+    rgb_to_image,
+)
 
 
 def _rng_image(h=5, w=7, seed=0):
@@ -36,14 +43,21 @@ def _msg(h, w, encoding, step, data, big=0):
 
 def test_field_definitions_are_the_ones_assumed():
     fields = Image.get_fields_and_field_types()
-    assert fields == {"header": "std_msgs/Header", "height": "uint32", "width": "uint32",
-                      "encoding": "string", "is_bigendian": "uint8", "step": "uint32",
-                      "data": "sequence<uint8>"}
+    assert fields == {
+        "header": "std_msgs/Header",
+        "height": "uint32",
+        "width": "uint32",
+        "encoding": "string",
+        "is_bigendian": "uint8",
+        "step": "uint32",
+        "data": "sequence<uint8>",
+    }
     assert CompressedImage.get_fields_and_field_types()["format"] == "string"
 
 
-@pytest.mark.parametrize("encoding,order", [("rgb8", (0, 1, 2)), ("bgr8", (2, 1, 0)),
-                                            ("rgba8", (0, 1, 2, None)), ("bgra8", (2, 1, 0, None))])
+@pytest.mark.parametrize(
+    "encoding,order", [("rgb8", (0, 1, 2)), ("bgr8", (2, 1, 0)), ("rgba8", (0, 1, 2, None)), ("bgra8", (2, 1, 0, None))]
+)
 def test_color_encodings_with_row_padding(encoding, order):
     rgb = _rng_image()
     h, w = rgb.shape[:2]
@@ -103,9 +117,17 @@ def test_compressed_png_is_lossless_and_jpeg_close():
     assert out.shape == smooth.shape and np.abs(out.astype(int) - smooth).mean() < 4
 
 
-@pytest.mark.parametrize("case,code", [
-    ("encoding", "unsupported_encoding"), ("zero", "empty"), ("step_small", "size_mismatch"),
-    ("truncated", "truncated"), ("extra", "size_mismatch"), ("huge_header", "too_large")])
+@pytest.mark.parametrize(
+    "case,code",
+    [
+        ("encoding", "unsupported_encoding"),
+        ("zero", "empty"),
+        ("step_small", "size_mismatch"),
+        ("truncated", "truncated"),
+        ("extra", "size_mismatch"),
+        ("huge_header", "too_large"),
+    ],
+)
 def test_bad_raw_images_raise_named_errors(case, code):
     rgb = _rng_image(4, 4)
     msg = rgb_to_image(rgb, "rgb8")
@@ -150,7 +172,7 @@ def test_bad_compressed_images_raise_named_errors():
         (comp(png[:16] + struct.pack(">II", 50000, 50000) + png[24:], "png"), "too_large"),
     ]
     sof = jpeg.index(b"\xff\xc0")
-    huge = jpeg[:sof + 5] + struct.pack(">HH", 60000, 60000) + jpeg[sof + 9:]
+    huge = jpeg[: sof + 5] + struct.pack(">HH", 60000, 60000) + jpeg[sof + 9 :]
     cases.append((comp(huge), "too_large"))
     for msg, code in cases:
         with pytest.raises(ImageConversionError) as err:
@@ -161,8 +183,13 @@ def test_bad_compressed_images_raise_named_errors():
 def test_geometry_is_checked_before_pixels():
     from sensor_msgs.msg import CompressedImage
 
-    from quantvla_ros.image_conversion import (ImageConversionError, compressed_to_rgb,
-                                               image_to_rgb, rgb_to_compressed, rgb_to_image)
+    from quantvla_ros.image_conversion import (
+        ImageConversionError,
+        compressed_to_rgb,
+        image_to_rgb,
+        rgb_to_compressed,
+        rgb_to_image,
+    )
 
     thin = rgb_to_image(np.zeros((1, 10000, 3), np.uint8))
     with pytest.raises(ImageConversionError, match="aspect ratio 10000.0:1") as e:
@@ -180,16 +207,17 @@ def test_damaged_jpeg_that_libjpeg_still_decodes_is_refused():
     import cv2
     from sensor_msgs.msg import CompressedImage
 
-    from quantvla_ros.image_conversion import (ImageConversionError, compressed_to_rgb,
-                                               rgb_to_compressed)
+    from quantvla_ros.image_conversion import ImageConversionError, compressed_to_rgb, rgb_to_compressed
     from quantvla_ros.synthetic_camera import render_scene
 
     good = bytes(rgb_to_compressed(render_scene(64, 48, 0.0), "jpeg").data)
     k = good.find(b"\xff\xda") + 100
-    cases = {"flip": (good[:k] + bytes([good[k] ^ 0x5A]) + good[k + 1:], "corrupt", "libjpeg"),
-             "marker": (good[:k] + b"\xff\x37" + good[k + 2:], "corrupt", "inside scan"),
-             "no_eoi": (good[:-2], "truncated", "no EOI"),
-             "cut": (good[:len(good) * 2 // 3], "truncated", "no EOI")}
+    cases = {
+        "flip": (good[:k] + bytes([good[k] ^ 0x5A]) + good[k + 1 :], "corrupt", "libjpeg"),
+        "marker": (good[:k] + b"\xff\x37" + good[k + 2 :], "corrupt", "inside scan"),
+        "no_eoi": (good[:-2], "truncated", "no EOI"),
+        "cut": (good[: len(good) * 2 // 3], "truncated", "no EOI"),
+    }
     for name, (data, code, words) in cases.items():
         if name == "flip":  # the case this exists for: imdecode returns an image
             assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
@@ -197,6 +225,5 @@ def test_damaged_jpeg_that_libjpeg_still_decodes_is_refused():
             compressed_to_rgb(CompressedImage(format="jpeg", data=data))
         assert e.value.code == code, name
     assert compressed_to_rgb(CompressedImage(format="jpeg", data=good)).shape == (48, 64, 3)
-    progressive = cv2.imencode(".jpg", render_scene(64, 48, 0.0),
-                               [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    progressive = cv2.imencode(".jpg", render_scene(64, 48, 0.0), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
     assert compressed_to_rgb(CompressedImage(format="jpeg", data=progressive)).shape == (48, 64, 3)

@@ -1,6 +1,7 @@
 """The launch files without `launch` installed: they parse, define generate_launch_description,
 declare the arguments the README promises, and start the package's real executables (which
 setup.py declares). launch_pytest runs them for real in test_ros_launch_pytest.py."""
+
 import ast
 import os
 import re
@@ -35,8 +36,7 @@ def test_launch_file_defines_generate_launch_description(name):
 
 def test_quantvla_launch_declares_documented_arguments_and_lifecycle_node():
     tree = _tree("quantvla.launch.py")
-    args = next(n for n in tree.body if isinstance(n, ast.Assign)
-                and getattr(n.targets[0], "id", "") == "ARGUMENTS")
+    args = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "ARGUMENTS")
     names = {t.elts[0].value for t in args.value.elts}
     assert {"model", "params_file", "namespace", "use_sim_time", "camera_topics"} <= names
     strings = _strings(tree)

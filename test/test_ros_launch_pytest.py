@@ -4,6 +4,7 @@ launch, launch_ros and launch_pytest are not installable from PyPI, so this modu
 where they are missing; test_ros_policy_node.py covers the same scenarios by starting the
 executables directly.
 """
+
 import os
 import threading
 import time
@@ -24,23 +25,31 @@ LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 @pytest.fixture(scope="module")
 def loopback_domain():
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["ROS_DOMAIN_ID"] = (os.environ.get("ROS_DOMAIN_ID")  # the run's, else our own
-                                   or str(100 + (os.getpid() * 13) % 100))
-    os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", os.path.join(
-        os.path.dirname(LAUNCH_DIR), "config", "fastdds_large_data.xml"))
+    os.environ["ROS_DOMAIN_ID"] = (
+        os.environ.get("ROS_DOMAIN_ID")  # the run's, else our own
+        or str(100 + (os.getpid() * 13) % 100)
+    )
+    os.environ.setdefault(
+        "FASTDDS_DEFAULT_PROFILES_FILE", os.path.join(os.path.dirname(LAUNCH_DIR), "config", "fastdds_large_data.xml")
+    )
     return int(os.environ["ROS_DOMAIN_ID"])
 
 
 def _include(name, **args):
-    return IncludeLaunchDescription(PythonLaunchDescriptionSource(os.path.join(LAUNCH_DIR, name)),
-                                    launch_arguments={k: str(v) for k, v in args.items()}.items())
+    return IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(os.path.join(LAUNCH_DIR, name)),
+        launch_arguments={k: str(v) for k, v in args.items()}.items(),
+    )
 
 
 @launch_pytest.fixture
 def demo_launch(loopback_domain):
-    return launch.LaunchDescription([
-        _include("demo.launch.py", model="tiny", width=320, height=240, rate_hz=10.0),
-        launch_pytest.actions.ReadyToTest()])
+    return launch.LaunchDescription(
+        [
+            _include("demo.launch.py", model="tiny", width=320, height=240, rate_hz=10.0),
+            launch_pytest.actions.ReadyToTest(),
+        ]
+    )
 
 
 def _collect(topic_type, topic, count, timeout_s):
@@ -89,10 +98,12 @@ def test_demo_launch_publishes_diagnostics():
 
 @launch_pytest.fixture
 def policy_launch_without_camera(loopback_domain):
-    return launch.LaunchDescription([
-        _include("quantvla.launch.py", model="tiny", namespace="robot1",
-                 camera_topics="/robot1/cam/image_raw"),
-        launch_pytest.actions.ReadyToTest()])
+    return launch.LaunchDescription(
+        [
+            _include("quantvla.launch.py", model="tiny", namespace="robot1", camera_topics="/robot1/cam/image_raw"),
+            launch_pytest.actions.ReadyToTest(),
+        ]
+    )
 
 
 @pytest.mark.launch(fixture=policy_launch_without_camera)
@@ -101,7 +112,6 @@ def test_policy_launch_namespaces_and_reports_missing_camera():
 
     arrays = _collect(DiagnosticArray, "/diagnostics", 10, 40.0)
     policy = [s for a in arrays for s in a.status if s.name == "policy_node: policy"]
-    assert policy and any(kv.value == "active" for s in policy for kv in s.values
-                          if kv.key == "lifecycle_state")
+    assert policy and any(kv.value == "active" for s in policy for kv in s.values if kv.key == "lifecycle_state")
     inputs = [s for a in arrays for s in a.status if s.name == "policy_node: inputs"]
     assert any(kv.value == "/robot1/cam/image_raw" for s in inputs for kv in s.values)

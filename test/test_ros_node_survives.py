@@ -7,6 +7,7 @@ camera that stops, a 10000x1 image, a JPEG that decodes to garbage, a stamp with
 executors. Waits are on messages and counters, not fixed sleeps, except where a test must show
 that nothing comes (then it first waits until the node has demonstrably processed the input).
 """
+
 import signal
 import time
 
@@ -24,8 +25,15 @@ from quantvla_ros.diagnostics import level_of  # noqa: E402
 from quantvla_ros.image_conversion import rgb_to_compressed, rgb_to_image  # noqa: E402
 from quantvla_ros.node_process import start_node, stop_node, write_params  # noqa: E402
 
-from test_ros_policy_node import (JOINTS, STAMP_TOLERANCE_S, Harness, _domain_id,  # noqa: E402
-                                  _log_lines, _node_params, wait_past)
+from test_ros_policy_node import (
+    JOINTS,
+    STAMP_TOLERANCE_S,
+    Harness,
+    _domain_id,  # noqa: E402
+    _log_lines,
+    _node_params,
+    wait_past,
+)
 from conftest import loopback_ros_env  # noqa: E402
 
 NODE = "survivor"
@@ -42,13 +50,13 @@ def node(ros_env, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("survivor")
     h = Harness(ros_env, "qs")
     h.instruction.publish(String(data="stack the blocks"))
-    params = write_params(str(tmp / "params.yaml"), {NODE: _node_params(
-        "qs", autostart=True, executor="multi_threaded")})
+    params = write_params(
+        str(tmp / "params.yaml"), {NODE: _node_params("qs", autostart=True, executor="multi_threaded")}
+    )
     log = str(tmp / "node.log")
     proc = start_node("policy_node", params, log, extra_args=["-r", f"__node:={NODE}"])
     try:
-        h.wait_for(lambda: h.values("policy").get("lifecycle_state") == "active", 60.0,
-                   "the node to autostart")
+        h.wait_for(lambda: h.values("policy").get("lifecycle_state") == "active", 60.0, "the node to autostart")
         h.send_joints()
         h.act(log=log)
         yield h, proc, log
@@ -70,8 +78,9 @@ def _settled(h):
     read after this are not from before the last chunk)."""
     with h.lock:
         n = len(h.trajectories)
-    h.wait_for(lambda: int(h.values("policy").get("chunks_published", "-1")) >= n, 5.0,
-               "diagnostics counting every chunk")
+    h.wait_for(
+        lambda: int(h.values("policy").get("chunks_published", "-1")) >= n, 5.0, "diagnostics counting every chunk"
+    )
 
 
 def _outside_tolerance():
@@ -136,8 +145,11 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
             time.sleep(0.02)  # camera0 streams while camera1 ages into the WARN window: real time
         assert seen_warn, "no WARN while camera1 was stale but not yet lost"
         # both cameras stop: both ages grow, still no action from the last (now stale) frames
-        h.wait_for(lambda: float(h.values("inputs")["camera0_age_s"]) > 1.5
-                   and level_of(h.status("inputs")) == 2, 8.0, "camera0 lost too")
+        h.wait_for(
+            lambda: float(h.values("inputs")["camera0_age_s"]) > 1.5 and level_of(h.status("inputs")) == 2,
+            8.0,
+            "camera0 lost too",
+        )
         lost = h.status("inputs").message.split("; ")[0]
         assert lost.startswith("camera lost:") and "camera0" in lost and "camera1" in lost
         h.act()  # streaming again: it acts
@@ -169,10 +181,15 @@ def test_extreme_aspect_image_is_refused_up_front_with_a_reason(node, shape):
     h.send_pair(s, cam0=msg)
     _processed(h, "invalid.camera0.bad_geometry", before, f"{shape} refused as bad_geometry")
     assert "bad_geometry" in h.status("inputs").message
-    h.wait_for(lambda: f"image is {shape[1]}x{shape[0]}" in h.values("inputs")["last_problem"],
-               5.0, "the reason in diagnostics")
-    assert any("bad_geometry" not in line and "aspect ratio" in line or "min_image_side" in line
-               for line in _log_lines(log, "camera0:"))  # logged once per burst
+    h.wait_for(
+        lambda: f"image is {shape[1]}x{shape[0]}" in h.values("inputs")["last_problem"],
+        5.0,
+        "the reason in diagnostics",
+    )
+    assert any(
+        "bad_geometry" not in line and "aspect ratio" in line or "min_image_side" in line
+        for line in _log_lines(log, "camera0:")
+    )  # logged once per burst
     h.act()
     assert int(h.values("policy")["inference_errors"]) == errors  # never reached the model
     assert h.trajectory_for(s) is None and proc.poll() is None
@@ -193,8 +210,10 @@ def test_extreme_aspect_jpeg_is_refused_before_decoding(node):
 def _damaged_jpegs(jpeg: bytes) -> dict:
     sos = jpeg.find(b"\xff\xda")
     k = sos + 100
-    return {"corrupt": jpeg[:k] + bytes([jpeg[k] ^ 0x5A]) + jpeg[k + 1:],  # still decodes
-            "truncated": jpeg[:-2]}  # EOI lost: OpenCV decodes it, libjpeg warns
+    return {
+        "corrupt": jpeg[:k] + bytes([jpeg[k] ^ 0x5A]) + jpeg[k + 1 :],  # still decodes
+        "truncated": jpeg[:-2],
+    }  # EOI lost: OpenCV decodes it, libjpeg warns
 
 
 @pytest.mark.parametrize("code", ["corrupt", "truncated"])
@@ -203,8 +222,9 @@ def test_jpeg_that_still_decodes_to_garbage_is_dropped(node, code):
 
     h, proc, log = node
     data = _damaged_jpegs(h.jpeg)[code]
-    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None or \
-        code == "truncated"  # the point: a plain imdecode would have acted on it
+    assert (
+        cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None or code == "truncated"
+    )  # the point: a plain imdecode would have acted on it
     before = h.counter(f"invalid.camera1.{code}")
     _outside_tolerance()
     s = h.stamp()
@@ -228,6 +248,7 @@ def test_stamp_with_nanosec_out_of_range_is_refused_not_copied(node):
         assert all(m.header.stamp.nanosec < 1_000_000_000 for m in h.trajectories)
     before = h.counter("invalid.joint_state.stamp_invalid")
     from sensor_msgs.msg import JointState
+
     js = JointState(name=list(JOINTS), position=[0.0] * 4)
     js.header.stamp = h.stamp()
     js.header.stamp.nanosec = 1_999_999_999
@@ -236,17 +257,19 @@ def test_stamp_with_nanosec_out_of_range_is_refused_not_copied(node):
     h.send_joints()
 
 
-@pytest.mark.parametrize("names,positions,extra", [
-    (["a", "b"], (0.1, 0.2, 0.3, 0.4), {}),
-    (None, (0.1, 0.2, 0.3, 0.4), {"velocity": [0.0, 0.0]}),
-])
+@pytest.mark.parametrize(
+    "names,positions,extra",
+    [
+        (["a", "b"], (0.1, 0.2, 0.3, 0.4), {}),
+        (None, (0.1, 0.2, 0.3, 0.4), {"velocity": [0.0, 0.0]}),
+    ],
+)
 def test_joint_state_with_mismatched_arrays_is_refused(node, names, positions, extra):
     from sensor_msgs.msg import JointState
 
     h, _, _ = node
     before = h.counter("invalid.joint_state.joint_state_length")
-    js = JointState(name=list(names if names is not None else JOINTS),
-                    position=[float(p) for p in positions], **extra)
+    js = JointState(name=list(names if names is not None else JOINTS), position=[float(p) for p in positions], **extra)
     js.header.stamp = h.stamp()
     h.joints.publish(js)
     _processed(h, "invalid.joint_state.joint_state_length", before, "mismatch refused")
@@ -264,8 +287,10 @@ def test_inverted_action_limits_are_refused_at_parameter_set_time(node):
     assert res[0].successful  # action_min alone: no upper limit yet to compare with
     assert not res[1].successful and "action_min must be < action_max" in res[1].reason
     req = SetParametersAtomically.Request()
-    req.parameters = [Parameter("action_min", value=[1.0] * 4).to_parameter_msg(),
-                      Parameter("action_max", value=[2.0, 2.0, 0.5, 2.0]).to_parameter_msg()]
+    req.parameters = [
+        Parameter("action_min", value=[1.0] * 4).to_parameter_msg(),
+        Parameter("action_max", value=[2.0, 2.0, 0.5, 2.0]).to_parameter_msg(),
+    ]
     result = h.call(SetParametersAtomically, f"/{NODE}/set_parameters_atomically", req).result
     assert not result.successful and "index [2]" in result.reason
     res = h.set_params(NODE, action_max=[1e6] * 4, action_min=[-1e6] * 4)
@@ -285,8 +310,12 @@ def test_identical_instructions_are_logged_once(node):
         h.instruction.publish(String(data=text))
         time.sleep(0.01)
     # (with depth 1 some are superseded before the node takes them: 56-100 arrive here)
-    h.wait_for(lambda: int(h.values("inputs")["instruction_received"]) >= before + 30, 10.0,
-               "many of the 100 instructions received")
+    h.wait_for(
+        lambda: int(h.values("inputs")["instruction_received"]) >= before + 30,
+        10.0,
+        "many of the 100 instructions received",
+    )
+
     def every_one_after_the_first_is_a_repeat():
         # both counters from ONE diagnostics snapshot (two reads could straddle a newer one
         # while the tail of the burst still arrives: a CI run saw 55 vs 55 - 1 that way)
@@ -304,8 +333,7 @@ def test_identical_instructions_are_logged_once(node):
 def test_deadline_misses_and_last_latency_against_budget(node):
     h, _, log = node
     h.act()
-    h.wait_for(lambda: h.values("policy").get("last_chunk_latency_ms", "n/a") != "n/a", 5.0,
-               "latency reported")
+    h.wait_for(lambda: h.values("policy").get("last_chunk_latency_ms", "n/a") != "n/a", 5.0, "latency reported")
     v = h.values("policy")
     # default budget: the chunk's duration, 8 points x 0.05 s
     assert float(v["latency_budget_ms"]) == pytest.approx(400.0)
@@ -326,9 +354,21 @@ def test_deadline_misses_and_last_latency_against_budget(node):
 
 # ---------------------------------------------------------------- shutdown under load
 def _start_loaded(tmp, h, name, executor):
-    params = write_params(str(tmp / f"{name}.yaml"), {name: _node_params(
-        "ql", camera_topics=["/ql/cam0/image_raw"], joint_state_topic="", autostart=True,
-        executor=executor, warmup_count=0, diagnostics_period_s=0.05, image_timeout_s=5.0)})
+    params = write_params(
+        str(tmp / f"{name}.yaml"),
+        {
+            name: _node_params(
+                "ql",
+                camera_topics=["/ql/cam0/image_raw"],
+                joint_state_topic="",
+                autostart=True,
+                executor=executor,
+                warmup_count=0,
+                diagnostics_period_s=0.05,
+                image_timeout_s=5.0,
+            )
+        },
+    )
     log = str(tmp / f"{name}.log")
     return start_node("policy_node", params, log, extra_args=["-r", f"__node:={name}"]), log
 
@@ -341,8 +381,12 @@ def test_sigint_and_sigterm_under_load_exit_cleanly(ros_env, tmp_path, round_):
 
     h = Harness(ros_env, "ql")
     h.instruction.publish(String(data="hold the cup"))
-    kinds = [("multi_threaded", signal.SIGINT), ("multi_threaded", signal.SIGTERM),
-             ("single_threaded", signal.SIGTERM), ("single_threaded", signal.SIGINT)]
+    kinds = [
+        ("multi_threaded", signal.SIGINT),
+        ("multi_threaded", signal.SIGTERM),
+        ("single_threaded", signal.SIGTERM),
+        ("single_threaded", signal.SIGINT),
+    ]
     if round_:
         kinds = [(e, signal.SIGTERM if s == signal.SIGINT else signal.SIGINT) for e, s in kinds]
     procs = [_start_loaded(tmp_path, h, f"shut{round_}{i}", e) for i, (e, _) in enumerate(kinds)]
@@ -355,8 +399,13 @@ def test_sigint_and_sigterm_under_load_exit_cleanly(ros_env, tmp_path, round_):
 
     streamer = threading.Thread(target=stream, daemon=True)
     try:
-        h.wait_for(lambda: len({s.name for s in h.diags.values()}) >= 0 and all(
-            _log_lines(log, "activated") for _, log in procs), 90.0, "all nodes active")
+        h.wait_for(
+            lambda: (
+                len({s.name for s in h.diags.values()}) >= 0 and all(_log_lines(log, "activated") for _, log in procs)
+            ),
+            90.0,
+            "all nodes active",
+        )
         streamer.start()
         with h.lock:
             n0 = len(h.trajectories)
@@ -387,8 +436,10 @@ def test_sigint_and_sigterm_under_load_exit_cleanly(ros_env, tmp_path, round_):
 def test_stop_request_during_configure_and_imports_exits_cleanly(ros_env, tmp_path):
     """SIGINT while the model warms up (configure runs in the executor), SIGTERM while the
     executable is still importing: both exit 0 through the same ordered shutdown."""
-    params = write_params(str(tmp_path / "p.yaml"), {"early": _node_params(
-        "qe2", camera_topics=["/qe2/cam0/image_raw"], autostart=True, warmup_count=100)})
+    params = write_params(
+        str(tmp_path / "p.yaml"),
+        {"early": _node_params("qe2", camera_topics=["/qe2/cam0/image_raw"], autostart=True, warmup_count=100)},
+    )
     log = str(tmp_path / "configure.log")
     proc = start_node("policy_node", params, log, extra_args=["-r", "__node:=early"])
     try:

@@ -6,6 +6,7 @@ Two node processes per run: one autostarted with the default single-threaded exe
 path, every bad input, live parameters), one with executor multi_threaded driven through
 lifecycle change_state (a missing and a corrupt model, a saved model directory, use_sim_time).
 """
+
 import math
 import os
 import threading
@@ -23,8 +24,13 @@ from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,  # noqa: E402
-                       qos_profile_sensor_data)
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,  # noqa: E402
+    qos_profile_sensor_data,
+)
 from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
@@ -35,8 +41,12 @@ from quantvla_ros.node_process import start_node, stop_node, write_params  # noq
 from quantvla_ros.synthetic_camera import render_scene  # noqa: E402
 from conftest import loopback_ros_env  # noqa: E402
 
-LATCHED = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
+LATCHED = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
 JOINTS = ["shoulder", "elbow", "wrist", "gripper"]
 HORIZON, DT = 8, 0.05
 # The node's stamp_tolerance_s here: camera frames further apart than this are not one set.
@@ -55,8 +65,11 @@ def wait_past(timeout_s: float) -> None:
     """Let real time pass beyond a node timeout (an input going stale is what such a test is
     about: no event can stand in for the clock)."""
     time.sleep(timeout_s + TIMEOUT_MARGIN_S)
-FASTDDS_PROFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "config", "fastdds_large_data.xml")  # the tiny preset's horizon; action_dt given to the node
+
+
+FASTDDS_PROFILE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "fastdds_large_data.xml"
+)  # the tiny preset's horizon; action_dt given to the node
 
 
 class Harness:
@@ -73,8 +86,7 @@ class Harness:
         n.create_subscription(JointTrajectory, f"/{prefix}/traj", self._on_traj, 50)
         n.create_subscription(DiagnosticArray, f"/{prefix}/diagnostics", self._on_diag, 50)
         self.cam0 = n.create_publisher(Image, f"/{prefix}/cam0/image_raw", qos_profile_sensor_data)
-        self.cam1 = n.create_publisher(CompressedImage, f"/{prefix}/cam1/image_raw/compressed",
-                                       qos_profile_sensor_data)
+        self.cam1 = n.create_publisher(CompressedImage, f"/{prefix}/cam1/image_raw/compressed", qos_profile_sensor_data)
         self.instruction = n.create_publisher(String, f"/{prefix}/instruction", LATCHED)
         self.joints = n.create_publisher(JointState, f"/{prefix}/joint_states", 10)
         self.executor = MultiThreadedExecutor(num_threads=2, context=self.ctx)
@@ -159,8 +171,10 @@ class Harness:
                         return s, msg
                 time.sleep(0.01)
         tail = "".join(open(log).readlines()[-15:]) if log else ""
-        raise AssertionError(f"no trajectory came back for valid inputs in {timeout_s} s "
-                             f"({len(sent)} pairs sent){'; node log tail:' + chr(10) + tail if tail else ''}")
+        raise AssertionError(
+            f"no trajectory came back for valid inputs in {timeout_s} s "
+            f"({len(sent)} pairs sent){'; node log tail:' + chr(10) + tail if tail else ''}"
+        )
 
     def values(self, status):
         with self.lock:
@@ -220,13 +234,22 @@ def _domain_id(offset):
 
 def _node_params(prefix, **over):
     params = {
-        "model": "tiny", "camera_topics": [f"/{prefix}/cam0/image_raw",
-                                           f"/{prefix}/cam1/image_raw/compressed"],
-        "instruction_topic": f"/{prefix}/instruction", "joint_state_topic": f"/{prefix}/joint_states",
-        "trajectory_topic": f"/{prefix}/traj", "diagnostics_topic": f"/{prefix}/diagnostics",
-        "joint_names": JOINTS, "action_dt": DT, "diagnostics_period_s": 0.2, "log_quiet_s": 60.0,
-        "stamp_tolerance_s": STAMP_TOLERANCE_S, "image_timeout_s": 2.0, "joint_state_timeout_s": 0.0,
-        "warmup_count": 1, "max_image_pixels": 1_000_000, "num_threads": 1,
+        "model": "tiny",
+        "camera_topics": [f"/{prefix}/cam0/image_raw", f"/{prefix}/cam1/image_raw/compressed"],
+        "instruction_topic": f"/{prefix}/instruction",
+        "joint_state_topic": f"/{prefix}/joint_states",
+        "trajectory_topic": f"/{prefix}/traj",
+        "diagnostics_topic": f"/{prefix}/diagnostics",
+        "joint_names": JOINTS,
+        "action_dt": DT,
+        "diagnostics_period_s": 0.2,
+        "log_quiet_s": 60.0,
+        "stamp_tolerance_s": STAMP_TOLERANCE_S,
+        "image_timeout_s": 2.0,
+        "joint_state_timeout_s": 0.0,
+        "warmup_count": 1,
+        "max_image_pixels": 1_000_000,
+        "num_threads": 1,
     }
     params.update(over)
     return params
@@ -246,13 +269,18 @@ def active_node(ros_env, tmp_path_factory):
     h = Harness(ros_env, "qa")
     h.instruction.publish(String(data="pick up the red block"))
     # Non-default process settings, so the log shows they travel from the YAML into main().
-    params = write_params(str(tmp / "params.yaml"), {"policy_node": _node_params(
-        "qa", autostart=True, gil_switch_interval_ms=0.5, malloc_mmap_threshold_mib=8)})
+    params = write_params(
+        str(tmp / "params.yaml"),
+        {"policy_node": _node_params("qa", autostart=True, gil_switch_interval_ms=0.5, malloc_mmap_threshold_mib=8)},
+    )
     log = str(tmp / "node.log")
     proc = start_node("policy_node", params, log)
     try:
-        h.wait_for(lambda: h.values("policy").get("lifecycle_state") == "active", 60.0,
-                   "the node to autostart (configure + activate)")
+        h.wait_for(
+            lambda: h.values("policy").get("lifecycle_state") == "active",
+            60.0,
+            "the node to autostart (configure + activate)",
+        )
         h.send_joints()
         yield h, proc, log
     finally:
@@ -278,8 +306,11 @@ def test_chunk_arrives_with_joint_names_points_timing_and_stamp(active_node):
         assert len(point.positions) == len(JOINTS)
         assert all(math.isfinite(v) for v in point.positions)
     assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (stamp.sec, stamp.nanosec)
-    h.wait_for(lambda: h.values("inputs")["instruction"] == "pick up the red block", 5.0,
-               "the instruction latched before the node started (late joiner)")
+    h.wait_for(
+        lambda: h.values("inputs")["instruction"] == "pick up the red block",
+        5.0,
+        "the instruction latched before the node started (late joiner)",
+    )
     assert proc.poll() is None
 
 
@@ -289,8 +320,7 @@ def test_diagnostics_carry_every_stage_and_resource_field(active_node):
         h.act()
     h.wait_for(lambda: int(h.values("policy").get("latency_samples", "0")) >= 3, 5.0, "samples")
     v = h.values("policy")
-    for stage in ("preprocess", "vision_prefix", "denoise", "postprocess", "total",
-                  "node_overhead", "end_to_end"):
+    for stage in ("preprocess", "vision_prefix", "denoise", "postprocess", "total", "node_overhead", "end_to_end"):
         p50, p90, p99 = (float(v[f"{stage}_ms_p{p}"]) for p in (50, 90, 99))
         assert p50 <= p90 <= p99, stage
     assert float(v["total_ms_p50"]) > 0 and float(v["inference_rate_hz"]) >= 0
@@ -330,8 +360,11 @@ def test_bad_raw_image_is_refused_counted_and_logged_once(active_node, code):
         stamps.append(s)
         h.send_pair(s, cam0=BAD_IMAGES[code](h, s))
     h.wait_for(lambda: h.counter(f"invalid.camera0.{code}") > before, 5.0, f"{code} counted")
-    h.wait_for(lambda: level_of(h.status("inputs")) == 2 and code in h.status("inputs").message,
-               2.0, "an ERROR naming the failure class")
+    h.wait_for(
+        lambda: level_of(h.status("inputs")) == 2 and code in h.status("inputs").message,
+        2.0,
+        "an ERROR naming the failure class",
+    )
     h.act()  # still alive and acting on valid input
     assert all(h.trajectory_for(s) is None for s in stamps)
     assert proc.poll() is None
@@ -340,8 +373,13 @@ def test_bad_raw_image_is_refused_counted_and_logged_once(active_node, code):
     assert len(logged) == 1, logged  # one line per burst, not per message
 
 
-BAD_IMAGES_TEXT = {"unsupported_encoding": "yuv422", "size_mismatch": "step 10",
-                   "truncated": "bytes; step", "empty": "is 0x0", "too_large": "100000x100000"}
+BAD_IMAGES_TEXT = {
+    "unsupported_encoding": "yuv422",
+    "size_mismatch": "step 10",
+    "truncated": "bytes; step",
+    "empty": "is 0x0",
+    "too_large": "100000x100000",
+}
 
 
 def test_really_large_image_is_refused(active_node):
@@ -365,8 +403,11 @@ def test_corrupt_jpeg_on_compressed_camera_gives_no_action(active_node):
     wait_past(STAMP_TOLERANCE_S)  # older valid camera1 frames are now out of stamp_tolerance_s
     stamps = [h.send_pair(cam1=h.jpeg_msg(h.stamp(), h.jpeg[:100] + bytes(200))) for _ in range(3)]
     h.wait_for(lambda: h.counter("invalid.camera1.corrupt") > before, 5.0, "corrupt jpeg counted")
-    h.wait_for(lambda: int(h.values("inputs")["unmatched_frame_sets"]) > unmatched, 5.0,
-               "camera0 frames without a camera1 partner counted as unmatched")
+    h.wait_for(
+        lambda: int(h.values("inputs")["unmatched_frame_sets"]) > unmatched,
+        5.0,
+        "camera0 frames without a camera1 partner counted as unmatched",
+    )
     # The valid camera0 frames of those stamps may still pair with a valid camera1 frame
     # sent within stamp_tolerance_s; keep the next valid pair further away than that.
     wait_past(STAMP_TOLERANCE_S)
@@ -387,11 +428,14 @@ def test_old_and_out_of_order_stamps(active_node):
     assert h.trajectory_for(earlier) is None and proc.poll() is None
 
 
-@pytest.mark.parametrize("positions,names,code", [
-    ((0.1, math.nan, 0.0, 0.0), None, "joint_state_nonfinite"),
-    ((0.1, math.inf, 0.0, 0.0), None, "joint_state_nonfinite"),
-    ((0.1, 0.2), ["a", "b"], "joint_state_length"),
-])
+@pytest.mark.parametrize(
+    "positions,names,code",
+    [
+        ((0.1, math.nan, 0.0, 0.0), None, "joint_state_nonfinite"),
+        ((0.1, math.inf, 0.0, 0.0), None, "joint_state_nonfinite"),
+        ((0.1, 0.2), ["a", "b"], "joint_state_length"),
+    ],
+)
 def test_bad_joint_state_stops_actions_until_a_valid_one(active_node, positions, names, code):
     h, proc, _ = active_node
     before = h.counter(f"invalid.joint_state.{code}")
@@ -404,10 +448,15 @@ def test_bad_joint_state_stops_actions_until_a_valid_one(active_node, positions,
     assert proc.poll() is None
 
 
-@pytest.mark.parametrize("text,code", [
-    ("", "instruction_empty"), ("go " * 400, "instruction_too_long"),
-    ("pick \u202eup the cup", "instruction_bad_char"), ("pick\x07up", "instruction_bad_char"),
-])
+@pytest.mark.parametrize(
+    "text,code",
+    [
+        ("", "instruction_empty"),
+        ("go " * 400, "instruction_too_long"),
+        ("pick \u202eup the cup", "instruction_bad_char"),
+        ("pick\x07up", "instruction_bad_char"),
+    ],
+)
 def test_bad_instruction_stops_actions_until_a_valid_one(active_node, text, code):
     h, proc, log = active_node
     before = h.counter(f"invalid.instruction.{code}")
@@ -415,7 +464,7 @@ def test_bad_instruction_stops_actions_until_a_valid_one(active_node, text, code
     h.wait_for(lambda: h.counter(f"invalid.instruction.{code}") > before, 5.0, code)
     stamps = h.refused_after("stale.instruction.missing", lambda: [h.send_pair() for _ in range(3)])
     assert all(h.trajectory_for(s) is None for s in stamps)
-    h.instruction.publish(String(data="pick up the red block \U0001F7E5 \u00e9"))  # odd but valid
+    h.instruction.publish(String(data="pick up the red block \U0001f7e5 \u00e9"))  # odd but valid
     h.act()
     h.wait_for(lambda: h.values("inputs")["instruction"].endswith("\u00e9"), 5.0, "instruction")
     assert proc.poll() is None
@@ -435,8 +484,7 @@ def test_live_parameters_limits_clipping_dry_run_and_refusals(active_node):
     stamps = [h.send_pair() for _ in range(3)]
     h.wait_for(lambda: int(h.values("policy")["chunks_refused_limits"]) >= 1, 5.0, "refusal")
     assert all(h.trajectory_for(s) is None for s in stamps)
-    h.set_params("policy_node", action_min=[-1e6] * 4, action_max=[1e6] * 4, clip_actions=True,
-                 dry_run=True)
+    h.set_params("policy_node", action_min=[-1e6] * 4, action_max=[1e6] * 4, clip_actions=True, dry_run=True)
     with h.lock:
         received = len(h.trajectories)
     h.wait_for(lambda: int(h.values("policy")["chunks_published"]) >= received, 5.0, "settled")
@@ -498,8 +546,11 @@ def test_replan_rate_keeps_newest_frame_and_callbacks_keep_running(active_node):
     with h.lock:
         chunks = len(h.trajectories) - n_traj
     assert 1 <= chunks <= math.ceil((elapsed + 1.0 / rate_hz) * rate_hz) + 1  # rate_hz over the window
-    h.wait_for(lambda: int(h.values("inputs")["camera0_received"])
-               >= int(before["camera0_received"]) + 25, 5.0, "every frame received")
+    h.wait_for(
+        lambda: int(h.values("inputs")["camera0_received"]) >= int(before["camera0_received"]) + 25,
+        5.0,
+        "every frame received",
+    )
     assert int(h.values("inputs")["camera0_dropped"]) >= int(before["camera0_dropped"]) + 20
 
 
@@ -522,7 +573,7 @@ def test_weighted_average_blends_overlap_aligned_by_stamp(active_node):
     h.wait_for(lambda: h.trajectory_for(s2) is not None, 5.0, "second chunk")
     second = np.array([p.positions for p in h.trajectory_for(s2).points])
     expect = raw.copy()
-    expect[:HORIZON - 2] = 0.7 * raw[:HORIZON - 2] + 0.3 * raw[2:]
+    expect[: HORIZON - 2] = 0.7 * raw[: HORIZON - 2] + 0.3 * raw[2:]
     np.testing.assert_allclose(second, expect, rtol=1e-5, atol=1e-6)
     h.set_params("policy_node", chunk_aggregation="latest_only")
 
@@ -532,15 +583,19 @@ def test_stale_joint_state_gives_no_action_even_when_not_required(active_node):
     went stale is refused like on the required path (docs: stale joint states give no action)."""
     h, proc, _ = active_node
     timeout_s = 0.5
-    assert all(r.successful for r in h.set_params("policy_node", require_joint_state=False,
-                                                  joint_state_timeout_s=timeout_s))
+    assert all(
+        r.successful for r in h.set_params("policy_node", require_joint_state=False, joint_state_timeout_s=timeout_s)
+    )
     try:
         h.act(joints=True)
         before = h.counter("stale.joint_state.stale")
         wait_past(timeout_s)  # the last joint state is now older than the timeout
         stamps = [h.send_pair() for _ in range(2)]
-        h.wait_for(lambda: h.counter("stale.joint_state.stale") > before, 5.0,
-                   "a stale joint state refused although not required")
+        h.wait_for(
+            lambda: h.counter("stale.joint_state.stale") > before,
+            5.0,
+            "a stale joint state refused although not required",
+        )
         assert all(h.trajectory_for(s) is None for s in stamps)
         h.act(joints=True)  # a fresh state makes it act again
     finally:
@@ -552,26 +607,31 @@ def test_limits_apply_to_the_blended_chunk(active_node):
     """A chunk published without limits, then limits tightened: the weighted_average blend of
     the (clipped) new chunk with the old tail must still be inside the limits."""
     h, _, _ = active_node
-    h.set_params("policy_node", chunk_aggregation="latest_only", clip_actions=True,
-                 action_min=[-1e6] * 4, action_max=[1e6] * 4)
+    h.set_params(
+        "policy_node", chunk_aggregation="latest_only", clip_actions=True, action_min=[-1e6] * 4, action_max=[1e6] * 4
+    )
     _, raw = h.act()  # the fixed model output (same inputs and seed every time)
     raw = np.array([p.positions for p in raw.points])
     # a limit at which blending the clipped new chunk with the unclipped old tail leaves it
-    lim = next((f * np.abs(raw).max() for f in (0.9, 0.7, 0.5, 0.3, 0.1)
-                if (np.abs(0.7 * np.clip(raw[:HORIZON - 2], -f * np.abs(raw).max(),
-                                         f * np.abs(raw).max()) + 0.3 * raw[2:])
-                    > f * np.abs(raw).max() + 1e-4).any()), None)
+    lim = next(
+        (
+            f * np.abs(raw).max()
+            for f in (0.9, 0.7, 0.5, 0.3, 0.1)
+            if (
+                np.abs(0.7 * np.clip(raw[: HORIZON - 2], -f * np.abs(raw).max(), f * np.abs(raw).max()) + 0.3 * raw[2:])
+                > f * np.abs(raw).max() + 1e-4
+            ).any()
+        ),
+        None,
+    )
     assert lim is not None, "no limit separates blend-then-clip from clip-then-blend"
     try:
-        assert all(r.successful for r in h.set_params("policy_node",
-                                                      chunk_aggregation="weighted_average"))
+        assert all(r.successful for r in h.set_params("policy_node", chunk_aggregation="weighted_average"))
         wait_past(HORIZON * DT)  # the chunk has played out: the next one has nothing to blend with
         s1 = h.send_pair()
         h.wait_for(lambda: h.trajectory_for(s1) is not None, 5.0, "unlimited first chunk")
-        np.testing.assert_allclose([p.positions for p in h.trajectory_for(s1).points], raw,
-                                   rtol=1e-5, atol=1e-6)
-        assert all(r.successful for r in h.set_params("policy_node", action_min=[-lim] * 4,
-                                                      action_max=[lim] * 4))
+        np.testing.assert_allclose([p.positions for p in h.trajectory_for(s1).points], raw, rtol=1e-5, atol=1e-6)
+        assert all(r.successful for r in h.set_params("policy_node", action_min=[-lim] * 4, action_max=[lim] * 4))
         t2 = s1.sec + s1.nanosec * 1e-9 + 2 * DT  # old steps 2.. overlap new steps 0..
         s2 = h.stamp()
         s2.sec, s2.nanosec = int(t2), int(round((t2 - int(t2)) * 1e9))
@@ -579,13 +639,12 @@ def test_limits_apply_to_the_blended_chunk(active_node):
         h.wait_for(lambda: h.trajectory_for(s2) is not None, 5.0, "blended chunk")
         second = np.array([p.positions for p in h.trajectory_for(s2).points])
         expect = raw.copy()
-        expect[:HORIZON - 2] = 0.7 * raw[:HORIZON - 2] + 0.3 * raw[2:]
+        expect[: HORIZON - 2] = 0.7 * raw[: HORIZON - 2] + 0.3 * raw[2:]
         expect = np.clip(expect, -lim, lim)
         assert np.abs(second).max() <= lim * (1 + 1e-6)
         np.testing.assert_allclose(second, expect, rtol=1e-5, atol=1e-6)
     finally:
-        h.set_params("policy_node", chunk_aggregation="latest_only", action_min=[-1e6] * 4,
-                     action_max=[1e6] * 4)
+        h.set_params("policy_node", chunk_aggregation="latest_only", action_min=[-1e6] * 4, action_max=[1e6] * 4)
 
 
 @pytest.fixture(scope="module")
@@ -593,9 +652,19 @@ def managed_node(ros_env, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("node_b")
     h = Harness(ros_env, "qb")
     h.instruction.publish(String(data="open the drawer"))
-    params = write_params(str(tmp / "params.yaml"), {"lc_node": _node_params(
-        "qb", camera_topics=["/qb/cam0/image_raw"], joint_state_topic="", warmup_count=0,
-        model="/nonexistent/quantvla-model", executor="multi_threaded")})
+    params = write_params(
+        str(tmp / "params.yaml"),
+        {
+            "lc_node": _node_params(
+                "qb",
+                camera_topics=["/qb/cam0/image_raw"],
+                joint_state_topic="",
+                warmup_count=0,
+                model="/nonexistent/quantvla-model",
+                executor="multi_threaded",
+            )
+        },
+    )
     log = str(tmp / "node.log")
     proc = start_node("policy_node", params, log, extra_args=["-r", "__node:=lc_node"])
     try:
@@ -621,8 +690,9 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     # missing model: configure fails with a reason in the log and in diagnostics
     assert _transition(h, Transition.TRANSITION_CONFIGURE) is False
     assert _state(h) == "unconfigured"
-    h.wait_for(lambda: "could not load model" in (h.status("policy").message
-                                                    if h.status("policy") else ""), 5.0, "reason")
+    h.wait_for(
+        lambda: "could not load model" in (h.status("policy").message if h.status("policy") else ""), 5.0, "reason"
+    )
     assert level_of(h.status("policy")) == 2 and "/nonexistent/quantvla-model" in h.status("policy").message
     assert _log_lines(log, "configure failed: could not load model '/nonexistent/quantvla-model'")
     # corrupt model directory
@@ -647,20 +717,23 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
 
     tiny = Policy.load("tiny")
     model_dir = save_model_dir(tmp / "tiny_model", tiny.config, tiny.model.state_dict())
-    assert all(r.successful for r in h.set_params("lc_node", model=str(model_dir),
-                                                  actions_per_chunk=5))
+    assert all(r.successful for r in h.set_params("lc_node", model=str(model_dir), actions_per_chunk=5))
     assert _transition(h, Transition.TRANSITION_CONFIGURE) is True
     assert _state(h) == "inactive"
     h.wait_for(lambda: h.status("policy").message == "inactive", 5.0, "diag inactive")
     assert level_of(h.status("policy")) == 0
     received = int(h.values("inputs").get("camera0_received", "0"))
     stamps = [h.send_pair(cam1=False) for _ in range(3)]
-    h.wait_for(lambda: int(h.values("inputs")["camera0_received"]) >= received + 3, 5.0,
-               "the frames reached the node")  # it has them; an inactive node must not act
+    h.wait_for(
+        lambda: int(h.values("inputs")["camera0_received"]) >= received + 3, 5.0, "the frames reached the node"
+    )  # it has them; an inactive node must not act
     assert all(h.trajectory_for(s) is None for s in stamps)
     assert not h.set_params("lc_node", model="tiny")[0].successful  # read-only once configured
-    h.wait_for(lambda: h.values("policy").get("weight_bytes") == str(tiny.describe()["weight_bytes"]),
-               5.0, "diagnostics report the loaded model's weight bytes")
+    h.wait_for(
+        lambda: h.values("policy").get("weight_bytes") == str(tiny.describe()["weight_bytes"]),
+        5.0,
+        "diagnostics report the loaded model's weight bytes",
+    )
     # activate -> acts (no joint_state_topic: zero state)
     assert _transition(h, Transition.TRANSITION_ACTIVATE) is True
     assert _state(h) == "active"
@@ -670,8 +743,9 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     assert _transition(h, Transition.TRANSITION_DEACTIVATE) is True
     received = int(h.values("inputs").get("camera0_received", "0"))
     stamps = [h.send_pair(cam1=False) for _ in range(3)]
-    h.wait_for(lambda: int(h.values("inputs")["camera0_received"]) >= received + 3, 5.0,
-               "the frames reached the node")  # it has them; an inactive node must not act
+    h.wait_for(
+        lambda: int(h.values("inputs")["camera0_received"]) >= received + 3, 5.0, "the frames reached the node"
+    )  # it has them; an inactive node must not act
     assert all(h.trajectory_for(s) is None for s in stamps)
     # cleanup frees the model
     assert _transition(h, Transition.TRANSITION_CLEANUP) is True
@@ -731,11 +805,9 @@ def _inproc_node(ros_env, name, **over):
 
     ctx = rclpy.Context()
     rclpy.init(context=ctx, domain_id=ros_env)
-    params = _node_params(name, camera_topics=[f"/{name}/cam0/image_raw"], joint_state_topic="",
-                          warmup_count=0)
+    params = _node_params(name, camera_topics=[f"/{name}/cam0/image_raw"], joint_state_topic="", warmup_count=0)
     params.update(over)
-    node = PolicyNode(name, context=ctx,
-                      parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    node = PolicyNode(name, context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
     return ctx, node
 
 
@@ -848,9 +920,12 @@ def test_inference_loop_exits_when_its_store_is_closed(ros_env):
 def test_blank_camera_type_entry_infers_from_topic_at_configure(ros_env):
     from rclpy.lifecycle import TransitionCallbackReturn as R
 
-    ctx, node = _inproc_node(ros_env, "qe", camera_topics=["/qe/cam0/image_raw",
-                                                           "/qe/cam1/image_raw/compressed"],
-                             camera_types=["", "compressed"])
+    ctx, node = _inproc_node(
+        ros_env,
+        "qe",
+        camera_topics=["/qe/cam0/image_raw", "/qe/cam1/image_raw/compressed"],
+        camera_types=["", "compressed"],
+    )
     try:
         assert node.trigger_configure() == R.SUCCESS, node._config_error
         assert node._cfg["kinds"] == ["raw", "compressed"]
@@ -863,14 +938,19 @@ def test_relative_camera_topics_follow_namespace_and_remaps(ros_env, tmp_path):
     """Relative camera topics resolve in the node's namespace and its remap rules apply."""
     h = Harness(ros_env, "qn")
     h.instruction.publish(String(data="push the button"))
-    params = write_params(str(tmp_path / "params.yaml"), {"/**": _node_params(
-        "qn", camera_topics=["cam0/image_raw", "front/compressed"], autostart=True)})
+    params = write_params(
+        str(tmp_path / "params.yaml"),
+        {"/**": _node_params("qn", camera_topics=["cam0/image_raw", "front/compressed"], autostart=True)},
+    )
     log = str(tmp_path / "node.log")
-    proc = start_node("policy_node", params, log, extra_args=[
-        "-r", "__ns:=/qn", "-r", "front/compressed:=/qn/cam1/image_raw/compressed"])
+    proc = start_node(
+        "policy_node",
+        params,
+        log,
+        extra_args=["-r", "__ns:=/qn", "-r", "front/compressed:=/qn/cam1/image_raw/compressed"],
+    )
     try:
-        h.wait_for(lambda: h.values("policy").get("lifecycle_state") == "active", 60.0,
-                   "the node to autostart")
+        h.wait_for(lambda: h.values("policy").get("lifecycle_state") == "active", 60.0, "the node to autostart")
         h.send_joints()
         _, msg = h.act(log=log)
         assert len(msg.points) == HORIZON
@@ -887,13 +967,15 @@ def test_executable_applies_gil_switch_interval_and_malloc_thresholds_from_param
     assert proc.poll() is None
     lines = _log_lines(log, "GIL switch interval")
     assert len(lines) == 1, lines
-    assert ("executor single_threaded, GIL switch interval 0.5 ms, malloc mmap threshold 8 MiB, "
-            "trim threshold 32 MiB") in lines[0]
+    assert (
+        "executor single_threaded, GIL switch interval 0.5 ms, malloc mmap threshold 8 MiB, trim threshold 32 MiB"
+    ) in lines[0]
 
 
-@pytest.mark.parametrize("name, value", [("gil_switch_interval_ms", 500.0),
-                                         ("gil_switch_interval_ms", -1.0),
-                                         ("malloc_mmap_threshold_mib", 64)])
+@pytest.mark.parametrize(
+    "name, value",
+    [("gil_switch_interval_ms", 500.0), ("gil_switch_interval_ms", -1.0), ("malloc_mmap_threshold_mib", 64)],
+)
 def test_out_of_range_process_settings_are_refused_at_start(ros_env, name, value):
     from rclpy.exceptions import InvalidParameterValueException
 
@@ -946,10 +1028,11 @@ def test_malloc_thresholds_let_frame_sized_buffers_reuse_pages():
         "        if i == 5: f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "        bufs = [np.ones(921_600, np.uint8) for _ in range(3)]; del bufs\n"
         "    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 30\n"
-        "print(faults(), apply_malloc_thresholds(16), faults())\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=60, check=True).stdout.split()
+        "print(faults(), apply_malloc_thresholds(16), faults())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
     default, tuned = float(out[0]), float(out[-1])
     assert "16 MiB" in " ".join(out[1:-1])
     assert default > 200 and tuned < 20, (default, tuned)
-

@@ -7,6 +7,7 @@ bridge's privileged state and answering with JointTrajectory chunks, so a real s
 travel over DDS, and its episode lengths must equal the same expert run in-process (lockstep
 makes the loop deterministic).
 """
+
 import ast
 import json
 import os
@@ -26,8 +27,13 @@ pytestmark = pytest.mark.ros
 from builtin_interfaces.msg import Duration, Time  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,  # noqa: E402
-                       qos_profile_sensor_data)
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,  # noqa: E402
+    qos_profile_sensor_data,
+)
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
@@ -35,18 +41,28 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint  # noqa: E
 
 from quantvla_ros.diagnostics import status_values  # noqa: E402
 from quantvla_ros.node_process import start_node, stop_node, write_params  # noqa: E402
-from quantvla_ros.sim_bridge import (ACTION_JOINT_NAMES, SPECS, STATE_JOINT_NAMES,  # noqa: E402
-                                     check_config)
-from quantvla_ros.trajectory_player import (ChunkPlayer, TrajectoryRejected,  # noqa: E402
-                                            parse_trajectory)
+from quantvla_ros.sim_bridge import (
+    ACTION_JOINT_NAMES,
+    SPECS,
+    STATE_JOINT_NAMES,  # noqa: E402
+    check_config,
+)
+from quantvla_ros.trajectory_player import (
+    ChunkPlayer,
+    TrajectoryRejected,  # noqa: E402
+    parse_trajectory,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = list(ACTION_JOINT_NAMES)
 DT = 100_000_000  # 0.1 s in ns
 T0 = 5_000_000_000
-LATCHED = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
-                     reliability=ReliabilityPolicy.RELIABLE,
-                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
+LATCHED = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=100,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
 
 
 def trajectory(rows, stamp_ns, dt_ns=DT, names=NAMES):
@@ -54,9 +70,11 @@ def trajectory(rows, stamp_ns, dt_ns=DT, names=NAMES):
     msg.header.stamp = Time(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
     for k, row in enumerate(rows):
         ns = k * dt_ns
-        msg.points.append(JointTrajectoryPoint(
-            positions=[float(v) for v in row],
-            time_from_start=Duration(sec=ns // 10**9, nanosec=ns % 10**9)))
+        msg.points.append(
+            JointTrajectoryPoint(
+                positions=[float(v) for v in row], time_from_start=Duration(sec=ns // 10**9, nanosec=ns % 10**9)
+            )
+        )
     return msg
 
 
@@ -92,8 +110,7 @@ def test_replan_skips_points_that_elapsed_while_the_policy_thought():
 def test_future_chunk_waits_for_its_start_and_old_chunk_runs_until_then():
     player = ChunkPlayer()
     player.offer(parse_trajectory(trajectory(chunk_rows(0, 8), T0), NAMES, T0, DT), T0, T0)
-    player.offer(parse_trajectory(trajectory(chunk_rows(50, 8), T0 + 2 * DT), NAMES, T0, DT),
-                 T0, T0)
+    player.offer(parse_trajectory(trajectory(chunk_rows(50, 8), T0 + 2 * DT), NAMES, T0, DT), T0, T0)
     assert [player.action_at(T0 + k * DT)[0] for k in range(4)] == [0, 1, 50, 51]
 
 
@@ -115,11 +132,9 @@ def test_sync_start_only_starts_chunks_computed_from_the_current_observation():
     player.offer(parse_trajectory(trajectory(chunk_rows(0, 8), T0), NAMES, T0, DT), T0, T0)
     assert [player.action_at(T0 + k * DT)[0] for k in (0, 1)] == [0, 1]
     # Computed from the observation at T0 + DT, it arrives when the sim waits at T0 + 2 DT.
-    player.offer(parse_trajectory(trajectory(chunk_rows(10, 8), T0 + DT), NAMES, T0, DT),
-                 T0, T0 + 2 * DT)
+    player.offer(parse_trajectory(trajectory(chunk_rows(10, 8), T0 + DT), NAMES, T0, DT), T0, T0 + 2 * DT)
     assert player.action_at(T0 + 2 * DT) is None and player.chunks_too_old == 1
-    player.offer(parse_trajectory(trajectory(chunk_rows(20, 8), T0 + 2 * DT), NAMES, T0, DT),
-                 T0, T0 + 2 * DT)
+    player.offer(parse_trajectory(trajectory(chunk_rows(20, 8), T0 + 2 * DT), NAMES, T0, DT), T0, T0 + 2 * DT)
     assert player.action_at(T0 + 2 * DT)[0] == 20 and player.points_skipped == 0
 
 
@@ -130,14 +145,17 @@ def test_joints_in_another_order_are_mapped_by_name():
     assert chunk.end_ns == T0 + DT  # a single point lasts one control step
 
 
-@pytest.mark.parametrize("mutate, code", [
-    (lambda m: setattr(m, "joint_names", NAMES[:3] + ["elbow"]), "joint_names"),
-    (lambda m: setattr(m, "joint_names", NAMES[:3] + [NAMES[0]]), "joint_names"),
-    (lambda m: m.points.clear(), "empty"),
-    (lambda m: setattr(m.points[1], "positions", [0.0, 0.0, 0.0]), "point_length"),
-    (lambda m: setattr(m.points[1], "positions", [0.0, float("nan"), 0.0, 0.0]), "nonfinite"),
-    (lambda m: setattr(m.points[1], "time_from_start", Duration()), "time_order"),
-])
+@pytest.mark.parametrize(
+    "mutate, code",
+    [
+        (lambda m: setattr(m, "joint_names", NAMES[:3] + ["elbow"]), "joint_names"),
+        (lambda m: setattr(m, "joint_names", NAMES[:3] + [NAMES[0]]), "joint_names"),
+        (lambda m: m.points.clear(), "empty"),
+        (lambda m: setattr(m.points[1], "positions", [0.0, 0.0, 0.0]), "point_length"),
+        (lambda m: setattr(m.points[1], "positions", [0.0, float("nan"), 0.0, 0.0]), "nonfinite"),
+        (lambda m: setattr(m.points[1], "time_from_start", Duration()), "time_order"),
+    ],
+)
 def test_bad_chunks_are_refused_whole(mutate, code):
     msg = trajectory(chunk_rows(0, 3), T0)
     mutate(msg)
@@ -150,10 +168,12 @@ def test_bad_chunks_are_refused_whole(mutate, code):
 
 def test_bad_parameters_name_what_is_accepted():
     cfg = {s.name: s.default for s in SPECS}
-    for key, value, words in (("tasks", ["reach-v2"], "reach-v3"),
-                              ("cameras", ["wrist"], "topview"),
-                              ("episodes_per_task", 51, "50 starts"),
-                              ("action_joint_names", ["a", "a", "b", "c"], "4 distinct")):
+    for key, value, words in (
+        ("tasks", ["reach-v2"], "reach-v3"),
+        ("cameras", ["wrist"], "topview"),
+        ("episodes_per_task", 51, "50 starts"),
+        ("action_joint_names", ["a", "a", "b", "c"], "4 distinct"),
+    ):
         with pytest.raises(ValueError, match=words):
             check_config(dict(cfg, **{key: value}))
 
@@ -163,11 +183,9 @@ def test_launch_file_and_params_file_match_the_nodes():
     import yaml
 
     tree = ast.parse(open(os.path.join(ROOT, "launch", "sim_demo.launch.py")).read())
-    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-               and isinstance(n.value, str)}
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert {"sim_bridge", "quantvla.launch.py", "use_sim_time", "model", "sim_demo.yaml"} <= strings
-    assert "generate_launch_description" in {n.name for n in tree.body
-                                             if isinstance(n, ast.FunctionDef)}
+    assert "generate_launch_description" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     params = yaml.safe_load(open(os.path.join(ROOT, "config", "sim_demo.yaml")))
     assert set(params["sim_bridge"]["ros__parameters"]) == {s.name for s in SPECS}
     policy = params["policy_node"]["ros__parameters"]
@@ -198,18 +216,19 @@ class Listener:
         self.lock = threading.Lock()
         self.outcomes, self.chunks, self.joints, self.images, self.clock = [], [], [], [], []
         n = self.node
-        n.create_subscription(String, f"/{prefix}/sim/episode_outcome",
-                              lambda m: self._add(self.outcomes, json.loads(m.data)), LATCHED)
-        n.create_subscription(JointTrajectory, f"/{prefix}/joint_trajectory",
-                              lambda m: self._add(self.chunks, m), 50)
-        n.create_subscription(JointState, f"/{prefix}/joint_states",
-                              lambda m: self._add(self.joints, m), qos_profile_sensor_data)
-        n.create_subscription(Image, f"/{prefix}/camera/corner/image_raw",
-                              lambda m: self._add(self.images, m), qos_profile_sensor_data)
+        n.create_subscription(
+            String, f"/{prefix}/sim/episode_outcome", lambda m: self._add(self.outcomes, json.loads(m.data)), LATCHED
+        )
+        n.create_subscription(JointTrajectory, f"/{prefix}/joint_trajectory", lambda m: self._add(self.chunks, m), 50)
+        n.create_subscription(
+            JointState, f"/{prefix}/joint_states", lambda m: self._add(self.joints, m), qos_profile_sensor_data
+        )
+        n.create_subscription(
+            Image, f"/{prefix}/camera/corner/image_raw", lambda m: self._add(self.images, m), qos_profile_sensor_data
+        )
         n.create_subscription(Clock, "/clock", lambda m: self._add(self.clock, m), 50)
         self.diags = []
-        n.create_subscription(DiagnosticArray, f"/{prefix}/diagnostics",
-                              lambda m: self._add(self.diags, m), 50)
+        n.create_subscription(DiagnosticArray, f"/{prefix}/diagnostics", lambda m: self._add(self.diags, m), 50)
         self.executor = SingleThreadedExecutor(context=self.ctx)
         self.executor.add_node(n)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -226,16 +245,22 @@ class Listener:
 
 
 def bridge_params(prefix, tmp_path, **extra):
-    p = {"seeds": [1000], "episodes_per_task": 2, "cameras": ["corner", "topview"],
-         "image_size": 64, "camera_topic_prefix": f"/{prefix}/camera",
-         "joint_state_topic": f"/{prefix}/joint_states",
-         "instruction_topic": f"/{prefix}/instruction",
-         "trajectory_topic": f"/{prefix}/joint_trajectory",
-         "outcome_topic": f"/{prefix}/sim/episode_outcome",
-         "summary_topic": f"/{prefix}/sim/summary",
-         "sim_state_topic": f"/{prefix}/sim/privileged_state",
-         "diagnostics_topic": f"/{prefix}/diagnostics",
-         "results_path": str(tmp_path / "summary.json"), "progress": False}
+    p = {
+        "seeds": [1000],
+        "episodes_per_task": 2,
+        "cameras": ["corner", "topview"],
+        "image_size": 64,
+        "camera_topic_prefix": f"/{prefix}/camera",
+        "joint_state_topic": f"/{prefix}/joint_states",
+        "instruction_topic": f"/{prefix}/instruction",
+        "trajectory_topic": f"/{prefix}/joint_trajectory",
+        "outcome_topic": f"/{prefix}/sim/episode_outcome",
+        "summary_topic": f"/{prefix}/sim/summary",
+        "sim_state_topic": f"/{prefix}/sim/privileged_state",
+        "diagnostics_topic": f"/{prefix}/diagnostics",
+        "results_path": str(tmp_path / "summary.json"),
+        "progress": False,
+    }
     p.update(extra)
     return p
 
@@ -261,17 +286,32 @@ def stamp_ns(stamp):
 
 def test_policy_node_closes_the_loop_with_sim_bridge(tmp_path, ros_domain):
     prefix = f"sbp{os.getpid()}"
-    b = bridge_params(prefix, tmp_path, tasks=["reach-v3"], max_steps=30, chunk_timeout_s=5.0,
-                      startup_timeout_s=90.0, max_points_per_chunk=4)
-    policy = {"model": "tiny", "use_sim_time": True, "autostart": True, "warmup_count": 1,
-              "num_threads": 1, "camera_topics": [f"/{prefix}/camera/corner/image_raw",
-                                                  f"/{prefix}/camera/topview/image_raw"],
-              "joint_state_topic": b["joint_state_topic"],
-              "state_joint_names": list(STATE_JOINT_NAMES),
-              "instruction_topic": b["instruction_topic"],
-              "trajectory_topic": b["trajectory_topic"], "joint_names": NAMES,
-              "action_dt": 0.1, "action_min": [-1.0] * 4, "action_max": [1.0] * 4,
-              "diagnostics_topic": f"/{prefix}/diagnostics"}
+    b = bridge_params(
+        prefix,
+        tmp_path,
+        tasks=["reach-v3"],
+        max_steps=30,
+        chunk_timeout_s=5.0,
+        startup_timeout_s=90.0,
+        max_points_per_chunk=4,
+    )
+    policy = {
+        "model": "tiny",
+        "use_sim_time": True,
+        "autostart": True,
+        "warmup_count": 1,
+        "num_threads": 1,
+        "camera_topics": [f"/{prefix}/camera/corner/image_raw", f"/{prefix}/camera/topview/image_raw"],
+        "joint_state_topic": b["joint_state_topic"],
+        "state_joint_names": list(STATE_JOINT_NAMES),
+        "instruction_topic": b["instruction_topic"],
+        "trajectory_topic": b["trajectory_topic"],
+        "joint_names": NAMES,
+        "action_dt": 0.1,
+        "action_min": [-1.0] * 4,
+        "action_max": [1.0] * 4,
+        "diagnostics_topic": f"/{prefix}/diagnostics",
+    }
     params = write_params(str(tmp_path / "params.yaml"), {"sim_bridge": b, "policy_node": policy})
     listener = Listener(ros_domain, prefix)
     logs = {k: str(tmp_path / f"{k}.log") for k in ("policy", "bridge")}
@@ -280,8 +320,12 @@ def test_policy_node_closes_the_loop_with_sim_bridge(tmp_path, ros_domain):
     try:
         rc = wait_exit(bridge, logs["bridge"], 100)
         # the last outcome and diagnostics were sent before the bridge exited
-        wait_until(lambda: len(listener.outcomes) >= 2 and sum(
-            st.name == "sim_bridge: episodes" for arr in listener.diags for st in arr.status) >= 2)
+        wait_until(
+            lambda: (
+                len(listener.outcomes) >= 2
+                and sum(st.name == "sim_bridge: episodes" for arr in listener.diags for st in arr.status) >= 2
+            )
+        )
     finally:
         stop_node(bridge)
         stop_node(policy_proc)
@@ -308,8 +352,9 @@ def test_policy_node_closes_the_loop_with_sim_bridge(tmp_path, ros_domain):
         joints, images, clock = list(listener.joints), list(listener.images), list(listener.clock)
     assert outcomes == summary["episode_outcomes"]
     with listener.lock:
-        bridge_diags = [status_values(st) for arr in listener.diags for st in arr.status
-                        if st.name == "sim_bridge: episodes"]
+        bridge_diags = [
+            status_values(st) for arr in listener.diags for st in arr.status if st.name == "sim_bridge: episodes"
+        ]
     assert [d["episodes_done"] for d in bridge_diags] == ["1", "2"]
     assert 0 < int(bridge_diags[-1]["chunks_received"]) <= c["chunks_received"]
     # The policy node acted on sim time: its chunks carry observation stamps on the sim grid.
@@ -337,9 +382,12 @@ class ExpertPolicy:
         self.bad_first = bad_first
         node = listener.node
         self.pub = node.create_publisher(JointTrajectory, f"/{prefix}/joint_trajectory", 10)
-        node.create_subscription(JointState, f"/{prefix}/sim/privileged_state", self._on_state,
-                                 QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                                            durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        node.create_subscription(
+            JointState,
+            f"/{prefix}/sim/privileged_state",
+            self._on_state,
+            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL),
+        )
         self.answered = 0
 
     def _on_state(self, msg: JointState) -> None:
@@ -349,22 +397,31 @@ class ExpertPolicy:
             self.pub.publish(self.bad_first.pop(0))
         action = self.experts[msg.header.frame_id].action(np.asarray(msg.position))
         order = [3, 0, 1, 2]  # joints sent in another order: the bridge maps them by name
-        reply = trajectory([action[order]], stamp_ns(msg.header.stamp),
-                           names=[NAMES[i] for i in order])
+        reply = trajectory([action[order]], stamp_ns(msg.header.stamp), names=[NAMES[i] for i in order])
         self.pub.publish(reply)
         self.answered += 1
 
 
 def test_scripted_expert_over_dds_succeeds_like_in_process(tmp_path, ros_domain):
     prefix = f"sbe{os.getpid()}"
-    b = bridge_params(prefix, tmp_path, tasks=["reach-v3"], max_steps=60, cameras=["topview"],
-                      image_size=32, chunk_timeout_s=20.0, startup_timeout_s=60.0,
-                      publish_sim_state=True)
+    b = bridge_params(
+        prefix,
+        tmp_path,
+        tasks=["reach-v3"],
+        max_steps=60,
+        cameras=["topview"],
+        image_size=32,
+        chunk_timeout_s=20.0,
+        startup_timeout_s=60.0,
+        publish_sim_state=True,
+    )
     params = write_params(str(tmp_path / "params.yaml"), {"sim_bridge": b})
     listener = Listener(ros_domain, prefix)
-    bad = [trajectory([[0.0, 0.0, 0.0, 0.0]], 0, names=["j0", "j1", "j2", "j3"]),
-           trajectory([[0.0, float("nan"), 0.0, 0.0]], 0),
-           trajectory([[0.0, 0.0, 0.0]], 0)]
+    bad = [
+        trajectory([[0.0, 0.0, 0.0, 0.0]], 0, names=["j0", "j1", "j2", "j3"]),
+        trajectory([[0.0, float("nan"), 0.0, 0.0]], 0),
+        trajectory([[0.0, 0.0, 0.0]], 0),
+    ]
     expert = ExpertPolicy(listener, prefix, bad)
     log = str(tmp_path / "bridge.log")
     bridge = start_node("sim_bridge", params, log)
@@ -403,10 +460,13 @@ def test_scripted_expert_over_dds_succeeds_like_in_process(tmp_path, ros_domain)
 
 
 def test_bad_parameters_stop_the_executable_with_a_clear_message(ros_domain):
-    for arg, words in (("max_steps:=0", "max_steps out of range"),
-                       ("tasks:=[reach-v2]", "accepted: reach-v3")):
-        run = subprocess.run([sys.executable, "-m", "quantvla_ros.sim_bridge", "--ros-args",
-                              "-p", arg], capture_output=True, text=True, timeout=60)
+    for arg, words in (("max_steps:=0", "max_steps out of range"), ("tasks:=[reach-v2]", "accepted: reach-v3")):
+        run = subprocess.run(
+            [sys.executable, "-m", "quantvla_ros.sim_bridge", "--ros-args", "-p", arg],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run.returncode == 2 and words in run.stderr, run.stderr[-2000:]
 
 
@@ -417,8 +477,7 @@ def _boundary_jumps(chunks, dt_ns=DT):
     for a, b in zip(chunks, chunks[1:]):
         offset = (stamp_ns(b.header.stamp) - stamp_ns(a.header.stamp)) // dt_ns
         if 1 <= offset < len(a.points):
-            jumps.append(float(np.abs(np.subtract(b.points[0].positions,
-                                                  a.points[offset].positions)).max()))
+            jumps.append(float(np.abs(np.subtract(b.points[0].positions, a.points[offset].positions)).max()))
     return np.asarray(jumps)
 
 
@@ -429,26 +488,47 @@ def test_chunk_boundary_smoothing_in_the_closed_loop(tmp_path, ros_domain):
     runs = {}
     for mode in ("latest_only", "inpaint"):
         prefix = f"sbs{mode[:3]}{os.getpid()}"
-        b = bridge_params(prefix, tmp_path / mode, tasks=["reach-v3"], episodes_per_task=1,
-                          max_steps=20, chunk_timeout_s=5.0, startup_timeout_s=90.0,
-                          max_points_per_chunk=4, cameras=["corner"], image_size=32)
-        policy = {"model": "tiny", "use_sim_time": True, "autostart": True, "warmup_count": 1,
-                  "num_threads": 1, "camera_topics": [f"/{prefix}/camera/corner/image_raw"],
-                  "joint_state_topic": b["joint_state_topic"],
-                  "state_joint_names": list(STATE_JOINT_NAMES),
-                  "instruction_topic": b["instruction_topic"],
-                  "trajectory_topic": b["trajectory_topic"], "joint_names": NAMES,
-                  "action_dt": 0.1, "action_min": [-1.0] * 4, "action_max": [1.0] * 4,
-                  "chunk_aggregation": mode, "smoothing_steps": 3,
-                  "diagnostics_topic": f"/{prefix}/diagnostics"}
+        b = bridge_params(
+            prefix,
+            tmp_path / mode,
+            tasks=["reach-v3"],
+            episodes_per_task=1,
+            max_steps=20,
+            chunk_timeout_s=5.0,
+            startup_timeout_s=90.0,
+            max_points_per_chunk=4,
+            cameras=["corner"],
+            image_size=32,
+        )
+        policy = {
+            "model": "tiny",
+            "use_sim_time": True,
+            "autostart": True,
+            "warmup_count": 1,
+            "num_threads": 1,
+            "camera_topics": [f"/{prefix}/camera/corner/image_raw"],
+            "joint_state_topic": b["joint_state_topic"],
+            "state_joint_names": list(STATE_JOINT_NAMES),
+            "instruction_topic": b["instruction_topic"],
+            "trajectory_topic": b["trajectory_topic"],
+            "joint_names": NAMES,
+            "action_dt": 0.1,
+            "action_min": [-1.0] * 4,
+            "action_max": [1.0] * 4,
+            "chunk_aggregation": mode,
+            "smoothing_steps": 3,
+            "diagnostics_topic": f"/{prefix}/diagnostics",
+        }
         (tmp_path / mode).mkdir()
-        params = write_params(str(tmp_path / mode / "params.yaml"),
-                              {"sim_bridge": b, "policy_node": policy})
+        params = write_params(str(tmp_path / mode / "params.yaml"), {"sim_bridge": b, "policy_node": policy})
         logs = {k: str(tmp_path / mode / f"{k}.log") for k in ("policy", "bridge")}
-        runs[mode] = dict(listener=Listener(ros_domain, prefix), logs=logs,
-                          policy=start_node("policy_node", params, logs["policy"]),
-                          bridge=start_node("sim_bridge", params, logs["bridge"]),
-                          summary=tmp_path / mode / "summary.json")
+        runs[mode] = dict(
+            listener=Listener(ros_domain, prefix),
+            logs=logs,
+            policy=start_node("policy_node", params, logs["policy"]),
+            bridge=start_node("sim_bridge", params, logs["bridge"]),
+            summary=tmp_path / mode / "summary.json",
+        )
     try:
         for run in runs.values():
             run["rc"] = wait_exit(run["bridge"], run["logs"]["bridge"], 120)

@@ -1,5 +1,6 @@
 """synthetic_camera over real DDS (raw + compressed topics, latched instruction, joint
 states), and the README demo command end to end (slow)."""
+
 import os
 import subprocess
 import threading
@@ -12,8 +13,12 @@ rclpy = pytest.importorskip("rclpy")
 pytestmark = pytest.mark.ros
 
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy,  # noqa: E402
-                       qos_profile_sensor_data)
+from rclpy.qos import (
+    DurabilityPolicy,
+    QoSProfile,
+    ReliabilityPolicy,  # noqa: E402
+    qos_profile_sensor_data,
+)
 from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
@@ -42,11 +47,23 @@ def test_render_scene_shows_the_objects_the_instruction_names():
 
 
 def test_synthetic_camera_publishes_raw_compressed_instruction_and_joints(ros_env, tmp_path):
-    params = write_params(str(tmp_path / "p.yaml"), {"synthetic_camera": {
-        "camera_topics": ["/sc/cam0/image_raw", "/sc/cam1/image_raw/compressed"],
-        "encoding": "bgr8", "compressed_format": "png", "width": 160, "height": 120,
-        "rate_hz": 20.0, "instruction": "stack the blue block", "instruction_topic": "/sc/instruction",
-        "joint_state_topic": "/sc/joints", "joint_names": ["a", "b", "c"]}})
+    params = write_params(
+        str(tmp_path / "p.yaml"),
+        {
+            "synthetic_camera": {
+                "camera_topics": ["/sc/cam0/image_raw", "/sc/cam1/image_raw/compressed"],
+                "encoding": "bgr8",
+                "compressed_format": "png",
+                "width": 160,
+                "height": 120,
+                "rate_hz": 20.0,
+                "instruction": "stack the blue block",
+                "instruction_topic": "/sc/instruction",
+                "joint_state_topic": "/sc/joints",
+                "joint_names": ["a", "b", "c"],
+            }
+        },
+    )
     proc = start_node("synthetic_camera", params, str(tmp_path / "cam.log"))
     ctx = rclpy.Context()
     rclpy.init(context=ctx, domain_id=ros_env)
@@ -58,11 +75,11 @@ def test_synthetic_camera_publishes_raw_compressed_instruction_and_joints(ros_en
         def cb(msg):
             with lock:
                 got[key].append(msg)
+
         return cb
 
     node.create_subscription(Image, "/sc/cam0/image_raw", keep("raw"), qos_profile_sensor_data)
-    node.create_subscription(CompressedImage, "/sc/cam1/image_raw/compressed", keep("png"),
-                             qos_profile_sensor_data)
+    node.create_subscription(CompressedImage, "/sc/cam1/image_raw/compressed", keep("png"), qos_profile_sensor_data)
     node.create_subscription(JointState, "/sc/joints", keep("joints"), qos_profile_sensor_data)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
@@ -71,8 +88,9 @@ def test_synthetic_camera_publishes_raw_compressed_instruction_and_joints(ros_en
         while time.monotonic() < end and min(len(got["raw"]), len(got["png"]), len(got["joints"])) < 3:
             ex.spin_once(timeout_sec=0.05)
         # a late joiner still gets the instruction (RELIABLE + TRANSIENT_LOCAL)
-        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        latched = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
         node.create_subscription(String, "/sc/instruction", keep("instruction"), latched)
         end = time.monotonic() + 10
         while time.monotonic() < end and not got["instruction"]:
@@ -99,8 +117,9 @@ def test_synthetic_camera_publishes_raw_compressed_instruction_and_joints(ros_en
 @pytest.mark.slow
 def test_demo_command_prints_chunks_and_diagnostics(ros_env):
     env = dict(os.environ, DEMO_SECONDS="3")
-    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "camera_demo.sh")], env=env,
-                         capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "camera_demo.sh")], env=env, capture_output=True, text=True, timeout=240
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "chunk   1: 8 points x 4 joints" in out.stdout
     assert "diag [" in out.stdout and "policy_node: policy: active" in out.stdout

@@ -1,5 +1,6 @@
 """Demo shards: write/read round trip, folder concatenation, truncated files, and a real
 expert recording through the generator (successes only, resumable)."""
+
 import json
 import os
 
@@ -14,10 +15,15 @@ META = {"image_size": 8, "max_steps": 10}
 
 def _episode(task, length, value, index=0):
     rng = np.random.default_rng(value)
-    return Episode(task, 0, index, f"do {task} #{value}",
-                   rng.integers(0, 256, (length, 2, 8, 8, 3), dtype=np.uint8),
-                   rng.standard_normal((length, 4)).astype(np.float32),
-                   rng.uniform(-1, 1, (length, 4)).astype(np.float32))
+    return Episode(
+        task,
+        0,
+        index,
+        f"do {task} #{value}",
+        rng.integers(0, 256, (length, 2, 8, 8, 3), dtype=np.uint8),
+        rng.standard_normal((length, 4)).astype(np.float32),
+        rng.uniform(-1, 1, (length, 4)).astype(np.float32),
+    )
 
 
 def test_shard_round_trip_keeps_every_array_and_boundary(tmp_path):
@@ -30,26 +36,24 @@ def test_shard_round_trip_keeps_every_array_and_boundary(tmp_path):
     np.testing.assert_array_equal(shard.episode_starts, [0, 3, 8])
     for want, e in zip(eps, range(2)):
         got = shard.episode(e)
-        assert (got.task, got.seed, got.index, got.instruction) == \
-            (want.task, want.seed, want.index, want.instruction)
+        assert (got.task, got.seed, got.index, got.instruction) == (want.task, want.seed, want.index, want.instruction)
         for k in ("images", "states", "actions"):
             np.testing.assert_array_equal(getattr(got, k), getattr(want, k))
 
 
 def test_folder_concatenation_offsets_episode_boundaries(tmp_path):
     write_shard(tmp_path / "a.npz", [_episode("reach-v3", 3, 1)], ("corner", "topview"), META)
-    write_shard(tmp_path / "b.npz", [_episode("push-v3", 4, 2), _episode("push-v3", 2, 3, 1)],
-                ("corner", "topview"), META)
+    write_shard(
+        tmp_path / "b.npz", [_episode("push-v3", 4, 2), _episode("push-v3", 2, 3, 1)], ("corner", "topview"), META
+    )
     demos = load_demos(tmp_path)
     np.testing.assert_array_equal(demos.episode_starts, [0, 3, 7, 9])
     np.testing.assert_array_equal(demos.episode(2).actions, _episode("push-v3", 2, 3, 1).actions)
-    assert [str(s) for s in demos.episode_instruction] == \
-        ["do reach-v3 #1", "do push-v3 #2", "do push-v3 #3"]
+    assert [str(s) for s in demos.episode_instruction] == ["do reach-v3 #1", "do push-v3 #2", "do push-v3 #3"]
 
 
 def test_truncated_or_foreign_shard_gives_clear_error(tmp_path):
-    path = write_shard(tmp_path / "a.npz", [_episode("reach-v3", 3, 1)], ("corner", "topview"),
-                       META)
+    path = write_shard(tmp_path / "a.npz", [_episode("reach-v3", 3, 1)], ("corner", "topview"), META)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
@@ -75,8 +79,7 @@ def test_inconsistent_episode_is_refused_at_write(tmp_path):
 
 def test_generator_records_expert_successes_and_resumes(tmp_path):
     settings = EnvSettings(image_size=32, max_steps=80)
-    index = generate_demos(tmp_path, ["reach-v3"], per_task=2, workers=1, settings=settings,
-                           progress=False)
+    index = generate_demos(tmp_path, ["reach-v3"], per_task=2, workers=1, settings=settings, progress=False)
     assert index["episodes"] == 2 and index["tasks"]["reach-v3"]["expert_success"] == 1.0
     on_disk = json.loads((tmp_path / "index.json").read_text())
     assert on_disk["shards"] == ["reach-v3__s0_i00-01.npz"]
@@ -86,14 +89,12 @@ def test_generator_records_expert_successes_and_resumes(tmp_path):
     lengths = np.diff(demos.episode_starts)
     assert np.all((lengths > 5) & (lengths < 80))  # ended at success, before the limit
     mtime = os.path.getmtime(tmp_path / on_disk["shards"][0])
-    again = generate_demos(tmp_path, ["reach-v3"], per_task=2, workers=1, settings=settings,
-                           progress=False)
+    again = generate_demos(tmp_path, ["reach-v3"], per_task=2, workers=1, settings=settings, progress=False)
     assert again["episodes"] == 2
     assert os.path.getmtime(tmp_path / on_disk["shards"][0]) == mtime  # reused, not redone
     # A larger per_task with another chunking tops the folder up with new starts only (before,
     # the new jobs' shards repeated the first starts and the folder could no longer be read).
-    more = generate_demos(tmp_path, ["reach-v3"], per_task=3, workers=1, settings=settings,
-                          chunk=5, progress=False)
+    more = generate_demos(tmp_path, ["reach-v3"], per_task=3, workers=1, settings=settings, chunk=5, progress=False)
     assert more["episodes"] == 3
     assert more["shards"] == ["reach-v3__s0_i00-01.npz", "reach-v3__s0_i02-02.npz"]
     assert os.path.getmtime(tmp_path / on_disk["shards"][0]) == mtime
@@ -108,15 +109,23 @@ def _smooth_episode(task, length, index, size=32):
         for c in range(2):
             imgs[t, c, ..., 0] = (xx * 6 + t * 3 + c * 40) % 256
             imgs[t, c, ..., 1] = (yy * 5 + index * 20) % 256
-            imgs[t, c, 8 + t % 8:16 + t % 8, 10:18, 2] = 220
+            imgs[t, c, 8 + t % 8 : 16 + t % 8, 10:18, 2] = 220
     rng = np.random.default_rng(index)
-    return Episode(task, 0, index, f"do {task}", imgs, rng.standard_normal((length, 4)).astype(np.float32),
-                   rng.uniform(-1, 1, (length, 4)).astype(np.float32))
+    return Episode(
+        task,
+        0,
+        index,
+        f"do {task}",
+        imgs,
+        rng.standard_normal((length, 4)).astype(np.float32),
+        rng.uniform(-1, 1, (length, 4)).astype(np.float32),
+    )
 
 
 @pytest.mark.parametrize("codec", ["jpeg", "video"])
 def test_compact_bundle_keeps_actions_exact_and_images_close(tmp_path, codec):
     from quantvla_core.sim.compact import read_bundle, write_bundle
+
     eps = [_smooth_episode("reach-v3", 7, 0), _smooth_episode("drawer-close-v3", 5, 1)]
     write_shard(tmp_path / "demos" / "a.npz", eps, ("corner", "topview"), {"image_size": 32})
     info = write_bundle(tmp_path / "demos", tmp_path / "b.npz", every=3, codec=codec)
@@ -135,11 +144,13 @@ def test_compact_bundle_keeps_actions_exact_and_images_close(tmp_path, codec):
 
 def test_compact_bundle_refuses_foreign_and_corrupt_files(tmp_path):
     from quantvla_core.sim.compact import read_bundle, write_bundle
+
     np.savez(tmp_path / "x.npz", a=np.zeros(3))
     with pytest.raises(ValueError, match="not a compact demo bundle"):
         read_bundle(tmp_path / "x.npz")
-    write_shard(tmp_path / "demos" / "a.npz", [_smooth_episode("reach-v3", 6, 0)], ("corner", "topview"),
-                {"image_size": 32})
+    write_shard(
+        tmp_path / "demos" / "a.npz", [_smooth_episode("reach-v3", 6, 0)], ("corner", "topview"), {"image_size": 32}
+    )
     write_bundle(tmp_path / "demos", tmp_path / "b.npz", every=2, codec="video")
     with np.load(tmp_path / "b.npz") as z:
         arrays = {k: z[k] for k in z.files}
@@ -155,8 +166,12 @@ def test_compact_bundle_refuses_foreign_and_corrupt_files(tmp_path):
 def test_bundle_parts_join_into_the_whole_and_overlaps_are_refused(tmp_path):
     """Two parts (split by episode) read together equal one bundle of all the episodes."""
     from quantvla_core.sim.compact import read_bundle, read_bundles, write_bundle
-    eps = [_smooth_episode("reach-v3", 7, 0), _smooth_episode("drawer-close-v3", 5, 1),
-           _smooth_episode("push-v3", 6, 2)]
+
+    eps = [
+        _smooth_episode("reach-v3", 7, 0),
+        _smooth_episode("drawer-close-v3", 5, 1),
+        _smooth_episode("push-v3", 6, 2),
+    ]
     write_shard(tmp_path / "all" / "a.npz", eps, ("corner", "topview"), {"image_size": 32})
     write_shard(tmp_path / "p1" / "a.npz", eps[:1], ("corner", "topview"), {"image_size": 32})
     write_shard(tmp_path / "p2" / "a.npz", eps[1:], ("corner", "topview"), {"image_size": 32})
@@ -175,6 +190,7 @@ def test_bundle_parts_join_into_the_whole_and_overlaps_are_refused(tmp_path):
 
     from quantvla_core.config import preset
     from quantvla_core.sim.train import DemoDataset
+
     cfg = preset("tiny")
     data = DemoDataset([tmp_path / "p1.npz", tmp_path / "p2.npz"], cfg)
     assert len(data) == 7 and data.num_episodes == 3
@@ -189,6 +205,7 @@ def test_recording_can_go_on_past_the_first_success():
     from quantvla_core.sim.demos import record_episode
     from quantvla_core.sim.env import StartState
     from quantvla_core.sim.expert import ScriptedExpert
+
     env = EnvSettings(image_size=32, max_steps=150).make("reach-v3")
     expert, start = ScriptedExpert("reach-v3"), StartState("reach-v3", 0, 0)
     try:
@@ -196,6 +213,6 @@ def test_recording_can_go_on_past_the_first_success():
         longer, ok_longer = record_episode(env, expert, start, after_success=3)
         assert ok and ok_longer and env.stop_at_success
         assert len(longer.actions) == len(usual.actions) + 4
-        np.testing.assert_array_equal(longer.actions[:len(usual.actions)], usual.actions)
+        np.testing.assert_array_equal(longer.actions[: len(usual.actions)], usual.actions)
     finally:
         env.close()

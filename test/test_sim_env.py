@@ -1,10 +1,10 @@
 """MT10 environment: deterministic resets and steps, real (non-black) frames from both cameras,
 goal information only in the images, clear errors on bad input."""
+
 import numpy as np
 import pytest
 
-from quantvla_core.sim.env import (DEFAULT_CAMERAS, EVAL_SEEDS, TASKS, TRAIN_SEEDS, MT10Env,
-                                   starts_for)
+from quantvla_core.sim.env import DEFAULT_CAMERAS, EVAL_SEEDS, TASKS, TRAIN_SEEDS, MT10Env, starts_for
 from quantvla_core.sim.instructions import INSTRUCTIONS, instruction_for
 
 
@@ -95,6 +95,7 @@ def test_an_episode_can_run_on_past_its_first_success():
     """stop_at_success=False: the expert keeps stepping after success (until max_steps) and
     success stays True; by default the episode ends at the first success."""
     from quantvla_core.sim.expert import ScriptedExpert
+
     env, expert = MT10Env("reach-v3", image_size=32, max_steps=150), ScriptedExpert("reach-v3")
     env.reset(TRAIN_SEEDS[0], 0)
     while not env.done:

@@ -1,5 +1,6 @@
 """Closed-loop evaluation: scripted expert succeeds, noop fails, the paired test and intervals
 match hand-computed values, reports are written, bad policies give clear errors."""
+
 import json
 
 import numpy as np
@@ -38,9 +39,29 @@ def test_mcnemar_exact_matches_binomial_tail():
 
 
 def test_eval_cli_expert_succeeds_noop_fails_and_report_is_written(tmp_path, capsys):
-    rc = sim_main(["eval", "--sim", "mt10", "--policy", "expert", "--policy", "idle=noop",
-                   "--tasks", "reach-v3", "--episodes", "2", "--workers", "1",
-                   "--image-size", "32", "--max-steps", "100", "--out", str(tmp_path)])
+    rc = sim_main(
+        [
+            "eval",
+            "--sim",
+            "mt10",
+            "--policy",
+            "expert",
+            "--policy",
+            "idle=noop",
+            "--tasks",
+            "reach-v3",
+            "--episodes",
+            "2",
+            "--workers",
+            "1",
+            "--image-size",
+            "32",
+            "--max-steps",
+            "100",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     expert, idle = report["variants"]["expert"], report["variants"]["idle"]
@@ -64,19 +85,54 @@ def test_eval_cli_expert_succeeds_noop_fails_and_report_is_written(tmp_path, cap
 
 
 def test_eval_cli_runs_validation_seeds_and_refuses_training_seeds(tmp_path, capsys):
-    rc = sim_main(["eval", "--sim", "mt10", "--policy", "noop", "--tasks", "reach-v3",
-                   "--episodes", "2", "--workers", "1", "--image-size", "32", "--max-steps", "20",
-                   "--eval-seeds", "1002", "--out", str(tmp_path)])
+    rc = sim_main(
+        [
+            "eval",
+            "--sim",
+            "mt10",
+            "--policy",
+            "noop",
+            "--tasks",
+            "reach-v3",
+            "--episodes",
+            "2",
+            "--workers",
+            "1",
+            "--image-size",
+            "32",
+            "--max-steps",
+            "20",
+            "--eval-seeds",
+            "1002",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["config"]["eval_seeds"] == [1002]
     assert [tuple(e[:3]) for e in report["variants"]["noop"]["episode_outcomes"]] == [
-        ("reach-v3", 1002, 0), ("reach-v3", 1002, 1)]
-    rc = sim_main(["eval", "--sim", "mt10", "--policy", "noop", "--eval-seeds", "1002", "3",
-                   "--out", str(tmp_path / "refused")])
+        ("reach-v3", 1002, 0),
+        ("reach-v3", 1002, 1),
+    ]
+    rc = sim_main(
+        ["eval", "--sim", "mt10", "--policy", "noop", "--eval-seeds", "1002", "3", "--out", str(tmp_path / "refused")]
+    )
     assert rc == 2 and "--eval-seeds [3] are demo (training) seeds" in capsys.readouterr().err
-    rc = sim_main(["eval", "--sim", "mt10", "--policy", "noop", "--eval-seeds", "1002", "1002",
-                   "--out", str(tmp_path / "refused")])
+    rc = sim_main(
+        [
+            "eval",
+            "--sim",
+            "mt10",
+            "--policy",
+            "noop",
+            "--eval-seeds",
+            "1002",
+            "1002",
+            "--out",
+            str(tmp_path / "refused"),
+        ]
+    )
     assert rc == 2 and "give distinct seeds >= 0" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
 
@@ -101,8 +157,13 @@ def test_policy_object_with_wrong_action_dim_is_rejected():
 
 def test_runtime_policy_runs_in_the_loop():
     """The project's own Policy (random tiny weights) drives the env through its real API."""
-    cfg = EvalConfig(tasks=("push-v3",), episodes_per_task=1, workers=1, replan_steps=4,
-                     settings=EnvSettings(image_size=32, max_steps=12))
+    cfg = EvalConfig(
+        tasks=("push-v3",),
+        episodes_per_task=1,
+        workers=1,
+        replan_steps=4,
+        settings=EnvSettings(image_size=32, max_steps=12),
+    )
     report = evaluate(["tiny"], cfg, progress=False)
     v = report["variants"]["tiny"]
     assert v["episodes"] == 1 and v["latency_ms"]["calls"] == 3 and v["describe"]["name"]
@@ -113,8 +174,7 @@ def test_parallel_workers_give_the_same_outcomes_as_serial():
     cfg = dict(tasks=("reach-v3", "drawer-close-v3"), episodes_per_task=2, settings=FAST)
     serial = evaluate(["expert"], EvalConfig(workers=1, **cfg), progress=False)
     parallel = evaluate(["expert"], EvalConfig(workers=2, **cfg), progress=False)
-    assert serial["variants"]["expert"]["episode_outcomes"] == \
-        parallel["variants"]["expert"]["episode_outcomes"]
+    assert serial["variants"]["expert"]["episode_outcomes"] == parallel["variants"]["expert"]["episode_outcomes"]
 
 
 def test_failure_traces_tell_an_untouched_object_from_a_moved_one(tmp_path):
@@ -122,8 +182,10 @@ def test_failure_traces_tell_an_untouched_object_from_a_moved_one(tmp_path):
     counts idle's failures as 'object never moved'."""
     from quantvla_core.sim.evaluate import OBJECT_MOVED_M
     from quantvla_core.sim.report import format_table
-    cfg = EvalConfig(tasks=("push-v3",), episodes_per_task=2, workers=1,
-                     settings=EnvSettings(image_size=32, max_steps=120))
+
+    cfg = EvalConfig(
+        tasks=("push-v3",), episodes_per_task=2, workers=1, settings=EnvSettings(image_size=32, max_steps=120)
+    )
     report = evaluate(["expert", "idle=noop"], cfg, progress=False)
     expert, idle = report["variants"]["expert"], report["variants"]["idle"]
     assert expert["successes"] == 2
@@ -132,24 +194,32 @@ def test_failure_traces_tell_an_untouched_object_from_a_moved_one(tmp_path):
     for closest, moved, final in idle["episode_traces"]:
         assert moved < OBJECT_MOVED_M and final > 0.05
     assert idle["tasks"]["push-v3"]["failures"] == {
-        "count": 2, "object_not_moved": 2,
+        "count": 2,
+        "object_not_moved": 2,
         "median_min_hand_target_m": pytest.approx(np.median([t[0] for t in idle["episode_traces"]])),
-        "median_final_goal_m": pytest.approx(np.median([t[2] for t in idle["episode_traces"]]))}
+        "median_final_goal_m": pytest.approx(np.median([t[2] for t in idle["episode_traces"]])),
+    }
     assert "push-v3" in format_table(report).split("failed episodes")[1]
 
 
 def _synthetic_report(n_variants: int, seeds=(1000, 1001)) -> dict:
     from quantvla_core.sim.env import TASKS as tasks
-    variants = {f"v{i}": {"mean_success": 0.5, "mean_ci95": [0.3, 0.7],
-                          "tasks": {t: {"rate": 0.5, "ci95": [0.3, 0.7]} for t in tasks}}
-                for i in range(n_variants)}
-    return {"config": {"tasks": list(tasks), "episodes_per_task": 4, "eval_seeds": list(seeds)},
-            "variants": variants}
+
+    variants = {
+        f"v{i}": {
+            "mean_success": 0.5,
+            "mean_ci95": [0.3, 0.7],
+            "tasks": {t: {"rate": 0.5, "ci95": [0.3, 0.7]} for t in tasks},
+        }
+        for i in range(n_variants)
+    }
+    return {"config": {"tasks": list(tasks), "episodes_per_task": 4, "eval_seeds": list(seeds)}, "variants": variants}
 
 
 def test_plot_title_names_the_starts_it_ran():
     """Candidates chosen on validation starts must not be plotted as 'held-out'."""
     from quantvla_core.sim.report import starts_label
+
     assert starts_label(_synthetic_report(1)) == "held-out"
     assert starts_label(_synthetic_report(1, seeds=(1002,))) == "validation"
     assert starts_label(_synthetic_report(1, seeds=(1002, 1003))) == "validation"
@@ -162,6 +232,7 @@ def test_many_variants_get_one_mean_bar_each(tmp_path):
     from PIL import Image
 
     from quantvla_core.sim.report import MAX_GROUPED_VARIANTS, plot
+
     sizes = {}
     for n in (3, MAX_GROUPED_VARIANTS + 2, 2 * MAX_GROUPED_VARIANTS + 4):
         with Image.open(plot(_synthetic_report(n), tmp_path / f"{n}.png")) as im:

@@ -3,6 +3,7 @@
 MuJoCo's EGL (Mesa) driver and Triton each bring an LLVM; Triton loaded second segfaulted the
 process (seen with torch's optimizers and with quantized policies inside eval workers).
 """
+
 import subprocess
 import sys
 

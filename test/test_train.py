@@ -1,4 +1,5 @@
 """Behaviour cloning: loss goes down, training resumes, the result is a loadable policy."""
+
 import json
 
 import numpy as np
@@ -10,20 +11,20 @@ from quantvla_core.sim.shards import Episode, write_shard
 from quantvla_core.sim.train import TrainConfig, train
 
 
-def write_toy_demos(folder, episodes=6, steps=12, size=32, task="reach-v3", name="toy", offset=0.0,
-                    first_index=0):
+def write_toy_demos(folder, episodes=6, steps=12, size=32, task="reach-v3", name="toy", offset=0.0, first_index=0):
     """Reach-like toy data: the action points toward a coloured square's position."""
     rng = np.random.default_rng(first_index)
     eps = []
     for e in range(episodes):
         imgs = np.zeros((steps, 2, size, size, 3), np.uint8)
         gx, gy = rng.integers(4, size - 8, size=2)
-        imgs[:, :, gy:gy + 6, gx:gx + 6] = (255, 40, 40)
+        imgs[:, :, gy : gy + 6, gx : gx + 6] = (255, 40, 40)
         target = np.array([gx / size - 0.5, gy / size - 0.5, 0.0, 1.0], np.float32)
         states = rng.normal(size=(steps, 4)).astype(np.float32) * 0.1
         actions = np.repeat(target[None], steps, 0) + rng.normal(size=(steps, 4)).astype(np.float32) * 0.01
-        eps.append(Episode(task, 0, first_index + e, "reach the red goal marker", imgs, states + offset,
-                           actions + offset))
+        eps.append(
+            Episode(task, 0, first_index + e, "reach the red goal marker", imgs, states + offset, actions + offset)
+        )
     write_shard(folder / f"{name}.npz", eps, cameras=("corner", "topview"), meta={"image_size": size})
 
 
@@ -52,6 +53,7 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
 
     from quantvla_core.models import build_model
     from quantvla_core.sim.train import DemoDataset
+
     write_toy_demos(tmp_path / "demos")
     cfg = preset("tiny")
     data = DemoDataset(tmp_path / "demos", cfg)
@@ -81,6 +83,7 @@ def test_batches_hold_the_right_actions_prompts_and_shifted_crops(tmp_path):
     from quantvla_core.sim.instructions import INSTRUCTIONS
     from quantvla_core.sim.shards import load_demos
     from quantvla_core.sim.train import DemoDataset
+
     write_toy_demos(tmp_path / "demos", episodes=3, steps=12)
     cfg = preset("tiny")
     raw = load_demos(tmp_path / "demos")
@@ -102,8 +105,12 @@ def test_batches_hold_the_right_actions_prompts_and_shifted_crops(tmp_path):
     s = x.shape[-1]
     offsets = set()
     for n in range(x.shape[0]):
-        hits = [(oy, ox) for oy in range(2 * shift + 1) for ox in range(2 * shift + 1)
-                if torch.equal(shifted[n], padded[n, :, oy:oy + s, ox:ox + s])]
+        hits = [
+            (oy, ox)
+            for oy in range(2 * shift + 1)
+            for ox in range(2 * shift + 1)
+            if torch.equal(shifted[n], padded[n, :, oy : oy + s, ox : ox + s])
+        ]
         assert hits, f"image {n} is not a crop of its padded original"
         offsets.add(hits[0])
     assert len(offsets) > 1  # offsets are drawn per image, not one per batch
@@ -115,6 +122,7 @@ def test_task_weights_set_each_tasks_share_of_the_batches(tmp_path):
     import torch
 
     from quantvla_core.sim.train import DemoDataset, parse_task_weights
+
     write_toy_demos(tmp_path / "demos", episodes=4, steps=12, task="reach-v3", name="a")
     write_toy_demos(tmp_path / "demos", episodes=2, steps=12, task="push-v3", name="b", first_index=10)
     data = DemoDataset(tmp_path / "demos", preset("tiny"))
@@ -143,13 +151,19 @@ def test_fine_tuning_keeps_the_starting_policys_normalisation(tmp_path):
     import torch
 
     from quantvla_core.sim.train import DemoDataset
+
     write_toy_demos(tmp_path / "base")
     tc = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, save_every=100, shift_pixels=0)
     train(tmp_path / "base", tmp_path / "run1", preset("tiny"), tc, progress=False)
     base = json.loads((tmp_path / "run1" / "policy" / "config.json").read_text())
     write_toy_demos(tmp_path / "other", offset=0.7)
-    train(tmp_path / "other", tmp_path / "run2", preset("tiny"),
-          TrainConfig(**{**vars(tc), "init": str(tmp_path / "run1" / "policy")}), progress=False)
+    train(
+        tmp_path / "other",
+        tmp_path / "run2",
+        preset("tiny"),
+        TrainConfig(**{**vars(tc), "init": str(tmp_path / "run1" / "policy")}),
+        progress=False,
+    )
     tuned = json.loads((tmp_path / "run2" / "policy" / "config.json").read_text())
     for key in ("state_mean", "state_std", "action_mean", "action_std"):
         assert tuned[key] == pytest.approx(base[key]), key

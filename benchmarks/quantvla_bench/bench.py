@@ -19,6 +19,7 @@ the current directory; ``--out`` elsewhere).
     python benchmarks/e2e.py --preset small --cameras 1 --census     # launches and bytes, no timing
     python benchmarks/e2e.py --preset pi05-3b --device cuda --cameras 3 --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,16 +45,33 @@ from quantvla_core.policy import resolve_device
 from .chunk_timing import ChunkRunner, model_bytes, peak_memory_chunk
 from .machine import device_tag, environment
 from .runs import Variants as _Variants, observation as _observation
-from .variants import (PEER_SETS, PEERS, QUANTIZERS, SCHEMES, check_peers, check_schemes, peer_available)
+from .variants import PEER_SETS, PEERS, QUANTIZERS, SCHEMES, check_peers, check_schemes, peer_available
 
 DEFAULT_OUT = Path("runs") / "bench"  # relative to the current directory; ./runs is git-ignored
 COMPILE_MIN_WARMUP = 2  # torch.compile's first chunks compile (and recompile once on a guard): never timed
 CENSUS_BACKENDS = ("auto", "triton")
-TABLE_COLUMNS = ("preset", "cams", "steps", "variant", "exec", "total ms", "x FP", "preprocess", "vision",
-                 "prefix", "step", "denoise", "post", "cpu total", "x FP cpu", "peak MiB")
+TABLE_COLUMNS = (
+    "preset",
+    "cams",
+    "steps",
+    "variant",
+    "exec",
+    "total ms",
+    "x FP",
+    "preprocess",
+    "vision",
+    "prefix",
+    "step",
+    "denoise",
+    "post",
+    "cpu total",
+    "x FP cpu",
+    "peak MiB",
+)
 
 
 # ---- argument parsing ------------------------------------------------------------------------
+
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
@@ -70,43 +88,72 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="small",
-                   help=f"comma-separated presets ({', '.join(PRESETS)}); default small")
+    p.add_argument("--preset", default="small", help=f"comma-separated presets ({', '.join(PRESETS)}); default small")
     p.add_argument("--schemes", default=",".join(SCHEMES), help=f"subset of {','.join(SCHEMES)}")
     p.add_argument("--cameras", default="1,3", help="camera counts (the model is configured for each)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, help="FP dtype: fp32 (CPU default), bf16 (CUDA default), fp16")
-    p.add_argument("--exec", dest="exec_mode", default="auto", choices=("auto", "eager", "graph"),
-                   help="auto = CUDA graphs on CUDA (eager fallback per variant), eager on CPU")
+    p.add_argument(
+        "--exec",
+        dest="exec_mode",
+        default="auto",
+        choices=("auto", "eager", "graph"),
+        help="auto = CUDA graphs on CUDA (eager fallback per variant), eager on CPU",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed chunks per variant (default 15, quick 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed chunks per variant (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
-    p.add_argument("--quantizer", default="quick", choices=QUANTIZERS,
-                   help="quick: round-to-nearest, no calibration (same run-time structure); "
-                        "calib: the PTQ pipeline on synthetic data without ATM/OHB")
+    p.add_argument(
+        "--quantizer",
+        default="quick",
+        choices=QUANTIZERS,
+        help="quick: round-to-nearest, no calibration (same run-time structure); "
+        "calib: the PTQ pipeline on synthetic data without ATM/OHB",
+    )
     p.add_argument("--layout", default="quantvla", help="quantization layout (see quantvla layout)")
-    p.add_argument("--transforms", default="smooth,rotate",
-                   help="run-time transforms of the quick quantizer: smooth,rotate (the PTQ default), "
-                        "smooth, rotate or none")
-    p.add_argument("--peers", default="none",
-                   help=f"comma-separated peers ({', '.join(PEERS)}), {', '.join(PEER_SETS)} or none (default); "
-                        "peers that cannot run on this device are skipped with a note")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; variants not started by then are skipped (partial results still written)")
+    p.add_argument(
+        "--transforms",
+        default="smooth,rotate",
+        help="run-time transforms of the quick quantizer: smooth,rotate (the PTQ default), smooth, rotate or none",
+    )
+    p.add_argument(
+        "--peers",
+        default="none",
+        help=f"comma-separated peers ({', '.join(PEERS)}), {', '.join(PEER_SETS)} or none (default); "
+        "peers that cannot run on this device are skipped with a note",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; variants not started by then are skipped (partial results still written)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer repeats (for CI and short device calls)")
-    p.add_argument("--memory-only", action="store_true",
-                   help="only the weight-memory accounting (from shapes: any preset, any machine)")
-    p.add_argument("--census", action="store_true",
-                   help="no timing: count kernel launches and activation / weight bytes per stage and "
-                        "variant (fp, bf16 and --schemes) for one chunk; runs on the CPU")
-    p.add_argument("--census-backend", default="auto", choices=CENSUS_BACKENDS,
-                   help="integer layers in the census: auto = the device's kernel backend (cpu on the "
-                        "CPU), triton = the Triton kernels (on the CPU needs TRITON_INTERPRET=1 set "
-                        "before start), one launch per kernel")
-    p.add_argument("--out", default=str(DEFAULT_OUT),
-                   help=f"results folder (JSON, TXT, PNG); default ./{DEFAULT_OUT.as_posix()} under the "
-                        "current directory")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the weight-memory accounting (from shapes: any preset, any machine)",
+    )
+    p.add_argument(
+        "--census",
+        action="store_true",
+        help="no timing: count kernel launches and activation / weight bytes per stage and "
+        "variant (fp, bf16 and --schemes) for one chunk; runs on the CPU",
+    )
+    p.add_argument(
+        "--census-backend",
+        default="auto",
+        choices=CENSUS_BACKENDS,
+        help="integer layers in the census: auto = the device's kernel backend (cpu on the "
+        "CPU), triton = the Triton kernels (on the CPU needs TRITON_INTERPRET=1 set "
+        "before start), one launch per kernel",
+    )
+    p.add_argument(
+        "--out",
+        default=str(DEFAULT_OUT),
+        help=f"results folder (JSON, TXT, PNG); default ./{DEFAULT_OUT.as_posix()} under the current directory",
+    )
     p.add_argument("--tag", default=None, help="file name stem (default e2e-<card|cpu>-<date>-<presets>[-quick])")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -162,6 +209,7 @@ class BenchOptions:
         if a.steps is not None and a.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {a.steps}")
         from quantvla_core.quant.layout import check_layout
+
         check_layout(a.layout)
         transforms = tuple(t for t in _csv(a.transforms) if t != "none")
         if any(t not in ("smooth", "rotate") for t in transforms):
@@ -177,18 +225,38 @@ class BenchOptions:
         if census and a.memory_only:
             raise ValueError("--census and --memory-only exclude each other; accepted: one of them")
         if census and peers:
-            raise ValueError("--peers applies to timing runs; --census counts fp, bf16 and --schemes "
-                             "(accepted with --census: --peers none)")
-        return cls(presets, schemes, _int_list(a.cameras, "--cameras"), a.steps, device, dtype, exec_mode,
-                   repeats, warmup, a.threads, a.quantizer, a.layout, peers, a.time_budget, a.quick,
-                   a.memory_only, transforms, census, census_backend)
+            raise ValueError(
+                "--peers applies to timing runs; --census counts fp, bf16 and --schemes "
+                "(accepted with --census: --peers none)"
+            )
+        return cls(
+            presets,
+            schemes,
+            _int_list(a.cameras, "--cameras"),
+            a.steps,
+            device,
+            dtype,
+            exec_mode,
+            repeats,
+            warmup,
+            a.threads,
+            a.quantizer,
+            a.layout,
+            peers,
+            a.time_budget,
+            a.quick,
+            a.memory_only,
+            transforms,
+            census,
+            census_backend,
+        )
 
 
 # ---- environment -------------------------------------------------------------------------------
 
 
-
 # ---- measurement ---------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _quiet_peer_warnings():
@@ -216,8 +284,9 @@ def _summarise(runs: list[dict[str, float]], num_steps: int) -> dict[str, float]
     return med
 
 
-def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts: BenchOptions,
-                 t_start: float, notes: list[str], bar) -> list[dict[str, Any]]:
+def _measure_one(
+    variants: _Variants, names: list[str], cfg, cameras: int, opts: BenchOptions, t_start: float, notes: list[str], bar
+) -> list[dict[str, Any]]:
     """Build, warm up (and capture) every variant, then time them interleaved."""
     obs = _observation(cfg, cameras)
     steps = opts.steps or cfg.num_steps
@@ -228,8 +297,10 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
         if opts.time_budget is not None:
             spent = time.perf_counter() - t_start
             if spent + slowest_build > opts.time_budget:
-                notes.append(f"{cfg.name} {cameras} cam: {name} skipped (time budget {opts.time_budget:.0f} s: "
-                             f"{spent:.0f} s spent, the slowest variant so far took {slowest_build:.0f} s)")
+                notes.append(
+                    f"{cfg.name} {cameras} cam: {name} skipped (time budget {opts.time_budget:.0f} s: "
+                    f"{spent:.0f} s spent, the slowest variant so far took {slowest_build:.0f} s)"
+                )
                 continue
         t0 = time.perf_counter()
         try:
@@ -256,8 +327,10 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
             if mode != "graph":
                 notes.append(f"{cfg.name} {cameras} cam: {name} failed: {type(e).__name__}: {e}")
                 continue
-            notes.append(f"{cfg.name} {cameras} cam: {name}: CUDA graph capture failed "
-                         f"({type(e).__name__}: {str(e)[:160]}); timed eagerly")
+            notes.append(
+                f"{cfg.name} {cameras} cam: {name}: CUDA graph capture failed "
+                f"({type(e).__name__}: {str(e)[:160]}); timed eagerly"
+            )
             runner = ChunkRunner(policy, obs, steps, "eager")
             try:
                 runner.run()
@@ -268,11 +341,18 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
         warmup_s = time.perf_counter() - t_warm
         key = f"{name}|{runner.exec_mode}"
         runners[key] = runner
-        info[key] = {"variant": name, "exec": runner.exec_mode, "build_s": build_s, "warmup_s": warmup_s,
-                     "model_bytes": model_bytes(policy.model)}
+        info[key] = {
+            "variant": name,
+            "exec": runner.exec_mode,
+            "build_s": build_s,
+            "warmup_s": warmup_s,
+            "model_bytes": model_bytes(policy.model),
+        }
         if name == "compile":
-            notes.append(f"{cfg.name} {cameras} cam: compile: build {build_s:.1f} s, "
-                         f"compile + warm-up {warmup_s:.1f} s ({warmup} untimed chunks)")
+            notes.append(
+                f"{cfg.name} {cameras} cam: compile: build {build_s:.1f} s, "
+                f"compile + warm-up {warmup_s:.1f} s ({warmup} untimed chunks)"
+            )
     # a ratio needs FP timed the same way: add FP eager when some variant fell back to eager
     if any(k.endswith("|eager") for k in runners) and "fp|eager" not in runners and "fp|graph" in runners:
         fp_pol = runners["fp|graph"].policy
@@ -289,24 +369,45 @@ def _measure_one(variants: _Variants, names: list[str], cfg, cameras: int, opts:
     rows = []
     for k, r in runners.items():
         med = _summarise(timings[k], steps)
-        row = {"preset": cfg.name, "cameras": cameras, "steps": steps, **info[k],
-               "scheme": r.policy.scheme, "repeats": len(timings[k]), "median_ms": med,
-               "runs_ms": timings[k], "cuda_memory_bytes": peak_memory_chunk(r)}
+        row = {
+            "preset": cfg.name,
+            "cameras": cameras,
+            "steps": steps,
+            **info[k],
+            "scheme": r.policy.scheme,
+            "repeats": len(timings[k]),
+            "median_ms": med,
+            "runs_ms": timings[k],
+            "cuda_memory_bytes": peak_memory_chunk(r),
+        }
         rows.append(row)
     for k, row in zip(runners, rows):
         fp = next((x for x in rows if x["variant"] == "fp" and x["exec"] == row["exec"]), None)
         if fp is not None:
-            row["speedup_vs_fp"] = {s: fp["median_ms"][s] / row["median_ms"][s]
-                                    for s in ("total", "vision", "prefix", "denoise", "step", "total@cpu",
-                                              "vision@cpu", "prefix@cpu", "denoise@cpu", "step@cpu")
-                                    if s in row["median_ms"] and row["median_ms"][s] > 0}
+            row["speedup_vs_fp"] = {
+                s: fp["median_ms"][s] / row["median_ms"][s]
+                for s in (
+                    "total",
+                    "vision",
+                    "prefix",
+                    "denoise",
+                    "step",
+                    "total@cpu",
+                    "vision@cpu",
+                    "prefix@cpu",
+                    "denoise@cpu",
+                    "step@cpu",
+                )
+                if s in row["median_ms"] and row["median_ms"][s] > 0
+            }
     for r in runners.values():
         r.release()
     return rows
 
 
-def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: bool = True,
-                  on_partial=None) -> dict[str, Any]:
+def run_benchmark(
+    opts: BenchOptions, argv: list[str] | None = None, progress: bool = True, on_partial=None
+) -> dict[str, Any]:
     """Time every (preset, cameras, variant); account memory per preset. Returns the JSON dict;
     ``on_partial(result)`` gets the results so far after each (preset, cameras) group, so a run
     cut short by a device time limit still leaves files behind."""
@@ -329,7 +430,7 @@ def run_benchmark(opts: BenchOptions, argv: list[str] | None = None, progress: b
         if opts.steps:
             base.num_steps = opts.steps
         memory[p] = memory_table(base, [s for s in opts.schemes if s != "fp"], opts.layout)
-        for cams in ([] if opts.memory_only else opts.cameras):
+        for cams in [] if opts.memory_only else opts.cameras:
             cfg = dataclasses.replace(base, max_cameras=cams)
             variants = _Variants(cfg, opts)
             rows += _measure_one(variants, names, cfg, cams, opts, t_start, notes, bar)
@@ -349,13 +450,19 @@ def _result(opts: BenchOptions, env: dict[str, Any], rows, memory, notes, t_star
     except OSError:
         pass
     env["wall_s"] = time.perf_counter() - t_start
-    return {"format": "quantvla-bench-e2e", "version": 1, "environment": env,
-            "options": {**{k: v for k, v in dataclasses.asdict(opts).items() if k != "device"},
-                        "device": str(opts.device)},
-            "rows": list(rows), "memory": memory, "notes": list(notes)}
+    return {
+        "format": "quantvla-bench-e2e",
+        "version": 1,
+        "environment": env,
+        "options": {**{k: v for k, v in dataclasses.asdict(opts).items() if k != "device"}, "device": str(opts.device)},
+        "rows": list(rows),
+        "memory": memory,
+        "notes": list(notes),
+    }
 
 
 # ---- output --------------------------------------------------------------------------------------
+
 
 def format_table(result: dict[str, Any]) -> str:
     """The ratio table: one row per (preset, cameras, variant); ms are medians."""
@@ -369,11 +476,24 @@ def format_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         m, sp = r["median_ms"], r.get("speedup_vs_fp", {})
         peak = (r.get("cuda_memory_bytes") or {}).get("peak")
-        cells = [f"{r['preset']:<10}", f"{r['cameras']:<5}", f"{r['steps']:<6}", f"{r['variant']:<16}",
-                 f"{r['exec']:>6}", f(m["total"], 10), f(sp.get("total"), 8, "{:.2f}x"),
-                 f(m["preprocess"], 11), f(m["vision"], 9), f(m["prefix"], 9), f(m["step"], 8),
-                 f(m["denoise"], 9), f(m["postprocess"], 7), f(m.get("total@cpu"), 10),
-                 f(sp.get("total@cpu"), 9, "{:.2f}x"), f(peak / 2**20 if peak else None, 9, "{:.0f}")]
+        cells = [
+            f"{r['preset']:<10}",
+            f"{r['cameras']:<5}",
+            f"{r['steps']:<6}",
+            f"{r['variant']:<16}",
+            f"{r['exec']:>6}",
+            f(m["total"], 10),
+            f(sp.get("total"), 8, "{:.2f}x"),
+            f(m["preprocess"], 11),
+            f(m["vision"], 9),
+            f(m["prefix"], 9),
+            f(m["step"], 8),
+            f(m["denoise"], 9),
+            f(m["postprocess"], 7),
+            f(m.get("total@cpu"), 10),
+            f(sp.get("total@cpu"), 9, "{:.2f}x"),
+            f(peak / 2**20 if peak else None, 9, "{:.0f}"),
+        ]
         out.append("".join(cells))
     return "\n".join(out)
 
@@ -381,13 +501,16 @@ def format_table(result: dict[str, Any]) -> str:
 def format_report(result: dict[str, Any]) -> str:
     env = result["environment"]
     where = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch thread(s))"
-    head = [f"quantvla end-to-end benchmark - {env['date_utc']} - {where}",
-            f"torch {env['torch']}, triton {env.get('triton')}, commit {env.get('git_commit')}"
-            f"{' (+ local changes)' if env.get('git_dirty') else ''}; "
-            f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}",
-            f"command: {env['command']}",
-            "ms = median over interleaved repeats; x FP = FP total / variant total (same exec mode); "
-            "cpu = thread CPU time (CPU runs)", ""]
+    head = [
+        f"quantvla end-to-end benchmark - {env['date_utc']} - {where}",
+        f"torch {env['torch']}, triton {env.get('triton')}, commit {env.get('git_commit')}"
+        f"{' (+ local changes)' if env.get('git_dirty') else ''}; "
+        f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}",
+        f"command: {env['command']}",
+        "ms = median over interleaved repeats; x FP = FP total / variant total (same exec mode); "
+        "cpu = thread CPU time (CPU runs)",
+        "",
+    ]
     parts = head + ([format_table(result), ""] if result["rows"] else [])
     for p, table in result["memory"].items():
         parts += [format_memory(table, f"weight memory, {p} (floats at FP16; quantized layers with scales)"), ""]
@@ -399,16 +522,23 @@ def format_report(result: dict[str, Any]) -> str:
 def save_png(result: dict[str, Any], path: Path) -> None:
     """Stacked stage latency per variant (one panel per preset x cameras) + memory per scheme."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     groups: dict[tuple, list] = {}
     for r in result["rows"]:
         groups.setdefault((r["preset"], r["cameras"]), []).append(r)
     n = len(groups) + len(result["memory"])
     fig, axes = plt.subplots(1, max(1, n), figsize=(4.2 * max(1, n), 4), squeeze=False)
     axes = axes[0]
-    stages = (("preprocess", "tab:gray"), ("vision", "tab:green"), ("prefix", "tab:blue"),
-              ("denoise", "tab:orange"), ("postprocess", "tab:purple"))
+    stages = (
+        ("preprocess", "tab:gray"),
+        ("vision", "tab:green"),
+        ("prefix", "tab:blue"),
+        ("denoise", "tab:orange"),
+        ("postprocess", "tab:purple"),
+    )
     for ax, ((p, cams), rows) in zip(axes, groups.items()):
         # on a shared CPU the thread's CPU time is the steadier clock; on CUDA, events
         cpu = all("total@cpu" in r["median_ms"] for r in rows)
@@ -427,7 +557,7 @@ def save_png(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("thread CPU ms per chunk (median)" if cpu else "ms per chunk (median)")
         ax.tick_params(axis="x", labelsize=7)
     axes[0].legend(fontsize=7)
-    for ax, (p, table) in zip(axes[len(groups):], result["memory"].items()):
+    for ax, (p, table) in zip(axes[len(groups) :], result["memory"].items()):
         schemes = list(table)
         comps = [c for c in table["fp"]["components"] if table["fp"]["components"][c]["bytes"]]
         bottom = np.zeros(len(schemes))
@@ -439,9 +569,11 @@ def save_png(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("MiB")
         ax.legend(fontsize=7)
     o, env = result["options"], result["environment"]
-    fig.suptitle(f"{env.get('gpu') or env['cpu']} - {env['date_utc'][:10]} - {o.get('quantizer', 'quick')} quantizer, "
-                 f"transforms {'+'.join(o.get('transforms', ['smooth', 'rotate'])) or 'none'}, layout {o.get('layout')}",
-                 fontsize=9)
+    fig.suptitle(
+        f"{env.get('gpu') or env['cpu']} - {env['date_utc'][:10]} - {o.get('quantizer', 'quick')} quantizer, "
+        f"transforms {'+'.join(o.get('transforms', ['smooth', 'rotate'])) or 'none'}, layout {o.get('layout')}",
+        fontsize=9,
+    )
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=80)
@@ -453,8 +585,10 @@ def write_results(result: dict[str, Any], out_dir: Path, tag: str | None, png: b
     env = result["environment"]
     opts = result["options"]
     kind = "memory" if opts.get("memory_only") else device_tag(env)
-    stem = tag or (f"e2e-{kind}-{env['date_utc'][:10]}-{'+'.join(opts['presets'])}"
-                   + ("-quick" if opts["quick"] and not opts.get("memory_only") else ""))
+    stem = tag or (
+        f"e2e-{kind}-{env['date_utc'][:10]}-{'+'.join(opts['presets'])}"
+        + ("-quick" if opts["quick"] and not opts.get("memory_only") else "")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "txt": out_dir / f"{stem}.txt"}
     atomic_write_json(paths["json"], result)
@@ -472,6 +606,7 @@ def main_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> i
     opts = BenchOptions.from_args(args)
     if opts.census:  # counts instead of timing: no repeats, no peers
         from .census import format_census, run_census, write_census
+
         result = run_census(opts, argv, progress=not args.no_progress)
         print(format_census(result))
         paths = write_census(result, Path(args.out), args.tag)
@@ -492,6 +627,7 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks/e2e.py") -> int:
     """The command line. A bad option, a missing file or a device this machine lacks ends in
     one line on stderr and exit status 2."""
     from quantvla_core.cli import OneLineParser
+
     p = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)

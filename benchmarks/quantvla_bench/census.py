@@ -34,6 +34,7 @@ Counting rules (tested in test/test_bench_census.py):
 The census counts what runs on the backend in effect (the CPU integer path shows up as
 torch._int_mm and friends); the report names that backend.
 """
+
 from __future__ import annotations
 
 import collections
@@ -49,17 +50,27 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-ALLOCATION_ONLY = frozenset({"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
-                             "aten::new_empty_strided", "aten::empty_permuted"})
+ALLOCATION_ONLY = frozenset(
+    {
+        "aten::empty",
+        "aten::empty_strided",
+        "aten::empty_like",
+        "aten::new_empty",
+        "aten::new_empty_strided",
+        "aten::empty_permuted",
+    }
+)
 TRITON_MODULES = ("quantvla_kernels.triton_gemm", "quantvla_kernels.triton_quant")
 TABLE_STAGES = ("vision", "prefix", "step", "chunk")
 
 
 # ---- counting ------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class StageCount:
     """What one stage launched and moved."""
+
     launches: int = 0
     triton_launches: int = 0
     act_read_bytes: int = 0
@@ -85,10 +96,15 @@ class StageCount:
         self.ops.update(other.ops)
 
     def to_json(self) -> dict[str, Any]:
-        return {"launches": self.launches, "triton_launches": self.triton_launches,
-                "act_read_bytes": self.act_read_bytes, "act_written_bytes": self.act_written_bytes,
-                "act_bytes": self.act_bytes, "weight_bytes": self.weight_bytes,
-                "ops": dict(self.ops.most_common())}
+        return {
+            "launches": self.launches,
+            "triton_launches": self.triton_launches,
+            "act_read_bytes": self.act_read_bytes,
+            "act_written_bytes": self.act_written_bytes,
+            "act_bytes": self.act_bytes,
+            "weight_bytes": self.weight_bytes,
+            "ops": dict(self.ops.most_common()),
+        }
 
 
 def _storage_ptr(t: torch.Tensor) -> int | None:
@@ -266,13 +282,17 @@ class OpCensus(TorchDispatchMode):
 
 # ---- Triton launches -----------------------------------------------------------------------------
 
+
 def triton_census_modules(device: torch.device) -> list:
     """quantvla_kernels' Triton modules, imported for ``device`` (interpreter check on the CPU)."""
     from quantvla_kernels import dispatch
+
     if device.type != "cuda" and not dispatch.triton_interpreting():
-        raise ValueError("--census-backend triton on the CPU needs the Triton interpreter: set "
-                         "TRITON_INTERPRET=1 in the environment before starting; accepted otherwise: "
-                         "--census-backend auto")
+        raise ValueError(
+            "--census-backend triton on the CPU needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before starting; accepted otherwise: "
+            "--census-backend auto"
+        )
     return [importlib.import_module(m) for m in TRITON_MODULES]
 
 
@@ -283,6 +303,7 @@ def count_triton_launches(census: OpCensus, modules: list) -> Iterator[list[str]
     suspended while the kernel runs. Patched on the kernel objects (an instance ``run``), so the
     kernels themselves and the code that launches them are untouched; restored on exit."""
     from triton.runtime.jit import KernelInterface
+
     patched: list[tuple[Any, bool, Any]] = []
 
     def wrap(kernel, name: str, run: Callable):
@@ -292,6 +313,7 @@ def count_triton_launches(census: OpCensus, modules: list) -> Iterator[list[str]
             census.record_kernel(f"triton:{name}", list(args) + list(kwargs.values()))
             with census.suspended():
                 return run(*args, grid=grid, warmup=warmup, **kwargs)
+
         return launch
 
     names = []
@@ -321,6 +343,7 @@ def count_extension_calls(census: OpCensus) -> Iterator[list[str]]:
     result as written. The aten ops it issues are counted as usual. Restored on exit."""
     try:
         from quantvla_kernels import cpu_fused
+
         ext = cpu_fused.module()
     except Exception:  # not installed, or no compiler: the torch-op path runs, all of it visible
         ext = None
@@ -336,6 +359,7 @@ def count_extension_calls(census: OpCensus) -> Iterator[list[str]]:
             own = [t for t in _tensors((args, kwargs)) if _storage_ptr(t) not in seen]
             census.record_kernel(f"cpu_fused:{name}", own, out, triton=False)
             return out
+
         return call
 
     try:
@@ -348,6 +372,7 @@ def count_extension_calls(census: OpCensus) -> Iterator[list[str]]:
 
 
 # ---- one policy ----------------------------------------------------------------------------------
+
 
 def _resolved_backend(device: torch.device) -> str | None:
     try:
@@ -369,6 +394,7 @@ def kernel_backend(device: torch.device) -> str:
     if name == "cpu":
         try:
             from quantvla_kernels import cpu_fused
+
             name += " (fused C++ ext)" if cpu_fused.module() is not None else " (torch ops)"
         except ImportError:
             pass
@@ -380,6 +406,7 @@ def census_policy(policy, obs, num_steps: int, backend: str = "auto", warmup: bo
     'denoise' = all steps, 'chunk' = every stage)."""
     from .chunk_timing import ChunkRunner
     from quantvla_core.quant.qlinear import QuantLinear
+
     runner = ChunkRunner(policy, obs, num_steps, "eager")
     with quantvla_backend_scope(backend):
         # Triton launches are invisible to aten: instrument them wherever they run (--census-backend
@@ -391,6 +418,7 @@ def census_policy(policy, obs, num_steps: int, backend: str = "auto", warmup: bo
             # the exact CPU path (the fused sibling layers do not depend on the backend), so the
             # counted chunk sees what every chunk after the first one runs
             import quantvla_kernels
+
             with quantvla_kernels.backend_scope("cpu"):
                 runner.run_staged(lambda name: contextlib.nullcontext())
         census = OpCensus(policy.model)
@@ -416,6 +444,7 @@ def census_policy(policy, obs, num_steps: int, backend: str = "auto", warmup: bo
 
 # ---- the bench entry point -----------------------------------------------------------------------
 
+
 def census_variants(opts) -> list[str]:
     """fp, bf16 (unless FP already is bf16) and the integer schemes asked for."""
     names = ["fp"] + (["bf16"] if opts.dtype != "bf16" else [])
@@ -427,6 +456,7 @@ def run_census(opts, argv: list[str] | None = None, progress: bool = True) -> di
     from .machine import environment
     from .runs import Variants as _Variants, observation as _observation
     from quantvla_core.config import preset
+
     if opts.device.type == "cpu":
         torch.set_num_threads(opts.threads)
     if opts.census_backend == "triton":
@@ -445,8 +475,11 @@ def run_census(opts, argv: list[str] | None = None, progress: bool = True) -> di
             steps = opts.steps or cfg.num_steps
             for name in census_variants(opts):
                 try:
-                    pol = variants.peer("bf16") if name == "bf16" else (
-                        variants.fp() if name == "fp" else variants.quantized(name))
+                    pol = (
+                        variants.peer("bf16")
+                        if name == "bf16"
+                        else (variants.fp() if name == "fp" else variants.quantized(name))
+                    )
                 except Exception as e:  # reported, not fatal, as in the timed bench
                     notes.append(f"{cfg.name} {cams} cam: {name} not built: {type(e).__name__}: {e}")
                     continue
@@ -454,8 +487,9 @@ def run_census(opts, argv: list[str] | None = None, progress: bool = True) -> di
                 backend = opts.census_backend if integer else "auto"
                 t0 = time.perf_counter()
                 try:
-                    stats = census_policy(pol, obs, steps, backend,
-                                          warmup=not (backend == "triton" and opts.device.type != "cuda"))
+                    stats = census_policy(
+                        pol, obs, steps, backend, warmup=not (backend == "triton" and opts.device.type != "cuda")
+                    )
                 except Exception as e:  # a variant that cannot run here is reported, not fatal
                     notes.append(f"{cfg.name} {cams} cam: {name} failed: {type(e).__name__}: {str(e)[:200]}")
                     continue
@@ -464,17 +498,38 @@ def run_census(opts, argv: list[str] | None = None, progress: bool = True) -> di
                 scope = quantvla_backend_scope(backend) if integer else contextlib.nullcontext()
                 with scope:
                     kb = kernel_backend(opts.device) if integer else "-"
-                rows.append({"preset": cfg.name, "cameras": cams, "steps": steps, "variant": name,
-                             "dtype": str(pol.dtype).replace("torch.", ""), "kernel_backend": kb,
-                             "stages": {k: v.to_json() for k, v in stats.items()}})
+                rows.append(
+                    {
+                        "preset": cfg.name,
+                        "cameras": cams,
+                        "steps": steps,
+                        "variant": name,
+                        "dtype": str(pol.dtype).replace("torch.", ""),
+                        "kernel_backend": kb,
+                        "stages": {k: v.to_json() for k, v in stats.items()},
+                    }
+                )
             del variants
     env = dict(env, wall_s=time.perf_counter() - t_start)
-    return {"format": "quantvla-bench-census", "version": 1, "environment": env,
-            "options": {"presets": opts.presets, "cameras": opts.cameras, "schemes": opts.schemes,
-                        "dtype": opts.dtype, "device": str(opts.device), "layout": opts.layout,
-                        "quantizer": opts.quantizer, "transforms": list(opts.transforms),
-                        "census_backend": opts.census_backend, "steps": opts.steps},
-            "rows": rows, "notes": notes}
+    return {
+        "format": "quantvla-bench-census",
+        "version": 1,
+        "environment": env,
+        "options": {
+            "presets": opts.presets,
+            "cameras": opts.cameras,
+            "schemes": opts.schemes,
+            "dtype": opts.dtype,
+            "device": str(opts.device),
+            "layout": opts.layout,
+            "quantizer": opts.quantizer,
+            "transforms": list(opts.transforms),
+            "census_backend": opts.census_backend,
+            "steps": opts.steps,
+        },
+        "rows": rows,
+        "notes": notes,
+    }
 
 
 def quantvla_backend_scope(backend: str):
@@ -482,13 +537,15 @@ def quantvla_backend_scope(backend: str):
     if backend != "triton":
         return contextlib.nullcontext()
     import quantvla_kernels
+
     return quantvla_kernels.backend_scope("triton")
 
 
 def _reference(rows: list[dict]) -> dict | None:
     """The float row quantized variants are compared with: bf16, or FP when FP is bf16."""
-    return (next((r for r in rows if r["variant"] == "bf16"), None)
-            or next((r for r in rows if r["variant"] == "fp" and r["dtype"] == "bfloat16"), None))
+    return next((r for r in rows if r["variant"] == "bf16"), None) or next(
+        (r for r in rows if r["variant"] == "fp" and r["dtype"] == "bfloat16"), None
+    )
 
 
 def format_census(result: dict[str, Any]) -> str:
@@ -496,25 +553,32 @@ def format_census(result: dict[str, Any]) -> str:
     quantized scheme against bf16 per stage, and a WARN line per scheme that needs more launches
     per denoise step than bf16."""
     env = result["environment"]
-    mib = 2 ** 20
-    out = [f"quantvla end-to-end benchmark --census - {env['date_utc']} - {env.get('gpu') or env['cpu']}",
-           f"torch {env['torch']}, triton {env.get('triton')}, commit {env.get('git_commit')}"
-           f"{' (+ local changes)' if env.get('git_dirty') else ''}",
-           f"command: {env['command']}",
-           "launches = device kernels one chunk's stage launches (aten ops that do work, Triton launches); "
-           "act = activation bytes read + written; weight = model bytes read; step = one denoising step; "
-           "chunk = every stage (pre/postprocess and all steps included)", ""]
-    head = f"{'preset':<10}{'cams':<5}{'variant':<8}{'dtype':<10}{'backend':<22}{'stage':<8}" \
-           f"{'launches':>9}{'triton':>8}{'act MiB':>10}{'weight MiB':>11}"
+    mib = 2**20
+    out = [
+        f"quantvla end-to-end benchmark --census - {env['date_utc']} - {env.get('gpu') or env['cpu']}",
+        f"torch {env['torch']}, triton {env.get('triton')}, commit {env.get('git_commit')}"
+        f"{' (+ local changes)' if env.get('git_dirty') else ''}",
+        f"command: {env['command']}",
+        "launches = device kernels one chunk's stage launches (aten ops that do work, Triton launches); "
+        "act = activation bytes read + written; weight = model bytes read; step = one denoising step; "
+        "chunk = every stage (pre/postprocess and all steps included)",
+        "",
+    ]
+    head = (
+        f"{'preset':<10}{'cams':<5}{'variant':<8}{'dtype':<10}{'backend':<22}{'stage':<8}"
+        f"{'launches':>9}{'triton':>8}{'act MiB':>10}{'weight MiB':>11}"
+    )
     out += [head, "-" * len(head)]
     groups: dict[tuple, list[dict]] = {}
     for r in result["rows"]:
         groups.setdefault((r["preset"], r["cameras"]), []).append(r)
         for st in TABLE_STAGES:
             s = r["stages"][st]
-            out.append(f"{r['preset']:<10}{r['cameras']:<5}{r['variant']:<8}{r['dtype']:<10}"
-                       f"{r['kernel_backend'][:21]:<22}{st:<8}{s['launches']:>9}{s['triton_launches']:>8}"
-                       f"{s['act_bytes'] / mib:>10.2f}{s['weight_bytes'] / mib:>11.2f}")
+            out.append(
+                f"{r['preset']:<10}{r['cameras']:<5}{r['variant']:<8}{r['dtype']:<10}"
+                f"{r['kernel_backend'][:21]:<22}{st:<8}{s['launches']:>9}{s['triton_launches']:>8}"
+                f"{s['act_bytes'] / mib:>10.2f}{s['weight_bytes'] / mib:>11.2f}"
+            )
     out.append("")
     warns = []
     for (p, cams), rows in groups.items():
@@ -525,15 +589,18 @@ def format_census(result: dict[str, Any]) -> str:
         out.append(f"{p}, {cams} cam: launches, quantized vs {ref['variant']} ({ref['dtype']})")
         for st in ("vision", "prefix", "step"):
             base = ref["stages"][st]["launches"]
-            cells = ", ".join(f"{r['variant']} {r['stages'][st]['launches']} ({r['stages'][st]['launches'] - base:+d})"
-                              for r in quant)
+            cells = ", ".join(
+                f"{r['variant']} {r['stages'][st]['launches']} ({r['stages'][st]['launches'] - base:+d})" for r in quant
+            )
             label = "launches per denoise step" if st == "step" else st
             out.append(f"  {label}: {ref['variant']} {base}; {cells}")
         for r in quant:
             q, b = r["stages"]["step"]["launches"], ref["stages"]["step"]["launches"]
             if q > b:
-                warns.append(f"WARN {p} {cams} cam: {r['variant']} launches {q} kernels per denoise step, "
-                             f"{q - b} more than {ref['variant']} ({b})")
+                warns.append(
+                    f"WARN {p} {cams} cam: {r['variant']} launches {q} kernels per denoise step, "
+                    f"{q - b} more than {ref['variant']} ({b})"
+                )
     out += warns
     if result["notes"]:
         out += ["notes:"] + [f"  - {n}" for n in result["notes"]]
@@ -543,9 +610,12 @@ def format_census(result: dict[str, Any]) -> str:
 def write_census(result: dict[str, Any], out_dir: Path, tag: str | None) -> dict[str, Path]:
     from .machine import device_tag
     from quantvla_core.fileio import atomic_write_bytes, atomic_write_json
+
     env, o = result["environment"], result["options"]
-    stem = tag or (f"census-{device_tag(env)}-{env['date_utc'][:10]}-{'+'.join(o['presets'])}"
-                   + ("-triton" if o["census_backend"] == "triton" else ""))
+    stem = tag or (
+        f"census-{device_tag(env)}-{env['date_utc'][:10]}-{'+'.join(o['presets'])}"
+        + ("-triton" if o["census_backend"] == "triton" else "")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "txt": out_dir / f"{stem}.txt"}
     atomic_write_json(paths["json"], result)

@@ -17,6 +17,7 @@ Stages: preprocess (image resize, tokenize, host->device copies), vision, prefix
 denoise_step_0..N-1, postprocess (device->host, de-normalise); ``denoise`` is their sum of
 steps and ``total`` the wall time of the whole chunk.
 """
+
 from __future__ import annotations
 
 import gc
@@ -33,8 +34,7 @@ EXEC_MODES = ("eager", "graph")
 
 
 def stage_names(num_steps: int) -> list[str]:
-    return (["preprocess", "vision", "prefix"] + [f"denoise_step_{i}" for i in range(num_steps)]
-            + ["postprocess"])
+    return ["preprocess", "vision", "prefix"] + [f"denoise_step_{i}" for i in range(num_steps)] + ["postprocess"]
 
 
 class ChunkRunner:
@@ -44,8 +44,7 @@ class ChunkRunner:
     graphs after ``warmup`` eager chunks (kernels compile and pick tiles outside capture).
     """
 
-    def __init__(self, policy, obs, num_steps: int | None = None, exec_mode: str = "eager",
-                 seed: int = 0):
+    def __init__(self, policy, obs, num_steps: int | None = None, exec_mode: str = "eager", seed: int = 0):
         if exec_mode not in EXEC_MODES:
             raise ValueError(f"exec mode must be one of {EXEC_MODES}, got {exec_mode!r}")
         self.policy = policy
@@ -97,6 +96,7 @@ class ChunkRunner:
                     out[stage] = prev.elapsed_time(e)
                     prev = e
                 return out
+
             return mark, finish
         wall: dict[str, float] = {}
         cpu: dict[str, float] = {}
@@ -161,8 +161,13 @@ class ChunkRunner:
     def capture(self, warmup: int = 2) -> None:
         """Warm up eagerly on a side stream, then capture vision / prefix / each step."""
         batch, x = self._inputs()
-        static = Batch(batch.images.clone(), batch.image_mask.clone(), batch.tokens.clone(),
-                       batch.token_mask.clone(), batch.state.clone())
+        static = Batch(
+            batch.images.clone(),
+            batch.image_mask.clone(),
+            batch.tokens.clone(),
+            batch.token_mask.clone(),
+            batch.state.clone(),
+        )
         x0 = x.clone()
         times = self._times()
         side = torch.cuda.Stream(self.device)
@@ -213,8 +218,14 @@ class ChunkRunner:
         mark, finish = self._mark_factory()
         batch, x = self._inputs()
         st = gr["static"]
-        for dst, src in ((st.images, batch.images), (st.image_mask, batch.image_mask), (st.tokens, batch.tokens),
-                         (st.token_mask, batch.token_mask), (st.state, batch.state), (gr["x0"], x)):
+        for dst, src in (
+            (st.images, batch.images),
+            (st.image_mask, batch.image_mask),
+            (st.tokens, batch.tokens),
+            (st.token_mask, batch.token_mask),
+            (st.state, batch.state),
+            (gr["x0"], x),
+        ):
             dst.copy_(src, non_blocking=True)
         mark("preprocess")
         gr["vision"].replay()

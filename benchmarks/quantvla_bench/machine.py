@@ -1,5 +1,6 @@
 """The machine, software and checkout a benchmark result was measured on (stored in every
 result file)."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -29,8 +30,9 @@ def _cpu_model() -> str:
 
 def _git_commit() -> str | None:
     try:
-        r = subprocess.run(["git", "-C", str(CHECKOUT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                           text=True, timeout=5)
+        r = subprocess.run(
+            ["git", "-C", str(CHECKOUT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return r.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -39,8 +41,12 @@ def _git_commit() -> str | None:
 def _git_dirty() -> bool | None:
     """Whether the code that ran differs from the commit (library, kernels, benchmarks)."""
     try:
-        r = subprocess.run(["git", "-C", str(CHECKOUT), "status", "--porcelain", "--", "quantvla_core", "kernels",
-                            "benchmarks"], capture_output=True, text=True, timeout=5)
+        r = subprocess.run(
+            ["git", "-C", str(CHECKOUT), "status", "--porcelain", "--", "quantvla_core", "kernels", "benchmarks"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return bool(r.stdout.strip()) if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -52,12 +58,17 @@ def environment(device: torch.device, threads: int, argv: list[str] | None) -> d
         "command": " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv)),
         "git_commit": _git_commit(),
         "git_dirty": _git_dirty(),
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
         "device": str(device),
     }
     try:
         import triton
+
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None

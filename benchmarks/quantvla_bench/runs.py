@@ -1,5 +1,6 @@
 """What one benchmark run measures: the camera observation and the variants (FP, quantized
 schemes, peers) of one (preset, cameras), built lazily and sharing work between them."""
+
 from __future__ import annotations
 
 import copy
@@ -9,8 +10,15 @@ import torch
 
 from quantvla_core.policy import Observation, Policy
 
-from .variants import (QUANT_BITS, apply_ao_dynamic_int8, apply_torchao, build_fp_model, calibrated_student,
-                       quick_quantize, with_activation_bits)
+from .variants import (
+    QUANT_BITS,
+    apply_ao_dynamic_int8,
+    apply_torchao,
+    build_fp_model,
+    calibrated_student,
+    quick_quantize,
+    with_activation_bits,
+)
 
 FRAME_HW = (240, 320)  # a typical robot camera frame; resizing it is part of the chunk
 
@@ -18,8 +26,11 @@ FRAME_HW = (240, 320)  # a typical robot camera frame; resizing it is part of th
 def observation(cfg, cameras: int, seed: int = 0) -> Observation:
     rng = np.random.default_rng(seed)
     imgs = [rng.integers(0, 256, (*FRAME_HW, 3), dtype=np.uint8) for _ in range(cameras)]
-    return Observation(images=imgs, instruction="pick up the red cup and place it in the bin",
-                       state=rng.normal(0, 0.5, cfg.state_dim).astype(np.float32))
+    return Observation(
+        images=imgs,
+        instruction="pick up the red cup and place it in the bin",
+        state=rng.normal(0, 0.5, cfg.state_dim).astype(np.float32),
+    )
 
 
 def _policy(model, cfg, name: str, opts, scheme: str) -> Policy:

@@ -12,6 +12,7 @@ quantization where its traced fold check fails: the quick structure is the PTQ d
 group rotated), and ``--quantizer calib`` times the searched one. The test suite checks that
 both have the same integer layers, bit widths and groups.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -51,9 +52,14 @@ def check_peers(peers: list[str]) -> list[str]:
     return out
 
 
-def quick_quantize(model: nn.Module, arch: str, scheme: str, layout: str = "quantvla",
-                   progress: Callable[[str], None] | None = None,
-                   transforms: tuple[str, ...] = ("smooth", "rotate")) -> nn.Module:
+def quick_quantize(
+    model: nn.Module,
+    arch: str,
+    scheme: str,
+    layout: str = "quantvla",
+    progress: Callable[[str], None] | None = None,
+    transforms: tuple[str, ...] = ("smooth", "rotate"),
+) -> nn.Module:
     """Replace the layout's linears by QuantLinears in place: round-to-nearest absmax codes of
     the rotated weights (no calibration, no clip search, no ATM/OHB). Smoothing that the
     pipeline cannot fold is kept as an identity ``inv_smooth``, so its cost is still paid.
@@ -63,8 +69,7 @@ def quick_quantize(model: nn.Module, arch: str, scheme: str, layout: str = "quan
     if bad:
         raise ValueError(f"quick quantizer transforms {bad} unknown; accepted: smooth, rotate")
     modules = dict(model.named_modules())
-    for p in plan_layers(model, arch, scheme, layout, smooth="smooth" in transforms,
-                         rotate="rotate" in transforms):
+    for p in plan_layers(model, arch, scheme, layout, smooth="smooth" in transforms, rotate="rotate" in transforms):
         lin = modules[p.name]
         t = InputTransform()
         if p.rotation_block > 1:
@@ -73,8 +78,14 @@ def quick_quantize(model: nn.Module, arch: str, scheme: str, layout: str = "quan
         if p.smooth_in_kernel:
             t.inv_smooth = torch.ones(lin.in_features, dtype=torch.float32)
         with torch.no_grad():
-            ql = QuantLinear.from_linear(lin, w_bits=p.spec["w_bits"], a_bits=p.spec["a_bits"],
-                                         group_size=p.spec["group_size"], transform=t, clip_grid=(1.0,))
+            ql = QuantLinear.from_linear(
+                lin,
+                w_bits=p.spec["w_bits"],
+                a_bits=p.spec["a_bits"],
+                group_size=p.spec["group_size"],
+                transform=t,
+                clip_grid=(1.0,),
+            )
         replace_module(model, p.name, ql)
         del lin
         if progress:
@@ -104,6 +115,7 @@ def calibrated_student(policy, scheme: str, calib: str, layout: str = "quantvla"
     """The real PTQ pipeline (synthetic or recorded calibration), ATM/OHB off: they fold into
     scales and change no run-time work. Returns the student Policy."""
     from quantvla_core.quant.quantize import QuantConfig, quantize
+
     qc = QuantConfig(scheme=scheme, layout=layout, atm=False, ohb=False, calib_samples=4, batch_size=4)
     return quantize(policy, qc, calib, report=False, progress=False).policy
 
@@ -111,6 +123,7 @@ def calibrated_student(policy, scheme: str, calib: str, layout: str = "quantvla"
 # ---- peers --------------------------------------------------------------------------------------
 # A speed claim is made against the best float path a user could pick (torch.compile, bf16) and
 # against PyTorch's own int8 (torch.ao dynamic quantization on the CPU, torchao where installed).
+
 
 def peer_available(peer: str, device: torch.device | None = None, fp_dtype: str = "fp32") -> tuple[bool, str]:
     """Whether a peer can run on ``device`` next to an FP model in ``fp_dtype``, and why not."""
@@ -143,6 +156,7 @@ def apply_ao_dynamic_int8(model: nn.Module, arch: str, layout: str = "quantvla")
     layout's integer linears, in place. torch.ao.quantization is deprecated in favour of torchao;
     its warnings are silenced here because the peer is still the int8 path that ships with torch."""
     import warnings
+
     names = set(integer_linears(model, arch, layout))
     if not names:
         raise ValueError(f"layout {layout!r} makes no nn.Linear of this model integer")
@@ -156,17 +170,24 @@ def apply_torchao(model: nn.Module, arch: str, peer: str, layout: str = "quantvl
     """torchao on the same linears our layout makes integer (int8 dynamic activation + int8
     weight, or int4 weight-only group 128); the API name differs across torchao releases."""
     import torchao.quantization as tq
+
     names = set(integer_linears(model, arch, layout))
 
     def only_layout(module: nn.Module, fqn: str) -> bool:
         return isinstance(module, nn.Linear) and fqn in names
 
     if peer == "torchao-int8dq":
-        cfg = (tq.Int8DynamicActivationInt8WeightConfig() if hasattr(tq, "Int8DynamicActivationInt8WeightConfig")
-               else tq.int8_dynamic_activation_int8_weight())
+        cfg = (
+            tq.Int8DynamicActivationInt8WeightConfig()
+            if hasattr(tq, "Int8DynamicActivationInt8WeightConfig")
+            else tq.int8_dynamic_activation_int8_weight()
+        )
     elif peer == "torchao-int4wo":
-        cfg = (tq.Int4WeightOnlyConfig(group_size=GROUP_SIZE) if hasattr(tq, "Int4WeightOnlyConfig")
-               else tq.int4_weight_only(group_size=GROUP_SIZE))
+        cfg = (
+            tq.Int4WeightOnlyConfig(group_size=GROUP_SIZE)
+            if hasattr(tq, "Int4WeightOnlyConfig")
+            else tq.int4_weight_only(group_size=GROUP_SIZE)
+        )
     else:
         raise ValueError(f"unknown torchao peer {peer!r}; accepted: torchao-int8dq, torchao-int4wo")
     tq.quantize_(model, cfg, filter_fn=only_layout)

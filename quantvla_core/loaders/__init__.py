@@ -10,6 +10,7 @@ prompt format, resize-with-pad and normalisation once a Policy holds it. `Policy
 this for any directory that has a model.safetensors but no quantvla manifest.json; this package
 never imports the Policy (the dependency points one way: policy -> loaders).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,19 +60,25 @@ def detect_format(directory: str | Path) -> str:
     cfg = read_json(directory / "config.json", "policy config")
     if isinstance(cfg, dict) and "type" in cfg:
         if cfg["type"] not in LEROBOT_TYPES:
-            raise CheckpointError(f"{directory / 'config.json'}: unsupported LeRobot policy type {cfg['type']!r}; "
-                                  f"accepted: {', '.join(LEROBOT_TYPES)}")
+            raise CheckpointError(
+                f"{directory / 'config.json'}: unsupported LeRobot policy type {cfg['type']!r}; "
+                f"accepted: {', '.join(LEROBOT_TYPES)}"
+            )
         return f"lerobot/{cfg['type']}"
     if isinstance(cfg, dict) and "paligemma_variant" in cfg and "action_horizon" in cfg:
         tensors_pi05 = _peek_pi05(directory / MODEL_FILE)
         return "openpi/pi05" if tensors_pi05 else "openpi/pi0"
-    raise CheckpointError(f"{directory}: config.json is neither a LeRobot policy config (key 'type') nor an openpi "
-                          "PyTorch config (keys 'paligemma_variant', 'action_horizon'); accepted formats: "
-                          + ", ".join(FORMATS) + ", or a quantvla model directory with manifest.json")
+    raise CheckpointError(
+        f"{directory}: config.json is neither a LeRobot policy config (key 'type') nor an openpi "
+        "PyTorch config (keys 'paligemma_variant', 'action_horizon'); accepted formats: "
+        + ", ".join(FORMATS)
+        + ", or a quantvla model directory with manifest.json"
+    )
 
 
 def _peek_pi05(path: Path) -> bool:
     from safetensors import safe_open
+
     try:
         with safe_open(str(path), framework="pt") as f:
             return paligemma.is_pi05(dict.fromkeys(f.keys()))
@@ -96,8 +103,9 @@ def _build(cfg):
     return build_model(cfg, device="meta")
 
 
-def read_external(path: str | Path, tokenizer: str | Path | None = None, robot: str | None = None
-                  ) -> ExternalCheckpoint:
+def read_external(
+    path: str | Path, tokenizer: str | Path | None = None, robot: str | None = None
+) -> ExternalCheckpoint:
     """Convert a LeRobot or openpi checkpoint directory (see module docstring); `Policy.load(path,
     tokenizer=..., robot=...)` is the way to get a Policy from it.
 
@@ -119,16 +127,24 @@ def read_external(path: str | Path, tokenizer: str | Path | None = None, robot: 
     if cfg.type in ("pi0", "pi05"):
         pi05 = cfg.type == "pi05"
         if paligemma.is_pi05(t) != pi05:
-            raise CheckpointError(f"{directory}: config.json says type {cfg.type!r} but the expert norms are "
-                                  f"{'adaRMS (pi0.5)' if not pi05 else 'plain RMSNorm (pi0)'}")
+            raise CheckpointError(
+                f"{directory}: config.json says type {cfg.type!r} but the expert norms are "
+                f"{'adaRMS (pi0.5)' if not pi05 else 'plain RMSNorm (pi0)'}"
+            )
         mapped = map_keys(paligemma.normalise_variants(t, pi05), paligemma.RULES, original)
         mcfg, notes = paligemma.derive_config(
-            mapped.tensors, pi05=pi05, source=source, fmt=fmt, horizon=int(cfg.get("chunk_size", 50)),
-            num_steps=int(cfg.get("num_inference_steps", 10)), max_cameras=max(1, cfg.cameras),
+            mapped.tensors,
+            pi05=pi05,
+            source=source,
+            fmt=fmt,
+            horizon=int(cfg.get("chunk_size", 50)),
+            num_steps=int(cfg.get("num_inference_steps", 10)),
+            max_cameras=max(1, cfg.cameras),
             max_text_tokens=int(cfg.get("tokenizer_max_length", 200 if pi05 else 48)),
             state_dim=int(cfg.get("max_state_dim", 32)),
             variants=(cfg.get("paligemma_variant", "gemma_2b"), cfg.get("action_expert_variant", "gemma_300m")),
-            name=directory.name)
+            name=directory.name,
+        )
         res = cfg.get("image_resolution") or [mcfg.vision.image_size] * 2
         pad, style, tok_name = "center", ("pi05" if pi05 else "lerobot-pi0"), "tokenizer.model"
     else:  # smolvla
@@ -137,32 +153,52 @@ def read_external(path: str | Path, tokenizer: str | Path | None = None, robot: 
         cfg.refuse_if("add_image_special_tokens", (True,), "image special tokens are not implemented")
         mapped = map_keys(t, smolvla.RULES, original)
         mcfg = smolvla.derive_config(
-            mapped.tensors, source=source, horizon=int(cfg.get("chunk_size", 50)),
-            num_steps=int(cfg.get("num_steps", 10)), max_cameras=max(1, cfg.cameras),
-            max_text_tokens=int(cfg.get("tokenizer_max_length", 48)), name=directory.name)
+            mapped.tensors,
+            source=source,
+            horizon=int(cfg.get("chunk_size", 50)),
+            num_steps=int(cfg.get("num_steps", 10)),
+            max_cameras=max(1, cfg.cameras),
+            max_text_tokens=int(cfg.get("tokenizer_max_length", 48)),
+            name=directory.name,
+        )
         if cfg.get("num_vlm_layers") not in (None, mcfg.backbone.depth):
-            raise CheckpointError(f"{directory}: config num_vlm_layers={cfg.get('num_vlm_layers')} but the file has "
-                                  f"{mcfg.backbone.depth} backbone layers")
+            raise CheckpointError(
+                f"{directory}: config num_vlm_layers={cfg.get('num_vlm_layers')} but the file has "
+                f"{mcfg.backbone.depth} backbone layers"
+            )
         if mcfg.expert.depth != mcfg.backbone.depth:
-            raise CheckpointError(f"{directory}: unsupported variant: {mcfg.expert.depth} expert layers for "
-                                  f"{mcfg.backbone.depth} backbone layers (only one expert layer per VLM layer)")
+            raise CheckpointError(
+                f"{directory}: unsupported variant: {mcfg.expert.depth} expert layers for "
+                f"{mcfg.backbone.depth} backbone layers (only one expert layer per VLM layer)"
+            )
         notes = []
         res = cfg.get("resize_imgs_with_padding") or [mcfg.vision.image_size] * 2
         pad, style, tok_name = "top_left", "smolvla", "tokenizer.json"
     if list(res) != [mcfg.vision.image_size] * 2:
-        raise CheckpointError(f"{directory}: config resizes images to {list(res)} but the vision tower takes "
-                              f"{mcfg.vision.image_size}x{mcfg.vision.image_size}")
+        raise CheckpointError(
+            f"{directory}: config resizes images to {list(res)} but the vision tower takes "
+            f"{mcfg.vision.image_size}x{mcfg.vision.image_size}"
+        )
     model = _finish(_build(mcfg), mapped, mcfg, source, fmt)
     state_dim = cfg.dim("STATE", "observation.state", mcfg.state_dim)
     action_dim = cfg.dim("ACTION", "action", mcfg.action_dim)
     if state_dim > mcfg.state_dim or action_dim > mcfg.action_dim:
-        raise CheckpointError(f"{directory}: robot state/action ({state_dim}/{action_dim}) exceed the model's "
-                              f"padded sizes ({mcfg.state_dim}/{mcfg.action_dim})")
+        raise CheckpointError(
+            f"{directory}: robot state/action ({state_dim}/{action_dim}) exceed the model's "
+            f"padded sizes ({mcfg.state_dim}/{mcfg.action_dim})"
+        )
     state_norm, action_norm, _ = lerobot_normalizers(directory, cfg, tensors, state_dim, action_dim)
-    io = ExternalIO(format=fmt, prompt_style=style, tokenizer_name=tok_name, image_pad=pad,
-                    state_norm=state_norm, action_norm=action_norm,
-                    tokenizer_path=_tok_path(directory, tok_name, tokenizer), source=str(directory),
-                    notes=notes + COMMON_NOTES)
+    io = ExternalIO(
+        format=fmt,
+        prompt_style=style,
+        tokenizer_name=tok_name,
+        image_pad=pad,
+        state_norm=state_norm,
+        action_norm=action_norm,
+        tokenizer_path=_tok_path(directory, tok_name, tokenizer),
+        source=str(directory),
+        notes=notes + COMMON_NOTES,
+    )
     return ExternalCheckpoint(model, mcfg, io)
 
 
@@ -187,58 +223,93 @@ def _load_openpi(directory: Path, fmt: str, tensors, source: str, tokenizer, rob
         raise CheckpointError(f"{stats_path}: {mode} normalisation needs statistic {e}") from None
     model_state = int(cfg.get("action_dim", 32))  # openpi pads state and actions to action_dim
     mcfg, notes = paligemma.derive_config(
-        mapped.tensors, pi05=pi05, source=source, fmt=fmt, horizon=int(cfg.get("action_horizon", 50)),
-        num_steps=10, max_cameras=3, max_text_tokens=200 if pi05 else 48, state_dim=model_state,
+        mapped.tensors,
+        pi05=pi05,
+        source=source,
+        fmt=fmt,
+        horizon=int(cfg.get("action_horizon", 50)),
+        num_steps=10,
+        max_cameras=3,
+        max_text_tokens=200 if pi05 else 48,
+        state_dim=model_state,
         variants=(cfg.get("paligemma_variant", "gemma_2b"), cfg.get("action_expert_variant", "gemma_300m")),
-        name=directory.name)
+        name=directory.name,
+    )
     if mcfg.action_dim != int(cfg.get("action_dim", mcfg.action_dim)):
-        raise CheckpointError(f"{directory / 'config.json'}: action_dim {cfg.get('action_dim')} but action_in_proj "
-                              f"takes {mcfg.action_dim}")
-    asset_id = stats_path.parent.relative_to(directory / "assets").as_posix() \
-        if stats_path.parent != directory else ""
+        raise CheckpointError(
+            f"{directory / 'config.json'}: action_dim {cfg.get('action_dim')} but action_in_proj "
+            f"takes {mcfg.action_dim}"
+        )
+    asset_id = stats_path.parent.relative_to(directory / "assets").as_posix() if stats_path.parent != directory else ""
     how = "given"
     if robot is None:
         import os
-        robot, how = (os.environ["QUANTVLA_ROBOT"], "$QUANTVLA_ROBOT") if os.environ.get("QUANTVLA_ROBOT") \
+
+        robot, how = (
+            (os.environ["QUANTVLA_ROBOT"], "$QUANTVLA_ROBOT")
+            if os.environ.get("QUANTVLA_ROBOT")
             else (robot_from_asset(asset_id), f"asset id {asset_id!r}")
+        )
     if robot not in ROBOTS:
         raise CheckpointError(f"{directory}: unknown robot {robot!r}; accepted: {', '.join(ROBOTS)}")
     transform = robot_transform(robot, "pi05" if pi05 else "pi0")
     if transform is not None:
         transform.check(state_dim, action_dim, str(stats_path))
-        robot_notes = [f"{transform.describe()} ({how}); the state added back to delta actions is the decoded "
-                       "robot state itself (openpi's is that state normalised and unnormalised again: "
-                       "equal up to float rounding)"]
+        robot_notes = [
+            f"{transform.describe()} ({how}); the state added back to delta actions is the decoded "
+            "robot state itself (openpi's is that state normalised and unnormalised again: "
+            "equal up to float rounding)"
+        ]
     else:
-        robot_notes = ["no openpi robot transform (robot 'none'): actions are the unnormalised first N model "
-                       "dimensions and the state / cameras go in as given; accepted robots: " + ", ".join(ROBOTS)]
+        robot_notes = [
+            "no openpi robot transform (robot 'none'): actions are the unnormalised first N model "
+            "dimensions and the state / cameras go in as given; accepted robots: " + ", ".join(ROBOTS)
+        ]
     model = _finish(_build(mcfg), mapped, mcfg, source, fmt)
-    io = ExternalIO(format=fmt, prompt_style="pi05" if pi05 else "openpi-pi0", tokenizer_name="tokenizer.model",
-                    image_pad="center",
-                    state_norm=FeatureNormalizer("state", state_dim, mode, stats["state"], "openpi"),
-                    action_norm=FeatureNormalizer("actions", action_dim, mode, stats["actions"], "openpi"),
-                    tokenizer_path=_tok_path(directory, "tokenizer.model", tokenizer), source=str(directory),
-                    notes=notes + COMMON_NOTES + robot_notes, robot=robot)
+    io = ExternalIO(
+        format=fmt,
+        prompt_style="pi05" if pi05 else "openpi-pi0",
+        tokenizer_name="tokenizer.model",
+        image_pad="center",
+        state_norm=FeatureNormalizer("state", state_dim, mode, stats["state"], "openpi"),
+        action_norm=FeatureNormalizer("actions", action_dim, mode, stats["actions"], "openpi"),
+        tokenizer_path=_tok_path(directory, "tokenizer.model", tokenizer),
+        source=str(directory),
+        notes=notes + COMMON_NOTES + robot_notes,
+        robot=robot,
+    )
     return ExternalCheckpoint(model, mcfg, io)
 
 
 def _load_groot(directory: Path, cfg, tensors, source: str, tokenizer) -> ExternalCheckpoint:
     t, original = strip_prefix(tensors, "_groot_model.")
     if any(k.startswith("backbone.eagle_linear.") for k in t):
-        raise CheckpointError(f"{directory}: unsupported variant: backbone.eagle_linear (project_to_dim) is set; "
-                              "GR00T N1.5 feeds the 2048-wide LLM features to the action head directly")
+        raise CheckpointError(
+            f"{directory}: unsupported variant: backbone.eagle_linear (project_to_dim) is set; "
+            "GR00T N1.5 feeds the 2048-wide LLM features to the action head directly"
+        )
     mapped = map_keys(t, groot.RULES, original)
-    proc = groot_processor(directory) or {"stats": {}, "normalize_min_max": True, "embodiment_tag": None,
-                                          "embodiment_mapping": None}
+    proc = groot_processor(directory) or {
+        "stats": {},
+        "normalize_min_max": True,
+        "embodiment_tag": None,
+        "embodiment_mapping": None,
+    }
     tag = proc["embodiment_tag"] or cfg.get("embodiment_tag", "new_embodiment")
     mapping = proc["embodiment_mapping"] or groot.EMBODIMENTS
     if tag not in mapping:
         raise CheckpointError(f"{directory}: unknown embodiment_tag {tag!r}; accepted: {', '.join(mapping)}")
-    mcfg = groot.derive_config(mapped.tensors, source=source, horizon=min(int(cfg.get("chunk_size", 16)), 16),
-                               num_steps=int(cfg.get("num_inference_timesteps") or 4),
-                               max_cameras=max(1, cfg.cameras), max_text_tokens=GROOT_MAX_TEXT_TOKENS,
-                               name=directory.name, embodiment_id=int(mapping[tag]),
-                               image_token_id=groot.EAGLE_IMAGE_TOKEN_ID)
+    mcfg = groot.derive_config(
+        mapped.tensors,
+        source=source,
+        horizon=min(int(cfg.get("chunk_size", 16)), 16),
+        num_steps=int(cfg.get("num_inference_timesteps") or 4),
+        max_cameras=max(1, cfg.cameras),
+        max_text_tokens=GROOT_MAX_TEXT_TOKENS,
+        name=directory.name,
+        embodiment_id=int(mapping[tag]),
+        image_token_id=groot.EAGLE_IMAGE_TOKEN_ID,
+    )
     model = _build(mcfg)  # variant "n15": the same model build_model gives a saved artifact of it
     load_mapped(model, mapped, source, "lerobot/groot")
     model.register_buffer("embodiment", torch.tensor(mcfg.dit.embodiment_id), persistent=False)  # not in the file
@@ -250,12 +321,20 @@ def _load_groot(directory: Path, cfg, tensors, source: str, tokenizer) -> Extern
     for key, dim in (("observation.state", state_dim), ("action", action_dim)):
         have = proc["stats"].get(key, {})
         if mode == "min_max" and not have:
-            raise CheckpointError(f"{directory}: GR00T min-max normalisation needs {key}.min / {key}.max in the "
-                                  "groot processor state files (policy_preprocessor.json)")
+            raise CheckpointError(
+                f"{directory}: GR00T min-max normalisation needs {key}.min / {key}.max in the "
+                "groot processor state files (policy_preprocessor.json)"
+            )
         norms.append(FeatureNormalizer(key, dim, mode, have, "groot"))
-    io = ExternalIO(format="lerobot/groot", prompt_style="groot-eagle", tokenizer_name="tokenizer.json",
-                    image_pad="eagle",
-                    state_norm=norms[0], action_norm=norms[1],
-                    tokenizer_path=_tok_path(directory, "tokenizer.json", tokenizer), source=str(directory),
-                    notes=GROOT_NOTES + COMMON_NOTES)
+    io = ExternalIO(
+        format="lerobot/groot",
+        prompt_style="groot-eagle",
+        tokenizer_name="tokenizer.json",
+        image_pad="eagle",
+        state_norm=norms[0],
+        action_norm=norms[1],
+        tokenizer_path=_tok_path(directory, "tokenizer.json", tokenizer),
+        source=str(directory),
+        notes=GROOT_NOTES + COMMON_NOTES,
+    )
     return ExternalCheckpoint(model, mcfg, io)

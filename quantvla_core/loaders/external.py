@@ -11,6 +11,7 @@ camera list before normalisation and to the unnormalised actions after the model
 ExternalIO fulfils the contract of policy_io.PolicyIO (the Policy calls it; this module does not
 import the Policy, so that Policy.load can use the loaders without an import cycle).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,11 +65,14 @@ class ExternalIO:
                 raise CheckpointError(
                     f"{self.format} policy from {self.source}: no {self.tokenizer_name} found. Put the "
                     f"policy's {self.tokenizer_name} in the checkpoint directory (or set QUANTVLA_TOKENIZER "
-                    "to its path); it is never downloaded")
+                    "to its path); it is never downloaded"
+                )
             tok = open_tokenizer(self.tokenizer_path)
             if vocab_rows is not None and tok.vocab_size > vocab_rows:
-                raise CheckpointError(f"{self.tokenizer_path}: tokenizer has {tok.vocab_size} tokens but the "
-                                      f"model's embedding has {vocab_rows} rows: it is not this policy's tokenizer")
+                raise CheckpointError(
+                    f"{self.tokenizer_path}: tokenizer has {tok.vocab_size} tokens but the "
+                    f"model's embedding has {vocab_rows} rows: it is not this policy's tokenizer"
+                )
             self._tokenizer = tok
         return self._tokenizer
 
@@ -86,9 +90,16 @@ class ExternalIO:
         return robot.action_dim if robot is not None else self.action_norm.dim
 
     def describe(self, config: ModelConfig) -> dict[str, Any]:
-        return {"action_dim": self.action_dim(config), "state_dim": self.state_dim(config), "format": self.format,
-                "source": self.source, "model_action_dim": config.action_dim,
-                "model_state_dim": config.state_dim, "differences": list(self.notes), "robot": self.robot}
+        return {
+            "action_dim": self.action_dim(config),
+            "state_dim": self.state_dim(config),
+            "format": self.format,
+            "source": self.source,
+            "model_action_dim": config.action_dim,
+            "model_state_dim": config.state_dim,
+            "differences": list(self.notes),
+            "robot": self.robot,
+        }
 
     def to_batch(self, obs, config: ModelConfig, model: torch.nn.Module) -> Batch:
         """The robot's input transform, the original image placement, normalisation and prompt;
@@ -100,24 +111,43 @@ class ExternalIO:
         emb = _embedding_rows(model)
         placeholder = getattr(config, "image_token_id", None)  # GR00T N1.5: image tokens placed inside the prompt
         if placeholder is not None and self.prompt_style != "groot-eagle":
-            raise CheckpointError(f"{self.format} policy from {self.source}: the model places image tokens "
-                                  f"at placeholder id {placeholder}, which needs the 'groot-eagle' prompt, not "
-                                  f"{self.prompt_style!r}; re-create it from the LeRobot directory")
+            raise CheckpointError(
+                f"{self.format} policy from {self.source}: the model places image tokens "
+                f"at placeholder id {placeholder}, which needs the 'groot-eagle' prompt, not "
+                f"{self.prompt_style!r}; re-create it from the LeRobot directory"
+            )
         n_images = int(image_mask.sum())
-        ids = prompt_ids(self.prompt_style, self.tokenizer(emb), obs.instruction, state,
-                         n_images=n_images, tokens_per_image=config.num_image_tokens, image_token_id=placeholder)
+        ids = prompt_ids(
+            self.prompt_style,
+            self.tokenizer(emb),
+            obs.instruction,
+            state,
+            n_images=n_images,
+            tokens_per_image=config.num_image_tokens,
+            image_token_id=placeholder,
+        )
         if self.prompt_style == "groot-eagle" and len(ids) > config.max_text_tokens:
-            what = "" if placeholder is None else f" ({n_images} x {config.num_image_tokens} image placeholders included)"
-            raise ValueError(f"the GR00T prompt needs {len(ids)} tokens{what} but the model reads "
-                             f"{config.max_text_tokens}; accepted: a shorter instruction")
+            what = (
+                "" if placeholder is None else f" ({n_images} x {config.num_image_tokens} image placeholders included)"
+            )
+            raise ValueError(
+                f"the GR00T prompt needs {len(ids)} tokens{what} but the model reads "
+                f"{config.max_text_tokens}; accepted: a shorter instruction"
+            )
         real = [i for i in ids if placeholder is None or i != placeholder]  # the placeholder is never embedded
         if real and emb is not None and max(real) >= emb:
-            raise ValueError(f"token id {max(real)} is outside the model's vocabulary of {emb}; "
-                             f"{self.tokenizer_path} is not this policy's tokenizer")
+            raise ValueError(
+                f"token id {max(real)} is outside the model's vocabulary of {emb}; "
+                f"{self.tokenizer_path} is not this policy's tokenizer"
+            )
         tokens, token_mask = pad_ids(ids, config.max_text_tokens)
-        return Batch(torch.from_numpy(images)[None], torch.from_numpy(image_mask)[None],
-                     torch.from_numpy(tokens)[None], torch.from_numpy(token_mask)[None],
-                     torch.from_numpy(pad(state, config.state_dim))[None])
+        return Batch(
+            torch.from_numpy(images)[None],
+            torch.from_numpy(image_mask)[None],
+            torch.from_numpy(tokens)[None],
+            torch.from_numpy(token_mask)[None],
+            torch.from_numpy(pad(state, config.state_dim))[None],
+        )
 
     def actions_out(self, actions: np.ndarray, obs, config: ModelConfig) -> np.ndarray:
         """Unnormalise (keeping the robot's action_dim of the padded output), then the robot's
@@ -128,11 +158,19 @@ class ExternalIO:
 
     # -- policy_io.json -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"format": IO_FORMAT, "version": 1, "policy_format": self.format,
-                "prompt_style": self.prompt_style, "tokenizer_name": self.tokenizer_name,
-                "image_pad": self.image_pad, "state_norm": self.state_norm.to_dict(),
-                "action_norm": self.action_norm.to_dict(), "source": self.source, "notes": self.notes,
-                "robot": self.robot}
+        return {
+            "format": IO_FORMAT,
+            "version": 1,
+            "policy_format": self.format,
+            "prompt_style": self.prompt_style,
+            "tokenizer_name": self.tokenizer_name,
+            "image_pad": self.image_pad,
+            "state_norm": self.state_norm.to_dict(),
+            "action_norm": self.action_norm.to_dict(),
+            "source": self.source,
+            "notes": self.notes,
+            "robot": self.robot,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], directory: Path) -> "ExternalIO":
@@ -140,13 +178,18 @@ class ExternalIO:
             raise CheckpointError(f"{directory / IO_FILE}: not a {IO_FORMAT} file")
         try:
             tok = directory / d["tokenizer_name"]
-            return cls(format=d["policy_format"], prompt_style=d["prompt_style"],
-                       tokenizer_name=d["tokenizer_name"], image_pad=d["image_pad"],
-                       state_norm=FeatureNormalizer.from_dict(d["state_norm"]),
-                       action_norm=FeatureNormalizer.from_dict(d["action_norm"]),
-                       tokenizer_path=str(tok) if tok.is_file() else None,
-                       source=d.get("source", ""), notes=list(d.get("notes", [])),
-                       robot=d.get("robot", "none"))
+            return cls(
+                format=d["policy_format"],
+                prompt_style=d["prompt_style"],
+                tokenizer_name=d["tokenizer_name"],
+                image_pad=d["image_pad"],
+                state_norm=FeatureNormalizer.from_dict(d["state_norm"]),
+                action_norm=FeatureNormalizer.from_dict(d["action_norm"]),
+                tokenizer_path=str(tok) if tok.is_file() else None,
+                source=d.get("source", ""),
+                notes=list(d.get("notes", [])),
+                robot=d.get("robot", "none"),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{directory / IO_FILE}: malformed ({e})") from None
 
@@ -177,6 +220,7 @@ def read_io(directory: Path) -> ExternalIO | None:
 class ExternalCheckpoint:
     """A real checkpoint converted: our model holding its weights, the model's config, and the
     checkpoint's conventions (what `Policy(model, config, io=io)` needs)."""
+
     model: torch.nn.Module
     config: ModelConfig
     io: ExternalIO

@@ -9,6 +9,7 @@ applied by ExternalIO (the policy's `io`); the config's `image_token_id` makes t
 camera's image tokens in place of its `<IMG_CONTEXT>` run inside the templated prompt, as
 Eagle 2.5 does (see docs/real-checkpoints.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,15 +42,27 @@ RULES = [
     Rule(r"backbone\.eagle_model\.((?:vision_model|mlp1)\..+)", EAGLE + r".\1"),
     Rule(r"backbone\.eagle_model\.language_model\.model\.((?:embed_tokens|layers|norm)\..+)", LM + r".\1"),
     Rule(r"backbone\.eagle_model\.language_model\.lm_head\.weight", None),
-    Rule(r"(action_head\.(?:vlln|vl_self_attention|model|state_encoder|action_encoder|action_decoder"
-         r"|position_embedding|future_tokens)\..+)", r"\1"),
+    Rule(
+        r"(action_head\.(?:vlln|vl_self_attention|model|state_encoder|action_encoder|action_decoder"
+        r"|position_embedding|future_tokens)\..+)",
+        r"\1",
+    ),
     Rule(r".*\.position_ids", None),
 ]
 
 
-def derive_config(m: dict[str, torch.Tensor], *, source: str, horizon: int, num_steps: int, max_cameras: int,
-                  max_text_tokens: int, name: str, embodiment_id: int = 0,
-                  image_token_id: int | None = None) -> ModelConfig:
+def derive_config(
+    m: dict[str, torch.Tensor],
+    *,
+    source: str,
+    horizon: int,
+    num_steps: int,
+    max_cameras: int,
+    max_text_tokens: int,
+    name: str,
+    embodiment_id: int = 0,
+    image_token_id: int | None = None,
+) -> ModelConfig:
     """The N1.5 config of mapped tensors `m`. With `image_token_id` (image tokens placed inside the
     prompt) `max_text_tokens` is the budget for the templated text and the config's own
     max_text_tokens adds `max_cameras` runs of image placeholders to it."""
@@ -60,15 +73,25 @@ def derive_config(m: dict[str, torch.Tensor], *, source: str, horizon: int, num_
     qn = need(m, f"{LM}.layers.0.self_attn.q_norm.weight", source, fmt)
     gate = need(m, f"{LM}.layers.0.mlp.gate_proj.weight", source, fmt)
     hd = qn.shape[0]
-    backbone = DecoderConfig(width=q.shape[1], depth=count_layers(m, f"{LM}.layers"), mlp=gate.shape[0],
-                             heads=q.shape[0] // hd, kv_heads=k.shape[0] // hd, head_dim=hd,
-                             vocab_size=embed.shape[0], rope_theta=QWEN3_ROPE_THETA, act="silu")
+    backbone = DecoderConfig(
+        width=q.shape[1],
+        depth=count_layers(m, f"{LM}.layers"),
+        mlp=gate.shape[0],
+        heads=q.shape[0] // hd,
+        kv_heads=k.shape[0] // hd,
+        head_dim=hd,
+        vocab_size=embed.shape[0],
+        rope_theta=QWEN3_ROPE_THETA,
+        act="silu",
+    )
     vision = siglip_config(m, VISION, SIGLIP_SO400M_HEAD_DIM, source, fmt)
     ln = need(m, f"{EAGLE}.mlp1.0.weight", source, fmt)
     f = math.isqrt(ln.shape[0] // vision.width)
     if f * f * vision.width != ln.shape[0]:
-        raise CheckpointError(f"{source}: mlp1 input {ln.shape[0]} is not the vision width {vision.width} times a "
-                              "square pixel-shuffle factor")
+        raise CheckpointError(
+            f"{source}: mlp1 input {ln.shape[0]} is not the vision width {vision.width} times a "
+            "square pixel-shuffle factor"
+        )
     vision.pixel_shuffle = f
     to_q = need(m, f"{DIT}.transformer_blocks.0.attn1.to_q.weight", source, fmt)
     ff = need(m, f"{DIT}.transformer_blocks.0.ff.net.0.proj.weight", source, fmt)
@@ -76,19 +99,41 @@ def derive_config(m: dict[str, torch.Tensor], *, source: str, horizon: int, num_
     ae = need(m, "action_head.action_encoder.W1.W", source, fmt)
     fut = need(m, "action_head.future_tokens.weight", source, fmt)
     if to_q.shape[0] % DIT_HEAD_DIM:
-        raise CheckpointError(f"{source}: DiT width {to_q.shape[0]} is not a multiple of N1.5's head_dim "
-                              f"{DIT_HEAD_DIM}")
-    dit = DiTConfig(width=to_q.shape[0], depth=count_layers(m, f"{DIT}.transformer_blocks"),
-                    heads=to_q.shape[0] // DIT_HEAD_DIM, head_dim=DIT_HEAD_DIM, mlp=ff.shape[0],
-                    vl_self_attention_depth=count_layers(m, "action_head.vl_self_attention.transformer_blocks"),
-                    num_future_tokens=fut.shape[0], num_embodiments=se.shape[0], hidden=se.shape[2])
+        raise CheckpointError(
+            f"{source}: DiT width {to_q.shape[0]} is not a multiple of N1.5's head_dim {DIT_HEAD_DIM}"
+        )
+    dit = DiTConfig(
+        width=to_q.shape[0],
+        depth=count_layers(m, f"{DIT}.transformer_blocks"),
+        heads=to_q.shape[0] // DIT_HEAD_DIM,
+        head_dim=DIT_HEAD_DIM,
+        mlp=ff.shape[0],
+        vl_self_attention_depth=count_layers(m, "action_head.vl_self_attention.transformer_blocks"),
+        num_future_tokens=fut.shape[0],
+        num_embodiments=se.shape[0],
+        hidden=se.shape[2],
+    )
     if not 0 <= embodiment_id < dit.num_embodiments:
-        raise CheckpointError(f"{source}: embodiment id {embodiment_id} outside the checkpoint's "
-                              f"{dit.num_embodiments} embodiment projectors")
+        raise CheckpointError(
+            f"{source}: embodiment id {embodiment_id} outside the checkpoint's "
+            f"{dit.num_embodiments} embodiment projectors"
+        )
     dit.embodiment_id = embodiment_id
-    cfg = ModelConfig(arch="groot", name=name, vision=vision, backbone=backbone, dit=dit, action_dim=ae.shape[1],
-                      state_dim=se.shape[1], horizon=horizon, num_steps=num_steps, max_cameras=max_cameras,
-                      max_text_tokens=max_text_tokens, variant="n15", image_token_id=image_token_id)
+    cfg = ModelConfig(
+        arch="groot",
+        name=name,
+        vision=vision,
+        backbone=backbone,
+        dit=dit,
+        action_dim=ae.shape[1],
+        state_dim=se.shape[1],
+        horizon=horizon,
+        num_steps=num_steps,
+        max_cameras=max_cameras,
+        max_text_tokens=max_text_tokens,
+        variant="n15",
+        image_token_id=image_token_id,
+    )
     if image_token_id is not None:
         cfg.max_text_tokens += max_cameras * cfg.num_image_tokens
     return cfg

@@ -13,6 +13,7 @@ size x size without keeping the aspect ratio (torchvision `resize`, bicubic, ant
 result rounded and clamped back to uint8), then rescaled by 1/255 and normalised with mean 0.5,
 std 0.5 per channel, i.e. (x / 255 - 0.5) / 0.5 in [-1, 1]. Eagle's default 224 px tile.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ lm_head). Keys no rule matches are "unknown". After mapping, the tensors are com
 model built from the derived config: every unknown key, missing key and shape mismatch is listed
 in one error, so a user sees the whole difference at once instead of the first symptom.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,6 +23,7 @@ LIST_LIMIT = 12
 @dataclass(frozen=True)
 class Rule:
     """`pattern` (full match) -> `target` (re.sub template); target None = known but unused."""
+
     pattern: str
     target: str | None
 
@@ -45,8 +47,9 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}): " + ", ".join(items[:LIST_LIMIT]) + more
 
 
-def map_keys(tensors: dict[str, torch.Tensor], rules: list[Rule], original: dict[str, str] | None = None
-             ) -> MappedTensors:
+def map_keys(
+    tensors: dict[str, torch.Tensor], rules: list[Rule], original: dict[str, str] | None = None
+) -> MappedTensors:
     """`original`: key -> its name in the file, where a prefix was stripped before mapping."""
     out = MappedTensors()
     name = (lambda k: original.get(k, k)) if original else (lambda k: k)  # noqa: E731
@@ -58,8 +61,10 @@ def map_keys(tensors: dict[str, torch.Tensor], rules: list[Rule], original: dict
             if target is None:
                 out.ignored.append(name(key))
             elif target in out.tensors:
-                raise CheckpointError(f"checkpoint keys {out.source_of[target]!r} and {name(key)!r} both map "
-                                      f"to {target!r}: the file mixes two naming schemes")
+                raise CheckpointError(
+                    f"checkpoint keys {out.source_of[target]!r} and {name(key)!r} both map "
+                    f"to {target!r}: the file mixes two naming schemes"
+                )
             else:
                 out.tensors[target] = tensors[key]
                 out.source_of[target] = name(key)
@@ -74,22 +79,26 @@ def check_mapping(model: nn.Module, mapped: MappedTensors, source: str, fmt: str
     expected = model.state_dict()
     missing = sorted(set(expected) - set(mapped.tensors))
     extra = sorted(set(mapped.tensors) - set(expected))
-    shapes = [f"{mapped.source_of[k]}: file {tuple(mapped.tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(mapped.tensors))
-              if tuple(mapped.tensors[k].shape) != tuple(expected[k].shape)]
+    shapes = [
+        f"{mapped.source_of[k]}: file {tuple(mapped.tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(mapped.tensors))
+        if tuple(mapped.tensors[k].shape) != tuple(expected[k].shape)
+    ]
     problems = []
     if mapped.unknown:
         problems.append(_listing("unknown keys (no rule of this format matches them)", mapped.unknown))
     if extra:
-        problems.append(_listing("keys with no place in the model built from config.json",
-                                 [mapped.source_of[k] for k in extra]))
+        problems.append(
+            _listing("keys with no place in the model built from config.json", [mapped.source_of[k] for k in extra])
+        )
     if missing:
         problems.append(_listing("missing tensors (model parameters the file does not provide)", missing))
     if shapes:
         problems.append(_listing("shape mismatches", shapes))
     if problems:
-        raise CheckpointError(f"{source}: does not match a {fmt} checkpoint of the configured size: "
-                              + " | ".join(problems))
+        raise CheckpointError(
+            f"{source}: does not match a {fmt} checkpoint of the configured size: " + " | ".join(problems)
+        )
 
 
 def load_mapped(model: nn.Module, mapped: MappedTensors, source: str, fmt: str) -> None:
@@ -102,13 +111,12 @@ def load_mapped(model: nn.Module, mapped: MappedTensors, source: str, fmt: str) 
     model.load_state_dict(state, strict=True, assign=on_meta)
 
 
-def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop `prefix` where present (LeRobot saves the policy's inner module as `model.`);
     also returns stripped -> original names so errors quote the file's own keys."""
     out, original = {}, {}
     for k, v in tensors.items():
-        short = k[len(prefix):] if k.startswith(prefix) else k
+        short = k[len(prefix) :] if k.startswith(prefix) else k
         out[short], original[short] = v, k
     return out, original
 
@@ -116,8 +124,10 @@ def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str
 def need(tensors: dict[str, torch.Tensor], key: str, source: str, fmt: str) -> torch.Tensor:
     """A tensor the config is derived from; its absence means the file is not this format."""
     if key not in tensors:
-        raise CheckpointError(f"{source}: missing tensor {key!r}, which every {fmt} checkpoint has; "
-                              "the file is another format or truncated")
+        raise CheckpointError(
+            f"{source}: missing tensor {key!r}, which every {fmt} checkpoint has; "
+            "the file is another format or truncated"
+        )
     return tensors[key]
 
 

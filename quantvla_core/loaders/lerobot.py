@@ -4,6 +4,7 @@ statistics of `policy_preprocessor.json` / `policy_postprocessor.json` (+ their
 `*_normalizer_processor.safetensors` state files), or, for LeRobot <= 0.3, the stats buffers
 inside model.safetensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ STATE_KEY, ACTION_KEY = "observation.state", "action"
 @dataclass
 class LeRobotConfig:
     """The fields of a LeRobot config.json that inference depends on."""
+
     raw: dict[str, Any]
     path: Path
 
@@ -62,8 +64,9 @@ def read_lerobot_config(directory: Path) -> LeRobotConfig:
         raise CheckpointError(f"{directory / 'config.json'}: must be a JSON object")
     cfg = LeRobotConfig(raw, directory / "config.json")
     if cfg.type not in LEROBOT_TYPES:
-        raise CheckpointError(f"{cfg.path}: unsupported LeRobot policy type {cfg.type!r}; accepted: "
-                              f"{', '.join(LEROBOT_TYPES)}")
+        raise CheckpointError(
+            f"{cfg.path}: unsupported LeRobot policy type {cfg.type!r}; accepted: {', '.join(LEROBOT_TYPES)}"
+        )
     cfg.refuse_if("use_relative_actions", (True,), "actions relative to the state are not converted back")
     cfg.refuse_if("use_visual_memory", (True,), "pi0.5 memory frames are not implemented")
     cfg.refuse_if("use_proprioceptive_memory", (True,), "pi0.5 proprioceptive memory is not implemented")
@@ -72,8 +75,9 @@ def read_lerobot_config(directory: Path) -> LeRobotConfig:
     return cfg
 
 
-def lerobot_normalizers(directory: Path, cfg: LeRobotConfig, tensors: dict, state_dim: int, action_dim: int
-                        ) -> tuple[FeatureNormalizer, FeatureNormalizer, str]:
+def lerobot_normalizers(
+    directory: Path, cfg: LeRobotConfig, tensors: dict, state_dim: int, action_dim: int
+) -> tuple[FeatureNormalizer, FeatureNormalizer, str]:
     """(state, action) normalisers from the processor files, else from model buffers."""
     found = lerobot_processor_stats(directory)
     norm_map = dict(cfg.get("normalization_mapping") or {})
@@ -90,8 +94,10 @@ def lerobot_normalizers(directory: Path, cfg: LeRobotConfig, tensors: dict, stat
         mode = lerobot_mode(norm_map.get(kind, "IDENTITY"), str(cfg.path))
         have = {k: np.asarray(v, dtype=np.float32) for k, v in stats.get(key, {}).items()}
         if mode != "identity" and not have:
-            raise CheckpointError(f"{directory}: {kind} uses {mode} normalisation but no statistics for {key!r} "
-                                  f"were found (looked in {where}); accepted: a LeRobot policy directory as "
-                                  "saved by save_pretrained, with its processor files")
+            raise CheckpointError(
+                f"{directory}: {kind} uses {mode} normalisation but no statistics for {key!r} "
+                f"were found (looked in {where}); accepted: a LeRobot policy directory as "
+                "saved by save_pretrained, with its processor files"
+            )
         out.append(FeatureNormalizer(what=key, dim=dim, mode=mode, stats=have, convention="lerobot", eps=eps))
     return out[0], out[1], where

@@ -11,6 +11,7 @@ Why two conventions: LeRobot and openpi write the same modes with different epsi
 The robot's vectors are shorter than the model's (padded to 32 in pi0): `normalize` takes the
 robot's dimension and `pad`s with zeros; `unnormalize` reads the first robot-dim entries.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,20 @@ from safetensors.numpy import load_file as load_numpy
 from ..checkpoint import CheckpointError
 
 MODES = ("identity", "mean_std", "min_max", "quantiles", "quantile10")
-STATS_FOR = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "quantiles": ("q01", "q99"),
-             "quantile10": ("q10", "q90"), "identity": ()}
+STATS_FOR = {
+    "mean_std": ("mean", "std"),
+    "min_max": ("min", "max"),
+    "quantiles": ("q01", "q99"),
+    "quantile10": ("q10", "q90"),
+    "identity": (),
+}
 CONVENTIONS = ("lerobot", "openpi", "groot")
 
 
 @dataclass
 class FeatureNormalizer:
     """One feature (state or action) of `dim` entries in the robot's units."""
+
     what: str
     dim: int
     mode: str = "identity"
@@ -47,13 +54,17 @@ class FeatureNormalizer:
         stats = {}
         for name in STATS_FOR[self.mode]:
             if not self.stats or name not in self.stats:
-                raise CheckpointError(f"{self.what}: normalisation mode {self.mode} needs the statistic "
-                                      f"{name!r}, which the checkpoint's stats do not have "
-                                      f"(have: {sorted(self.stats or {})})")
+                raise CheckpointError(
+                    f"{self.what}: normalisation mode {self.mode} needs the statistic "
+                    f"{name!r}, which the checkpoint's stats do not have "
+                    f"(have: {sorted(self.stats or {})})"
+                )
             v = np.asarray(self.stats[name], dtype=np.float32).reshape(-1)
             if v.shape != (self.dim,):
-                raise CheckpointError(f"{self.what}: statistic {name!r} has {v.size} entries; the checkpoint's "
-                                      f"{self.what} feature has {self.dim}")
+                raise CheckpointError(
+                    f"{self.what}: statistic {name!r} has {v.size} entries; the checkpoint's "
+                    f"{self.what} feature has {self.dim}"
+                )
             if not np.all(np.isfinite(v)):
                 raise CheckpointError(f"{self.what}: statistic {name!r} contains NaN or inf")
             stats[name] = v
@@ -105,13 +116,25 @@ class FeatureNormalizer:
         return ((y + 1.0) / 2.0 * denom + lo).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"what": self.what, "dim": self.dim, "mode": self.mode, "convention": self.convention,
-                "eps": self.eps, "stats": {k: v.tolist() for k, v in (self.stats or {}).items()}}
+        return {
+            "what": self.what,
+            "dim": self.dim,
+            "mode": self.mode,
+            "convention": self.convention,
+            "eps": self.eps,
+            "stats": {k: v.tolist() for k, v in (self.stats or {}).items()},
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureNormalizer":
-        return cls(what=d["what"], dim=int(d["dim"]), mode=d["mode"], stats=d.get("stats"),
-                   convention=d.get("convention", "lerobot"), eps=float(d.get("eps", 1e-8)))
+        return cls(
+            what=d["what"],
+            dim=int(d["dim"]),
+            mode=d["mode"],
+            stats=d.get("stats"),
+            convention=d.get("convention", "lerobot"),
+            eps=float(d.get("eps", 1e-8)),
+        )
 
 
 def pad(x: np.ndarray, dim: int) -> np.ndarray:
@@ -125,14 +148,20 @@ def pad(x: np.ndarray, dim: int) -> np.ndarray:
 
 
 # -- LeRobot ---------------------------------------------------------------------------------
-LEROBOT_MODE_NAMES = {"IDENTITY": "identity", "MEAN_STD": "mean_std", "MIN_MAX": "min_max",
-                      "QUANTILES": "quantiles", "QUANTILE10": "quantile10"}
+LEROBOT_MODE_NAMES = {
+    "IDENTITY": "identity",
+    "MEAN_STD": "mean_std",
+    "MIN_MAX": "min_max",
+    "QUANTILES": "quantiles",
+    "QUANTILE10": "quantile10",
+}
 
 
 def lerobot_mode(name: str, where: str) -> str:
     if name not in LEROBOT_MODE_NAMES:
-        raise CheckpointError(f"{where}: unsupported normalization mode {name!r}; accepted: "
-                              f"{', '.join(LEROBOT_MODE_NAMES)}")
+        raise CheckpointError(
+            f"{where}: unsupported normalization mode {name!r}; accepted: {', '.join(LEROBOT_MODE_NAMES)}"
+        )
     return LEROBOT_MODE_NAMES[name]
 
 
@@ -162,8 +191,10 @@ def lerobot_processor_stats(directory: Path) -> tuple[dict[str, dict[str, np.nda
     norm_map: dict[str, str] = {}
     eps = 1e-8
     found = False
-    for name, step_names in (("policy_preprocessor.json", ("normalizer_processor",)),
-                             ("policy_postprocessor.json", ("unnormalizer_processor",))):
+    for name, step_names in (
+        ("policy_preprocessor.json", ("normalizer_processor",)),
+        ("policy_postprocessor.json", ("unnormalizer_processor",)),
+    ):
         path = directory / name
         if not path.is_file():
             continue
@@ -188,9 +219,10 @@ def lerobot_buffer_stats(tensors: dict) -> dict[str, dict[str, np.ndarray]]:
     for k, v in tensors.items():
         for prefix in ("normalize_inputs.buffer_", "normalize_targets.buffer_", "unnormalize_outputs.buffer_"):
             if k.startswith(prefix):
-                feature, stat = k[len(prefix):].rsplit(".", 1)
-                stats.setdefault(feature.replace("_", ".", 1) if feature.startswith("observation_") else feature,
-                                 {})[stat] = v.float().numpy()
+                feature, stat = k[len(prefix) :].rsplit(".", 1)
+                stats.setdefault(feature.replace("_", ".", 1) if feature.startswith("observation_") else feature, {})[
+                    stat
+                ] = v.float().numpy()
     return stats
 
 
@@ -200,11 +232,15 @@ def openpi_norm_stats(directory: Path) -> tuple[dict[str, dict[str, np.ndarray]]
     # the asset id may contain a slash (openpi uses the repo id, e.g. physical-intelligence/libero)
     candidates = sorted(directory.glob("assets/**/norm_stats.json")) + sorted(directory.glob("norm_stats.json"))
     if not candidates:
-        raise CheckpointError(f"{directory}: no assets/<asset_id>/norm_stats.json; an openpi checkpoint "
-                              "keeps its normalisation statistics there (copy the training run's assets/)")
+        raise CheckpointError(
+            f"{directory}: no assets/<asset_id>/norm_stats.json; an openpi checkpoint "
+            "keeps its normalisation statistics there (copy the training run's assets/)"
+        )
     if len(candidates) > 1:
-        raise CheckpointError(f"{directory}: several norm_stats.json files ({', '.join(str(c) for c in candidates)}); "
-                              "keep only the one of the robot you deploy on")
+        raise CheckpointError(
+            f"{directory}: several norm_stats.json files ({', '.join(str(c) for c in candidates)}); "
+            "keep only the one of the robot you deploy on"
+        )
     d = _read_json(candidates[0])
     raw = d.get("norm_stats") if isinstance(d, dict) else None
     if not isinstance(raw, dict):

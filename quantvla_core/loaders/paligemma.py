@@ -6,6 +6,7 @@ Why derive sizes from tensors: the config files name a Gemma *variant* ("gemma_2
 fine-tuned or pruned checkpoint is what its tensors say. Head counts cannot be read from shapes
 alone; they follow the real architectures (Gemma: 1 KV head; SigLIP So400m: head_dim 72).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,11 @@ RULES = [
     Rule(_PG + r"(?:language_model\.)?lm_head\.weight", None),  # tied to embed_tokens, never called
     Rule(r"paligemma_with_expert\.gemma_expert\.model\.((?:layers|norm)\..+)", EXPERT + r".\1"),
     Rule(r"paligemma_with_expert\.gemma_expert\.(?:lm_head\.weight|model\.embed_tokens\.weight)", None),
-    Rule(r"((?:state_proj|action_in_proj|action_out_proj|action_time_mlp_in|action_time_mlp_out|time_mlp_in"
-         r"|time_mlp_out)\.(?:weight|bias))", r"\1"),
+    Rule(
+        r"((?:state_proj|action_in_proj|action_out_proj|action_time_mlp_in|action_time_mlp_out|time_mlp_in"
+        r"|time_mlp_out)\.(?:weight|bias))",
+        r"\1",
+    ),
     Rule(r".*\.position_ids", None),  # non-persistent index buffers some exports contain
     Rule(r"(?:normalize_inputs|normalize_targets|unnormalize_outputs)\..+", None),  # LeRobot <= 0.3 stats
 ]
@@ -66,8 +70,9 @@ def normalise_variants(tensors: dict[str, torch.Tensor], pi05: bool) -> dict[str
     return out
 
 
-def _decoder(m: dict[str, torch.Tensor], prefix: str, kv_heads: int, vocab: int, what: str,
-             source: str) -> DecoderConfig:
+def _decoder(
+    m: dict[str, torch.Tensor], prefix: str, kv_heads: int, vocab: int, what: str, source: str
+) -> DecoderConfig:
     depth = count_layers(m, f"{prefix}.layers")
     if depth == 0:
         raise CheckpointError(f"{source}: no {what} layers ({prefix}.layers.N.*) in the checkpoint")
@@ -75,13 +80,22 @@ def _decoder(m: dict[str, torch.Tensor], prefix: str, kv_heads: int, vocab: int,
     k = need(m, f"{prefix}.layers.0.self_attn.k_proj.weight", source, what)
     gate = need(m, f"{prefix}.layers.0.mlp.gate_proj.weight", source, what)
     if k.shape[0] % kv_heads:
-        raise CheckpointError(f"{source}: {what} k_proj has {k.shape[0]} outputs, not a multiple of "
-                              f"{kv_heads} KV heads")
+        raise CheckpointError(
+            f"{source}: {what} k_proj has {k.shape[0]} outputs, not a multiple of {kv_heads} KV heads"
+        )
     head_dim = k.shape[0] // kv_heads
     if q.shape[0] % head_dim:
         raise CheckpointError(f"{source}: {what} q_proj outputs {q.shape[0]}, not a multiple of head_dim {head_dim}")
-    return DecoderConfig(width=q.shape[1], depth=depth, mlp=gate.shape[0], heads=q.shape[0] // head_dim,
-                         kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, act="gelu_tanh")
+    return DecoderConfig(
+        width=q.shape[1],
+        depth=depth,
+        mlp=gate.shape[0],
+        heads=q.shape[0] // head_dim,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        act="gelu_tanh",
+    )
 
 
 def siglip_config(m: dict[str, torch.Tensor], prefix: str, head_dim: int, source: str, fmt: str) -> VisionConfig:
@@ -93,13 +107,30 @@ def siglip_config(m: dict[str, torch.Tensor], prefix: str, head_dim: int, source
     if side * side != pos.shape[0]:
         raise CheckpointError(f"{source}: vision position embedding has {pos.shape[0]} rows, not a square grid")
     heads = width // head_dim if width % head_dim == 0 and width >= head_dim else 1
-    return VisionConfig(image_size=side * p, patch_size=p, width=width,
-                        depth=count_layers(m, f"{prefix}.encoder.layers"), heads=heads, mlp=fc1.shape[0])
+    return VisionConfig(
+        image_size=side * p,
+        patch_size=p,
+        width=width,
+        depth=count_layers(m, f"{prefix}.encoder.layers"),
+        heads=heads,
+        mlp=fc1.shape[0],
+    )
 
 
-def derive_config(m: dict[str, torch.Tensor], *, pi05: bool, source: str, fmt: str, horizon: int,
-                  num_steps: int, max_cameras: int, max_text_tokens: int, state_dim: int,
-                  variants: tuple[str, str] | None, name: str) -> tuple[ModelConfig, list[str]]:
+def derive_config(
+    m: dict[str, torch.Tensor],
+    *,
+    pi05: bool,
+    source: str,
+    fmt: str,
+    horizon: int,
+    num_steps: int,
+    max_cameras: int,
+    max_text_tokens: int,
+    state_dim: int,
+    variants: tuple[str, str] | None,
+    name: str,
+) -> tuple[ModelConfig, list[str]]:
     """ModelConfig from mapped tensors (our names) + notes on how it differs from the named variants."""
     embed = need(m, f"{LM}.embed_tokens.weight", source, fmt)
     kv = 1  # Gemma 2B / 300M are multi-query
@@ -111,16 +142,32 @@ def derive_config(m: dict[str, torch.Tensor], *, pi05: bool, source: str, fmt: s
         state_dim = need(m, "state_proj.weight", source, fmt).shape[1]
     notes: list[str] = []
     if variants is not None:
-        for which, dec, var in (("paligemma_variant", backbone, variants[0]), ("action_expert_variant", expert,
-                                                                                variants[1])):
+        for which, dec, var in (
+            ("paligemma_variant", backbone, variants[0]),
+            ("action_expert_variant", expert, variants[1]),
+        ):
             if var not in GEMMA_VARIANTS:
-                raise CheckpointError(f"{source}: unsupported {which} {var!r}; accepted: "
-                                      f"{', '.join(GEMMA_VARIANTS)} (LoRA variants must be merged first)")
+                raise CheckpointError(
+                    f"{source}: unsupported {which} {var!r}; accepted: "
+                    f"{', '.join(GEMMA_VARIANTS)} (LoRA variants must be merged first)"
+                )
             got = (dec.width, dec.depth, dec.mlp, dec.heads, dec.kv_heads, dec.head_dim)
             if got != GEMMA_VARIANTS[var]:
-                notes.append(f"{which} {var} is {GEMMA_VARIANTS[var]} (width, depth, mlp, heads, kv, head_dim) "
-                             f"but the tensors give {got}; the tensors' sizes are used")
-    cfg = ModelConfig(arch="pi05" if pi05 else "pi0", name=name, vision=vision, backbone=backbone, expert=expert,
-                      action_dim=action_in.shape[1], state_dim=state_dim, horizon=horizon, num_steps=num_steps,
-                      max_cameras=max_cameras, max_text_tokens=max_text_tokens)
+                notes.append(
+                    f"{which} {var} is {GEMMA_VARIANTS[var]} (width, depth, mlp, heads, kv, head_dim) "
+                    f"but the tensors give {got}; the tensors' sizes are used"
+                )
+    cfg = ModelConfig(
+        arch="pi05" if pi05 else "pi0",
+        name=name,
+        vision=vision,
+        backbone=backbone,
+        expert=expert,
+        action_dim=action_in.shape[1],
+        state_dim=state_dim,
+        horizon=horizon,
+        num_steps=num_steps,
+        max_cameras=max_cameras,
+        max_text_tokens=max_text_tokens,
+    )
     return cfg, notes

@@ -24,6 +24,7 @@ Robots (dims are the robot's; the model pads to its own 32):
 - "aloha_sim": as "aloha" without delta actions (pi0_aloha_sim).
 - "none": no transform (actions = the unnormalised first N dims, N = the action statistics').
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ def bool_mask(*dims: int) -> tuple[bool, ...]:
 def aloha_gripper_state_to_angle(v: np.ndarray) -> np.ndarray:
     """Normalised linear gripper opening -> normalised pi gripper angle (law of cosines on the horn)."""
     lin = v * (GRIPPER_LINEAR[1] - GRIPPER_LINEAR[0]) + GRIPPER_LINEAR[0]
-    c = (HORN_RADIUS ** 2 + lin ** 2 - ARM_LENGTH ** 2) / (2 * HORN_RADIUS * lin)
+    c = (HORN_RADIUS**2 + lin**2 - ARM_LENGTH**2) / (2 * HORN_RADIUS * lin)
     ang = np.arcsin(np.clip(c, -1.0, 1.0))
     return (ang - GRIPPER_ANGLE[0]) / (GRIPPER_ANGLE[1] - GRIPPER_ANGLE[0])
 
@@ -72,6 +73,7 @@ def aloha_gripper_command_to_angle(v: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class RobotTransform:
     """One robot's openpi input / output transforms (see the module docstring)."""
+
     name: str
     state_dim: int
     action_dim: int
@@ -82,16 +84,20 @@ class RobotTransform:
 
     def describe(self) -> str:
         delta = [i for i, m in enumerate(self.delta_mask) if m]
-        return (f"openpi robot transform {self.name!r}: state {self.state_dim}, actions {self.action_dim}, cameras "
-                + ", ".join(f"{c}->{'unused' if s < 0 else s}" for c, s in zip(self.cameras, self.slots))
-                + (f", delta action dims {delta} (+ state)" if delta else ", absolute actions")
-                + (", ALOHA joint flips and gripper conversion" if self.aloha else ""))
+        return (
+            f"openpi robot transform {self.name!r}: state {self.state_dim}, actions {self.action_dim}, cameras "
+            + ", ".join(f"{c}->{'unused' if s < 0 else s}" for c, s in zip(self.cameras, self.slots))
+            + (f", delta action dims {delta} (+ state)" if delta else ", absolute actions")
+            + (", ALOHA joint flips and gripper conversion" if self.aloha else "")
+        )
 
     def check(self, state_stats: int, action_stats: int, where: str) -> None:
         if state_stats != self.state_dim or action_stats < self.action_dim:
-            raise CheckpointError(f"{where}: robot {self.name!r} has state {self.state_dim} / actions "
-                                  f"{self.action_dim}, but the norm stats have state {state_stats} / actions "
-                                  f"{action_stats}; accepted robots: {', '.join(ROBOTS)} (or 'none')")
+            raise CheckpointError(
+                f"{where}: robot {self.name!r} has state {self.state_dim} / actions "
+                f"{self.action_dim}, but the norm stats have state {state_stats} / actions "
+                f"{action_stats}; accepted robots: {', '.join(ROBOTS)} (or 'none')"
+            )
 
     # -- inputs ------------------------------------------------------------------------------
     def state_in(self, state) -> np.ndarray:
@@ -110,13 +116,16 @@ class RobotTransform:
         if isinstance(images, dict):
             unknown = set(images) - set(self.cameras)
             if unknown:
-                raise ValueError(f"unknown camera(s) {sorted(unknown)} for robot {self.name!r}; accepted: "
-                                 f"{', '.join(self.cameras)}")
+                raise ValueError(
+                    f"unknown camera(s) {sorted(unknown)} for robot {self.name!r}; accepted: {', '.join(self.cameras)}"
+                )
             named = [images.get(c) for c in self.cameras]
         else:
             if not isinstance(images, (list, tuple)) or not 1 <= len(images) <= len(self.cameras):
-                raise ValueError(f"robot {self.name!r} takes 1..{len(self.cameras)} images in the order "
-                                 f"{', '.join(self.cameras)} (or a dict by those names)")
+                raise ValueError(
+                    f"robot {self.name!r} takes 1..{len(self.cameras)} images in the order "
+                    f"{', '.join(self.cameras)} (or a dict by those names)"
+                )
             named = list(images) + [None] * (len(self.cameras) - len(images))
         n = max(self.slots) + 1
         out: list = [None] * n
@@ -167,12 +176,20 @@ def robot_transform(name: str, arch: str) -> RobotTransform | None:
     if name == "none":
         return None
     if name == "libero":  # pi0_libero: extra_delta_transform=True; pi05_libero: False
-        return RobotTransform("libero", 8, 7, ("image", "wrist_image"), (0, 1),
-                              bool_mask(6, -1) if arch == "pi0" else ())
+        return RobotTransform(
+            "libero", 8, 7, ("image", "wrist_image"), (0, 1), bool_mask(6, -1) if arch == "pi0" else ()
+        )
     if name == "droid":
         return RobotTransform("droid", 8, 8, ("exterior_image_1_left", "wrist_image_left"), (0, 1))
-    return RobotTransform(name, 14, 14, ("cam_high", "cam_left_wrist", "cam_right_wrist", "cam_low"), (0, 1, 2, -1),
-                          bool_mask(6, -1, 6, -1) if name == "aloha" else (), aloha=True)
+    return RobotTransform(
+        name,
+        14,
+        14,
+        ("cam_high", "cam_left_wrist", "cam_right_wrist", "cam_low"),
+        (0, 1, 2, -1),
+        bool_mask(6, -1, 6, -1) if name == "aloha" else (),
+        aloha=True,
+    )
 
 
 def robot_from_asset(asset_id: str) -> str:

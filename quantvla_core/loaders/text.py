@@ -22,6 +22,7 @@ Prompt formats, as the originals build them before tokenising:
 - GR00T, legacy "groot" (policy_io.json written before the template): tokens(str([task])).
 Sequences are right-padded with zeros to the model's max length and truncated past it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,6 +46,7 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: str | Path):
         import sentencepiece
+
         self.path = Path(path)
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
@@ -65,6 +67,7 @@ class JsonTokenizer:
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer
+
         self.path = Path(path)
         try:
             self.tok = Tokenizer.from_file(str(self.path))
@@ -94,6 +97,7 @@ def open_tokenizer(path: str | Path):
 def find_tokenizer_file(directory: Path, wanted: str, explicit: str | Path | None = None) -> Path | None:
     """The user's tokenizer: `explicit`, else $QUANTVLA_TOKENIZER, else `wanted` in the checkpoint dir."""
     import os
+
     if explicit:
         return Path(explicit)
     env = os.environ.get("QUANTVLA_TOKENIZER")
@@ -117,8 +121,10 @@ def discretize_state_openpi(state: np.ndarray, bins: int = 256) -> np.ndarray:
 
 def eagle_prompt(task: str, n_images: int, tokens_per_image: int) -> str:
     """The text Eagle 2.5's processor tokenises for GR00T N1.5 (chat template + image expansion)."""
-    images = "".join(f"<image {i + 1}>{EAGLE_IMG_START}{EAGLE_IMAGE_TOKEN * tokens_per_image}{EAGLE_IMG_END}"
-                     for i in range(n_images))
+    images = "".join(
+        f"<image {i + 1}>{EAGLE_IMG_START}{EAGLE_IMAGE_TOKEN * tokens_per_image}{EAGLE_IMG_END}"
+        for i in range(n_images)
+    )
     return EAGLE_SYSTEM + EAGLE_USER + images + str([task]) + EAGLE_END
 
 
@@ -126,18 +132,29 @@ def eagle_layout(tokenizer, task: str, n_images: int, tokens_per_image: int) -> 
     """(the original's input_ids, the positions its image embeddings replace) for one observation."""
     image_id = tokenizer.token_id(EAGLE_IMAGE_TOKEN) if hasattr(tokenizer, "token_id") else None
     if image_id is None:
-        raise CheckpointError(f"{getattr(tokenizer, 'path', 'tokenizer')}: no {EAGLE_IMAGE_TOKEN} token; GR00T N1.5 "
-                              "needs the Eagle 2.5 (Qwen3) tokenizer.json with its added image tokens")
+        raise CheckpointError(
+            f"{getattr(tokenizer, 'path', 'tokenizer')}: no {EAGLE_IMAGE_TOKEN} token; GR00T N1.5 "
+            "needs the Eagle 2.5 (Qwen3) tokenizer.json with its added image tokens"
+        )
     ids = tokenizer.ids(eagle_prompt(task, n_images, tokens_per_image), add_bos=True)
     slots = [i for i, t in enumerate(ids) if t == image_id]
     if len(slots) != n_images * tokens_per_image:
-        raise CheckpointError(f"{getattr(tokenizer, 'path', 'tokenizer')}: {EAGLE_IMAGE_TOKEN} did not tokenise to "
-                              f"one token each ({len(slots)} for {n_images * tokens_per_image})")
+        raise CheckpointError(
+            f"{getattr(tokenizer, 'path', 'tokenizer')}: {EAGLE_IMAGE_TOKEN} did not tokenise to "
+            f"one token each ({len(slots)} for {n_images * tokens_per_image})"
+        )
     return ids, slots
 
 
-def prompt_ids(style: str, tokenizer, instruction: str, state: np.ndarray | None, n_images: int = 1,
-               tokens_per_image: int = 64, image_token_id: int | None = None) -> list[int]:
+def prompt_ids(
+    style: str,
+    tokenizer,
+    instruction: str,
+    state: np.ndarray | None,
+    n_images: int = 1,
+    tokens_per_image: int = 64,
+    image_token_id: int | None = None,
+) -> list[int]:
     """Token ids of one prompt, before padding. For "groot-eagle": with `image_token_id`, the
     template's ids with each `<IMG_CONTEXT>` set to that id (the model's placeholder, where it
     puts the `n_images` present cameras' tokens in order); without, the ids without the
@@ -164,9 +181,11 @@ def prompt_ids(style: str, tokenizer, instruction: str, state: np.ndarray | None
             return [t for i, t in enumerate(ids) if i not in drop]
         clash = [i for i, t in enumerate(ids) if t == image_token_id and i not in drop]
         if clash:
-            raise CheckpointError(f"{getattr(tokenizer, 'path', 'tokenizer')}: the prompt tokenises to the model's "
-                                  f"image placeholder id {image_token_id} at position {clash[0]} outside the "
-                                  f"{EAGLE_IMAGE_TOKEN} runs: it is not this policy's tokenizer")
+            raise CheckpointError(
+                f"{getattr(tokenizer, 'path', 'tokenizer')}: the prompt tokenises to the model's "
+                f"image placeholder id {image_token_id} at position {clash[0]} outside the "
+                f"{EAGLE_IMAGE_TOKEN} runs: it is not this policy's tokenizer"
+            )
         return [image_token_id if i in drop else t for i, t in enumerate(ids)]
     return tokenizer.ids(str([task]), add_bos=True)  # legacy: the task as str([task]) alone
 

@@ -1,4 +1,5 @@
 """Reference VLA models: pi0, pi0.5 (PI0Model) and GR00T-style (GR00TModel)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,17 @@ from .layers import AdaRMSNorm
 from .pi0 import PI0Model
 from .smolvla import SmolVLAModel
 
-__all__ = ["Batch", "FlowMatchingVLA", "PI0Model", "GR00TModel", "GR00TN15Model", "SmolVLAModel", "build_model",
-           "component_of", "COMPONENTS"]
+__all__ = [
+    "Batch",
+    "FlowMatchingVLA",
+    "PI0Model",
+    "GR00TModel",
+    "GR00TN15Model",
+    "SmolVLAModel",
+    "build_model",
+    "component_of",
+    "COMPONENTS",
+]
 
 COMPONENTS = ("vision", "backbone", "expert", "other")
 
@@ -42,8 +52,9 @@ def component_of(name: str) -> str:
     return "other"
 
 
-def build_model(cfg: ModelConfig, *, seed: int | None = 0, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> FlowMatchingVLA:
+def build_model(
+    cfg: ModelConfig, *, seed: int | None = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> FlowMatchingVLA:
     """Build the model a config describes (arch + variant, e.g. GR00T N1.5 for a real checkpoint's
     artifact). device='meta' allocates nothing (shape/memory accounting, loading real weights)."""
     if seed is not None and str(device) != "meta":
@@ -63,7 +74,7 @@ def _init_weights(model: nn.Module) -> None:
     """Small truncated-normal linears, so random models produce finite, non-trivial actions."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=min(0.02, 1.0 / m.in_features ** 0.5))
+            nn.init.trunc_normal_(m.weight, std=min(0.02, 1.0 / m.in_features**0.5))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
@@ -71,4 +82,4 @@ def _init_weights(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, AdaRMSNorm):  # gates open at init so the expert's layers contribute
             with torch.no_grad():
-                m.dense.bias[2 * m.dense.out_features // 3:] = 1.0
+                m.dense.bias[2 * m.dense.out_features // 3 :] = 1.0

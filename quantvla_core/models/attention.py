@@ -4,6 +4,7 @@ Why one function: it is the hook point for attention-logit statistics (ATM needs
 Q K^T / sqrt(d) per head, masked entries excluded) and the single place to choose between an
 eager path (logits materialised, softmax in fp32) and PyTorch SDPA. Both paths agree.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,8 +77,15 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // kv_heads, dim=1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              scale: float | None = None, *, name: str = "") -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    name: str = "",
+) -> torch.Tensor:
     """Scaled dot-product attention with GQA.
 
     q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); mask: bool broadcastable to (B, H, Tq, Tk), True =
@@ -100,8 +108,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         probs = torch.softmax(logits, dim=-1)
         return torch.matmul(probs.to(v.dtype), v)
     # enable_gqa: SDPA reads the shared K/V heads directly instead of copies per query head.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                          enable_gqa=k.shape[1] != heads)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != heads)
 
 
 def name_attention_modules(model: nn.Module) -> None:

@@ -4,6 +4,7 @@ A chunk is produced in three stages that the runtime times separately: `encode_i
 (vision), `encode_prefix` (backbone over images + instruction, cached once per chunk) and
 `num_steps` calls of `denoise_step` (the action head only).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class Batch:
     images: (B, C, 3, S, S) float in [-1, 1]; image_mask: (B, C) bool (False = camera absent);
     tokens: (B, L) long; token_mask: (B, L) bool; state: (B, state_dim) normalised float.
     """
+
     images: torch.Tensor
     image_mask: torch.Tensor
     tokens: torch.Tensor
@@ -30,12 +32,18 @@ class Batch:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
         f = lambda x: x.to(device=device, dtype=dtype) if (dtype and x.is_floating_point()) else x.to(device)  # noqa: E731
-        return Batch(f(self.images), self.image_mask.to(device), self.tokens.to(device),
-                     self.token_mask.to(device), f(self.state))
+        return Batch(
+            f(self.images),
+            self.image_mask.to(device),
+            self.tokens.to(device),
+            self.token_mask.to(device),
+            f(self.state),
+        )
 
 
-def prefix_validity(batch: Batch, image_tokens: torch.Tensor, *extra: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_validity(
+    batch: Batch, image_tokens: torch.Tensor, *extra: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid (B, T) bool, RoPE positions (B, T)) of a prefix [image tokens; text; *extra].
 
     Every camera contributes the same number of tokens; absent cameras and padding are invalid,
@@ -50,9 +58,11 @@ def check_shared_attention(cfg: ModelConfig) -> None:
     must have the same depth and attention geometry."""
     bb, ex = cfg.backbone, cfg.expert
     if (bb.heads, bb.kv_heads, bb.head_dim, bb.depth) != (ex.heads, ex.kv_heads, ex.head_dim, ex.depth):
-        raise ValueError(f"{cfg.arch} backbone and expert must share depth, heads, kv_heads and head_dim "
-                         f"(backbone {bb.depth}/{bb.heads}/{bb.kv_heads}/{bb.head_dim}, "
-                         f"expert {ex.depth}/{ex.heads}/{ex.kv_heads}/{ex.head_dim})")
+        raise ValueError(
+            f"{cfg.arch} backbone and expert must share depth, heads, kv_heads and head_dim "
+            f"(backbone {bb.depth}/{bb.heads}/{bb.kv_heads}/{bb.head_dim}, "
+            f"expert {ex.depth}/{ex.heads}/{ex.kv_heads}/{ex.head_dim})"
+        )
 
 
 class FlowMatchingVLA(nn.Module):
@@ -93,26 +103,29 @@ class FlowMatchingVLA(nn.Module):
     def step_size(self, num_steps: int) -> float:
         return -1.0 / num_steps if self.noise_at_one else 1.0 / num_steps
 
-    def noisy_actions(self, actions: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def noisy_actions(
+        self, actions: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, target velocity) for training."""
         tt = t[:, None, None]
         if self.noise_at_one:
             return tt * noise + (1 - tt) * actions, noise - actions
         return (1 - tt) * noise + tt * actions, actions - noise
 
-    def sample_noise(self, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.randn(batch_size, self.cfg.horizon, self.cfg.action_dim, generator=generator,
-                           device=device, dtype=torch.float32)
+    def sample_noise(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        return torch.randn(
+            batch_size, self.cfg.horizon, self.cfg.action_dim, generator=generator, device=device, dtype=torch.float32
+        )
 
-    def flow_loss(self, batch: Batch, actions: torch.Tensor, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
+    def flow_loss(self, batch: Batch, actions: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         b = actions.shape[0]
         dev = generator.device if generator is not None else actions.device
         noise = torch.randn(actions.shape, generator=generator, device=dev).to(actions.device)
-        u = torch.distributions.Beta(torch.tensor(1.5, device=actions.device),
-                                     torch.tensor(1.0, device=actions.device)).sample((b,))
+        u = torch.distributions.Beta(
+            torch.tensor(1.5, device=actions.device), torch.tensor(1.0, device=actions.device)
+        ).sample((b,))
         t = u * 0.999 + 0.001
         if not self.noise_at_one:
             t = 1.0 - t  # GR00T puts more weight near the data end of its (0 -> 1) time axis
@@ -121,8 +134,13 @@ class FlowMatchingVLA(nn.Module):
         return torch.mean((v.float() - target.float()) ** 2)
 
     @torch.no_grad()
-    def sample_actions(self, batch: Batch, noise: torch.Tensor, num_steps: int | None = None,
-                       on_stage: Callable[[str], None] | None = None) -> torch.Tensor:
+    def sample_actions(
+        self,
+        batch: Batch,
+        noise: torch.Tensor,
+        num_steps: int | None = None,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> torch.Tensor:
         """Euler integration from noise to actions (normalised space), using the prefix cache.
 
         `on_stage(name)` is called after each stage ('vision', 'prefix', 'denoise_step_i') so
@@ -142,11 +160,9 @@ class FlowMatchingVLA(nn.Module):
             mark(f"denoise_step_{i}")
         return x
 
-    def euler_step(self, cache: Any, x: torch.Tensor, t: torch.Tensor, dt: float, state: torch.Tensor
-                   ) -> torch.Tensor:
+    def euler_step(self, cache: Any, x: torch.Tensor, t: torch.Tensor, dt: float, state: torch.Tensor) -> torch.Tensor:
         """One integration step of ``sample_actions``. The integration state stays fp32 (as
         openpi/LeRobot keep x_t); only the network's input is cast to the model dtype, so 10
         bf16 roundings do not accumulate."""
         v = self.denoise_step(cache, x.to(state.dtype), t, state)
         return x + dt * v.float()
-

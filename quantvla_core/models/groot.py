@@ -5,6 +5,7 @@ The VL features, the state token and every cross-attention block's K/V depend on
 observation, so `encode_prefix` computes them once per chunk; each of the (4) denoising steps
 then runs only the DiT over [state; future tokens; action tokens].
 """
+
 from __future__ import annotations
 
 import math
@@ -115,7 +116,8 @@ class DiT(nn.Module):
         self.timestep_encoder = TimestepEncoder(d.width)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(d.width, d.heads, d.head_dim, d.mlp, kv_dim=vl if i % 2 == 0 else None, ada=True)
-            for i in range(d.depth))
+            for i in range(d.depth)
+        )
         self.norm_out = nn.LayerNorm(d.width, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(d.width, 2 * d.width)
         self.proj_out_2 = nn.Linear(d.width, d.hidden)
@@ -128,7 +130,8 @@ class VLSelfAttention(nn.Module):
         heads = max(1, w // 64)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(w, heads, w // heads, 4 * w, kv_dim=None, ada=False)
-            for _ in range(cfg.dit.vl_self_attention_depth))
+            for _ in range(cfg.dit.vl_self_attention_depth)
+        )
 
 
 class ActionHead(nn.Module):
@@ -226,7 +229,7 @@ class GR00TModel(FlowMatchingVLA):
             x = blk(x, temb, kv=cross_kv(i, blk), mask=cross_mask if blk.cross else None)
         shift, scale = dit.proj_out_1(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
         x = dit.proj_out_2(dit.norm_out(x) * (1 + scale) + shift)
-        return ah.action_decoder(x, self._cat(b, x.device))[:, -self.cfg.horizon:]
+        return ah.action_decoder(x, self._cat(b, x.device))[:, -self.cfg.horizon :]
 
     def denoise_step(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         return self._dit(cache, x_t, t, lambda i, blk: cache.cross_kv.get(i))

@@ -26,6 +26,7 @@ Qwen3, vl_self_attention, DiT) stay fp32. When this model's weights are bf16 / f
 are carried in fp32 and only each linear / attention call sees the low-precision dtype. In fp32
 the islands change nothing (the plain path runs).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -123,8 +124,9 @@ def block32(blk: nn.Module, x: torch.Tensor, cd: torch.dtype, temb=None, kv=None
     return x + blk.ff(ln32(blk.norm3, x).to(cd)).float()
 
 
-def place_image_tokens(text: torch.Tensor, slots: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor,
-                       image_token_id: int) -> torch.Tensor:
+def place_image_tokens(
+    text: torch.Tensor, slots: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
     """Eagle 2.5's masked scatter: the j-th placeholder of a row (`slots`, (B, T) bool) takes the
     j-th image token of that row's present cameras, in camera order (absent cameras are skipped);
     other positions keep `text` (B, T, W). `image_tokens` is (B, C * n, W) as encode_images returns.
@@ -136,10 +138,12 @@ def place_image_tokens(text: torch.Tensor, slots: torch.Tensor, image_tokens: to
         have, want = slots.sum(1), image_mask.sum(1) * per
         if not torch.equal(have, want):
             i = int((have != want).nonzero()[0, 0])
-            raise ValueError(f"batch row {i}: the prompt has {int(have[i])} image placeholder tokens (id "
-                             f"{image_token_id}) but {int(image_mask[i].sum())} present camera(s) x {per} image "
-                             f"tokens = {int(want[i])}; the prompt needs one run of placeholders per present camera "
-                             "(Eagle 2.5 template)")
+            raise ValueError(
+                f"batch row {i}: the prompt has {int(have[i])} image placeholder tokens (id "
+                f"{image_token_id}) but {int(image_mask[i].sum())} present camera(s) x {per} image "
+                f"tokens = {int(want[i])}; the prompt needs one run of placeholders per present camera "
+                "(Eagle 2.5 template)"
+            )
     order = torch.argsort((~image_mask).to(torch.int32), dim=1, stable=True)  # present cameras first, in order
     j = (slots.long().cumsum(1) - 1).clamp(min=0)  # which of the row's image tokens each slot takes
     src = order.gather(1, (j // per).clamp(max=c - 1)) * per + j % per
@@ -154,15 +158,17 @@ class GR00TN15Model(GR00TModel):
 
     def __init__(self, cfg: ModelConfig, embodiment_id: int | None = None):
         if embodiment_id is not None or cfg.variant != "n15":  # dataclasses.replace re-validates
-            dit = dataclasses.replace(cfg.dit, embodiment_id=cfg.dit.embodiment_id if embodiment_id is None
-                                      else embodiment_id)
+            dit = dataclasses.replace(
+                cfg.dit, embodiment_id=cfg.dit.embodiment_id if embodiment_id is None else embodiment_id
+            )
             cfg = dataclasses.replace(cfg, dit=dit, variant="n15")
         super().__init__(cfg)
         for layer in self.backbone.eagle_model.language_model.model.layers:
             layer.self_attn = Qwen3Attention(cfg.backbone)
         vw, bw, f = cfg.vision.width, cfg.backbone.width, cfg.vision.pixel_shuffle
-        self.backbone.eagle_model.mlp1 = nn.Sequential(nn.LayerNorm(vw * f * f), nn.Linear(vw * f * f, bw), nn.GELU(),
-                                                       nn.Linear(bw, bw))
+        self.backbone.eagle_model.mlp1 = nn.Sequential(
+            nn.LayerNorm(vw * f * f), nn.Linear(vw * f * f, bw), nn.GELU(), nn.Linear(bw, bw)
+        )
         ah = self.action_head
         ah.model.timestep_encoder.__class__ = N15TimestepEncoder
         ah.action_encoder.__class__ = N15ActionEncoder
@@ -202,7 +208,10 @@ class GR00TN15Model(GR00TModel):
         cd, em = self.compute_dtype(), self.backbone.eagle_model
         vm = em.vision_model.vision_model
         emb = vm.embeddings
-        x = emb.patch_embedding(pixels.to(cd)).flatten(2).transpose(1, 2).float() + emb.position_embedding.weight.float()
+        x = (
+            emb.patch_embedding(pixels.to(cd)).flatten(2).transpose(1, 2).float()
+            + emb.position_embedding.weight.float()
+        )
         for layer in vm.encoder.layers:
             x = x + layer.self_attn(ln32(layer.layer_norm1, x).to(cd)).float()
             x = x + layer.mlp(ln32(layer.layer_norm2, x).to(cd)).float()
@@ -307,4 +316,4 @@ class GR00TN15Model(GR00TModel):
             x = block32(blk, x, cd, temb, kv=cross_kv(i, blk), mask=cross_mask if blk.cross else None)
         shift, scale = dit.proj_out_1(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
         x = dit.proj_out_2((ln32(dit.norm_out, x) * (1 + scale).float() + shift.float()).to(cd))
-        return csmlp32(ah.action_decoder, x, cat, cd)[:, -self.cfg.horizon:]  # fp32 velocity
+        return csmlp32(ah.action_decoder, x, cat, cd)[:, -self.cfg.horizon :]  # fp32 velocity

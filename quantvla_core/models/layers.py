@@ -3,6 +3,7 @@
 Module attribute names match the real checkpoints (q_proj, gate_proj, to_q, ff.net.0.proj, ...)
 so that the quantization layout rules written once apply to real models too.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,13 @@ def _epilogue_layer(layer: nn.Module):
     in its GEMM epilogue: nobody hooks it (a hook must see the layer's own output)."""
     from ..quant.qlinear import QuantLinear, epilogue_fusion
 
-    if (isinstance(layer, QuantLinear) and epilogue_fusion() and not layer.gated_pairs
-            and not layer._forward_hooks and not layer._forward_pre_hooks):
+    if (
+        isinstance(layer, QuantLinear)
+        and epilogue_fusion()
+        and not layer.gated_pairs
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+    ):
         return layer
     return None
 
@@ -52,8 +58,9 @@ def linear_residual(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | 
     return residual + layer(x)
 
 
-def _normed_fused(parent: nn.Module, names: tuple[str, ...], norm: nn.Module, x: torch.Tensor,
-                  fused=None, act: str | None = None):
+def _normed_fused(
+    parent: nn.Module, names: tuple[str, ...], norm: nn.Module, x: torch.Tensor, fused=None, act: str | None = None
+):
     """The parent's fused sibling layer applied to ``norm(x)`` with the RMSNorm computed inside
     the activation quantization (one kernel / one row pass), or None (float model, adaptive or
     other norm, or a layer the fused norm does not cover: the caller runs norm, then layers).
@@ -106,11 +113,11 @@ class AdaRMSNorm(nn.Module):
         return (y * (1 + scale.float()) + shift.float()).to(x.dtype), gate
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (B, 1, T, D) for rotate-half RoPE at integer positions (B, T)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
-                                         dtype=torch.float32) / head_dim))
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     ang = positions.float()[..., None] * inv
     ang = torch.cat([ang, ang], dim=-1)[:, None]
     return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -149,8 +156,7 @@ class GatedMLP(nn.Module):
         """down(act(gate(x)) * up(x)) (+ residual, added in down's epilogue where quantized)."""
         return linear_residual(self.down_proj, self.hidden(x), residual)
 
-    def forward_normed(self, x: torch.Tensor, norm: nn.Module, residual: torch.Tensor | None = None
-                       ) -> torch.Tensor:
+    def forward_normed(self, x: torch.Tensor, norm: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``self(norm(x)) (+ residual)``, with the norm fused into gate/up's activation
         quantization where the model is quantized (the norm's output feeds only this MLP)."""
         pairs = _fused_gate_up(self)
@@ -158,8 +164,11 @@ class GatedMLP(nn.Module):
             h = _normed_fused(self, ("gate_proj", "up_proj"), norm, x, fused=pairs, act=self.act)
         else:
             y = _normed_fused(self, ("gate_proj", "up_proj"), norm, x)
-            h = None if y is None else activation(
-                self.act, y[..., :self.gate_proj.out_features]) * y[..., self.gate_proj.out_features:]
+            h = (
+                None
+                if y is None
+                else activation(self.act, y[..., : self.gate_proj.out_features]) * y[..., self.gate_proj.out_features :]
+            )
         if h is None:
             return self(norm(x), residual)
         return linear_residual(self.down_proj, h, residual)
@@ -178,8 +187,9 @@ class DecoderAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.width, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.width, bias=False)
 
-    def to_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def to_heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected (B, T, H*D) q/k/v -> per-head (B, H, T, D), RoPE on q and k. Subclasses with
         per-head norms (Qwen3) override this, not the projections."""
         b, t, _ = q.shape
@@ -191,15 +201,17 @@ class DecoderAttention(nn.Module):
     def _split_qkv(self, y: torch.Tensor):
         return y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fused = _fused(self, ("q_proj", "k_proj", "v_proj"))
         if fused is not None:  # quantized: one activation quantization and one GEMM for q, k, v
             return self.to_heads(*self._split_qkv(fused(x)), cos, sin)
         return self.to_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin)
 
-    def qkv_normed(self, x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_normed(
+        self, x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``self.qkv(norm(x), cos, sin)``, with the norm fused into the q/k/v activation
         quantization where the model is quantized (the norm's output feeds only q/k/v)."""
         y = _normed_fused(self, ("q_proj", "k_proj", "v_proj"), norm, x)
@@ -256,8 +268,7 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """A stack of decoder layers (`layers.N`) with a final `norm`; optional token embedding."""
 
-    def __init__(self, cfg: DecoderConfig, embed: bool, cond_dim: int | None = None,
-                 norm_offset: float = 1.0):
+    def __init__(self, cfg: DecoderConfig, embed: bool, cond_dim: int | None = None, norm_offset: float = 1.0):
         super().__init__()
         self.cfg = cfg
         if embed:
@@ -268,8 +279,14 @@ class Decoder(nn.Module):
     def final_norm(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return self.norm(x, cond)[0] if cond is not None else self.norm(x)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                cond: torch.Tensor | None = None, return_kv: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cond: torch.Tensor | None = None,
+        return_kv: bool = False,
+    ):
         """Plain self-attention pass; with return_kv also the per-layer (K, V) (the prefix cache)."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         kv = []
@@ -302,8 +319,9 @@ class Attention(nn.Module):
     def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split(self.to_k(context)), self.split(self.to_v(context))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = self.split(self.to_q(x))
         k, v = kv if kv is not None else self.kv(x)
         out = attention(q, k, v, mask, name=self.attn_name)
@@ -328,8 +346,7 @@ class FeedForward(nn.Module):
         return linear_residual(self.net[2], h, residual)
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3,
-                         max_period: float = 4.0) -> torch.Tensor:
+def sinusoidal_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
     """pi0's sine-cosine embedding of the flow time t in [0, 1]; t (B,) -> (B, dim) fp32."""
     if dim % 2:
         raise ValueError(f"time embedding dim must be even, got {dim}")

@@ -8,6 +8,7 @@ pi0: suffix = state token + action tokens, time mixed into the action tokens by 
 pi0.5: suffix = action tokens only; time conditions the expert through adaRMS norms with
 gated residuals; state is written into the prompt by the tokenizer.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ class PrefixCache:
     """Static KV cache: per layer K/V buffers (B, Hkv, Tp + Ts, D) holding the prefix in
     [:Tp]; every denoising step writes its own suffix K/V into [Tp:] in place, so no step
     copies the prefix (and the buffers keep fixed addresses for CUDA graphs)."""
+
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     valid: torch.Tensor  # (B, Tp) bool
     next_position: torch.Tensor  # (B,) long
@@ -122,8 +124,9 @@ class PI0Model(FlowMatchingVLA):
         cache = PrefixCache(kv=static, valid=valid, next_position=valid.long().sum(-1), prefix_len=tp)
         b = x.shape[0]
         positions = cache.next_position[:, None] + torch.arange(ts, device=x.device)[None]
-        cache.suffix_mask = torch.cat([valid[:, None, :].expand(b, ts, -1),
-                                       self._suffix_self_mask(ts, x.device)[None].expand(b, -1, -1)], dim=-1)[:, None]
+        cache.suffix_mask = torch.cat(
+            [valid[:, None, :].expand(b, ts, -1), self._suffix_self_mask(ts, x.device)[None].expand(b, -1, -1)], dim=-1
+        )[:, None]
         expert = self._expert
         cache.suffix_rope = rope_cos_sin(positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype)
         return cache
@@ -151,8 +154,7 @@ class PI0Model(FlowMatchingVLA):
         tokens = torch.cat([self.state_proj(state.to(x_t.dtype))[:, None], at], dim=1)
         return tokens, None
 
-    def denoise_step(self, cache: PrefixCache, x_t: torch.Tensor, t: torch.Tensor,
-                     state: torch.Tensor) -> torch.Tensor:
+    def denoise_step(self, cache: PrefixCache, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         x, cond = self._suffix(x_t, t, state)
         expert = self._expert
         mask = cache.suffix_mask
@@ -164,7 +166,7 @@ class PI0Model(FlowMatchingVLA):
             vb[:, :, tp:] = v
             x = layer.finish(x, layer.self_attn.attend(q, kb, vb, mask), gate, cond)
         x = expert.final_norm(x, cond)
-        return self.action_out_proj(x[:, -self.cfg.horizon:])
+        return self.action_out_proj(x[:, -self.cfg.horizon :])
 
     def velocity_joint(self, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One joint attention per layer over [prefix; suffix], as in training."""
@@ -174,23 +176,30 @@ class PI0Model(FlowMatchingVLA):
         self_mask = self._suffix_self_mask(ts, xs.device)
         pos_s = valid.long().sum(-1)[:, None] + torch.arange(ts, device=xs.device)[None]
         # Prefix queries see valid prefix keys only; suffix queries see valid prefix + suffix mask.
-        top = torch.cat([valid[:, None, :].expand(b, tp, tp),
-                         torch.zeros(b, tp, ts, dtype=torch.bool, device=xs.device)], dim=-1)
+        top = torch.cat(
+            [valid[:, None, :].expand(b, tp, tp), torch.zeros(b, tp, ts, dtype=torch.bool, device=xs.device)], dim=-1
+        )
         bottom = torch.cat([valid[:, None, :].expand(b, ts, tp), self_mask[None].expand(b, -1, -1)], dim=-1)
         mask = torch.cat([top, bottom], dim=1)[:, None]
         lm, expert = self._pg.language_model, self._expert
         cp, sp = rope_cos_sin(pos_p, lm.cfg.head_dim, lm.cfg.rope_theta, xp.dtype)
         cs, ss = rope_cos_sin(pos_s, expert.cfg.head_dim, expert.cfg.rope_theta, xs.dtype)
         from .attention import attention
+
         for bl, el in zip(lm.layers, expert.layers):
             hp, _ = bl.norm(bl.input_layernorm, xp, None)
             hs, gate = el.norm(el.input_layernorm, xs, cond)
             qp, kp, vp = bl.self_attn.qkv(hp, cp, sp)
             qs, ks, vs = el.self_attn.qkv(hs, cs, ss)
-            out = attention(torch.cat([qp, qs], 2), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2),
-                            mask, name=el.self_attn.attn_name)
+            out = attention(
+                torch.cat([qp, qs], 2),
+                torch.cat([kp, ks], 2),
+                torch.cat([vp, vs], 2),
+                mask,
+                name=el.self_attn.attn_name,
+            )
             out = out.transpose(1, 2).reshape(b, tp + ts, -1)
             xp = bl.finish(xp, bl.self_attn.o_proj(out[:, :tp]), None, None)
             xs = el.finish(xs, el.self_attn.o_proj(out[:, tp:]), gate, cond)
         xs = expert.final_norm(xs, cond)
-        return self.action_out_proj(xs[:, -self.cfg.horizon:])
+        return self.action_out_proj(xs[:, -self.cfg.horizon :])

@@ -12,6 +12,7 @@ positions restarting at 0, attend to k_proj(prefix K), v_proj(prefix V) of that 
 `velocity_joint` runs backbone and expert side by side over [prefix; suffix] (training path);
 `encode_prefix` + `denoise_step` compute the same function from a prefix KV cache.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,6 +55,7 @@ class SmolPrefixCache:
     per expert layer either a static K/V buffer (B, Hkv, Tp + Ts, D) holding the backbone's
     prefix K/V (self-attention layers write their suffix K/V into the tail in place) or the
     cross-attention K/V re-projected from the backbone's; the masks and the RoPE tables."""
+
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     valid: torch.Tensor  # (B, Tp) bool
     next_position: torch.Tensor  # (B,) long
@@ -169,10 +171,14 @@ class SmolVLAModel(FlowMatchingVLA):
         next_position = valid.long().sum(-1)
         suffix_positions = next_position[:, None] + torch.arange(ts, device=x.device)[None]
         return SmolPrefixCache(
-            kv=per_layer, valid=valid, next_position=next_position, prefix_len=tp,
+            kv=per_layer,
+            valid=valid,
+            next_position=next_position,
+            prefix_len=tp,
             self_mask=torch.cat([prefix_vis, causal[None].expand(b, -1, -1)], dim=-1)[:, None],
             cross_mask=prefix_vis[:, None],
-            rope=rope_cos_sin(suffix_positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype))
+            rope=rope_cos_sin(suffix_positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype),
+        )
 
     # -- suffix: causal action tokens -------------------------------------------------------
     def _suffix(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -198,8 +204,9 @@ class SmolVLAModel(FlowMatchingVLA):
         cos, sin = rope_cos_sin(pos, attn.head_dim, self.cfg.expert.rope_theta, h.dtype)
         return apply_rope(q, cos, sin)
 
-    def denoise_step(self, cache: SmolPrefixCache, x_t: torch.Tensor, t: torch.Tensor,
-                     state: torch.Tensor) -> torch.Tensor:
+    def denoise_step(
+        self, cache: SmolPrefixCache, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor
+    ) -> torch.Tensor:
         x = self._suffix(x_t, t)
         expert = self._expert
         cos, sin = cache.rope
@@ -215,7 +222,7 @@ class SmolVLAModel(FlowMatchingVLA):
                 out = layer.self_attn.attend(self._cross_query(layer, h), kb, vb, cache.cross_mask)
             x = layer.finish(x, out, None, None)
         x = expert.final_norm(x, None)
-        return self.action_out_proj(x[:, -self.cfg.horizon:])
+        return self.action_out_proj(x[:, -self.cfg.horizon :])
 
     def velocity_joint(self, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Backbone and expert side by side over [prefix; suffix], as in training."""
@@ -236,8 +243,13 @@ class SmolVLAModel(FlowMatchingVLA):
             qp, kp, vp = bl.self_attn.qkv(hp, cp, sp)
             if is_self_attn_layer(i):
                 qs, ks, vs = el.self_attn.qkv(hs, cs, ss)
-                out = attention(torch.cat([qp, qs], 2), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2),
-                                joint_mask, name=el.self_attn.attn_name)
+                out = attention(
+                    torch.cat([qp, qs], 2),
+                    torch.cat([kp, ks], 2),
+                    torch.cat([vp, vs], 2),
+                    joint_mask,
+                    name=el.self_attn.attn_name,
+                )
                 out = out.transpose(1, 2).reshape(b, tp + ts, -1)
                 out_p, out_s = bl.self_attn.o_proj(out[:, :tp]), el.self_attn.o_proj(out[:, tp:])
             else:
@@ -247,4 +259,4 @@ class SmolVLAModel(FlowMatchingVLA):
             xp = bl.finish(xp, out_p, None, None)
             xs = el.finish(xs, out_s, None, None)
         xs = expert.final_norm(xs, None)
-        return self.action_out_proj(xs[:, -self.cfg.horizon:])
+        return self.action_out_proj(xs[:, -self.cfg.horizon :])

@@ -3,6 +3,7 @@
 The tower stays in floating point under the QuantVLA layout; its names follow the SigLIP
 checkpoints inside PaliGemma and Eagle so the loaders can map real weights by name.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,7 @@ class SiglipAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, w = x.shape
         split = lambda y: y.view(b, t, self.heads, w // self.heads).transpose(1, 2)  # noqa: E731
-        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                        name=self.attn_name)
+        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), name=self.attn_name)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, w))
 
 

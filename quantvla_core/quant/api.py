@@ -13,6 +13,7 @@ The steps (shared with ``quantize()``, the Policy API, which calls ``quantize_co
    that changes it is undone);
 4. integer layers; ATM then OHB on the attention modules the spec names; report.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,6 +37,7 @@ Runner = Callable[..., list]  # runner(model, limit=None) -> list of output tens
 
 # ---- calibration inputs ----------------------------------------------------------------------------
 
+
 def first_tensor(out) -> torch.Tensor | None:
     """The first floating tensor of a model output (tensor, tuple/list, dict / HF ModelOutput)."""
     if isinstance(out, torch.Tensor):
@@ -56,11 +58,13 @@ def make_runner(calib) -> Runner:
     if calib is None:
         raise ValueError("quantize_ needs calibration inputs: calib=[batch, ...] or calib=callable(model)")
     if callable(calib) and not isinstance(calib, (nn.Module, torch.Tensor)):
+
         def run_fn(model, limit=None):
             with torch.no_grad():
                 out = calib(model)
             outs = out if isinstance(out, list) else [out]
             return [first_tensor(o) for o in outs][:limit]
+
         return run_fn
     if isinstance(calib, torch.Tensor):
         calib = [calib]
@@ -81,6 +85,7 @@ def make_runner(calib) -> Runner:
                 t = first_tensor(o)
                 outs.append(t.detach() if t is not None else None)
         return outs
+
     run_batches.batches = batches
     return run_batches
 
@@ -97,6 +102,7 @@ def _outputs_error(a: list, b: list) -> float:
 
 # ---- teacher statistics ----------------------------------------------------------------------------
 
+
 class InputStats:
     """Per-linear channel absmax and a bounded token sample of the input. Linears that read the
     same tensor object in a call get the same sampled rows (a sibling group shares one sample)."""
@@ -112,10 +118,12 @@ class InputStats:
         def pre_hook(_mod, args):
             with torch._C.DisableTorchFunction():  # the tracer must not see our own reads
                 self._record(name, args[0])
+
         return pre_hook
 
     def _record(self, name: str, x0: torch.Tensor) -> None:
         import weakref
+
         last = self._last
         if last is not None and last[0]() is x0:  # a sibling of the previous reader: same rows
             a, take = last[1], last[2]
@@ -135,10 +143,18 @@ class InputStats:
         self.tokens[name] = pool
 
 
-def teacher_pass(teacher: nn.Module, run: Runner, int_names: list[str], atm_names: list[str],
-                 ohb_names: list[str], cap: int, seed: int):
+def teacher_pass(
+    teacher: nn.Module,
+    run: Runner,
+    int_names: list[str],
+    atm_names: list[str],
+    ohb_names: list[str],
+    cap: int,
+    seed: int,
+):
     """One traced pass: (trace, input stats, sigma per attention, o_proj RMS, outputs)."""
     from ..models.attention import logit_observer
+
     mods = dict(teacher.named_modules())
     stats = InputStats(cap, seed)
     logits = LogitStats(set(atm_names))
@@ -157,6 +173,7 @@ def teacher_pass(teacher: nn.Module, run: Runner, int_names: list[str], atm_name
 
 
 # ---- per-group search ------------------------------------------------------------------------------
+
 
 def static_act_scale(xt: torch.Tensor, percentile: float, a_bits: int) -> float:
     """Per-tensor static scale from a percentile of per-token absmax; never 0 (an all-zero or
@@ -182,10 +199,10 @@ def _options(qc, a_bits) -> list[tuple[float, bool]]:
 
 def _transform(qc, option, weights, absmax) -> InputTransform:
     strength, rotate = option
-    names = tuple(n for n in qc.transforms if n == "permute" or (n == "smooth" and strength > 0)
-                  or (n == "rotate" and rotate))
-    return build_transform(names, weights, absmax, strength if strength > 0 else 0.5, qc.rotation,
-                           qc.rotation_block)
+    names = tuple(
+        n for n in qc.transforms if n == "permute" or (n == "smooth" and strength > 0) or (n == "rotate" and rotate)
+    )
+    return build_transform(names, weights, absmax, strength if strength > 0 else 0.5, qc.rotation, qc.rotation_block)
 
 
 def group_error(linears: list[nn.Linear], x: torch.Tensor, t: InputTransform, qc, w_bits, a_bits) -> float:
@@ -197,8 +214,15 @@ def group_error(linears: list[nn.Linear], x: torch.Tensor, t: InputTransform, qc
         act = None
         if qc.activation == "static" and a_bits is not None:
             act = static_act_scale(t.apply(xd), qc.percentile, a_bits)
-        ql = QuantLinear.from_linear(_cpu_float_copy(lin), w_bits=w_bits, a_bits=a_bits, group_size=gs,
-                                     transform=t, clip_grid=qc.clip_grid, act_scale=act)
+        ql = QuantLinear.from_linear(
+            _cpu_float_copy(lin),
+            w_bits=w_bits,
+            a_bits=a_bits,
+            group_size=gs,
+            transform=t,
+            clip_grid=qc.clip_grid,
+            act_scale=act,
+        )
         y = xd @ lin.weight.detach().double().cpu().T
         if lin.bias is not None:
             y = y + lin.bias.detach().double().cpu()
@@ -254,9 +278,11 @@ def search_group(linears, x, absmax, qc, w_bits, a_bits) -> tuple[InputTransform
 
 # ---- the core --------------------------------------------------------------------------------------
 
+
 def plan_linears(model: nn.Module, spec: ArchSpec, qc, filter_fn=None) -> tuple[list[dict], list[str]]:
     """(layout rows {name, role, integer}, integer linear names), one pass over the modules."""
     from . import layout as L
+
     roles = L.layout_roles(qc.layout)
     rows, ints = [], []
     for n, m in model.named_modules():
@@ -291,8 +317,9 @@ def _fold_rounding_error(norm: nn.Module, inv: torch.Tensor, offset: float) -> f
     return float(((stored - want).abs() / want.abs().clamp_min(1e-30)).max())
 
 
-def search_and_fold(student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, tr, stats: "InputStats",
-                    t_outputs: list, run: Runner):
+def search_and_fold(
+    student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, tr, stats: "InputStats", t_outputs: list, run: Runner
+):
     """Per group: search the transform, fold its smoothing where proven, scale the members' weight
     columns; then check the float function on one batch (undoing every fold if it changed).
     -> (transforms, input_fold, output_fold, groups report, float check)."""
@@ -313,20 +340,23 @@ def search_and_fold(student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, 
             kind, why = "none", f"proven fold into {target} is not among the spec's fold_groups"
         lins = [mods_t[n] for n in members]
         t, choice, table = search_group(lins, stats.tokens[members[0]], stats.absmax[members[0]], qc, w_bits, a_bits)
-        entry = {"members": members, "fold": "none", "target": target, "proof": why, "choice": choice,
-                 "search": table}
+        entry = {"members": members, "fold": "none", "target": target, "proof": why, "choice": choice, "search": table}
         folded = False
         if t.inv_smooth is not None and qc.fold_smoothing and kind == "norm":
-            offset, err = verify_norm_fold(mods_s[target], tr.module_arg_shapes.get(target, []), idx,
-                                           t.inv_smooth, fold_smoothing_into_norm)
+            offset, err = verify_norm_fold(
+                mods_s[target], tr.module_arg_shapes.get(target, []), idx, t.inv_smooth, fold_smoothing_into_norm
+            )
             if offset is None:
-                entry["proof"] = f"{why}; but folding into {type(mods_s[target]).__name__} is not exact " \
-                                 f"(rel err {err:.2e})"
+                entry["proof"] = (
+                    f"{why}; but folding into {type(mods_s[target]).__name__} is not exact (rel err {err:.2e})"
+                )
             else:
                 lossy = _fold_rounding_error(mods_s[target], t.inv_smooth, offset)
                 if lossy > 1e-2:
-                    entry["proof"] = f"{why}; but the folded norm weight does not survive " \
-                                     f"{mods_s[target].weight.dtype} rounding (max rel err {lossy:.1e})"
+                    entry["proof"] = (
+                        f"{why}; but the folded norm weight does not survive "
+                        f"{mods_s[target].weight.dtype} rounding (max rel err {lossy:.1e})"
+                    )
                 else:
                     fold_smoothing_into_norm(mods_s[target], t.inv_smooth, offset)
                     entry.update(fold="norm", offset=offset)
@@ -371,8 +401,16 @@ def search_and_fold(student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, 
     return transforms, input_fold, output_fold, groups_rep, float_check
 
 
-def quantize_core(student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, run: Runner, *,
-                  filter_fn=None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def quantize_core(
+    student: nn.Module,
+    teacher: nn.Module,
+    qc,
+    spec: ArchSpec,
+    run: Runner,
+    *,
+    filter_fn=None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Quantize ``student`` (a same-structure copy of the float ``teacher``) in place.
 
     Returns the parts the callers record: layout, per-module specs, alpha/beta, the fold
@@ -395,14 +433,16 @@ def quantize_core(student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, ru
     if qc.ohb and qc.ohb_mlp:
         ohb_targets += list(spec.mlp_out)
 
-    tr, stats, sigma_t, rms_t, t_outputs = teacher_pass(teacher, run, int_names, [a.name for a in atm_specs],
-                                                        ohb_targets, qc.token_samples, qc.seed)
+    tr, stats, sigma_t, rms_t, t_outputs = teacher_pass(
+        teacher, run, int_names, [a.name for a in atm_specs], ohb_targets, qc.token_samples, qc.seed
+    )
     step("teacher statistics")
     timings["teacher_pass"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     transforms, input_fold, output_fold, groups_rep, float_check = search_and_fold(
-        student, teacher, qc, spec, tr, stats, t_outputs, run)
+        student, teacher, qc, spec, tr, stats, t_outputs, run
+    )
     mods_s = dict(student.named_modules())
     step("transforms")
 
@@ -418,8 +458,9 @@ def quantize_core(student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, ru
             if n in input_fold:
                 xs = xs * input_fold[n].double()
             act_scale = static_act_scale(t.apply(xs) if t is not None else xs, qc.percentile, a_bits)
-        ql = QuantLinear.from_linear(lin, w_bits=w_bits, a_bits=a_bits, group_size=gs, transform=t,
-                                     clip_grid=qc.clip_grid, act_scale=act_scale)
+        ql = QuantLinear.from_linear(
+            lin, w_bits=w_bits, a_bits=a_bits, group_size=gs, transform=t, clip_grid=qc.clip_grid, act_scale=act_scale
+        )
         parent, _, child = n.rpartition(".")
         setattr(mods_s[parent] if parent else student, child, ql)
         specs[n] = ql.spec()
@@ -433,24 +474,41 @@ def quantize_core(student: nn.Module, teacher: nn.Module, qc, spec: ArchSpec, ru
     for a in atm_specs:
         sig = sigma_t.get(a.name)
         if sig is None:
-            atm_skipped[a.name] = ("no attention logits observed (the module calls neither the project's "
-                                   "attention() nor F.scaled_dot_product_attention)")
+            atm_skipped[a.name] = (
+                "no attention logits observed (the module calls neither the project's "
+                "attention() nor F.scaled_dot_product_attention)"
+            )
         elif a.heads is not None and sig.numel() != a.heads:
             atm_skipped[a.name] = f"observed {sig.numel()} heads, spec says {a.heads}"
         else:
             targets.append(AttentionTarget(a.name, a.q_proj))
     ohb_ok = [o for o in ohb_targets if o in rms_t]
-    plain_run = (lambda m: run(m))
-    alphas = calibrate_atm(student, plain_run, targets, sigma_t, qc.order, qc.atm_clamp, qc.atm_dead_zone,
-                           progress=step) if targets else {}
+    plain_run = lambda m: run(m)
+    alphas = (
+        calibrate_atm(student, plain_run, targets, sigma_t, qc.order, qc.atm_clamp, qc.atm_dead_zone, progress=step)
+        if targets
+        else {}
+    )
     timings["atm"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    betas = calibrate_ohb(student, plain_run, ohb_ok, rms_t, qc.order, qc.ohb_log_clamp, qc.ohb_dead_zone,
-                          progress=step) if ohb_ok else {}
+    betas = (
+        calibrate_ohb(student, plain_run, ohb_ok, rms_t, qc.order, qc.ohb_log_clamp, qc.ohb_dead_zone, progress=step)
+        if ohb_ok
+        else {}
+    )
     timings["ohb"] = time.perf_counter() - t3
-    return {"layout": layout_rows, "modules": specs, "alpha": alphas, "beta": betas, "atm_skipped": atm_skipped,
-            "groups": groups_rep, "float_check": float_check, "layer_errors": errors, "timings_s": timings,
-            "teacher_outputs": t_outputs}
+    return {
+        "layout": layout_rows,
+        "modules": specs,
+        "alpha": alphas,
+        "beta": betas,
+        "atm_skipped": atm_skipped,
+        "groups": groups_rep,
+        "float_check": float_check,
+        "layer_errors": errors,
+        "timings_s": timings,
+        "teacher_outputs": t_outputs,
+    }
 
 
 def _layer_errors(teacher, student, stats: InputStats, input_fold, output_fold) -> dict[str, float]:
@@ -485,9 +543,19 @@ def summarize_groups(groups: list[dict]) -> dict[str, Any]:
 
 # ---- the public entry point -------------------------------------------------------------------------
 
-def quantize_(model: nn.Module, config=None, calib=None, spec: ArchSpec | None = None, *,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None, heldout=None,
-              report: bool = True, keep_teacher: bool = False, backend: str = "auto") -> dict[str, Any]:
+
+def quantize_(
+    model: nn.Module,
+    config=None,
+    calib=None,
+    spec: ArchSpec | None = None,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    heldout=None,
+    report: bool = True,
+    keep_teacher: bool = False,
+    backend: str = "auto",
+) -> dict[str, Any]:
     """Quantize ``model`` in place (its linears become QuantLinear; dtype, device, training flag
     and every non-chosen module are left as they were) and return a report.
 
@@ -498,6 +566,7 @@ def quantize_(model: nn.Module, config=None, calib=None, spec: ArchSpec | None =
     which linears become integer (as in torchao). heldout: batches for the fidelity figure
     (default: the calibration batches)."""
     from .report import fidelity, memory_report, summarize
+
     qc = config or QuantConfig()
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("model is already quantized; quantize the float model instead")
@@ -511,20 +580,33 @@ def quantize_(model: nn.Module, config=None, calib=None, spec: ArchSpec | None =
         with quant_backend(backend):
             core = quantize_core(model, teacher, qc, spec, run, filter_fn=filter_fn)
             rep: dict[str, Any] = {
-                "scheme": qc.scheme, "layout": qc.layout, "spec": spec.to_dict(), "config": qc.to_dict(),
-                "integer_layers": sorted(core["modules"]), "groups": core["groups"],
-                "groups_summary": summarize_groups(core["groups"]), "float_check": core["float_check"],
-                "layer_errors": core["layer_errors"], "alpha": core["alpha"], "beta": core["beta"],
-                "atm_skipped": core["atm_skipped"], "alpha_summary": summarize([a for v in core["alpha"].values() for a in v]),
-                "beta_summary": summarize(list(core["beta"].values())), "layout_rows": core["layout"],
-                "modules": core["modules"], "timings_s": core["timings_s"]}
+                "scheme": qc.scheme,
+                "layout": qc.layout,
+                "spec": spec.to_dict(),
+                "config": qc.to_dict(),
+                "integer_layers": sorted(core["modules"]),
+                "groups": core["groups"],
+                "groups_summary": summarize_groups(core["groups"]),
+                "float_check": core["float_check"],
+                "layer_errors": core["layer_errors"],
+                "alpha": core["alpha"],
+                "beta": core["beta"],
+                "atm_skipped": core["atm_skipped"],
+                "alpha_summary": summarize([a for v in core["alpha"].values() for a in v]),
+                "beta_summary": summarize(list(core["beta"].values())),
+                "layout_rows": core["layout"],
+                "modules": core["modules"],
+                "timings_s": core["timings_s"],
+            }
             if report:
                 t_out = core["teacher_outputs"] if held is run else held(teacher)
                 s_out = held(model)
                 pairs = [(a, b) for a, b in zip(t_out, s_out) if a is not None and b is not None]
                 if pairs:
-                    rep["fidelity"] = fidelity(torch.cat([a.reshape(a.shape[0], -1).float().cpu() for a, _ in pairs]),
-                                               torch.cat([b.reshape(b.shape[0], -1).float().cpu() for _, b in pairs]))
+                    rep["fidelity"] = fidelity(
+                        torch.cat([a.reshape(a.shape[0], -1).float().cpu() for a, _ in pairs]),
+                        torch.cat([b.reshape(b.shape[0], -1).float().cpu() for _, b in pairs]),
+                    )
                 rep["memory"] = memory_report(model, teacher)
     finally:
         for n, m in model.named_modules():
@@ -541,8 +623,14 @@ def quantized_copy(model: nn.Module, config=None, calib=None, spec: ArchSpec | N
     return m, quantize_(m, config, calib, spec, **kw)
 
 
-def fold_smoothing_(model: nn.Module, config=None, calib=None, spec: ArchSpec | None = None, *,
-                    filter_fn: Callable[[nn.Module, str], bool] | None = None) -> dict[str, Any]:
+def fold_smoothing_(
+    model: nn.Module,
+    config=None,
+    calib=None,
+    spec: ArchSpec | None = None,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> dict[str, Any]:
     """Only the float part of quantize_: per group the searched smoothing is folded into the
     proven norm / producer and the members' weight columns, in place; groups whose fold cannot be
     proven are left as they are. The float function is unchanged (checked; undone otherwise).
@@ -563,5 +651,13 @@ def fold_smoothing_(model: nn.Module, config=None, calib=None, spec: ArchSpec | 
     return {"groups": groups, "float_check": check, "folded": sorted(input_fold)}
 
 
-__all__ = ["quantize_", "quantized_copy", "fold_smoothing_", "quantize_core", "make_runner", "ArchSpec",
-           "search_group", "static_act_scale"]
+__all__ = [
+    "quantize_",
+    "quantized_copy",
+    "fold_smoothing_",
+    "quantize_core",
+    "make_runner",
+    "ArchSpec",
+    "search_group",
+    "static_act_scale",
+]

@@ -11,6 +11,7 @@ Layout (a model directory plus two files):
   manifest.json        sha256 of every file (checked before anything is loaded)
 Nothing is unpickled: tensors come from safetensors, everything else is JSON.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import (CONFIG_FILE, MODEL_FILE, CheckpointError, check_state_dict, load_tensors,
-                          read_json, verify_manifest, write_manifest)
+from ..checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    check_state_dict,
+    load_tensors,
+    read_json,
+    verify_manifest,
+    write_manifest,
+)
 from ..fileio import atomic_directory, atomic_write_json
 from .qlinear import QuantLinear
 
@@ -30,13 +39,25 @@ REPORT_FILE = "report.json"
 REPORT_PNG = "report.png"
 QUANT_FORMAT = "quantvla-quantization"
 QUANT_VERSION = 1
-_SPEC_KEYS = {"in_features", "out_features", "w_bits", "a_bits", "group_size", "bias", "smooth", "permute",
-              "rotation_kind", "rotation_block", "static_act"}
+_SPEC_KEYS = {
+    "in_features",
+    "out_features",
+    "w_bits",
+    "a_bits",
+    "group_size",
+    "bias",
+    "smooth",
+    "permute",
+    "rotation_kind",
+    "rotation_block",
+    "static_act",
+}
 
 
 def save_quantized(directory: str | Path, result) -> Path:
     """Write a QuantResult as an artifact directory (temp dir + os.replace: all or nothing)."""
     from .report import save_png
+
     directory = Path(directory)
     policy = result.policy
     tensors = {k: v.detach().contiguous().cpu() for k, v in policy.model.state_dict().items()}
@@ -73,11 +94,15 @@ def install_quant_linears(model: nn.Module, modules: dict[str, dict]) -> None:
     for name, spec in modules.items():
         old = found.get(name)
         if not isinstance(old, (nn.Linear, QuantLinear)):
-            raise CheckpointError(f"quantization.json names {name!r}, which is not a linear layer of this "
-                                  f"model ({type(old).__name__ if old is not None else 'missing'})")
+            raise CheckpointError(
+                f"quantization.json names {name!r}, which is not a linear layer of this "
+                f"model ({type(old).__name__ if old is not None else 'missing'})"
+            )
         if (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
-            raise CheckpointError(f"{name}: quantized shape {spec['in_features']}x{spec['out_features']} does "
-                                  f"not match the model's {old.in_features}x{old.out_features}")
+            raise CheckpointError(
+                f"{name}: quantized shape {spec['in_features']}x{spec['out_features']} does "
+                f"not match the model's {old.in_features}x{old.out_features}"
+            )
         try:
             ql = QuantLinear(**spec, dtype=old.weight.dtype)
         except ValueError as e:

@@ -7,6 +7,7 @@ the dead zone |alpha - 1| < 0.02. The student's queries are MULTIPLIED by alpha 
 code's choice, which matches the teacher), folded into the q projection's rows (or dequant
 scales): RoPE is linear, so this costs nothing at run time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ def per_head_std(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 @dataclass
 class LogitStats:
     """Running mean of per-sample, per-head logit std, keyed by attention module name."""
+
     names: set[str] | None = None
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
@@ -57,6 +59,7 @@ def collect_logit_std(model: nn.Module, run: Runner, names: Iterable[str] | None
     """Run the calibration buffer through ``model`` and return sigma per head per module."""
     from ..models.attention import logit_observer
     from .tracing import attention_logit_scope
+
     stats = LogitStats(set(names) if names is not None else None)
     # the project's attention() reports through logit_observer; any other module that calls
     # F.scaled_dot_product_attention (HF sdpa attention) through attention_logit_scope
@@ -65,8 +68,12 @@ def collect_logit_std(model: nn.Module, run: Runner, names: Iterable[str] | None
     return stats.sigma()
 
 
-def atm_alpha(sigma_t: torch.Tensor, sigma_q: torch.Tensor, clamp: tuple[float, float] = ALPHA_CLAMP,
-              dead_zone: float = ALPHA_DEAD_ZONE) -> torch.Tensor:
+def atm_alpha(
+    sigma_t: torch.Tensor,
+    sigma_q: torch.Tensor,
+    clamp: tuple[float, float] = ALPHA_CLAMP,
+    dead_zone: float = ALPHA_DEAD_ZONE,
+) -> torch.Tensor:
     """alpha = clamp(sigma_T / (sigma_Q + eps)); alpha := 1 where |alpha - 1| < dead_zone."""
     if sigma_t.shape != sigma_q.shape:
         raise ValueError(f"teacher/student sigma shapes differ: {tuple(sigma_t.shape)} vs {tuple(sigma_q.shape)}")
@@ -85,14 +92,21 @@ def apply_alpha(q_proj: nn.Module, alpha: torch.Tensor) -> None:
 @dataclass
 class AttentionTarget:
     """An attention module (logit-statistics key) and the q projection that alpha folds into."""
+
     name: str
     q_proj: str
 
 
-def calibrate_atm(student: nn.Module, run: Runner, targets: list[AttentionTarget],
-                  sigma_teacher: dict[str, torch.Tensor], order: str = "sequential",
-                  clamp: tuple[float, float] = ALPHA_CLAMP, dead_zone: float = ALPHA_DEAD_ZONE,
-                  progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+def calibrate_atm(
+    student: nn.Module,
+    run: Runner,
+    targets: list[AttentionTarget],
+    sigma_teacher: dict[str, torch.Tensor],
+    order: str = "sequential",
+    clamp: tuple[float, float] = ALPHA_CLAMP,
+    dead_zone: float = ALPHA_DEAD_ZONE,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
     """Fit and fold alphas into ``student``; returns alpha per module (list over heads).
 
     ``sequential`` (default, method.md section 6): block by block from the first, each block's
@@ -104,8 +118,10 @@ def calibrate_atm(student: nn.Module, run: Runner, targets: list[AttentionTarget
     modules = dict(student.named_modules())
     missing = [t.name for t in targets if t.name not in sigma_teacher]
     if missing:
-        raise ValueError(f"no teacher logit statistics for {missing[:3]}...: the calibration run never "
-                         "called these attention modules (are their attn_name set?)")
+        raise ValueError(
+            f"no teacher logit statistics for {missing[:3]}...: the calibration run never "
+            "called these attention modules (are their attn_name set?)"
+        )
     alphas: dict[str, list[float]] = {}
     groups = [[t] for t in targets] if order == "sequential" else [targets]
     for group in groups:

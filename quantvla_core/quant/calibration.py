@@ -17,6 +17,7 @@ Replay (``CalibrationRun``): observations are preprocessed exactly like ``Policy
 batched, and every batch gets flow-matching noise drawn once from a seeded generator, so the
 teacher and the student see identical inputs and identical noise at every denoising step.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,16 +32,27 @@ import torch
 from torch import nn
 
 INSTRUCTIONS = (
-    "pick up the red block", "open the drawer", "close the drawer", "push the button",
-    "put the cup on the plate", "turn the faucet left", "slide the puck to the goal",
-    "press the green button", "move the arm to the left", "stack the blue block on the red one",
-    "reach the target", "open the window", "close the window", "pull the handle",
+    "pick up the red block",
+    "open the drawer",
+    "close the drawer",
+    "push the button",
+    "put the cup on the plate",
+    "turn the faucet left",
+    "slide the puck to the goal",
+    "press the green button",
+    "move the arm to the left",
+    "stack the blue block on the red one",
+    "reach the target",
+    "open the window",
+    "close the window",
+    "pull the handle",
 )
 
 
 def synthetic_observations(n: int, image_size: int, cameras: int, state_dim: int, seed: int = 0) -> list:
     """Seeded smooth scenes (gradients + a few coloured boxes), random instructions and states."""
     from ..policy import Observation
+
     rng = np.random.default_rng(seed)
     out = []
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32) / max(image_size - 1, 1)
@@ -53,12 +65,13 @@ def synthetic_observations(n: int, image_size: int, cameras: int, state_dim: int
             for _b in range(int(rng.integers(1, 4))):
                 x0, y0 = rng.integers(0, image_size, size=2)
                 w, h = rng.integers(image_size // 8 + 1, image_size // 3 + 2, size=2)
-                img[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, size=3)
+                img[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0, 255, size=3)
             img += rng.normal(0, 4, size=img.shape)
             images.append(np.clip(img, 0, 255).astype(np.uint8))
         instr = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
-        out.append(Observation(images=images, instruction=instr,
-                               state=rng.normal(0, 0.5, size=state_dim).astype(np.float32)))
+        out.append(
+            Observation(images=images, instruction=instr, state=rng.normal(0, 0.5, size=state_dim).astype(np.float32))
+        )
     return out
 
 
@@ -67,10 +80,13 @@ def folder_observations(folder: Path, state_dim: int) -> list:
     import cv2
 
     from ..policy import Observation
+
     index = folder / "observations.jsonl"
     if not index.is_file():
-        raise ValueError(f"{folder}: a calibration folder must contain observations.jsonl (one JSON "
-                         "object per line with keys images, instruction, state)")
+        raise ValueError(
+            f"{folder}: a calibration folder must contain observations.jsonl (one JSON "
+            "object per line with keys images, instruction, state)"
+        )
     out = []
     for lineno, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -105,6 +121,7 @@ def folder_observations(folder: Path, state_dim: int) -> list:
 class RecordingSamples(list):
     """Observations read from a recording, in time order, with each one's time and episode
     (``split_buffer`` holds out whole time spans with them)."""
+
     times_ns: list
     episodes: list
     summary: dict
@@ -122,6 +139,7 @@ class CalibrationSource(str):
     ``CalibrationSource("robot.mcap", camera_topics=[...])`` reaches the reader with its options
     while reports still record the plain path.
     """
+
     options: dict
 
     def __new__(cls, source, **options):
@@ -141,13 +159,16 @@ def read_source_yaml(path: Path) -> CalibrationSource:
     options ``camera_topics`` (list or comma string), ``instruction_topic``, ``state_topic``
     (``none``: zero states), ``instruction`` (fixed text instead of a topic)."""
     import yaml
+
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(spec, dict) or "source" not in spec:
-        raise ValueError(f"{path}: a calibration YAML needs a 'source' key (a .mcap file, bag directory or "
-                         f"folder) and may set {', '.join(RECORDING_OPTIONS[:-1])}")
+        raise ValueError(
+            f"{path}: a calibration YAML needs a 'source' key (a .mcap file, bag directory or "
+            f"folder) and may set {', '.join(RECORDING_OPTIONS[:-1])}"
+        )
     unknown = sorted(set(spec) - {"source", *RECORDING_OPTIONS})
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; accepted: source, {', '.join(RECORDING_OPTIONS[:-1])}")
@@ -183,13 +204,20 @@ def _cache_key(files: list[Path], options: dict, n, state_dim: int, max_cameras:
     return stats, opts, n, state_dim, max_cameras
 
 
-def mcap_observations(path: Path, state_dim: int, max_cameras: int, limit: int | None = None,
-                      camera_topics: list[str] | None = None, **options) -> RecordingSamples:
+def mcap_observations(
+    path: Path,
+    state_dim: int,
+    max_cameras: int,
+    limit: int | None = None,
+    camera_topics: list[str] | None = None,
+    **options,
+) -> RecordingSamples:
     """Observations from a rosbag2 .mcap file or bag directory (see ``quantvla_core.recordings``):
     ``limit`` frames spread evenly over the recording, in time order. The last read is cached
     (``quantize --smooth-strength auto`` and ``ablate`` read the same buffer many times)."""
     from ..policy import Observation
     from ..recordings import read_samples, recording_files
+
     opts = dict(options, camera_topics=camera_topics) if camera_topics else dict(options)
     files = recording_files(path)
     key = _cache_key(files, opts, limit, state_dim, max_cameras)
@@ -199,10 +227,10 @@ def mcap_observations(path: Path, state_dim: int, max_cameras: int, limit: int |
         if progress is None:
             progress = sys.stderr.isatty()
         text = opts.pop("instruction", None)
-        samples, _sel, summary = read_samples(path, state_dim, max_cameras, limit, progress=progress,
-                                              instruction_text=text, **opts)
-        hit = RecordingSamples(Observation(images=r.images, instruction=r.instruction, state=r.state)
-                               for r in samples)
+        samples, _sel, summary = read_samples(
+            path, state_dim, max_cameras, limit, progress=progress, instruction_text=text, **opts
+        )
+        hit = RecordingSamples(Observation(images=r.images, instruction=r.instruction, state=r.state) for r in samples)
         hit.times_ns = [r.time_ns for r in samples]
         hit.episodes = [r.episode for r in samples]
         hit.summary = summary
@@ -211,8 +239,9 @@ def mcap_observations(path: Path, state_dim: int, max_cameras: int, limit: int |
     return hit.copy_with(list(hit), hit.times_ns, hit.episodes)
 
 
-def load_observations(spec: str | Path, config, n: int | None = None, seed: int = 0,
-                      state_dim: int | None = None) -> list:
+def load_observations(
+    spec: str | Path, config, n: int | None = None, seed: int = 0, state_dim: int | None = None
+) -> list:
     """Calibration observations from ``synthetic[:N]``, a folder, a .mcap recording, or a YAML
     calibration spec (``read_source_yaml``); ``spec`` may be a ``CalibrationSource`` carrying
     recording options.
@@ -232,26 +261,30 @@ def load_observations(spec: str | Path, config, n: int | None = None, seed: int 
                 raise ValueError(f"bad calibration source {s!r}; accepted: synthetic, synthetic:N") from None
         if count < 1:
             raise ValueError(f"synthetic calibration needs at least 1 observation, got {count}")
-        return synthetic_observations(count, max(64, config.vision.image_size), config.max_cameras,
-                                      state_dim, seed)
+        return synthetic_observations(count, max(64, config.vision.image_size), config.max_cameras, state_dim, seed)
     p = Path(s)
     if not p.exists():
-        raise ValueError(f"calibration source {s!r} not found; accepted: synthetic[:N], a folder with "
-                         "observations.jsonl, a rosbag2 .mcap file or bag directory, a calibration .yaml")
+        raise ValueError(
+            f"calibration source {s!r} not found; accepted: synthetic[:N], a folder with "
+            "observations.jsonl, a rosbag2 .mcap file or bag directory, a calibration .yaml"
+        )
     if p.suffix in (".yaml", ".yml") and p.is_file():
         inner = read_source_yaml(p)
         return load_observations(merge_options(inner, **options), config, n, seed, state_dim)
     if p.suffix == ".mcap" or (p.is_dir() and any(p.glob("*.mcap"))):
-        return mcap_observations(p, state_dim, config.max_cameras,
-                                 limit=n if n else DEFAULT_RECORDING_SAMPLES, **options)
+        return mcap_observations(
+            p, state_dim, config.max_cameras, limit=n if n else DEFAULT_RECORDING_SAMPLES, **options
+        )
     topic_opts = sorted(set(options) - {"progress"})
     if topic_opts:
         raise ValueError(f"{p}: {', '.join(topic_opts)} apply to .mcap recordings only")
     if p.is_dir():
         obs = folder_observations(p, state_dim)
     else:
-        raise ValueError(f"{p}: unsupported calibration file; accepted: synthetic[:N], a folder with "
-                         "observations.jsonl, a rosbag2 .mcap file or bag directory, a calibration .yaml")
+        raise ValueError(
+            f"{p}: unsupported calibration file; accepted: synthetic[:N], a folder with "
+            "observations.jsonl, a rosbag2 .mcap file or bag directory, a calibration .yaml"
+        )
     return obs[:n] if n else obs
 
 
@@ -302,6 +335,7 @@ def split_buffer(obs: list, heldout_fraction: float) -> tuple[list, list]:
 @dataclass
 class CalibrationRun:
     """Preprocessed batches + fixed noise; ``run(model)`` replays them through sample_actions."""
+
     batches: list
     noises: list[torch.Tensor]
     num_steps: int | None = None
@@ -309,14 +343,21 @@ class CalibrationRun:
     @classmethod
     def build(cls, policy, observations: list, batch_size: int = 8, seed: int = 1234) -> "CalibrationRun":
         from ..models.base import Batch
+
         if not observations:
             raise ValueError("calibration needs at least one observation")
         gen = torch.Generator().manual_seed(seed)
         batches, noises = [], []
         for i in range(0, len(observations), batch_size):
-            items = [policy.preprocess(o) for o in observations[i:i + batch_size]]
-            batches.append(Batch(*(torch.cat([getattr(b, f) for b in items], 0)
-                                   for f in ("images", "image_mask", "tokens", "token_mask", "state"))))
+            items = [policy.preprocess(o) for o in observations[i : i + batch_size]]
+            batches.append(
+                Batch(
+                    *(
+                        torch.cat([getattr(b, f) for b in items], 0)
+                        for f in ("images", "image_mask", "tokens", "token_mask", "state")
+                    )
+                )
+            )
             noises.append(policy.model.sample_noise(len(items), gen).to(policy.device))
         return cls(batches, noises)
 

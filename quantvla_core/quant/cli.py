@@ -1,4 +1,5 @@
 """`quantvla quantize | layout | ablate | report`: the quantizer from the command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,44 +35,76 @@ def _strength(text: str):
 
 def _config_from_args(args, **over):
     from .quantize import QuantConfig
+
     transforms = () if args.transforms in ("", "none") else tuple(t.strip() for t in args.transforms.split(","))
-    kw = dict(scheme=getattr(args, "scheme", "w4a8"), layout=getattr(args, "layout", "quantvla"),
-              group_size=None if args.group_size == 0 else args.group_size,
-              activation=args.activation, transforms=transforms,
-              smooth_strength=0.5 if args.smooth_strength == "auto" else float(args.smooth_strength),
-              rotation=args.rotation, atm=not args.no_atm, ohb=not args.no_ohb, atm_backbone=args.atm_backbone,
-              ohb_mlp=args.ohb_mlp, order=args.order, calib_samples=args.samples, seed=args.seed,
-              batch_size=args.batch_size)
+    kw = dict(
+        scheme=getattr(args, "scheme", "w4a8"),
+        layout=getattr(args, "layout", "quantvla"),
+        group_size=None if args.group_size == 0 else args.group_size,
+        activation=args.activation,
+        transforms=transforms,
+        smooth_strength=0.5 if args.smooth_strength == "auto" else float(args.smooth_strength),
+        rotation=args.rotation,
+        atm=not args.no_atm,
+        ohb=not args.no_ohb,
+        atm_backbone=args.atm_backbone,
+        ohb_mlp=args.ohb_mlp,
+        order=args.order,
+        calib_samples=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     kw.update(over)
     return QuantConfig(**kw)
 
 
 def _add_quant_options(p: argparse.ArgumentParser, with_scheme: bool = True) -> None:
     from .quantize import SCHEMES
+
     if with_scheme:
         p.add_argument("--scheme", default="w4a8", choices=list(SCHEMES))
         p.add_argument("--layout", default="quantvla", choices=list(L.LAYOUTS))
-    p.add_argument("--calib", default="synthetic",
-                   help="synthetic[:N] | folder with observations.jsonl | rosbag2 .mcap file or bag dir | "
-                        "calibration .yaml (source + topics)")
-    p.add_argument("--camera-topics", default=None, metavar="T1,T2",
-                   help="recording: comma-separated camera topics in model order (default: the colour "
-                        "Image/CompressedImage topics, sorted; depth and mono streams are never chosen)")
-    p.add_argument("--instruction-topic", default=None,
-                   help="recording: std_msgs/String instruction topic (default: the one String topic "
-                        "with short text; a URDF or JSON string is never chosen)")
-    p.add_argument("--instruction", default=None, metavar="TEXT",
-                   help="recording without an instruction topic: this text for every frame")
-    p.add_argument("--state-topic", default=None,
-                   help="recording: sensor_msgs/JointState topic (default: the only one, or "
-                        "joint_states); 'none': zero states")
+    p.add_argument(
+        "--calib",
+        default="synthetic",
+        help="synthetic[:N] | folder with observations.jsonl | rosbag2 .mcap file or bag dir | "
+        "calibration .yaml (source + topics)",
+    )
+    p.add_argument(
+        "--camera-topics",
+        default=None,
+        metavar="T1,T2",
+        help="recording: comma-separated camera topics in model order (default: the colour "
+        "Image/CompressedImage topics, sorted; depth and mono streams are never chosen)",
+    )
+    p.add_argument(
+        "--instruction-topic",
+        default=None,
+        help="recording: std_msgs/String instruction topic (default: the one String topic "
+        "with short text; a URDF or JSON string is never chosen)",
+    )
+    p.add_argument(
+        "--instruction",
+        default=None,
+        metavar="TEXT",
+        help="recording without an instruction topic: this text for every frame",
+    )
+    p.add_argument(
+        "--state-topic",
+        default=None,
+        help="recording: sensor_msgs/JointState topic (default: the only one, or joint_states); 'none': zero states",
+    )
     p.add_argument("--samples", type=int, default=32, help="calibration observations (a further 1/3 is held out)")
     p.add_argument("--group-size", type=int, default=128, help="int4 weight group along K (0 = per channel)")
     p.add_argument("--activation", default="dynamic", choices=["dynamic", "static"])
     p.add_argument("--transforms", default="smooth,rotate", help="comma list of smooth,permute,rotate or 'none'")
-    p.add_argument("--smooth-strength", type=_strength, default=0.5,
-                   help="SmoothQuant-style strength in (0, 1], or 'auto': quantize at 0.15, 0.3 and 0.5 "
-                        "and keep the closest to the float model on the held-out frames")
+    p.add_argument(
+        "--smooth-strength",
+        type=_strength,
+        default=0.5,
+        help="SmoothQuant-style strength in (0, 1], or 'auto': quantize at 0.15, 0.3 and 0.5 "
+        "and keep the closest to the float model on the held-out frames",
+    )
     p.add_argument("--rotation", default="hadamard", choices=["hadamard", "svd"])
     p.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
     p.add_argument("--no-ohb", action="store_true", help="skip output head balancing")
@@ -87,6 +120,7 @@ def _add_quant_options(p: argparse.ArgumentParser, with_scheme: bool = True) -> 
 def calib_source(args, source):
     """``source`` with the recording options given on the command line (None stays None)."""
     from .calibration import merge_options
+
     if source is None:
         return None
     cams = None
@@ -94,22 +128,28 @@ def calib_source(args, source):
         cams = [t.strip() for t in args.camera_topics.split(",") if t.strip()]
         if not cams:
             raise ValueError("--camera-topics: give at least one topic")
-    return merge_options(source, camera_topics=cams, instruction_topic=args.instruction_topic,
-                         state_topic=args.state_topic, instruction=args.instruction,
-                         progress=not args.no_progress)
+    return merge_options(
+        source,
+        camera_topics=cams,
+        instruction_topic=args.instruction_topic,
+        state_topic=args.state_topic,
+        instruction=args.instruction,
+        progress=not args.no_progress,
+    )
 
 
 def cmd_quantize(args) -> int:
     from ..policy import Policy
     from .quantize import quantize
     from .report import render_table
+
     qc = _config_from_args(args)
     calib, heldout = calib_source(args, args.calib), calib_source(args, args.heldout)
     policy = Policy.load(args.model, device=args.device, dtype="fp32")
     if args.smooth_strength == "auto":
         from .quantize import sweep_smooth_strength
-        result, rows = sweep_smooth_strength(policy, qc, calib, heldout=heldout,
-                                             progress=not args.no_progress)
+
+        result, rows = sweep_smooth_strength(policy, qc, calib, heldout=heldout, progress=not args.no_progress)
         print("smoothing strength   held-out action cosine (mean / min)")
         for r in rows:
             mark = "  <- kept" if r["smooth_strength"] == result.meta["config"]["smooth_strength"] else ""
@@ -118,8 +158,10 @@ def cmd_quantize(args) -> int:
         result = quantize(policy, qc, calib, heldout=heldout, progress=not args.no_progress)
     result.save(args.out)
     print(render_table(result.report))
-    print(f"\nwrote {args.out} (config.json, model.safetensors, quantization.json, report.json, report.png, "
-          "manifest.json)")
+    print(
+        f"\nwrote {args.out} (config.json, model.safetensors, quantization.json, report.json, report.png, "
+        "manifest.json)"
+    )
     return 0
 
 
@@ -129,6 +171,7 @@ def _model_for_layout(source: str):
     from ..config import PRESETS, preset
     from ..models import build_model
     from ..policy import default_policy_dir
+
     if source in ("default", "default-w4a8"):
         source = str(default_policy_dir(source))  # names a missing asset file
     if source in PRESETS:
@@ -140,16 +183,20 @@ def _model_for_layout(source: str):
         meta = None
         if (path / "quantization.json").is_file():
             from .artifact import read_quant_meta
+
             meta = read_quant_meta(path)
         return build_model(cfg, device="meta"), cfg.arch, meta
-    raise ValueError(f"{source!r} is neither 'default', 'default-w4a8', a preset ({', '.join(PRESETS)}) nor a "
-                     "model directory with config.json")
+    raise ValueError(
+        f"{source!r} is neither 'default', 'default-w4a8', a preset ({', '.join(PRESETS)}) nor a "
+        "model directory with config.json"
+    )
 
 
 def memory_estimate(model, entries, scheme: str, group_size: int | None = 128) -> dict[str, dict[str, int]]:
     """FP16 vs quantized bytes per component, from shapes alone (codes + fp32 scales + bias)."""
     from ..models import component_of
     from .quantize import SCHEMES
+
     w_bits, _ = SCHEMES[scheme]
     integer = {e.name for e in entries if e.integer}
     out: dict[str, dict[str, int]] = {}
@@ -171,27 +218,48 @@ def memory_estimate(model, entries, scheme: str, group_size: int | None = 128) -
 
 def cmd_layout(args) -> int:
     from .quantize import SCHEMES
+
     model, arch, meta = _model_for_layout(args.model)
     if meta is not None and not args.layout_given:
         scheme, lay = meta["scheme"], meta["config"]["layout"]
-        entries = [L.LayoutEntry(e["name"], e["role"], e["integer"], model.get_submodule(e["name"]).in_features,
-                                 model.get_submodule(e["name"]).out_features) for e in meta["layout"]]
+        entries = [
+            L.LayoutEntry(
+                e["name"],
+                e["role"],
+                e["integer"],
+                model.get_submodule(e["name"]).in_features,
+                model.get_submodule(e["name"]).out_features,
+            )
+            for e in meta["layout"]
+        ]
     else:
         scheme, lay = args.scheme, args.layout
         entries = L.plan_model(model, arch, lay)
     w, a = SCHEMES[scheme]
     prec = f"w{w}a{a or 16}"
-    rows = [{"name": e.name, "role": e.role, "precision": prec if e.integer else "float",
-             "shape": [e.in_features, e.out_features]} for e in entries]
+    rows = [
+        {
+            "name": e.name,
+            "role": e.role,
+            "precision": prec if e.integer else "float",
+            "shape": [e.in_features, e.out_features],
+        }
+        for e in entries
+    ]
     others = []
     if args.all:  # every other module that holds weights (norms, embeddings, per-embodiment MLPs)
         linear = {e.name for e in entries}
-        others = [{"name": n, "role": type(m).__name__, "precision": "float", "shape": None}
-                  for n, m in model.named_modules()
-                  if n not in linear and any(True for _ in m.parameters(recurse=False))]
+        others = [
+            {"name": n, "role": type(m).__name__, "precision": "float", "shape": None}
+            for n, m in model.named_modules()
+            if n not in linear and any(True for _ in m.parameters(recurse=False))
+        ]
     if args.json:
-        print(json.dumps({"arch": arch, "layout": lay, "scheme": scheme, "modules": rows, "other_modules": others},
-                         indent=2))
+        print(
+            json.dumps(
+                {"arch": arch, "layout": lay, "scheme": scheme, "modules": rows, "other_modules": others}, indent=2
+            )
+        )
         return 0
     width = max(len(r["name"]) for r in rows) if rows else 10
     print(f"layout {lay} ({', '.join(L.LAYOUTS[lay]) or 'nothing'} integer), scheme {scheme}, arch {arch}")
@@ -205,13 +273,20 @@ def cmd_layout(args) -> int:
         print(f"{r['name']:<{width}}  {r['role']:<9} float")
     print(f"\n{n_int} of {len(rows)} linears integer ({params_int / max(params_all, 1):.1%} of linear weights)")
     from .report import format_bytes
+
     est = memory_estimate(model, entries, scheme)
     print(f"\nmemory estimate ({scheme}, floats at FP16, int4 groups of 128, fp32 scales):")
     print(f"{'component':<12}{'FP16':>12}{scheme:>12}{'ratio':>8}")
-    for comp, r in list(est.items()) + [("total", {"fp16": sum(v["fp16"] for v in est.values()),
-                                                   "quantized": sum(v["quantized"] for v in est.values())})]:
-        print(f"{comp:<12}{format_bytes(r['fp16']):>12}{format_bytes(r['quantized']):>12}"
-              f"{r['quantized'] / max(r['fp16'], 1):>8.1%}")
+    for comp, r in list(est.items()) + [
+        (
+            "total",
+            {"fp16": sum(v["fp16"] for v in est.values()), "quantized": sum(v["quantized"] for v in est.values())},
+        )
+    ]:
+        print(
+            f"{comp:<12}{format_bytes(r['fp16']):>12}{format_bytes(r['quantized']):>12}"
+            f"{r['quantized'] / max(r['fp16'], 1):>8.1%}"
+        )
     return 0
 
 
@@ -227,13 +302,15 @@ def ablation_combos(schemes, layouts, variants, full: bool = False) -> list[tupl
     return combos
 
 
-def run_ablation(policy, calib, combos, base_over=None, progress=True, save_dir: str | Path | None = None
-                 ) -> list[dict]:
+def run_ablation(
+    policy, calib, combos, base_over=None, progress=True, save_dir: str | Path | None = None
+) -> list[dict]:
     """Fidelity (and memory) of each (scheme, layout, ATM/OHB variant) on one buffer; with
     ``save_dir`` every variant is also written as an artifact (for closed-loop evaluation)."""
     from tqdm import tqdm
 
     from .quantize import QuantConfig, quantize
+
     rows = []
     for scheme, lay, var in tqdm(combos, desc="ablate", disable=not progress, unit="config"):
         atm, ohb = VARIANTS[var]
@@ -243,11 +320,19 @@ def run_ablation(policy, calib, combos, base_over=None, progress=True, save_dir:
         if save_dir is not None:
             artifact = str(Path(save_dir) / f"{scheme}_{lay}_{var}".replace("+", "-"))
             r.save(artifact)
-        rows.append({"scheme": scheme, "layout": lay, "variant": var, **r.report["fidelity"], "artifact": artifact,
-                     "memory_ratio": r.report["memory"]["quantized_components_ratio"],
-                     "model_memory_ratio": r.report["memory"]["model_ratio"],
-                     "alpha_changed": r.report["alpha_summary"].get("changed", 0),
-                     "beta_changed": r.report["beta_summary"].get("changed", 0)})
+        rows.append(
+            {
+                "scheme": scheme,
+                "layout": lay,
+                "variant": var,
+                **r.report["fidelity"],
+                "artifact": artifact,
+                "memory_ratio": r.report["memory"]["quantized_components_ratio"],
+                "model_memory_ratio": r.report["memory"]["model_ratio"],
+                "alpha_changed": r.report["alpha_summary"].get("changed", 0),
+                "beta_changed": r.report["beta_summary"].get("changed", 0),
+            }
+        )
     return rows
 
 
@@ -263,26 +348,35 @@ def render_ablation(rows: list[dict]) -> str:
             cells = ""
             for s in schemes:
                 r = next((x for x in t1 if x["layout"] == lay and x["scheme"] == s), None)
-                cells += (f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}{r['memory_ratio']:>10.1%}" if r
-                          else f"{'-':>14}{'-':>14}{'-':>10}")
+                cells += (
+                    f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}{r['memory_ratio']:>10.1%}"
+                    if r
+                    else f"{'-':>14}{'-':>14}{'-':>10}"
+                )
             out.append(f"{lay:<14}{cells}")
     t2 = [r for r in rows if r["layout"] in ("llm+dit-mlp", "quantvla")]
     if {r["variant"] for r in t2} - {"none"}:
         out.append("")
         out.append("Table 2 shape: ATM / OHB on the selective layout (LLM + DiT MLP)")
-        out.append(f"{'variant':<14}" + "".join(f"{s + ' cos':>14}{s + ' relL2':>14}{s + ' a/b!=1':>14}"
-                                                for s in schemes))
+        out.append(
+            f"{'variant':<14}" + "".join(f"{s + ' cos':>14}{s + ' relL2':>14}{s + ' a/b!=1':>14}" for s in schemes)
+        )
         for var in dict.fromkeys(r["variant"] for r in t2):
             cells = ""
             for s in schemes:
                 r = next((x for x in t2 if x["variant"] == var and x["scheme"] == s), None)
-                cells += (f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}"
-                          f"{str(r['alpha_changed']) + '/' + str(r['beta_changed']):>14}" if r
-                          else f"{'-':>14}{'-':>14}{'-':>14}")
+                cells += (
+                    f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}"
+                    f"{str(r['alpha_changed']) + '/' + str(r['beta_changed']):>14}"
+                    if r
+                    else f"{'-':>14}{'-':>14}{'-':>14}"
+                )
             out.append(f"{var:<14}{cells}")
     out.append("")
-    out.append("(fidelity = mean over held-out observations of the cosine / relative L2 of the whole action "
-               "chunk vs the FP teacher with identical noise; success rates need the closed-loop evaluation)")
+    out.append(
+        "(fidelity = mean over held-out observations of the cosine / relative L2 of the whole action "
+        "chunk vs the FP teacher with identical noise; success rates need the closed-loop evaluation)"
+    )
     return "\n".join(out)
 
 
@@ -291,14 +385,20 @@ def closed_loop_ablation(args, rows: list[dict]) -> dict:
     success rates to the rows; prints Tables 1-2 in success % and writes the eval report."""
     from ..sim.evaluate import EvalConfig, evaluate
     from ..sim.report import save_report
+
     if args.sim != "mt10":
         raise ValueError(f"--sim {args.sim!r}: accepted: mt10")
     specs = [("fp", args.model)] + [(Path(r["artifact"]).name, r["artifact"]) for r in rows]
     import dataclasses
 
     from ..sim.env import TASKS
-    cfg = EvalConfig(episodes_per_task=args.episodes, replan_steps=args.replan_steps, workers=args.workers,
-                     tasks=tuple(args.tasks) if args.tasks else TASKS)
+
+    cfg = EvalConfig(
+        episodes_per_task=args.episodes,
+        replan_steps=args.replan_steps,
+        workers=args.workers,
+        tasks=tuple(args.tasks) if args.tasks else TASKS,
+    )
     if args.max_steps:
         cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, max_steps=args.max_steps))
     report = evaluate(specs, cfg, progress=not args.no_progress)
@@ -311,14 +411,20 @@ def closed_loop_ablation(args, rows: list[dict]) -> dict:
         r["success_ci95"] = v["mean_ci95"]
         pair = next(p for p in report["paired"] if p["a"] == "fp" and p["b"] == Path(r["artifact"]).name)
         r["mcnemar_p_vs_fp"] = pair.get("p_value")
-    print(f"\nclosed loop, MT10 held-out starts, {args.episodes} episodes per task "
-          f"(FP {fp['mean_success']:.1%}, 95% CI {fp['mean_ci95'][0]:.1%}-{fp['mean_ci95'][1]:.1%})")
-    print(f"{'scheme':<8}{'layout':<14}{'variant':<10}{'success':>9}{'vs FP':>8}{'McNemar p':>11}{'cosine':>10}{'mem':>8}")
+    print(
+        f"\nclosed loop, MT10 held-out starts, {args.episodes} episodes per task "
+        f"(FP {fp['mean_success']:.1%}, 95% CI {fp['mean_ci95'][0]:.1%}-{fp['mean_ci95'][1]:.1%})"
+    )
+    print(
+        f"{'scheme':<8}{'layout':<14}{'variant':<10}{'success':>9}{'vs FP':>8}{'McNemar p':>11}{'cosine':>10}{'mem':>8}"
+    )
     for r in rows:
         p = r["mcnemar_p_vs_fp"]
-        print(f"{r['scheme']:<8}{r['layout']:<14}{r['variant']:<10}{r['success']:>9.1%}"
-              f"{100 * (r['success'] - fp['mean_success']):>+7.1f}p{p if p is not None else float('nan'):>11.3f}"
-              f"{r['cosine_mean']:>10.5f}{r['memory_ratio']:>8.1%}")
+        print(
+            f"{r['scheme']:<8}{r['layout']:<14}{r['variant']:<10}{r['success']:>9.1%}"
+            f"{100 * (r['success'] - fp['mean_success']):>+7.1f}p{p if p is not None else float('nan'):>11.3f}"
+            f"{r['cosine_mean']:>10.5f}{r['memory_ratio']:>8.1%}"
+        )
     print(f"eval report: {out_dir}")
     return report
 
@@ -326,28 +432,34 @@ def closed_loop_ablation(args, rows: list[dict]) -> dict:
 def cmd_ablate(args) -> int:
     from ..fileio import atomic_write_json
     from ..policy import Policy
+
     schemes = _csv(args.schemes, ("w8a8", "w4a8", "w4a4", "w8a16", "w4a16"), "schemes")
     layouts = _csv(args.layouts, list(L.LAYOUTS), "layouts")
     variants = _csv(args.variants, list(VARIANTS), "variants")
     policy = Policy.load(args.model, device=args.device, dtype="fp32")
     if args.smooth_strength == "auto":
-        raise ValueError("--smooth-strength auto is for `quantvla quantize`; ablate compares fixed "
-                         "configurations: give a number in (0, 1]")
+        raise ValueError(
+            "--smooth-strength auto is for `quantvla quantize`; ablate compares fixed "
+            "configurations: give a number in (0, 1]"
+        )
     base = _config_from_args(args, scheme=schemes[0], layout=layouts[0]).to_dict()
     for k in ("scheme", "layout", "atm", "ohb"):
         base.pop(k)
     combos = ablation_combos(schemes, layouts, variants, args.full)
     if args.sim and not args.save_dir:
         raise ValueError("--sim needs --save-dir: the closed loop runs the saved artifacts")
-    rows = run_ablation(policy, calib_source(args, args.calib), combos, base, progress=not args.no_progress,
-                        save_dir=args.save_dir)
+    rows = run_ablation(
+        policy, calib_source(args, args.calib), combos, base, progress=not args.no_progress, save_dir=args.save_dir
+    )
     print(render_ablation(rows))
     if args.sim:
         closed_loop_ablation(args, rows)
     if args.save_dir:
         specs = " ".join(f"--policy {Path(r['artifact']).name}={r['artifact']}" for r in rows)
-        print(f"\nartifacts in {args.save_dir}; closed-loop success rates (Tables 1-2 in success %):\n"
-              f"  quantvla eval --sim mt10 --policy fp={args.model} {specs}")
+        print(
+            f"\nartifacts in {args.save_dir}; closed-loop success rates (Tables 1-2 in success %):\n"
+            f"  quantvla eval --sim mt10 --policy fp={args.model} {specs}"
+        )
     if args.out:
         atomic_write_json(args.out, {"model": args.model, "calib": args.calib, "rows": rows})
         print(f"\nwrote {args.out}")
@@ -357,6 +469,7 @@ def cmd_ablate(args) -> int:
 def cmd_report(args) -> int:
     from ..checkpoint import read_json
     from .report import render_table
+
     rep = read_json(Path(args.artifact) / "report.json", "report")
     print(json.dumps(rep, indent=2) if args.json else render_table(rep))
     return 0
@@ -366,6 +479,7 @@ def cmd_recording(args) -> int:
     """`quantvla recording show|synth`: what calibration would take from a recording; or write a
     synthetic one with a real robot's topic mix (to try the pipeline before recording)."""
     from .. import recordings as R
+
     path = Path(args.path)
     if args.action == "synth":
         w, _, h = args.size.partition("x")
@@ -374,13 +488,17 @@ def cmd_recording(args) -> int:
         if args.seconds <= 0 or args.rate <= 0 or args.episodes < 1:
             raise ValueError("--seconds and --rate must be positive, --episodes at least 1")
         path.parent.mkdir(parents=True, exist_ok=True)
-        info = R.write_synthetic_recording(path, seconds=args.seconds, rate_hz=args.rate,
-                                           size=(int(h), int(w)), episodes=args.episodes)
+        info = R.write_synthetic_recording(
+            path, seconds=args.seconds, rate_hz=args.rate, size=(int(h), int(w)), episodes=args.episodes
+        )
         t = info["topics"]
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {len(info['times_ns'])} frames on "
-              f"{', '.join(t['cameras'])}; depth {t['depth']}; URDF {t['urdf']}; {t['instruction']}; {t['state']}")
+        print(
+            f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {len(info['times_ns'])} frames on "
+            f"{', '.join(t['cameras'])}; depth {t['depth']}; URDF {t['urdf']}; {t['instruction']}; {t['state']}"
+        )
         if args.frames:
             import cv2
+
             frames = Path(args.frames)
             frames.mkdir(parents=True, exist_ok=True)
             obs = R.read_samples(path, 4, 2, 1, log=lambda m: None)[0][0]
@@ -396,20 +514,29 @@ def cmd_recording(args) -> int:
         note = f"  (not used: {info.problem})" if info.problem else ""
         print(f"  {topic:<40} {info.schema:<34} {info.count:>7} msgs over {span:7.1f} s{note}")
     cams = [t.strip() for t in args.camera_topics.split(",") if t.strip()] if args.camera_topics else None
-    sel = R.select_topics(s, str(path), args.max_cameras, cams, args.instruction_topic, args.state_topic,
-                          args.instruction)
-    print(f"calibration would use: cameras {', '.join(sel.cameras)}; instruction "
-          f"{sel.instruction or repr(args.instruction)}; state {sel.state or 'zeros'}")
+    sel = R.select_topics(
+        s, str(path), args.max_cameras, cams, args.instruction_topic, args.state_topic, args.instruction
+    )
+    print(
+        f"calibration would use: cameras {', '.join(sel.cameras)}; instruction "
+        f"{sel.instruction or repr(args.instruction)}; state {sel.state or 'zeros'}"
+    )
     for note in sel.notes:
         print(f"  {note}")
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("recording", help="show what calibration takes from a rosbag2 .mcap recording, "
-                              "or write a synthetic one with a robot's topic mix")
-    p.add_argument("action", choices=["show", "synth"], help="show: topics and the calibration choice; "
-                   "synth: write a synthetic recording to PATH")
+    p = subparsers.add_parser(
+        "recording",
+        help="show what calibration takes from a rosbag2 .mcap recording, "
+        "or write a synthetic one with a robot's topic mix",
+    )
+    p.add_argument(
+        "action",
+        choices=["show", "synth"],
+        help="show: topics and the calibration choice; synth: write a synthetic recording to PATH",
+    )
     p.add_argument("path", help=".mcap file or bag directory")
     p.add_argument("--camera-topics", default=None, help="show: as for quantize")
     p.add_argument("--instruction-topic", default=None, help="show: as for quantize")
@@ -427,8 +554,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="post-training quantization (QuantVLA) into an artifact directory")
     p.add_argument("model", help="'default', a preset or a model directory")
     p.add_argument("--out", required=True, help="artifact directory to write (atomically)")
-    p.add_argument("--heldout", default=None, help="a separate held-out source for the report (same forms as "
-                   "--calib); default: part of the calibration source")
+    p.add_argument(
+        "--heldout",
+        default=None,
+        help="a separate held-out source for the report (same forms as "
+        "--calib); default: part of the calibration source",
+    )
     _add_quant_options(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -443,10 +574,13 @@ def register(subparsers) -> None:
         args.layout_given = args.layout is not None
         args.layout = args.layout or "quantvla"
         return cmd_layout(args)
+
     p.set_defaults(func=_layout)
 
-    p = subparsers.add_parser("ablate", help="layouts x {none, ATM, OHB, ATM+OHB} x schemes: fidelity tables "
-                              "(and closed-loop success with --sim mt10)")
+    p = subparsers.add_parser(
+        "ablate",
+        help="layouts x {none, ATM, OHB, ATM+OHB} x schemes: fidelity tables (and closed-loop success with --sim mt10)",
+    )
     p.add_argument("model")
     p.add_argument("--sim", choices=["mt10"], help="also run every variant in closed loop (needs --save-dir)")
     p.add_argument("--episodes", type=int, default=10, help="with --sim: episodes per task (default 10)")

@@ -4,6 +4,7 @@ Its own module because both entry points read it: ``quantize()`` (quantize.py, t
 and ``quantize_`` / ``quantize_core`` (api.py, any nn.Module); quantize.py calls into api.py,
 so the config cannot live in either without an import cycle. quantize.py re-exports it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,13 +15,19 @@ from . import layout as L
 from .transforms import ROTATIONS, TRANSFORM_NAMES
 
 SCHEMES: dict[str, tuple[int, int | None]] = {
-    "w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w8a16": (8, None), "w4a16": (4, None)}
+    "w8a8": (8, 8),
+    "w4a8": (4, 8),
+    "w4a4": (4, 4),
+    "w8a16": (8, None),
+    "w4a16": (4, None),
+}
 ORDERS = ("sequential", "joint")
 
 
 @dataclass
 class QuantConfig:
     """Everything that decides the quantized model (stored in quantization.json)."""
+
     scheme: str = "w4a8"
     layout: str = "quantvla"
     group_size: int | None = 128  # int4 weights only; int8 weights are per output channel

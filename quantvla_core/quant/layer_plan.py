@@ -12,6 +12,7 @@ the pipeline keeps it there when its traced fold check fails on the calibration 
 other families (Gemma-2/3 ``pre_feedforward_layernorm``) are not covered: there a layer's
 smoothing is counted as kept inside the kernel (its ``inv_smooth`` vector, K floats).
 """
+
 from __future__ import annotations
 
 import re
@@ -27,14 +28,17 @@ from .transforms import rotation_block_size
 QUANT_BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 GROUP_SIZE = 128  # int4 weight groups, where the input width allows
 
-_NORM_GROUPS = ((r"^(.*)\.self_attn\.(q|k|v)_proj$", "{}.input_layernorm", ("q_proj", "k_proj", "v_proj"), "self_attn"),
-                (r"^(.*)\.mlp\.(gate|up)_proj$", "{}.post_attention_layernorm", ("gate_proj", "up_proj"), "mlp"))
+_NORM_GROUPS = (
+    (r"^(.*)\.self_attn\.(q|k|v)_proj$", "{}.input_layernorm", ("q_proj", "k_proj", "v_proj"), "self_attn"),
+    (r"^(.*)\.mlp\.(gate|up)_proj$", "{}.post_attention_layernorm", ("gate_proj", "up_proj"), "mlp"),
+)
 _PRODUCER = ((r"^(.*)\.mlp\.down_proj$", "{}.mlp.up_proj"),)
 
 
 @dataclass
 class LayerPlan:
     """How one integer linear is deployed: what QuantLinear(...) gets, and its input transform."""
+
     name: str
     spec: dict[str, Any]
     rotation_block: int
@@ -81,9 +85,13 @@ def fold_groups(names: list[str], modules: dict[str, nn.Module]) -> list[tuple[l
     for (norm_name, parent, siblings), members in norm_groups.items():
         width = _norm_width(modules[norm_name])
         readers = [n for n in members if modules[n].in_features == width]
-        float_readers = [f"{parent}.{c}" for c in siblings
-                         if f"{parent}.{c}" in modules and f"{parent}.{c}" not in name_set
-                         and getattr(modules[f"{parent}.{c}"], "in_features", None) == width]
+        float_readers = [
+            f"{parent}.{c}"
+            for c in siblings
+            if f"{parent}.{c}" in modules
+            and f"{parent}.{c}" not in name_set
+            and getattr(modules[f"{parent}.{c}"], "in_features", None) == width
+        ]
         if readers:
             out.append((readers, None if float_readers else norm_name, "none" if float_readers else "norm"))
         out += [([n], None, "none") for n in members if n not in readers]
@@ -101,12 +109,20 @@ def smoothing_in_kernel(model: nn.Module, int_names: list[str]) -> set[str]:
 def integer_linears(model: nn.Module, arch: str, layout: str = "quantvla") -> list[str]:
     """Names of the nn.Linear modules ``layout`` makes integer, in model order."""
     modules = dict(model.named_modules())
-    return [e.name for e in L.plan_model(model, arch, layout)
-            if e.integer and isinstance(modules.get(e.name), nn.Linear)]
+    return [
+        e.name for e in L.plan_model(model, arch, layout) if e.integer and isinstance(modules.get(e.name), nn.Linear)
+    ]
 
 
-def plan_layers(model: nn.Module, arch: str, scheme: str, layout: str = "quantvla",
-                rotation_block: int = 64, smooth: bool = True, rotate: bool = True) -> list[LayerPlan]:
+def plan_layers(
+    model: nn.Module,
+    arch: str,
+    scheme: str,
+    layout: str = "quantvla",
+    rotation_block: int = 64,
+    smooth: bool = True,
+    rotate: bool = True,
+) -> list[LayerPlan]:
     """The integer layers of ``model`` under ``layout`` at ``scheme``, as the PTQ defaults
     (smooth + Hadamard rotation, int4 groups of 128 where K allows) would deploy them."""
     if scheme not in QUANT_BITS:
@@ -121,9 +137,18 @@ def plan_layers(model: nn.Module, arch: str, scheme: str, layout: str = "quantvl
         k = lin.in_features
         b = rotation_block_size(k, rotation_block) if rotate else 1
         gs = GROUP_SIZE if (w_bits == 4 and k % GROUP_SIZE == 0) else None
-        spec = {"in_features": k, "out_features": lin.out_features, "w_bits": w_bits, "a_bits": a_bits,
-                "group_size": gs, "bias": lin.bias is not None, "smooth": n in in_kernel,
-                "permute": False, "rotation_kind": "hadamard" if b > 1 else None,
-                "rotation_block": b if b > 1 else 0, "static_act": False}
+        spec = {
+            "in_features": k,
+            "out_features": lin.out_features,
+            "w_bits": w_bits,
+            "a_bits": a_bits,
+            "group_size": gs,
+            "bias": lin.bias is not None,
+            "smooth": n in in_kernel,
+            "permute": False,
+            "rotation_kind": "hadamard" if b > 1 else None,
+            "rotation_block": b if b > 1 else 0,
+            "static_act": False,
+        }
         plans.append(LayerPlan(n, spec, b, n in in_kernel))
     return plans

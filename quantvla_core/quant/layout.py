@@ -8,6 +8,7 @@ A named layout says which roles become integer. Rules are searched (not anchored
 so the same rules hold for our reference models, openpi / LeRobot (``model.`` prefix, HF
 ``language_model.model.layers``) and GR00T N1.5 checkpoints.
 """
+
 from __future__ import annotations
 
 import re
@@ -108,7 +109,7 @@ def check_layout(layout: str) -> str:
 
 def role_of(name: str, arch: str, rules: list[tuple[str, str]] | None = None) -> str:
     """Role of one linear by its qualified name (first matching rule wins)."""
-    for pattern, role in (rules if rules is not None else RULES[check_arch(arch)]):
+    for pattern, role in rules if rules is not None else RULES[check_arch(arch)]:
         if re.search(pattern, name):
             return role
     return "float"
@@ -116,6 +117,7 @@ def role_of(name: str, arch: str, rules: list[tuple[str, str]] | None = None) ->
 
 def is_linear(module: nn.Module) -> bool:
     from .qlinear import QuantLinear
+
     return isinstance(module, (nn.Linear, QuantLinear))
 
 
@@ -128,8 +130,12 @@ class LayoutEntry:
     out_features: int
 
 
-def plan(names_and_shapes: list[tuple[str, int, int]], arch: str, layout: str = "quantvla",
-         rules: list[tuple[str, str]] | None = None) -> list[LayoutEntry]:
+def plan(
+    names_and_shapes: list[tuple[str, int, int]],
+    arch: str,
+    layout: str = "quantvla",
+    rules: list[tuple[str, str]] | None = None,
+) -> list[LayoutEntry]:
     """Layout decision for a list of (name, in_features, out_features) linears."""
     check_layout(layout)
     roles = LAYOUTS[layout]
@@ -144,8 +150,9 @@ def linear_names(model: nn.Module) -> list[tuple[str, int, int]]:
     return [(n, m.in_features, m.out_features) for n, m in model.named_modules() if is_linear(m)]
 
 
-def plan_model(model: nn.Module, arch: str, layout: str = "quantvla",
-               rules: list[tuple[str, str]] | None = None) -> list[LayoutEntry]:
+def plan_model(
+    model: nn.Module, arch: str, layout: str = "quantvla", rules: list[tuple[str, str]] | None = None
+) -> list[LayoutEntry]:
     """Layout decision for every nn.Linear / QuantLinear in a model."""
     return plan(linear_names(model), arch, layout, rules)
 
@@ -164,5 +171,4 @@ def detect_arch(model: nn.Module) -> str:
         return "groot"
     if any("lm_expert" in n for n in names):
         return "smolvla"
-    raise ValueError("cannot tell the architecture from the module names; accepted archs: "
-                     + ", ".join(sorted(RULES)))
+    raise ValueError("cannot tell the architecture from the module names; accepted archs: " + ", ".join(sorted(RULES)))

@@ -5,6 +5,7 @@ the whole output (bias included) and averaged over the buffer and every denoisin
 log(beta) is clamped to +-0.30 and beta := 1 where |log beta| < 0.03. The student's o_proj
 output is multiplied by beta, folded into its weight/bias (or dequant scales and bias).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,6 +37,7 @@ class OutputRMS:
                 per_sample = y.reshape(y.shape[0], -1).pow(2).mean(-1).sqrt()
             self.sums[name] = self.sums.get(name, 0.0) + float(per_sample.sum())
             self.counts[name] = self.counts.get(name, 0) + per_sample.numel()
+
         return hook
 
     def means(self) -> dict[str, float]:
@@ -60,8 +62,9 @@ def collect_output_rms(model: nn.Module, run: Runner, names: Iterable[str]) -> d
     return rms.means()
 
 
-def ohb_beta(rms_t: float, rms_q: float, log_clamp: float = LOG_BETA_CLAMP,
-             dead_zone: float = LOG_BETA_DEAD_ZONE) -> float:
+def ohb_beta(
+    rms_t: float, rms_q: float, log_clamp: float = LOG_BETA_CLAMP, dead_zone: float = LOG_BETA_DEAD_ZONE
+) -> float:
     """beta = rms_T / rms_Q with log-clamp and dead zone."""
     if rms_q <= 0 or rms_t <= 0:
         return 1.0
@@ -69,10 +72,16 @@ def ohb_beta(rms_t: float, rms_q: float, log_clamp: float = LOG_BETA_CLAMP,
     return 1.0 if abs(lb) < dead_zone else math.exp(lb)
 
 
-def calibrate_ohb(student: nn.Module, run: Runner, targets: list[str], rms_teacher: dict[str, float],
-                  order: str = "sequential", log_clamp: float = LOG_BETA_CLAMP,
-                  dead_zone: float = LOG_BETA_DEAD_ZONE,
-                  progress: Callable[[str], None] | None = None) -> dict[str, float]:
+def calibrate_ohb(
+    student: nn.Module,
+    run: Runner,
+    targets: list[str],
+    rms_teacher: dict[str, float],
+    order: str = "sequential",
+    log_clamp: float = LOG_BETA_CLAMP,
+    dead_zone: float = LOG_BETA_DEAD_ZONE,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
     """Fit and fold betas into the student's o projections; returns beta per module."""
     if order not in ("sequential", "joint"):
         raise ValueError(f"OHB order must be 'sequential' or 'joint', got {order!r}")

@@ -9,6 +9,7 @@ Backends (``forward`` dispatches, per module or globally):
 It keeps ``in_features``, ``out_features`` and a ``weight`` whose ``.dtype`` is the float
 compute dtype, because host models read those attributes (pi0's ``.weight.dtype`` lookups).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,10 @@ def _kernels():
             import quantvla_kernels
             import quantvla_kernels.cpu_fused  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the install
-            raise RuntimeError("the 'cpu' and 'triton' QuantLinear backends need the quantvla_kernels "
-                               "package; use backend='reference' or install the project") from e
+            raise RuntimeError(
+                "the 'cpu' and 'triton' QuantLinear backends need the quantvla_kernels "
+                "package; use backend='reference' or install the project"
+            ) from e
         _KERNELS = quantvla_kernels
     return _KERNELS
 
@@ -110,10 +113,23 @@ class QuantLinear(nn.Module):
     step; its weight side is already folded into the codes.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, w_bits: int, a_bits: int | None,
-                 group_size: int | None = None, bias: bool = False, smooth: bool = False,
-                 permute: bool = False, rotation_kind: str | None = None, rotation_block: int = 0,
-                 static_act: bool = False, dtype: torch.dtype = torch.float32, backend: str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        w_bits: int,
+        a_bits: int | None,
+        group_size: int | None = None,
+        bias: bool = False,
+        smooth: bool = False,
+        permute: bool = False,
+        rotation_kind: str | None = None,
+        rotation_block: int = 0,
+        static_act: bool = False,
+        dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+    ):
         super().__init__()
         qmax(w_bits)
         if a_bits is not None:
@@ -129,8 +145,9 @@ class QuantLinear(nn.Module):
         self.rotation_kind, self.rotation_block = rotation_kind, rotation_block
         self.backend = backend
         cols = in_features // 2 if w_bits == 4 else in_features
-        self.register_buffer("qweight", torch.zeros(out_features, cols,
-                                                    dtype=torch.uint8 if w_bits == 4 else torch.int8))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, cols, dtype=torch.uint8 if w_bits == 4 else torch.int8)
+        )
         nscale = (out_features, in_features // group_size) if group_size else (out_features,)
         self.register_buffer("wscale", torch.ones(nscale, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
@@ -153,8 +170,9 @@ class QuantLinear(nn.Module):
         # Decided once here (the layer's configuration never changes): whether the lean CPU
         # forward applies, and whether a 4-bit activation rotation must run before quantizing
         # (an int4 packing group would split a rotation block inside the quantization kernel).
-        self._rotate_first = (rotation_kind is not None and a_bits == 4
-                              and ((in_features % 128) // 2) % max(rotation_block, 1) != 0)
+        self._rotate_first = (
+            rotation_kind is not None and a_bits == 4 and ((in_features % 128) // 2) % max(rotation_block, 1) != 0
+        )
         self._lean_cpu = a_bits is not None and not static_act and not (w_bits == 8 and group_size)
         # Lean CPU cache (see _cpu_operands): a plain attribute, not a buffer, so it is neither in
         # the state_dict nor counted as weight bytes by Policy.describe() / memory reports.
@@ -165,19 +183,41 @@ class QuantLinear(nn.Module):
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, w_bits: int, a_bits: int | None, group_size: int | None = None,
-                    transform: InputTransform | None = None, clip_grid=None, act_scale: float | None = None,
-                    backend: str | None = None, fold_smooth_in_weight_only: bool = False) -> "QuantLinear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        w_bits: int,
+        a_bits: int | None,
+        group_size: int | None = None,
+        transform: InputTransform | None = None,
+        clip_grid=None,
+        act_scale: float | None = None,
+        backend: str | None = None,
+        fold_smooth_in_weight_only: bool = False,
+    ) -> "QuantLinear":
         """Quantize a float linear (weight side of ``transform`` folded before rounding)."""
         from .quantizers import DEFAULT_CLIP_GRID
+
         t = transform or InputTransform()
         k, n = linear.in_features, linear.out_features
         w = t.fold_weight(linear.weight.detach()).to(torch.float32)
         rot_block = int(t.rotation.shape[-1]) if t.rotation is not None else 0
-        mod = cls(k, n, w_bits=w_bits, a_bits=a_bits, group_size=group_size, bias=linear.bias is not None,
-                  smooth=t.inv_smooth is not None, permute=t.perm is not None, rotation_kind=t.rotation_kind,
-                  rotation_block=rot_block, static_act=act_scale is not None, dtype=linear.weight.dtype,
-                  backend=backend)
+        mod = cls(
+            k,
+            n,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            group_size=group_size,
+            bias=linear.bias is not None,
+            smooth=t.inv_smooth is not None,
+            permute=t.perm is not None,
+            rotation_kind=t.rotation_kind,
+            rotation_block=rot_block,
+            static_act=act_scale is not None,
+            dtype=linear.weight.dtype,
+            backend=backend,
+        )
         qw = quantize_weight(w, w_bits, group_size, DEFAULT_CLIP_GRID if clip_grid is None else clip_grid)
         mod.set_codes(qw.q, qw.scale)
         with torch.no_grad():
@@ -224,16 +264,26 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         a = f"a{self.a_bits}" if self.a_bits else "a16"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, w{self.w_bits}{a}, "
-                f"group={self.group_size}, bias={self.bias is not None}, rotation={self.rotation_kind}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, w{self.w_bits}{a}, "
+            f"group={self.group_size}, bias={self.bias is not None}, rotation={self.rotation_kind}"
+        )
 
     def spec(self) -> dict:
         """Constructor arguments (what an artifact needs to rebuild the empty module)."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "w_bits": self.w_bits,
-                "a_bits": self.a_bits, "group_size": self.group_size, "bias": self.bias is not None,
-                "smooth": self.inv_smooth is not None, "permute": self.perm is not None,
-                "rotation_kind": self.rotation_kind, "rotation_block": self.rotation_block,
-                "static_act": self.act_scale is not None}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "group_size": self.group_size,
+            "bias": self.bias is not None,
+            "smooth": self.inv_smooth is not None,
+            "permute": self.perm is not None,
+            "rotation_kind": self.rotation_kind,
+            "rotation_block": self.rotation_block,
+            "static_act": self.act_scale is not None,
+        }
 
     def storage_bytes(self) -> int:
         """Bytes this layer needs on disk / in memory (codes, scales, bias, stored transforms)."""
@@ -268,8 +318,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"residual must have the output's shape {want}, got {tuple(residual.shape)}")
         return width, residual.reshape(-1, width)
 
-    def forward(self, x: torch.Tensor, *, act: str | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x W^T + b``; with ``act`` ('gelu_tanh' | 'silu') the activation of it (on a
         gated-pairs layer ``act(gate) * up``), then ``+ residual``: computed in the GEMM epilogue
         (one output write) on the CPU and Triton paths, after it elsewhere."""
@@ -338,10 +387,13 @@ class QuantLinear(nn.Module):
         except RuntimeError:  # inference tensors carry no version counter: rebuild each call
             key = None
         wscale = bufs["wscale"]
-        if tuple(wscale.shape) != ((self.out_features, self.in_features // self.group_size)
-                                   if self.group_size else (self.out_features,)):
-            raise ValueError(f"wscale has shape {tuple(wscale.shape)}, which does not match "
-                             f"{self.out_features} outputs and group_size {self.group_size}")
+        if tuple(wscale.shape) != (
+            (self.out_features, self.in_features // self.group_size) if self.group_size else (self.out_features,)
+        ):
+            raise ValueError(
+                f"wscale has shape {tuple(wscale.shape)}, which does not match "
+                f"{self.out_features} outputs and group_size {self.group_size}"
+            )
         perm = bufs.get("perm")
         fused = _fused_cpu()
         with torch.inference_mode(False):  # normal tensors: usable later outside inference mode
@@ -359,10 +411,23 @@ class QuantLinear(nn.Module):
                         groups = None
         rotation = bufs.get("rotation")
         # Hadamard rotations (rebuilt from their kind, never trained) run as the fast transform
-        hb = self.rotation_block if (self.rotation_kind == "hadamard" and rotation is not None
-                                     and _FAST_HADAMARD) else 0
-        fused_args = (bufs.get("inv_smooth"), perm64, rotation, [] if groups is None else list(groups), ws_fused,
-                      bufs.get("bias"), qmax(self.a_bits), hb, float(rotation[0, 0]) if hb else 0.0, None, 0.0, 0.0)
+        hb = (
+            self.rotation_block if (self.rotation_kind == "hadamard" and rotation is not None and _FAST_HADAMARD) else 0
+        )
+        fused_args = (
+            bufs.get("inv_smooth"),
+            perm64,
+            rotation,
+            [] if groups is None else list(groups),
+            ws_fused,
+            bufs.get("bias"),
+            qmax(self.a_bits),
+            hb,
+            float(rotation[0, 0]) if hb else 0.0,
+            None,
+            0.0,
+            0.0,
+        )
         value = (groups, perm64, fused_args, vnni)
         if key is not None:
             self._cpu_cache = (key, value)
@@ -388,8 +453,14 @@ class QuantLinear(nn.Module):
         groups, perm, fused_args, vnni = self._cpu_operands(ops)
         fused = _fused_cpu()
         if fused is not None and not self._rotate_first and x2.dtype in _FUSED_DTYPES:
-            return fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), *fused_args,
-                                    _ACT_CODES[act], self.gated_pairs, res2, *vnni)
+            return fused.int_linear(
+                x2 if x2.is_contiguous() else x2.contiguous(),
+                *fused_args,
+                _ACT_CODES[act],
+                self.gated_pairs,
+                res2,
+                *vnni,
+            )
         if groups is None:  # only the VNNI layout is cached (rare dtype on a VNNI machine)
             groups = ops.cpu_weight_groups(self.qweight, self.w_bits, self.in_features, self.group_size)
         xf = x2 if x2.dtype == torch.float32 else x2.float()
@@ -399,9 +470,16 @@ class QuantLinear(nn.Module):
             q, xs = ops.cpu_quantize_codes(xf, self.a_bits, self.inv_smooth, perm, self.rotation)
         return _finish(ops.cpu_int_linear(q, xs, groups, self.wscale, self.bias), act, self.gated_pairs, res2)
 
-    def try_forward_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                            offset: float, *, act: str | None = None,
-                            residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    def try_forward_rmsnorm(
+        self,
+        x: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        offset: float,
+        *,
+        act: str | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """``self(rmsnorm(x))`` with the norm inside the activation quantization, or None where
         that does not apply (the caller then runs norm-then-linear): on Triton
         ``rmsnorm_quantize`` (one kernel: norm, smoothing, rotation, codes), on the CPU the fused
@@ -420,8 +498,13 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = self.backend or getattr(_default, "backend", "auto")
-        fusable = (self._lean_cpu and not self._rotate_first and self.perm is None and x2.shape[0] > 0
-                   and (self.rotation is None or (self.rotation_kind == "hadamard" and self.rotation_block >= 16)))
+        fusable = (
+            self._lean_cpu
+            and not self._rotate_first
+            and self.perm is None
+            and x2.shape[0] > 0
+            and (self.rotation is None or (self.rotation_kind == "hadamard" and self.rotation_block >= 16))
+        )
         if fusable and backend in ("auto", "cpu", "triton"):
             k = _kernels()
             name = k.resolve_backend(None if backend == "auto" else backend, x2.device)
@@ -429,15 +512,30 @@ class QuantLinear(nn.Module):
                 fused = _fused_cpu()
                 groups, perm, args, vnni = self._cpu_operands(k.ops)
                 if fused is not None and args[7] == (self.rotation_block if self.rotation is not None else 0):
-                    y = fused.int_linear(x2 if x2.is_contiguous() else x2.contiguous(), *args[:9],
-                                         norm_weight.detach(), float(eps), float(offset),
-                                         _ACT_CODES[act], self.gated_pairs, res2, *vnni)
+                    y = fused.int_linear(
+                        x2 if x2.is_contiguous() else x2.contiguous(),
+                        *args[:9],
+                        norm_weight.detach(),
+                        float(eps),
+                        float(offset),
+                        _ACT_CODES[act],
+                        self.gated_pairs,
+                        res2,
+                        *vnni,
+                    )
                     return y.reshape(*lead, width)
             elif name == "triton" and self.w_bits in (4, 8):
                 direct = x2.dtype in _KERNEL_DTYPES
-                xq, xs = k.rmsnorm_quantize(x2 if direct else x2.float(), norm_weight.detach(), float(eps),
-                                            bits=self.a_bits, offset=float(offset), inv_smooth=self.inv_smooth,
-                                            rotation=self.rotation, backend="triton")
+                xq, xs = k.rmsnorm_quantize(
+                    x2 if direct else x2.float(),
+                    norm_weight.detach(),
+                    float(eps),
+                    bits=self.a_bits,
+                    offset=float(offset),
+                    inv_smooth=self.inv_smooth,
+                    rotation=self.rotation,
+                    backend="triton",
+                )
                 out_dtype = x2.dtype if direct else torch.float32
                 y = self._gemm(k, xq, xs, out_dtype, "triton", act, res2)
                 return y.to(x.dtype).reshape(*lead, width)
@@ -448,14 +546,33 @@ class QuantLinear(nn.Module):
         with the activation / gate pairs / residual in its epilogue."""
         epi = dict(act=act, gated=self.gated_pairs, residual=res2)
         if self.a_bits == 8 and self.w_bits == 8:
-            return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, bias=self.bias, out_dtype=out_dtype,
-                               backend=backend, **epi)
+            return k.gemm_w8a8(
+                xq, xs, self.qweight, self.wscale, bias=self.bias, out_dtype=out_dtype, backend=backend, **epi
+            )
         if self.a_bits == 8 and self.w_bits == 4:
-            return k.gemm_w4a8(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=self.bias,
-                               out_dtype=out_dtype, backend=backend, **epi)
+            return k.gemm_w4a8(
+                xq,
+                xs,
+                self.qweight,
+                self.wscale,
+                group_size=self.group_size,
+                bias=self.bias,
+                out_dtype=out_dtype,
+                backend=backend,
+                **epi,
+            )
         if self.a_bits == 4 and self.w_bits == 4:
-            return k.gemm_w4a4(xq, xs, self.qweight, self.wscale, group_size=self.group_size, bias=self.bias,
-                               out_dtype=out_dtype, backend=backend, **epi)
+            return k.gemm_w4a4(
+                xq,
+                xs,
+                self.qweight,
+                self.wscale,
+                group_size=self.group_size,
+                bias=self.bias,
+                out_dtype=out_dtype,
+                backend=backend,
+                **epi,
+            )
         raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
 
     def _forward_kernels(self, x2: torch.Tensor, backend: str | None, act=None, res2=None) -> torch.Tensor:
@@ -486,8 +603,14 @@ class QuantLinear(nn.Module):
             xq, xs = k.quantize_per_token(self.input_transform().apply(xf.float()), bits=4, backend=backend)
         else:
             # smoothing, permutation and block rotation all happen inside the quantization kernel
-            xq, xs = k.quantize_per_token(xf, bits=self.a_bits, inv_smooth=self.inv_smooth,
-                                          rotation=self.rotation, perm=self.perm, backend=backend)
+            xq, xs = k.quantize_per_token(
+                xf,
+                bits=self.a_bits,
+                inv_smooth=self.inv_smooth,
+                rotation=self.rotation,
+                perm=self.perm,
+                backend=backend,
+            )
         return self._gemm(k, xq, xs, out_dtype, backend, act, res2)
 
     def _forward_int_torch(self, x2: torch.Tensor) -> torch.Tensor:
@@ -554,8 +677,9 @@ def concat_quant_linears(layers: list[QuantLinear], pairs: bool = False) -> Quan
         spec = layer.spec()
         if any(spec[k] != spec0[k] for k in keys) or layer.backend != first.backend:
             return None
-        if not all(_same(getattr(layer, n), getattr(first, n))
-                   for n in ("inv_smooth", "perm", "rotation", "act_scale")):
+        if not all(
+            _same(getattr(layer, n), getattr(first, n)) for n in ("inv_smooth", "perm", "rotation", "act_scale")
+        ):
             return None
     if spec0["a_bits"] is None or spec0["static_act"]:
         return None  # weight-only / static layers gain nothing from sharing a quantization
@@ -563,18 +687,27 @@ def concat_quant_linears(layers: list[QuantLinear], pairs: bool = False) -> Quan
         return None
     n = sum(layer.out_features for layer in layers)
     has_bias = any(layer.bias is not None for layer in layers)
-    fused = QuantLinear(**dict(spec0, out_features=n, bias=has_bias), dtype=first.weight.dtype,
-                        backend=first.backend).to(first.qweight.device)
+    fused = QuantLinear(
+        **dict(spec0, out_features=n, bias=has_bias), dtype=first.weight.dtype, backend=first.backend
+    ).to(first.qweight.device)
     # rows of every per-output-channel tensor: stacked, or interleaved for gate/up pairs
-    join = ((lambda ts: torch.stack(ts, 1).reshape(-1, *ts[0].shape[1:]).contiguous()) if pairs
-            else (lambda ts: torch.cat(ts, 0).contiguous()))
+    join = (
+        (lambda ts: torch.stack(ts, 1).reshape(-1, *ts[0].shape[1:]).contiguous())
+        if pairs
+        else (lambda ts: torch.cat(ts, 0).contiguous())
+    )
     with torch.no_grad():
         fused.qweight = join([layer.qweight for layer in layers])
         fused.wscale = join([layer.wscale for layer in layers])
         if has_bias:
-            fused.bias = join([layer.bias if layer.bias is not None
-                               else torch.zeros(layer.out_features, device=layer.qweight.device)
-                               for layer in layers])
+            fused.bias = join(
+                [
+                    layer.bias
+                    if layer.bias is not None
+                    else torch.zeros(layer.out_features, device=layer.qweight.device)
+                    for layer in layers
+                ]
+            )
         for name in ("inv_smooth", "perm", "rotation"):
             if getattr(first, name) is not None:
                 setattr(fused, name, getattr(first, name))
@@ -589,9 +722,16 @@ def _sources(layers) -> tuple | None:
     """(buffers dict, name, tensor, version) of every tensor a fused copy is built from; None
     for inference tensors (no version counter), which are then not fused."""
     try:
-        return tuple((layer._buffers, n, layer._buffers.get(n),
-                      None if layer._buffers.get(n) is None else layer._buffers[n]._version)
-                     for layer in layers for n in _FUSED_SOURCES)
+        return tuple(
+            (
+                layer._buffers,
+                n,
+                layer._buffers.get(n),
+                None if layer._buffers.get(n) is None else layer._buffers[n]._version,
+            )
+            for layer in layers
+            for n in _FUSED_SOURCES
+        )
     except RuntimeError:
         return None
 
@@ -662,8 +802,12 @@ def fused_siblings(parent: nn.Module, names: tuple[str, ...], pairs: bool = Fals
         return None  # the float64 oracle stays layer by layer
     slot = "_fused_pairs" if pairs else "_fused_siblings"
     cache = parent.__dict__.get(slot)
-    if (cache is not None and cache[0] == names and all(mods.get(n) is c for n, c in zip(names, cache[1]))
-            and _still_valid(cache[2])):  # this runs on every forward: dict lookups only
+    if (
+        cache is not None
+        and cache[0] == names
+        and all(mods.get(n) is c for n, c in zip(names, cache[1]))
+        and _still_valid(cache[2])
+    ):  # this runs on every forward: dict lookups only
         return cache[3]
     layers = [mods.get(n) for n in names]
     if not all(isinstance(layer, QuantLinear) for layer in layers):

@@ -5,6 +5,7 @@ zero-point correction terms, so the epilogue is ``acc * s_act[m] * s_w[n]``.
 Values are kept in [-qmax, qmax] (int8: 127, int4: 7); -2^(b-1) is never produced, so
 negating a quantized tensor stays in range.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class QuantizedWeight:
 
     ``scale`` is (N,) per output channel, or (N, K // group_size) for group-wise weights.
     """
+
     q: torch.Tensor
     scale: torch.Tensor
     bits: int
@@ -46,8 +48,9 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return w.reshape(n, k // group_size, group_size)
 
 
-def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None,
-                    clip_grid: tuple[float, ...] | None = DEFAULT_CLIP_GRID) -> QuantizedWeight:
+def quantize_weight(
+    w: torch.Tensor, bits: int, group_size: int | None = None, clip_grid: tuple[float, ...] | None = DEFAULT_CLIP_GRID
+) -> QuantizedWeight:
     """Round-to-nearest symmetric quantization of a (N, K) weight.
 
     The clip ratio (fraction of the row/group absmax mapped to qmax) is chosen per channel or
@@ -84,8 +87,9 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None,
     return QuantizedWeight(q=q.contiguous(), scale=scale.contiguous(), bits=bits, group_size=group_size)
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int | None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_weight(
+    q: torch.Tensor, scale: torch.Tensor, group_size: int | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Float weight ``q * scale`` (scale broadcast per channel or per group)."""
     n, k = q.shape
     if group_size is None:

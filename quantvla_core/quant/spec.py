@@ -13,6 +13,7 @@ Built-in specs: pi0, pi0.5, GR00T N1.5, SmolVLA (``ArchSpec.builtin``); any HF-s
 (Llama, Qwen2/3, Gemma 1/2/3, SmolLM, the project's own blocks) from the module tree
 (``ArchSpec.generic``), optionally told which sub-trees are backbone / action head / vision.
 """
+
 from __future__ import annotations
 
 import re
@@ -32,6 +33,7 @@ _MLP_NAMES = ("mlp", "ff", "feed_forward", "ffn")
 @dataclass
 class AttentionSpec:
     """One attention module: ATM folds alpha into ``q_proj`` rows, OHB scales ``o_proj``."""
+
     name: str
     q_proj: str
     o_proj: str
@@ -56,8 +58,7 @@ class ArchSpec:
         self.rules = [(p, _ROLE_ALIAS.get(r, r)) for p, r in self.rules]
         bad = [r for _, r in self.rules if r not in ROLE_NAMES]
         if bad:
-            raise ValueError(f"unknown roles {bad}; accepted: {', '.join(ROLE_NAMES)} "
-                             f"(or {', '.join(_ROLE_ALIAS)})")
+            raise ValueError(f"unknown roles {bad}; accepted: {', '.join(ROLE_NAMES)} (or {', '.join(_ROLE_ALIAS)})")
 
     def role(self, name: str) -> str:
         for pat, role in self.rules:
@@ -66,9 +67,13 @@ class ArchSpec:
         return "float"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "rules": [list(r) for r in self.rules],
-                "attention": [a.to_dict() for a in self.attention], "mlp_out": list(self.mlp_out),
-                "fold_groups": None if self.fold_groups is None else [[n, list(m)] for n, m in self.fold_groups]}
+        return {
+            "name": self.name,
+            "rules": [list(r) for r in self.rules],
+            "attention": [a.to_dict() for a in self.attention],
+            "mlp_out": list(self.mlp_out),
+            "fold_groups": None if self.fold_groups is None else [[n, list(m)] for n, m in self.fold_groups],
+        }
 
     # ---- constructors ----
     @classmethod
@@ -77,8 +82,11 @@ class ArchSpec:
         LeRobot, NVIDIA and the reference models spell them)."""
         arch = L.check_arch(arch or L.detect_arch(model))
         mods = dict(model.named_modules())
-        rules = [(r"(^|\.)lm_head$", "float")] + [(p, r) for p, r in L.RULES[arch] if p != r".*"] + \
-            [(r"(^|\.)(vision_tower|vision_model)\.", "vision"), (r".*", "float")]
+        rules = (
+            [(r"(^|\.)lm_head$", "float")]
+            + [(p, r) for p, r in L.RULES[arch] if p != r".*"]
+            + [(r"(^|\.)(vision_tower|vision_model)\.", "vision"), (r".*", "float")]
+        )
         attn = []
         for part, (pat, qc, oc) in (("backbone", L.BACKBONE_ATTENTION[arch]), ("action", L.ACTION_ATTENTION[arch])):
             for n, m in mods.items():
@@ -88,13 +96,20 @@ class ArchSpec:
         return cls(arch, rules, attn, mlp_out)
 
     @classmethod
-    def generic(cls, model: nn.Module, *, backbone: str | tuple[str, ...] | None = None,
-                action: str | tuple[str, ...] | None = None, vision: str | tuple[str, ...] | None = None,
-                name: str = "generic") -> "ArchSpec":
+    def generic(
+        cls,
+        model: nn.Module,
+        *,
+        backbone: str | tuple[str, ...] | None = None,
+        action: str | tuple[str, ...] | None = None,
+        vision: str | tuple[str, ...] | None = None,
+        name: str = "generic",
+    ) -> "ArchSpec":
         """From the module tree: every block with an attention child (q/k/v/o or to_q/k/v/out)
         and an MLP child. ``action`` / ``backbone`` / ``vision``: module-name prefixes of the
         sub-trees (strings or tuples). Blocks outside ``action`` and ``vision`` are backbone (``llm``)
         unless ``backbone`` is given, then only blocks under it are."""
+
         def prefixes(p):
             return () if p is None else (p,) if isinstance(p, str) else tuple(p)
 
@@ -163,6 +178,12 @@ def _attention_spec(name: str, m: nn.Module, q_child: str, o_child: str, part: s
             heads = q.out_features // head_dim
         if head_dim is None and heads:
             head_dim = q.out_features // heads
-    return AttentionSpec(name, f"{name}.{q_child}", f"{name}.{o_child}",
-                         int(heads) if heads else None, int(head_dim) if head_dim else None, part,
-                         isinstance(getattr(m, "q_norm", None), nn.Module))
+    return AttentionSpec(
+        name,
+        f"{name}.{q_child}",
+        f"{name}.{o_child}",
+        int(heads) if heads else None,
+        int(head_dim) if head_dim else None,
+        part,
+        isinstance(getattr(m, "q_norm", None), nn.Module),
+    )

@@ -25,6 +25,7 @@ Limits: only the code paths the calibration forward runs are seen; ops inside C+
 autograd functions that bypass ``__torch_function__`` are invisible (a tensor read only there
 looks unread); the norm's functional form is then checked numerically (``verify_norm_fold``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,20 @@ def _fname(func) -> str:
 def _is_metadata(func) -> bool:
     """Reads that cannot see values: attribute getters (.shape, .dtype, .device ...) and sizes."""
     name = _fname(func)
-    return name in ("__get__", "size", "dim", "numel", "is_contiguous", "stride", "data_ptr",
-                    "element_size", "is_floating_point", "get_device", "__len__", "storage_offset")
+    return name in (
+        "__get__",
+        "size",
+        "dim",
+        "numel",
+        "is_contiguous",
+        "stride",
+        "data_ptr",
+        "element_size",
+        "is_floating_point",
+        "get_device",
+        "__len__",
+        "storage_offset",
+    )
 
 
 def _tensors(obj, depth: int = 0):
@@ -65,6 +78,7 @@ def _tensors(obj, depth: int = 0):
 @dataclass
 class TensorInfo:
     """One tagged tensor: who made it and every op that read it."""
+
     producer: tuple  # ("module", name) | ("linear", name) | ("mul", (tk_a, tk_b))
     shape: tuple
     readers: list = field(default_factory=list)  # ("linear", name) | ("op", func name)
@@ -144,12 +158,19 @@ class Trace:
         def hook(_m, args, kwargs, out):
             if name not in self.module_arg_shapes:
                 self.module_arg_shapes[name] = [
-                    (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
-            outs = [out] if isinstance(out, torch.Tensor) else \
-                [o for o in out if isinstance(o, torch.Tensor)] if isinstance(out, (tuple, list)) else []
+                    (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args
+                ]
+            outs = (
+                [out]
+                if isinstance(out, torch.Tensor)
+                else [o for o in out if isinstance(o, torch.Tensor)]
+                if isinstance(out, (tuple, list))
+                else []
+            )
             for i, o in enumerate(outs):
                 if o.is_floating_point():
                     self._new(o, ("module", name, i))
+
         return hook
 
     def _linear_hook(self, name: str):
@@ -164,6 +185,7 @@ class Trace:
                 tok = self._next
                 self.tokens.put(x, tok)
             self.calls[name].append((tok, self.ids.get(x)))
+
         return pre
 
     def _on_op(self, func, args, kwargs, out) -> None:
@@ -185,8 +207,11 @@ class Trace:
         if isinstance(out, torch.Tensor) and out.is_floating_point():
             if is_linear and reader[1] != "linear":
                 self._new(out, ("linear", reader[1]))
-            elif _fname(func) in _MUL_NAMES and read_tks and any(
-                    self.infos[tk].producer[0] == "linear" for _, tk in read_tks):
+            elif (
+                _fname(func) in _MUL_NAMES
+                and read_tks
+                and any(self.infos[tk].producer[0] == "linear" for _, tk in read_tks)
+            ):
                 operands = [self.ids.get(a) if isinstance(a, torch.Tensor) else None for a in args[:2]]
                 self._new(out, ("mul", tuple(operands)))
 
@@ -228,8 +253,12 @@ class Trace:
                 if info.producer[:2] == ("module", name):
                     bad = [r for r in info.readers if r not in allowed]
                     if bad:
-                        return "none", None, (f"{name}'s output is also read by {bad[0][1]!r} "
-                                              f"({bad[0][0]}), not only by this group"), 0
+                        return (
+                            "none",
+                            None,
+                            (f"{name}'s output is also read by {bad[0][1]!r} ({bad[0][0]}), not only by this group"),
+                            0,
+                        )
             return "norm", name, f"input IS {name}'s output on every call, read only by this group", idx
         if len(producers) != 1 and not all(p[0] in ("linear", "mul") for p in producers):
             return "none", None, "input has several producers", 0
@@ -271,8 +300,13 @@ def _is_candidate(m: nn.Module) -> bool:
     return len(kids) == 1 and isinstance(getattr(m, "dense", None), nn.Linear)
 
 
-def trace_forward(model: nn.Module, run: Callable[[nn.Module], Any], linear_names: list[str],
-                  extra_hooks: Callable[[], Any] | None = None, sdpa: Callable | None = None) -> Trace:
+def trace_forward(
+    model: nn.Module,
+    run: Callable[[nn.Module], Any],
+    linear_names: list[str],
+    extra_hooks: Callable[[], Any] | None = None,
+    sdpa: Callable | None = None,
+) -> Trace:
     """Run ``run(model)`` once under the tracer; returns the Trace (hooks removed)."""
     tr = Trace(model, linear_names)
     try:
@@ -285,9 +319,15 @@ def trace_forward(model: nn.Module, run: Callable[[nn.Module], Any], linear_name
 
 # ---- numeric check of a norm fold ---------------------------------------------------------------
 
-def verify_norm_fold(norm: nn.Module, arg_shapes: list, out_index: int, inv_smooth: torch.Tensor,
-                     fold: Callable[[nn.Module, torch.Tensor, float | None], None], seed: int = 0,
-                     ) -> tuple[float | None, float]:
+
+def verify_norm_fold(
+    norm: nn.Module,
+    arg_shapes: list,
+    out_index: int,
+    inv_smooth: torch.Tensor,
+    fold: Callable[[nn.Module, torch.Tensor, float | None], None],
+    seed: int = 0,
+) -> tuple[float | None, float]:
     """Find the weight offset for which folding makes ``norm`` emit output * inv_smooth.
 
     Tries the module's own ``offset`` attribute, then 0 (Llama/Qwen: y = n(x) * w) and 1
@@ -340,9 +380,11 @@ def verify_norm_fold(norm: nn.Module, arg_shapes: list, out_index: int, inv_smoo
 
 # ---- attention logits through SDPA (HF-style attention) --------------------------------------------
 
+
 @torch.no_grad()
-def sdpa_logits(q, k, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                **_) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sdpa_logits(
+    q, k, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **_
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits fp32 (B, H, Tq, Tk), bool mask or None) of one scaled_dot_product_attention call."""
     h = q.shape[-3]
     if k.shape[-3] != h:
@@ -374,8 +416,13 @@ class _SDPAMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.cb(*args, **kwargs)
-        elif self.softmax_cb is not None and _fname(func) in _SOFTMAX and args \
-                and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+        elif (
+            self.softmax_cb is not None
+            and _fname(func) in _SOFTMAX
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and args[0].dim() == 4
+        ):
             self.softmax_cb(args[0])
         return func(*args, **kwargs)
 
@@ -415,6 +462,7 @@ class attention_logit_scope:
         def push(name):
             def pre(_m, _a):
                 self.stack.append(name)  # returns None: the inputs stay as they are
+
             return pre
 
         def pop(_m, _a, _o):

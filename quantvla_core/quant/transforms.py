@@ -10,6 +10,7 @@ Nothing here adds a pass over the activations at inference: the weight side is f
 and the activation side is either folded into the preceding norm / linear (``fold_*``) or done
 inside the activation-quantization step of QuantLinear (the kernels take ``inv_smooth``).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,6 +26,7 @@ ROTATIONS = ("hadamard", "svd")
 @dataclass
 class InputTransform:
     """The activation-side transform of one linear: x -> rotate(permute(x * inv_smooth))."""
+
     inv_smooth: torch.Tensor | None = None  # (K,) float32
     perm: torch.Tensor | None = None  # (K,) integer: x'[:, j] = x[:, perm[j]]
     rotation: torch.Tensor | None = None  # (B, B) shared or (K // B, B, B) per block, orthogonal
@@ -119,13 +121,19 @@ def svd_rotation(w: torch.Tensor, block: int) -> torch.Tensor:
     nb = k // block
     blocks = []
     for i in range(nb):
-        _, _, vh = torch.linalg.svd(w[:, i * block:(i + 1) * block].to(torch.float64), full_matrices=True)
+        _, _, vh = torch.linalg.svd(w[:, i * block : (i + 1) * block].to(torch.float64), full_matrices=True)
         blocks.append(vh.T)
     return torch.stack(blocks)
 
 
-def build_transform(names: tuple[str, ...], weights: list[torch.Tensor], act_absmax: torch.Tensor | None,
-                    strength: float = 0.5, rotation: str = "hadamard", block: int = 64) -> InputTransform:
+def build_transform(
+    names: tuple[str, ...],
+    weights: list[torch.Tensor],
+    act_absmax: torch.Tensor | None,
+    strength: float = 0.5,
+    rotation: str = "hadamard",
+    block: int = 64,
+) -> InputTransform:
     """Compute the transform for linears sharing one input (their weights listed)."""
     unknown = [n for n in names if n not in TRANSFORM_NAMES]
     if unknown:
@@ -158,6 +166,7 @@ def build_transform(names: tuple[str, ...], weights: list[torch.Tensor], act_abs
 
 # ---- folding the activation side into neighbouring modules ------------------------------------
 
+
 def fold_smoothing_into_norm(norm: nn.Module, inv_smooth: torch.Tensor, offset: float | None = None) -> None:
     """Make a norm emit x / s: RMSNorm (weight with optional `offset`) or AdaRMSNorm (`dense`).
 
@@ -175,12 +184,15 @@ def fold_smoothing_into_norm(norm: nn.Module, inv_smooth: torch.Tensor, offset: 
             if dense.out_features != 3 * d:
                 raise ValueError(f"adaRMS dense has {dense.out_features} outputs, expected 3*{d}")
             w = dense.weight.data.to(torch.float64)
-            b = dense.bias.data.to(torch.float64) if dense.bias is not None else \
-                torch.zeros(3 * d, dtype=torch.float64, device=w.device)
+            b = (
+                dense.bias.data.to(torch.float64)
+                if dense.bias is not None
+                else torch.zeros(3 * d, dtype=torch.float64, device=w.device)
+            )
             w[:d] *= inv[:, None]
             b[:d] = (1 + b[:d]) * inv - 1
-            w[d:2 * d] *= inv[:, None]
-            b[d:2 * d] *= inv
+            w[d : 2 * d] *= inv[:, None]
+            b[d : 2 * d] *= inv
             dense.weight.data.copy_(w.to(dense.weight.dtype))
             if dense.bias is None:
                 dense.bias = nn.Parameter(b.to(dense.weight.dtype))

@@ -4,6 +4,7 @@ Quantization calibrates on unlabeled observations from the robot's own distribut
 MT10 policies that is frames of the demos. Only images, instruction and state are written:
 calibration never sees actions.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,14 @@ def export_calibration(demo_folder: str | Path, out: str | Path, n: int = 128, s
                 if not cv2.imwrite(str(tmp / name), demos.images[r, c][:, :, ::-1]):
                     raise OSError(f"cannot write {tmp / name}")
                 names.append(name)
-            lines.append(json.dumps({"images": names, "instruction": str(demos.episode_instruction[e]),
-                                     "state": [float(x) for x in demos.states[r]]}))
+            lines.append(
+                json.dumps(
+                    {
+                        "images": names,
+                        "instruction": str(demos.episode_instruction[e]),
+                        "state": [float(x) for x in demos.states[r]],
+                    }
+                )
+            )
         (tmp / "observations.jsonl").write_text("\n".join(lines) + "\n")
     return Path(out)

@@ -3,6 +3,7 @@
 `register(subparsers)` is called by quantvla_core/cli.py; each subcommand sets `func(args)`
 returning an exit code. `python -m quantvla_core.sim.cli ...` works on its own as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,14 +14,30 @@ import sys
 def _env_args(p: argparse.ArgumentParser) -> None:
     from quantvla_core.sim import env
 
-    p.add_argument("--tasks", nargs="+", default=list(env.TASKS), metavar="TASK", choices=env.TASKS,
-                   help="MT10 tasks (default: all ten)")
-    p.add_argument("--cameras", nargs="+", default=list(env.DEFAULT_CAMERAS),
-                   choices=env.CAMERAS, help="cameras, in image order (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=env.DEFAULT_IMAGE_SIZE,
-                   help="square image side in pixels (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=env.DEFAULT_MAX_STEPS,
-                   help="episode step limit (default: %(default)s)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(env.TASKS),
+        metavar="TASK",
+        choices=env.TASKS,
+        help="MT10 tasks (default: all ten)",
+    )
+    p.add_argument(
+        "--cameras",
+        nargs="+",
+        default=list(env.DEFAULT_CAMERAS),
+        choices=env.CAMERAS,
+        help="cameras, in image order (default: %(default)s)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=env.DEFAULT_IMAGE_SIZE,
+        help="square image side in pixels (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-steps", type=int, default=env.DEFAULT_MAX_STEPS, help="episode step limit (default: %(default)s)"
+    )
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default: 2)")
 
 
@@ -33,14 +50,14 @@ def _settings(args):
 def _run_demos(args) -> int:
     from quantvla_core.sim.demos import generate_demos
 
-    index = generate_demos(args.out, args.tasks, args.per_task, args.workers, _settings(args),
-                           chunk=args.chunk)
-    print(f"{index['episodes']} episodes, {index['steps']} steps in {index['seconds']} s "
-          f"-> {args.out}")
+    index = generate_demos(args.out, args.tasks, args.per_task, args.workers, _settings(args), chunk=args.chunk)
+    print(f"{index['episodes']} episodes, {index['steps']} steps in {index['seconds']} s -> {args.out}")
     for task, row in index["tasks"].items():
         rate = row["expert_success"]
-        print(f"  {task:<26} {row['episodes']:>4} / {row['attempted']:<4} "
-              f"expert success {'-' if rate is None else f'{100 * rate:.0f}%'}")
+        print(
+            f"  {task:<26} {row['episodes']:>4} / {row['attempted']:<4} "
+            f"expert success {'-' if rate is None else f'{100 * rate:.0f}%'}"
+        )
     return 0
 
 
@@ -58,14 +75,23 @@ def _run_eval(args) -> int:
         return 2
     overlap = sorted(set(args.eval_seeds) & set(env.TRAIN_SEEDS))
     if overlap:
-        print(f"--eval-seeds {overlap} are demo (training) seeds; accepted: any seed outside "
-              f"{list(env.TRAIN_SEEDS)} (held-out: {list(env.EVAL_SEEDS)}, validation: "
-              f"{list(env.VALIDATION_SEEDS)})", file=sys.stderr)
+        print(
+            f"--eval-seeds {overlap} are demo (training) seeds; accepted: any seed outside "
+            f"{list(env.TRAIN_SEEDS)} (held-out: {list(env.EVAL_SEEDS)}, validation: "
+            f"{list(env.VALIDATION_SEEDS)})",
+            file=sys.stderr,
+        )
         return 2
-    cfg = EvalConfig(tasks=tuple(args.tasks), episodes_per_task=args.episodes,
-                     replan_steps=args.replan_steps, workers=args.workers,
-                     settings=_settings(args), device=args.device, seed=args.seed,
-                     eval_seeds=tuple(args.eval_seeds))
+    cfg = EvalConfig(
+        tasks=tuple(args.tasks),
+        episodes_per_task=args.episodes,
+        replan_steps=args.replan_steps,
+        workers=args.workers,
+        settings=_settings(args),
+        device=args.device,
+        seed=args.seed,
+        eval_seeds=tuple(args.eval_seeds),
+    )
     report = evaluate(args.policy, cfg)
     paths = save_report(report, args.out)
     print(format_table(report))
@@ -77,12 +103,14 @@ def _run_eval(args) -> int:
 
 def _run_calib(args) -> int:
     from quantvla_core.sim.calib_export import export_calibration
+
     print(f"calibration folder: {export_calibration(args.demos, args.out, args.n)}")
     return 0
 
 
 def _run_bundle(args) -> int:
     from quantvla_core.sim.compact import write_bundle
+
     info = write_bundle(args.demos, args.out, every=args.every, codec=args.codec)
     print(f"{info['rows']} observations, {info['bytes'] / 2**20:.1f} MiB ({info['format']}) -> {args.out}")
     return 0
@@ -95,8 +123,7 @@ def register(subparsers) -> None:
     sim_sub = sim.add_subparsers(dest="sim_command", required=True)
     demos = sim_sub.add_parser("demos", help="record scripted-expert demonstrations")
     demos.add_argument("--out", default="runs/demos", help="shard folder (default: %(default)s)")
-    demos.add_argument("--per-task", type=int, default=50,
-                       help="successful episodes per task (default: %(default)s)")
+    demos.add_argument("--per-task", type=int, default=50, help="successful episodes per task (default: %(default)s)")
     demos.add_argument("--chunk", type=int, default=10, help="episodes per shard/job")
     _env_args(demos)
     demos.set_defaults(func=_run_demos)
@@ -111,25 +138,43 @@ def register(subparsers) -> None:
     bun.add_argument("--demos", default="runs/demos", help="demo shard folder (default: %(default)s)")
     bun.add_argument("--out", required=True, help=".npz file to write")
     bun.add_argument("--every", type=int, default=3, help="keep every k-th observation (default: %(default)s)")
-    bun.add_argument("--codec", default="video", choices=("video", "jpeg"),
-                     help="video: mp4v per episode and camera (~1 KB/frame); jpeg: q70 per image")
+    bun.add_argument(
+        "--codec",
+        default="video",
+        choices=("video", "jpeg"),
+        help="video: mp4v per episode and camera (~1 KB/frame); jpeg: q70 per image",
+    )
     bun.set_defaults(func=_run_bundle)
 
     ev = subparsers.add_parser("eval", help="closed-loop success rates of policies on MT10")
     ev.add_argument("--sim", default="mt10", help="benchmark (only: mt10)")
-    ev.add_argument("--policy", action="append", required=True, metavar="SPEC",
-                    help="repeatable: 'expert', 'default', a preset or a model/artifact dir; "
-                         "NAME=SPEC gives it a display name")
+    ev.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="repeatable: 'expert', 'default', a preset or a model/artifact dir; NAME=SPEC gives it a display name",
+    )
     ev.add_argument("--episodes", type=int, default=20, help="episodes per task (default: 20)")
-    ev.add_argument("--replan-steps", type=int, default=16,
-                    help="actions executed from each chunk before re-inferring (default: %(default)s = the "
-                         "default policy's whole chunk; replanning more often did worse on MT10)")
+    ev.add_argument(
+        "--replan-steps",
+        type=int,
+        default=16,
+        help="actions executed from each chunk before re-inferring (default: %(default)s = the "
+        "default policy's whole chunk; replanning more often did worse on MT10)",
+    )
     ev.add_argument("--device", default="cpu", help="torch device for the policies")
     ev.add_argument("--seed", type=int, default=0, help="policy sampling seed")
-    ev.add_argument("--eval-seeds", type=int, nargs="+", default=list(env.EVAL_SEEDS),
-                    metavar="SEED", help="Meta-World seeds whose starts are run (50 each, taken "
-                    "in order; default: the held-out %(default)s; validation for choosing "
-                    f"between candidates: {list(env.VALIDATION_SEEDS)})")
+    ev.add_argument(
+        "--eval-seeds",
+        type=int,
+        nargs="+",
+        default=list(env.EVAL_SEEDS),
+        metavar="SEED",
+        help="Meta-World seeds whose starts are run (50 each, taken "
+        "in order; default: the held-out %(default)s; validation for choosing "
+        f"between candidates: {list(env.VALIDATION_SEEDS)})",
+    )
     ev.add_argument("--out", default="runs/eval", help="report folder (default: %(default)s)")
     ev.add_argument("--json", action="store_true", help="also print the JSON report")
     _env_args(ev)

@@ -9,6 +9,7 @@ stores each (episode, camera) as one MPEG-4 Part 2 video (`mp4v`, ~1 KB a frame 
 step, 31 dB), since consecutive frames are nearly identical. Both are lossy; neither is used
 for evaluation, only for training.
 """
+
 from __future__ import annotations
 
 import io
@@ -60,13 +61,16 @@ def _decode_video(blob: np.ndarray, expected: int, name: str) -> np.ndarray:
             frames.append(f[:, :, ::-1])
         cap.release()
     if len(frames) != expected:
-        raise ValueError(f"video stream {name}: decoded {len(frames)} frames, expected {expected} "
-                         "(corrupt bundle, or OpenCV without FFMPEG)")
+        raise ValueError(
+            f"video stream {name}: decoded {len(frames)} frames, expected {expected} "
+            "(corrupt bundle, or OpenCV without FFMPEG)"
+        )
     return np.stack(frames)
 
 
-def write_bundle(demo_folder: str | Path, out: str | Path, every: int = 3, quality: int = 70,
-                 codec: str = "jpeg") -> dict:
+def write_bundle(
+    demo_folder: str | Path, out: str | Path, every: int = 3, quality: int = 70, codec: str = "jpeg"
+) -> dict:
     """Pack demo shards into one .npz; codec 'jpeg' (v1) or 'video' (v2, mp4v per episode/camera)."""
     if codec not in ("jpeg", "video"):
         raise ValueError(f"codec {codec!r}: accepted 'jpeg' or 'video'")
@@ -92,11 +96,23 @@ def write_bundle(demo_folder: str | Path, out: str | Path, every: int = 3, quali
                 blobs.append(np.frombuffer(_encode_video(d.images[r, c]), np.uint8))
         fmt, extra = FORMAT_VIDEO, {"stream_rows": np.bincount(episode_of_row, minlength=len(d.episode_starts) - 1)}
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-    arrays = dict(format=np.array(fmt), rows=rows.astype(np.int64), jpeg=np.concatenate(blobs),
-                  jpeg_offsets=offsets, cameras=np.array(d.cameras), image_shape=np.array(d.images.shape[1:]),
-                  states=d.states, actions=d.actions, episode_starts=d.episode_starts,
-                  episode_task=d.episode_task, episode_seed=d.episode_seed, episode_index=d.episode_index,
-                  episode_instruction=d.episode_instruction, tasks=np.array(d.tasks), **extra)
+    arrays = dict(
+        format=np.array(fmt),
+        rows=rows.astype(np.int64),
+        jpeg=np.concatenate(blobs),
+        jpeg_offsets=offsets,
+        cameras=np.array(d.cameras),
+        image_shape=np.array(d.images.shape[1:]),
+        states=d.states,
+        actions=d.actions,
+        episode_starts=d.episode_starts,
+        episode_task=d.episode_task,
+        episode_seed=d.episode_seed,
+        episode_index=d.episode_index,
+        episode_instruction=d.episode_instruction,
+        tasks=np.array(d.tasks),
+        **extra,
+    )
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(out, buf.getvalue())
@@ -118,7 +134,7 @@ def read_bundle(path: str | Path, workers: int | None = None) -> tuple[DemoSet, 
         for i in range(len(a["rows"])):
             for j in range(c):
                 k = i * c + j
-                img = cv2.imdecode(a["jpeg"][off[k]:off[k + 1]], cv2.IMREAD_COLOR)
+                img = cv2.imdecode(a["jpeg"][off[k] : off[k + 1]], cv2.IMREAD_COLOR)
                 images[i, j] = img[:, :, ::-1]
     else:
         counts = a["stream_rows"]
@@ -126,15 +142,24 @@ def read_bundle(path: str | Path, workers: int | None = None) -> tuple[DemoSet, 
 
         def decode(k: int) -> None:
             e, j = divmod(k, c)
-            frames = _decode_video(a["jpeg"][off[k]:off[k + 1]], int(counts[e]), f"episode {e} camera {j}")
-            images[first[e]:first[e + 1], j] = frames
+            frames = _decode_video(a["jpeg"][off[k] : off[k + 1]], int(counts[e]), f"episode {e} camera {j}")
+            images[first[e] : first[e + 1], j] = frames
 
         with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
             list(pool.map(decode, range(len(counts) * c)))
-    demo = DemoSet(images=images, states=a["states"], actions=a["actions"], episode_starts=a["episode_starts"],
-                   episode_task=a["episode_task"], episode_seed=a["episode_seed"], episode_index=a["episode_index"],
-                   episode_instruction=a["episode_instruction"], tasks=tuple(str(t) for t in a["tasks"]),
-                   cameras=tuple(str(x) for x in a["cameras"]), meta={})
+    demo = DemoSet(
+        images=images,
+        states=a["states"],
+        actions=a["actions"],
+        episode_starts=a["episode_starts"],
+        episode_task=a["episode_task"],
+        episode_seed=a["episode_seed"],
+        episode_index=a["episode_index"],
+        episode_instruction=a["episode_instruction"],
+        tasks=tuple(str(t) for t in a["tasks"]),
+        cameras=tuple(str(x) for x in a["cameras"]),
+        meta={},
+    )
     return demo, a["rows"]
 
 

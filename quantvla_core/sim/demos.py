@@ -6,6 +6,7 @@ recorded again, so an interrupted run resumes and a larger `per_task` tops a fol
 Starts are taken in a fixed order from TRAIN_SEEDS; a task whose expert failed on some starts
 gets more starts in the next round until it has `per_task` successes (or starts run out).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,18 @@ from quantvla_core.fileio import atomic_write_json
 
 import numpy as np
 
-from quantvla_core.sim.env import (DEFAULT_CAMERAS, DEFAULT_GOAL_MARKER_SCALE,
-                                   DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS, TASKS, TRAIN_SEEDS,
-                                   MT10Env, StartState, check_task, starts_for)
+from quantvla_core.sim.env import (
+    DEFAULT_CAMERAS,
+    DEFAULT_GOAL_MARKER_SCALE,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_STEPS,
+    TASKS,
+    TRAIN_SEEDS,
+    MT10Env,
+    StartState,
+    check_task,
+    starts_for,
+)
 from quantvla_core.sim.shards import Episode, read_shard, write_shard
 
 
@@ -33,8 +43,7 @@ class EnvSettings:
     goal_marker_scale: float = DEFAULT_GOAL_MARKER_SCALE
 
     def make(self, task: str) -> MT10Env:
-        return MT10Env(task, self.cameras, self.image_size, self.max_steps,
-                       self.goal_marker_scale)
+        return MT10Env(task, self.cameras, self.image_size, self.max_steps, self.goal_marker_scale)
 
 
 @dataclass
@@ -62,8 +71,7 @@ def cached_env(task: str, settings: EnvSettings) -> MT10Env:
     return _ENVS[key]
 
 
-def record_episode(env: MT10Env, expert, start: StartState,
-                   after_success: int = 0) -> tuple[Episode, bool]:
+def record_episode(env: MT10Env, expert, start: StartState, after_success: int = 0) -> tuple[Episode, bool]:
     """Run the expert from `start`; the episode holds each observation and its action.
 
     Episodes end at the first success (on Meta-World's success radius); after_success = K > 0
@@ -79,8 +87,9 @@ def record_episode(env: MT10Env, expert, start: StartState,
         past += env.success
         obs, info = env.step(action)
     env.stop_at_success = True
-    ep = Episode(start.task, start.seed, start.index, env.instruction, np.stack(images),
-                 np.stack(states), np.stack(actions))
+    ep = Episode(
+        start.task, start.seed, start.index, env.instruction, np.stack(images), np.stack(states), np.stack(actions)
+    )
     return ep, env.success
 
 
@@ -104,12 +113,14 @@ def run_job(args) -> JobResult:
         (episodes if ok else failures).append(ep if ok else [start.seed, start.index])
     shard = None
     if episodes:
-        meta = {"image_size": settings.image_size, "max_steps": settings.max_steps,
-                "goal_marker_scale": settings.goal_marker_scale, "source": "metaworld expert"}
-        shard = str(write_shard(Path(out_dir) / shard_name(starts), episodes,
-                                settings.cameras, meta))
-    return JobResult(task, len(starts), len(episodes), steps, time.perf_counter() - t0,
-                     shard, failures)
+        meta = {
+            "image_size": settings.image_size,
+            "max_steps": settings.max_steps,
+            "goal_marker_scale": settings.goal_marker_scale,
+            "source": "metaworld expert",
+        }
+        shard = str(write_shard(Path(out_dir) / shard_name(starts), episodes, settings.cameras, meta))
+    return JobResult(task, len(starts), len(episodes), steps, time.perf_counter() - t0, shard, failures)
 
 
 def _prior_shards(out: Path, tasks) -> list[tuple[JobResult, set]]:
@@ -126,8 +137,7 @@ def _prior_shards(out: Path, tasks) -> list[tuple[JobResult, set]]:
             path.unlink()
             continue
         keys = set(zip(shard.episode_seed.tolist(), shard.episode_index.tolist()))
-        found.append((JobResult(task, len(keys), len(keys), len(shard.actions), 0.0, str(path)),
-                      keys))
+        found.append((JobResult(task, len(keys), len(keys), len(shard.actions), 0.0, str(path)), keys))
     return found
 
 
@@ -135,22 +145,27 @@ def _prior_failures(out: Path, tasks) -> dict[str, set]:
     """Starts an earlier run's index recorded as expert failures (deterministic: not retried)."""
     try:
         index = json.loads((out / "index.json").read_text())
-        return {t: {tuple(f) for f in index["tasks"][t]["failed_starts"]}
-                for t in tasks if t in index.get("tasks", {})}
+        return {t: {tuple(f) for f in index["tasks"][t]["failed_starts"]} for t in tasks if t in index.get("tasks", {})}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
 
-def generate_demos(out_dir, tasks=TASKS, per_task: int = 50, workers: int = 2,
-                   settings: EnvSettings = EnvSettings(), chunk: int = 10,
-                   seeds=TRAIN_SEEDS, progress: bool = True) -> dict:
+def generate_demos(
+    out_dir,
+    tasks=TASKS,
+    per_task: int = 50,
+    workers: int = 2,
+    settings: EnvSettings = EnvSettings(),
+    chunk: int = 10,
+    seeds=TRAIN_SEEDS,
+    progress: bool = True,
+) -> dict:
     """Make `per_task` successful expert episodes per task in `out_dir`; returns the index."""
     from tqdm import tqdm
 
     tasks = [check_task(t) for t in tasks]
     if per_task < 1 or workers < 1 or chunk < 1:
-        raise ValueError(f"per_task, workers and chunk must be >= 1, got "
-                         f"{per_task}, {workers}, {chunk}")
+        raise ValueError(f"per_task, workers and chunk must be >= 1, got {per_task}, {workers}, {chunk}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Whatever the folder already holds counts, whichever per_task/chunk made it: a larger
@@ -167,23 +182,27 @@ def generate_demos(out_dir, tasks=TASKS, per_task: int = 50, workers: int = 2,
         if failed:
             results.append(JobResult(t, len(failed), 0, 0, 0.0, None, sorted(map(list, failed))))
             covered[t] |= failed
-    pending = {t: [s for s in starts_for(t, seeds) if (s.seed, s.index) not in covered[t]]
-               for t in tasks}
+    pending = {t: [s for s in starts_for(t, seeds) if (s.seed, s.index) not in covered[t]] for t in tasks}
     t0 = time.perf_counter()
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    bar = tqdm(total=per_task * len(tasks), desc="expert demos", unit="ep", disable=not progress,
-               initial=sum(min(per_task, n) for n in done.values()))
+    bar = tqdm(
+        total=per_task * len(tasks),
+        desc="expert demos",
+        unit="ep",
+        disable=not progress,
+        initial=sum(min(per_task, n) for n in done.values()),
+    )
     try:
         while True:
             jobs = []
             for t in tasks:
                 need = max(0, min(per_task - done[t], len(pending[t])))
                 take, pending[t] = pending[t][:need], pending[t][need:]
-                jobs += [take[i:i + chunk] for i in range(0, len(take), chunk)]
+                jobs += [take[i : i + chunk] for i in range(0, len(take), chunk)]
             if not jobs:
                 break
             args = [(job, str(out), settings) for job in jobs]
-            for res in (pool.imap_unordered(run_job, args) if pool else map(run_job, args)):
+            for res in pool.imap_unordered(run_job, args) if pool else map(run_job, args):
                 _collect(res, results, done, bar)
     finally:
         bar.close()
@@ -199,8 +218,7 @@ def _collect(res: JobResult, results: list, done: dict, bar) -> None:
     results.append(res)
     done[res.task] += res.succeeded
     bar.update(res.succeeded)
-    bar.set_postfix(task=res.task.removesuffix("-v3"), fails=sum(r.attempted - r.succeeded
-                                                                  for r in results))
+    bar.set_postfix(task=res.task.removesuffix("-v3"), fails=sum(r.attempted - r.succeeded for r in results))
 
 
 def _index(results, tasks, settings: EnvSettings, seconds: float, workers: int) -> dict:
@@ -208,16 +226,26 @@ def _index(results, tasks, settings: EnvSettings, seconds: float, workers: int) 
     for t in tasks:
         rs = [r for r in results if r.task == t]
         ok, tried = sum(r.succeeded for r in rs), sum(r.attempted for r in rs)
-        per_task[t] = {"episodes": ok, "attempted": tried,
-                       "expert_success": ok / tried if tried else None,
-                       "failed_starts": [f for r in rs for f in r.failures]}
-    return {"format": "quantvla-mt10-demos-index", "version": 1,
-            "cameras": list(settings.cameras), "image_size": settings.image_size,
-            "max_steps": settings.max_steps, "goal_marker_scale": settings.goal_marker_scale,
-            "episodes": sum(v["episodes"] for v in per_task.values()),
-            "steps": sum(r.steps for r in results), "seconds": round(seconds, 1),
-            "workers": workers, "tasks": per_task,
-            "shards": sorted(os.path.basename(r.shard) for r in results if r.shard)}
+        per_task[t] = {
+            "episodes": ok,
+            "attempted": tried,
+            "expert_success": ok / tried if tried else None,
+            "failed_starts": [f for r in rs for f in r.failures],
+        }
+    return {
+        "format": "quantvla-mt10-demos-index",
+        "version": 1,
+        "cameras": list(settings.cameras),
+        "image_size": settings.image_size,
+        "max_steps": settings.max_steps,
+        "goal_marker_scale": settings.goal_marker_scale,
+        "episodes": sum(v["episodes"] for v in per_task.values()),
+        "steps": sum(r.steps for r in results),
+        "seconds": round(seconds, 1),
+        "workers": workers,
+        "tasks": per_task,
+        "shards": sorted(os.path.basename(r.shard) for r in results if r.shard),
+    }
 
 
 def _write_json(path: Path, data: dict) -> None:

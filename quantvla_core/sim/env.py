@@ -9,6 +9,7 @@ Rendering uses `mujoco.Renderer` directly with the cheap settings (no multisampl
 reflections or skybox): the gymnasium viewer renders a large shadow map every frame and, once
 its flags are changed, can produce black frames in later environments of the same process.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -25,9 +26,16 @@ import numpy as np  # noqa: E402
 from quantvla_core.sim.instructions import INSTRUCTIONS, instruction_for  # noqa: E402
 
 TASKS: tuple[str, ...] = (
-    "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
-    "drawer-close-v3", "button-press-topdown-v3", "peg-insert-side-v3",
-    "window-open-v3", "window-close-v3",
+    "reach-v3",
+    "push-v3",
+    "pick-place-v3",
+    "door-open-v3",
+    "drawer-open-v3",
+    "drawer-close-v3",
+    "button-press-topdown-v3",
+    "peg-insert-side-v3",
+    "window-open-v3",
+    "window-close-v3",
 )
 # Each seed gives 50 start states per task. Demos come from TRAIN_SEEDS, evaluation from
 # EVAL_SEEDS only, so evaluation starts are never seen in training.
@@ -104,9 +112,14 @@ def _load_triton_before_egl() -> None:
 class MT10Env:
     """One MT10 task with rendering; `reset(seed, index)` then `step(action)` until `done`."""
 
-    def __init__(self, task: str, cameras=DEFAULT_CAMERAS, image_size: int = DEFAULT_IMAGE_SIZE,
-                 max_steps: int = DEFAULT_MAX_STEPS,
-                 goal_marker_scale: float = DEFAULT_GOAL_MARKER_SCALE):
+    def __init__(
+        self,
+        task: str,
+        cameras=DEFAULT_CAMERAS,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        goal_marker_scale: float = DEFAULT_GOAL_MARKER_SCALE,
+    ):
         _load_triton_before_egl()
         import mujoco
 
@@ -133,8 +146,11 @@ class MT10Env:
                 if model.site(site_id).name == "goal":
                     model.site_size[site_id] *= goal_marker_scale
         self._renderer = mujoco.Renderer(model, self.image_size, self.image_size)
-        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
-                     mujoco.mjtRndFlag.mjRND_SKYBOX):
+        for flag in (
+            mujoco.mjtRndFlag.mjRND_SHADOW,
+            mujoco.mjtRndFlag.mjRND_REFLECTION,
+            mujoco.mjtRndFlag.mjRND_SKYBOX,
+        ):
             self._renderer.scene.flags[flag] = 0
         # Registered after the GL context exists, so it runs before mujoco's own atexit
         # eglTerminate; freeing a context after that raises EGL errors at shutdown.
@@ -164,8 +180,7 @@ class MT10Env:
         self._mujoco.mj_forward(self._env.model, self._env.data)
         self._env._prev_obs = self._env._get_curr_obs_combined_no_goal().copy()
         self.sim_obs = self._env._get_obs().astype(np.float64)
-        self.instruction = instruction or instruction_for(
-            self.task, instruction_variant(self.start))
+        self.instruction = instruction or instruction_for(self.task, instruction_variant(self.start))
         self.steps = 0
         self.success = False
         return self.observation()
@@ -178,13 +193,13 @@ class MT10Env:
             raise RuntimeError("episode is over (success or max_steps); call reset()")
         action = np.asarray(action, dtype=np.float32)
         if action.shape != (ACTION_DIM,) or not np.all(np.isfinite(action)):
-            raise ValueError(f"action must be {ACTION_DIM} finite floats in [-1, 1] "
-                             f"(dx, dy, dz, grip); got shape {action.shape}")
+            raise ValueError(
+                f"action must be {ACTION_DIM} finite floats in [-1, 1] (dx, dy, dz, grip); got shape {action.shape}"
+            )
         self.sim_obs, _, _, _, info = self._env.step(np.clip(action, -1.0, 1.0))
         self.steps += 1
         self.success = self.success or bool(info["success"])
-        return self.observation(), {"success": self.success, "steps": self.steps,
-                                    "done": self.done}
+        return self.observation(), {"success": self.success, "steps": self.steps, "done": self.done}
 
     @property
     def done(self) -> bool:
@@ -207,8 +222,11 @@ class MT10Env:
         return np.asarray(self._env.tcp_center, np.float64).copy()
 
     def observation(self) -> dict:
-        return {"images": self.render(), "instruction": self.instruction,
-                "state": self.sim_obs[:STATE_DIM].astype(np.float32)}
+        return {
+            "images": self.render(),
+            "instruction": self.instruction,
+            "state": self.sim_obs[:STATE_DIM].astype(np.float32),
+        }
 
     def render(self) -> list[np.ndarray]:
         """One HxWx3 uint8 RGB image per camera, right way up."""

@@ -9,6 +9,7 @@ Policies given as strings are loaded inside the worker processes:
   'noop'    holds still (a lower bound)
   anything else -> quantvla_core.policy.Policy.load(spec, device=...)
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -91,8 +92,10 @@ def _check_spec(spec: str) -> None:
 
     if spec in ("expert", "noop", "default", "default-w4a8") or spec in PRESETS or Path(spec).is_dir():
         return
-    raise ValueError(f"policy {spec!r} is neither 'expert', 'noop', 'default', 'default-w4a8', a preset "
-                     f"({', '.join(PRESETS)}) nor a model directory")
+    raise ValueError(
+        f"policy {spec!r} is neither 'expert', 'noop', 'default', 'default-w4a8', a preset "
+        f"({', '.join(PRESETS)}) nor a model directory"
+    )
 
 
 def parse_policy_specs(specs) -> list[tuple[str, object]]:
@@ -152,9 +155,11 @@ class EpisodeTrace:
         self.final_goal = float(np.linalg.norm((hand if self.reach else obj) - self.goal))
 
     def result(self) -> dict:
-        return {"min_hand_target_m": round(self.min_hand_target, 4),
-                "object_moved_m": None if self.reach else round(self.object_moved, 4),
-                "final_goal_m": round(self.final_goal, 4)}
+        return {
+            "min_hand_target_m": round(self.min_hand_target, 4),
+            "object_moved_m": None if self.reach else round(self.object_moved, 4),
+            "final_goal_m": round(self.final_goal, 4),
+        }
 
 
 def run_episode(env, policy, start: StartState, replan_steps: int, seed: int) -> dict:
@@ -164,26 +169,33 @@ def run_episode(env, policy, start: StartState, replan_steps: int, seed: int) ->
     trace = EpisodeTrace(env)
     latencies = []
     while not env.done:
-        call_seed = zlib.crc32(f"{seed}/{start.task}/{start.seed}/{start.index}/{env.steps}"
-                               .encode())
+        call_seed = zlib.crc32(f"{seed}/{start.task}/{start.seed}/{start.index}/{env.steps}".encode())
         t0 = time.perf_counter()
         if getattr(policy, "needs_sim_state", False):
-            chunk = policy.predict(_observation(obs), seed=call_seed, sim_obs=env.sim_obs,
-                                   task=env.task)
+            chunk = policy.predict(_observation(obs), seed=call_seed, sim_obs=env.sim_obs, task=env.task)
         else:
             chunk = policy.predict(_observation(obs), seed=call_seed)
         latencies.append(1000 * (time.perf_counter() - t0))
         actions = np.asarray(chunk.actions, dtype=np.float32)
         if actions.ndim != 2 or actions.shape[1] != ACTION_DIM or len(actions) == 0:
-            raise ValueError(f"policy returned actions of shape {actions.shape}; MT10 needs "
-                             f"(horizon >= 1, {ACTION_DIM}) = (dx, dy, dz, grip) in [-1, 1]")
+            raise ValueError(
+                f"policy returned actions of shape {actions.shape}; MT10 needs "
+                f"(horizon >= 1, {ACTION_DIM}) = (dx, dy, dz, grip) in [-1, 1]"
+            )
         for action in actions[:replan_steps]:
             obs, _ = env.step(action)
             trace.update(env)
             if env.done:
                 break
-    return {"task": start.task, "seed": start.seed, "index": start.index,
-            "success": env.success, "steps": env.steps, "latency_ms": latencies, **trace.result()}
+    return {
+        "task": start.task,
+        "seed": start.seed,
+        "index": start.index,
+        "success": env.success,
+        "steps": env.steps,
+        "latency_ms": latencies,
+        **trace.result(),
+    }
 
 
 _POLICIES: dict = {}  # per-process cache of loaded string specs
@@ -215,27 +227,23 @@ def evaluate(policies, cfg: EvalConfig = EvalConfig(), progress: bool = True) ->
     for t in cfg.tasks:
         check_task(t)
     if not 1 <= cfg.episodes_per_task <= 50 * len(cfg.eval_seeds):
-        raise ValueError(f"episodes_per_task must be in 1..{50 * len(cfg.eval_seeds)}, "
-                         f"got {cfg.episodes_per_task}")
+        raise ValueError(f"episodes_per_task must be in 1..{50 * len(cfg.eval_seeds)}, got {cfg.episodes_per_task}")
     if cfg.replan_steps < 1 or cfg.workers < 1:
-        raise ValueError(f"replan_steps and workers must be >= 1, got {cfg.replan_steps}, "
-                         f"{cfg.workers}")
+        raise ValueError(f"replan_steps and workers must be >= 1, got {cfg.replan_steps}, {cfg.workers}")
     threads = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers > 1 else 0
     jobs = []
     for name, spec in variants:
         for t in cfg.tasks:
-            starts = starts_for(t, cfg.eval_seeds)[:cfg.episodes_per_task]
+            starts = starts_for(t, cfg.eval_seeds)[: cfg.episodes_per_task]
             size = -(-len(starts) // cfg.jobs_per_task)
-            jobs += [(name, spec, starts[i:i + size], cfg, threads)
-                     for i in range(0, len(starts), size)]
+            jobs += [(name, spec, starts[i : i + size], cfg, threads) for i in range(0, len(starts), size)]
     in_workers = [cfg.workers > 1 and isinstance(j[1], str) for j in jobs]
     remote = [j for j, w in zip(jobs, in_workers) if w]
     local = [j for j, w in zip(jobs, in_workers) if not w]  # objects stay in this process
     episodes = {name: [] for name, _ in variants}
     describes = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=sum(len(j[2]) for j in jobs), desc="mt10 eval", unit="ep",
-               disable=not progress)
+    bar = tqdm(total=sum(len(j[2]) for j in jobs), desc="mt10 eval", unit="ep", disable=not progress)
     pool = mp.get_context("spawn").Pool(cfg.workers) if remote else None
     try:
         streams = [map(_run_job, local)]
@@ -251,8 +259,7 @@ def evaluate(policies, cfg: EvalConfig = EvalConfig(), progress: bool = True) ->
         if pool:
             pool.close()
             pool.join()
-    specs = {name: spec if isinstance(spec, str) else type(spec).__name__
-             for name, spec in variants}
+    specs = {name: spec if isinstance(spec, str) else type(spec).__name__ for name, spec in variants}
     return summarize(episodes, describes, specs, cfg, time.perf_counter() - t0)
 
 
@@ -261,20 +268,26 @@ def _failure_stages(failed: list[dict]) -> dict:
     goal (reach has no object: only the closest the hand came to the goal)."""
     if not failed or "min_hand_target_m" not in failed[0]:
         return {"count": len(failed)}
-    out = {"count": len(failed),
-           "median_min_hand_target_m": float(np.median([e["min_hand_target_m"] for e in failed])),
-           "median_final_goal_m": float(np.median([e["final_goal_m"] for e in failed]))}
+    out = {
+        "count": len(failed),
+        "median_min_hand_target_m": float(np.median([e["min_hand_target_m"] for e in failed])),
+        "median_final_goal_m": float(np.median([e["final_goal_m"] for e in failed])),
+    }
     if failed[0]["object_moved_m"] is not None:
         out["object_not_moved"] = sum(e["object_moved_m"] < OBJECT_MOVED_M for e in failed)
     return out
 
 
-def summarize(episodes: dict, describes: dict, specs: dict, cfg: EvalConfig,
-              seconds: float) -> dict:
+def summarize(episodes: dict, describes: dict, specs: dict, cfg: EvalConfig, seconds: float) -> dict:
     """Per-task and mean success with Wilson 95% intervals, lengths, latency, McNemar pairs."""
-    report = {"format": "quantvla-mt10-eval", "version": 1, "seconds": round(seconds, 1),
-              "config": {**asdict(cfg), "settings": asdict(cfg.settings)}, "variants": {},
-              "paired": []}
+    report = {
+        "format": "quantvla-mt10-eval",
+        "version": 1,
+        "seconds": round(seconds, 1),
+        "config": {**asdict(cfg), "settings": asdict(cfg.settings)},
+        "variants": {},
+        "paired": [],
+    }
     outcome = {}
     for name, eps in episodes.items():
         eps = sorted(eps, key=lambda e: (TASKS.index(e["task"]), e["seed"], e["index"]))
@@ -284,29 +297,40 @@ def summarize(episodes: dict, describes: dict, specs: dict, cfg: EvalConfig,
             te = [e for e in eps if e["task"] == t]
             k = sum(e["success"] for e in te)
             failed = [e for e in te if not e["success"]]
-            per_task[t] = {"successes": k, "episodes": len(te), "rate": k / len(te),
-                           "ci95": wilson_interval(k, len(te)),
-                           "mean_steps": float(np.mean([e["steps"] for e in te])),
-                           "failures": _failure_stages(failed)}
+            per_task[t] = {
+                "successes": k,
+                "episodes": len(te),
+                "rate": k / len(te),
+                "ci95": wilson_interval(k, len(te)),
+                "mean_steps": float(np.mean([e["steps"] for e in te])),
+                "failures": _failure_stages(failed),
+            }
         k, n = sum(e["success"] for e in eps), len(eps)
         lat = np.concatenate([e["latency_ms"] for e in eps]) if eps else np.zeros(0)
         report["variants"][name] = {
-            "spec": specs[name], "describe": describes.get(name, {}), "tasks": per_task,
-            "successes": k, "episodes": n,
+            "spec": specs[name],
+            "describe": describes.get(name, {}),
+            "tasks": per_task,
+            "successes": k,
+            "episodes": n,
             "mean_success": float(np.mean([v["rate"] for v in per_task.values()])),
             "mean_ci95": wilson_interval(k, n),
             "mean_steps": float(np.mean([e["steps"] for e in eps])),
-            "mean_steps_success": float(np.mean([e["steps"] for e in eps if e["success"]]))
-            if k else None,
-            "latency_ms": {"mean": float(lat.mean()), "p50": float(np.percentile(lat, 50)),
-                           "p95": float(np.percentile(lat, 95)), "calls": int(lat.size)},
-            "episode_outcomes": [[e["task"], e["seed"], e["index"], e["success"], e["steps"]]
-                                 for e in eps],
-            "episode_traces": [[e.get("min_hand_target_m"), e.get("object_moved_m"), e.get("final_goal_m")]
-                               for e in eps]}
+            "mean_steps_success": float(np.mean([e["steps"] for e in eps if e["success"]])) if k else None,
+            "latency_ms": {
+                "mean": float(lat.mean()),
+                "p50": float(np.percentile(lat, 50)),
+                "p95": float(np.percentile(lat, 95)),
+                "calls": int(lat.size),
+            },
+            "episode_outcomes": [[e["task"], e["seed"], e["index"], e["success"], e["steps"]] for e in eps],
+            "episode_traces": [
+                [e.get("min_hand_target_m"), e.get("object_moved_m"), e.get("final_goal_m")] for e in eps
+            ],
+        }
     names = list(episodes)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             keys = sorted(outcome[a])
             test = mcnemar_exact([outcome[a][k] for k in keys], [outcome[b][k] for k in keys])
             report["paired"].append({"a": a, "b": b, **test})

@@ -1,6 +1,7 @@
 """Meta-World's scripted experts, which read the full simulator state (object and goal
 positions) that the learned policy never sees. Used to make demonstrations and as an
 upper-bound policy in evaluation."""
+
 from __future__ import annotations
 
 import warnings

@@ -5,6 +5,7 @@ and window-open/close, so the instruction is what tells the policy which task to
 has several paraphrases so a policy cannot key on one exact string. Colours named here are the
 colours actually rendered (goal markers: reach red, push green, pick-place blue).
 """
+
 from __future__ import annotations
 
 INSTRUCTIONS: dict[str, tuple[str, ...]] = {

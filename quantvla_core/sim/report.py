@@ -1,4 +1,5 @@
 """Printed table, JSON and bar chart of an MT10 evaluation report (see evaluate.summarize)."""
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,15 @@ def format_table(report: dict) -> str:
     width = max(20, *(len(n) for n in names))
     lines = [f"{'task':<26}" + "".join(f"{n:>{width + 2}}" for n in names)]
     for t in tasks:
-        cells = [_pct(variants[n]["tasks"][t]["rate"], variants[n]["tasks"][t]["ci95"])
-                 for n in names]
+        cells = [_pct(variants[n]["tasks"][t]["rate"], variants[n]["tasks"][t]["ci95"]) for n in names]
         lines.append(f"{t:<26}" + "".join(f"{c:>{width + 2}}" for c in cells))
     rows = {
         "MEAN success %": [_pct(v["mean_success"], v["mean_ci95"]) for v in variants.values()],
         "episodes": [f"{v['successes']}/{v['episodes']}" for v in variants.values()],
         "mean steps": [f"{v['mean_steps']:.1f}" for v in variants.values()],
-        "latency ms mean/p95": [f"{v['latency_ms']['mean']:.1f}/{v['latency_ms']['p95']:.1f}"
-                                for v in variants.values()],
+        "latency ms mean/p95": [
+            f"{v['latency_ms']['mean']:.1f}/{v['latency_ms']['p95']:.1f}" for v in variants.values()
+        ],
     }
     lines.append("-" * len(lines[0]))
     for label, cells in rows.items():
@@ -38,9 +39,11 @@ def format_table(report: dict) -> str:
         lines.append("failed episodes: object never moved / failed (reach: failed @ median closest fingers-goal)")
         lines += stages
     for p in report["paired"]:
-        lines.append(f"McNemar {p['a']} vs {p['b']}: {p['a']} only {p['a_only']}, "
-                     f"{p['b']} only {p['b_only']}, both {p['both']}, neither {p['neither']}, "
-                     f"exact p = {p['p_value']:.4g}")
+        lines.append(
+            f"McNemar {p['a']} vs {p['b']}: {p['a']} only {p['a_only']}, "
+            f"{p['b']} only {p['b_only']}, both {p['both']}, neither {p['neither']}, "
+            f"exact p = {p['p_value']:.4g}"
+        )
     return "\n".join(lines)
 
 
@@ -72,6 +75,7 @@ MAX_GROUPED_VARIANTS = 6
 def starts_label(report: dict) -> str:
     """Which starts were run, in words: the plot title must not call validation 'held-out'."""
     from quantvla_core.sim.env import EVAL_SEEDS, VALIDATION_SEEDS
+
     seeds = set(report["config"].get("eval_seeds", EVAL_SEEDS))
     if seeds <= set(EVAL_SEEDS):
         return "held-out"
@@ -105,6 +109,7 @@ def plot(report: dict, path) -> Path:
 
 def _error(rates, cis):
     import numpy as np
+
     return 100 * np.array([[max(0.0, r - lo), max(0.0, hi - r)] for r, (lo, hi) in zip(rates, cis)]).T
 
 
@@ -120,8 +125,14 @@ def _task_bars(plt, report: dict, title: str):
     for i, (name, v) in enumerate(variants.items()):
         rates = [v["tasks"][t]["rate"] for t in tasks] + [v["mean_success"]]
         cis = [v["tasks"][t]["ci95"] for t in tasks] + [v["mean_ci95"]]
-        ax.bar(x + (i - (len(variants) - 1) / 2) * width, np.array(rates) * 100, width,
-               yerr=_error(rates, cis), capsize=2, label=name)
+        ax.bar(
+            x + (i - (len(variants) - 1) / 2) * width,
+            np.array(rates) * 100,
+            width,
+            yerr=_error(rates, cis),
+            capsize=2,
+            label=name,
+        )
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel("success rate % (95% Wilson CI)")
     ax.set_ylim(0, 105)
@@ -138,10 +149,14 @@ def _mean_bars(plt, report: dict, title: str):
     rates = [variants[k]["mean_success"] for k in names]
     y = np.arange(len(names))[::-1]  # first variant on top
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(names)))
-    ax.barh(y, np.array(rates) * 100, xerr=_error(rates, [variants[k]["mean_ci95"] for k in names]),
-            capsize=2, color="tab:blue")
-    ax.axvline(100 * rates[0], color="tab:red", linestyle="--", linewidth=1,
-               label=f"{names[0]} {100 * rates[0]:.1f}%")
+    ax.barh(
+        y,
+        np.array(rates) * 100,
+        xerr=_error(rates, [variants[k]["mean_ci95"] for k in names]),
+        capsize=2,
+        color="tab:blue",
+    )
+    ax.axvline(100 * rates[0], color="tab:red", linestyle="--", linewidth=1, label=f"{names[0]} {100 * rates[0]:.1f}%")
     for yi, r in zip(y, rates):
         ax.text(1, yi, f"{100 * r:.1f}%", va="center", color="white" if r >= 0.1 else "black", fontsize=8)
     ax.set_yticks(y, names, fontsize=8)
@@ -156,9 +171,11 @@ def save_report(report: dict, out_dir, stem: str = "eval") -> list[Path]:
     """Write <stem>.json, <stem>.txt (the table) and <stem>.png atomically into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [_write_text(out / f"{stem}.json", json.dumps(report, indent=1)),
-             _write_text(out / f"{stem}.txt", format_table(report) + "\n"),
-             plot(report, out / f"{stem}.png")]
+    paths = [
+        _write_text(out / f"{stem}.json", json.dumps(report, indent=1)),
+        _write_text(out / f"{stem}.txt", format_table(report) + "\n"),
+        plot(report, out / f"{stem}.png"),
+    ]
     return paths
 
 

@@ -14,6 +14,7 @@ Keys (T = steps in the shard, E = episodes, C = cameras, S = image size):
   meta                <U      ()               JSON: format, version, image_size, max_steps, ...
 Full spec: docs/sim-data.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,19 @@ from quantvla_core.sim.env import ACTION_DIM, STATE_DIM, TASKS
 
 FORMAT = "quantvla-mt10-demos"
 VERSION = 1
-_KEYS = ("images", "states", "actions", "episode_starts", "episode_task", "episode_seed",
-         "episode_index", "episode_instruction", "tasks", "cameras", "meta")
+_KEYS = (
+    "images",
+    "states",
+    "actions",
+    "episode_starts",
+    "episode_task",
+    "episode_seed",
+    "episode_index",
+    "episode_instruction",
+    "tasks",
+    "cameras",
+    "meta",
+)
 
 
 @dataclass
@@ -42,8 +54,8 @@ class Episode:
     seed: int
     index: int
     instruction: str
-    images: np.ndarray   # (T, C, S, S, 3) uint8
-    states: np.ndarray   # (T, 4) float32
+    images: np.ndarray  # (T, C, S, S, 3) uint8
+    states: np.ndarray  # (T, 4) float32
     actions: np.ndarray  # (T, 4) float32
 
 
@@ -69,9 +81,15 @@ class DemoSet:
 
     def episode(self, e: int) -> Episode:
         a, b = int(self.episode_starts[e]), int(self.episode_starts[e + 1])
-        return Episode(self.tasks[self.episode_task[e]], int(self.episode_seed[e]),
-                       int(self.episode_index[e]), str(self.episode_instruction[e]),
-                       self.images[a:b], self.states[a:b], self.actions[a:b])
+        return Episode(
+            self.tasks[self.episode_task[e]],
+            int(self.episode_seed[e]),
+            int(self.episode_index[e]),
+            str(self.episode_instruction[e]),
+            self.images[a:b],
+            self.states[a:b],
+            self.actions[a:b],
+        )
 
 
 def write_shard(path, episodes: list[Episode], cameras, meta: dict) -> Path:
@@ -82,8 +100,10 @@ def write_shard(path, episodes: list[Episode], cameras, meta: dict) -> Path:
     for i, ep in enumerate(episodes):
         sizes = (len(ep.images), len(ep.states), len(ep.actions))
         if len(set(sizes)) != 1 or sizes[0] == 0:
-            raise ValueError(f"episode {i} ({ep.task} seed {ep.seed} index {ep.index}): "
-                             f"images/states/actions lengths differ or are 0: {sizes}")
+            raise ValueError(
+                f"episode {i} ({ep.task} seed {ep.seed} index {ep.index}): "
+                f"images/states/actions lengths differ or are 0: {sizes}"
+            )
     lengths = [len(ep.actions) for ep in episodes]
     arrays = {
         "images": np.concatenate([ep.images for ep in episodes]).astype(np.uint8),
@@ -96,8 +116,7 @@ def write_shard(path, episodes: list[Episode], cameras, meta: dict) -> Path:
         "episode_instruction": np.array([ep.instruction for ep in episodes], dtype=np.str_),
         "tasks": np.array(TASKS, dtype=np.str_),
         "cameras": np.array(list(cameras), dtype=np.str_),
-        "meta": np.array(json.dumps({"format": FORMAT, "version": VERSION, **meta}),
-                         dtype=np.str_),
+        "meta": np.array(json.dumps({"format": FORMAT, "version": VERSION, **meta}), dtype=np.str_),
     }
     _validate(arrays, path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,58 +139,70 @@ def read_shard(path) -> DemoSet:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in _KEYS if k not in npz.files]
             if missing:
-                raise ValueError(f"demo shard {path} lacks keys {missing}; a shard written by "
-                                 f"`quantvla sim demos` has {list(_KEYS)}")
+                raise ValueError(
+                    f"demo shard {path} lacks keys {missing}; a shard written by `quantvla sim demos` has {list(_KEYS)}"
+                )
             arrays = {k: npz[k] for k in _KEYS}
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
-        raise ValueError(f"demo shard {path} is unreadable (truncated or not an .npz written "
-                         f"by `quantvla sim demos`): {exc}") from exc
+        raise ValueError(
+            f"demo shard {path} is unreadable (truncated or not an .npz written by `quantvla sim demos`): {exc}"
+        ) from exc
     _validate(arrays, path)
     meta = json.loads(str(arrays["meta"]))
-    return DemoSet(**{k: arrays[k] for k in _KEYS[:8]},
-                   tasks=tuple(str(t) for t in arrays["tasks"]),
-                   cameras=tuple(str(c) for c in arrays["cameras"]), meta=meta)
+    return DemoSet(
+        **{k: arrays[k] for k in _KEYS[:8]},
+        tasks=tuple(str(t) for t in arrays["tasks"]),
+        cameras=tuple(str(c) for c in arrays["cameras"]),
+        meta=meta,
+    )
 
 
 def load_demos(folder) -> DemoSet:
     """All shards (`*.npz`) of a folder concatenated, in file-name order."""
     paths = sorted(Path(folder).glob("*.npz"))
     if not paths:
-        raise ValueError(f"no demo shards (*.npz) in {folder}; make them with "
-                         f"`quantvla sim demos --out {folder}`")
-    return concat_demos([read_shard(p) for p in paths], paths, what="demo shard",
-                        hint="a folder must hold one demo run")
+        raise ValueError(f"no demo shards (*.npz) in {folder}; make them with `quantvla sim demos --out {folder}`")
+    return concat_demos(
+        [read_shard(p) for p in paths], paths, what="demo shard", hint="a folder must hold one demo run"
+    )
 
 
-def concat_demos(parts: list[DemoSet], names: list, what: str = "part",
-                 hint: str = "parts must not overlap") -> DemoSet:
+def concat_demos(
+    parts: list[DemoSet], names: list, what: str = "part", hint: str = "parts must not overlap"
+) -> DemoSet:
     """Demo sets joined in order (episode boundaries offset); they must share cameras, tasks
     and image shape and hold disjoint starts. `names` name the parts in errors."""
     first = parts[0]
     for name, d in zip(names, parts):
-        if (d.cameras != first.cameras or d.tasks != first.tasks
-                or d.images.shape[1:] != first.images.shape[1:]):
-            raise ValueError(f"{what} {name} has cameras {d.cameras}, {len(d.tasks)} tasks and "
-                             f"images {d.images.shape[1:]}, but {names[0]} has {first.cameras}, "
-                             f"{len(first.tasks)} and {first.images.shape[1:]}: all must come "
-                             "from one demo format")
+        if d.cameras != first.cameras or d.tasks != first.tasks or d.images.shape[1:] != first.images.shape[1:]:
+            raise ValueError(
+                f"{what} {name} has cameras {d.cameras}, {len(d.tasks)} tasks and "
+                f"images {d.images.shape[1:]}, but {names[0]} has {first.cameras}, "
+                f"{len(first.tasks)} and {first.images.shape[1:]}: all must come "
+                "from one demo format"
+            )
     seen = {}
     for name, d in zip(names, parts):
         for key in zip(d.episode_task.tolist(), d.episode_seed.tolist(), d.episode_index.tolist()):
             if key in seen:
-                raise ValueError(f"start {first.tasks[key[0]]} seed {key[1]} index {key[2]} is in "
-                                 f"both {seen[key]} and {name}: {hint}")
+                raise ValueError(
+                    f"start {first.tasks[key[0]]} seed {key[1]} index {key[2]} is in "
+                    f"both {seen[key]} and {name}: {hint}"
+                )
             seen[key] = name
     if len(parts) == 1:
         return first
     offsets = np.cumsum([0] + [len(d.actions) for d in parts[:-1]])
-    starts = np.concatenate([d.episode_starts[:-1] + o for d, o in zip(parts, offsets)]
-                            + [[sum(len(d.actions) for d in parts)]])
-    cat = {k: np.concatenate([getattr(d, k) for d in parts])
-           for k in ("images", "states", "actions", "episode_task", "episode_seed",
-                     "episode_index", "episode_instruction")}
-    return DemoSet(**cat, episode_starts=starts.astype(np.int64), tasks=first.tasks,
-                   cameras=first.cameras, meta=first.meta)
+    starts = np.concatenate(
+        [d.episode_starts[:-1] + o for d, o in zip(parts, offsets)] + [[sum(len(d.actions) for d in parts)]]
+    )
+    cat = {
+        k: np.concatenate([getattr(d, k) for d in parts])
+        for k in ("images", "states", "actions", "episode_task", "episode_seed", "episode_index", "episode_instruction")
+    }
+    return DemoSet(
+        **cat, episode_starts=starts.astype(np.int64), tasks=first.tasks, cameras=first.cameras, meta=first.meta
+    )
 
 
 def _validate(a: dict, path) -> None:
@@ -180,20 +211,24 @@ def _validate(a: dict, path) -> None:
 
     meta = json.loads(str(a["meta"]))
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        bad(f"format {meta.get('format')!r} v{meta.get('version')}, expected {FORMAT} "
-            f"v{VERSION}")
+        bad(f"format {meta.get('format')!r} v{meta.get('version')}, expected {FORMAT} v{VERSION}")
     t = len(a["actions"])
     img = a["images"]
-    if img.dtype != np.uint8 or img.ndim != 5 or img.shape[0] != t or img.shape[-1] != 3 \
-            or img.shape[1] != len(a["cameras"]):
-        bad(f"images must be uint8 (T={t}, C={len(a['cameras'])}, S, S, 3), got "
-            f"{img.dtype} {img.shape}")
+    if (
+        img.dtype != np.uint8
+        or img.ndim != 5
+        or img.shape[0] != t
+        or img.shape[-1] != 3
+        or img.shape[1] != len(a["cameras"])
+    ):
+        bad(f"images must be uint8 (T={t}, C={len(a['cameras'])}, S, S, 3), got {img.dtype} {img.shape}")
     if a["states"].shape != (t, STATE_DIM) or a["actions"].shape != (t, ACTION_DIM):
-        bad(f"states/actions must be ({t}, {STATE_DIM})/({t}, {ACTION_DIM}), got "
-            f"{a['states'].shape}/{a['actions'].shape}")
+        bad(
+            f"states/actions must be ({t}, {STATE_DIM})/({t}, {ACTION_DIM}), got "
+            f"{a['states'].shape}/{a['actions'].shape}"
+        )
     starts, e = a["episode_starts"], len(a["episode_task"])
-    if starts.shape != (e + 1,) or starts[0] != 0 or starts[-1] != t \
-            or np.any(np.diff(starts) <= 0):
+    if starts.shape != (e + 1,) or starts[0] != 0 or starts[-1] != t or np.any(np.diff(starts) <= 0):
         bad(f"episode_starts must rise strictly from 0 to {t} with {e + 1} entries")
     for k in ("episode_seed", "episode_index", "episode_instruction"):
         if a[k].shape != (e,):

@@ -4,6 +4,7 @@ Wilson rather than the normal approximation because success rates sit near 0 or 
 dozen episodes; exact McNemar because variants run the same starts (paired outcomes) and the
 number of discordant pairs is small.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,6 +36,11 @@ def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
     b_only = sum(1 for x, y in zip(a, b) if y and not x)
     both = sum(1 for x, y in zip(a, b) if x and y)
     n = a_only + b_only
-    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2 ** n if n else 1.0
-    return {"both": both, "a_only": a_only, "b_only": b_only,
-            "neither": len(a) - both - a_only - b_only, "p_value": min(1.0, 2 * tail)}
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n if n else 1.0
+    return {
+        "both": both,
+        "a_only": a_only,
+        "b_only": b_only,
+        "neither": len(a) - both - a_only - b_only,
+        "p_value": min(1.0, 2 * tail),
+    }

@@ -5,6 +5,7 @@ expert actions (the last action repeated past the episode end). Normalisation st
 from the demos and are stored in the model config, so the trained directory is a complete
 policy. Training resumes from `<out>/train_state/` (safetensors + JSON, no pickle).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,14 @@ class DemoDataset:
     (no per-sample Python work): on a GPU the data path no longer limits the step rate.
     """
 
-    def __init__(self, folder: str | Path | list, cfg: ModelConfig,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, folder: str | Path | list, cfg: ModelConfig, device: str | torch.device = "cpu"):
         from .instructions import INSTRUCTIONS
         from .shards import load_demos
+
         if isinstance(folder, (list, tuple)) or str(folder).endswith(".npz"):
             # compact bundle(s): images only for some rows; several parts are joined
             from .compact import read_bundles
+
             demos, rows = read_bundles(folder if isinstance(folder, (list, tuple)) else [folder])
         else:
             demos = load_demos(folder)
@@ -107,8 +109,11 @@ class DemoDataset:
     def use_normalization(self, state_mean, state_std, action_mean, action_std) -> None:
         """Normalise states and actions with these statistics (default: the demos' own)."""
         stats = [np.asarray(v, np.float32) for v in (state_mean, state_std, action_mean, action_std)]
-        for name, v, dim in zip(("state_mean", "state_std", "action_mean", "action_std"), stats,
-                                (self._raw_states.shape[1],) * 2 + (self._raw_actions.shape[1],) * 2):
+        for name, v, dim in zip(
+            ("state_mean", "state_std", "action_mean", "action_std"),
+            stats,
+            (self._raw_states.shape[1],) * 2 + (self._raw_actions.shape[1],) * 2,
+        ):
             if v.shape != (dim,) or not np.all(np.isfinite(v)):
                 raise ValueError(f"{name} must be {dim} finite numbers, got {v.tolist()}")
             if name.endswith("std") and not np.all(v > 0):
@@ -129,8 +134,9 @@ class DemoDataset:
         w = {}
         for task, value in weights.items():
             if task not in names:
-                raise ValueError(f"task weight for {task!r}, which has no observations in these demos; "
-                                 f"accepted: {', '.join(names)}")
+                raise ValueError(
+                    f"task weight for {task!r}, which has no observations in these demos; accepted: {', '.join(names)}"
+                )
             value = float(value)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"task weight for {task} must be a finite number >= 0, got {value}")
@@ -183,8 +189,10 @@ class DemoDataset:
         if cfg.arch != "pi05":
             toks, masks = self.text_tokens[pick], self.text_masks[pick]
         else:
-            enc = [self.tokenizer.encode(prompt_text(cfg.arch, self.texts[k], st), cfg.max_text_tokens)
-                   for k, st in zip(pick.tolist(), states.cpu().numpy())]
+            enc = [
+                self.tokenizer.encode(prompt_text(cfg.arch, self.texts[k], st), cfg.max_text_tokens)
+                for k, st in zip(pick.tolist(), states.cpu().numpy())
+            ]
             toks = torch.from_numpy(np.stack([e[0] for e in enc])).to(dev)
             masks = torch.from_numpy(np.stack([e[1] for e in enc])).to(dev)
         return Batch(full, image_mask, toks, masks, states), actions
@@ -199,12 +207,18 @@ def _lr_at(step: int, tc: TrainConfig, elapsed: float = 0.0) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
-def _save_train_state(out: Path, model, opt, step: int, cfg: ModelConfig, tc: TrainConfig, history,
-                      ema: dict | None = None) -> None:
+def _save_train_state(
+    out: Path, model, opt, step: int, cfg: ModelConfig, tc: TrainConfig, history, ema: dict | None = None
+) -> None:
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"ema/{k}": v.detach().cpu().contiguous() for k, v in (ema or {}).items()})
-    scalars = {"step": step, "model_config": cfg.to_dict(), "train_config": vars(tc), "history": history,
-               "param_names": [n for n, _ in model.named_parameters()]}
+    scalars = {
+        "step": step,
+        "model_config": cfg.to_dict(),
+        "train_config": vars(tc),
+        "history": history,
+        "param_names": [n for n, _ in model.named_parameters()],
+    }
     names = dict(enumerate(n for n, _ in model.named_parameters()))
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
@@ -232,8 +246,7 @@ def _load_train_state(out: Path, model, opt, ema: dict | None = None) -> tuple[i
     return int(meta["step"]), list(meta["history"])
 
 
-def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainConfig,
-          progress: bool = True) -> dict:
+def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainConfig, progress: bool = True) -> dict:
     """Train and write a complete model directory to `out` (resuming if a train_state exists)."""
     torch.set_num_threads(tc.threads)
     out = Path(out)
@@ -244,6 +257,7 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
         # tasks have other means and spreads, and new statistics would shift every input and
         # output of the starting policy (a loss jump instead of a continuation).
         from ..checkpoint import read_config
+
         norm = read_config(Path(tc.init))
         stats = (norm.state_mean, norm.state_std, norm.action_mean, norm.action_std)
         if all(v is not None for v in stats):
@@ -256,14 +270,18 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     model = build_model(model_cfg, seed=tc.seed)
     if tc.init:
         from ..checkpoint import load_state_into, verify_manifest
+
         verify_manifest(Path(tc.init))
         load_state_into(model, tc.init)
     model = model.to(device).train()
     params = dict(model.named_parameters())
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=(0.9, 0.95),
+    )
     ema = {k: v.detach().clone() for k, v in params.items()} if tc.ema > 0 else None
     step, history = 0, []
     if (out / "train_state" / "state.json").is_file():
@@ -307,10 +325,21 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
     model.eval()
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights.update({k: v.detach().cpu() for k, v in (ema or {}).items()})
-    save_model_dir(out / "policy", model_cfg, weights,
-                   extra_files={"training.json": {"train_config": vars(tc), "history": history,
-                                                  "demos": str(demos), "episodes": data.num_episodes,
-                                                  "samples": len(data), "weights": "ema" if ema else "last"}})
+    save_model_dir(
+        out / "policy",
+        model_cfg,
+        weights,
+        extra_files={
+            "training.json": {
+                "train_config": vars(tc),
+                "history": history,
+                "demos": str(demos),
+                "episodes": data.num_episodes,
+                "samples": len(data),
+                "weights": "ema" if ema else "last",
+            }
+        },
+    )
     return {"steps": step, "final_loss": running, "policy": str(out / "policy")}
 
 
@@ -333,10 +362,20 @@ def parse_task_weights(items: list[str]) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = preset(args.preset)
-    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     save_every=args.save_every, device=args.device, init=args.init or "",
-                     max_seconds=args.max_seconds, ema=args.ema, shift_pixels=args.shift,
-                     warmup=args.warmup, task_weights=parse_task_weights(args.task_weight or []))
+    tc = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        save_every=args.save_every,
+        device=args.device,
+        init=args.init or "",
+        max_seconds=args.max_seconds,
+        ema=args.ema,
+        shift_pixels=args.shift,
+        warmup=args.warmup,
+        task_weights=parse_task_weights(args.task_weight or []),
+    )
     result = train(args.demos, args.out, cfg, tc)
     print(json.dumps(result, indent=2))
     return 0
@@ -355,11 +394,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
     p.add_argument("--init", help="start from this model directory (fine-tune)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="wall-clock budget (0 = none)")
-    p.add_argument("--ema", type=float, default=0.0,
-                   help="save an exponential moving average of the weights with this decay (e.g. 0.999)")
-    p.add_argument("--shift", type=int, default=TrainConfig.shift_pixels,
-                   help="random-shift augmentation in pixels (0 = none)")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="save an exponential moving average of the weights with this decay (e.g. 0.999)",
+    )
+    p.add_argument(
+        "--shift", type=int, default=TrainConfig.shift_pixels, help="random-shift augmentation in pixels (0 = none)"
+    )
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="linear LR warm-up steps")
-    p.add_argument("--task-weight", action="append", metavar="TASK=WEIGHT",
-                   help="repeatable: draw this task's observations WEIGHT times as often (default 1; 0 = leave out)")
+    p.add_argument(
+        "--task-weight",
+        action="append",
+        metavar="TASK=WEIGHT",
+        help="repeatable: draw this task's observations WEIGHT times as often (default 1; 0 = leave out)",
+    )
     p.set_defaults(func=cmd_train)

@@ -11,8 +11,10 @@ export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$(( (RANDOM % 100) + 101 ))}
 export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 export PYTHONUNBUFFERED=1
-# Lint first (rules in pyproject.toml: bugs and dead code, not style); a failure fails the run.
+# Lint first (rules in pyproject.toml: bugs and dead code, not style), then the formatter check
+# (ruff format, line length 120); a failure of either fails the run.
 .venv/bin/python -m ruff check . || { echo "lint failed: fix the findings above (.venv/bin/python -m ruff check .)" >&2; exit 1; }
+.venv/bin/python -m ruff format --check . || { echo "format check failed: run .venv/bin/python -m ruff format ." >&2; exit 1; }
 .venv/bin/python -m pytest -q "$@" test
 rc=$?
 # pytest exits 5 when it collected no test: that is a failure of the suite, not a pass.

@@ -11,10 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quantvla_core.quant.qlinear as qlinear_module
-from quantvla_core.config import preset
-from quantvla_core.models import build_model
 from quantvla_core.models.layers import FeedForward, GatedMLP, RMSNorm
-from quantvla_core.policy import Observation, Policy
 from quantvla_core.quant.qlinear import QuantLinear, concat_quant_linears, quant_backend, set_epilogue_fusion
 from quantvla_core.quant.transforms import InputTransform, hadamard
 from quantvla_kernels import cpu_fused, ops
@@ -218,18 +215,9 @@ def test_mlp_and_feedforward_fuse_and_step_aside_for_hooks():
 def test_policy_actions_with_and_without_epilogue_fusion(name, scheme):
     """Whole quantized policies: the fused epilogues change only float rounding (actions within
     1e-3 of the chunk's range), and pi0 / pi0.5 really build gate/up pair layers."""
-    from quantvla_bench.variants import quick_quantize
+    from test_quant_sibling_fusion import _policy_and_obs
 
-    cfg = preset(name)
-    model = build_model(cfg, seed=0).eval()
-    quick_quantize(model, cfg.arch, scheme)
-    policy = Policy(model, cfg, name=name, device="cpu", dtype="fp32", scheme=scheme)
-    rng = np.random.default_rng(0)
-    obs = Observation(
-        images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)],
-        instruction="open the drawer",
-        state=rng.normal(size=cfg.state_dim).astype(np.float32),
-    )
+    policy, obs = _policy_and_obs(name, scheme)
     pairs = []
     real = qlinear_module.concat_quant_linears
 
@@ -247,7 +235,7 @@ def test_policy_actions_with_and_without_epilogue_fusion(name, scheme):
         plain = policy.predict(obs, seed=3).actions
     finally:
         set_epilogue_fusion(True)
-    if cfg.arch != "groot":
+    if policy.config.arch != "groot":
         assert any(pairs), "no gate/up pair layer was built"
     span = float(np.abs(plain).max())
     np.testing.assert_allclose(fused, plain, rtol=0, atol=1e-3 * span)

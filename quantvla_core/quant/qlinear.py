@@ -544,35 +544,12 @@ class QuantLinear(nn.Module):
     def _gemm(self, k, xq, xs, out_dtype, backend, act=None, res2=None):
         """The integer GEMM for activation codes ``xq`` with scales ``xs`` (kernels' backends),
         with the activation / gate pairs / residual in its epilogue."""
-        epi = dict(act=act, gated=self.gated_pairs, residual=res2)
+        epi = dict(bias=self.bias, out_dtype=out_dtype, backend=backend, act=act, gated=self.gated_pairs, residual=res2)
         if self.a_bits == 8 and self.w_bits == 8:
-            return k.gemm_w8a8(
-                xq, xs, self.qweight, self.wscale, bias=self.bias, out_dtype=out_dtype, backend=backend, **epi
-            )
-        if self.a_bits == 8 and self.w_bits == 4:
-            return k.gemm_w4a8(
-                xq,
-                xs,
-                self.qweight,
-                self.wscale,
-                group_size=self.group_size,
-                bias=self.bias,
-                out_dtype=out_dtype,
-                backend=backend,
-                **epi,
-            )
-        if self.a_bits == 4 and self.w_bits == 4:
-            return k.gemm_w4a4(
-                xq,
-                xs,
-                self.qweight,
-                self.wscale,
-                group_size=self.group_size,
-                bias=self.bias,
-                out_dtype=out_dtype,
-                backend=backend,
-                **epi,
-            )
+            return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, **epi)
+        if self.w_bits == 4 and self.a_bits in (8, 4):
+            gemm = k.gemm_w4a8 if self.a_bits == 8 else k.gemm_w4a4
+            return gemm(xq, xs, self.qweight, self.wscale, group_size=self.group_size, **epi)
         raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
 
     def _forward_kernels(self, x2: torch.Tensor, backend: str | None, act=None, res2=None) -> torch.Tensor:

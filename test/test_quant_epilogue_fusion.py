@@ -239,3 +239,27 @@ def test_policy_actions_with_and_without_epilogue_fusion(name, scheme):
         assert any(pairs), "no gate/up pair layer was built"
     span = float(np.abs(plain).max())
     np.testing.assert_allclose(fused, plain, rtol=0, atol=1e-3 * span)
+
+
+def test_attention_output_projection_adds_the_residual_in_its_epilogue():
+    """DecoderAttention.attend(..., residual=x) is x + attend(...): exact in fp32 (the add is the
+    epilogue's last fp32 operation), and the fused add steps aside while o_proj is hooked."""
+    from quantvla_core.config import DecoderConfig
+    from quantvla_core.models.layers import DecoderAttention
+
+    torch.manual_seed(0)
+    cfg = DecoderConfig(width=128, depth=1, heads=4, kv_heads=2, head_dim=32, mlp=256)
+    attn = DecoderAttention(cfg)
+    attn.o_proj = QuantLinear.from_linear(attn.o_proj, w_bits=8, a_bits=8, clip_grid=(1.0,))
+    q, k, v = torch.randn(1, 4, 6, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
+    x = torch.randn(1, 6, 128)
+    with torch.inference_mode():
+        plain = attn.attend(q, k, v, None)
+        assert torch.equal(attn.attend(q, k, v, None, residual=x), x + plain)
+        seen = []
+        h = attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+        try:
+            hooked = attn.attend(q, k, v, None, residual=x)
+        finally:
+            h.remove()
+        assert torch.equal(seen[0], plain) and torch.equal(hooked, x + plain)

@@ -219,10 +219,11 @@ class DecoderAttention(nn.Module):
             return self.qkv(norm(x), cos, sin)
         return self.to_heads(*self._split_qkv(y), cos, sin)
 
-    def attend(self, q, k, v, mask) -> torch.Tensor:
+    def attend(self, q, k, v, mask, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """o_proj(attention(q, k, v)) (+ residual, added in o_proj's epilogue where quantized)."""
         out = attention(q, k, v, mask, name=self.attn_name)
         b, _, t, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return linear_residual(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), residual)
 
 
 class DecoderLayer(nn.Module):
@@ -255,7 +256,17 @@ class DecoderLayer(nn.Module):
 
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor, gate1, cond) -> torch.Tensor:
         """Residual after attention, then the MLP half of the layer."""
-        x = x + (attn_out if gate1 is None else attn_out * gate1)
+        return self.mlp_half(x + (attn_out if gate1 is None else attn_out * gate1), cond)
+
+    def attend_finish(self, x: torch.Tensor, q, k, v, mask, gate1, cond) -> torch.Tensor:
+        """``finish(x, self_attn.attend(q, k, v, mask), gate1, cond)``; without a gate the
+        residual is added in o_proj's GEMM epilogue where o_proj is quantized."""
+        if gate1 is None:
+            return self.mlp_half(self.self_attn.attend(q, k, v, mask, residual=x), cond)
+        return self.finish(x, self.self_attn.attend(q, k, v, mask), gate1, cond)
+
+    def mlp_half(self, x: torch.Tensor, cond) -> torch.Tensor:
+        """The MLP half of the layer on the attention half's output x (residual included)."""
         if self.adaptive:
             h, gate2 = self.norm(self.post_attention_layernorm, x, cond)
             h = self.mlp(h)
@@ -294,7 +305,7 @@ class Decoder(nn.Module):
             q, k, v, gate = layer.attn_qkv(x, cond, cos, sin)
             if return_kv:
                 kv.append((k, v))
-            x = layer.finish(x, layer.self_attn.attend(q, k, v, mask), gate, cond)
+            x = layer.attend_finish(x, q, k, v, mask, gate, cond)
         return (x, kv) if return_kv else x
 
 

@@ -164,7 +164,7 @@ class PI0Model(FlowMatchingVLA):
             q, k, v, gate = layer.attn_qkv(x, cond, cos, sin)
             kb[:, :, tp:] = k
             vb[:, :, tp:] = v
-            x = layer.finish(x, layer.self_attn.attend(q, kb, vb, mask), gate, cond)
+            x = layer.attend_finish(x, q, kb, vb, mask, gate, cond)
         x = expert.final_norm(x, cond)
         return self.action_out_proj(x[:, -self.cfg.horizon :])
 

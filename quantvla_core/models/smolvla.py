@@ -217,10 +217,9 @@ class SmolVLAModel(FlowMatchingVLA):
                 q, k, v = layer.self_attn.qkv(h, cos, sin)
                 kb[:, :, tp:] = k
                 vb[:, :, tp:] = v
-                out = layer.self_attn.attend(q, kb, vb, cache.self_mask)
+                x = layer.attend_finish(x, q, kb, vb, cache.self_mask, None, None)
             else:  # cross-attention K/V were re-projected once in encode_prefix
-                out = layer.self_attn.attend(self._cross_query(layer, h), kb, vb, cache.cross_mask)
-            x = layer.finish(x, out, None, None)
+                x = layer.attend_finish(x, self._cross_query(layer, h), kb, vb, cache.cross_mask, None, None)
         x = expert.final_norm(x, None)
         return self.action_out_proj(x[:, -self.cfg.horizon :])
 

@@ -197,8 +197,7 @@ def test_rmsnorm_fusion_declines_what_it_does_not_cover(fused):
 def test_vnni_gemm_is_bit_identical_to_int_mm(fused, m, n, k, groups):
     """The prepacked VNNI GEMM (AVX512-VNNI CPUs) gives the _int_mm path's numbers bit for bit:
     per channel and with group scales, for row counts that are not a multiple of its 4-row
-    tile, column counts not a multiple of its 64-column strip, and above the row count where
-    8-bit layers switch back to _int_mm."""
+    tile and column counts not a multiple of its 64-column strip."""
     if not fused.has_vnni():
         pytest.skip("this CPU has no AVX512-VNNI")
     g = torch.Generator().manual_seed(m * 7 + n)

@@ -371,8 +371,9 @@ class QuantLinear(nn.Module):
         version counters, read from ``_buffers`` directly: this runs on every call).
         Returns (weight groups or None, int64 perm, fused-extension arguments, (VNNI-packed
         weights, their group column sums) or Nones). Costs N x K bytes per layer: the unpacked
-        4-bit codes or, on a CPU with AVX512-VNNI, the VNNI layout (then 4-bit layers keep only
-        that; 8-bit ones also use their stored codes for more than 64 tokens)."""
+        4-bit codes or, on a CPU with AVX512-VNNI, the VNNI layout (which the compiled linear
+        then always uses; 4-bit layers keep only that, 8-bit ones keep it next to their stored
+        codes)."""
         bufs = self._buffers
         cache = self._cpu_cache
         if cache is not None:

@@ -355,7 +355,11 @@ def test_policy_node_closes_the_loop_with_sim_bridge(tmp_path, ros_domain):
         bridge_diags = [
             status_values(st) for arr in listener.diags for st in arr.status if st.name == "sim_bridge: episodes"
         ]
-    assert [d["episodes_done"] for d in bridge_diags] == ["1", "2"]
+    # one status per finished episode; /diagnostics is volatile, so a status sent before DDS
+    # matched this listener's subscription is not delivered to it (seen under load): the counts
+    # seen must rise and end at 2
+    done = [int(d["episodes_done"]) for d in bridge_diags]
+    assert done and done[-1] == 2 and done == sorted(set(done)) and set(done) <= {1, 2}, done
     assert 0 < int(bridge_diags[-1]["chunks_received"]) <= c["chunks_received"]
     # The policy node acted on sim time: its chunks carry observation stamps on the sim grid.
     assert len(chunks) >= summary["counters"]["chunks_accepted"] > 0

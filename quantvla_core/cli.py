@@ -14,9 +14,8 @@ import sys
 
 COMMAND_MODULES = (
     "quantvla_core.cli_model",  # info, run, demo
-    "quantvla_core.quant.cli",  # quantize, layout, ablate
-    "quantvla_core.sim.cli",  # sim demos, eval
-    "quantvla_core.sim.train",  # train
+    "quantvla_core.quant.cli",  # quantize, layout, ablate, report, recording
+    "quantvla_core.sim.cli",  # sim demos | calib | bundle, eval, train
 )
 
 

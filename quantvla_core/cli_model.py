@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from .config import PRESETS, preset
+from .config import PRESETS
 
 
 def _fmt_count(n: float) -> str:
@@ -18,38 +18,9 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
 
-def model_summary(source: str) -> dict:
-    """Parameters and bytes per component; presets are built on the meta device (no memory)."""
-    import torch
-
-    from .models import COMPONENTS, build_model, component_of
-
-    if source in PRESETS:
-        model, name = build_model(preset(source), device="meta"), source
-        tensors = list(model.named_parameters())
-        scheme = "fp32 (random init)"
-    else:
-        from .policy import Policy
-
-        pol = Policy.load(source)
-        model, name, scheme = pol.model, pol.name, pol.scheme
-        tensors = list(model.named_parameters()) + list(model.named_buffers())
-    rows = {c: {"params": 0, "bytes": 0} for c in COMPONENTS}
-    for n, t in tensors:
-        c = component_of(n)
-        rows[c]["params"] += t.numel()
-        rows[c]["bytes"] += t.numel() * (t.element_size() if t.dtype != torch.float32 or scheme.startswith("fp") else 4)
-    return {
-        "model": name,
-        "arch": model.cfg.arch,
-        "scheme": scheme,
-        "components": rows,
-        "total_params": sum(r["params"] for r in rows.values()),
-        "total_bytes": sum(r["bytes"] for r in rows.values()),
-    }
-
-
 def cmd_info(args: argparse.Namespace) -> int:
+    from .memory_accounting import model_summary
+
     s = model_summary(args.model)
     if args.json:
         print(json.dumps(s, indent=2))

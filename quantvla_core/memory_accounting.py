@@ -5,10 +5,15 @@ Why from shapes: the full-size presets (pi05-3b, groot-n15) must be accounted fo
 so the model is built on the ``meta`` device and the deployed QuantLinears are created empty
 from the layer plan (``quant/layer_plan.py``) the benchmark's quick quantizer deploys too. A
 real (materialised) model gives the same numbers; the tests check that.
+
+``memory_estimate`` answers the same question for any layout plan (``quantvla layout``: a preset,
+a model directory or an artifact's recorded layout), with plain int4 groups and no stored
+transforms; ``model_summary`` counts what a model holds as loaded (``quantvla info``).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -79,6 +84,82 @@ def meta_model(cfg: ModelConfig, scheme: str, layout: str = "quantvla") -> nn.Mo
             ql = QuantLinear(**p.spec)
         replace_module(model, p.name, ql)
     return model
+
+
+def memory_estimate(model: nn.Module, entries, scheme: str, group_size: int | None = 128) -> dict[str, dict[str, int]]:
+    """FP16 vs quantized bytes per component for the layout plan ``entries`` (quant.layout
+    LayoutEntry list) at ``scheme``: each integer linear as a QuantLinear on the meta device
+    (codes + fp32 scales + bias; int4 groups of ``group_size`` where K allows, else per
+    channel; no smoothing or rotation stored), everything else at FP16. ``model`` is not
+    changed; it may be on the meta device."""
+    from .quant.config import SCHEMES
+
+    w_bits, a_bits = SCHEMES[scheme]
+    deployed = copy.deepcopy(model)
+    for e in entries:
+        if not e.integer:
+            continue
+        linear = deployed.get_submodule(e.name)
+        gs = group_size if (w_bits == 4 and group_size and e.in_features % group_size == 0) else None
+        with torch.device("meta"):
+            ql = QuantLinear(
+                e.in_features,
+                e.out_features,
+                w_bits=w_bits,
+                a_bits=a_bits,
+                group_size=gs,
+                bias=getattr(linear, "bias", None) is not None,
+            )
+        replace_module(deployed, e.name, ql)
+    comps = account(deployed)["components"]
+    return {c: {"fp16": r["fp16_bytes"], "quantized": r["bytes"]} for c, r in comps.items() if r["fp16_bytes"]}
+
+
+def format_estimate(est: dict[str, dict[str, int]], scheme: str) -> str:
+    """memory_estimate as a table: one row per component and the total, FP16 / scheme / ratio."""
+    from .quant.report import format_bytes
+
+    total = {"fp16": sum(v["fp16"] for v in est.values()), "quantized": sum(v["quantized"] for v in est.values())}
+    lines = [
+        f"memory estimate ({scheme}, floats at FP16, int4 groups of 128, fp32 scales):",
+        f"{'component':<12}{'FP16':>12}{scheme:>12}{'ratio':>8}",
+    ]
+    for comp, r in list(est.items()) + [("total", total)]:
+        lines.append(
+            f"{comp:<12}{format_bytes(r['fp16']):>12}{format_bytes(r['quantized']):>12}"
+            f"{r['quantized'] / max(r['fp16'], 1):>8.1%}"
+        )
+    return "\n".join(lines)
+
+
+def model_summary(source: str) -> dict[str, Any]:
+    """Parameters and bytes per component as held when loaded (each tensor at its own dtype);
+    presets are built on the meta device (no memory, random init, fp32); anything else is
+    loaded with Policy.load (parameters and buffers)."""
+    from .config import PRESETS, preset
+    from .policy import Policy
+
+    if source in PRESETS:
+        model, name = build_model(preset(source), device="meta"), source
+        tensors = list(model.named_parameters())
+        scheme = "fp32 (random init)"
+    else:
+        pol = Policy.load(source)
+        model, name, scheme = pol.model, pol.name, pol.scheme
+        tensors = list(model.named_parameters()) + list(model.named_buffers())
+    rows = {c: {"params": 0, "bytes": 0} for c in COMPONENTS}
+    for n, t in tensors:
+        c = component_of(n)
+        rows[c]["params"] += t.numel()
+        rows[c]["bytes"] += t.numel() * t.element_size()
+    return {
+        "model": name,
+        "arch": model.cfg.arch,
+        "scheme": scheme,
+        "components": rows,
+        "total_params": sum(r["params"] for r in rows.values()),
+        "total_bytes": sum(r["bytes"] for r in rows.values()),
+    }
 
 
 def memory_table(cfg: ModelConfig, schemes: list[str], layout: str = "quantvla") -> dict[str, Any]:

@@ -55,6 +55,31 @@ def default_policy_dir(name: str = "default") -> Path:
     return path
 
 
+def model_structure(source: str | Path) -> tuple[FlowMatchingVLA, str, dict[str, Any] | None]:
+    """(model on the meta device, arch, recorded quantization or None) of 'default',
+    'default-w4a8', a preset or a model / artifact directory: what the model is made of, without
+    reading or allocating its weights (`quantvla layout` lists the full-size presets this way)."""
+    src = str(source)
+    if src in ("default", "default-w4a8"):
+        src = str(default_policy_dir(src))  # names a missing asset file
+    if src in PRESETS:
+        cfg = preset(src)
+        return build_model(cfg, device="meta"), cfg.arch, None
+    path = Path(src)
+    if path.is_dir() and (path / "config.json").is_file():
+        cfg = read_config(path)
+        meta = None
+        if (path / QUANT_FILE).is_file():
+            from .quant.artifact import read_quant_meta
+
+            meta = read_quant_meta(path)
+        return build_model(cfg, device="meta"), cfg.arch, meta
+    raise ValueError(
+        f"{src!r} is neither 'default', 'default-w4a8', a preset ({', '.join(PRESETS)}) nor a "
+        "model directory with config.json"
+    )
+
+
 @dataclass
 class Observation:
     images: list[np.ndarray]  # 1..max_cameras frames, uint8 HxWx3 RGB, any size

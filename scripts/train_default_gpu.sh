@@ -14,7 +14,8 @@ python3 - "$bundle" "$seconds" "$init" <<'PY'
 import json, os, shutil, sys, time
 import torch
 from quantvla_core.config import preset
-from quantvla_core.sim.train import TrainConfig, parse_task_weights, train
+from quantvla_core.sim.cli import parse_task_weights
+from quantvla_core.sim.train import TrainConfig, train
 t0 = time.time()
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch", torch.__version__, flush=True)
 torch.backends.cuda.matmul.allow_tf32 = True

@@ -164,11 +164,11 @@ def test_missing_default_policy_is_an_error_naming_the_file(tmp_path, monkeypatc
     msg = str(err.value)
     assert str(empty / missing) in msg
     assert "git checkout -- quantvla_core/assets/gone" in msg and "docs/default-policy.md" in msg
-    # quantize's layout lookup resolves 'default' the same way.
-    from quantvla_core.quant.cli import _model_for_layout
+    # The structure lookup (`quantvla layout`) resolves 'default' the same way.
+    from quantvla_core.policy import model_structure
 
     with pytest.raises(CheckpointError, match=missing):
-        _model_for_layout(name)
+        model_structure(name)
     # Presets still give seeded random weights, unaffected by the missing assets.
     a, b = Policy.load("tiny", seed=0), Policy.load("tiny", seed=0)
     assert a.name == "tiny"

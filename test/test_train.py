@@ -121,7 +121,8 @@ def test_task_weights_set_each_tasks_share_of_the_batches(tmp_path):
     weight 0 leaves a task out; unknown tasks and negative weights are refused by name."""
     import torch
 
-    from quantvla_core.sim.train import DemoDataset, parse_task_weights
+    from quantvla_core.sim.cli import parse_task_weights
+    from quantvla_core.sim.train import DemoDataset
 
     write_toy_demos(tmp_path / "demos", episodes=4, steps=12, task="reach-v3", name="a")
     write_toy_demos(tmp_path / "demos", episodes=2, steps=12, task="push-v3", name="b", first_index=10)

@@ -1,16 +1,18 @@
-"""`quantvla quantize | layout | ablate | report`: the quantizer from the command line."""
+"""`quantvla quantize | layout | ablate | report | recording`: the quantizer from the command line.
+
+Arguments in, library calls, text out: the ablation study is quant/ablation.py, the layout table
+quant/layout_table.py, the memory estimate memory_accounting.py, the model lookup
+policy.model_structure.
+"""
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
 from . import layout as L
-
-VARIANTS = {"none": (False, False), "atm": (True, False), "ohb": (False, True), "atm+ohb": (True, True)}
-TABLE1_LAYOUTS = ("llm", "dit-all", "dit-mlp", "llm+dit-all", "llm+dit-mlp")
+from .ablation import TABLE1_LAYOUTS, VARIANTS
 
 
 def _csv(text: str, accepted, what: str) -> list[str]:
@@ -165,273 +167,31 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _model_for_layout(source: str):
-    """(model on the meta device or loaded, arch, recorded quantization or None)."""
-    from ..checkpoint import read_config
-    from ..config import PRESETS, preset
-    from ..models import build_model
-    from ..policy import default_policy_dir
-
-    if source in ("default", "default-w4a8"):
-        source = str(default_policy_dir(source))  # names a missing asset file
-    if source in PRESETS:
-        cfg = preset(source)
-        return build_model(cfg, device="meta"), cfg.arch, None
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        cfg = read_config(path)
-        meta = None
-        if (path / "quantization.json").is_file():
-            from .artifact import read_quant_meta
-
-            meta = read_quant_meta(path)
-        return build_model(cfg, device="meta"), cfg.arch, meta
-    raise ValueError(
-        f"{source!r} is neither 'default', 'default-w4a8', a preset ({', '.join(PRESETS)}) nor a "
-        "model directory with config.json"
-    )
-
-
-def memory_estimate(model, entries, scheme: str, group_size: int | None = 128) -> dict[str, dict[str, int]]:
-    """FP16 vs quantized bytes per component, from shapes alone (codes + fp32 scales + bias)."""
-    from ..models import component_of
-    from .quantize import SCHEMES
-
-    w_bits, _ = SCHEMES[scheme]
-    integer = {e.name for e in entries if e.integer}
-    out: dict[str, dict[str, int]] = {}
-    for name, p in model.named_parameters():
-        comp = component_of(name)
-        row = out.setdefault(comp, {"fp16": 0, "quantized": 0})
-        row["fp16"] += 2 * p.numel()
-        owner, _, leaf = name.rpartition(".")
-        if owner in integer and leaf == "weight":
-            n, k = p.shape
-            gs = group_size if (w_bits == 4 and group_size and k % group_size == 0) else k
-            row["quantized"] += n * k * w_bits // 8 + 4 * n * (k // gs)
-        elif owner in integer and leaf == "bias":
-            row["quantized"] += 4 * p.numel()
-        else:
-            row["quantized"] += 2 * p.numel()
-    return out
-
-
 def cmd_layout(args) -> int:
-    from .quantize import SCHEMES
+    from ..memory_accounting import format_estimate, memory_estimate
+    from ..policy import model_structure
+    from .layout_table import layout_table, recorded_entries, render_layout_table
 
-    model, arch, meta = _model_for_layout(args.model)
+    model, arch, meta = model_structure(args.model)
     if meta is not None and not args.layout_given:
         scheme, lay = meta["scheme"], meta["config"]["layout"]
-        entries = [
-            L.LayoutEntry(
-                e["name"],
-                e["role"],
-                e["integer"],
-                model.get_submodule(e["name"]).in_features,
-                model.get_submodule(e["name"]).out_features,
-            )
-            for e in meta["layout"]
-        ]
+        entries = recorded_entries(model, meta["layout"])
     else:
         scheme, lay = args.scheme, args.layout
         entries = L.plan_model(model, arch, lay)
-    w, a = SCHEMES[scheme]
-    prec = f"w{w}a{a or 16}"
-    rows = [
-        {
-            "name": e.name,
-            "role": e.role,
-            "precision": prec if e.integer else "float",
-            "shape": [e.in_features, e.out_features],
-        }
-        for e in entries
-    ]
-    others = []
-    if args.all:  # every other module that holds weights (norms, embeddings, per-embodiment MLPs)
-        linear = {e.name for e in entries}
-        others = [
-            {"name": n, "role": type(m).__name__, "precision": "float", "shape": None}
-            for n, m in model.named_modules()
-            if n not in linear and any(True for _ in m.parameters(recurse=False))
-        ]
+    table = layout_table(model, arch, lay, scheme, entries, other_modules=args.all)
     if args.json:
-        print(
-            json.dumps(
-                {"arch": arch, "layout": lay, "scheme": scheme, "modules": rows, "other_modules": others}, indent=2
-            )
-        )
+        print(json.dumps(table, indent=2))
         return 0
-    width = max(len(r["name"]) for r in rows) if rows else 10
-    print(f"layout {lay} ({', '.join(L.LAYOUTS[lay]) or 'nothing'} integer), scheme {scheme}, arch {arch}")
-    print(f"{'module':<{width}}  {'role':<9} {'precision':<9} in x out")
-    for r in rows:
-        print(f"{r['name']:<{width}}  {r['role']:<9} {r['precision']:<9} {r['shape'][0]} x {r['shape'][1]}")
-    n_int = sum(r["precision"] != "float" for r in rows)
-    params_int = sum(r["shape"][0] * r["shape"][1] for r in rows if r["precision"] != "float")
-    params_all = sum(r["shape"][0] * r["shape"][1] for r in rows)
-    for r in others:
-        print(f"{r['name']:<{width}}  {r['role']:<9} float")
-    print(f"\n{n_int} of {len(rows)} linears integer ({params_int / max(params_all, 1):.1%} of linear weights)")
-    from .report import format_bytes
-
-    est = memory_estimate(model, entries, scheme)
-    print(f"\nmemory estimate ({scheme}, floats at FP16, int4 groups of 128, fp32 scales):")
-    print(f"{'component':<12}{'FP16':>12}{scheme:>12}{'ratio':>8}")
-    for comp, r in list(est.items()) + [
-        (
-            "total",
-            {"fp16": sum(v["fp16"] for v in est.values()), "quantized": sum(v["quantized"] for v in est.values())},
-        )
-    ]:
-        print(
-            f"{comp:<12}{format_bytes(r['fp16']):>12}{format_bytes(r['quantized']):>12}"
-            f"{r['quantized'] / max(r['fp16'], 1):>8.1%}"
-        )
+    print(render_layout_table(table))
+    print("\n" + format_estimate(memory_estimate(model, entries, scheme), scheme))
     return 0
-
-
-def ablation_combos(schemes, layouts, variants, full: bool = False) -> list[tuple[str, str, str]]:
-    """(scheme, layout, variant) to run: the paper's two tables, or the full product.
-
-    Table 1: every layout without ATM/OHB. Table 2: every variant on the selective layout.
-    """
-    if full:
-        return list(itertools.product(schemes, layouts, variants))
-    combos = [(s, lay, "none") for s in schemes for lay in layouts]
-    combos += [(s, "llm+dit-mlp", v) for s in schemes for v in variants if (s, "llm+dit-mlp", v) not in combos]
-    return combos
-
-
-def run_ablation(
-    policy, calib, combos, base_over=None, progress=True, save_dir: str | Path | None = None
-) -> list[dict]:
-    """Fidelity (and memory) of each (scheme, layout, ATM/OHB variant) on one buffer; with
-    ``save_dir`` every variant is also written as an artifact (for closed-loop evaluation)."""
-    from tqdm import tqdm
-
-    from .quantize import QuantConfig, quantize
-
-    rows = []
-    for scheme, lay, var in tqdm(combos, desc="ablate", disable=not progress, unit="config"):
-        atm, ohb = VARIANTS[var]
-        qc = QuantConfig(**{**(base_over or {}), "scheme": scheme, "layout": lay, "atm": atm, "ohb": ohb})
-        r = quantize(policy, qc, calib, progress=False)
-        artifact = None
-        if save_dir is not None:
-            artifact = str(Path(save_dir) / f"{scheme}_{lay}_{var}".replace("+", "-"))
-            r.save(artifact)
-        rows.append(
-            {
-                "scheme": scheme,
-                "layout": lay,
-                "variant": var,
-                **r.report["fidelity"],
-                "artifact": artifact,
-                "memory_ratio": r.report["memory"]["quantized_components_ratio"],
-                "model_memory_ratio": r.report["memory"]["model_ratio"],
-                "alpha_changed": r.report["alpha_summary"].get("changed", 0),
-                "beta_changed": r.report["beta_summary"].get("changed", 0),
-            }
-        )
-    return rows
-
-
-def render_ablation(rows: list[dict]) -> str:
-    """Paper Table 1 (layouts, no ATM/OHB) and Table 2 (ATM/OHB on the selective layout)."""
-    out = []
-    schemes = sorted({r["scheme"] for r in rows})
-    t1 = [r for r in rows if r["variant"] == "none"]
-    if t1:
-        out.append("Table 1 shape: which components are integer (no ATM/OHB); action fidelity vs FP teacher")
-        out.append(f"{'layout':<14}" + "".join(f"{s + ' cos':>14}{s + ' relL2':>14}{s + ' mem':>10}" for s in schemes))
-        for lay in dict.fromkeys(r["layout"] for r in t1):
-            cells = ""
-            for s in schemes:
-                r = next((x for x in t1 if x["layout"] == lay and x["scheme"] == s), None)
-                cells += (
-                    f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}{r['memory_ratio']:>10.1%}"
-                    if r
-                    else f"{'-':>14}{'-':>14}{'-':>10}"
-                )
-            out.append(f"{lay:<14}{cells}")
-    t2 = [r for r in rows if r["layout"] in ("llm+dit-mlp", "quantvla")]
-    if {r["variant"] for r in t2} - {"none"}:
-        out.append("")
-        out.append("Table 2 shape: ATM / OHB on the selective layout (LLM + DiT MLP)")
-        out.append(
-            f"{'variant':<14}" + "".join(f"{s + ' cos':>14}{s + ' relL2':>14}{s + ' a/b!=1':>14}" for s in schemes)
-        )
-        for var in dict.fromkeys(r["variant"] for r in t2):
-            cells = ""
-            for s in schemes:
-                r = next((x for x in t2 if x["variant"] == var and x["scheme"] == s), None)
-                cells += (
-                    f"{r['cosine_mean']:>14.5f}{r['rel_l2_mean']:>14.4f}"
-                    f"{str(r['alpha_changed']) + '/' + str(r['beta_changed']):>14}"
-                    if r
-                    else f"{'-':>14}{'-':>14}{'-':>14}"
-                )
-            out.append(f"{var:<14}{cells}")
-    out.append("")
-    out.append(
-        "(fidelity = mean over held-out observations of the cosine / relative L2 of the whole action "
-        "chunk vs the FP teacher with identical noise; success rates need the closed-loop evaluation)"
-    )
-    return "\n".join(out)
-
-
-def closed_loop_ablation(args, rows: list[dict]) -> dict:
-    """Run FP and every saved variant on the same held-out MT10 starts (paired) and add the
-    success rates to the rows; prints Tables 1-2 in success % and writes the eval report."""
-    from ..sim.evaluate import EvalConfig, evaluate
-    from ..sim.report import save_report
-
-    if args.sim != "mt10":
-        raise ValueError(f"--sim {args.sim!r}: accepted: mt10")
-    specs = [("fp", args.model)] + [(Path(r["artifact"]).name, r["artifact"]) for r in rows]
-    import dataclasses
-
-    from ..sim.env import TASKS
-
-    cfg = EvalConfig(
-        episodes_per_task=args.episodes,
-        replan_steps=args.replan_steps,
-        workers=args.workers,
-        tasks=tuple(args.tasks) if args.tasks else TASKS,
-    )
-    if args.max_steps:
-        cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, max_steps=args.max_steps))
-    report = evaluate(specs, cfg, progress=not args.no_progress)
-    out_dir = Path(args.save_dir) / "eval"
-    save_report(report, out_dir)
-    fp = report["variants"]["fp"]
-    for r in rows:
-        v = report["variants"][Path(r["artifact"]).name]
-        r["success"] = v["mean_success"]
-        r["success_ci95"] = v["mean_ci95"]
-        pair = next(p for p in report["paired"] if p["a"] == "fp" and p["b"] == Path(r["artifact"]).name)
-        r["mcnemar_p_vs_fp"] = pair.get("p_value")
-    print(
-        f"\nclosed loop, MT10 held-out starts, {args.episodes} episodes per task "
-        f"(FP {fp['mean_success']:.1%}, 95% CI {fp['mean_ci95'][0]:.1%}-{fp['mean_ci95'][1]:.1%})"
-    )
-    print(
-        f"{'scheme':<8}{'layout':<14}{'variant':<10}{'success':>9}{'vs FP':>8}{'McNemar p':>11}{'cosine':>10}{'mem':>8}"
-    )
-    for r in rows:
-        p = r["mcnemar_p_vs_fp"]
-        print(
-            f"{r['scheme']:<8}{r['layout']:<14}{r['variant']:<10}{r['success']:>9.1%}"
-            f"{100 * (r['success'] - fp['mean_success']):>+7.1f}p{p if p is not None else float('nan'):>11.3f}"
-            f"{r['cosine_mean']:>10.5f}{r['memory_ratio']:>8.1%}"
-        )
-    print(f"eval report: {out_dir}")
-    return report
 
 
 def cmd_ablate(args) -> int:
     from ..fileio import atomic_write_json
     from ..policy import Policy
+    from .ablation import ablation_combos, closed_loop_ablation, render_ablation, render_closed_loop, run_ablation
 
     schemes = _csv(args.schemes, ("w8a8", "w4a8", "w4a4", "w8a16", "w4a16"), "schemes")
     layouts = _csv(args.layouts, list(L.LAYOUTS), "layouts")
@@ -453,7 +213,22 @@ def cmd_ablate(args) -> int:
     )
     print(render_ablation(rows))
     if args.sim:
-        closed_loop_ablation(args, rows)
+        if args.sim != "mt10":
+            raise ValueError(f"--sim {args.sim!r}: accepted: mt10")
+        out_dir = Path(args.save_dir) / "eval"
+        report = closed_loop_ablation(
+            args.model,
+            rows,
+            out_dir,
+            episodes=args.episodes,
+            replan_steps=args.replan_steps,
+            workers=args.workers,
+            tasks=args.tasks,
+            max_steps=args.max_steps,
+            progress=not args.no_progress,
+        )
+        print("\n" + render_closed_loop(rows, report))
+        print(f"eval report: {out_dir}")
     if args.save_dir:
         specs = " ".join(f"--policy {Path(r['artifact']).name}={r['artifact']}" for r in rows)
         print(

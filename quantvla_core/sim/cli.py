@@ -1,4 +1,5 @@
-"""`quantvla sim demos` and `quantvla eval --sim mt10`: argparse wiring only.
+"""`quantvla sim demos | calib | bundle`, `quantvla eval --sim mt10` and `quantvla train`:
+argparse wiring only (the work is in demos.py, evaluate.py, calib_export.py, compact.py, train.py).
 
 `register(subparsers)` is called by quantvla_core/cli.py; each subcommand sets `func(args)`
 returning an exit code. `python -m quantvla_core.sim.cli ...` works on its own as well.
@@ -70,17 +71,10 @@ def _run_eval(args) -> int:
         return 2
     from quantvla_core.sim import env
 
-    if len(set(args.eval_seeds)) != len(args.eval_seeds) or min(args.eval_seeds) < 0:
-        print(f"--eval-seeds {args.eval_seeds}: give distinct seeds >= 0", file=sys.stderr)
-        return 2
-    overlap = sorted(set(args.eval_seeds) & set(env.TRAIN_SEEDS))
-    if overlap:
-        print(
-            f"--eval-seeds {overlap} are demo (training) seeds; accepted: any seed outside "
-            f"{list(env.TRAIN_SEEDS)} (held-out: {list(env.EVAL_SEEDS)}, validation: "
-            f"{list(env.VALIDATION_SEEDS)})",
-            file=sys.stderr,
-        )
+    try:
+        env.check_eval_seeds(args.eval_seeds)
+    except ValueError as e:
+        print(f"--eval-seeds {e}", file=sys.stderr)
         return 2
     cfg = EvalConfig(
         tasks=tuple(args.tasks),
@@ -116,8 +110,51 @@ def _run_bundle(args) -> int:
     return 0
 
 
+def parse_task_weights(items: list[str]) -> dict:
+    """['push-v3=3', ...] -> {'push-v3': 3.0}; a malformed or repeated entry is refused."""
+    out = {}
+    for item in items:
+        task, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise SystemExit(f"--task-weight {item!r}: expected TASK=WEIGHT, e.g. push-v3=3") from None
+        if not task:
+            raise SystemExit(f"--task-weight {item!r}: expected TASK=WEIGHT, e.g. push-v3=3")
+        if task in out:
+            raise SystemExit(f"--task-weight: {task} given twice")
+        out[task] = weight
+    return out
+
+
+def _run_train(args) -> int:
+    from quantvla_core.config import preset
+    from quantvla_core.sim.train import TrainConfig, train
+
+    cfg = preset(args.preset)
+    tc = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        save_every=args.save_every,
+        device=args.device,
+        init=args.init or "",
+        max_seconds=args.max_seconds,
+        ema=args.ema,
+        shift_pixels=args.shift,
+        warmup=args.warmup,
+        task_weights=parse_task_weights(args.task_weight or []),
+    )
+    result = train(args.demos, args.out, cfg, tc)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def register(subparsers) -> None:
+    from quantvla_core.config import PRESETS
     from quantvla_core.sim import env
+    from quantvla_core.sim.train import TrainConfig
 
     sim = subparsers.add_parser("sim", help="Meta-World MT10 simulation tools")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True)
@@ -179,6 +216,36 @@ def register(subparsers) -> None:
     ev.add_argument("--json", action="store_true", help="also print the JSON report")
     _env_args(ev)
     ev.set_defaults(func=_run_eval)
+
+    p = subparsers.add_parser("train", help="flow-matching behaviour cloning on demo shards (resumable)")
+    p.add_argument("--demos", required=True, help="folder of demo shards (quantvla sim demos)")
+    p.add_argument("--out", required=True, help="run folder: train_state/ and the final policy/")
+    p.add_argument("--preset", default="mt10", choices=PRESETS)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=TrainConfig.save_every)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
+    p.add_argument("--init", help="start from this model directory (fine-tune)")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="wall-clock budget (0 = none)")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="save an exponential moving average of the weights with this decay (e.g. 0.999)",
+    )
+    p.add_argument(
+        "--shift", type=int, default=TrainConfig.shift_pixels, help="random-shift augmentation in pixels (0 = none)"
+    )
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="linear LR warm-up steps")
+    p.add_argument(
+        "--task-weight",
+        action="append",
+        metavar="TASK=WEIGHT",
+        help="repeatable: draw this task's observations WEIGHT times as often (default 1; 0 = leave out)",
+    )
+    p.set_defaults(func=_run_train)
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,23 @@ def check_task(task: str) -> str:
     return task
 
 
+def check_eval_seeds(seeds) -> tuple[int, ...]:
+    """Seeds whose starts may be reported as evaluation: distinct, >= 0 and none a demo
+    (training) seed, so a success rate never comes from starts the policy was trained on.
+    The error names the bad seeds and what is accepted (the CLI prefixes its flag)."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"{seeds}: give distinct seeds >= 0")
+    overlap = sorted(set(seeds) & set(TRAIN_SEEDS))
+    if overlap:
+        raise ValueError(
+            f"{overlap} are demo (training) seeds; accepted: any seed outside "
+            f"{list(TRAIN_SEEDS)} (held-out: {list(EVAL_SEEDS)}, validation: "
+            f"{list(VALIDATION_SEEDS)})"
+        )
+    return tuple(seeds)
+
+
 def starts_for(task: str, seeds: tuple[int, ...] | list[int], per_seed: int = STARTS_PER_SEED):
     """The first `per_seed` starts of every seed, in a fixed order."""
     check_task(task)

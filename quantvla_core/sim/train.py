@@ -1,4 +1,5 @@
-"""`quantvla train`: flow-matching behaviour cloning of a reference policy on demo shards.
+"""Flow-matching behaviour cloning of a reference policy on demo shards (`quantvla train` parses
+its flags in sim/cli.py and calls `train`).
 
 Each sample is one observation (images, instruction paraphrase, state) and the next `horizon`
 expert actions (the last action repeated past the episode end). Normalisation statistics come
@@ -8,7 +9,6 @@ policy. Training resumes from `<out>/train_state/` (safetensors + JSON, no pickl
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..checkpoint import save_model_dir
-from ..config import PRESETS, ModelConfig, preset
+from ..config import ModelConfig
 from ..fileio import atomic_directory, atomic_write_json
 from ..models import Batch, build_model
 from ..tokenizer import ByteTokenizer, prompt_text
@@ -341,73 +341,3 @@ def train(demos: str | Path, out: str | Path, model_cfg: ModelConfig, tc: TrainC
         },
     )
     return {"steps": step, "final_loss": running, "policy": str(out / "policy")}
-
-
-def parse_task_weights(items: list[str]) -> dict:
-    """['push-v3=3', ...] -> {'push-v3': 3.0}; a malformed or repeated entry is refused."""
-    out = {}
-    for item in items:
-        task, _, value = item.partition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            raise SystemExit(f"--task-weight {item!r}: expected TASK=WEIGHT, e.g. push-v3=3") from None
-        if not task:
-            raise SystemExit(f"--task-weight {item!r}: expected TASK=WEIGHT, e.g. push-v3=3")
-        if task in out:
-            raise SystemExit(f"--task-weight: {task} given twice")
-        out[task] = weight
-    return out
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = preset(args.preset)
-    tc = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        save_every=args.save_every,
-        device=args.device,
-        init=args.init or "",
-        max_seconds=args.max_seconds,
-        ema=args.ema,
-        shift_pixels=args.shift,
-        warmup=args.warmup,
-        task_weights=parse_task_weights(args.task_weight or []),
-    )
-    result = train(args.demos, args.out, cfg, tc)
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="flow-matching behaviour cloning on demo shards (resumable)")
-    p.add_argument("--demos", required=True, help="folder of demo shards (quantvla sim demos)")
-    p.add_argument("--out", required=True, help="run folder: train_state/ and the final policy/")
-    p.add_argument("--preset", default="mt10", choices=PRESETS)
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=TrainConfig.save_every)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
-    p.add_argument("--init", help="start from this model directory (fine-tune)")
-    p.add_argument("--max-seconds", type=float, default=0.0, help="wall-clock budget (0 = none)")
-    p.add_argument(
-        "--ema",
-        type=float,
-        default=0.0,
-        help="save an exponential moving average of the weights with this decay (e.g. 0.999)",
-    )
-    p.add_argument(
-        "--shift", type=int, default=TrainConfig.shift_pixels, help="random-shift augmentation in pixels (0 = none)"
-    )
-    p.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="linear LR warm-up steps")
-    p.add_argument(
-        "--task-weight",
-        action="append",
-        metavar="TASK=WEIGHT",
-        help="repeatable: draw this task's observations WEIGHT times as often (default 1; 0 = leave out)",
-    )
-    p.set_defaults(func=cmd_train)

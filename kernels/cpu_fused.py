@@ -17,6 +17,10 @@ from pathlib import Path
 log = logging.getLogger("quantvla_kernels")
 
 SOURCE = Path(__file__).with_name("cpu_int_linear.cpp")
+# -fopenmp: ATen's parallel_for is a header template that runs serially unless the caller is
+# compiled with OpenMP; the link resolves to the libgomp torch has already loaded (same soname).
+CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -48,11 +52,12 @@ def _build():
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr(CFLAGS).encode()).hexdigest()[:12]
     return cpp_extension.load(
         name=f"quantvla_cpu_int_linear_{digest}",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffp-contract=off"],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
         verbose=False,
     )
 

@@ -238,3 +238,25 @@ def test_groot_n15_placement_needs_the_n15_variant():
     cfg = placed_groot_config()
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["image_token_id"] == PLACEHOLDER
     assert "image_token_id" not in preset("tiny-groot").to_dict()  # configs without it are written as before
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
+def test_bf16_model_predicts_finite_actions_close_to_fp32(name):
+    """A whole model cast to bfloat16 runs end to end (GR00T's fp32 sinusoid used to meet its
+    bf16 timestep layer and fail) and stays near the fp32 model's actions."""
+    import numpy as np
+
+    from quantvla_core.policy import Observation, Policy
+
+    cfg = preset(name)
+    rng = np.random.default_rng(0)
+    obs = Observation(
+        images=[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)],
+        instruction="open the drawer",
+        state=rng.normal(size=cfg.state_dim).astype(np.float32),
+    )
+    fp = Policy(build_model(cfg, seed=0).eval(), cfg, name=name, device="cpu", dtype="fp32")
+    bf = Policy(build_model(cfg, seed=0).eval().to(torch.bfloat16), cfg, name=name, device="cpu", dtype="bf16")
+    a32, a16 = fp.predict(obs, seed=1).actions, bf.predict(obs, seed=1).actions
+    assert np.isfinite(a16).all()
+    assert np.abs(a16 - a32).max() <= 0.1 * np.abs(a32).max() + 1e-3

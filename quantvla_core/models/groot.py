@@ -106,7 +106,8 @@ class TimestepEncoder(nn.Module):
 
     def forward(self, t_disc: torch.Tensor) -> torch.Tensor:
         e = self.timestep_embedder
-        return e.linear_2(F.silu(e.linear_1(timestep_embedding(t_disc, 256))))
+        # the sinusoid is computed in fp32; the layers may hold bf16 / fp16 weights
+        return e.linear_2(F.silu(e.linear_1(timestep_embedding(t_disc, 256).to(e.linear_1.weight.dtype))))
 
 
 class DiT(nn.Module):

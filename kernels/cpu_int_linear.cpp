@@ -599,6 +599,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("norm_weight"), py::arg("norm_eps"), py::arg("norm_offset"), py::arg("act") = 0,
           py::arg("gated") = false, py::arg("residual") = py::none(), py::arg("vnni_weight") = py::none(),
           py::arg("w_colsum") = py::none());
+  mod.def("parallel_threads", [](int64_t items) {
+    // how many distinct threads at::parallel_for uses here: 1 if this build lacks OpenMP
+    std::vector<int> used(static_cast<size_t>(std::max<int64_t>(items, 1)), -1);
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) used[i] = at::get_thread_num();
+    });
+    std::sort(used.begin(), used.end());
+    return static_cast<int64_t>(std::unique(used.begin(), used.end()) - used.begin());
+  }, "distinct threads of one at::parallel_for over `items` (checks the OpenMP build)");
   mod.def("vnni_pack", &vnni_pack, "prepack int8 weights (N, K) for the VNNI GEMM: (packed, group column sums)");
   mod.def("has_vnni", []() {
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -215,3 +215,23 @@ def test_vnni_gemm_is_bit_identical_to_int_mm(fused, m, n, k, groups):
     both = fused.int_linear(x, *args, pieces, ws, bias, 127, 0, 0.0, None, 0.0, 0.0, 0, False, None, packed, colsum)
     assert torch.equal(only, want) and torch.equal(both, want)
     assert fused.vnni_pack(w[:, : k - 2].contiguous(), 1) == []  # K not a multiple of 4: not packed
+
+
+def test_the_extension_runs_its_loops_on_every_torch_thread(fused):
+    """ATen's parallel_for is serial in code built without OpenMP; the extension is built with
+    it, so its row passes, epilogue and VNNI GEMM use torch's intra-op threads."""
+    import os
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: nothing to split")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert fused.parallel_threads(64) == 2
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        assert fused.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -68,6 +69,32 @@ def logit_observer(callback: LogitObserver) -> Iterator[None]:
         obs.remove(callback)
 
 
+@dataclass(frozen=True)
+class AttentionMask:
+    """A boolean attention mask together with its additive form, built once and shared by every
+    layer (and every denoising step) that uses it. SDPA otherwise turns a boolean mask into the
+    additive one on every call (three kernels per attention call on the CPU)."""
+
+    keep: torch.Tensor  # bool, True = attend
+    bias: torch.Tensor  # 0 where keep, -inf elsewhere, in the attention's dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.keep.shape
+
+
+def attention_mask(mask: "torch.Tensor | AttentionMask | None", dtype: torch.dtype) -> "AttentionMask | None":
+    """``mask`` (bool, True = attend) with its additive form in ``dtype``; an AttentionMask or
+    None passes through. The bias is what SDPA builds from a boolean mask itself (0 / -inf), so
+    results do not change."""
+    if mask is None or isinstance(mask, AttentionMask):
+        return mask
+    if mask.dtype != torch.bool:
+        raise TypeError(f"attention mask must be a bool tensor (True = attend), got {mask.dtype}")
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return AttentionMask(keep=mask, bias=torch.where(mask, zero, torch.full_like(zero, float("-inf"))))
+
+
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     kv_heads = x.shape[1]
     if kv_heads == heads:
@@ -81,7 +108,7 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None = None,
+    mask: "torch.Tensor | AttentionMask | None" = None,
     scale: float | None = None,
     *,
     name: str = "",
@@ -89,8 +116,12 @@ def attention(
     """Scaled dot-product attention with GQA.
 
     q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); mask: bool broadcastable to (B, H, Tq, Tk), True =
-    attend. Returns (B, H, Tq, D) in q's dtype.
+    attend, or an AttentionMask holding it with its additive form (SDPA then skips the
+    conversion). Returns (B, H, Tq, D) in q's dtype.
     """
+    bias = None
+    if isinstance(mask, AttentionMask):
+        mask, bias = mask.keep, (mask.bias if mask.bias.dtype == q.dtype else None)
     heads = q.shape[1]
     if heads % k.shape[1]:
         raise ValueError(f"query heads {heads} not a multiple of kv heads {k.shape[1]}")
@@ -108,7 +139,9 @@ def attention(
         probs = torch.softmax(logits, dim=-1)
         return torch.matmul(probs.to(v.dtype), v)
     # enable_gqa: SDPA reads the shared K/V heads directly instead of copies per query head.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != heads)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask if bias is None else bias, scale=scale, enable_gqa=k.shape[1] != heads
+    )
 
 
 def name_attention_modules(model: nn.Module) -> None:

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .attention import AttentionMask, attention_mask
 from .base import Batch, FlowMatchingVLA, prefix_validity
-from .layers import Attention, Decoder, FeedForward
+from .layers import Attention, Decoder, FeedForward, conditioning, modulation
 from .vision import VisionTower
 
 
@@ -75,8 +76,8 @@ class AdaLayerNorm(nn.Module):
         self.linear = nn.Linear(width, 2 * width)
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, temb) -> torch.Tensor:
+        scale, shift = modulation(temb, self.linear, F.silu).unsqueeze(1).chunk(2, dim=-1)
         return self.norm(x) * (1 + scale) + shift
 
 
@@ -122,6 +123,12 @@ class DiT(nn.Module):
         self.norm_out = nn.LayerNorm(d.width, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(d.width, 2 * d.width)
         self.proj_out_2 = nn.Linear(d.width, d.hidden)
+
+    def conditioning(self, temb: torch.Tensor):
+        """``temb`` with every block's adaLN modulation and proj_out_1's, linear(silu(temb)),
+        from one GEMM (layers.conditioning)."""
+        ada = [blk.norm1.linear for blk in self.transformer_blocks if isinstance(blk.norm1, AdaLayerNorm)]
+        return conditioning(self, temb, ada + [self.proj_out_1], F.silu)
 
 
 class VLSelfAttention(nn.Module):
@@ -171,6 +178,7 @@ class DiTCache:
     valid: torch.Tensor  # (B, Tp)
     cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # block index -> (K, V)
     state_tokens: torch.Tensor  # (B, 1, W)
+    cross_mask: AttentionMask | None = None  # valid VL tokens, (B, 1, 1, Tp); None: built per step
 
 
 class GR00TModel(FlowMatchingVLA):
@@ -203,8 +211,9 @@ class GR00TModel(FlowMatchingVLA):
         feats = lm(x, positions, mask)  # layer-12 hidden states, as GR00T selects them
         ah = self.action_head
         feats = ah.vlln(feats)
+        vmask = attention_mask(valid[:, None, None, :], feats.dtype)
         for blk in ah.vl_self_attention.transformer_blocks:
-            feats = blk(feats, mask=valid[:, None, None, :])
+            feats = blk(feats, mask=vmask)
         return feats, valid
 
     def encode_prefix(self, batch: Batch, image_tokens: torch.Tensor) -> DiTCache:
@@ -213,7 +222,8 @@ class GR00TModel(FlowMatchingVLA):
         cross = {i: blk.attn1.kv(vl) for i, blk in enumerate(blocks) if blk.cross}
         b = vl.shape[0]
         state = self.action_head.state_encoder(batch.state.to(vl.dtype)[:, None], self._cat(b, vl.device))
-        return DiTCache(vl=vl, valid=valid, cross_kv=cross, state_tokens=state)
+        cross_mask = attention_mask(valid[:, None, None, :], vl.dtype)
+        return DiTCache(vl=vl, valid=valid, cross_kv=cross, state_tokens=state, cross_mask=cross_mask)
 
     def _dit(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, cross_kv) -> torch.Tensor:
         ah = self.action_head
@@ -224,11 +234,11 @@ class GR00TModel(FlowMatchingVLA):
         future = ah.future_tokens.weight[None].expand(b, -1, -1).to(actions.dtype)
         x = torch.cat([cache.state_tokens.to(actions.dtype), future, actions], dim=1)
         dit = ah.model
-        temb = dit.timestep_encoder(t_disc).to(x.dtype)
-        cross_mask = cache.valid[:, None, None, :]
+        temb = dit.conditioning(dit.timestep_encoder(t_disc).to(x.dtype))
+        cross_mask = cache.cross_mask or attention_mask(cache.valid[:, None, None, :], x.dtype)
         for i, blk in enumerate(dit.transformer_blocks):
             x = blk(x, temb, kv=cross_kv(i, blk), mask=cross_mask if blk.cross else None)
-        shift, scale = dit.proj_out_1(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+        shift, scale = modulation(temb, dit.proj_out_1, F.silu).unsqueeze(1).chunk(2, dim=-1)
         x = dit.proj_out_2(dit.norm_out(x) * (1 + scale) + shift)
         return ah.action_decoder(x, self._cat(b, x.device))[:, -self.cfg.horizon :]
 

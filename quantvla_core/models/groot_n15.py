@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderConfig, ModelConfig
-from .attention import name_attention_modules
+from .attention import attention_mask, name_attention_modules
 from .base import Batch, prefix_validity
 from .groot import ActionEncoder, CategorySpecificLinear, CategorySpecificMLP, DiTCache, GR00TModel, TimestepEncoder
-from .layers import DecoderAttention, RMSNorm, apply_rope, rope_cos_sin
+from .layers import DecoderAttention, RMSNorm, apply_rope, modulation, rope_cos_sin
 from .smolvla import pixel_shuffle
 
 
@@ -116,7 +116,7 @@ def block32(blk: nn.Module, x: torch.Tensor, cd: torch.dtype, temb=None, kv=None
     """A DiT / vl_self_attention TransformerBlock on an fp32 residual stream: (ada)LayerNorm and
     modulation in fp32, attention and feed-forward in cd, their outputs added in fp32."""
     if temb is not None:  # scale / shift come out of a cd linear; (1 + scale) is formed in cd too
-        scale, shift = blk.norm1.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+        scale, shift = modulation(temb, blk.norm1.linear, F.silu).unsqueeze(1).chunk(2, dim=-1)
         h = ln32(blk.norm1.norm, x) * (1 + scale).float() + shift.float()
     else:
         h = ln32(blk.norm1, x)
@@ -243,14 +243,16 @@ class GR00TN15Model(GR00TModel):
         ah = self.action_head
         if islands:
             cd = self.compute_dtype()
-            feats = ln32(ah.vlln, self._llm32(lm, x, positions, mask, cd))
+            feats = ln32(ah.vlln, self._llm32(lm, x, positions, attention_mask(mask, cd), cd))
+            vmask = attention_mask(valid[:, None, None, :], cd)
             for blk in ah.vl_self_attention.transformer_blocks:
-                feats = block32(blk, feats, cd, mask=valid[:, None, None, :])
+                feats = block32(blk, feats, cd, mask=vmask)
             return feats, valid  # fp32, as the originals hand it to the DiT
         feats = lm.final_norm(lm(x, positions, mask), None)  # hidden_states[12]: after the final norm
         feats = ah.vlln(feats)
+        vmask = attention_mask(valid[:, None, None, :], feats.dtype)
         for blk in ah.vl_self_attention.transformer_blocks:
-            feats = blk(feats, mask=valid[:, None, None, :])
+            feats = blk(feats, mask=vmask)
         return feats, valid
 
     @staticmethod
@@ -281,7 +283,13 @@ class GR00TN15Model(GR00TModel):
         vl, valid = self._vl_features(batch, image_tokens)
         vlc = vl.to(cd)
         cross = {i: blk.attn1.kv(vlc) for i, blk in enumerate(self.action_head.model.transformer_blocks) if blk.cross}
-        return DiTCache(vl=vl, valid=valid, cross_kv=cross, state_tokens=self._state_tokens(batch.state, cd))
+        return DiTCache(
+            vl=vl,
+            valid=valid,
+            cross_kv=cross,
+            state_tokens=self._state_tokens(batch.state, cd),
+            cross_mask=attention_mask(valid[:, None, None, :], cd),
+        )
 
     def velocity_joint(self, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not self.islands_active():
@@ -310,10 +318,10 @@ class GR00TN15Model(GR00TModel):
         future = ah.future_tokens.weight.float()[None].expand(b, -1, -1)
         x = torch.cat([cache.state_tokens.float(), future, actions], dim=1)
         dit = ah.model
-        temb = dit.timestep_encoder(t_disc).to(cd)  # sinusoid in fp32, its MLP in cd (as the original)
-        cross_mask = cache.valid[:, None, None, :]
+        temb = dit.conditioning(dit.timestep_encoder(t_disc).to(cd))  # sinusoid fp32, MLP in cd (as the original)
+        cross_mask = cache.cross_mask or attention_mask(cache.valid[:, None, None, :], cd)
         for i, blk in enumerate(dit.transformer_blocks):
             x = block32(blk, x, cd, temb, kv=cross_kv(i, blk), mask=cross_mask if blk.cross else None)
-        shift, scale = dit.proj_out_1(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+        shift, scale = modulation(temb, dit.proj_out_1, F.silu).unsqueeze(1).chunk(2, dim=-1)
         x = dit.proj_out_2((ln32(dit.norm_out, x) * (1 + scale).float() + shift.float()).to(cd))
         return csmlp32(ah.action_decoder, x, cat, cd)[:, -self.cfg.horizon :]  # fp32 velocity

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderConfig
-from .attention import attention
+from .attention import attention, attention_mask
+from .float_fusion import fused_float_linear
 
 
 def _fused(parent: nn.Module, names: tuple[str, ...]):
@@ -91,9 +92,39 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps), one op
         return (y * (self.offset + self.weight.float())).to(x.dtype)
+
+
+class Conditioning:
+    """A condition vector (flow time, pi0.5 / GR00T) with what every adaptive norm computes from
+    it already computed: one GEMM over the concatenated modulation layers of the whole stack
+    (the condition is the same for all of them: one launch per denoising step, not one per norm).
+    ``modulations`` maps each modulation layer to its output."""
+
+    def __init__(self, cond: torch.Tensor, modulations: dict[nn.Module, torch.Tensor]):
+        self.cond = cond
+        self.modulations = modulations
+
+
+def modulation(cond, layer: nn.Module, prepare=None) -> torch.Tensor:
+    """``layer(prepare(cond))``, taken from a `Conditioning` that holds it where it does."""
+    if isinstance(cond, Conditioning):
+        mod = cond.modulations.get(layer)
+        if mod is not None:
+            return mod
+        cond = cond.cond
+    return layer(cond if prepare is None else prepare(cond))
+
+
+def conditioning(owner: nn.Module, cond: torch.Tensor, layers: list[nn.Module], prepare=None):
+    """``cond`` as a `Conditioning` whose modulations ``layer(prepare(cond))`` for ``layers``
+    come from one GEMM (float_fusion), or ``cond`` itself where that cannot run (gradients on,
+    hooked or quantized layers): each norm then computes its own."""
+    y = fused_float_linear(owner, "_float_modulations", layers, cond if prepare is None else prepare(cond))
+    if y is None:
+        return cond
+    return Conditioning(cond, dict(zip(layers, y.split([m.out_features for m in layers], dim=-1))))
 
 
 class AdaRMSNorm(nn.Module):
@@ -106,27 +137,29 @@ class AdaRMSNorm(nn.Module):
         nn.init.normal_(self.dense.weight, std=0.02 / math.sqrt(cond_dim))
         nn.init.zeros_(self.dense.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        scale, shift, gate = self.dense(cond).unsqueeze(1).chunk(3, dim=-1)
+    def forward(self, x: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        scale, shift, gate = modulation(cond, self.dense).unsqueeze(1).chunk(3, dim=-1)
         return (y * (1 + scale.float()) + shift.float()).to(x.dtype), gate
 
 
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (B, 1, T, D) for rotate-half RoPE at integer positions (B, T)."""
+    """RoPE tables (B, 1, T, D) at integer positions (B, T) for `apply_rope`: cos, and sin with
+    its first half negated (rotate-half's sign lives in the table, built once per sequence,
+    instead of a negation and a concatenation in every layer)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     ang = positions.float()[..., None] * inv
-    ang = torch.cat([ang, ang], dim=-1)[:, None]
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+    sin = ang.sin()
+    return torch.cat([ang, ang], dim=-1)[:, None].cos().to(dtype), torch.cat([-sin, sin], dim=-1)[:, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+    """Rotate-half RoPE, x * cos + rotate_half(x) * sin, with the tables of `rope_cos_sin`:
+    rotate_half(x) * sin == roll(x, D/2) * signed_sin exactly (negation commutes with the
+    product), in four kernels instead of six."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 class GatedMLP(nn.Module):
@@ -141,15 +174,19 @@ class GatedMLP(nn.Module):
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """act(gate(x)) * up(x): where quantized, one activation quantization and one GEMM whose
-        epilogue writes the product (gated pairs), else the layer-by-layer ops."""
+        epilogue writes the product (gated pairs); in float one GEMM over gate|up where it can."""
         pairs = _fused_gate_up(self)
         if pairs is not None:
             return pairs(x, act=self.act)
         fused = _fused(self, ("gate_proj", "up_proj"))
         if fused is not None:  # quantized: one activation quantization and one GEMM for both
-            gate, up = fused(x).split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
+            y = fused(x)
         else:
+            y = fused_float_linear(self, "_float_gate_up", (self.gate_proj, self.up_proj), x)
+        if y is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = y.split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
         return activation(self.act, gate) * up
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,12 +228,25 @@ class DecoderAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected (B, T, H*D) q/k/v -> per-head (B, H, T, D), RoPE on q and k. Subclasses with
-        per-head norms (Qwen3) override this, not the projections."""
+        per-head norms (Qwen3) override this (`project_heads` then calls it), not the projections."""
         b, t, _ = q.shape
         q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def project_heads(
+        self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`to_heads` of one q|k|v projection output (B, T, (H + 2 Hkv) D): RoPE runs once over
+        the q and k heads together (4 kernels per layer instead of 8), the same numbers."""
+        if type(self).to_heads is not DecoderAttention.to_heads:
+            return self.to_heads(*self._split_qkv(y), cos, sin)  # a subclass's own head transform
+        b, t, _ = y.shape
+        h, hk = self.heads, self.kv_heads
+        y = y.reshape(b, t, h + 2 * hk, self.head_dim)
+        qk = apply_rope(y[:, :, : h + hk], cos.transpose(1, 2), sin.transpose(1, 2))
+        return qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2), y[:, :, h + hk :].transpose(1, 2)
 
     def _split_qkv(self, y: torch.Tensor):
         return y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
@@ -206,7 +256,10 @@ class DecoderAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fused = _fused(self, ("q_proj", "k_proj", "v_proj"))
         if fused is not None:  # quantized: one activation quantization and one GEMM for q, k, v
-            return self.to_heads(*self._split_qkv(fused(x)), cos, sin)
+            return self.project_heads(fused(x), cos, sin)
+        y = fused_float_linear(self, "_float_qkv", (self.q_proj, self.k_proj, self.v_proj), x)
+        if y is not None:  # float (by model or by layout): one GEMM over q|k|v
+            return self.project_heads(y, cos, sin)
         return self.to_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin)
 
     def qkv_normed(
@@ -217,7 +270,7 @@ class DecoderAttention(nn.Module):
         y = _normed_fused(self, ("q_proj", "k_proj", "v_proj"), norm, x)
         if y is None:
             return self.qkv(norm(x), cos, sin)
-        return self.to_heads(*self._split_qkv(y), cos, sin)
+        return self.project_heads(y, cos, sin)
 
     def attend(self, q, k, v, mask, residual: torch.Tensor | None = None) -> torch.Tensor:
         """o_proj(attention(q, k, v)) (+ residual, added in o_proj's epilogue where quantized)."""
@@ -287,6 +340,13 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, cond_dim, norm_offset) for _ in range(cfg.depth))
         self.norm = AdaRMSNorm(cfg.width, cond_dim) if cond_dim else RMSNorm(cfg.width, offset=norm_offset)
 
+    def conditioning(self, cond: torch.Tensor | None):
+        """``cond`` with every adaRMS norm's dense(cond) from one GEMM (see `conditioning`)."""
+        if cond is None or not isinstance(self.norm, AdaRMSNorm):
+            return cond
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        return conditioning(self, cond, [n.dense for n in norms + [self.norm]])
+
     def final_norm(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return self.norm(x, cond)[0] if cond is not None else self.norm(x)
 
@@ -300,6 +360,7 @@ class Decoder(nn.Module):
     ):
         """Plain self-attention pass; with return_kv also the per-layer (K, V) (the prefix cache)."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = attention_mask(mask, x.dtype)  # converted once for every layer
         kv = []
         for layer in self.layers:
             q, k, v, gate = layer.attn_qkv(x, cond, cos, sin)

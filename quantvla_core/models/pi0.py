@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .attention import AttentionMask, attention_mask
 from .base import Batch, FlowMatchingVLA, check_shared_attention, prefix_validity
 from .layers import Decoder, rope_cos_sin, sinusoidal_embedding
 from .vision import VisionTower
@@ -35,7 +36,7 @@ class PrefixCache:
     next_position: torch.Tensor  # (B,) long
     prefix_len: int
     # What every denoising step needs but no step changes: the suffix attention mask and RoPE.
-    suffix_mask: torch.Tensor | None = None  # (B, 1, Ts, Tp + Ts) bool
+    suffix_mask: AttentionMask | None = None  # (B, 1, Ts, Tp + Ts)
     suffix_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -124,9 +125,10 @@ class PI0Model(FlowMatchingVLA):
         cache = PrefixCache(kv=static, valid=valid, next_position=valid.long().sum(-1), prefix_len=tp)
         b = x.shape[0]
         positions = cache.next_position[:, None] + torch.arange(ts, device=x.device)[None]
-        cache.suffix_mask = torch.cat(
+        keep = torch.cat(
             [valid[:, None, :].expand(b, ts, -1), self._suffix_self_mask(ts, x.device)[None].expand(b, -1, -1)], dim=-1
         )[:, None]
+        cache.suffix_mask = attention_mask(keep, x.dtype)
         expert = self._expert
         cache.suffix_rope = rope_cos_sin(positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype)
         return cache
@@ -157,6 +159,7 @@ class PI0Model(FlowMatchingVLA):
     def denoise_step(self, cache: PrefixCache, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         x, cond = self._suffix(x_t, t, state)
         expert = self._expert
+        cond = expert.conditioning(cond)  # pi0.5: every adaRMS modulation in one GEMM
         mask = cache.suffix_mask
         cos, sin = cache.suffix_rope
         tp = cache.prefix_len

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import attention
+from .attention import AttentionMask, attention, attention_mask
 from .base import Batch, FlowMatchingVLA, check_shared_attention, prefix_validity
 from .layers import Decoder, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .vision import SiglipVisionModel
@@ -60,8 +60,8 @@ class SmolPrefixCache:
     valid: torch.Tensor  # (B, Tp) bool
     next_position: torch.Tensor  # (B,) long
     prefix_len: int = 0
-    self_mask: torch.Tensor | None = None
-    cross_mask: torch.Tensor | None = None
+    self_mask: AttentionMask | None = None
+    cross_mask: AttentionMask | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -175,8 +175,8 @@ class SmolVLAModel(FlowMatchingVLA):
             valid=valid,
             next_position=next_position,
             prefix_len=tp,
-            self_mask=torch.cat([prefix_vis, causal[None].expand(b, -1, -1)], dim=-1)[:, None],
-            cross_mask=prefix_vis[:, None],
+            self_mask=attention_mask(torch.cat([prefix_vis, causal[None].expand(b, -1, -1)], dim=-1)[:, None], x.dtype),
+            cross_mask=attention_mask(prefix_vis[:, None], x.dtype),
             rope=rope_cos_sin(suffix_positions, expert.cfg.head_dim, expert.cfg.rope_theta, x.dtype),
         )
 

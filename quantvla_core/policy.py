@@ -21,6 +21,7 @@ import torch
 from .checkpoint import CheckpointError, load_state_into, read_config, verify_manifest
 from .config import PRESETS, ModelConfig, preset
 from .models import Batch, FlowMatchingVLA, build_model, component_of
+from .models.cpu_linear import use_onednn_linears
 from .policy_io import PolicyIO, ReferenceIO
 
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "assets" / "default_policy"
@@ -172,6 +173,8 @@ class Policy:
         )
         self.quant_meta = quant_meta or {}
         self.model.eval()
+        if self.device.type == "cpu":  # fp32 float layers through oneDNN (models.cpu_linear)
+            use_onednn_linears(self.model)
         self.io: PolicyIO = io if io is not None else ReferenceIO(config)
         self._generator = torch.Generator().manual_seed(seed)
 

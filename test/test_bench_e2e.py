@@ -345,7 +345,9 @@ def test_cpu_peers_build_run_and_print_a_row(tmp_path, capsys):
     printed = capsys.readouterr().out
     res = json.loads(next(out.glob("*.json")).read_text())
     torchao = all(peer_available(p)[0] for p in ("torchao-int8dq", "torchao-int4wo"))
-    cpu_peers = ["compile", "bf16", "ao-dynamic-int8"] + (["torchao-int8dq", "torchao-int4wo"] if torchao else [])
+    cpu_peers = ["compile", "bf16", "fp32-blas", "ao-dynamic-int8"] + (
+        ["torchao-int8dq", "torchao-int4wo"] if torchao else []
+    )
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"fp", *cpu_peers}, res["notes"]
     _check_printed_table(printed, [1], ["fp"] + cpu_peers)
@@ -396,6 +398,9 @@ def test_peer_availability_names_why():
     ok, why = peer_available("ao-dynamic-int8", cuda, "bf16")
     assert not ok and "CPU only" in why
     assert peer_available("ao-dynamic-int8", cpu, "fp32")[0]
+    assert peer_available("fp32-blas", cpu, "fp32")[0]
+    for why in (peer_available("fp32-blas", cuda, "bf16")[1], peer_available("fp32-blas", cpu, "bf16")[1]):
+        assert why
     assert not peer_available("ao-dynamic-int8", cpu, "bf16")[0]
     assert check_peers(["all"]) == list(PEERS)
     assert check_peers(["bf16", "all"])[0] == "bf16" and len(check_peers(["bf16", "all"])) == len(PEERS)
@@ -439,3 +444,38 @@ def test_installed_packages_hold_no_benchmark_code():
 
     with pytest.raises(SystemExit):  # no `quantvla bench`: the script is the one way to run it
         build_parser().parse_args(["bench", "--preset", "tiny"])
+
+
+def test_fp32_blas_peer_runs_f_linear_where_fp_runs_onednn():
+    """The fp32-blas peer is the FP model with PyTorch's own fp32 GEMM: same parameters, its
+    chunks launch no oneDNN linear, FP's do, and both predict the same actions (to GEMM rounding)."""
+    import argparse
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from quantvla_bench.bench import BenchOptions, add_arguments
+    from quantvla_bench.runs import Variants
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = preset("tiny")
+    variants = Variants(cfg, BenchOptions.from_args(p.parse_args(["--preset", "tiny"])))
+    runs = {}
+    for name in ("fp", "fp32-blas"):
+        runner = ChunkRunner(variants.build(name), _observation(cfg, 1))
+        with Ops() as ops:
+            runner.run()
+        runs[name] = (ops.names, runner.last_actions)
+    assert any("mkldnn._linear_pointwise" in n for n in runs["fp"][0])
+    assert not any("mkldnn._linear_pointwise" in n for n in runs["fp32-blas"][0])
+    np.testing.assert_allclose(runs["fp32-blas"][1], runs["fp"][1], rtol=1e-4, atol=1e-4)
+    assert variants.build("fp32-blas").model.action_in_proj.weight is variants.fp().model.action_in_proj.weight

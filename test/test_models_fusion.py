@@ -187,6 +187,13 @@ def test_fused_float_model_predicts_what_the_unfused_one_does_and_saves_unchange
             got = stack.conditioning(cond)
         assert isinstance(got, Conditioning) and len(got.modulations) == expected
         torch.testing.assert_close(modulation(got, layer), want, rtol=1e-6, atol=1e-6)
+        if cfg.arch == "pi05":  # the norm terms formed for the whole stack: each norm's own numbers
+            norm = stack.layers[1].post_attention_layernorm
+            x = torch.randn(2, 5, cfg.expert.width)
+            scale, shift, gate = modulation(got, norm.dense).unsqueeze(1).chunk(3, dim=-1)
+            y, g = norm(x, got)
+            normed = F.rms_norm(x, (x.shape[-1],), eps=norm.eps)
+            assert torch.equal(y, normed * (1 + scale) + shift) and torch.equal(g, gate)
     # checkpoints read the same tensors back (parameters are views into the concatenations now)
     save_model_dir(tmp_path / "m", cfg, model.state_dict())
     sd = load_tensors(tmp_path / "m" / MODEL_FILE)

@@ -74,6 +74,12 @@ class Variants:
             pol.model = _compiled_model(fp.model)
             pol.name, pol.scheme = f"{fp.name}+compile", "compile"
             return pol
+        if name == "fp32-blas":  # the FP model, every float linear through F.linear (PyTorch's BLAS)
+            fp = self.fp()
+            pol = copy.copy(fp)
+            pol.model = _blas_model(fp.model)
+            pol.name, pol.scheme = f"{fp.name}+blas", "fp32-blas"
+            return pol
         if name == "bf16":  # the same seeded FP weights, cast to bfloat16
             model = build_fp_model(self.cfg, o.device, torch.bfloat16)
             return Policy(model, self.cfg, name=f"{self.cfg.name}-bf16", device=o.device, dtype="bf16", scheme="bf16")
@@ -105,3 +111,26 @@ def _compiled_model(model):
     for name in ("encode_images", "encode_prefix", "denoise_step"):
         object.__setattr__(compiled, name, torch.compile(getattr(model, name), **kw))
     return compiled
+
+
+def _blas_model(model):
+    """A shallow copy of the FP model (same parameters) whose three stage functions run every
+    float linear through ``F.linear`` (MKL's sgemm in the x86 wheels) instead of oneDNN
+    (quantvla_core.models.cpu_linear): the fp32 GEMMs plain PyTorch picks, timed beside ours."""
+    from quantvla_core.models.cpu_linear import onednn_linear_enabled, set_onednn_linear
+
+    def with_blas(fn):
+        def stage(*args, **kwargs):
+            prev = onednn_linear_enabled()
+            set_onednn_linear(False)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                set_onednn_linear(prev)
+
+        return stage
+
+    out = copy.copy(model)
+    for name in ("encode_images", "encode_prefix", "denoise_step"):
+        object.__setattr__(out, name, with_blas(getattr(model, name)))
+    return out

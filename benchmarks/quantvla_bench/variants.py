@@ -28,7 +28,7 @@ from quantvla_core.quant.transforms import InputTransform, hadamard
 
 SCHEMES = ("fp",) + tuple(QUANT_BITS)
 QUANTIZERS = ("quick", "calib")
-PEERS = ("compile", "bf16", "ao-dynamic-int8", "torchao-int8dq", "torchao-int4wo")
+PEERS = ("compile", "bf16", "fp32-blas", "ao-dynamic-int8", "torchao-int8dq", "torchao-int4wo")
 PEER_SETS = {"all": PEERS}  # shorthand: every peer; those that cannot run here are skipped with a note
 
 
@@ -133,6 +133,16 @@ def peer_available(peer: str, device: torch.device | None = None, fp_dtype: str 
     if peer == "bf16":
         if fp_dtype == "bf16":
             return False, "FP already runs in bf16 here (the CUDA default), so a bf16 peer would repeat it"
+        return True, ""
+    if peer == "fp32-blas":
+        if device.type != "cpu":
+            return False, "fp32-blas compares the CPU's fp32 GEMMs (F.linear's BLAS vs oneDNN); CPU only"
+        if fp_dtype != "fp32":
+            return False, f"fp32-blas is an fp32 path; FP here is {fp_dtype} (use --dtype fp32)"
+        from quantvla_core.models.cpu_linear import onednn_linear_enabled
+
+        if not onednn_linear_enabled():
+            return False, "this torch build has no oneDNN: FP already runs F.linear"
         return True, ""
     if peer == "ao-dynamic-int8":
         if device.type != "cpu":

@@ -9,9 +9,10 @@ an in-place update of a layer's weight (load_state_dict, ATM folding) is seen by
 
 It applies only where it computes the same function as the layers it replaces:
 - gradients off (a training step must reach each layer's parameter through autograd);
-- plain ``nn.Linear`` layers (quantized ones have their own fusion, quant.qlinear) that nobody
+- plain ``nn.Linear`` (or cpu_linear.OneDNNLinear) layers (quantized ones have their own fusion, quant.qlinear) that nobody
   hooks (calibration and tracing observe each layer's own input and output);
-- one dtype and device for all.
+- one dtype and device for all;
+- not while torch.compile traces the model (its pointer checks would break the graph).
 The cache is dropped and rebuilt whenever a layer or its parameter storage changes (a module
 replaced by quantization, ``.to(dtype)``, a reassigned parameter).
 """
@@ -21,8 +22,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .cpu_linear import OneDNNLinear, float_linear
 
 _ENABLED = {"on": True}
 
@@ -37,7 +39,7 @@ def float_fusion_enabled() -> bool:
 
 
 def _plain(layer: nn.Module | None) -> bool:
-    return type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+    return type(layer) in (nn.Linear, OneDNNLinear) and not layer._forward_hooks and not layer._forward_pre_hooks
 
 
 def _addresses(layers: Sequence[nn.Linear]) -> tuple:
@@ -52,7 +54,11 @@ def fused_float_weights(
     """(weight (sum N, K), bias or None) of ``layers`` concatenated along N, cached on ``owner``
     under ``slot``; None where fusing would not compute the same (see the module docstring).
     The first call re-points each layer's weight and bias to slices of the concatenation."""
-    if not _ENABLED["on"] or torch.is_grad_enabled() or not layers or not all(_plain(m) for m in layers):
+    if torch.compiler.is_compiling():
+        return None  # torch.compile traces the layers as they are (and fuses on its own)
+    if not _ENABLED["on"] or torch.is_grad_enabled() or not layers:
+        return None
+    if not all(_plain(m) for m in layers):
         owner.__dict__.pop(slot, None)  # nothing stale (a replaced layer's weights) stays alive
         return None
     cache = owner.__dict__.get(slot)
@@ -90,4 +96,4 @@ def fused_float_linear(
     fused = fused_float_weights(owner, slot, layers)
     if fused is None or fused[0].dtype != x.dtype:
         return None
-    return F.linear(x, *fused)
+    return float_linear(x, *fused)

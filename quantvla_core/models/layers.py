@@ -102,9 +102,17 @@ class Conditioning:
     (the condition is the same for all of them: one launch per denoising step, not one per norm).
     ``modulations`` maps each modulation layer to its output."""
 
-    def __init__(self, cond: torch.Tensor, modulations: dict[nn.Module, torch.Tensor]):
+    def __init__(
+        self,
+        cond: torch.Tensor,
+        modulations: dict[nn.Module, torch.Tensor],
+        norm_terms: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    ):
         self.cond = cond
         self.modulations = modulations
+        self.output: torch.Tensor | None = None  # the fused GEMM's whole output (conditioning())
+        # adaRMS norm -> (1 + scale, shift) in fp32 and gate, each (B, 1, D): formed for all norms at once
+        self.norm_terms = norm_terms or {}
 
 
 def modulation(cond, layer: nn.Module, prepare=None) -> torch.Tensor:
@@ -124,7 +132,9 @@ def conditioning(owner: nn.Module, cond: torch.Tensor, layers: list[nn.Module], 
     y = fused_float_linear(owner, "_float_modulations", layers, cond if prepare is None else prepare(cond))
     if y is None:
         return cond
-    return Conditioning(cond, dict(zip(layers, y.split([m.out_features for m in layers], dim=-1))))
+    c = Conditioning(cond, dict(zip(layers, y.split([m.out_features for m in layers], dim=-1))))
+    c.output = y
+    return c
 
 
 class AdaRMSNorm(nn.Module):
@@ -139,8 +149,12 @@ class AdaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        scale, shift, gate = modulation(cond, self.dense).unsqueeze(1).chunk(3, dim=-1)
-        return (y * (1 + scale.float()) + shift.float()).to(x.dtype), gate
+        terms = cond.norm_terms.get(self) if isinstance(cond, Conditioning) else None
+        if terms is None:
+            scale, shift, gate = modulation(cond, self.dense).unsqueeze(1).chunk(3, dim=-1)
+            terms = (1 + scale.float(), shift.float(), gate)
+        scale1, shift, gate = terms
+        return (y * scale1 + shift).to(x.dtype), gate
 
 
 def rope_cos_sin(
@@ -345,7 +359,31 @@ class Decoder(nn.Module):
         if cond is None or not isinstance(self.norm, AdaRMSNorm):
             return cond
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-        return conditioning(self, cond, [n.dense for n in norms + [self.norm]])
+        norms.append(self.norm)
+        c = conditioning(self, cond, [n.dense for n in norms])
+        if not isinstance(c, Conditioning):
+            return c
+        # every norm's (1 + scale) and shift in fp32 by two ops for the whole stack, as each norm
+        # would form them (x + 1 == 1 + x; + 0 leaves shift and gate as they are)
+        y = c.output  # every norm's dense(cond), in `norms` order
+        terms = (y.float() + self._scale_ones(norms, y.device)).split([n.dense.out_features for n in norms], dim=-1)
+        for n, t in zip(norms, terms):
+            d = n.dense.out_features // 3
+            c.norm_terms[n] = (t[:, None, :d], t[:, None, d : 2 * d], c.modulations[n.dense][:, None, 2 * d :])
+        return c
+
+    def _scale_ones(self, norms: list, device) -> torch.Tensor:
+        """1 where a modulation output is an adaRMS scale, 0 elsewhere (cached)."""
+        key = (tuple(n.dense.out_features for n in norms), device)
+        cached = self.__dict__.get("_scale_ones_cache")
+        if cached is None or cached[0] != key:
+            parts = []
+            for n in norms:
+                d = n.dense.out_features // 3
+                parts += [torch.ones(d, device=device), torch.zeros(2 * d, device=device)]
+            cached = (key, torch.cat(parts))
+            self.__dict__["_scale_ones_cache"] = cached
+        return cached[1]
 
     def final_norm(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return self.norm(x, cond)[0] if cond is not None else self.norm(x)

@@ -1,0 +1,109 @@
+"""fp32 CPU linears through oneDNN: same function as F.linear (to fp32 GEMM rounding), only
+where it applies (no grad, fp32, CPU), and the Policy's CPU models use it."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from quantvla_core.models.cpu_linear import (
+    OneDNNLinear,
+    float_linear,
+    onednn_linear_enabled,
+    set_onednn_linear,
+    use_onednn_linears,
+)
+
+pytestmark = pytest.mark.skipif(not onednn_linear_enabled(), reason="this PyTorch build has no oneDNN")
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_float_linear_matches_f_linear_in_fp32_and_runs_onednn():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 17, 256, generator=g)
+    w, b = torch.randn(640, 256, generator=g), torch.randn(640, generator=g)
+    ref = F.linear(x.double(), w.double(), b.double())
+    with torch.no_grad(), OpNames() as ops:
+        y = float_linear(x, w, b)
+        y_view = float_linear(
+            x.transpose(1, 2).contiguous().transpose(1, 2), w[:320], b[:320]
+        )  # strided input, row-slice weight
+    assert any("mkldnn._linear_pointwise" in n for n in ops.names)
+    assert y.dtype == torch.float32 and y.shape == (2, 17, 640)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y_view.double(), ref[..., :320], rtol=1e-5, atol=1e-4)
+
+
+def test_float_linear_is_f_linear_with_grad_or_other_dtypes():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 32, generator=g, requires_grad=True)
+    w = torch.randn(16, 32, generator=g, requires_grad=True)
+    with OpNames() as ops:
+        y = float_linear(x, w)
+    assert not any("mkldnn" in n for n in ops.names)  # autograd needs F.linear
+    y.sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, x.detach().sum(0)[None].expand(16, -1))
+    xb, wb = x.detach().bfloat16(), w.detach().bfloat16()
+    with torch.no_grad():
+        assert torch.equal(float_linear(xb, wb), F.linear(xb, wb))
+    set_onednn_linear(False)
+    try:
+        with torch.no_grad(), OpNames() as ops:
+            float_linear(x.detach(), w.detach())
+        assert not any("mkldnn" in n for n in ops.names)
+    finally:
+        set_onednn_linear(True)
+
+
+def test_use_onednn_linears_converts_plain_linears_only():
+    class Sub(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), Sub(8, 4), nn.Linear(4, 2, bias=False))
+    keys = list(model.state_dict())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = model(x)
+    assert use_onednn_linears(model) == 2
+    assert type(model[0]) is OneDNNLinear and type(model[2]) is Sub and type(model[3]) is OneDNNLinear
+    assert isinstance(model[0], nn.Linear) and list(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+    model(x).sum().backward()  # training still works (F.linear under autograd)
+    assert model[0].weight.grad is not None
+    model[0].register_forward_pre_hook(lambda *a: None)  # an observed layer is a plain F.linear
+    with torch.no_grad(), OpNames() as ops:
+        model[0](x)
+    assert not any("mkldnn" in n for n in ops.names)
+
+
+def test_cpu_policy_runs_its_float_linears_through_onednn():
+    from quantvla_core.policy import Observation, Policy
+
+    pol = Policy.load("tiny", device="cpu")
+    assert any(type(m) is OneDNNLinear for m in pol.model.modules())
+    assert not any(type(m) is nn.Linear for m in pol.model.modules())
+    rng = np.random.default_rng(0)
+    obs = Observation(
+        images=[rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)],
+        instruction="pick",
+        state=np.zeros(pol.state_dim, np.float32),
+    )
+    a = pol.predict(obs, seed=3).actions
+    set_onednn_linear(False)
+    try:
+        b = pol.predict(obs, seed=3).actions
+    finally:
+        set_onednn_linear(True)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -94,6 +94,9 @@ def test_cpu_policy_runs_its_float_linears_through_onednn():
     pol = Policy.load("tiny", device="cpu")
     assert any(type(m) is OneDNNLinear for m in pol.model.modules())
     assert not any(type(m) is nn.Linear for m in pol.model.modules())
+    with torch.no_grad(), OpNames() as ops:  # tiny layers stay on F.linear (oneDNN's cost per call)
+        float_linear(torch.randn(16, 4), torch.randn(256, 4))
+    assert not any("mkldnn" in n for n in ops.names)
     rng = np.random.default_rng(0)
     obs = Observation(
         images=[rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)],

@@ -7,6 +7,10 @@ inner-product on this machine's Zen 5 (17x256x640: 51 vs 31 us, 51x384x640: 163 
 bf16 linears already go through it. The results are fp32 GEMMs of their own summation order
 (differences of a few fp32 ulps against MKL, tested).
 
+oneDNN costs ~10 us per call whatever the size (MKL: ~2-3 us), so it runs only GEMMs of at
+least 2^20 multiply-adds (M * N * K), where it wins (measured crossover ~0.7M on this
+machine: 16x4x256 is 3.5 us on MKL vs 12.5 on oneDNN, 17x384x256 31 vs 23 us).
+
 Used only where it computes the same function: fp32 on the CPU with gradients off (oneDNN's
 op has no autograd) and outside torch.compile's tracing; everywhere else it is ``F.linear``.
 The Policy switches a CPU model's float ``nn.Linear`` layers to `OneDNNLinear` (a subclass:
@@ -25,6 +29,7 @@ def _onednn_available() -> bool:
 
 
 _ONEDNN = {"on": _onednn_available()}
+ONEDNN_MIN_MACS = 1 << 20  # smaller GEMMs stay on F.linear (oneDNN's fixed cost per call)
 
 
 def set_onednn_linear(enabled: bool) -> None:
@@ -46,6 +51,7 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and x.shape[-1] == weight.shape[1]
+        and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS  # rows * K * N
     ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -75,6 +75,7 @@ from .quantize import (
     _quantize_triton,
     _row_chunk,
     _row_kernel_applies,
+    norm_shift_supported,
     quantize_per_token,
     rmsnorm_quantize,
 )
@@ -137,6 +138,7 @@ __all__ = [
     "linear_w8a8",
     "load_tuned_configs",
     "m_bucket",
+    "norm_shift_supported",
     "quantize_per_token",
     "resolve_backend",
     "rmsnorm_quantize",

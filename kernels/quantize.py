@@ -43,6 +43,7 @@ def _quantize_impl(
     out,
     rotation_kernel="row",
     rotation_precision="ieee",
+    norm_shift=None,
 ):
     _check_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16), "activations (..., K)")
     bits = _check_bits(bits)
@@ -63,7 +64,13 @@ def _quantize_impl(
         _check_tensor(inv_smooth, "inv_smooth", OUT_DTYPES, "inverse smoothing factors (K,)")
         if tuple(inv_smooth.shape) != (k,):
             raise ValueError(f"inv_smooth must have shape ({k},), got {tuple(inv_smooth.shape)}")
-    _check_same_device(device, norm_weight=norm_weight, inv_smooth=inv_smooth)
+    if norm_shift is not None:
+        if norm_weight is None:
+            raise ValueError("norm_shift needs norm_weight: it is the shift of an adaptive norm x * rstd * w + shift")
+        _check_tensor(norm_shift, "norm_shift", OUT_DTYPES, "adaptive norm shift (K,)")
+        if tuple(norm_shift.shape) != (k,):
+            raise ValueError(f"norm_shift must have shape ({k},), got {tuple(norm_shift.shape)}")
+    _check_same_device(device, norm_weight=norm_weight, inv_smooth=inv_smooth, norm_shift=norm_shift)
     rotation = _check_rotation(rotation, k, bits, device)
     perm = _check_perm(perm, k, device)
     m = math.prod(lead)
@@ -76,8 +83,13 @@ def _quantize_impl(
         _check_out(out[0], (*lead, kq), qdtype, device, "out[0] (codes)")
         _check_out(out[1], lead, torch.float32, device, "out[1] (scales)")
     name = resolve_backend(backend, device)
-    if name != "triton" or m == 0:
-        q, s = _quantize_torch(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits)
+    if name == "triton" and norm_shift is not None and not norm_shift_supported(rotation, k, bits, rotation_kernel):
+        raise ValueError(
+            "norm_shift on Triton runs in the row kernel only: a shared (B, B) rotation with B >= 16, "
+            f"rotation_kernel='row', 8-bit or K % {PACK_GROUP} == 0 (check with norm_shift_supported)"
+        )
+    if name != "triton" or m == 0 or (norm_shift is not None and _ROW_BROKEN):
+        q, s = _quantize_torch(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, norm_shift)
         q, s = q.reshape(*lead, kq), s.reshape(lead)
         if out is None:
             return q, s
@@ -85,7 +97,19 @@ def _quantize_impl(
     q2 = out[0].view(m, kq) if out is not None else None
     s2 = out[1].view(m) if out is not None else None
     q, s = _quantize_triton(
-        x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q2, s2, rotation_kernel, rotation_precision
+        x2,
+        norm_weight,
+        eps,
+        offset,
+        inv_smooth,
+        perm,
+        rotation,
+        bits,
+        q2,
+        s2,
+        rotation_kernel,
+        rotation_precision,
+        norm_shift,
     )
     if out is not None:
         return out[0], out[1]
@@ -93,7 +117,19 @@ def _quantize_impl(
 
 
 def _quantize_triton(
-    x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, q=None, s=None, rotation_kernel="row", prec="ieee"
+    x2,
+    norm_weight,
+    eps,
+    offset,
+    inv_smooth,
+    perm,
+    rotation,
+    bits,
+    q=None,
+    s=None,
+    rotation_kernel="row",
+    prec="ieee",
+    norm_shift=None,
 ):
     _, tq = _triton_modules(x2.device)
     m, k = x2.shape
@@ -119,12 +155,15 @@ def _quantize_triton(
         stride_rb = rot.stride(0) if rot.dim() == 3 else 0
         if rotation_kernel == "row" and _row_kernel_applies(rot, k, bits):
             try:
-                _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, bits, q, s, prec)
+                _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, bits, q, s, prec, norm_shift)
                 return q, s
             except triton_build_errors() as e:  # this Triton / card cannot build the row kernel
                 if x2.device.type != "cuda":  # the interpreter builds nothing: a bug, not a toolchain limit
                     raise
                 _disable_row_kernel(e)
+                if norm_shift is not None:  # only the row kernel takes a shift: the exact torch path
+                    q2, s2 = _quantize_torch(x2, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, norm_shift)
+                    return q.copy_(q2), s.copy_(s2)
     tq.norm_quant_kernel[(triton_cdiv(m, block_m),)](
         x2,
         norm_weight.contiguous() if norm_weight is not None else dummy,
@@ -190,7 +229,16 @@ def _row_chunk(k: int, b: int, bits: int) -> int:
     return max(least, min(triton_next_pow2(k), ROW_CHUNK_MAX))
 
 
-def _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, bits, q, s, prec):
+def norm_shift_supported(rotation: torch.Tensor | None, k: int, bits: int, rotation_kernel: str = "row") -> bool:
+    """Whether the Triton kernels take an adaptive norm's shift (``rmsnorm_quantize(...,
+    norm_shift=)``) for this layer: the row kernel does (shared rotation, B >= 16); the tile
+    kernels do not (the caller then runs the norm on its own). The torch path always does."""
+    return (
+        rotation is not None and rotation_kernel == "row" and _row_kernel_applies(rotation, k, bits) and not _ROW_BROKEN
+    )
+
+
+def _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, bits, q, s, prec, norm_shift=None):
     m, k = x2.shape
     b = rot.shape[-1]
     chunk = _row_chunk(k, b, bits)
@@ -208,6 +256,7 @@ def _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, b
         q.stride(0),
         float(eps),
         float(offset),
+        norm_shift.contiguous() if norm_shift is not None else dummy,
         HAS_NORM=norm_weight is not None,
         HAS_SMOOTH=inv_smooth is not None,
         HAS_PERM=perm is not None,
@@ -217,6 +266,8 @@ def _launch_row_quant(tq, x2, norm_weight, eps, offset, inv_smooth, perm, rot, b
         PACK4=bits == 4,
         CHUNK=chunk,
         SINGLE=chunk >= k,
+        HAS_SHIFT=norm_shift is not None,
+        NORM_IN_SCALE=norm_weight is not None and norm_shift is None,
         num_warps=4 if chunk <= 2048 else 8,
     )
 
@@ -278,12 +329,27 @@ def rmsnorm_quantize(
     out: tuple | None = None,
     rotation_kernel: str = "row",
     rotation_precision: str = "ieee",
+    norm_shift: torch.Tensor | None = None,
 ):
     """RMSNorm ``x * rstd * (offset + w)`` (Gemma: offset=1) fused with smoothing, rotation and
     per-token quantization, in one kernel on Triton.  Returns (q, scale) as quantize_per_token,
-    whose ``rotation_kernel`` / ``rotation_precision`` it takes too."""
+    whose ``rotation_kernel`` / ``rotation_precision`` it takes too.  ``norm_shift`` (K,): an
+    adaptive norm ``x * rstd * (offset + w) + shift`` (pi0.5's adaRMS with w = 1 + scale,
+    offset 0); on Triton only where `norm_shift_supported` says so (else ValueError)."""
     if norm_weight is None:
         raise ValueError("rmsnorm_quantize needs norm_weight (K,); use quantize_per_token without a norm")
     return _quantize_impl(
-        x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, backend, out, rotation_kernel, rotation_precision
+        x,
+        norm_weight,
+        eps,
+        offset,
+        inv_smooth,
+        perm,
+        rotation,
+        bits,
+        backend,
+        out,
+        rotation_kernel,
+        rotation_precision,
+        norm_shift,
     )

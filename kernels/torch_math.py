@@ -93,13 +93,24 @@ def _gemm_torch(x8, xs, w8, ws, group_size, bias, out_dtype, backend, act=None, 
     return _epilogue(y, xs, None, bias, out_dtype, act, gated, residual)
 
 
-def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits):
+def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, norm_shift=None):
     m, k = x.shape
     qmax = _QMAX[bits]
     xf = x.to(torch.float32)
     v = xf
+
+    def row_rstd():
+        # Tensor divisors on purpose: torch on CUDA turns "tensor / python number" into a multiply
+        # by the reciprocal, which is not the IEEE quotient the kernel computes.
+        ms = (xf * xf).sum(dim=1) / torch.full((m,), float(k), device=x.device)
+        return torch.ones_like(ms) / torch.sqrt(ms + eps)
+
+    if norm_shift is not None:  # adaptive norm: rstd first, then weight and shift (kernel order)
+        v = v * row_rstd()[:, None]
     if norm_weight is not None:
         v = v * (float(offset) + norm_weight.to(torch.float32))[None, :]
+    if norm_shift is not None:
+        v = v + norm_shift.to(torch.float32)[None, :]
     if inv_smooth is not None:
         v = v * inv_smooth.to(torch.float32)[None, :]
     if perm is not None:
@@ -111,12 +122,8 @@ def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bit
             v = (v.reshape(m, k // b, b) @ r).reshape(m, k)
         else:
             v = torch.einsum("mgb,gbc->mgc", v.reshape(m, k // b, b), r).reshape(m, k)
-    # Tensor divisors on purpose: torch on CUDA turns "tensor / python number" into a multiply
-    # by the reciprocal, which is not the IEEE quotient the kernel computes.
-    if norm_weight is not None:
-        ms = (xf * xf).sum(dim=1) / torch.full((m,), float(k), device=x.device)
-        rstd = torch.ones_like(ms) / torch.sqrt(ms + eps)
-        v = v * rstd[:, None]
+    if norm_weight is not None and norm_shift is None:  # rstd > 0 factors out: applied last
+        v = v * row_rstd()[:, None]
     amax = v.abs().amax(dim=1) if k else torch.zeros(m, device=x.device)
     pos = amax > 0
     safe = torch.where(pos, amax, torch.ones_like(amax))

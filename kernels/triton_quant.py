@@ -374,24 +374,46 @@ def _row_transform(
     ROT_PREC: tl.constexpr,
     R: tl.constexpr,
     C: tl.constexpr,
+    shift_ptr,
+    rstd_pre,
+    HAS_SHIFT: tl.constexpr,
 ):
     """x and v = rot(perm(x * (offset + w) * inv_s)) for an (R, C) tile of column indices
-    (C a multiple of ROT_B, every row of C columns made of whole rotation blocks)."""
+    (C a multiple of ROT_B, every row of C columns made of whole rotation blocks).  With
+    HAS_SHIFT (adaptive norms): v = rot(perm((x * rstd_pre * (offset + w) + shift) * inv_s)),
+    the row's rstd applied before the shift (it no longer factors out of the absmax)."""
     if HAS_PERM:
         src = tl.load(perm_ptr + cols, mask=cmask, other=0)
     else:
         src = cols
     x = tl.load(x_row_ptr + src, mask=cmask, other=0.0).to(tl.float32)
     v = x
+    if HAS_SHIFT:
+        v = v * rstd_pre
     if HAS_NORM:
         w = tl.load(nw_ptr + src, mask=cmask, other=0.0).to(tl.float32)
         v = v * (offset + w)
+    if HAS_SHIFT:
+        v = v + tl.load(shift_ptr + src, mask=cmask, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + src, mask=cmask, other=0.0).to(tl.float32)
         v = v * s
     v2 = tl.reshape(v, (R * C // ROT_B, ROT_B))
     v2 = _rot_dot(v2, r, ROT_PREC)
     return x, tl.reshape(v2, (R, C))
+
+
+@triton.jit
+def _row_rstd(x_row_ptr, K, eps, CHUNK: tl.constexpr):
+    """(1, 1) rstd = 1 / sqrt(sum(x^2) / K + eps) of one row, IEEE-rounded as in _row_scales."""
+    cols = tl.arange(0, CHUNK)
+    acc = tl.zeros((CHUNK,), tl.float32)
+    for c0 in range(0, K, CHUNK):
+        x = tl.load(x_row_ptr + c0 + cols, mask=c0 + cols < K, other=0.0).to(tl.float32)
+        acc += x * x
+    one = tl.full((1,), 1.0, tl.float32)
+    sumsq = one * tl.sum(acc, axis=0)
+    return tl.math.div_rn(one, tl.math.sqrt_rn(tl.math.div_rn(sumsq, one * K) + eps))[:, None]
 
 
 @triton.jit
@@ -414,6 +436,7 @@ def row_quant_kernel(
     stride_qm,
     eps,
     offset,
+    shift_ptr,
     HAS_NORM: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
     HAS_PERM: tl.constexpr,
@@ -423,11 +446,19 @@ def row_quant_kernel(
     PACK4: tl.constexpr,
     CHUNK: tl.constexpr,
     SINGLE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    NORM_IN_SCALE: tl.constexpr,
 ):
-    """One row per program; shared (ROT_B, ROT_B) rotation; 4-bit needs K % 128 == 0."""
+    """One row per program; shared (ROT_B, ROT_B) rotation; 4-bit needs K % 128 == 0.
+    HAS_SHIFT (an adaptive norm's shift, norm weight = its 1 + scale): one more read of the row
+    for its rstd first; NORM_IN_SCALE = HAS_NORM and not HAS_SHIFT (rstd applied by linearity)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
+    if HAS_SHIFT:
+        rstd_pre = _row_rstd(x_row, K, eps, CHUNK)
+    else:
+        rstd_pre = tl.full((1, 1), 1.0, tl.float32)
     rb = tl.arange(0, ROT_B)
     r = tl.load(rot_ptr + rb[:, None] * ROT_B + rb[None, :])
     one = tl.full((1,), 1.0, tl.float32)
@@ -453,6 +484,9 @@ def row_quant_kernel(
                 ROT_PREC,
                 G,
                 64,
+                shift_ptr,
+                rstd_pre,
+                HAS_SHIFT,
             )
             x_hi, v_hi = _row_transform(
                 x_row,
@@ -470,12 +504,15 @@ def row_quant_kernel(
                 ROT_PREC,
                 G,
                 64,
+                shift_ptr,
+                rstd_pre,
+                HAS_SHIFT,
             )
             sumsq = tl.sum(tl.sum(x_lo * x_lo, axis=1) + tl.sum(x_hi * x_hi, axis=1), axis=0)
             amax = tl.maximum(
                 tl.max(tl.max(tl.abs(v_lo), axis=1), axis=0), tl.max(tl.max(tl.abs(v_hi), axis=1), axis=0)
             )
-            rstd, scale, inv = _row_scales(one * sumsq, one * amax, K, eps, HAS_NORM, QMAX, 1)
+            rstd, scale, inv = _row_scales(one * sumsq, one * amax, K, eps, NORM_IN_SCALE, QMAX, 1)
             tl.store(s_ptr + row + tl.arange(0, 1), scale)
             q_lo = _row_codes(v_lo, rstd[:, None], inv[:, None], QMAX).to(tl.int32)
             q_hi = _row_codes(v_hi, rstd[:, None], inv[:, None], QMAX).to(tl.int32)
@@ -503,6 +540,9 @@ def row_quant_kernel(
                     ROT_PREC,
                     G,
                     64,
+                    shift_ptr,
+                    rstd_pre,
+                    HAS_SHIFT,
                 )
                 x_hi, v_hi = _row_transform(
                     x_row,
@@ -520,6 +560,9 @@ def row_quant_kernel(
                     ROT_PREC,
                     G,
                     64,
+                    shift_ptr,
+                    rstd_pre,
+                    HAS_SHIFT,
                 )
                 sumsq += tl.sum(tl.sum(x_lo * x_lo, axis=1) + tl.sum(x_hi * x_hi, axis=1), axis=0)
                 amax = tl.maximum(
@@ -528,7 +571,7 @@ def row_quant_kernel(
                         tl.max(tl.max(tl.abs(v_lo), axis=1), axis=0), tl.max(tl.max(tl.abs(v_hi), axis=1), axis=0)
                     ),
                 )
-            rstd, scale, inv = _row_scales(sumsq, amax, K, eps, HAS_NORM, QMAX, 1)
+            rstd, scale, inv = _row_scales(sumsq, amax, K, eps, NORM_IN_SCALE, QMAX, 1)
             tl.store(s_ptr + row + tl.arange(0, 1), scale)
             bc = tl.arange(0, G)[:, None] * 64 + tl.arange(0, 64)[None, :]
             for c0 in range(0, K, CHUNK):
@@ -549,6 +592,9 @@ def row_quant_kernel(
                     ROT_PREC,
                     G,
                     64,
+                    shift_ptr,
+                    rstd_pre,
+                    HAS_SHIFT,
                 )
                 _, v_hi = _row_transform(
                     x_row,
@@ -566,6 +612,9 @@ def row_quant_kernel(
                     ROT_PREC,
                     G,
                     64,
+                    shift_ptr,
+                    rstd_pre,
+                    HAS_SHIFT,
                 )
                 q_lo = _row_codes(v_lo, rstd[:, None], inv[:, None], QMAX).to(tl.int32)
                 q_hi = _row_codes(v_hi, rstd[:, None], inv[:, None], QMAX).to(tl.int32)
@@ -592,10 +641,13 @@ def row_quant_kernel(
                 ROT_PREC,
                 NB,
                 ROT_B,
+                shift_ptr,
+                rstd_pre,
+                HAS_SHIFT,
             )
             sumsq = tl.sum(tl.sum(x * x, axis=1), axis=0)
             amax = tl.max(tl.max(tl.abs(v), axis=1), axis=0)
-            rstd, scale, inv = _row_scales(one * sumsq, one * amax, K, eps, HAS_NORM, QMAX, 1)
+            rstd, scale, inv = _row_scales(one * sumsq, one * amax, K, eps, NORM_IN_SCALE, QMAX, 1)
             tl.store(s_ptr + row + tl.arange(0, 1), scale)
             q = _row_codes(v, rstd[:, None], inv[:, None], QMAX)
             tl.store(q_row + bcols, q.to(tl.int8), mask=m)
@@ -620,10 +672,13 @@ def row_quant_kernel(
                     ROT_PREC,
                     NB,
                     ROT_B,
+                    shift_ptr,
+                    rstd_pre,
+                    HAS_SHIFT,
                 )
                 sumsq += tl.sum(tl.sum(x * x, axis=1), axis=0)
                 amax = tl.maximum(amax, tl.max(tl.max(tl.abs(v), axis=1), axis=0))
-            rstd, scale, inv = _row_scales(sumsq, amax, K, eps, HAS_NORM, QMAX, 1)
+            rstd, scale, inv = _row_scales(sumsq, amax, K, eps, NORM_IN_SCALE, QMAX, 1)
             tl.store(s_ptr + row + tl.arange(0, 1), scale)
             for c0 in range(0, K, CHUNK):
                 m = c0 + bcols < K
@@ -643,6 +698,9 @@ def row_quant_kernel(
                     ROT_PREC,
                     NB,
                     ROT_B,
+                    shift_ptr,
+                    rstd_pre,
+                    HAS_SHIFT,
                 )
                 q = _row_codes(v, rstd[:, None], inv[:, None], QMAX)
                 tl.store(q_row + c0 + bcols, q.to(tl.int8), mask=m)

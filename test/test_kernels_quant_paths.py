@@ -242,3 +242,66 @@ def test_quantlinear_direct_io_matches_the_cast_path(monkeypatch, row_spy, w_bit
     else:  # interpreter truncates fp32 -> bf16: about half the values are one bf16 step lower
         _same_output(out["triton", "direct"], ref, min_equal=0.25)
     assert len(row_spy) == 2  # the triton forwards quantized through the row kernel
+
+
+def _np_adaptive_quant(x, bits, w, shift, eps, inv_s, perm, rot):
+    """Adaptive norm then quantization, written out in float64 numpy:
+    v = rot(perm((x * rstd * w + shift) * inv_s)), codes = round(v * qmax / absmax(v))."""
+    qmax = 127 if bits == 8 else 7
+    x = x.astype(np.float64)
+    rstd = 1.0 / np.sqrt((x * x).mean(1) + eps)
+    v = (x * rstd[:, None] * w.astype(np.float64) + shift.astype(np.float64)) * inv_s.astype(np.float64)
+    v = v[:, perm]
+    b = rot.shape[-1]
+    v = (v.reshape(v.shape[0], -1, b) @ rot.astype(np.float64)).reshape(v.shape)
+    amax = np.abs(v).max(1)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    q = np.clip(np.round(v * np.where(amax > 0, qmax / np.where(amax > 0, amax, 1), 0)[:, None]), -qmax, qmax)
+    return q.astype(np.int64), scale
+
+
+# K 1024 one chunk, 8192 two chunks of 4096 (the chunked passes); 4-bit in both
+@pytest.mark.parametrize("bits,k,b", [(8, 1024, 64), (8, 8192, 32), (4, 1024, 64), (4, 8192, 16), (8, 96, 32)])
+def test_row_kernel_with_an_adaptive_norm_shift(row_spy, bits, k, b):
+    """rmsnorm_quantize(..., norm_shift=): pi0.5's adaRMS (w = 1 + scale, offset 0, + shift)
+    in the row kernel, against the torch path and a float64 numpy reference; the shift is
+    added before smoothing, permutation and rotation, so absmax is taken after it."""
+    m = 4
+    g = torch.Generator().manual_seed(k + b + bits + 1)
+    x = torch.randn(m, k, generator=g) * 2
+    x[0, 3] = 60.0  # outlier
+    w = torch.rand(k, generator=g) + 0.5
+    shift = torch.randn(k, generator=g) * 0.3
+    shift[5] = 4.0  # a large shift: it must reach the scale
+    inv_s = torch.rand(k, generator=g) + 0.5
+    perm = torch.randperm(k, generator=g)
+    rot = _hadamard(b)
+    assert qk.norm_shift_supported(rot, k, bits)
+    args = dict(bits=bits, inv_smooth=inv_s, rotation=rot, perm=perm, norm_shift=shift)
+    q_row, s_row = qk.rmsnorm_quantize(x, w, 1e-6, backend="triton", **args)
+    assert len(row_spy) == 1
+    q_cpu, s_cpu = qk.rmsnorm_quantize(x, w, 1e-6, backend="cpu", **args)
+    _same_quant(q_row, s_row, q_cpu, s_cpu, bits)
+    want_q, want_s = _np_adaptive_quant(
+        x.numpy(), bits, w.numpy(), shift.numpy(), 1e-6, inv_s.numpy(), perm.numpy(), rot.numpy()
+    )
+    np.testing.assert_allclose(s_row.numpy(), want_s, rtol=2e-6)
+    got = _codes(q_row, bits)
+    assert np.abs(got - want_q).max() <= 1 and (got == want_q).mean() > 0.98
+    # without the shift the scales differ: the test would notice a shift that went missing
+    _, s_plain = qk.rmsnorm_quantize(x, w, 1e-6, backend="triton", bits=bits, inv_smooth=inv_s, rotation=rot, perm=perm)
+    assert not torch.allclose(s_plain, s_row, rtol=1e-3)
+
+
+def test_norm_shift_is_checked_and_refused_where_the_kernel_cannot_take_it():
+    x, w = torch.randn(2, 256), torch.ones(256)
+    with pytest.raises(ValueError, match="norm_shift needs norm_weight"):
+        kquant._quantize_impl(x, None, 1e-6, 0.0, None, None, None, 8, "cpu", None, norm_shift=torch.zeros(256))
+    with pytest.raises(ValueError, match=r"norm_shift must have shape \(256,\)"):
+        qk.rmsnorm_quantize(x, w, 1e-6, backend="cpu", norm_shift=torch.zeros(128))
+    # Triton: the row kernel only (a shared rotation of B >= 16); the torch path takes any
+    assert not qk.norm_shift_supported(None, 256, 8) and not qk.norm_shift_supported(_hadamard(8), 256, 8)
+    with pytest.raises(ValueError, match="row kernel only"):
+        qk.rmsnorm_quantize(x, w, 1e-6, backend="triton", norm_shift=torch.zeros(256))
+    q, s = qk.rmsnorm_quantize(x, w, 1e-6, backend="cpu", norm_shift=torch.full((256,), 0.5))
+    assert q.shape == (2, 256) and (s > 0).all()

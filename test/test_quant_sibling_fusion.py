@@ -127,7 +127,8 @@ def test_rmsnorm_fused_into_quantization_matches_norm_then_layers(name, scheme, 
 
     def spy(self, *a, **kw):
         y = real(self, *a, **kw)
-        taken.append(y is not None)
+        if kw.get("norm_shift") is None:  # plain RMSNorms (adaRMS: the test below)
+            taken.append(y is not None)
         return y
 
     QuantLinear.try_forward_rmsnorm = spy
@@ -144,6 +145,49 @@ def test_rmsnorm_fused_into_quantization_matches_norm_then_layers(name, scheme, 
         QuantLinear.try_forward_rmsnorm = real
     assert calls and all(calls), "a plain RMSNorm before quantized siblings was not fused"
     assert not np.array_equal(fused, plain) or name == "tiny-pi05"
+    np.testing.assert_allclose(fused, plain, rtol=0, atol=0.05 * np.abs(plain).max())
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8"])
+def test_adarms_fused_into_gate_up_quantization_on_triton(scheme):
+    """pi0.5's post-attention adaRMS, x * rstd * (1 + scale) + shift, runs inside gate/up's
+    activation quantization on Triton's row kernel (the shift added before smoothing and
+    rotation): taken in every expert layer of every step, and the actions stay within
+    quantization rounding of norm-then-layers. The CPU extension declines it (None)."""
+    import quantvla_kernels as qk
+    from quantvla_kernels.dispatch import triton_interpreting
+
+    if not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    policy, obs = _policy_and_obs("tiny-pi05", scheme)
+    cfg = policy.config
+    taken: list[bool] = []
+    real = QuantLinear.try_forward_rmsnorm
+
+    def spy(self, *a, **kw):
+        y = real(self, *a, **kw)
+        if kw.get("norm_shift") is not None:
+            taken.append(y is not None)
+        return y
+
+    QuantLinear.try_forward_rmsnorm = spy
+    try:
+        with qk.backend_scope("triton"):
+            fused = policy.predict(obs, seed=3).actions
+            on_triton = list(taken)
+            set_norm_fusion(False)
+            try:
+                plain = policy.predict(obs, seed=3).actions
+            finally:
+                set_norm_fusion(True)
+        taken.clear()
+        with qk.backend_scope("cpu"):
+            policy.predict(obs, seed=3)
+    finally:
+        QuantLinear.try_forward_rmsnorm = real
+    assert on_triton == [True] * (cfg.expert.depth * cfg.num_steps)
+    assert taken and not any(taken)  # asked on the CPU, declined
+    assert not np.array_equal(fused, plain)
     np.testing.assert_allclose(fused, plain, rtol=0, atol=0.05 * np.abs(plain).max())
 
 

@@ -147,13 +147,17 @@ class AdaRMSNorm(nn.Module):
         nn.init.normal_(self.dense.weight, std=0.02 / math.sqrt(cond_dim))
         nn.init.zeros_(self.dense.bias)
 
-    def forward(self, x: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+    def terms(self, cond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift) in fp32 and gate, each (B, 1, D), for condition ``cond``."""
         terms = cond.norm_terms.get(self) if isinstance(cond, Conditioning) else None
         if terms is None:
             scale, shift, gate = modulation(cond, self.dense).unsqueeze(1).chunk(3, dim=-1)
             terms = (1 + scale.float(), shift.float(), gate)
-        scale1, shift, gate = terms
+        return terms
+
+    def forward(self, x: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        scale1, shift, gate = self.terms(cond)
         return (y * scale1 + shift).to(x.dtype), gate
 
 
@@ -223,6 +227,31 @@ class GatedMLP(nn.Module):
         if h is None:
             return self(norm(x), residual)
         return linear_residual(self.down_proj, h, residual)
+
+    def forward_adanormed(self, x: torch.Tensor, norm: nn.Module, cond) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(``self(h)``, gate) with ``h, gate = norm(x, cond)`` for an adaRMS ``norm``, the norm
+        inside gate/up's activation quantization (its (1 + scale) as the norm weight, its shift
+        added before smoothing and rotation), or None where that does not run: a float model,
+        a hooked norm, a condition without precomputed terms (training, tracing), more than one
+        sample (one weight / shift vector per kernel call), a backend without it (the CPU
+        extension, Triton's tile kernels). The norm's output feeds only this MLP."""
+        pairs = _fused_gate_up(self)
+        if (
+            pairs is None
+            or type(norm) is not AdaRMSNorm
+            or norm._forward_hooks
+            or norm._forward_pre_hooks
+            or not isinstance(cond, Conditioning)
+            or norm not in cond.norm_terms
+        ):
+            return None
+        scale1, shift, gate = cond.norm_terms[norm]
+        if scale1.shape[0] != 1:
+            return None
+        h = pairs.try_forward_rmsnorm(x, scale1.reshape(-1), norm.eps, 0.0, act=self.act, norm_shift=shift.reshape(-1))
+        if h is None:
+            return None
+        return linear_residual(self.down_proj, h, None), gate
 
 
 class DecoderAttention(nn.Module):
@@ -335,6 +364,10 @@ class DecoderLayer(nn.Module):
     def mlp_half(self, x: torch.Tensor, cond) -> torch.Tensor:
         """The MLP half of the layer on the attention half's output x (residual included)."""
         if self.adaptive:
+            fused = self.mlp.forward_adanormed(x, self.post_attention_layernorm, cond)
+            if fused is not None:  # the adaRMS norm inside gate/up's quantization (Triton)
+                h, gate2 = fused
+                return x + h * gate2
             h, gate2 = self.norm(self.post_attention_layernorm, x, cond)
             h = self.mlp(h)
             return x + h * gate2

@@ -480,6 +480,7 @@ class QuantLinear(nn.Module):
         *,
         act: str | None = None,
         residual: torch.Tensor | None = None,
+        norm_shift: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """``self(rmsnorm(x))`` with the norm inside the activation quantization, or None where
         that does not apply (the caller then runs norm-then-linear): on Triton
@@ -490,7 +491,10 @@ class QuantLinear(nn.Module):
         kernel's order, so codes can differ from norm-then-linear by one step at rounding
         boundaries. Not fused: the reference backend, static scales, weight-only layers,
         permutations, SVD rotations. ``norm_weight`` holds any folded smoothing;
-        the norm is ``x * rstd * (offset + w)``. ``act`` / ``residual`` as in :meth:`forward`."""
+        the norm is ``x * rstd * (offset + w)``. ``act`` / ``residual`` as in :meth:`forward`.
+        ``norm_shift`` (K,): an adaptive norm ``x * rstd * (offset + w) + shift`` (pi0.5's adaRMS
+        for one sample: w = 1 + scale, offset 0), fused on Triton where the row kernel runs
+        (`norm_shift_supported`); the CPU extension does not take it (None)."""
         if not _NORM_FUSION:
             return None
         if x.shape[-1] != self.in_features:
@@ -509,7 +513,7 @@ class QuantLinear(nn.Module):
         if fusable and backend in ("auto", "cpu", "triton"):
             k = _kernels()
             name = k.resolve_backend(None if backend == "auto" else backend, x2.device)
-            if name == "cpu" and x2.device.type == "cpu" and x2.dtype in _FUSED_DTYPES:
+            if name == "cpu" and x2.device.type == "cpu" and x2.dtype in _FUSED_DTYPES and norm_shift is None:
                 fused = _fused_cpu()
                 groups, perm, args, vnni = self._cpu_operands(k.ops)
                 if fused is not None and args[7] == (self.rotation_block if self.rotation is not None else 0):
@@ -525,7 +529,11 @@ class QuantLinear(nn.Module):
                         *vnni,
                     )
                     return y.reshape(*lead, width)
-            elif name == "triton" and self.w_bits in (4, 8):
+            elif (
+                name == "triton"
+                and self.w_bits in (4, 8)
+                and (norm_shift is None or k.norm_shift_supported(self.rotation, self.in_features, self.a_bits))
+            ):
                 direct = x2.dtype in _KERNEL_DTYPES
                 xq, xs = k.rmsnorm_quantize(
                     x2 if direct else x2.float(),
@@ -536,6 +544,7 @@ class QuantLinear(nn.Module):
                     inv_smooth=self.inv_smooth,
                     rotation=self.rotation,
                     backend="triton",
+                    norm_shift=None if norm_shift is None else norm_shift.detach(),
                 )
                 out_dtype = x2.dtype if direct else torch.float32
                 y = self._gemm(k, xq, xs, out_dtype, "triton", act, res2)

@@ -174,12 +174,30 @@ QV_CLONES void mul_row(float* v, float s, int64_t k) {
   for (int64_t i = 0; i < k; ++i) v[i] = v[i] * s;
 }
 
+// An adaptive norm (norm_shift: pi0.5's adaRMS, norm_w = 1 + scale): v = ((x * rstd) * w + shift)
+// [* inv_smooth] [H], rstd first since it no longer factors out of the absmax (the kernels' order).
+QV_CLONES void shift_norm_row(const float* x, float rstd, const float* w, const float* shift, const float* s,
+                              int64_t k, float* out) {
+  if (s) {
+    for (int64_t i = 0; i < k; ++i) out[i] = ((x[i] * rstd) * w[i] + shift[i]) * s[i];
+  } else {
+    for (int64_t i = 0; i < k; ++i) out[i] = (x[i] * rstd) * w[i] + shift[i];
+  }
+}
+
 void transform_quantize_rows(const float* x, const float* norm_w, float eps, const float* inv_smooth, int64_t m,
-                             int64_t k, int64_t had_b, float had_scale, float qmax, int8_t* q, float* xs) {
+                             int64_t k, int64_t had_b, float had_scale, float qmax, int8_t* q, float* xs,
+                             const float* norm_shift) {
   at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) {
     std::vector<float> row(k);
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * k;
+      if (norm_shift) {
+        shift_norm_row(xr, row_rstd(xr, k, eps), norm_w, norm_shift, inv_smooth, k, row.data());
+        if (had_b > 1) hadamard_row(row.data(), k, had_b, had_scale);
+        xs[r] = quantize_row(row.data(), k, qmax, q + r * k);
+        continue;
+      }
       if (norm_w)
         scale_row(xr, norm_w, inv_smooth, k, row.data());
       else if (inv_smooth)
@@ -462,8 +480,9 @@ void vnni_gemm(const int8_t* q_signed, int64_t m, int64_t k, const int8_t* wp, i
 // (N, K/G); ws (N,) fp32 per channel, or ws_t (G, N) fp32 for groups; bias (N,) fp32 or
 // undefined; norm_weight (K,) or undefined: x is first RMS-normalised with it (x * rstd *
 // (norm_offset + w), eps norm_eps) inside the same row pass; act / gated / residual: the
-// epilogue's activation, gate/up pairs and residual (see epilogue()). Returns (M, N_out) in x's
-// dtype.
+// epilogue's activation, gate/up pairs and residual (see epilogue()); norm_shift (K,) or
+// undefined: an adaptive norm, (x * rstd) * (norm_offset + w) + shift (shift_norm_row). Returns
+// (M, N_out) in x's dtype.
 torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tensor>& inv_smooth,
                          const c10::optional<torch::Tensor>& perm,
                          const c10::optional<torch::Tensor>& rotation,
@@ -471,7 +490,8 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
                          const c10::optional<torch::Tensor>& bias, int64_t qmax, int64_t hadamard_block,
                          double hadamard_scale, const c10::optional<torch::Tensor>& norm_weight, double norm_eps,
                          double norm_offset, int64_t act, bool gated, const c10::optional<torch::Tensor>& residual,
-                         const c10::optional<torch::Tensor>& vnni_weight, const c10::optional<torch::Tensor>& w_colsum) {
+                         const c10::optional<torch::Tensor>& vnni_weight, const c10::optional<torch::Tensor>& w_colsum,
+                         const c10::optional<torch::Tensor>& norm_shift) {
   TORCH_CHECK(x.dim() == 2, "int_linear: x must be (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "int_linear: x must be float32 or bfloat16");
@@ -490,6 +510,9 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
   const bool fast_rot = has_rot && hadamard_block >= 16;
   TORCH_CHECK(!has_norm || (!has_perm && (!has_rot || fast_rot)),
               "int_linear: a fused RMSNorm takes no permutation and only the fast Hadamard rotation");
+  const bool has_shift = norm_shift.has_value() && norm_shift->defined();
+  TORCH_CHECK(!has_shift || (has_norm && norm_shift->numel() == k),
+              "int_linear: norm_shift (K,) needs norm_weight (an adaptive norm: x * rstd * w + shift)");
   if (!has_perm && (!has_rot || fast_rot)) {
     // one pass per row: [RMSNorm weight] [smoothing] [fast Hadamard] [* rstd] -> codes
     TORCH_CHECK(!fast_rot || (hadamard_block <= 64 && k % hadamard_block == 0), "int_linear: bad Hadamard block");
@@ -497,10 +520,12 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
     at::Tensor sm = has_smooth ? inv_smooth->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor nw = has_norm ? (norm_weight->to(at::kFloat) + static_cast<float>(norm_offset)).contiguous()
                              : at::Tensor();
+    at::Tensor sh = has_shift ? norm_shift->to(at::kFloat).contiguous() : at::Tensor();
     transform_quantize_rows(v.data_ptr<float>(), has_norm ? nw.data_ptr<float>() : nullptr,
                             static_cast<float>(norm_eps), has_smooth ? sm.data_ptr<float>() : nullptr, m, k,
                             fast_rot ? hadamard_block : 0, static_cast<float>(hadamard_scale),
-                            static_cast<float>(qmax), q.data_ptr<int8_t>(), xs.data_ptr<float>());
+                            static_cast<float>(qmax), q.data_ptr<int8_t>(), xs.data_ptr<float>(),
+                            has_shift ? sh.data_ptr<float>() : nullptr);
   } else {
     if (has_smooth) v = v * inv_smooth->unsqueeze(0);
     if (has_perm) v = v.index_select(1, *perm);
@@ -598,7 +623,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("ws"), py::arg("bias"), py::arg("qmax"), py::arg("hadamard_block"), py::arg("hadamard_scale"),
           py::arg("norm_weight"), py::arg("norm_eps"), py::arg("norm_offset"), py::arg("act") = 0,
           py::arg("gated") = false, py::arg("residual") = py::none(), py::arg("vnni_weight") = py::none(),
-          py::arg("w_colsum") = py::none());
+          py::arg("w_colsum") = py::none(), py::arg("norm_shift") = py::none());
   mod.def("parallel_threads", [](int64_t items) {
     // how many distinct threads at::parallel_for uses here: 1 if this build lacks OpenMP
     std::vector<int> used(static_cast<size_t>(std::max<int64_t>(items, 1)), -1);

@@ -175,6 +175,49 @@ def test_rmsnorm_inside_the_quantization_matches_norm_then_layer(fused, backend,
     torch.testing.assert_close(y.double(), oracle, rtol=0, atol=0.03 * span)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("transform", ["none", "smooth+hadamard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adaptive_norm_inside_the_quantization_matches_norm_then_layer(fused, backend, transform, dtype):
+    """try_forward_rmsnorm(..., norm_shift=) with pi0.5's adaRMS terms (weight 1 + scale, offset
+    0, shift) against the AdaRMSNorm module followed by the layer and against a float64 oracle,
+    with a large shift on one channel (it must reach the activation scale)."""
+    from quantvla_core.models.layers import AdaRMSNorm
+    from quantvla_kernels.dispatch import triton_interpreting
+
+    if backend == "triton" and not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    if backend == "triton" and transform == "none":
+        pytest.skip("Triton takes the shift in the row kernel only (a rotation of B >= 16)")
+    torch.manual_seed(6)
+    k, n = 256, 96
+    norm = AdaRMSNorm(k, 32)
+    cond = torch.randn(1, 32)
+    with torch.no_grad():
+        norm.dense.weight.normal_(0, 0.3)
+        norm.dense.bias[k + 11] = 5.0  # a large shift on channel 11
+    t = None
+    if transform == "smooth+hadamard":
+        t = InputTransform(inv_smooth=torch.rand(k) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard")
+    ql = QuantLinear.from_linear(nn.Linear(k, n), w_bits=8, a_bits=8, transform=t, clip_grid=(1.0,))
+    ql.backend = backend
+    x = (torch.randn(1, 9, k) * 3).to(dtype)
+    with torch.inference_mode():
+        scale1, shift, _ = norm.terms(cond)
+        y = ql.try_forward_rmsnorm(x, scale1.reshape(-1), norm.eps, 0.0, norm_shift=shift.reshape(-1))
+        want = ql(norm.to(dtype)(x, cond.to(dtype))[0]) if dtype == torch.float32 else ql(norm(x, cond)[0])
+        xd = x.double()
+        normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm.eps) * scale1.double() + shift.double()
+        oracle = ql.forward_reference(normed.reshape(-1, k)).reshape(1, 9, n)
+    assert y is not None and y.dtype == dtype and y.shape == (1, 9, n)
+    span = want.float().abs().max().item()
+    torch.testing.assert_close(y.float(), want.float(), rtol=0, atol=0.03 * span)
+    torch.testing.assert_close(y.double(), oracle, rtol=0, atol=0.03 * span)
+    with torch.inference_mode():  # without the shift the result moves: the test sees a lost shift
+        y0 = ql.try_forward_rmsnorm(x, scale1.reshape(-1), norm.eps, 0.0)
+    assert (y0.float() - y.float()).abs().max() > 0.1 * span
+
+
 def test_rmsnorm_fusion_declines_what_it_does_not_cover(fused):
     from quantvla_core.models.layers import RMSNorm
 

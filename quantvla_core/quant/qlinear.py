@@ -493,8 +493,8 @@ class QuantLinear(nn.Module):
         permutations, SVD rotations. ``norm_weight`` holds any folded smoothing;
         the norm is ``x * rstd * (offset + w)``. ``act`` / ``residual`` as in :meth:`forward`.
         ``norm_shift`` (K,): an adaptive norm ``x * rstd * (offset + w) + shift`` (pi0.5's adaRMS
-        for one sample: w = 1 + scale, offset 0), fused on Triton where the row kernel runs
-        (`norm_shift_supported`); the CPU extension does not take it (None)."""
+        for one sample: w = 1 + scale, offset 0), fused in the CPU extension's row pass and on
+        Triton where the row kernel runs (`norm_shift_supported`)."""
         if not _NORM_FUSION:
             return None
         if x.shape[-1] != self.in_features:
@@ -513,7 +513,7 @@ class QuantLinear(nn.Module):
         if fusable and backend in ("auto", "cpu", "triton"):
             k = _kernels()
             name = k.resolve_backend(None if backend == "auto" else backend, x2.device)
-            if name == "cpu" and x2.device.type == "cpu" and x2.dtype in _FUSED_DTYPES and norm_shift is None:
+            if name == "cpu" and x2.device.type == "cpu" and x2.dtype in _FUSED_DTYPES:
                 fused = _fused_cpu()
                 groups, perm, args, vnni = self._cpu_operands(k.ops)
                 if fused is not None and args[7] == (self.rotation_block if self.rotation is not None else 0):
@@ -527,6 +527,7 @@ class QuantLinear(nn.Module):
                         self.gated_pairs,
                         res2,
                         *vnni,
+                        norm_shift=None if norm_shift is None else norm_shift.detach(),
                     )
                     return y.reshape(*lead, width)
             elif (

@@ -9,7 +9,10 @@ compared with the exact CPU path on the same inputs:
   * layer outputs: within 2% of the output range (a code moved by one step) and mostly equal;
   * sibling fusion: the fused q/k/v layer equals the three separate layers bit for bit;
   * GEMM epilogue: a gate/up pair layer's gelu(gate) * up + residual within 2% of the output
-    range of the separate layers and torch's ops.
+    range of the separate layers and torch's ops;
+  * adaptive norm (pi0.5's adaRMS) inside the quantization: rmsnorm_quantize(norm_shift=) codes
+    and scales as the CPU path's (the row's sum of squares runs in another order: scales to
+    1e-5, codes within one step).
 Prints a table; exits 1 on any mismatch.
 
     python benchmarks/gpu_check.py                 # CUDA (the GPU script runs this first)
@@ -72,7 +75,7 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
     ok_all = True
     print(
         f"{'shape':28s} {'scheme':6s} {'codes eq':>9s} {'max|dy|/span':>13s} {'y equal':>8s} {'fused':>6s} "
-        f"{'epilog':>6s}  result"
+        f"{'epilog':>6s} {'adanorm':>7s}  result"
     )
     for i, (what, m, k, n) in enumerate(shapes):
         g = torch.Generator().manual_seed(100 + i)
@@ -113,11 +116,25 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
             res = torch.randn(m, sib[0].out_features, generator=g).to(device=device, dtype=dtype)
             want = torch.nn.functional.gelu(sib[0](xd).float(), approximate="tanh") * sib[1](xd).float() + res.float()
             epi_ok = pair is not None and _close_outputs(pair(xd, act="gelu_tanh", residual=res), want)[0]
-            ok = bool(codes_ok and out_ok and fused_ok and epi_ok)
+            # the adaptive norm's shift inside the quantization (row kernel), Triton vs CPU
+            nw = torch.rand(k, generator=g) + 0.5
+            shift = torch.randn(k, generator=g) * 0.3
+            kw = dict(bits=a_bits, inv_smooth=layer_cpu.inv_smooth, rotation=layer_cpu.rotation, norm_shift=shift)
+            qa, sa = qk.rmsnorm_quantize(x.to(dtype).float(), nw, 1e-6, backend="cpu", **kw)
+            kw_dev = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in kw.items()}
+            qb, sb = qk.rmsnorm_quantize(xd, nw.to(device), 1e-6, backend="triton", **kw_dev)
+            ca = qk.unpack_int4(qa) if a_bits == 4 else qa
+            cb = qk.unpack_int4(qb.cpu()) if a_bits == 4 else qb.cpu()
+            ada_ok = bool(
+                (ca.int() - cb.int()).abs().max() <= 1
+                and float((ca == cb).float().mean()) > 0.995
+                and torch.allclose(sb.cpu(), sa, rtol=1e-5, atol=0)
+            )
+            ok = bool(codes_ok and out_ok and fused_ok and epi_ok and ada_ok)
             ok_all &= ok
             print(
                 f"{what:28s} {name:6s} {codes_eq:9.4f} {rel:13.2e} {equal:8.3f} {str(fused_ok):>6s} "
-                f"{str(epi_ok):>6s}  {'ok' if ok else 'MISMATCH'}",
+                f"{str(epi_ok):>6s} {str(ada_ok):>7s}  {'ok' if ok else 'MISMATCH'}",
                 flush=True,
             )
     return ok_all

@@ -7,12 +7,14 @@ first used, so CPU-only users never need a GPU toolchain.  See ops.py for the ma
 from . import ops  # noqa: F401 - the compatibility module (quantvla_kernels.ops.<name>)
 from .dispatch import BACKENDS, backend_scope, resolve_backend, set_default_backend
 from .gemm import gemm_w4a4, gemm_w4a8, gemm_w8a8, linear_w4a8, linear_w8a8
+from .norm import adaptive_rmsnorm
 from .quantize import norm_shift_supported, quantize_per_token, rmsnorm_quantize
 from .tiles import gemm_config, load_tuned_configs, m_bucket, set_autotune, tuned_configs
 from .packing import PACK_GROUP, pack_int4, unpack_int4
 
 __all__ = [
     "BACKENDS",
+    "adaptive_rmsnorm",
     "PACK_GROUP",
     "backend_scope",
     "gemm_config",

@@ -79,6 +79,7 @@ from .quantize import (
     quantize_per_token,
     rmsnorm_quantize,
 )
+from .norm import adaptive_rmsnorm
 from .tiles import (
     _CFG_KEYS,
     _SMS,
@@ -115,6 +116,7 @@ from .validation import (
 )
 
 __all__ = [
+    "adaptive_rmsnorm",
     # the public ops, their settings and helpers (the package exports the main ones too)
     "BACKENDS",
     "FUSE_MAX_M",

@@ -305,3 +305,40 @@ def test_norm_shift_is_checked_and_refused_where_the_kernel_cannot_take_it():
         qk.rmsnorm_quantize(x, w, 1e-6, backend="triton", norm_shift=torch.zeros(256))
     q, s = qk.rmsnorm_quantize(x, w, 1e-6, backend="cpu", norm_shift=torch.full((256,), 0.5))
     assert q.shape == (2, 256) and (s > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,t,k", [(1, 17, 256), (2, 5, 96), (1, 3, 1000)])
+def test_adaptive_rmsnorm_kernel_matches_the_torch_ops_and_float64(monkeypatch, dtype, b, t, k):
+    """One Triton launch for pi0.5's float adaRMS, (x * rstd) * w[b] + shift[b] with per-sample
+    w / shift, against the torch ops (the CPU path, the module's own formula) and float64."""
+    import torch.nn.functional as F
+
+    from quantvla_kernels import norm as knorm
+
+    g = torch.Generator().manual_seed(b * t + k)
+    x = (torch.randn(b, t, k, generator=g) * 3).to(dtype)
+    x[0, 0, 5] = 80.0
+    w = torch.rand(b, 1, k, generator=g) + 0.5
+    s = torch.randn(b, 1, k, generator=g)
+    launches = []
+    real = knorm._triton
+    monkeypatch.setattr(knorm, "_triton", lambda *a: launches.append(1) or real(*a))
+    with torch.no_grad():
+        got = qk.adaptive_rmsnorm(x, w, s, 1e-6, backend="triton")
+        cpu = qk.adaptive_rmsnorm(x, w, s, 1e-6, backend="cpu")
+    assert launches == [1] and got.dtype == dtype and got.shape == x.shape
+    xf = x.float()
+    assert torch.equal(cpu, (F.rms_norm(xf, (k,), eps=1e-6) * w + s).to(dtype))  # the module's formula
+    ref = F.rms_norm(x.double(), (k,), eps=1e-6) * w.double() + s.double()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    else:  # the interpreter truncates fp32 -> bf16 (a GPU rounds): within one bf16 step
+        step = ref.abs().clamp(min=1e-3) * 2**-7
+        assert ((got.double() - ref).abs() <= step * 1.01).all()
+    # gradients on: the torch ops (the kernel has no backward)
+    with torch.enable_grad():
+        wg = w.clone().requires_grad_()
+        y = qk.adaptive_rmsnorm(x.float(), wg, s, 1e-6, backend="triton")
+        y.sum().backward()
+    assert launches == [1] and wg.grad is not None

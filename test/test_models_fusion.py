@@ -220,3 +220,28 @@ def test_rmsnorm_equals_the_written_out_formula(dtype):
         scale, shift, gate = ada.dense(cond).unsqueeze(1).chunk(3, dim=-1)
         y, got_gate = ada(x, cond)
     assert torch.equal(y, (normed * (1 + scale.float()) + shift.float()).to(dtype)) and torch.equal(got_gate, gate)
+
+
+def test_pi05_adaptive_norms_run_as_one_kernel_on_triton(monkeypatch):
+    """A float pi0.5 on the Triton backend runs each adaRMS norm as one kernel
+    (quantvla_kernels.adaptive_rmsnorm): every norm of the expert, every step, with the actions
+    of the torch ops to fp32 rounding."""
+    import quantvla_kernels as qk
+    from quantvla_kernels import norm as knorm
+    from quantvla_kernels.dispatch import triton_interpreting
+
+    if not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    cfg = preset("tiny-pi05")
+    model = build_model(cfg).eval()
+    batch = make_batch(cfg)
+    noise = model.sample_noise(2, torch.Generator().manual_seed(7))
+    launches = []
+    real = knorm._triton
+    monkeypatch.setattr(knorm, "_triton", lambda *a: launches.append(a[0].shape) or real(*a))
+    with qk.backend_scope("triton"):
+        got = model.sample_actions(batch, noise)
+    with qk.backend_scope("cpu"):
+        want = model.sample_actions(batch, noise)
+    assert len(launches) == (2 * cfg.expert.depth + 1) * cfg.num_steps
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -156,9 +156,12 @@ class AdaRMSNorm(nn.Module):
         return terms
 
     def forward(self, x: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        """(rms_norm(x) * (1 + scale) + shift, gate): one Triton kernel on the GPU
+        (quantvla_kernels.adaptive_rmsnorm), the same torch ops as written here elsewhere."""
+        from quantvla_kernels import adaptive_rmsnorm
+
         scale1, shift, gate = self.terms(cond)
-        return (y * scale1 + shift).to(x.dtype), gate
+        return adaptive_rmsnorm(x, scale1, shift, self.eps), gate
 
 
 def rope_cos_sin(

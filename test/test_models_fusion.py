@@ -245,3 +245,35 @@ def test_pi05_adaptive_norms_run_as_one_kernel_on_triton(monkeypatch):
         want = model.sample_actions(batch, noise)
     assert len(launches) == (2 * cfg.expert.depth + 1) * cfg.num_steps
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gated_residual_is_one_op_where_kernels_run_on_triton():
+    """pi0.5's x + h * gate: one addcmul (rounded once) on the Triton backend, the two ops of
+    the reference numbers on the CPU."""
+    import quantvla_kernels as qk
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from quantvla_core.models.layers import gated_residual
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(8)
+    x, h, gate = (
+        torch.randn(2, 5, 16, generator=g),
+        torch.randn(2, 5, 16, generator=g),
+        torch.randn(2, 1, 16, generator=g),
+    )
+    with qk.backend_scope("cpu"), Ops() as cpu_ops:
+        exact = gated_residual(x, h, gate)
+    with qk.backend_scope("triton"), Ops() as gpu_ops:
+        fused = gated_residual(x, h, gate)
+    assert torch.equal(exact, x + h * gate) and len(cpu_ops.names) == 2
+    assert gpu_ops.names == ["aten.addcmul.default"]
+    torch.testing.assert_close(fused, exact, rtol=1e-6, atol=1e-6)

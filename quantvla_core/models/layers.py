@@ -74,6 +74,17 @@ def _normed_fused(
     return fused.try_forward_rmsnorm(x, norm.weight, norm.eps, norm.offset, act=act)
 
 
+def gated_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + h * gate`` (pi0.5's gated residual). Where the kernels run on Triton (a GPU) it is
+    one ``addcmul`` launch, rounded once instead of twice; elsewhere the two ops, whose numbers
+    the CPU path keeps."""
+    from quantvla_kernels import resolve_backend
+
+    if resolve_backend(None, x.device) == "triton" and x.dtype == h.dtype == gate.dtype:
+        return torch.addcmul(x, h, gate)
+    return x + h * gate
+
+
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
@@ -355,7 +366,7 @@ class DecoderLayer(nn.Module):
 
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor, gate1, cond) -> torch.Tensor:
         """Residual after attention, then the MLP half of the layer."""
-        return self.mlp_half(x + (attn_out if gate1 is None else attn_out * gate1), cond)
+        return self.mlp_half(x + attn_out if gate1 is None else gated_residual(x, attn_out, gate1), cond)
 
     def attend_finish(self, x: torch.Tensor, q, k, v, mask, gate1, cond) -> torch.Tensor:
         """``finish(x, self_attn.attend(q, k, v, mask), gate1, cond)``; without a gate the
@@ -370,10 +381,10 @@ class DecoderLayer(nn.Module):
             fused = self.mlp.forward_adanormed(x, self.post_attention_layernorm, cond)
             if fused is not None:  # the adaRMS norm inside gate/up's quantization (Triton)
                 h, gate2 = fused
-                return x + h * gate2
+                return gated_residual(x, h, gate2)
             h, gate2 = self.norm(self.post_attention_layernorm, x, cond)
             h = self.mlp(h)
-            return x + h * gate2
+            return gated_residual(x, h, gate2)
         # the norm's output feeds only the MLP: fused into its quantization where it can be, and
         # the residual added in down_proj's epilogue
         return self.mlp.forward_normed(x, self.post_attention_layernorm, residual=x)

@@ -145,9 +145,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--census-backend",
         default="auto",
         choices=CENSUS_BACKENDS,
-        help="integer layers in the census: auto = the device's kernel backend (cpu on the "
-        "CPU), triton = the Triton kernels (on the CPU needs TRITON_INTERPRET=1 set "
-        "before start), one launch per kernel",
+        help="kernels in the census: auto = the device's kernel backend (cpu on the "
+        "CPU), triton = the Triton kernels for every row, as on a GPU (on the CPU needs "
+        "TRITON_INTERPRET=1 set before start), one launch per kernel",
     )
     p.add_argument(
         "--out",

@@ -484,7 +484,9 @@ def run_census(opts, argv: list[str] | None = None, progress: bool = True) -> di
                     notes.append(f"{cfg.name} {cams} cam: {name} not built: {type(e).__name__}: {e}")
                     continue
                 integer = name not in ("fp", "bf16")
-                backend = opts.census_backend if integer else "auto"
+                # every row on the same kernels: on Triton the float variants run the float ops
+                # that have a Triton form too (adaptive RMSNorm, gated residual), as on a GPU
+                backend = opts.census_backend
                 t0 = time.perf_counter()
                 try:
                     stats = census_policy(
@@ -495,9 +497,8 @@ def run_census(opts, argv: list[str] | None = None, progress: bool = True) -> di
                     continue
                 if progress:
                     print(f"census {cfg.name} {cams} cam {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-                scope = quantvla_backend_scope(backend) if integer else contextlib.nullcontext()
-                with scope:
-                    kb = kernel_backend(opts.device) if integer else "-"
+                with quantvla_backend_scope(backend):
+                    kb = kernel_backend(opts.device) if integer or backend == "triton" else "-"
                 rows.append(
                     {
                         "preset": cfg.name,

@@ -116,6 +116,7 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
         h.wait_for(lambda: level_of(h.status("inputs")) == 0, 5.0, "inputs ok while streaming")
         _settled(h)
         computed = int(h.values("policy")["chunks_computed"])
+        received = int(h.values("inputs")["camera0_received"])
         # camera1 stops, camera0 keeps streaming: nothing is matched, nothing computed
         stamps = []
         deadline = time.monotonic() + 8.0
@@ -129,7 +130,10 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
         assert level_of(status) == 2 and "camera1" in status.message, status.message
         v = h.values("inputs")
         assert float(v["camera1_age_s"]) > 1.5 and float(v["camera0_age_s"]) < 0.5, v
-        assert float(v["camera0_rate_hz"]) > 5 and float(v["joint_state_age_s"]) >= 0, v
+        # camera0 kept arriving: the node received most of what the harness sent (a rate in Hz
+        # would measure the harness too, which sends slower on a loaded machine)
+        assert int(v["camera0_received"]) - received >= len(stamps) // 2 and float(v["camera0_rate_hz"]) > 0, v
+        assert float(v["joint_state_age_s"]) >= 0, v
         assert int(h.values("policy")["chunks_computed"]) == computed
         assert _no_trajectory_for(h, stamps)
         # WARN comes first: between 1 and 3 image timeouts

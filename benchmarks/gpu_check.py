@@ -12,7 +12,7 @@ compared with the exact CPU path on the same inputs:
     range of the separate layers and torch's ops;
   * adaptive norm (pi0.5's adaRMS) inside the quantization: rmsnorm_quantize(norm_shift=) codes
     and scales as the CPU path's (the row's sum of squares runs in another order: scales to
-    1e-5, codes within one step).
+    1e-5, codes within one step); the float adaptive RMSNorm kernel against the torch ops.
 Prints a table; exits 1 on any mismatch.
 
     python benchmarks/gpu_check.py                 # CUDA (the GPU script runs this first)
@@ -137,6 +137,21 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
                 f"{str(epi_ok):>6s} {str(ada_ok):>7s}  {'ok' if ok else 'MISMATCH'}",
                 flush=True,
             )
+    # pi0.5's float adaptive RMSNorm kernel (every variant runs it on the GPU) against the torch ops
+    g = torch.Generator().manual_seed(99)
+    shape = (1, 50, 1024) if device.type == "cuda" else (1, 17, 256)
+    x = torch.randn(*shape, generator=g) * 3
+    w = torch.rand(1, 1, shape[-1], generator=g) + 0.5
+    b = torch.randn(1, 1, shape[-1], generator=g)
+    with torch.no_grad():
+        got = qk.adaptive_rmsnorm(x.to(device=device, dtype=dtype), w.to(device), b.to(device), 1e-6, backend="triton")
+        want = qk.adaptive_rmsnorm(x.to(dtype), w, b, 1e-6, backend="cpu")
+    norm_ok, rel, equal = _close_outputs(got, want)
+    norm_ok = norm_ok and rel < 1e-2  # one bf16 step at most
+    ok_all &= norm_ok
+    print(
+        f"{'adaptive rmsnorm ' + str(shape):28s} {'float':6s} {'':>9s} {rel:13.2e} {equal:8.3f} {'':>6s} {'':>6s} {'':>7s}  {'ok' if norm_ok else 'MISMATCH'}"
+    )
     return ok_all
 
 

@@ -1,7 +1,7 @@
 """fp32 linear layers on the CPU through oneDNN instead of the BLAS ``F.linear`` picks.
 
-PyTorch's CPU ``F.linear`` in fp32 calls MKL's sgemm, which on AMD CPUs takes a generic path
-(no AVX-512): at the shapes of a denoising step (17-60 rows) it was 1.4-2x slower than oneDNN's
+PyTorch's CPU ``F.linear`` in fp32 calls MKL's sgemm (x86 wheels), which on this AMD CPU was
+slow: at the shapes of a denoising step (17-60 rows) it was 1.4-2x slower than oneDNN's
 inner-product on this machine's Zen 5 (17x256x640: 51 vs 31 us, 51x384x640: 163 vs 80 us,
 2 threads). oneDNN is part of every x86 PyTorch build and picks its kernel from the CPU's ISA;
 bf16 linears already go through it. The results are fp32 GEMMs of their own summation order

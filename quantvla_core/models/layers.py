@@ -247,8 +247,8 @@ class GatedMLP(nn.Module):
         inside gate/up's activation quantization (its (1 + scale) as the norm weight, its shift
         added before smoothing and rotation), or None where that does not run: a float model,
         a hooked norm, a condition without precomputed terms (training, tracing), more than one
-        sample (one weight / shift vector per kernel call), a backend without it (the CPU
-        extension, Triton's tile kernels). The norm's output feeds only this MLP."""
+        sample (one weight / shift vector per kernel call), a kernel without it (Triton's tile
+        kernels: layers without a rotation of B >= 16). The norm's output feeds only this MLP."""
         pairs = _fused_gate_up(self)
         if (
             pairs is None
@@ -379,7 +379,7 @@ class DecoderLayer(nn.Module):
         """The MLP half of the layer on the attention half's output x (residual included)."""
         if self.adaptive:
             fused = self.mlp.forward_adanormed(x, self.post_attention_layernorm, cond)
-            if fused is not None:  # the adaRMS norm inside gate/up's quantization (Triton)
+            if fused is not None:  # the adaRMS norm inside gate/up's quantization
                 h, gate2 = fused
                 return gated_residual(x, h, gate2)
             h, gate2 = self.norm(self.post_attention_layernorm, x, cond)

@@ -277,3 +277,32 @@ def test_gated_residual_is_one_op_where_kernels_run_on_triton():
     assert torch.equal(exact, x + h * gate) and len(cpu_ops.names) == 2
     assert gpu_ops.names == ["aten.addcmul.default"]
     torch.testing.assert_close(fused, exact, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05"])
+def test_time_conditions_prepared_once_per_chunk_match_the_per_step_ones(name):
+    """sample_actions computes every step's time embedding / time MLP / adaRMS modulations in one
+    batched pass (prepare_steps, keyed by each step's own t tensor): the steps use it, and the
+    actions are those of computing it in every step; a t that was not prepared computes its own."""
+    cfg = preset(name)
+    model = build_model(cfg).eval()
+    batch = make_batch(cfg)
+    noise = model.sample_noise(2, torch.Generator().manual_seed(9))
+    real = model._time_condition
+    calls = []
+    model._time_condition = lambda t, dtype: calls.append(t.shape[0]) or real(t, dtype)
+    with torch.no_grad():
+        prepared = model.sample_actions(batch, noise)
+        assert calls == [2 * cfg.num_steps]  # one batched call for the whole chunk
+        calls.clear()
+        cache = model.encode_prefix(batch, model.encode_images(batch))  # no prepare_steps
+        x, dt = noise.float(), model.step_size(cfg.num_steps)
+        for t in model.time_grid(cfg.num_steps):
+            x = model.euler_step(cache, x, torch.full((2,), t), dt, batch.state)
+        assert calls == [2] * cfg.num_steps  # one per step
+        calls.clear()
+        model.prepare_steps(cache, [torch.full((2,), 0.5)])
+        other = torch.full((2,), 0.5)  # equal value, another tensor: not the prepared entry
+        model.denoise_step(cache, noise, other, batch.state)
+        assert calls == [2, 2]
+    torch.testing.assert_close(prepared, x, rtol=1e-5, atol=1e-5)

@@ -175,6 +175,7 @@ class ChunkRunner:
         with torch.cuda.stream(side):
             for _ in range(max(1, warmup)):
                 cache = self.model.encode_prefix(static, self.model.encode_images(static))
+                self.model.prepare_steps(cache, times)  # as sample_actions: with the prefix
                 xx = x0
                 for tt in times:
                     xx = self._step(cache, xx, tt, static.state)
@@ -194,6 +195,7 @@ class ChunkRunner:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
             cache = self.model.encode_prefix(static, image_tokens)
+            self.model.prepare_steps(cache, times)  # each step graph reads its own t's entry
         graphs["prefix"] = g
         xs = [x0]
         for tt in times:

@@ -93,6 +93,13 @@ class FlowMatchingVLA(nn.Module):
         """Training-time path (no cache); must equal encode_prefix + denoise_step."""
         raise NotImplementedError
 
+    def prepare_steps(self, cache: Any, times: list[torch.Tensor]) -> None:
+        """Compute at once, for every denoising step of a chunk, what a step derives from its
+        flow time alone (time embedding, time MLP, adaptive-norm modulations): one batched pass
+        instead of one per step. Stored in ``cache`` keyed by each step's own ``t`` tensor, so
+        ``denoise_step(cache, x, t, ...)`` with that very tensor skips the work; any other ``t``
+        computes it as before. Default: nothing (subclasses that have such work override)."""
+
     # -- flow matching --------------------------------------------------------------------
     def time_grid(self, num_steps: int) -> list[float]:
         dt = 1.0 / num_steps
@@ -151,11 +158,12 @@ class FlowMatchingVLA(nn.Module):
         image_tokens = self.encode_images(batch)
         mark("vision")
         cache = self.encode_prefix(batch, image_tokens)
-        mark("prefix")
         x = noise.float()
+        times = [torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32) for t in self.time_grid(num_steps)]
+        self.prepare_steps(cache, times)  # once per chunk: counted with the prefix
+        mark("prefix")
         dt = self.step_size(num_steps)
-        for i, t in enumerate(self.time_grid(num_steps)):
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        for i, tt in enumerate(times):
             x = self.euler_step(cache, x, tt, dt, batch.state)
             mark(f"denoise_step_{i}")
         return x

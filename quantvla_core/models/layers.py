@@ -125,6 +125,16 @@ class Conditioning:
         # adaRMS norm -> (1 + scale, shift) in fp32 and gate, each (B, 1, D): formed for all norms at once
         self.norm_terms = norm_terms or {}
 
+    def rows(self, start: int, stop: int) -> "Conditioning":
+        """The same for rows [start, stop) of the batch (views: one step of a batched chunk)."""
+        c = Conditioning(
+            self.cond[start:stop],
+            {k: v[start:stop] for k, v in self.modulations.items()},
+            {k: tuple(x[start:stop] for x in v) for k, v in self.norm_terms.items()},
+        )
+        c.output = None if self.output is None else self.output[start:stop]
+        return c
+
 
 def modulation(cond, layer: nn.Module, prepare=None) -> torch.Tensor:
     """``layer(prepare(cond))``, taken from a `Conditioning` that holds it where it does."""

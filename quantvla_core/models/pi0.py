@@ -21,7 +21,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import AttentionMask, attention_mask
 from .base import Batch, FlowMatchingVLA, check_shared_attention, prefix_validity
-from .layers import Decoder, rope_cos_sin, sinusoidal_embedding
+from .layers import Conditioning, Decoder, rope_cos_sin, sinusoidal_embedding
 from .vision import VisionTower
 
 
@@ -38,6 +38,9 @@ class PrefixCache:
     # What every denoising step needs but no step changes: the suffix attention mask and RoPE.
     suffix_mask: AttentionMask | None = None  # (B, 1, Ts, Tp + Ts)
     suffix_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    # prepare_steps: each step's t tensor -> its time condition (pi0: the time embedding;
+    # pi0.5: the adaRMS Conditioning), computed for all steps at once
+    time_conditions: dict | None = None
 
 
 class PaliGemmaModel(nn.Module):
@@ -142,24 +145,42 @@ class PI0Model(FlowMatchingVLA):
         return mask
 
     # -- suffix ----------------------------------------------------------------------------
-    def _suffix(self, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor):
-        """Suffix tokens, adaRMS condition (pi0.5) and the suffix self-mask (Ts, Ts)."""
-        w = self.cfg.expert.width
-        temb = sinusoidal_embedding(t, w).to(x_t.dtype)
+    def _time_condition(self, t: torch.Tensor, dtype: torch.dtype):
+        """What a step derives from its flow time alone: pi0 the time embedding, pi0.5 the
+        adaRMS condition (with every norm's modulation where it can: a `Conditioning`)."""
+        temb = sinusoidal_embedding(t, self.cfg.expert.width).to(dtype)
+        if not self.pi05:
+            return temb
+        return self._expert.conditioning(F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb)))))
+
+    def prepare_steps(self, cache: PrefixCache, times: list[torch.Tensor]) -> None:
+        if torch.is_grad_enabled() or not times:
+            return  # training runs velocity_joint; nothing to share
+        b = times[0].shape[0]
+        cond = self._time_condition(torch.cat(times), self.action_in_proj.weight.dtype)
+        rows = [(i * b, (i + 1) * b) for i in range(len(times))]
+        per_step = [cond.rows(*r) if isinstance(cond, Conditioning) else cond[r[0] : r[1]] for r in rows]
+        cache.time_conditions = dict(zip(times, per_step))  # keyed by tensor identity
+
+    def _suffix(self, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor, pre=None):
+        """Suffix tokens and the adaRMS condition (pi0.5); ``pre``: the step's time condition
+        from prepare_steps."""
+        temb = pre if pre is not None else self._time_condition(t, x_t.dtype)
         actions = self.action_in_proj(x_t)
         h = actions.shape[1]
         if self.pi05:
-            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb))))
-            return actions, cond
+            return actions, temb
         at = torch.cat([actions, temb[:, None].expand(-1, h, -1)], dim=-1)
         at = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(at)))
         tokens = torch.cat([self.state_proj(state.to(x_t.dtype))[:, None], at], dim=1)
         return tokens, None
 
     def denoise_step(self, cache: PrefixCache, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        x, cond = self._suffix(x_t, t, state)
+        pre = None
+        if cache.time_conditions and not torch.compiler.is_compiling():
+            pre = cache.time_conditions.get(t)  # this step's t, prepared with the chunk
+        x, cond = self._suffix(x_t, t, state, pre)
         expert = self._expert
-        cond = expert.conditioning(cond)  # pi0.5: every adaRMS modulation in one GEMM
         mask = cache.suffix_mask
         cos, sin = cache.suffix_rope
         tp = cache.prefix_len

@@ -306,3 +306,24 @@ def test_time_conditions_prepared_once_per_chunk_match_the_per_step_ones(name):
         model.denoise_step(cache, noise, other, batch.state)
         assert calls == [2, 2]
     torch.testing.assert_close(prepared, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05"])
+def test_compiled_denoise_step_does_not_recompile_per_step(name):
+    """A torch.compile'd denoise_step (the bench's compile peer) traces the per-step path and
+    never looks at the t-keyed prepared conditions: one compiled frame for every step of three
+    chunks (guarding on the dict's tensor keys had recompiled it per step, up to the limit)."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    cfg = preset(name)
+    model = build_model(cfg).eval()
+    batch = make_batch(cfg)
+    compiled = copy.copy(model)
+    object.__setattr__(compiled, "denoise_step", torch.compile(model.denoise_step, dynamic=False))
+    counters.clear()
+    with torch.inference_mode():
+        for seed in range(3):
+            compiled.sample_actions(batch, model.sample_noise(2, torch.Generator().manual_seed(seed)))
+    assert counters["frames"]["ok"] == counters["frames"]["total"] == 1, dict(counters["frames"])

@@ -177,7 +177,8 @@ class PI0Model(FlowMatchingVLA):
 
     def denoise_step(self, cache: PrefixCache, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         pre = None
-        if cache.time_conditions and not torch.compiler.is_compiling():
+        # compiling first: torch.compile must not see (and guard on) the tensor-keyed dict
+        if not torch.compiler.is_compiling() and cache.time_conditions:
             pre = cache.time_conditions.get(t)  # this step's t, prepared with the chunk
         x, cond = self._suffix(x_t, t, state, pre)
         expert = self._expert

@@ -279,7 +279,7 @@ def test_gated_residual_is_one_op_where_kernels_run_on_triton():
     torch.testing.assert_close(fused, exact, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-pi05"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
 def test_time_conditions_prepared_once_per_chunk_match_the_per_step_ones(name):
     """sample_actions computes every step's time embedding / time MLP / adaRMS modulations in one
     batched pass (prepare_steps, keyed by each step's own t tensor): the steps use it, and the
@@ -308,7 +308,7 @@ def test_time_conditions_prepared_once_per_chunk_match_the_per_step_ones(name):
     torch.testing.assert_close(prepared, x, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-pi05"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
 def test_compiled_denoise_step_does_not_recompile_per_step(name):
     """A torch.compile'd denoise_step (the bench's compile peer) traces the per-step path and
     never looks at the t-keyed prepared conditions: one compiled frame for every step of three

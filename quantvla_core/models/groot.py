@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import AttentionMask, attention_mask
 from .base import Batch, FlowMatchingVLA, prefix_validity
-from .layers import Attention, Decoder, FeedForward, conditioning, modulation
+from .layers import Attention, Conditioning, Decoder, FeedForward, conditioning, modulation
 from .vision import VisionTower
 
 
@@ -179,6 +179,8 @@ class DiTCache:
     cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # block index -> (K, V)
     state_tokens: torch.Tensor  # (B, 1, W)
     cross_mask: AttentionMask | None = None  # valid VL tokens, (B, 1, 1, Tp); None: built per step
+    # prepare_steps: each step's t tensor -> the DiT's time conditioning, computed for all steps at once
+    time_conditions: dict | None = None
 
 
 class GR00TModel(FlowMatchingVLA):
@@ -225,16 +227,36 @@ class GR00TModel(FlowMatchingVLA):
         cross_mask = attention_mask(valid[:, None, None, :], vl.dtype)
         return DiTCache(vl=vl, valid=valid, cross_kv=cross, state_tokens=state, cross_mask=cross_mask)
 
-    def _dit(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, cross_kv) -> torch.Tensor:
+    def _discrete(self, t: torch.Tensor) -> torch.Tensor:
+        return (t * self.num_timestep_buckets).floor().clamp(max=self.num_timestep_buckets - 1)
+
+    def _time_condition(self, t_disc: torch.Tensor, dtype: torch.dtype):
+        """The DiT's time conditioning: the timestep encoder, then every block's adaLN
+        modulation and proj_out_1's from one GEMM where it can (a `Conditioning`)."""
+        dit = self.action_head.model
+        return dit.conditioning(dit.timestep_encoder(t_disc).to(dtype))
+
+    def prepare_steps(self, cache: DiTCache, times: list[torch.Tensor]) -> None:
+        islands = getattr(self, "islands_active", None)
+        if torch.is_grad_enabled() or not times or (islands is not None and islands()):
+            return  # training runs velocity_joint; the fp32-island path computes its own per step
+        b = times[0].shape[0]
+        dtype = self.action_head.model.proj_out_1.weight.dtype
+        cond = self._time_condition(self._discrete(torch.cat(times)), dtype)
+        rows = [(i * b, (i + 1) * b) for i in range(len(times))]
+        per_step = [cond.rows(*r) if isinstance(cond, Conditioning) else cond[r[0] : r[1]] for r in rows]
+        cache.time_conditions = dict(zip(times, per_step))  # keyed by tensor identity
+
+    def _dit(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, cross_kv, pre=None) -> torch.Tensor:
         ah = self.action_head
         b = x_t.shape[0]
-        t_disc = (t * self.num_timestep_buckets).floor().clamp(max=self.num_timestep_buckets - 1)
+        t_disc = self._discrete(t)
         actions = ah.action_encoder(x_t, t_disc, self._cat(b, x_t.device))
         actions = actions + ah.position_embedding.weight[: actions.shape[1]][None].to(actions.dtype)
         future = ah.future_tokens.weight[None].expand(b, -1, -1).to(actions.dtype)
         x = torch.cat([cache.state_tokens.to(actions.dtype), future, actions], dim=1)
         dit = ah.model
-        temb = dit.conditioning(dit.timestep_encoder(t_disc).to(x.dtype))
+        temb = pre if pre is not None else self._time_condition(t_disc, x.dtype)
         cross_mask = cache.cross_mask or attention_mask(cache.valid[:, None, None, :], x.dtype)
         for i, blk in enumerate(dit.transformer_blocks):
             x = blk(x, temb, kv=cross_kv(i, blk), mask=cross_mask if blk.cross else None)
@@ -243,7 +265,11 @@ class GR00TModel(FlowMatchingVLA):
         return ah.action_decoder(x, self._cat(b, x.device))[:, -self.cfg.horizon :]
 
     def denoise_step(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        return self._dit(cache, x_t, t, lambda i, blk: cache.cross_kv.get(i))
+        pre = None
+        # compiling first: torch.compile must not see (and guard on) the tensor-keyed dict
+        if not torch.compiler.is_compiling() and cache.time_conditions:
+            pre = cache.time_conditions.get(t)  # this step's t, prepared with the chunk
+        return self._dit(cache, x_t, t, lambda i, blk: cache.cross_kv.get(i), pre)
 
     def velocity_joint(self, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Training path: cross-attention K/V recomputed inside every block (no cache)."""

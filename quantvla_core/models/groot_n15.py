@@ -300,9 +300,9 @@ class GR00TN15Model(GR00TModel):
         vlc = vl.to(cd)
         return self._dit(cache, x_t, t, lambda i, blk: blk.attn1.kv(vlc) if blk.cross else None)
 
-    def _dit(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, cross_kv) -> torch.Tensor:
+    def _dit(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, cross_kv, pre=None) -> torch.Tensor:
         if not self.islands_active():
-            return super()._dit(cache, x_t, t, cross_kv)
+            return super()._dit(cache, x_t, t, cross_kv, pre)
         ah, cd = self.action_head, self.compute_dtype()
         b = x_t.shape[0]
         cat = self._cat(b, x_t.device)

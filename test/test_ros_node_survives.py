@@ -109,12 +109,16 @@ def _no_trajectory_for(h, stamps):
 # ---------------------------------------------------------------- a camera that stops
 def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
     h, proc, _ = node
-    # WARN after 0.5 s, ERROR after 1.5 s: a 1 s WARN window, 5 diagnostics periods wide
-    assert all(r.successful for r in h.set_params(NODE, image_timeout_s=0.5))
+    # WARN after 1 s, ERROR after 3 s: a 2 s WARN window, 10 diagnostics periods wide (a 1 s
+    # window was missed by the harness's polling on a loaded machine)
+    assert all(r.successful for r in h.set_params(NODE, image_timeout_s=1.0))
     try:
         h.act()
         h.wait_for(lambda: level_of(h.status("inputs")) == 0, 5.0, "inputs ok while streaming")
         _settled(h)
+        # camera1's last frame must be outside the pairing tolerance of the camera0 frames sent
+        # next, or the first of them legitimately pairs with it (seen on a loaded machine)
+        _outside_tolerance()
         computed = int(h.values("policy")["chunks_computed"])
         received = int(h.values("inputs")["camera0_received"])
         # camera1 stops, camera0 keeps streaming: nothing is matched, nothing computed
@@ -129,17 +133,19 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
         status = h.status("inputs")
         assert level_of(status) == 2 and "camera1" in status.message, status.message
         v = h.values("inputs")
-        assert float(v["camera1_age_s"]) > 1.5 and float(v["camera0_age_s"]) < 0.5, v
+        assert float(v["camera1_age_s"]) > 3.0 and float(v["camera0_age_s"]) < 1.0, v
         # camera0 kept arriving: the node received most of what the harness sent (a rate in Hz
         # would measure the harness too, which sends slower on a loaded machine)
         assert int(v["camera0_received"]) - received >= len(stamps) // 2 and float(v["camera0_rate_hz"]) > 0, v
         assert float(v["joint_state_age_s"]) >= 0, v
-        assert int(h.values("policy")["chunks_computed"]) == computed
+        # at most a chunk still in flight from the last matched pair before camera1 stopped;
+        # none from the silent phase's frames (their stamps)
+        assert int(h.values("policy")["chunks_computed"]) <= computed + 1
         assert _no_trajectory_for(h, stamps)
         # WARN comes first: between 1 and 3 image timeouts
         seen_warn = []
         h.send_pair()
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + 6.0
         while time.monotonic() < deadline:
             h.send_pair(cam1=False)
             s = h.status("inputs")
@@ -150,8 +156,8 @@ def test_silent_camera_goes_warn_then_error_and_gives_no_action(node):
         assert seen_warn, "no WARN while camera1 was stale but not yet lost"
         # both cameras stop: both ages grow, still no action from the last (now stale) frames
         h.wait_for(
-            lambda: float(h.values("inputs")["camera0_age_s"]) > 1.5 and level_of(h.status("inputs")) == 2,
-            8.0,
+            lambda: float(h.values("inputs")["camera0_age_s"]) > 3.0 and level_of(h.status("inputs")) == 2,
+            10.0,
             "camera0 lost too",
         )
         lost = h.status("inputs").message.split("; ")[0]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .layers import Conditioning
 
 
 @dataclass
@@ -99,6 +100,23 @@ class FlowMatchingVLA(nn.Module):
         instead of one per step. Stored in ``cache`` keyed by each step's own ``t`` tensor, so
         ``denoise_step(cache, x, t, ...)`` with that very tensor skips the work; any other ``t``
         computes it as before. Default: nothing (subclasses that have such work override)."""
+
+    @staticmethod
+    def _store_time_conditions(cache: Any, times: list[torch.Tensor], cond: Any) -> None:
+        """Split ``cond``, computed for ``torch.cat(times)``, into one entry per step, keyed in
+        ``cache.time_conditions`` by that step's own t tensor (identity)."""
+        b = times[0].shape[0]
+        rows = [(i * b, (i + 1) * b) for i in range(len(times))]
+        per_step = [cond.rows(*r) if isinstance(cond, Conditioning) else cond[r[0] : r[1]] for r in rows]
+        cache.time_conditions = dict(zip(times, per_step))
+
+    @staticmethod
+    def _prepared_time_condition(cache: Any, t: torch.Tensor) -> Any:
+        """The entry prepare_steps stored for this very ``t``, or None. torch.compile is checked
+        first: it must not trace (and guard on) the tensor-keyed dict."""
+        if torch.compiler.is_compiling() or not cache.time_conditions:
+            return None
+        return cache.time_conditions.get(t)
 
     # -- flow matching --------------------------------------------------------------------
     def time_grid(self, num_steps: int) -> list[float]:

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import AttentionMask, attention_mask
 from .base import Batch, FlowMatchingVLA, prefix_validity
-from .layers import Attention, Conditioning, Decoder, FeedForward, conditioning, modulation
+from .layers import Attention, Decoder, FeedForward, conditioning, modulation
 from .vision import VisionTower
 
 
@@ -240,12 +240,8 @@ class GR00TModel(FlowMatchingVLA):
         islands = getattr(self, "islands_active", None)
         if torch.is_grad_enabled() or not times or (islands is not None and islands()):
             return  # training runs velocity_joint; the fp32-island path computes its own per step
-        b = times[0].shape[0]
         dtype = self.action_head.model.proj_out_1.weight.dtype
-        cond = self._time_condition(self._discrete(torch.cat(times)), dtype)
-        rows = [(i * b, (i + 1) * b) for i in range(len(times))]
-        per_step = [cond.rows(*r) if isinstance(cond, Conditioning) else cond[r[0] : r[1]] for r in rows]
-        cache.time_conditions = dict(zip(times, per_step))  # keyed by tensor identity
+        self._store_time_conditions(cache, times, self._time_condition(self._discrete(torch.cat(times)), dtype))
 
     def _dit(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, cross_kv, pre=None) -> torch.Tensor:
         ah = self.action_head
@@ -265,10 +261,7 @@ class GR00TModel(FlowMatchingVLA):
         return ah.action_decoder(x, self._cat(b, x.device))[:, -self.cfg.horizon :]
 
     def denoise_step(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        pre = None
-        # compiling first: torch.compile must not see (and guard on) the tensor-keyed dict
-        if not torch.compiler.is_compiling() and cache.time_conditions:
-            pre = cache.time_conditions.get(t)  # this step's t, prepared with the chunk
+        pre = self._prepared_time_condition(cache, t)
         return self._dit(cache, x_t, t, lambda i, blk: cache.cross_kv.get(i), pre)
 
     def velocity_joint(self, batch: Batch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

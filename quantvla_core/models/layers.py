@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla_kernels import adaptive_rmsnorm, resolve_backend
+
 from ..config import DecoderConfig
 from .attention import attention, attention_mask
 from .float_fusion import fused_float_linear
@@ -78,8 +80,6 @@ def gated_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torc
     """``x + h * gate`` (pi0.5's gated residual). Where the kernels run on Triton (a GPU) it is
     one ``addcmul`` launch, rounded once instead of twice; elsewhere the two ops, whose numbers
     the CPU path keeps."""
-    from quantvla_kernels import resolve_backend
-
     if resolve_backend(None, x.device) == "triton" and x.dtype == h.dtype == gate.dtype:
         return torch.addcmul(x, h, gate)
     return x + h * gate
@@ -118,22 +118,22 @@ class Conditioning:
         cond: torch.Tensor,
         modulations: dict[nn.Module, torch.Tensor],
         norm_terms: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+        output: torch.Tensor | None = None,
     ):
         self.cond = cond
         self.modulations = modulations
-        self.output: torch.Tensor | None = None  # the fused GEMM's whole output (conditioning())
+        self.output = output  # the fused GEMM's whole output (conditioning())
         # adaRMS norm -> (1 + scale, shift) in fp32 and gate, each (B, 1, D): formed for all norms at once
         self.norm_terms = norm_terms or {}
 
     def rows(self, start: int, stop: int) -> "Conditioning":
         """The same for rows [start, stop) of the batch (views: one step of a batched chunk)."""
-        c = Conditioning(
+        return Conditioning(
             self.cond[start:stop],
             {k: v[start:stop] for k, v in self.modulations.items()},
             {k: tuple(x[start:stop] for x in v) for k, v in self.norm_terms.items()},
+            None if self.output is None else self.output[start:stop],
         )
-        c.output = None if self.output is None else self.output[start:stop]
-        return c
 
 
 def modulation(cond, layer: nn.Module, prepare=None) -> torch.Tensor:
@@ -153,9 +153,7 @@ def conditioning(owner: nn.Module, cond: torch.Tensor, layers: list[nn.Module], 
     y = fused_float_linear(owner, "_float_modulations", layers, cond if prepare is None else prepare(cond))
     if y is None:
         return cond
-    c = Conditioning(cond, dict(zip(layers, y.split([m.out_features for m in layers], dim=-1))))
-    c.output = y
-    return c
+    return Conditioning(cond, dict(zip(layers, y.split([m.out_features for m in layers], dim=-1))), output=y)
 
 
 class AdaRMSNorm(nn.Module):
@@ -179,8 +177,6 @@ class AdaRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(x) * (1 + scale) + shift, gate): one Triton kernel on the GPU
         (quantvla_kernels.adaptive_rmsnorm), the same torch ops as written here elsewhere."""
-        from quantvla_kernels import adaptive_rmsnorm
-
         scale1, shift, gate = self.terms(cond)
         return adaptive_rmsnorm(x, scale1, shift, self.eps), gate
 

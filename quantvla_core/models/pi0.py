@@ -21,7 +21,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import AttentionMask, attention_mask
 from .base import Batch, FlowMatchingVLA, check_shared_attention, prefix_validity
-from .layers import Conditioning, Decoder, rope_cos_sin, sinusoidal_embedding
+from .layers import Decoder, rope_cos_sin, sinusoidal_embedding
 from .vision import VisionTower
 
 
@@ -156,11 +156,8 @@ class PI0Model(FlowMatchingVLA):
     def prepare_steps(self, cache: PrefixCache, times: list[torch.Tensor]) -> None:
         if torch.is_grad_enabled() or not times:
             return  # training runs velocity_joint; nothing to share
-        b = times[0].shape[0]
         cond = self._time_condition(torch.cat(times), self.action_in_proj.weight.dtype)
-        rows = [(i * b, (i + 1) * b) for i in range(len(times))]
-        per_step = [cond.rows(*r) if isinstance(cond, Conditioning) else cond[r[0] : r[1]] for r in rows]
-        cache.time_conditions = dict(zip(times, per_step))  # keyed by tensor identity
+        self._store_time_conditions(cache, times, cond)
 
     def _suffix(self, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor, pre=None):
         """Suffix tokens and the adaRMS condition (pi0.5); ``pre``: the step's time condition
@@ -176,11 +173,7 @@ class PI0Model(FlowMatchingVLA):
         return tokens, None
 
     def denoise_step(self, cache: PrefixCache, x_t: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        pre = None
-        # compiling first: torch.compile must not see (and guard on) the tensor-keyed dict
-        if not torch.compiler.is_compiling() and cache.time_conditions:
-            pre = cache.time_conditions.get(t)  # this step's t, prepared with the chunk
-        x, cond = self._suffix(x_t, t, state, pre)
+        x, cond = self._suffix(x_t, t, state, self._prepared_time_condition(cache, t))
         expert = self._expert
         mask = cache.suffix_mask
         cos, sin = cache.suffix_rope

@@ -451,19 +451,10 @@ def test_fp32_blas_peer_runs_f_linear_where_fp_runs_onednn():
     chunks launch no oneDNN linear, FP's do, and both predict the same actions (to GEMM rounding)."""
     import argparse
 
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from test_models_cpu_linear import OpNames as Ops
 
     from quantvla_bench.bench import BenchOptions, add_arguments
     from quantvla_bench.runs import Variants
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(str(func))
-            return func(*args, **(kwargs or {}))
 
     p = argparse.ArgumentParser()
     add_arguments(p)

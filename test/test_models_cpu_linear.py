@@ -20,6 +20,9 @@ pytestmark = pytest.mark.skipif(not onednn_linear_enabled(), reason="this PyTorc
 
 
 class OpNames(TorchDispatchMode):
+    """Records the name of every aten op run inside it (shared by the tests that check which
+    kernels a path launches)."""
+
     def __init__(self):
         super().__init__()
         self.names = []

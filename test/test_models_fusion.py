@@ -251,18 +251,9 @@ def test_gated_residual_is_one_op_where_kernels_run_on_triton():
     """pi0.5's x + h * gate: one addcmul (rounded once) on the Triton backend, the two ops of
     the reference numbers on the CPU."""
     import quantvla_kernels as qk
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from test_models_cpu_linear import OpNames as Ops
 
     from quantvla_core.models.layers import gated_residual
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     g = torch.Generator().manual_seed(8)
     x, h, gate = (

@@ -43,10 +43,11 @@ GPU_SHAPES = [  # (what, M, K, N)
     ("single token", 1, 2048, 2048),
 ]
 CPU_SHAPES = [("tiny prefix", 33, 256, 192), ("tiny step", 17, 128, 256), ("single token", 1, 128, 64)]
-SCHEMES = {"w8a8": (8, 8, None), "w4a8": (4, 8, 128), "w4a4": (4, 4, 128)}
+# w4a8 / w4a4: integer group scales (the deployed form); w4a8f: a float scale per group
+SCHEMES = {"w8a8": (8, 8, None), "w4a8": (4, 8, 128), "w4a8f": (4, 8, 128), "w4a4": (4, 4, 128)}
 
 
-def _layer(k: int, n: int, w_bits: int, a_bits: int, group, seed: int, device) -> QuantLinear:
+def _layer(k: int, n: int, w_bits: int, a_bits: int, group, seed: int, device, int_groups=True) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, n, bias=True)
     with torch.no_grad():
@@ -56,7 +57,13 @@ def _layer(k: int, n: int, w_bits: int, a_bits: int, group, seed: int, device) -
         inv_smooth=torch.rand(k, generator=g) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard"
     )
     return QuantLinear.from_linear(
-        lin, w_bits=w_bits, a_bits=a_bits, group_size=group, transform=t, clip_grid=(1.0,)
+        lin,
+        w_bits=w_bits,
+        a_bits=a_bits,
+        group_size=group,
+        transform=t,
+        clip_grid=(1.0,),
+        int_group_scales=bool(group and int_groups),
     ).to(device)
 
 
@@ -82,11 +89,12 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
         x = torch.randn(m, k, generator=g) * 2
         x[0, 7] = 60.0  # an outlier channel
         for name, (w_bits, a_bits, group) in SCHEMES.items():
-            layer = _layer(k, n, w_bits, a_bits, group, 10 * i + w_bits + a_bits, device)
+            ig = not name.endswith("f")
+            layer = _layer(k, n, w_bits, a_bits, group, 10 * i + w_bits + a_bits, device, ig)
             xd = x.to(device=device, dtype=dtype)
             layer.backend = "triton"
             y = layer(xd)
-            layer_cpu = _layer(k, n, w_bits, a_bits, group, 10 * i + w_bits + a_bits, "cpu")
+            layer_cpu = _layer(k, n, w_bits, a_bits, group, 10 * i + w_bits + a_bits, "cpu", ig)
             layer_cpu.backend = "cpu"
             ref = layer_cpu(x.to(dtype).float()).to(dtype)
             # the codes themselves, Triton vs CPU
@@ -104,7 +112,7 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
             )
             out_ok, rel, equal = _close_outputs(y, ref)
             # sibling fusion on this backend: bit for bit
-            sib = [_layer(k, n // 2 or 1, w_bits, a_bits, group, 7 + j, device) for j in range(2)]
+            sib = [_layer(k, n // 2 or 1, w_bits, a_bits, group, 7 + j, device, ig) for j in range(2)]
             for s in sib:
                 s.inv_smooth = layer.inv_smooth.clone()
                 s.backend = "triton"

@@ -67,7 +67,9 @@ CEILINGS = {
     "Orin": dict(tbps=0.2048, int8_tops=85.0, bf16_tflops=42.0),
 }
 
-OURS = ("w8a8", "w4a8_g128", "w4a8_pc", "w4a4_g128", "lin_w8a8", "lin_w4a8_g128")
+# w4a8_g128 / w4a4_g128 / lin_w4a8_g128: integer group scales (what W4 layers deploy);
+# w4a8_g128f: the same weights with a float scale per group (artifacts from before 2026-12-07)
+OURS = ("w8a8", "w4a8_g128", "w4a8_g128f", "w4a8_pc", "w4a4_g128", "lin_w8a8", "lin_w4a8_g128")
 
 
 def _ceilings(device_name: str) -> dict | None:
@@ -141,6 +143,19 @@ def _quant_weight(w: torch.Tensor, bits: int, group: int | None):
     return (qk.pack_int4(q) if bits == 4 else q), s.contiguous(), deq
 
 
+def _int_group_weight(w: torch.Tensor, group: int):
+    """4-bit codes with integer group scales (a channel scale x 1..18 per group), the deployed
+    form (quantizers.integer_group_scales; absmax here, like _quant_weight)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    s = g.abs().amax(2).clamp_min(1e-8) / 7
+    s1 = s.amax(1) / 18
+    mult = torch.round(s / s1[:, None]).clamp(1, 18)
+    q = torch.clamp(torch.round(g / (s1[:, None] * mult)[..., None]), -7, 7).to(torch.int8)
+    deq = (q.float() * mult[..., None] * s1[:, None, None]).reshape(n, k)
+    return qk.pack_int4(q.reshape(n, k)), s1.contiguous(), mult.to(torch.uint8).contiguous(), deq
+
+
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
 
@@ -155,7 +170,8 @@ def bench_shape(layer, m, k, n, timer, device, copies_bytes, full, tol_fail):
     xq, xs = qk.quantize_per_token(x)
     xq4, xs4 = qk.quantize_per_token(x, bits=4)
     w8, ws8, wd8 = _quant_weight(w, 8, None)
-    w4g, ws4g, wd4g = _quant_weight(w, 4, 128)
+    w4f, ws4f, wd4f = _quant_weight(w, 4, 128)
+    w4g, ws4g, gm4g, wd4g = _int_group_weight(w, 128)
     w4c, ws4c, wd4c = _quant_weight(w, 4, None)
     x_deq = xq.float() * xs[:, None]
     x4_deq = qk.unpack_int4(xq4).float() * xs4[:, None]
@@ -255,11 +271,20 @@ def bench_shape(layer, m, k, n, timer, device, copies_bytes, full, tol_fail):
     ref4g = x_deq @ wd4g.t()
     add(
         "w4a8_g128",
-        [lambda i=i: qk.gemm_w4a8(xq, xs, w4gs[i], ws4g, 128, out_dtype=odt) for i in range(r)],
-        w4g.numel() + ws4g.numel() * 4,
+        [lambda i=i: qk.gemm_w4a8(xq, xs, w4gs[i], ws4g, 128, out_dtype=odt, group_mult=gm4g) for i in range(r)],
+        w4g.numel() + gm4g.numel() + ws4g.numel() * 4,
         xq.numel() + m * 4,
         out_b,
-        check=lambda: (qk.gemm_w4a8(xq, xs, w4g, ws4g, 128, out_dtype=odt), ref4g),
+        check=lambda: (qk.gemm_w4a8(xq, xs, w4g, ws4g, 128, out_dtype=odt, group_mult=gm4g), ref4g),
+    )
+    w4fs = clone(w4f, r)
+    add(
+        "w4a8_g128f",
+        [lambda i=i: qk.gemm_w4a8(xq, xs, w4fs[i], ws4f, 128, out_dtype=odt) for i in range(r)],
+        w4f.numel() + ws4f.numel() * 4,
+        xq.numel() + m * 4,
+        out_b,
+        check=lambda: (qk.gemm_w4a8(xq, xs, w4f, ws4f, 128, out_dtype=odt), x_deq @ wd4f.t()),
     )
     if full:
         w4cs = clone(w4c, r)
@@ -273,11 +298,11 @@ def bench_shape(layer, m, k, n, timer, device, copies_bytes, full, tol_fail):
         )
         add(
             "w4a4_g128",
-            [lambda i=i: qk.gemm_w4a4(xq4, xs4, w4gs[i], ws4g, 128, out_dtype=odt) for i in range(r)],
-            w4g.numel() + ws4g.numel() * 4,
+            [lambda i=i: qk.gemm_w4a4(xq4, xs4, w4gs[i], ws4g, 128, out_dtype=odt, group_mult=gm4g) for i in range(r)],
+            w4g.numel() + gm4g.numel() + ws4g.numel() * 4,
             xq4.numel() + m * 4,
             out_b,
-            check=lambda: (qk.gemm_w4a4(xq4, xs4, w4g, ws4g, 128, out_dtype=odt), x4_deq @ wd4g.t()),
+            check=lambda: (qk.gemm_w4a4(xq4, xs4, w4g, ws4g, 128, out_dtype=odt, group_mult=gm4g), x4_deq @ wd4g.t()),
         )
     if layer.startswith("expert") or layer.startswith("tiny"):
         # Float activations in: the activation quantization is counted (fused into the GEMM
@@ -296,11 +321,11 @@ def bench_shape(layer, m, k, n, timer, device, copies_bytes, full, tol_fail):
         w4gs = clone(w4g, r)
         add(
             "lin_w4a8_g128",
-            [lambda i=i: qk.linear_w4a8(x, w4gs[i], ws4g, 128, out_dtype=odt) for i in range(r)],
-            w4g.numel() + ws4g.numel() * 4,
+            [lambda i=i: qk.linear_w4a8(x, w4gs[i], ws4g, 128, out_dtype=odt, group_mult=gm4g) for i in range(r)],
+            w4g.numel() + gm4g.numel() + ws4g.numel() * 4,
             x.numel() * x.element_size(),
             out_b,
-            check=lambda: (qk.linear_w4a8(x, w4g, ws4g, 128, out_dtype=odt), ref4g),
+            check=lambda: (qk.linear_w4a8(x, w4g, ws4g, 128, out_dtype=odt, group_mult=gm4g), ref4g),
         )
     return rows
 
@@ -354,6 +379,10 @@ def check_targets(rows: list[dict]) -> list[dict]:
                     need=1.0,
                 )
             )
+    for layer, m in sorted({(r["layer"], r["M"]) for r in rows}):
+        a, b = idx.get((layer, m, "w8a8")), idx.get((layer, m, "w4a8_g128"))
+        if a is not None and b is not None:  # issue 16 item 3: W4A8 never slower than W8A8
+            out.append(dict(target=f"{layer} M={m} w4a8 not slower than w8a8", value=a["us"] / b["us"], need=1.0))
     for layer in ("expert_up", "expert_down"):
         if 50 in ms:
             out.append(

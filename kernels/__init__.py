@@ -11,6 +11,7 @@ from .norm import adaptive_rmsnorm
 from .quantize import norm_shift_supported, quantize_per_token, rmsnorm_quantize
 from .tiles import gemm_config, load_tuned_configs, m_bucket, set_autotune, tuned_configs
 from .packing import PACK_GROUP, pack_int4, unpack_int4
+from .torch_math import group_multiplied_codes
 
 __all__ = [
     "BACKENDS",
@@ -21,6 +22,7 @@ __all__ = [
     "gemm_w4a4",
     "gemm_w4a8",
     "gemm_w8a8",
+    "group_multiplied_codes",
     "linear_w4a8",
     "linear_w8a8",
     "load_tuned_configs",

@@ -18,11 +18,12 @@ from .dispatch import (
 from .packing import PACK_GROUP, unpack_int4
 from .quantize import quantize_per_token
 from .tiles import _pick_config, m_bucket
-from .torch_math import _gemm_torch
+from .torch_math import _gemm_torch, group_multiplied_codes
 from .validation import (
     OUT_DTYPES,
     _check_bias,
     _check_epilogue,
+    _check_group_mult,
     _check_out,
     _check_out_dtype,
     _check_same_device,
@@ -137,11 +138,14 @@ def _launch_reduce(tg, part, xs, ws, bias, out, apply_ws, epi=None):
     )
 
 
-def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smooth=None, xs_out=None, epi=None):
+def _launch_w4(
+    tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smooth=None, xs_out=None, epi=None, group_mult=None
+):
     m = x.shape[0]
     n = wp.shape[0]
     split = cfg["SPLIT_K"]
-    grouped = group_size is not None
+    int_groups = group_mult is not None  # integer group scales: one int32 accumulator, ws per channel
+    grouped = group_size is not None and not int_groups
     a_float = xs is None
     scales = xs_out if a_float else xs
     pdtype = torch.float32 if grouped else torch.int32
@@ -167,11 +171,14 @@ def _launch_w4(tg, x, xs, wp, ws, group_size, bias, out, k, a_packed, cfg, smoot
             x.stride(0),
             wp.stride(0),
             ws.stride(0) if grouped else 1,
+            group_mult if int_groups else wp,
+            group_mult.stride(0) if int_groups else 1,
             out.stride(0),
             stride_r,
-            group_size if grouped else PACK_GROUP,
+            group_size if group_size is not None else PACK_GROUP,
             A_PACKED=a_packed,
             GROUPED=grouped,
+            INT_GROUPS=int_groups,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
             SPLIT_K=split,
@@ -283,6 +290,7 @@ def _gemm_w4(
     act=None,
     gated=False,
     residual=None,
+    group_mult=None,
 ):
     aname = "xq_packed" if a_packed else "xq"
     _check_tensor(
@@ -304,8 +312,11 @@ def _gemm_w4(
     lead, x2, xs2 = _flatten_act(xq, xs, aname)
     n = wq_packed.shape[0]
     device = xq.device
-    _check_same_device(device, xs=xs, wq_packed=wq_packed, ws=ws)
-    ws = _check_weight_scales(ws, n, k, group_size)
+    _check_same_device(device, xs=xs, wq_packed=wq_packed, ws=ws, group_mult=group_mult)
+    if group_mult is None:
+        ws = _check_weight_scales(ws, n, k, group_size)
+    else:
+        group_mult, ws = _check_group_mult(group_mult, ws, n, k, group_size)
     bias = _check_bias(bias, n, device)
     n_out = _check_epilogue(act, gated, residual, lead, n, device)
     out = _check_out(out, (*lead, n_out), out_dtype, device)
@@ -319,7 +330,10 @@ def _gemm_w4(
         )
     if name != "triton" or m == 0 or n == 0 or k == 0:
         x8 = unpack_int4(x2) if a_packed else x2
-        y = _gemm_torch(x8, xs2, unpack_int4(wq_packed), ws, group_size, bias, out_dtype, name, act, gated, res2)
+        w8 = unpack_int4(wq_packed)
+        if group_mult is not None:  # the 8-bit per-channel weight it equals
+            w8, group_size = group_multiplied_codes(w8, group_mult, group_size), None
+        y = _gemm_torch(x8, xs2, w8, ws, group_size, bias, out_dtype, name, act, gated, res2)
         return y.reshape(*lead, n_out) if out is None else out.copy_(y.reshape(*lead, n_out))
     tg, _ = _triton_modules(device)
     wq_packed = wq_packed.contiguous()
@@ -328,7 +342,9 @@ def _gemm_w4(
     epi = _epilogue_spec(act, gated, res2)
 
     def run(cfg):
-        return _launch_w4(tg, x2, xs2, wq_packed, ws, group_size, bias, out2, k, a_packed, cfg, epi=epi)
+        return _launch_w4(
+            tg, x2, xs2, wq_packed, ws, group_size, bias, out2, k, a_packed, cfg, epi=epi, group_mult=group_mult
+        )
 
     run(config or _pick_config(kind, m, n, k, device, run))
     return out2.reshape(*lead, n_out) if out is None else out
@@ -349,11 +365,29 @@ def gemm_w4a8(
     act: str | None = None,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    group_mult: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int8 activations (..., K) x int4 weights packed (N, K/2); ws (N,) per channel or
-    (N, ceil(K / group_size)) per group -> (..., N); epilogue options as :func:`gemm_w8a8`."""
+    (N, ceil(K / group_size)) per group -> (..., N); epilogue options as :func:`gemm_w8a8`.
+    ``group_mult`` (uint8 (N, K / group_size), values 1..18) with ws (N,): integer group scales,
+    group g of channel n scaled by ``group_mult[n, g] * ws[n]``; the codes are multiplied in
+    registers and every group sums into one int32 accumulator (the W8A8 main loop)."""
     return _gemm_w4(
-        xq, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, False, out, act, gated, residual
+        xq,
+        xs,
+        wq_packed,
+        ws,
+        group_size,
+        bias,
+        out_dtype,
+        backend,
+        config,
+        False,
+        out,
+        act,
+        gated,
+        residual,
+        group_mult=group_mult,
     )
 
 
@@ -372,12 +406,27 @@ def gemm_w4a4(
     act: str | None = None,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    group_mult: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int4 activations packed (..., K/2) (from quantize_per_token(bits=4)) x int4 weights
     packed (N, K/2) -> (..., N).  Both are unpacked to int8 for the int8 tensor-core dot.
-    Epilogue options as :func:`gemm_w8a8`."""
+    Epilogue options as :func:`gemm_w8a8`; ``group_mult`` as :func:`gemm_w4a8`."""
     return _gemm_w4(
-        xq_packed, xs, wq_packed, ws, group_size, bias, out_dtype, backend, config, True, out, act, gated, residual
+        xq_packed,
+        xs,
+        wq_packed,
+        ws,
+        group_size,
+        bias,
+        out_dtype,
+        backend,
+        config,
+        True,
+        out,
+        act,
+        gated,
+        residual,
+        group_mult=group_mult,
     )
 
 
@@ -403,6 +452,7 @@ def _linear(
     act=None,
     gated=False,
     residual=None,
+    group_mult=None,
 ):
     _check_tensor(x, "x", OUT_DTYPES, "float activations (..., K)")
     k = x.shape[-1]
@@ -419,7 +469,20 @@ def _linear(
         epi = dict(act=act, gated=gated, residual=residual)
         if w_bits == 8:
             return gemm_w8a8(xq, xs, wq, ws, bias, out_dtype, backend=name, config=config, out=out, **epi)
-        return gemm_w4a8(xq, xs, wq, ws, group_size, bias, out_dtype, backend=name, config=config, out=out, **epi)
+        return gemm_w4a8(
+            xq,
+            xs,
+            wq,
+            ws,
+            group_size,
+            bias,
+            out_dtype,
+            backend=name,
+            config=config,
+            out=out,
+            group_mult=group_mult,
+            **epi,
+        )
     # Validate through the int8 entry points' rules, on a zero-size stand-in for the codes.
     if inv_smooth is not None:
         _check_tensor(inv_smooth, "inv_smooth", OUT_DTYPES, "inverse smoothing factors (K,)")
@@ -440,8 +503,11 @@ def _linear(
             )
     n = wq.shape[0]
     device = x.device
-    _check_same_device(device, wq=wq, ws=ws, inv_smooth=inv_smooth)
-    ws = _check_weight_scales(ws, n, k, group_size if w_bits == 4 else None)
+    _check_same_device(device, wq=wq, ws=ws, inv_smooth=inv_smooth, group_mult=group_mult)
+    if group_mult is None:
+        ws = _check_weight_scales(ws, n, k, group_size if w_bits == 4 else None)
+    else:
+        group_mult, ws = _check_group_mult(group_mult, ws, n, k, group_size)
     bias = _check_bias(bias, n, device)
     out_dtype = _check_out_dtype(out_dtype if out is None else out.dtype)
     n_out = _check_epilogue(act, gated, residual, lead, n, device)
@@ -464,7 +530,23 @@ def _linear(
     else:
 
         def run(cfg):
-            return _launch_w4(tg, x2, None, wq, ws, group_size, bias, out2, k, False, cfg, smooth, xs_out, epi=epi)
+            return _launch_w4(
+                tg,
+                x2,
+                None,
+                wq,
+                ws,
+                group_size,
+                bias,
+                out2,
+                k,
+                False,
+                cfg,
+                smooth,
+                xs_out,
+                epi=epi,
+                group_mult=group_mult,
+            )
 
         kind = "w4a8f"
     run(config or _pick_config(kind, m, n, k, device, run, x_bytes=x2.element_size()))
@@ -510,8 +592,25 @@ def linear_w4a8(
     act: str | None = None,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    group_mult: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float x -> dynamic per-token int8 -> W4A8 GEMM; see :func:`linear_w8a8`."""
+    """Float x -> dynamic per-token int8 -> W4A8 GEMM; see :func:`linear_w8a8` (and
+    :func:`gemm_w4a8` for ``group_mult``)."""
     return _linear(
-        x, wq_packed, ws, group_size, bias, out_dtype, inv_smooth, backend, config, out, fuse, 4, act, gated, residual
+        x,
+        wq_packed,
+        ws,
+        group_size,
+        bias,
+        out_dtype,
+        inv_smooth,
+        backend,
+        config,
+        out,
+        fuse,
+        4,
+        act,
+        gated,
+        residual,
+        group_mult=group_mult,
     )

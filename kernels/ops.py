@@ -9,7 +9,10 @@ Backends (``backend=`` keyword, or :func:`set_default_backend` / :func:`backend_
 * ``"reference"`` - deliberately plain: unpack everything, float64 matmul, loop over groups.
 
 All backends share one epilogue: ``y = acc.float() * xs[m] * ws[n] (+ bias[n])`` cast to
-``out_dtype``; with group-wise weight scales ``y = (sum_g acc_g.float() * ws[n, g]) * xs[m]``.
+``out_dtype``; with group-wise weight scales ``y = (sum_g acc_g.float() * ws[n, g]) * xs[m]``;
+with integer group scales (``group_mult`` uint8 (N, K / group_size), values 1..18, and ws (N,))
+the codes are ``w[n, k] * group_mult[n, k // group_size]`` (still int8: codes in [-7, 7]) and
+the per-channel form applies: one int32 accumulator over all of K.
 Optionally (``act=``, ``gated=``, ``residual=`` of the GEMMs) the epilogue goes on in fp32:
 ``y = act(y)`` (GELU-tanh or SiLU), or with ``gated`` ``y = act(y[:, 0::2]) * y[:, 1::2]`` on
 interleaved (gate, up) column pairs (N/2 outputs: a fused gate/up MLP projection), then

@@ -81,6 +81,14 @@ def _grouped_acc_torch(x8, w8, ws, group_size, dot):
     return y
 
 
+def group_multiplied_codes(w8: torch.Tensor, group_mult: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int8 (N, K) ``w8 * group_mult`` per group (|values| <= 7 x 18 = 126): a 4-bit weight with
+    integer group scales as the 8-bit per-channel weight it equals."""
+    n, k = w8.shape
+    codes = w8.to(torch.int16).reshape(n, k // group_size, group_size) * group_mult.to(torch.int16)[..., None]
+    return codes.reshape(n, k).to(torch.int8)
+
+
 def _reference_dot(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
     return x8.to(torch.float64) @ w8.to(torch.float64).t()
 

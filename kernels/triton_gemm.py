@@ -14,7 +14,9 @@ add, so the float output is written once.
   shifts into the low half (columns k0..k0+63) and high half (k0+64..k0+127), each a contiguous
   activation slice, so a tile is two int8 ``tl.dot`` calls and no shuffles.  Group-wise scales
   (group_size a multiple of 128) are applied per tile into a float accumulator; per-channel
-  scales keep the int32 accumulator to the end.  ``SWAP`` computes acc^T = W x^T so the
+  scales keep the int32 accumulator to the end, and so do integer group scales (``INT_GROUPS``:
+  each group's uint8 multiplier times the unpacked codes, still int8, in registers; one float
+  scale per channel in the epilogue - the W8A8 main loop on half the weight bytes).  ``SWAP`` computes acc^T = W x^T so the
   unpacked (register-resident) weights are the LEFT operand - on Hopper wgmma takes A from
   registers but B only from shared memory - and the weight rows fill the 64-row MMA
   dimension when there are few tokens.
@@ -310,11 +312,14 @@ def w4_kernel(
     stride_xm,
     stride_wn,
     stride_wsn,
+    gm_ptr,
+    stride_gmn,
     stride_om,
     stride_rm,
     group_size,
     A_PACKED: tl.constexpr,
     GROUPED: tl.constexpr,
+    INT_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -389,6 +394,10 @@ def w4_kernel(
             x_lo = _quant_tile(x_lo, inv, smooth_ptr, k0 + j, jm, HAS_SMOOTH)
             x_hi = _quant_tile(x_hi, inv, smooth_ptr, k0 + half + j, jm, HAS_SMOOTH)
         w_lo, w_hi = _unpack_lo_hi(wb)
+        if INT_GROUPS:  # integer group scales: into the codes (|code x mult| <= 126), int32 stays
+            gm = tl.load(gm_ptr + rn_l * stride_gmn + k0 // group_size).to(tl.int8)
+            w_lo = w_lo * gm[:, None]
+            w_hi = w_hi * gm[:, None]
         if GROUPED:
             wsg = tl.load(ws_ptr + rn_l * stride_wsn + k0 // group_size)
             if SWAP:

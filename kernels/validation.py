@@ -67,6 +67,25 @@ def _check_weight_scales(ws: torch.Tensor, n: int, k: int, group_size: int | Non
     return ws.to(torch.float32).contiguous()
 
 
+GROUP_MULT_MAX = 18
+"""Largest integer group multiplier (7 x 18 = 126: a 4-bit code times it is still an int8)."""
+
+
+def _check_group_mult(group_mult, ws: torch.Tensor, n: int, k: int, group_size):
+    """Integer group scales: ``group_mult`` uint8 (N, K / group_size), values 1..GROUP_MULT_MAX
+    (not checked here: that would read the tensor on every call; QuantLinear checks them when
+    they are set), with per-channel ``ws`` (N,). Returns them contiguous."""
+    _check_tensor(group_mult, "group_mult", (torch.uint8,), "integer group scales (N, K / group_size)")
+    if not isinstance(group_size, int) or group_size <= 0 or k % group_size:
+        raise ValueError(f"group_mult needs a group_size that divides K={k}, got {group_size!r}")
+    if tuple(group_mult.shape) != (n, k // group_size):
+        raise ValueError(
+            f"group_mult must have shape (N, K / group_size) = ({n}, {k // group_size}), got {tuple(group_mult.shape)}"
+        )
+    ws = _check_weight_scales(ws, n, k, None)
+    return group_mult.contiguous(), ws
+
+
 def _check_bias(bias, n: int, device: torch.device):
     if bias is None:
         return None

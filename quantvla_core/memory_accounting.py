@@ -89,8 +89,9 @@ def meta_model(cfg: ModelConfig, scheme: str, layout: str = "quantvla") -> nn.Mo
 def memory_estimate(model: nn.Module, entries, scheme: str, group_size: int | None = 128) -> dict[str, dict[str, int]]:
     """FP16 vs quantized bytes per component for the layout plan ``entries`` (quant.layout
     LayoutEntry list) at ``scheme``: each integer linear as a QuantLinear on the meta device
-    (codes + fp32 scales + bias; int4 groups of ``group_size`` where K allows, else per
-    channel; no smoothing or rotation stored), everything else at FP16. ``model`` is not
+    (codes + fp32 scales + bias; int4 groups of ``group_size`` where K allows, with integer
+    group scales (one byte per group, fp32 per channel), else per channel; no smoothing or
+    rotation stored), everything else at FP16. ``model`` is not
     changed; it may be on the meta device."""
     from .quant.config import SCHEMES
 
@@ -109,6 +110,7 @@ def memory_estimate(model: nn.Module, entries, scheme: str, group_size: int | No
                 a_bits=a_bits,
                 group_size=gs,
                 bias=getattr(linear, "bias", None) is not None,
+                int_group_scales=gs is not None,
             )
         replace_module(deployed, e.name, ql)
     comps = account(deployed)["components"]
@@ -121,7 +123,7 @@ def format_estimate(est: dict[str, dict[str, int]], scheme: str) -> str:
 
     total = {"fp16": sum(v["fp16"] for v in est.values()), "quantized": sum(v["quantized"] for v in est.values())}
     lines = [
-        f"memory estimate ({scheme}, floats at FP16, int4 groups of 128, fp32 scales):",
+        f"memory estimate ({scheme}, floats at FP16, int4 groups of 128 with uint8 group scales, fp32 channel scales):",
         f"{'component':<12}{'FP16':>12}{scheme:>12}{'ratio':>8}",
     ]
     for comp, r in list(est.items()) + [("total", total)]:

@@ -170,6 +170,68 @@ def test_w4a8_group128_epilogue(backend, k):
         np.testing.assert_allclose(out.cpu().double().numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def _np_int_groups(w8: np.ndarray, mult: np.ndarray, gs: int) -> np.ndarray:
+    """Codes times their group's integer multiplier, in int64 (independent of the kernels)."""
+    out = w8.astype(np.int64).copy()
+    for g, k0 in enumerate(range(0, w8.shape[1], gs)):
+        out[:, k0 : k0 + gs] *= mult[:, g : g + 1].astype(np.int64)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,n,k,gs", [(1, 40, 256, 128), (19, 24, 512, 256), (70, 33, 384, 128)])
+def test_w4a8_integer_group_scales_exact(backend, m, n, k, gs):
+    """Integer group scales: one int32 accumulator of x * (code * mult) over all of K (checked
+    bit-exactly with unit scales, extremes included: 127 x 7 x 18 per element), then the
+    per-channel epilogue; W4A4 and the float-input linear take the same multipliers."""
+    g = _gen(m + n + k + gs)
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    w4 = torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g)
+    mult = torch.randint(1, 19, (n, k // gs), dtype=torch.uint8, generator=g)
+    xq[0, :], w4[0, :], mult[0, :] = -127, 7, 18
+    wp = qk.pack_int4(w4)
+    w_eff = _np_int_groups(_np_unpack(wp.numpy()), mult.numpy(), gs)
+    want = _np_acc(xq.numpy(), w_eff)
+    assert want[0, 0] == -127 * 7 * 18 * k
+    xs = torch.rand(m, generator=g) + 0.5
+    ws = torch.rand(n, generator=g) + 0.5
+    bias = torch.randn(n, generator=g)
+    want_epi = _np_epilogue(want, xs.numpy(), ws.numpy(), bias.numpy())
+    for cfg in _cfgs(backend, W4_CFGS):
+        out = _poisoned((m, n), torch.float32)
+        x_, w_, m_, o_ = _to(xq, wp, mult, out)
+        ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
+        qk.gemm_w4a8(x_, ones_m, w_, ones_n, gs, backend=backend, config=cfg, out=o_, group_mult=m_)
+        assert np.array_equal(o_.cpu().double().numpy(), want), f"accumulator mismatch with config {cfg}"
+        y = qk.gemm_w4a8(*_to(xq, xs, wp, ws), gs, bias.to(DEV), backend=backend, config=cfg, group_mult=m_)
+        np.testing.assert_allclose(y.cpu().double().numpy(), want_epi, rtol=1e-5, atol=1e-5 * np.abs(want_epi).max())
+    # W4A4: packed int4 activations, same multipliers
+    x4 = torch.randint(-7, 8, (m, k), dtype=torch.int8, generator=g)
+    y4 = qk.gemm_w4a4(*_to(qk.pack_int4(x4), xs, wp, ws), gs, backend=backend, group_mult=mult.to(DEV))
+    want4 = _np_epilogue(_np_acc(x4.numpy(), w_eff), xs.numpy(), ws.numpy(), None)
+    np.testing.assert_allclose(y4.cpu().double().numpy(), want4, rtol=1e-5, atol=1e-5 * np.abs(want4).max())
+    # float input: quantize_per_token then the GEMM, fused or not, same numbers
+    xf = torch.randn(m, k, generator=g)
+    lin = qk.linear_w4a8(*_to(xf, wp, ws), gs, bias.to(DEV), backend=backend, group_mult=mult.to(DEV))
+    q8, s8 = qk.quantize_per_token(xf.to(DEV), 8, backend=backend)
+    two = qk.gemm_w4a8(q8, s8, *_to(wp, ws), gs, bias.to(DEV), backend=backend, group_mult=mult.to(DEV))
+    assert torch.equal(lin, two)
+
+
+def test_integer_group_scales_clear_errors():
+    xq = torch.zeros(2, 256, dtype=torch.int8)
+    wp = torch.zeros(4, 128, dtype=torch.uint8)
+    ws, mult = torch.ones(4), torch.ones(4, 2, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="group_mult must have dtype"):
+        qk.gemm_w4a8(xq, torch.ones(2), wp, ws, 128, group_mult=mult.to(torch.int32), backend="cpu")
+    with pytest.raises(ValueError, match=r"group_mult must have shape \(N, K / group_size\) = \(4, 2\)"):
+        qk.gemm_w4a8(xq, torch.ones(2), wp, ws, 128, group_mult=mult[:, :1], backend="cpu")
+    with pytest.raises(ValueError, match="group_mult needs a group_size that divides K"):
+        qk.gemm_w4a8(xq, torch.ones(2), wp, ws, None, group_mult=mult, backend="cpu")
+    with pytest.raises(ValueError, match=r"per-channel ws must have shape \(4,\)"):
+        qk.gemm_w4a8(xq, torch.ones(2), wp, torch.ones(4, 2), 128, group_mult=mult, backend="cpu")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grouped", [False, True])
 def test_w4a4_exact_and_grouped(backend, grouped):

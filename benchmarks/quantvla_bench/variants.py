@@ -85,6 +85,7 @@ def quick_quantize(
                 group_size=p.spec["group_size"],
                 transform=t,
                 clip_grid=(1.0,),
+                int_group_scales=p.spec["int_group_scales"],
             )
         replace_module(model, p.name, ql)
         del lin

@@ -222,6 +222,7 @@ def group_error(linears: list[nn.Linear], x: torch.Tensor, t: InputTransform, qc
             transform=t,
             clip_grid=qc.clip_grid,
             act_scale=act,
+            int_group_scales=bool(gs and qc.int_group_scales),
         )
         y = xd @ lin.weight.detach().double().cpu().T
         if lin.bias is not None:
@@ -459,7 +460,14 @@ def quantize_core(
                 xs = xs * input_fold[n].double()
             act_scale = static_act_scale(t.apply(xs) if t is not None else xs, qc.percentile, a_bits)
         ql = QuantLinear.from_linear(
-            lin, w_bits=w_bits, a_bits=a_bits, group_size=gs, transform=t, clip_grid=qc.clip_grid, act_scale=act_scale
+            lin,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            group_size=gs,
+            transform=t,
+            clip_grid=qc.clip_grid,
+            act_scale=act_scale,
+            int_group_scales=bool(gs and qc.int_group_scales),
         )
         parent, _, child = n.rpartition(".")
         setattr(mods_s[parent] if parent else student, child, ql)

@@ -51,7 +51,11 @@ _SPEC_KEYS = {
     "rotation_kind",
     "rotation_block",
     "static_act",
+    "int_group_scales",
 }
+# Added later with a default: specs written before it (integer group scales did not exist)
+# still load, as float group scales.
+_SPEC_DEFAULTS = {"int_group_scales": False}
 
 
 def save_quantized(directory: str | Path, result) -> Path:
@@ -83,6 +87,8 @@ def read_quant_meta(directory: Path) -> dict[str, Any]:
     if not isinstance(meta.get("modules"), dict):
         raise CheckpointError(f"{where}: 'modules' must map module names to QuantLinear specs")
     for name, spec in meta["modules"].items():
+        if isinstance(spec, dict):
+            spec.update({k: v for k, v in _SPEC_DEFAULTS.items() if k not in spec})
         if not isinstance(spec, dict) or set(spec) != _SPEC_KEYS:
             raise CheckpointError(f"{where}: module {name!r} has a bad spec; expected keys {sorted(_SPEC_KEYS)}")
     return meta

@@ -43,6 +43,7 @@ def _config_from_args(args, **over):
         scheme=getattr(args, "scheme", "w4a8"),
         layout=getattr(args, "layout", "quantvla"),
         group_size=None if args.group_size == 0 else args.group_size,
+        int_group_scales=not getattr(args, "float_group_scales", False),
         activation=args.activation,
         transforms=transforms,
         smooth_strength=0.5 if args.smooth_strength == "auto" else float(args.smooth_strength),
@@ -98,6 +99,12 @@ def _add_quant_options(p: argparse.ArgumentParser, with_scheme: bool = True) -> 
     )
     p.add_argument("--samples", type=int, default=32, help="calibration observations (a further 1/3 is held out)")
     p.add_argument("--group-size", type=int, default=128, help="int4 weight group along K (0 = per channel)")
+    p.add_argument(
+        "--float-group-scales",
+        action="store_true",
+        help="one float scale per int4 group instead of integer multiples of a per-channel scale "
+        "(the integer form lets the GEMM sum all groups in int32; docs/quantization.md)",
+    )
     p.add_argument("--activation", default="dynamic", choices=["dynamic", "static"])
     p.add_argument("--transforms", default="smooth,rotate", help="comma list of smooth,permute,rotate or 'none'")
     p.add_argument(

@@ -31,6 +31,9 @@ class QuantConfig:
     scheme: str = "w4a8"
     layout: str = "quantvla"
     group_size: int | None = 128  # int4 weights only; int8 weights are per output channel
+    # int4 group scales as integer multiples (1..18) of one float scale per channel: the GEMM
+    # then sums all groups in one int32 accumulator (W8A8's main loop); False: a float per group
+    int_group_scales: bool = True
     clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
     activation: str = "dynamic"  # per-token dynamic, or "static" per-tensor from a percentile
     percentile: float = 99.9

@@ -124,7 +124,8 @@ def plan_layers(
     rotate: bool = True,
 ) -> list[LayerPlan]:
     """The integer layers of ``model`` under ``layout`` at ``scheme``, as the PTQ defaults
-    (smooth + Hadamard rotation, int4 groups of 128 where K allows) would deploy them."""
+    (smooth + Hadamard rotation, int4 groups of 128 with integer group scales where K allows)
+    would deploy them."""
     if scheme not in QUANT_BITS:
         raise ValueError(f"plan_layers needs an integer scheme, got {scheme!r}; accepted: {', '.join(QUANT_BITS)}")
     w_bits, a_bits = QUANT_BITS[scheme]
@@ -149,6 +150,7 @@ def plan_layers(
             "rotation_kind": "hadamard" if b > 1 else None,
             "rotation_block": b if b > 1 else 0,
             "static_act": False,
+            "int_group_scales": gs is not None,
         }
         plans.append(LayerPlan(n, spec, b, n in in_kernel))
     return plans

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizers import dequantize_weight, qmax, quantize_per_token, quantize_static, quantize_weight
+from .quantizers import GROUP_MULT_MAX, dequantize_weight, qmax, quantize_per_token, quantize_static, quantize_weight
 from .transforms import InputTransform, hadamard
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
@@ -127,6 +127,7 @@ class QuantLinear(nn.Module):
         rotation_kind: str | None = None,
         rotation_block: int = 0,
         static_act: bool = False,
+        int_group_scales: bool = False,
         dtype: torch.dtype = torch.float32,
         backend: str | None = None,
     ):
@@ -140,6 +141,11 @@ class QuantLinear(nn.Module):
             raise ValueError(f"group_size {group_size} must divide in_features {in_features}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown QuantLinear backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+        if int_group_scales and (w_bits != 4 or group_size is None):
+            raise ValueError(
+                f"int_group_scales needs 4-bit group-wise weights, got w_bits={w_bits}, group_size={group_size}"
+            )
+        self.int_group_scales = bool(int_group_scales)
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.a_bits, self.group_size = w_bits, a_bits, group_size
         self.rotation_kind, self.rotation_block = rotation_kind, rotation_block
@@ -148,8 +154,14 @@ class QuantLinear(nn.Module):
         self.register_buffer(
             "qweight", torch.zeros(out_features, cols, dtype=torch.uint8 if w_bits == 4 else torch.int8)
         )
-        nscale = (out_features, in_features // group_size) if group_size else (out_features,)
+        nscale = (out_features, in_features // group_size) if group_size and not int_group_scales else (out_features,)
         self.register_buffer("wscale", torch.ones(nscale, dtype=torch.float32))
+        # Integer group scales: group g of channel n is scaled by wgroup[n, g] * wscale[n]
+        # (quantizers.integer_group_scales), so the GEMM keeps one int32 accumulator.
+        self.register_buffer(
+            "wgroup",
+            torch.ones((out_features, in_features // group_size), dtype=torch.uint8) if int_group_scales else None,
+        )
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
         self.register_buffer("inv_smooth", torch.ones(in_features, dtype=torch.float32) if smooth else None)
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32) if permute else None)
@@ -195,8 +207,10 @@ class QuantLinear(nn.Module):
         act_scale: float | None = None,
         backend: str | None = None,
         fold_smooth_in_weight_only: bool = False,
+        int_group_scales: bool = False,
     ) -> "QuantLinear":
-        """Quantize a float linear (weight side of ``transform`` folded before rounding)."""
+        """Quantize a float linear (weight side of ``transform`` folded before rounding);
+        ``int_group_scales``: 4-bit group scales as integer multiples of a channel scale."""
         from .quantizers import DEFAULT_CLIP_GRID
 
         t = transform or InputTransform()
@@ -215,11 +229,13 @@ class QuantLinear(nn.Module):
             rotation_kind=t.rotation_kind,
             rotation_block=rot_block,
             static_act=act_scale is not None,
+            int_group_scales=int_group_scales,
             dtype=linear.weight.dtype,
             backend=backend,
         )
-        qw = quantize_weight(w, w_bits, group_size, DEFAULT_CLIP_GRID if clip_grid is None else clip_grid)
-        mod.set_codes(qw.q, qw.scale)
+        grid = DEFAULT_CLIP_GRID if clip_grid is None else clip_grid
+        qw = quantize_weight(w, w_bits, group_size, grid, int_group_scales=int_group_scales)
+        mod.set_codes(qw.q, qw.scale, qw.group_mult)
         with torch.no_grad():
             if linear.bias is not None:
                 mod.bias.copy_(linear.bias.detach().float())
@@ -233,13 +249,24 @@ class QuantLinear(nn.Module):
                 mod.act_scale.fill_(float(act_scale))
         return mod.to(linear.weight.device)
 
-    def set_codes(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        """Store int8 codes (N, K) (packed here for 4-bit) and their scales."""
+    def set_codes(self, q: torch.Tensor, scale: torch.Tensor, group_mult: torch.Tensor | None = None) -> None:
+        """Store int8 codes (N, K) (packed here for 4-bit) and their scales; ``group_mult``
+        (N, K / group_size) integers 1..GROUP_MULT_MAX on a layer with integer group scales."""
         m = qmax(self.w_bits)
         if q.shape != (self.out_features, self.in_features):
             raise ValueError(f"codes must be {(self.out_features, self.in_features)}, got {tuple(q.shape)}")
         if int(q.min()) < -m or int(q.max()) > m:
             raise ValueError(f"{self.w_bits}-bit codes must lie in [-{m}, {m}]")
+        if self.int_group_scales:
+            want = tuple(self.wgroup.shape)
+            if group_mult is None or tuple(group_mult.shape) != want:
+                got = None if group_mult is None else tuple(group_mult.shape)
+                raise ValueError(f"this layer has integer group scales: group_mult must be {want}, got {got}")
+            if int(group_mult.min()) < 1 or int(group_mult.max()) > GROUP_MULT_MAX:
+                raise ValueError(f"group_mult values must lie in [1, {GROUP_MULT_MAX}]")
+            self.wgroup = group_mult.to(device=self.qweight.device, dtype=torch.uint8).contiguous()
+        elif group_mult is not None:
+            raise ValueError("group_mult given for a layer without integer group scales (int_group_scales=False)")
         if self.w_bits == 4:
             q = _kernels().pack_int4(q.to(torch.int8).cpu()).to(self.qweight.device)
         self.qweight = q.to(self.qweight.dtype).contiguous()
@@ -253,7 +280,7 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W' (the transformed-input weight) as float; x' W'^T is the layer's output."""
-        return dequantize_weight(self.int_weight(), self.wscale, self.group_size, dtype)
+        return dequantize_weight(self.int_weight(), self.wscale, self.group_size, dtype, self.wgroup)
 
     def input_transform(self) -> InputTransform:
         return InputTransform(self.inv_smooth, self.perm, self.rotation, self.rotation_kind)
@@ -266,7 +293,8 @@ class QuantLinear(nn.Module):
         a = f"a{self.a_bits}" if self.a_bits else "a16"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, w{self.w_bits}{a}, "
-            f"group={self.group_size}, bias={self.bias is not None}, rotation={self.rotation_kind}"
+            f"group={self.group_size}{' (int scales)' if self.int_group_scales else ''}, "
+            f"bias={self.bias is not None}, rotation={self.rotation_kind}"
         )
 
     def spec(self) -> dict:
@@ -283,6 +311,7 @@ class QuantLinear(nn.Module):
             "rotation_kind": self.rotation_kind,
             "rotation_block": self.rotation_block,
             "static_act": self.act_scale is not None,
+            "int_group_scales": self.int_group_scales,
         }
 
     def storage_bytes(self) -> int:
@@ -363,7 +392,16 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(torch.float64)
         return y
 
-    _CPU_SOURCES = ("qweight", "perm", "inv_smooth", "rotation", "wscale", "bias")
+    _CPU_SOURCES = ("qweight", "wgroup", "perm", "inv_smooth", "rotation", "wscale", "bias")
+
+    def _cpu_weight_groups(self, ops, qweight: torch.Tensor) -> tuple:
+        """int8 codes for the CPU integer GEMM: per K-group with float group scales; one
+        (N, K) tensor per channel otherwise, which for integer group scales is the codes times
+        their multipliers (the 8-bit per-channel weight the layer equals)."""
+        if self.int_group_scales:
+            codes = ops.cpu_weight_groups(qweight, 4, self.in_features, None)[0]
+            return (_kernels().group_multiplied_codes(codes, self._buffers["wgroup"], self.group_size),)
+        return ops.cpu_weight_groups(qweight, self.w_bits, self.in_features, self.group_size)
 
     def _cpu_operands(self, ops) -> tuple:
         """Everything the lean CPU forward needs, built on first CPU use and rebuilt when a
@@ -389,7 +427,9 @@ class QuantLinear(nn.Module):
             key = None
         wscale = bufs["wscale"]
         if tuple(wscale.shape) != (
-            (self.out_features, self.in_features // self.group_size) if self.group_size else (self.out_features,)
+            (self.out_features, self.in_features // self.group_size)
+            if self.group_size and not self.int_group_scales
+            else (self.out_features,)
         ):
             raise ValueError(
                 f"wscale has shape {tuple(wscale.shape)}, which does not match "
@@ -398,7 +438,7 @@ class QuantLinear(nn.Module):
         perm = bufs.get("perm")
         fused = _fused_cpu()
         with torch.inference_mode(False):  # normal tensors: usable later outside inference mode
-            groups = ops.cpu_weight_groups(bufs["qweight"], self.w_bits, self.in_features, self.group_size)
+            groups = self._cpu_weight_groups(ops, bufs["qweight"])
             perm64 = None if perm is None else perm.long()
             # the fused extension reads group scales as (G, N) rows
             ws_fused = wscale if wscale.dim() == 1 else wscale.t().contiguous()
@@ -463,7 +503,7 @@ class QuantLinear(nn.Module):
                 *vnni,
             )
         if groups is None:  # only the VNNI layout is cached (rare dtype on a VNNI machine)
-            groups = ops.cpu_weight_groups(self.qweight, self.w_bits, self.in_features, self.group_size)
+            groups = self._cpu_weight_groups(ops, self.qweight)
         xf = x2 if x2.dtype == torch.float32 else x2.float()
         if self._rotate_first:
             q, xs = ops.cpu_quantize_codes(self.input_transform().apply(xf), self.a_bits)
@@ -560,7 +600,7 @@ class QuantLinear(nn.Module):
             return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, **epi)
         if self.w_bits == 4 and self.a_bits in (8, 4):
             gemm = k.gemm_w4a8 if self.a_bits == 8 else k.gemm_w4a4
-            return gemm(xq, xs, self.qweight, self.wscale, group_size=self.group_size, **epi)
+            return gemm(xq, xs, self.qweight, self.wscale, group_size=self.group_size, group_mult=self.wgroup, **epi)
         raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
 
     def _forward_kernels(self, x2: torch.Tensor, backend: str | None, act=None, res2=None) -> torch.Tensor:
@@ -605,7 +645,9 @@ class QuantLinear(nn.Module):
         """Integer GEMM in plain torch (int32 accumulation), fp32 epilogue; same math as the kernels."""
         xq, xs = self.quantize_input(x2, torch.float32)
         w = self.int_weight()
-        if self.group_size is None:
+        if self.int_group_scales:
+            w = _kernels().group_multiplied_codes(w, self.wgroup, self.group_size)
+        if self.group_size is None or self.int_group_scales:
             acc = xq.to(torch.int32) @ w.to(torch.int32).T
             y = acc.to(torch.float32) * xs[:, None] * self.wscale[None, :]
         else:
@@ -659,7 +701,16 @@ def concat_quant_linears(layers: list[QuantLinear], pairs: bool = False) -> Quan
     and run one GEMM instead of three; every output column is the same integer dot and the same
     per-element epilogue, so the result is bit for bit the separate layers' (tested)."""
     first = layers[0]
-    keys = ("in_features", "w_bits", "a_bits", "group_size", "rotation_kind", "rotation_block", "static_act")
+    keys = (
+        "in_features",
+        "w_bits",
+        "a_bits",
+        "group_size",
+        "rotation_kind",
+        "rotation_block",
+        "static_act",
+        "int_group_scales",
+    )
     spec0 = first.spec()
     for layer in layers[1:]:
         spec = layer.spec()
@@ -687,6 +738,8 @@ def concat_quant_linears(layers: list[QuantLinear], pairs: bool = False) -> Quan
     with torch.no_grad():
         fused.qweight = join([layer.qweight for layer in layers])
         fused.wscale = join([layer.wscale for layer in layers])
+        if first.int_group_scales:
+            fused.wgroup = join([layer.wgroup for layer in layers])
         if has_bias:
             fused.bias = join(
                 [
@@ -703,7 +756,7 @@ def concat_quant_linears(layers: list[QuantLinear], pairs: bool = False) -> Quan
     return fused
 
 
-_FUSED_SOURCES = ("qweight", "wscale", "bias", "inv_smooth", "perm", "rotation")
+_FUSED_SOURCES = ("qweight", "wscale", "wgroup", "bias", "inv_smooth", "perm", "rotation")
 
 
 def _sources(layers) -> tuple | None:

@@ -330,10 +330,11 @@ void add_residual_row(float* row, const T* res, int64_t n) {
 // acc (M, N) or (G, M, N) int32 -> y (M, N_out) float32 or bfloat16; ws (N,) (per channel) or
 // ws_t (G, N) (per group, also G = 1: its sum is formed as the torch path forms it); then the
 // optional activation (act 0 none, 1 GELU-tanh, 2 SiLU; gated: on interleaved gate/up pairs,
-// N_out = N / 2) and the optional residual (M, N_out) in y's dtype, summed in fp32.
+// N_out = N / 2), the optional per-column residual gate (N_out,) fp32 and the optional residual
+// (M, N_out) in y's dtype, summed in fp32: y = residual + gate * act(...).
 void epilogue(const int32_t* acc, bool per_channel, int64_t groups, const float* xs, const float* ws,
               const float* bias, int64_t m, int64_t n, int64_t act, bool gated, const at::Tensor& res,
-              at::Tensor& y, const float* presum = nullptr) {
+              at::Tensor& y, const float* presum = nullptr, const float* rgate = nullptr) {
   const bool f32 = y.scalar_type() == at::kFloat;
   const int64_t n_out = gated ? n / 2 : n;
   const bool direct = f32 && !gated;  // the full row can be formed in y itself
@@ -349,6 +350,8 @@ void epilogue(const int32_t* acc, bool per_channel, int64_t groups, const float*
         epilogue_group_row(acc + r * n, groups, m * n, xs[r], ws, bias, n, row);
       float* outr = f32 ? y.data_ptr<float>() + r * n_out : row;
       if (act) activate_row(row, n_out, act, gated, outr);
+      if (rgate)
+        for (int64_t c = 0; c < n_out; ++c) outr[c] = outr[c] * rgate[c];
       if (res.defined()) {
         if (res.scalar_type() == at::kFloat)
           add_residual_row(outr, res.data_ptr<float>() + r * n_out, n_out);
@@ -481,7 +484,8 @@ void vnni_gemm(const int8_t* q_signed, int64_t m, int64_t k, const int8_t* wp, i
 // undefined; norm_weight (K,) or undefined: x is first RMS-normalised with it (x * rstd *
 // (norm_offset + w), eps norm_eps) inside the same row pass; act / gated / residual: the
 // epilogue's activation, gate/up pairs and residual (see epilogue()); norm_shift (K,) or
-// undefined: an adaptive norm, (x * rstd) * (norm_offset + w) + shift (shift_norm_row). Returns
+// undefined: an adaptive norm, (x * rstd) * (norm_offset + w) + shift (shift_norm_row);
+// residual_gate (N_out,) or undefined: residual + gate * y (a gated residual). Returns
 // (M, N_out) in x's dtype.
 torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tensor>& inv_smooth,
                          const c10::optional<torch::Tensor>& perm,
@@ -491,7 +495,8 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
                          double hadamard_scale, const c10::optional<torch::Tensor>& norm_weight, double norm_eps,
                          double norm_offset, int64_t act, bool gated, const c10::optional<torch::Tensor>& residual,
                          const c10::optional<torch::Tensor>& vnni_weight, const c10::optional<torch::Tensor>& w_colsum,
-                         const c10::optional<torch::Tensor>& norm_shift) {
+                         const c10::optional<torch::Tensor>& norm_shift,
+                         const c10::optional<torch::Tensor>& residual_gate) {
   TORCH_CHECK(x.dim() == 2, "int_linear: x must be (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "int_linear: x must be float32 or bfloat16");
@@ -546,6 +551,13 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
     res = residual->scalar_type() == x.scalar_type() ? residual->contiguous() : residual->to(x.scalar_type()).contiguous();
     TORCH_CHECK(res.dim() == 2 && res.size(0) == m && res.size(1) == n_out, "int_linear: residual must be (M, N_out)");
   }
+  at::Tensor rg;
+  if (residual_gate.has_value() && residual_gate->defined()) {
+    TORCH_CHECK(res.defined() && residual_gate->numel() == n_out,
+                "int_linear: residual_gate (N_out,) needs a residual (y = residual + gate * y)");
+    rg = residual_gate->to(at::kFloat).contiguous();
+  }
+  const float* rgp = rg.defined() ? rg.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({m, n_out}, x.options());
   at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
@@ -567,13 +579,13 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
       vnni_gemm(q.data_ptr<int8_t>(), m, k, wp.data_ptr<int8_t>(), np, gsz, 1, w_colsum->data_ptr<int32_t>(), nullptr,
                 acc.data_ptr<int32_t>(), nullptr);
       epilogue(acc.data_ptr<int32_t>(), true, 1, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, np, act, gated,
-               res, y);
+               res, y, nullptr, rgp);
     } else {
       at::Tensor sums = at::empty({m, np}, x.options().dtype(at::kFloat));
       vnni_gemm(q.data_ptr<int8_t>(), m, k, wp.data_ptr<int8_t>(), np, gsz, ng, w_colsum->data_ptr<int32_t>(),
                 ws_c.data_ptr<float>(), nullptr, sums.data_ptr<float>());
       epilogue(nullptr, false, ng, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, np, act, gated, res, y,
-               sums.data_ptr<float>());
+               sums.data_ptr<float>(), rgp);
     }
     return y;
 #else
@@ -594,7 +606,7 @@ torch::Tensor int_linear(const torch::Tensor& x, const c10::optional<torch::Tens
     }
   }
   epilogue(acc.data_ptr<int32_t>(), groups == 1 && ws_c.dim() == 1, groups, xs.data_ptr<float>(), ws_c.data_ptr<float>(), b, m, n,
-           act, gated, res, y);
+           act, gated, res, y, nullptr, rgp);
   return y;
 }
 
@@ -623,7 +635,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("ws"), py::arg("bias"), py::arg("qmax"), py::arg("hadamard_block"), py::arg("hadamard_scale"),
           py::arg("norm_weight"), py::arg("norm_eps"), py::arg("norm_offset"), py::arg("act") = 0,
           py::arg("gated") = false, py::arg("residual") = py::none(), py::arg("vnni_weight") = py::none(),
-          py::arg("w_colsum") = py::none(), py::arg("norm_shift") = py::none());
+          py::arg("w_colsum") = py::none(), py::arg("norm_shift") = py::none(),
+          py::arg("residual_gate") = py::none());
   mod.def("parallel_threads", [](int64_t items) {
     // how many distinct threads at::parallel_for uses here: 1 if this build lacks OpenMP
     std::vector<int> used(static_cast<size_t>(std::max<int64_t>(items, 1)), -1);

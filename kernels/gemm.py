@@ -45,22 +45,26 @@ def _prologue_k(block_m: int, k: int) -> int:
 _ACT_CODES = {None: 0, "gelu_tanh": 1, "silu": 2}
 
 
-def _epilogue_spec(act, gated, residual):
+def _epilogue_spec(act, gated, residual, residual_gate=None):
     """None when the epilogue is the plain scales + bias one (the kernels' default path)."""
     if act is None and residual is None:
         return None
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
-    return act, gated, residual
+    if residual_gate is not None and residual_gate.stride(-1) != 1:
+        residual_gate = residual_gate.contiguous()
+    return act, gated, residual, residual_gate
 
 
 def _epi_args(epi, out):
-    """Kernel arguments of the fused epilogue ``epi`` = (act, gated, residual) or None."""
-    act, gated, res = epi if epi is not None else (None, False, None)
+    """Kernel arguments of the fused epilogue ``epi`` = (act, gated, residual, residual gate)
+    or None: (residual, its row stride, residual gate, constexpr flags)."""
+    act, gated, res, rgate = epi if epi is not None else (None, False, None, None)
     return (
         res if res is not None else out,
         res.stride(0) if res is not None else 0,
-        dict(ACT=_ACT_CODES[act], GATED=bool(gated), HAS_RES=res is not None),
+        rgate if rgate is not None else out,
+        dict(ACT=_ACT_CODES[act], GATED=bool(gated), HAS_RES=res is not None, HAS_RGATE=rgate is not None),
     )
 
 
@@ -74,7 +78,7 @@ def _launch_w8a8(tg, x, xs, w8, ws, bias, out, cfg, smooth=None, xs_out=None, ep
     part = torch.empty((split, m, n), dtype=torch.int32, device=x.device) if split > 1 else out
     grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
     scales = xs_out if a_float else xs
-    res, stride_r, flags = _epi_args(epi, out)
+    res, stride_r, rgate, flags = _epi_args(epi, out)
     tg.w8a8_kernel[grid](
         x,
         w8,
@@ -86,6 +90,7 @@ def _launch_w8a8(tg, x, xs, w8, ws, bias, out, cfg, smooth=None, xs_out=None, ep
         smooth if smooth is not None else ws,
         scales,
         res,
+        rgate,
         m,
         n,
         k,
@@ -116,7 +121,7 @@ def _launch_w8a8(tg, x, xs, w8, ws, bias, out, cfg, smooth=None, xs_out=None, ep
 def _launch_reduce(tg, part, xs, ws, bias, out, apply_ws, epi=None):
     split, m, n = part.shape
     grid = (triton_cdiv(m, 16), triton_cdiv(n, 128))
-    res, stride_r, flags = _epi_args(epi, out)
+    res, stride_r, rgate, flags = _epi_args(epi, out)
     tg.splitk_reduce_kernel[grid](
         part,
         xs,
@@ -124,6 +129,7 @@ def _launch_reduce(tg, part, xs, ws, bias, out, apply_ws, epi=None):
         bias if bias is not None else xs,
         out,
         res,
+        rgate,
         m,
         n,
         out.stride(0),
@@ -151,7 +157,7 @@ def _launch_w4(
     pdtype = torch.float32 if grouped else torch.int32
     part = torch.empty((split, m, n), dtype=pdtype, device=x.device) if split > 1 else out
     grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
-    res, stride_r, flags = _epi_args(epi, out)
+    res, stride_r, rgate, flags = _epi_args(epi, out)
 
     def launch(swap: bool):
         tg.w4_kernel[grid](
@@ -165,6 +171,7 @@ def _launch_w4(
             smooth if smooth is not None else ws,
             scales,
             res,
+            rgate,
             m,
             n,
             k,
@@ -234,13 +241,15 @@ def gemm_w8a8(
     act: str | None = None,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    residual_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int8 activations xq (..., K) with per-token scales xs (...,) times int8 weights wq (N, K)
     with per-channel scales ws (N,) -> (..., N) in out_dtype (default float32, or out's dtype).
     ``config`` overrides the Triton tile choice (tuning and tests); ``out`` is written in place.
     Fused epilogue: ``act`` ('gelu_tanh' | 'silu') on the output, or with ``gated`` on
     interleaved (gate, up) column pairs -> act(gate) * up, (..., N/2); then ``+ residual``
-    (shaped like the output)."""
+    (shaped like the output), with ``residual_gate`` (N_out,) ``residual + residual_gate * y``
+    (a gated residual, pi0.5's adaRMS gate for one sample)."""
     _check_tensor(xq, "xq", (torch.int8,), "int8 activations (..., K)")
     _check_tensor(xs, "xs", (torch.float32, torch.float16, torch.bfloat16), "per-token scales")
     _check_tensor(wq, "wq", (torch.int8,), "int8 weights (N, K)")
@@ -255,18 +264,18 @@ def gemm_w8a8(
     _check_same_device(device, xs=xs, wq=wq, ws=ws)
     ws = _check_weight_scales(ws, n, k, None)
     bias = _check_bias(bias, n, device)
-    n_out = _check_epilogue(act, gated, residual, lead, n, device)
+    n_out = _check_epilogue(act, gated, residual, lead, n, device, residual_gate)
     out = _check_out(out, (*lead, n_out), out_dtype, device)
     name = resolve_backend(backend, device)
     m = x2.shape[0]
     res2 = None if residual is None else residual.reshape(m, n_out)
     if name != "triton" or m == 0 or n == 0 or k == 0:
-        y = _gemm_torch(x2, xs2, wq, ws, None, bias, out_dtype, name, act, gated, res2)
+        y = _gemm_torch(x2, xs2, wq, ws, None, bias, out_dtype, name, act, gated, res2, residual_gate)
         return y.reshape(*lead, n_out) if out is None else out.copy_(y.reshape(*lead, n_out))
     tg, _ = _triton_modules(device)
     wq = wq.contiguous()
     out2 = torch.empty((m, n_out), dtype=out_dtype, device=device) if out is None else out.view(m, n_out)
-    epi = _epilogue_spec(act, gated, res2)
+    epi = _epilogue_spec(act, gated, res2, residual_gate)
 
     def run(cfg):
         return _launch_w8a8(tg, x2, xs2, wq, ws, bias, out2, cfg, epi=epi)
@@ -291,6 +300,7 @@ def _gemm_w4(
     gated=False,
     residual=None,
     group_mult=None,
+    residual_gate=None,
 ):
     aname = "xq_packed" if a_packed else "xq"
     _check_tensor(
@@ -318,7 +328,7 @@ def _gemm_w4(
     else:
         group_mult, ws = _check_group_mult(group_mult, ws, n, k, group_size)
     bias = _check_bias(bias, n, device)
-    n_out = _check_epilogue(act, gated, residual, lead, n, device)
+    n_out = _check_epilogue(act, gated, residual, lead, n, device, residual_gate)
     out = _check_out(out, (*lead, n_out), out_dtype, device)
     name = resolve_backend(backend, device)
     m = x2.shape[0]
@@ -333,13 +343,13 @@ def _gemm_w4(
         w8 = unpack_int4(wq_packed)
         if group_mult is not None:  # the 8-bit per-channel weight it equals
             w8, group_size = group_multiplied_codes(w8, group_mult, group_size), None
-        y = _gemm_torch(x8, xs2, w8, ws, group_size, bias, out_dtype, name, act, gated, res2)
+        y = _gemm_torch(x8, xs2, w8, ws, group_size, bias, out_dtype, name, act, gated, res2, residual_gate)
         return y.reshape(*lead, n_out) if out is None else out.copy_(y.reshape(*lead, n_out))
     tg, _ = _triton_modules(device)
     wq_packed = wq_packed.contiguous()
     out2 = torch.empty((m, n_out), dtype=out_dtype, device=device) if out is None else out.view(m, n_out)
     kind = "w4a4" if a_packed else "w4a8"
-    epi = _epilogue_spec(act, gated, res2)
+    epi = _epilogue_spec(act, gated, res2, residual_gate)
 
     def run(cfg):
         return _launch_w4(
@@ -366,6 +376,7 @@ def gemm_w4a8(
     gated: bool = False,
     residual: torch.Tensor | None = None,
     group_mult: torch.Tensor | None = None,
+    residual_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int8 activations (..., K) x int4 weights packed (N, K/2); ws (N,) per channel or
     (N, ceil(K / group_size)) per group -> (..., N); epilogue options as :func:`gemm_w8a8`.
@@ -388,6 +399,7 @@ def gemm_w4a8(
         gated,
         residual,
         group_mult=group_mult,
+        residual_gate=residual_gate,
     )
 
 
@@ -407,6 +419,7 @@ def gemm_w4a4(
     gated: bool = False,
     residual: torch.Tensor | None = None,
     group_mult: torch.Tensor | None = None,
+    residual_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int4 activations packed (..., K/2) (from quantize_per_token(bits=4)) x int4 weights
     packed (N, K/2) -> (..., N).  Both are unpacked to int8 for the int8 tensor-core dot.
@@ -427,6 +440,7 @@ def gemm_w4a4(
         gated,
         residual,
         group_mult=group_mult,
+        residual_gate=residual_gate,
     )
 
 
@@ -453,6 +467,7 @@ def _linear(
     gated=False,
     residual=None,
     group_mult=None,
+    residual_gate=None,
 ):
     _check_tensor(x, "x", OUT_DTYPES, "float activations (..., K)")
     k = x.shape[-1]
@@ -466,7 +481,7 @@ def _linear(
     use_fused = name == "triton" and m > 0 and (auto if fuse is None else bool(fuse))
     if not use_fused:
         xq, xs = quantize_per_token(x, 8, inv_smooth, backend=name)
-        epi = dict(act=act, gated=gated, residual=residual)
+        epi = dict(act=act, gated=gated, residual=residual, residual_gate=residual_gate)
         if w_bits == 8:
             return gemm_w8a8(xq, xs, wq, ws, bias, out_dtype, backend=name, config=config, out=out, **epi)
         return gemm_w4a8(
@@ -510,9 +525,9 @@ def _linear(
         group_mult, ws = _check_group_mult(group_mult, ws, n, k, group_size)
     bias = _check_bias(bias, n, device)
     out_dtype = _check_out_dtype(out_dtype if out is None else out.dtype)
-    n_out = _check_epilogue(act, gated, residual, lead, n, device)
+    n_out = _check_epilogue(act, gated, residual, lead, n, device, residual_gate)
     out = _check_out(out, (*lead, n_out), out_dtype, device)
-    epi = _epilogue_spec(act, gated, None if residual is None else residual.reshape(m, n_out))
+    epi = _epilogue_spec(act, gated, None if residual is None else residual.reshape(m, n_out), residual_gate)
     tg, _ = _triton_modules(device)
     x2 = x.reshape(m, k)
     if x2.stride(-1) != 1:
@@ -568,12 +583,30 @@ def linear_w8a8(
     act: str | None = None,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    residual_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float x (..., K) -> dynamic per-token int8 -> W8A8 GEMM -> (..., N) in out_dtype (default
     x.dtype).  Exactly quantize_per_token(x, 8, inv_smooth) then gemm_w8a8 (epilogue options
     as there); on Triton with few tokens and short rows (``fuse``: None = automatic) both happen
     in one kernel."""
-    return _linear(x, wq, ws, None, bias, out_dtype, inv_smooth, backend, config, out, fuse, 8, act, gated, residual)
+    return _linear(
+        x,
+        wq,
+        ws,
+        None,
+        bias,
+        out_dtype,
+        inv_smooth,
+        backend,
+        config,
+        out,
+        fuse,
+        8,
+        act,
+        gated,
+        residual,
+        residual_gate=residual_gate,
+    )
 
 
 def linear_w4a8(
@@ -593,6 +626,7 @@ def linear_w4a8(
     gated: bool = False,
     residual: torch.Tensor | None = None,
     group_mult: torch.Tensor | None = None,
+    residual_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float x -> dynamic per-token int8 -> W4A8 GEMM; see :func:`linear_w8a8` (and
     :func:`gemm_w4a8` for ``group_mult``)."""
@@ -613,4 +647,5 @@ def linear_w4a8(
         gated,
         residual,
         group_mult=group_mult,
+        residual_gate=residual_gate,
     )

@@ -26,13 +26,22 @@ def activation(name: str, y: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
 
 
-def finish_output(y: torch.Tensor, act: str | None, gated: bool, residual: torch.Tensor | None) -> torch.Tensor:
+def finish_output(
+    y: torch.Tensor,
+    act: str | None,
+    gated: bool,
+    residual: torch.Tensor | None,
+    residual_gate: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The float part of the epilogue after scales and bias, on fp32 y (M, N): ``act(y)``, or
     with ``gated`` ``act(y[:, 0::2]) * y[:, 1::2]`` (a gate/up pair per output column, the
-    interleaved layout of a fused gate/up layer: (M, N/2)), then ``+ residual`` (fp32 sum)."""
+    interleaved layout of a fused gate/up layer: (M, N/2)), then ``* residual_gate`` (per
+    column) and ``+ residual`` (fp32)."""
     if act is not None:
         # contiguous halves: torch's activation kernels round differently on strided input
         y = activation(act, y[:, 0::2].contiguous()) * y[:, 1::2].contiguous() if gated else activation(act, y)
+    if residual_gate is not None:
+        y = y * residual_gate.to(y.dtype)
     if residual is not None:
         y = y + residual.to(y.dtype)
     return y
@@ -47,13 +56,14 @@ def _epilogue(
     act: str | None = None,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    residual_gate: torch.Tensor | None = None,
 ):
     y = acc.to(torch.float32) * xs[:, None]
     if ws is not None:
         y = y * ws[None, :]
     if bias is not None:
         y = y + bias.to(torch.float32)[None, :]
-    return finish_output(y, act, gated, residual).to(out_dtype)
+    return finish_output(y, act, gated, residual, residual_gate).to(out_dtype)
 
 
 def _int_dot_exact(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
@@ -93,12 +103,14 @@ def _reference_dot(x8: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
     return x8.to(torch.float64) @ w8.to(torch.float64).t()
 
 
-def _gemm_torch(x8, xs, w8, ws, group_size, bias, out_dtype, backend, act=None, gated=False, residual=None):
+def _gemm_torch(
+    x8, xs, w8, ws, group_size, bias, out_dtype, backend, act=None, gated=False, residual=None, residual_gate=None
+):
     dot = _reference_dot if backend == "reference" else _int_dot_exact
     if group_size is None:
-        return _epilogue(dot(x8, w8), xs, ws, bias, out_dtype, act, gated, residual)
+        return _epilogue(dot(x8, w8), xs, ws, bias, out_dtype, act, gated, residual, residual_gate)
     y = _grouped_acc_torch(x8, w8, ws, group_size, dot)
-    return _epilogue(y, xs, None, bias, out_dtype, act, gated, residual)
+    return _epilogue(y, xs, None, bias, out_dtype, act, gated, residual, residual_gate)
 
 
 def _quantize_torch(x, norm_weight, eps, offset, inv_smooth, perm, rotation, bits, norm_shift=None):

@@ -86,13 +86,16 @@ def _epilogue_store(
     APPLY_WS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     res_ptr,
+    rgate_ptr,
     stride_rm,
     ACT: tl.constexpr,
     GATED: tl.constexpr,
     HAS_RES: tl.constexpr,
+    HAS_RGATE: tl.constexpr,
 ):
     """Scales, bias, then the optional activation (GATED: interleaved gate/up column pairs ->
-    act(gate) * up, half the columns), then the optional residual; one store."""
+    act(gate) * up, half the columns), then the optional per-column residual gate and the
+    optional residual; one store."""
     mmask = rm < M
     nmask = rn < N
     y = acc.to(tl.float32) * xs[:, None]
@@ -113,6 +116,9 @@ def _epilogue_store(
         cols = rn
         ncols = N
     omask = mmask[:, None] & (cols < ncols)[None, :]
+    if HAS_RGATE:  # a gated residual (pi0.5): residual + gate[col] * y
+        g = tl.load(rgate_ptr + cols, mask=cols < ncols, other=0.0).to(tl.float32)
+        y = y * g[None, :]
     if HAS_RES:
         r = tl.load(res_ptr + rm[:, None] * stride_rm + cols[None, :], mask=omask, other=0.0)
         y = y + r.to(tl.float32)
@@ -189,6 +195,7 @@ def w8a8_kernel(
     smooth_ptr,
     xs_out_ptr,
     res_ptr,
+    rgate_ptr,
     M,
     N,
     K,
@@ -210,6 +217,7 @@ def w8a8_kernel(
     ACT: tl.constexpr,
     GATED: tl.constexpr,
     HAS_RES: tl.constexpr,
+    HAS_RGATE: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -278,10 +286,12 @@ def w8a8_kernel(
             True,
             HAS_BIAS,
             res_ptr,
+            rgate_ptr,
             stride_rm,
             ACT,
             GATED,
             HAS_RES,
+            HAS_RGATE,
         )
     else:
         _store_partial(acc, rm, rn, part_ptr, pid_k, M, N)
@@ -306,6 +316,7 @@ def w4_kernel(
     smooth_ptr,
     xs_out_ptr,
     res_ptr,
+    rgate_ptr,
     M,
     N,
     K,
@@ -333,6 +344,7 @@ def w4_kernel(
     ACT: tl.constexpr,
     GATED: tl.constexpr,
     HAS_RES: tl.constexpr,
+    HAS_RGATE: tl.constexpr,
 ):
     HALF: tl.constexpr = 64
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -434,10 +446,12 @@ def w4_kernel(
                 False,
                 HAS_BIAS,
                 res_ptr,
+                rgate_ptr,
                 stride_rm,
                 ACT,
                 GATED,
                 HAS_RES,
+                HAS_RGATE,
             )
         else:
             _store_partial(acc_f, rm, rn, part_ptr, pid_k, M, N)
@@ -457,10 +471,12 @@ def w4_kernel(
                 True,
                 HAS_BIAS,
                 res_ptr,
+                rgate_ptr,
                 stride_rm,
                 ACT,
                 GATED,
                 HAS_RES,
+                HAS_RGATE,
             )
         else:
             _store_partial(acc_i, rm, rn, part_ptr, pid_k, M, N)
@@ -474,6 +490,7 @@ def splitk_reduce_kernel(
     bias_ptr,
     out_ptr,
     res_ptr,
+    rgate_ptr,
     M,
     N,
     stride_om,
@@ -486,6 +503,7 @@ def splitk_reduce_kernel(
     ACT: tl.constexpr,
     GATED: tl.constexpr,
     HAS_RES: tl.constexpr,
+    HAS_RGATE: tl.constexpr,
 ):
     """Sum SPLIT_K partial tiles in a fixed order, then the scale/bias epilogue."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -510,8 +528,10 @@ def splitk_reduce_kernel(
         APPLY_WS,
         HAS_BIAS,
         res_ptr,
+        rgate_ptr,
         stride_rm,
         ACT,
         GATED,
         HAS_RES,
+        HAS_RGATE,
     )

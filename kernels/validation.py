@@ -166,7 +166,7 @@ def _check_perm(perm, k: int, device: torch.device):
 _EPILOGUE_ACTS = ("gelu_tanh", "silu")
 
 
-def _check_epilogue(act, gated: bool, residual, lead: tuple, n: int, device) -> int:
+def _check_epilogue(act, gated: bool, residual, lead: tuple, n: int, device, residual_gate=None) -> int:
     """Checks the fused epilogue's arguments; returns the number of output columns (N, or N/2
     for a gated pair layout)."""
     if act is not None and act not in _EPILOGUE_ACTS:
@@ -182,4 +182,14 @@ def _check_epilogue(act, gated: bool, residual, lead: tuple, n: int, device) -> 
             raise ValueError(f"residual must have the output's shape {(*lead, n_out)}, got {tuple(residual.shape)}")
         if residual.device != device:
             raise ValueError(f"residual is on {residual.device}, the activations on {device}")
+    if residual_gate is not None:
+        if residual is None:
+            raise ValueError("residual_gate scales the output before the residual is added: it needs residual=")
+        _check_tensor(residual_gate, "residual_gate", OUT_DTYPES, "a per-output-column gate (N_out,)")
+        if tuple(residual_gate.shape) != (n_out,):
+            raise ValueError(
+                f"residual_gate must have shape ({n_out},) (one gate per output column), got {tuple(residual_gate.shape)}"
+            )
+        if residual_gate.device != device:
+            raise ValueError(f"residual_gate is on {residual_gate.device}, the activations on {device}")
     return n_out

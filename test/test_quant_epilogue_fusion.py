@@ -270,3 +270,86 @@ def test_attention_output_projection_adds_the_residual_in_its_epilogue():
         finally:
             h.remove()
         assert torch.equal(seen[0], plain) and torch.equal(hooked, x + plain)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 128)])
+@pytest.mark.parametrize("split", [1, 4])
+def test_residual_gate_in_the_epilogue(bits, group, split):
+    """``residual + gate * y`` (pi0.5's gated residual): the cpu backend exactly the plain GEMM
+    followed by torch's multiply and add; Triton (interpreter, with and without split-K, and
+    the float-input linear) within float rounding."""
+    m, n, k = 9, 64, 512
+    x, xq, xs, wq, ws, bias = _operands(m, n, k, bits, group, seed=5)
+    r, gate = torch.randn(m, n), torch.rand(n) * 2 - 1
+    plain = _gemm(bits, group, xq, xs, wq, ws, bias, backend="cpu")
+    want = r + plain * gate
+    got = _gemm(bits, group, xq, xs, wq, ws, bias, backend="cpu", residual=r, residual_gate=gate)
+    assert torch.equal(got, want)
+    if bits == 8:
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=split, GROUP_M=1, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split, GROUP_M=1, num_warps=4, num_stages=1)
+    tri = _gemm(bits, group, xq, xs, wq, ws, bias, backend="triton", config=cfg, residual=r, residual_gate=gate)
+    torch.testing.assert_close(tri, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    if bits == 8:
+        lin = ops.linear_w8a8(
+            x, wq, ws, bias, torch.float32, backend="triton", fuse=True, residual=r, residual_gate=gate
+        )
+        torch.testing.assert_close(lin, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="residual_gate scales the output before the residual is added"):
+        _gemm(bits, group, xq, xs, wq, ws, bias, backend="cpu", residual_gate=gate)
+    with pytest.raises(ValueError, match=r"residual_gate must have shape \(64,\)"):
+        _gemm(bits, group, xq, xs, wq, ws, bias, backend="cpu", residual=r, residual_gate=gate[:3])
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_quantlinear_gated_residual_is_exact_in_fp32_on_the_cpu(w_bits):
+    """QuantLinear(x, residual=r, residual_gate=g) is r + layer(x) * g bit for bit in fp32, through
+    the compiled CPU linear and the torch-op path, with the norm fused or not; bf16 rounds once."""
+    layer = _pair(w_bits=w_bits)[0]
+    x, r, g = torch.randn(2, 17, 256), torch.randn(2, 17, 96), torch.rand(96) - 0.5
+    norm_w = torch.rand(256) + 0.5
+    with torch.inference_mode():
+        want = r + layer(x) * g
+        assert torch.equal(layer(x, residual=r, residual_gate=g), want)
+        cpu_fused.set_enabled(False)  # the torch ops (their Hadamard rounds differently: own reference)
+        try:
+            assert torch.equal(layer(x, residual=r, residual_gate=g), r + layer(x) * g)
+        finally:
+            cpu_fused.set_enabled(True)
+        normed_plain = layer.try_forward_rmsnorm(x, norm_w, 1e-6, 0.0)
+        normed = layer.try_forward_rmsnorm(x, norm_w, 1e-6, 0.0, residual=r, residual_gate=g)
+        if normed_plain is not None:
+            assert torch.equal(normed, r + normed_plain * g)
+        with quant_backend("reference"):
+            torch.testing.assert_close(layer(x, residual=r, residual_gate=g), want, rtol=1e-5, atol=1e-4)
+        with pytest.raises(ValueError, match=r"residual_gate must be \(96,\)"):
+            layer(x, residual=r, residual_gate=g[:10])
+
+
+def test_pi05_mlp_half_puts_the_gate_in_down_projs_epilogue():
+    """pi0.5's MLP half, x + gate * mlp(adarms(x)), quantized: the gated residual runs inside
+    down_proj (one call that gets residual and residual_gate), with the same fp32 numbers as the
+    separate multiply-add (actions within float rounding of the fusion switched off)."""
+    from test_quant_sibling_fusion import _policy_and_obs
+
+    policy, obs = _policy_and_obs("tiny-pi05", "w8a8")
+    calls = []
+    real = QuantLinear.forward
+
+    def spy(self, x, **kw):
+        calls.append(kw.get("residual_gate") is not None)
+        return real(self, x, **kw)
+
+    QuantLinear.forward = spy
+    try:
+        fused = policy.predict(obs, seed=3).actions
+    finally:
+        QuantLinear.forward = real
+    assert any(calls), "no quantized layer received the residual gate"
+    set_epilogue_fusion(False)
+    try:
+        plain = policy.predict(obs, seed=3).actions
+    finally:
+        set_epilogue_fusion(True)
+    np.testing.assert_allclose(fused, plain, rtol=0, atol=1e-3 * float(np.abs(plain).max()))

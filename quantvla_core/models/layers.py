@@ -51,14 +51,21 @@ def _epilogue_layer(layer: nn.Module):
     return None
 
 
-def linear_residual(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """``residual + layer(x)``, the add inside a quantized layer's GEMM epilogue where it can be."""
+def linear_residual(
+    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``residual + layer(x)`` - with ``gate`` ``residual + layer(x) * gate`` (pi0.5's gated
+    residual) - computed inside a quantized layer's GEMM epilogue where it can be (a gate with
+    one vector for the whole batch: one sample)."""
     if residual is None:
         return layer(x)
     fused = _epilogue_layer(layer)
-    if fused is not None:
-        return fused(x, residual=residual)
-    return residual + layer(x)
+    if gate is None:
+        return fused(x, residual=residual) if fused is not None else residual + layer(x)
+    width = residual.shape[-1]
+    if fused is not None and gate.numel() == width and gate.shape[-1] == width:
+        return fused(x, residual=residual, residual_gate=gate.reshape(width))
+    return gated_residual(residual, layer(x), gate)
 
 
 def _normed_fused(
@@ -227,9 +234,12 @@ class GatedMLP(nn.Module):
             gate, up = y.split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
         return activation(self.act, gate) * up
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """down(act(gate(x)) * up(x)) (+ residual, added in down's epilogue where quantized)."""
-        return linear_residual(self.down_proj, self.hidden(x), residual)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)) (+ residual, times ``gate`` first where given: a gated
+        residual; both in down's epilogue where quantized)."""
+        return linear_residual(self.down_proj, self.hidden(x), residual, gate)
 
     def forward_normed(self, x: torch.Tensor, norm: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``self(norm(x)) (+ residual)``, with the norm fused into gate/up's activation
@@ -248,10 +258,11 @@ class GatedMLP(nn.Module):
             return self(norm(x), residual)
         return linear_residual(self.down_proj, h, residual)
 
-    def forward_adanormed(self, x: torch.Tensor, norm: nn.Module, cond) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(``self(h)``, gate) with ``h, gate = norm(x, cond)`` for an adaRMS ``norm``, the norm
-        inside gate/up's activation quantization (its (1 + scale) as the norm weight, its shift
-        added before smoothing and rotation), or None where that does not run: a float model,
+    def forward_adanormed(self, x: torch.Tensor, norm: nn.Module, cond) -> torch.Tensor | None:
+        """``x + self(h) * gate`` with ``h, gate = norm(x, cond)`` for an adaRMS ``norm`` (the
+        MLP half of a pi0.5 layer), the norm inside gate/up's activation quantization (its
+        (1 + scale) as the norm weight, its shift added before smoothing and rotation) and the
+        gated residual in down's epilogue, or None where that does not run: a float model,
         a hooked norm, a condition without precomputed terms (training, tracing), more than one
         sample (one weight / shift vector per kernel call), a kernel without it (Triton's tile
         kernels: layers without a rotation of B >= 16). The norm's output feeds only this MLP."""
@@ -271,7 +282,7 @@ class GatedMLP(nn.Module):
         h = pairs.try_forward_rmsnorm(x, scale1.reshape(-1), norm.eps, 0.0, act=self.act, norm_shift=shift.reshape(-1))
         if h is None:
             return None
-        return linear_residual(self.down_proj, h, None), gate
+        return linear_residual(self.down_proj, h, x, gate)
 
 
 class DecoderAttention(nn.Module):
@@ -386,11 +397,9 @@ class DecoderLayer(nn.Module):
         if self.adaptive:
             fused = self.mlp.forward_adanormed(x, self.post_attention_layernorm, cond)
             if fused is not None:  # the adaRMS norm inside gate/up's quantization
-                h, gate2 = fused
-                return gated_residual(x, h, gate2)
+                return fused
             h, gate2 = self.norm(self.post_attention_layernorm, x, cond)
-            h = self.mlp(h)
-            return gated_residual(x, h, gate2)
+            return self.mlp(h, residual=x, gate=gate2)
         # the norm's output feeds only the MLP: fused into its quantization where it can be, and
         # the residual added in down_proj's epilogue
         return self.mlp.forward_normed(x, self.post_attention_layernorm, residual=x)

@@ -35,14 +35,17 @@ ACTIVATIONS = ("gelu_tanh", "silu")
 _ACT_CODES = {None: 0, "gelu_tanh": 1, "silu": 2}  # the fused CPU linear's act argument
 
 
-def _finish(y: torch.Tensor, act: str | None, gated: bool, res2: torch.Tensor | None) -> torch.Tensor:
-    """The epilogue's activation / gate pairs / residual in torch, for the paths whose GEMM does
-    not apply it (reference, weight-only, torch int math): the kernels' math contract."""
+def _finish(
+    y: torch.Tensor, act: str | None, gated: bool, res2: torch.Tensor | None, rgate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The epilogue's activation / gate pairs / residual gate / residual in torch, for the paths
+    whose GEMM does not apply it (reference, weight-only, torch int math): the kernels' math
+    contract."""
     if act is None and res2 is None:
         return y
     from quantvla_kernels.torch_math import finish_output
 
-    return finish_output(y, act, gated, res2)
+    return finish_output(y, act, gated, res2, rgate)
 
 
 _KERNELS = None
@@ -333,13 +336,16 @@ class QuantLinear(nn.Module):
         return self
 
     # ---- forward ---------------------------------------------------------------------------
-    def _epilogue_args(self, x: torch.Tensor, act: str | None, residual: torch.Tensor | None):
+    def _epilogue_args(self, x: torch.Tensor, act: str | None, residual: torch.Tensor | None, residual_gate=None):
         """Checks forward's epilogue options; returns (output width, residual as (M, width))."""
         if act is not None and act not in ACTIVATIONS:
             raise ValueError(f"act must be None or one of {ACTIVATIONS}, got {act!r}")
         if self.gated_pairs and act is None:
             raise ValueError("this fused gate/up layer interleaves (gate, up) columns: call it with act=")
         width = self.out_features // 2 if self.gated_pairs else self.out_features
+        if residual_gate is not None and (residual is None or tuple(residual_gate.shape) != (width,)):
+            got = tuple(residual_gate.shape)
+            raise ValueError(f"residual_gate must be ({width},) (one gate per output) with a residual, got {got}")
         if residual is None:
             return width, None
         want = (*x.shape[:-1], width)
@@ -347,26 +353,35 @@ class QuantLinear(nn.Module):
             raise ValueError(f"residual must have the output's shape {want}, got {tuple(residual.shape)}")
         return width, residual.reshape(-1, width)
 
-    def forward(self, x: torch.Tensor, *, act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        act: str | None = None,
+        residual: torch.Tensor | None = None,
+        residual_gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``x W^T + b``; with ``act`` ('gelu_tanh' | 'silu') the activation of it (on a
-        gated-pairs layer ``act(gate) * up``), then ``+ residual``: computed in the GEMM epilogue
-        (one output write) on the CPU and Triton paths, after it elsewhere."""
+        gated-pairs layer ``act(gate) * up``), then ``+ residual`` - with ``residual_gate``
+        (width,) ``residual + residual_gate * y``, a gated residual: computed in the GEMM
+        epilogue (one output write) on the CPU and Triton paths, after it elsewhere."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
-        width, res2 = self._epilogue_args(x, act, residual)
+        rg = residual_gate
+        width, res2 = self._epilogue_args(x, act, residual, rg)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = self.backend or getattr(_default, "backend", "auto")
         if self._lean_cpu and x2.device.type == "cpu" and x2.shape[0] and backend in ("auto", "cpu"):
             k = _kernels()
             if k.resolve_backend(None if backend == "auto" else backend, x2.device) == "cpu":
-                y = self._forward_cpu(x2, k.ops, act, res2)
+                y = self._forward_cpu(x2, k.ops, act, res2, rg)
                 return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, width)
         if backend == "reference":
-            y = _finish(self.forward_reference(x2), act, self.gated_pairs, res2)
+            y = _finish(self.forward_reference(x2), act, self.gated_pairs, res2, rg)
         elif backend in ("auto", "cpu", "triton"):
             # auto: the kernels pick by device (and honour quantvla_kernels.backend_scope)
-            y = self._forward_kernels(x2, None if backend == "auto" else backend, act, res2)
+            y = self._forward_kernels(x2, None if backend == "auto" else backend, act, res2, rg)
         else:
             raise ValueError(f"unknown QuantLinear backend {backend!r}; accepted: {', '.join(BACKENDS)}")
         return y.to(x.dtype).reshape(*lead, width)
@@ -485,7 +500,7 @@ class QuantLinear(nn.Module):
             total += sum(g.numel() * g.element_size() for g in groups)
         return total
 
-    def _forward_cpu(self, x2: torch.Tensor, ops, act=None, res2=None) -> torch.Tensor:
+    def _forward_cpu(self, x2: torch.Tensor, ops, act=None, res2=None, rgate=None) -> torch.Tensor:
         """Lean CPU forward: the compiled fused linear (kernels/cpu_fused.py) where it is built,
         else one pass of the activation transform, int8 codes for 8 and 4 bits (4-bit codes are
         never packed), cached unpacked weights; both compute the same numbers as
@@ -501,6 +516,7 @@ class QuantLinear(nn.Module):
                 self.gated_pairs,
                 res2,
                 *vnni,
+                **({} if rgate is None else {"residual_gate": rgate}),
             )
         if groups is None:  # only the VNNI layout is cached (rare dtype on a VNNI machine)
             groups = self._cpu_weight_groups(ops, self.qweight)
@@ -509,7 +525,7 @@ class QuantLinear(nn.Module):
             q, xs = ops.cpu_quantize_codes(self.input_transform().apply(xf), self.a_bits)
         else:
             q, xs = ops.cpu_quantize_codes(xf, self.a_bits, self.inv_smooth, perm, self.rotation)
-        return _finish(ops.cpu_int_linear(q, xs, groups, self.wscale, self.bias), act, self.gated_pairs, res2)
+        return _finish(ops.cpu_int_linear(q, xs, groups, self.wscale, self.bias), act, self.gated_pairs, res2, rgate)
 
     def try_forward_rmsnorm(
         self,
@@ -521,6 +537,7 @@ class QuantLinear(nn.Module):
         act: str | None = None,
         residual: torch.Tensor | None = None,
         norm_shift: torch.Tensor | None = None,
+        residual_gate: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """``self(rmsnorm(x))`` with the norm inside the activation quantization, or None where
         that does not apply (the caller then runs norm-then-linear): on Triton
@@ -539,7 +556,8 @@ class QuantLinear(nn.Module):
             return None
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
-        width, res2 = self._epilogue_args(x, act, residual)
+        rg = residual_gate
+        width, res2 = self._epilogue_args(x, act, residual, rg)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backend = self.backend or getattr(_default, "backend", "auto")
@@ -568,6 +586,7 @@ class QuantLinear(nn.Module):
                         res2,
                         *vnni,
                         norm_shift=None if norm_shift is None else norm_shift.detach(),
+                        **({} if rg is None else {"residual_gate": rg}),
                     )
                     return y.reshape(*lead, width)
             elif (
@@ -588,14 +607,16 @@ class QuantLinear(nn.Module):
                     norm_shift=None if norm_shift is None else norm_shift.detach(),
                 )
                 out_dtype = x2.dtype if direct else torch.float32
-                y = self._gemm(k, xq, xs, out_dtype, "triton", act, res2)
+                y = self._gemm(k, xq, xs, out_dtype, "triton", act, res2, rg)
                 return y.to(x.dtype).reshape(*lead, width)
         return None
 
-    def _gemm(self, k, xq, xs, out_dtype, backend, act=None, res2=None):
+    def _gemm(self, k, xq, xs, out_dtype, backend, act=None, res2=None, rgate=None):
         """The integer GEMM for activation codes ``xq`` with scales ``xs`` (kernels' backends),
-        with the activation / gate pairs / residual in its epilogue."""
+        with the activation / gate pairs / residual gate / residual in its epilogue."""
         epi = dict(bias=self.bias, out_dtype=out_dtype, backend=backend, act=act, gated=self.gated_pairs, residual=res2)
+        if rgate is not None:
+            epi["residual_gate"] = rgate
         if self.a_bits == 8 and self.w_bits == 8:
             return k.gemm_w8a8(xq, xs, self.qweight, self.wscale, **epi)
         if self.w_bits == 4 and self.a_bits in (8, 4):
@@ -603,16 +624,16 @@ class QuantLinear(nn.Module):
             return gemm(xq, xs, self.qweight, self.wscale, group_size=self.group_size, group_mult=self.wgroup, **epi)
         raise ValueError(f"no integer kernel for w{self.w_bits}a{self.a_bits}; accepted: w8a8, w4a8, w4a4")
 
-    def _forward_kernels(self, x2: torch.Tensor, backend: str | None, act=None, res2=None) -> torch.Tensor:
+    def _forward_kernels(self, x2: torch.Tensor, backend: str | None, act=None, res2=None, rgate=None) -> torch.Tensor:
         if self.a_bits is None:  # weight-only: dequantize into the compute dtype
             dt = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
             xt = self.input_transform().apply(x2.to(dt)) if self.has_transform else x2.to(dt)
             y = F.linear(xt, self.dequantized_weight(dt), None if self.bias is None else self.bias.to(dt))
-            return y if act is None and res2 is None else _finish(y.float(), act, self.gated_pairs, res2)
+            return y if act is None and res2 is None else _finish(y.float(), act, self.gated_pairs, res2, rgate)
         k = _kernels()
         if not hasattr(k, "gemm_w8a8") or (self.w_bits == 8 and self.group_size):
             # no kernel for this case: exact torch int path
-            return _finish(self._forward_int_torch(x2), act, self.gated_pairs, res2)
+            return _finish(self._forward_int_torch(x2), act, self.gated_pairs, res2, rgate)
         direct = x2.dtype in _KERNEL_DTYPES
         # The quantization kernels read fp16 / bf16 themselves (the same fp32 values as x2.float())
         # and the GEMM epilogue rounds its fp32 result to the model dtype as .to(x.dtype) would:
@@ -639,7 +660,7 @@ class QuantLinear(nn.Module):
                 perm=self.perm,
                 backend=backend,
             )
-        return self._gemm(k, xq, xs, out_dtype, backend, act, res2)
+        return self._gemm(k, xq, xs, out_dtype, backend, act, res2, rgate)
 
     def _forward_int_torch(self, x2: torch.Tensor) -> torch.Tensor:
         """Integer GEMM in plain torch (int32 accumulation), fp32 epilogue; same math as the kernels."""

@@ -124,6 +124,10 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
             res = torch.randn(m, sib[0].out_features, generator=g).to(device=device, dtype=dtype)
             want = torch.nn.functional.gelu(sib[0](xd).float(), approximate="tanh") * sib[1](xd).float() + res.float()
             epi_ok = pair is not None and _close_outputs(pair(xd, act="gelu_tanh", residual=res), want)[0]
+            # pi0.5's gated residual in the epilogue: residual + gate * y
+            rgate = (torch.rand(sib[0].out_features, generator=g) - 0.5).to(device=device, dtype=dtype)
+            want_g = res.float() + sib[0](xd).float() * rgate.float()
+            epi_ok = epi_ok and _close_outputs(sib[0](xd, residual=res, residual_gate=rgate), want_g)[0]
             # the adaptive norm's shift inside the quantization (row kernel), Triton vs CPU
             nw = torch.rand(k, generator=g) + 0.5
             shift = torch.randn(k, generator=g) * 0.3

@@ -16,6 +16,7 @@ the per-channel form applies: one int32 accumulator over all of K.
 Optionally (``act=``, ``gated=``, ``residual=`` of the GEMMs) the epilogue goes on in fp32:
 ``y = act(y)`` (GELU-tanh or SiLU), or with ``gated`` ``y = act(y[:, 0::2]) * y[:, 1::2]`` on
 interleaved (gate, up) column pairs (N/2 outputs: a fused gate/up MLP projection), then
+``y = y * residual_gate[n]`` where given (a gated residual, which needs a residual), then
 ``y = y + residual``; written once.  The torch backends compute exactly this in torch
 (torch_math.finish_output); the Triton kernels and the fused CPU linear use their own exp, so
 activations agree within a few float ulps.

@@ -513,6 +513,28 @@ def test_n15_bf16_with_fp32_islands_is_closer_to_fp32(offset, action_ratio):
     assert err[True][1] < 5e-3, err
 
 
+def test_n15_islands_prepare_the_time_conditions_once_per_chunk():
+    """The bf16 fp32-island path uses the chunk's batched time conditioning (timestep encoder,
+    adaLN and proj_out_1 modulations for every step in one pass, in the compute dtype) like the
+    plain path: one call per chunk instead of one per step, the same actions as per step."""
+    _, mb, _, low, noise = _bf16_pair()
+    assert mb.islands_active()
+    steps = mb.cfg.num_steps
+    real = mb._time_condition
+    calls = []
+    mb._time_condition = lambda t, dtype: calls.append((t.shape[0], dtype)) or real(t, dtype)
+    with torch.no_grad():
+        prepared = mb.sample_actions(low, noise)
+        assert calls == [(4 * steps, torch.bfloat16)]
+        calls.clear()
+        cache = mb.encode_prefix(low, mb.encode_images(low))  # no prepare_steps: per step
+        x, dt = noise.float(), mb.step_size(steps)
+        for t in mb.time_grid(steps):
+            x = mb.euler_step(cache, x, torch.full((4,), t), dt, low.state)
+        assert calls == [(4, torch.bfloat16)] * steps
+    torch.testing.assert_close(prepared, x, rtol=0, atol=1e-3 * float(x.abs().max()))
+
+
 # ---- image tokens placed inside the prompt (config image_token_id), against a hand-built sequence ----
 IMG_ID = 250  # a real vocabulary id: the model must not read its embedding row
 

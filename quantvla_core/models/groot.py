@@ -237,10 +237,11 @@ class GR00TModel(FlowMatchingVLA):
         return dit.conditioning(dit.timestep_encoder(t_disc).to(dtype))
 
     def prepare_steps(self, cache: DiTCache, times: list[torch.Tensor]) -> None:
+        if torch.is_grad_enabled() or not times:
+            return  # training runs velocity_joint
         islands = getattr(self, "islands_active", None)
-        if torch.is_grad_enabled() or not times or (islands is not None and islands()):
-            return  # training runs velocity_joint; the fp32-island path computes its own per step
-        dtype = self.action_head.model.proj_out_1.weight.dtype
+        # GR00T N1.5's fp32-island path runs the time conditioning in its compute dtype
+        dtype = self.compute_dtype() if islands is not None and islands() else self.action_head.model.proj_out_1.weight.dtype
         self._store_time_conditions(cache, times, self._time_condition(self._discrete(torch.cat(times)), dtype))
 
     def _dit(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, cross_kv, pre=None) -> torch.Tensor:

@@ -318,7 +318,8 @@ class GR00TN15Model(GR00TModel):
         future = ah.future_tokens.weight.float()[None].expand(b, -1, -1)
         x = torch.cat([cache.state_tokens.float(), future, actions], dim=1)
         dit = ah.model
-        temb = dit.conditioning(dit.timestep_encoder(t_disc).to(cd))  # sinusoid fp32, MLP in cd (as the original)
+        # sinusoid fp32, MLP in cd (as the original); prepared for every step at once where it was
+        temb = pre if pre is not None else self._time_condition(t_disc, cd)
         cross_mask = cache.cross_mask or attention_mask(cache.valid[:, None, None, :], cd)
         for i, blk in enumerate(dit.transformer_blocks):
             x = block32(blk, x, cd, temb, kv=cross_kv(i, blk), mask=cross_mask if blk.cross else None)

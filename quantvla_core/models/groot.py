@@ -241,7 +241,11 @@ class GR00TModel(FlowMatchingVLA):
             return  # training runs velocity_joint
         islands = getattr(self, "islands_active", None)
         # GR00T N1.5's fp32-island path runs the time conditioning in its compute dtype
-        dtype = self.compute_dtype() if islands is not None and islands() else self.action_head.model.proj_out_1.weight.dtype
+        dtype = (
+            self.compute_dtype()
+            if islands is not None and islands()
+            else self.action_head.model.proj_out_1.weight.dtype
+        )
         self._store_time_conditions(cache, times, self._time_condition(self._discrete(torch.cat(times)), dtype))
 
     def _dit(self, cache: DiTCache, x_t: torch.Tensor, t: torch.Tensor, cross_kv, pre=None) -> torch.Tensor:

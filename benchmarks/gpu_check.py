@@ -90,6 +90,8 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
         x[0, 7] = 60.0  # an outlier channel
         for name, (w_bits, a_bits, group) in SCHEMES.items():
             ig = not name.endswith("f")
+            if not ig and i >= 2:
+                continue  # the float-group-scale form (older artifacts): two shapes keep the compile time down
             layer = _layer(k, n, w_bits, a_bits, group, 10 * i + w_bits + a_bits, device, ig)
             xd = x.to(device=device, dtype=dtype)
             layer.backend = "triton"

@@ -318,3 +318,27 @@ def test_compiled_denoise_step_does_not_recompile_per_step(name):
         for seed in range(3):
             compiled.sample_actions(batch, model.sample_noise(2, torch.Generator().manual_seed(seed)))
     assert counters["frames"]["ok"] == counters["frames"]["total"] == 1, dict(counters["frames"])
+
+
+def test_embodiment_linear_reads_one_embodiments_weights_in_place():
+    """GR00T's per-embodiment linears with one int embodiment (a deployed model) compute what the
+    per-sample gather does, as one addmm with no gather (the gather copied W for every row),
+    and both GR00T models pass their embodiment as that int."""
+    from quantvla_core.models.groot import CategorySpecificLinear
+    from test_models_cpu_linear import OpNames
+
+    torch.manual_seed(0)
+    lin = CategorySpecificLinear(3, 24, 40)
+    with torch.no_grad():
+        lin.b.normal_()
+    for x in (torch.randn(2, 7, 24), torch.randn(2, 24)):
+        with torch.no_grad(), OpNames() as ops:
+            fast = lin(x, 1)
+        gathered = lin(x, torch.tensor([1, 1]))
+        torch.testing.assert_close(fast, gathered, rtol=1e-6, atol=1e-6)
+        assert "aten.index.Tensor" not in ops.names and "aten.addmm.default" in ops.names
+    mixed = lin(torch.randn(2, 7, 24), torch.tensor([0, 2]))  # per-sample embodiments still work
+    assert mixed.shape == (2, 7, 40)
+    for name in ("tiny-groot",):
+        model = build_model(preset(name))
+        assert model._cat(2, "cpu") == model.cfg.dit.embodiment_id

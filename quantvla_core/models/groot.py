@@ -38,7 +38,13 @@ class CategorySpecificLinear(nn.Module):
         self.W = nn.Parameter(torch.randn(num_categories, d_in, d_out) * (1.0 / math.sqrt(d_in)))
         self.b = nn.Parameter(torch.zeros(num_categories, d_out))
 
-    def forward(self, x: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cat: torch.Tensor | int) -> torch.Tensor:
+        """``cat``: one embodiment id per sample (a tensor: its weights are gathered per sample,
+        a copy of W per row), or one int for the whole batch - what a deployed model has - which
+        reads that embodiment's W and b in place: one GEMM with the bias, no copy."""
+        if isinstance(cat, int):
+            w, b = self.W[cat].to(x.dtype), self.b[cat].to(x.dtype)
+            return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
         w = self.W[cat].to(x.dtype)
         y = torch.bmm(x if x.dim() == 3 else x[:, None], w) + self.b[cat].to(x.dtype)[:, None]
         return y if x.dim() == 3 else y[:, 0]
@@ -194,8 +200,10 @@ class GR00TModel(FlowMatchingVLA):
         # which per-embodiment projector runs: part of the config, so a rebuilt model picks the same one
         self.register_buffer("embodiment", torch.tensor(cfg.dit.embodiment_id, dtype=torch.long), persistent=False)
 
-    def _cat(self, b: int, device) -> torch.Tensor:
-        return self.embodiment.to(device).expand(b)
+    def _cat(self, b: int, device) -> int:
+        """The embodiment of every sample: one per model (the config's), so the
+        per-embodiment layers read its weights in place (CategorySpecificLinear with an int)."""
+        return int(self.cfg.dit.embodiment_id)
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
         b, c = batch.images.shape[:2]

@@ -101,8 +101,11 @@ def rms32(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return y * (norm.offset + norm.weight.float())
 
 
-def csl32(lin: CategorySpecificLinear, x: torch.Tensor, cat: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
-    """Embodiment linear: batched matmul in cd, bias added in fp32 (fp32 result)."""
+def csl32(lin: CategorySpecificLinear, x: torch.Tensor, cat: torch.Tensor | int, cd: torch.dtype) -> torch.Tensor:
+    """Embodiment linear: batched matmul in cd, bias added in fp32 (fp32 result); an int ``cat``
+    (one embodiment for the batch) reads its weights in place (no per-sample copy)."""
+    if isinstance(cat, int):
+        return torch.matmul(x.to(cd), lin.W[cat].to(cd)).float() + lin.b[cat].float()
     y = torch.bmm(x.to(cd) if x.dim() == 3 else x.to(cd)[:, None], lin.W[cat].to(cd)).float()
     y = y + lin.b[cat].float()[:, None]
     return y if x.dim() == 3 else y[:, 0]
@@ -191,8 +194,8 @@ class GR00TN15Model(GR00TModel):
     def islands_active(self) -> bool:
         return self.fp32_islands and self.compute_dtype() != torch.float32
 
-    def _cat(self, b: int, device) -> torch.Tensor:
-        return torch.full((b,), self.embodiment_id, dtype=torch.long, device=device)
+    def _cat(self, b: int, device) -> int:
+        return self.embodiment_id
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
         b, c = batch.images.shape[:2]

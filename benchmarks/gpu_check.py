@@ -169,6 +169,48 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
     return ok_all
 
 
+def check_cuda_graphs(device: torch.device) -> bool:
+    """Policy(cuda_graphs=True) (quantvla_core.cuda_graphs) against the eager chunk: `small-pi05`
+    at bf16, float and W4A8: observations of one shape (a capture, then replays with new inputs
+    copied into the static buffers) and of another (a second set of graphs), each twice."""
+    import numpy as np
+
+    sys.path.insert(0, str(_root / "benchmarks"))
+    from quantvla_bench.variants import quick_quantize
+    from quantvla_core.config import preset
+    from quantvla_core.models import build_model
+    from quantvla_core.policy import Observation, Policy
+
+    cfg = preset("small-pi05")
+    rng = np.random.default_rng(0)
+    obs = [
+        Observation(
+            images=[rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)],
+            instruction=text,
+            state=rng.normal(size=cfg.state_dim).astype(np.float32),
+        )
+        # same prompt (one set of graphs, replayed with new images and state), then another
+        for text in ("pick up the red block", "pick up the red block", "open the drawer")
+    ]
+    ok_all = True
+    for scheme in ("fp", "w4a8"):
+        model = build_model(cfg, seed=0).eval()
+        if scheme != "fp":
+            quick_quantize(model, cfg.arch, scheme)
+        policy = Policy(model, cfg, name="check", device=device, dtype="bf16", scheme=scheme)
+        eager = [policy.predict(o, seed=3).actions for o in obs]
+        policy.use_cuda_graphs(True)
+        graphed = [policy.predict(o, seed=3).actions for o in obs + obs]
+        span = max(float(np.abs(e).max()) for e in eager) or 1.0
+        err = max(float(np.abs(g - e).max()) for g, e in zip(graphed, eager + eager))
+        ok = err <= 1e-3 * span
+        ok_all &= ok
+        print(
+            f"{'cuda graphs, small-pi05':28s} {scheme:6s} max|d actions|/span {err / span:9.2e}  {'ok' if ok else 'MISMATCH'}"
+        )
+    return ok_all
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -185,6 +227,8 @@ def main(argv=None) -> int:
         torch.bfloat16 if device.type == "cuda" else torch.float32
     )
     ok = check(device, dtype)
+    if device.type == "cuda":
+        ok = check_cuda_graphs(device) and ok
     print("GPU CHECK PASSED" if ok else "GPU CHECK FAILED")
     return 0 if ok else 1
 

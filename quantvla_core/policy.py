@@ -157,6 +157,7 @@ class Policy:
         quant_meta: dict[str, Any] | None = None,
         seed: int = 0,
         io: PolicyIO | None = None,
+        cuda_graphs: bool = False,
     ):
         self.config = config
         self.name = name
@@ -177,6 +178,8 @@ class Policy:
             use_onednn_linears(self.model)
         self.io: PolicyIO = io if io is not None else ReferenceIO(config)
         self._generator = torch.Generator().manual_seed(seed)
+        self._graphs = None
+        self.use_cuda_graphs(cuda_graphs)
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
@@ -189,6 +192,7 @@ class Policy:
         *,
         tokenizer: str | Path | None = None,
         robot: str | None = None,
+        cuda_graphs: bool = False,
     ) -> "Policy":
         """'default' (the committed trained policy; an error naming the file when it is missing),
         'default-w4a8' (that policy quantized),
@@ -196,7 +200,12 @@ class Policy:
 
         A LeRobot or openpi checkpoint directory (model.safetensors, no manifest.json) is
         converted on load (loaders.read_external); for it only, `tokenizer` is the tokenizer
-        file's path and `robot` the openpi robot transform (loaders.robots.ROBOTS)."""
+        file's path and `robot` the openpi robot transform (loaders.robots.ROBOTS).
+        `cuda_graphs` (CUDA only): chunks replay captured CUDA graphs (quantvla_core.cuda_graphs)."""
+        if cuda_graphs:
+            policy = cls.load(source, device, dtype, seed, tokenizer=tokenizer, robot=robot)
+            policy.use_cuda_graphs(True)
+            return policy
         src = str(source)
         if src in ("default", "default-w4a8"):
             _refuse_external_options(src, tokenizer, robot)
@@ -340,6 +349,24 @@ class Policy:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def use_cuda_graphs(self, enabled: bool = True) -> None:
+        """Run each chunk as replays of CUDA graphs (captured on the first chunk of each input
+        shape; quantvla_core.cuda_graphs) or eagerly. CUDA only: a ValueError names the device
+        otherwise. Same numbers as eager (the same kernels, replayed)."""
+        if not enabled:
+            if self._graphs is not None:
+                self._graphs.release()
+            self._graphs = None
+            return
+        if self._graphs is None:
+            from .cuda_graphs import ChunkGraphs
+
+            self._graphs = ChunkGraphs(self.model, self.num_steps, self.device)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._graphs is not None
+
     @torch.inference_mode()
     def predict(self, obs: Observation, seed: int | None = None, noise: torch.Tensor | None = None) -> ActionChunk:
         """One action chunk. Raises ValueError (naming the field) on invalid observations."""
@@ -359,7 +386,10 @@ class Policy:
             gen = torch.Generator().manual_seed(seed) if seed is not None else self._generator
             noise = self.model.sample_noise(1, gen)
         mark("preprocess")
-        x = self.model.sample_actions(batch, noise.to(self.device), on_stage=mark)
+        if self._graphs is not None:  # the same chunk as replays of captured CUDA graphs
+            x = self._graphs.run(batch, noise.to(self.device), on_stage=mark)
+        else:
+            x = self.model.sample_actions(batch, noise.to(self.device), on_stage=mark)
         actions = self.robot_actions(x, obs)
         mark("postprocess")
         steps = [v for k, v in timings.items() if k.startswith("denoise_step_")]

@@ -43,6 +43,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("device", "cpu", "Torch device for the model: cpu, cuda, cuda:N."),
     Spec("dtype", "", "Compute dtype (float32, bfloat16, float16); empty = the model's default."),
     Spec(
+        "cuda_graphs",
+        False,
+        "CUDA devices: run each chunk as replays of CUDA graphs captured on the first chunk of each "
+        "input shape (vision, prefix, every denoising step: no per-kernel launch cost); false = eager.",
+    ),
+    Spec(
         "kernel_backend",
         "auto",
         "Integer kernels of a quantized model: auto (Triton on CUDA, the "

@@ -258,7 +258,9 @@ class PolicyNode(LifecycleNode):
         quantvla_kernels.set_default_backend(P.KERNEL_BACKENDS[cfg["kernel_backend"]])
         t0 = time.perf_counter()
         try:
-            policy = Policy.load(model, device=cfg["device"], dtype=cfg["dtype"] or None)
+            policy = Policy.load(
+                model, device=cfg["device"], dtype=cfg["dtype"] or None, cuda_graphs=bool(cfg["cuda_graphs"])
+            )
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(
                 f"could not load model {model!r} on {cfg['device']}: {type(exc).__name__}: {exc}"

@@ -708,6 +708,11 @@ def test_lifecycle_transitions_and_model_failures(managed_node):
     assert _transition(h, Transition.TRANSITION_CONFIGURE) is False
     assert _log_lines(log, "configure failed: joint_names has 3 entries; model 'tiny' outputs 4")
     assert all(r.successful for r in h.set_params("lc_node", joint_names=JOINTS))
+    # CUDA graphs on a CPU device: configure fails, naming why
+    assert all(r.successful for r in h.set_params("lc_node", cuda_graphs=True))
+    assert _transition(h, Transition.TRANSITION_CONFIGURE) is False
+    assert _log_lines(log, "CUDA graphs need a CUDA device; this policy runs on cpu")
+    assert all(r.successful for r in h.set_params("lc_node", cuda_graphs=False))
     # an unknown integer-kernel backend is refused when set, naming what is accepted
     res = h.set_params("lc_node", kernel_backend="cuda-magic")
     assert not res[0].successful and "auto, triton, torch" in res[0].reason

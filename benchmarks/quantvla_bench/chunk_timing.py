@@ -20,10 +20,8 @@ steps and ``total`` the wall time of the whole chunk.
 
 from __future__ import annotations
 
-import gc
 import sys
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +39,8 @@ class ChunkRunner:
     """Runs chunks of one policy for one observation; ``run()`` returns per-stage milliseconds.
 
     ``exec_mode='graph'`` (CUDA only) captures vision, prefix and each denoising step as CUDA
-    graphs after ``warmup`` eager chunks (kernels compile and pick tiles outside capture).
+    graphs after ``warmup`` eager chunks (kernels compile and pick tiles outside capture), with
+    the deployed runtime's ``quantvla_core.cuda_graphs.ChunkGraphs``.
     """
 
     def __init__(self, policy, obs, num_steps: int | None = None, exec_mode: str = "eager", seed: int = 0):
@@ -62,7 +61,7 @@ class ChunkRunner:
         self.grid = self.model.time_grid(self.num_steps)
         self.dt = self.model.step_size(self.num_steps)
         self.stages = stage_names(self.num_steps)
-        self._graphs: dict[str, Any] | None = None
+        self._graphs = None  # quantvla_core.cuda_graphs.ChunkGraphs once captured
         self.capture_bytes = 0  # CUDA memory the graphs' pool keeps (activations of a chunk)
         self.last_actions: np.ndarray | None = None
 
@@ -156,88 +155,30 @@ class ChunkRunner:
             self.last_actions = self.policy.robot_actions(x, self.obs)
         return self.last_actions
 
-    # -- CUDA graphs -------------------------------------------------------------------------
+    # -- CUDA graphs: the deployed runtime's (quantvla_core.cuda_graphs) ---------------------
     @torch.inference_mode()
     def capture(self, warmup: int = 2) -> None:
-        """Warm up eagerly on a side stream, then capture vision / prefix / each step."""
+        """Capture vision / prefix / each step once, as `Policy(cuda_graphs=True)` does."""
+        from quantvla_core.cuda_graphs import ChunkGraphs
+
+        self._graphs = ChunkGraphs(self.model, self.num_steps, self.device, warmup=warmup)
         batch, x = self._inputs()
-        static = Batch(
-            batch.images.clone(),
-            batch.image_mask.clone(),
-            batch.tokens.clone(),
-            batch.token_mask.clone(),
-            batch.state.clone(),
-        )
-        x0 = x.clone()
-        times = self._times()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(max(1, warmup)):
-                cache = self.model.encode_prefix(static, self.model.encode_images(static))
-                self.model.prepare_steps(cache, times)  # as sample_actions: with the prefix
-                xx = x0
-                for tt in times:
-                    xx = self._step(cache, xx, tt, static.state)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._graphs.run(batch, x)
         torch.cuda.synchronize(self.device)
-        # torch.cuda.graph() empties the allocator cache on entry; do it before measuring too,
-        # or the warm-up's freed cache counts against the pool (negative sizes, seen on an H200)
-        gc.collect()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved(self.device)
-        pool = torch.cuda.graph_pool_handle()
-        graphs: dict[str, Any] = {"static": static, "x0": x0, "times": times, "steps": []}
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
-            image_tokens = self.model.encode_images(static)
-        graphs["vision"] = g
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
-            cache = self.model.encode_prefix(static, image_tokens)
-            self.model.prepare_steps(cache, times)  # each step graph reads its own t's entry
-        graphs["prefix"] = g
-        xs = [x0]
-        for tt in times:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                xs.append(self._step(cache, xs[-1], tt, static.state))
-            graphs["steps"].append(g)
-        graphs["keep"] = (image_tokens, cache, xs)  # every graph output lives as long as the graphs
-        graphs["x_out"] = xs[-1]
-        torch.cuda.synchronize(self.device)
-        # the graphs' private pool is reserved memory that replays write into
-        self.capture_bytes = int(torch.cuda.memory_reserved(self.device) - before)
-        self._graphs = graphs
+        self.capture_bytes = self._graphs.capture_bytes
 
     @torch.inference_mode()
     def _run_graph(self) -> dict[str, float]:
         if self._graphs is None:
             self.capture()
-        gr = self._graphs
         torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         mark, finish = self._mark_factory()
         batch, x = self._inputs()
-        st = gr["static"]
-        for dst, src in (
-            (st.images, batch.images),
-            (st.image_mask, batch.image_mask),
-            (st.tokens, batch.tokens),
-            (st.token_mask, batch.token_mask),
-            (st.state, batch.state),
-            (gr["x0"], x),
-        ):
-            dst.copy_(src, non_blocking=True)
         mark("preprocess")
-        gr["vision"].replay()
-        mark("vision")
-        gr["prefix"].replay()
-        mark("prefix")
-        for i, g in enumerate(gr["steps"]):
-            g.replay()
-            mark(f"denoise_step_{i}")
-        self.last_actions = self.policy.robot_actions(gr["x_out"], self.obs)
+        # the copies into the graphs' static inputs (a few KB) count with "vision"
+        x_out = self._graphs.run(batch, x, on_stage=mark)
+        self.last_actions = self.policy.robot_actions(x_out, self.obs)
         mark("postprocess")
         out = finish()
         out["total"] = (time.perf_counter() - t0) * 1e3
@@ -252,6 +193,8 @@ class ChunkRunner:
         return out
 
     def release(self) -> None:
+        if self._graphs is not None:
+            self._graphs.release()
         self._graphs = None
 
 

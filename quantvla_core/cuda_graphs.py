@@ -13,12 +13,16 @@ prefix and per-step timings (the stage boundaries cost a replay call each, micro
 Graphs are keyed by the input shapes (cameras present, prompt length, batch): a new shape is
 captured once (a few hundred ms: warm-up on a side stream, then capture) and kept, up to
 `max_shapes` sets (least recently used dropped). The output of `run` is the captured output
-buffer: valid until the next `run`.
+buffer: valid until the next `run`. A shape whose capture fails (an op that cannot be captured)
+is logged once and runs eagerly from then on. Graphs hold the weights and the fused layer copies
+as they were at capture: after changing the model's weights, `release()` (the Policy's
+`use_cuda_graphs(False)` then `True`).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,6 +32,7 @@ import torch
 from .models import Batch
 
 _FIELDS = ("images", "image_mask", "tokens", "token_mask", "state")
+_log = logging.getLogger(__name__)
 
 
 def shape_key(batch: Batch, noise: torch.Tensor) -> tuple:
@@ -64,6 +69,7 @@ class ChunkGraphs:
         self.warmup = max(1, int(warmup))
         self.max_shapes = int(max_shapes)
         self._sets: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._eager: set[tuple] = set()  # shapes whose capture failed: sample_actions instead
 
     @property
     def capture_bytes(self) -> int:
@@ -76,31 +82,47 @@ class ChunkGraphs:
 
     def release(self) -> None:
         self._sets.clear()
+        self._eager.clear()
 
     @torch.inference_mode()
     def run(self, batch: Batch, noise: torch.Tensor, on_stage: Callable[[str], None] | None = None) -> torch.Tensor:
         """The chunk's integrated actions (normalised space), from the replayed graphs;
         ``on_stage`` as in ``sample_actions`` ('vision', 'prefix', 'denoise_step_i')."""
         key = shape_key(batch, noise)
+        if key in self._eager:
+            return self.model.sample_actions(batch, noise, self.num_steps, on_stage=on_stage)
         cap = self._sets.get(key)
         if cap is None:
-            cap = self._capture(batch, noise)
+            try:
+                with torch.cuda.device(self.device):
+                    cap = self._capture(batch, noise)
+            except Exception as exc:  # noqa: BLE001 - any op that cannot be captured
+                _log.warning(
+                    "CUDA graph capture failed for input shapes %s (%s: %s); this shape runs eagerly",
+                    [s for s, _ in key],
+                    type(exc).__name__,
+                    exc,
+                )
+                self._eager.add(key)
+                torch.cuda.synchronize(self.device)
+                return self.model.sample_actions(batch, noise, self.num_steps, on_stage=on_stage)
             self._sets[key] = cap
             while len(self._sets) > self.max_shapes:
                 self._sets.popitem(last=False)
         else:
             self._sets.move_to_end(key)
         mark = on_stage or (lambda _name: None)
-        for f in _FIELDS:
-            getattr(cap.static, f).copy_(getattr(batch, f), non_blocking=True)
-        cap.x0.copy_(noise, non_blocking=True)
-        cap.vision.replay()
-        mark("vision")
-        cap.prefix.replay()
-        mark("prefix")
-        for i, g in enumerate(cap.steps):
-            g.replay()
-            mark(f"denoise_step_{i}")
+        with torch.cuda.device(self.device):  # replays launch on the current device's stream
+            for f in _FIELDS:
+                getattr(cap.static, f).copy_(getattr(batch, f), non_blocking=True)
+            cap.x0.copy_(noise, non_blocking=True)
+            cap.vision.replay()
+            mark("vision")
+            cap.prefix.replay()
+            mark("prefix")
+            for i, g in enumerate(cap.steps):
+                g.replay()
+                mark(f"denoise_step_{i}")
         return cap.x_out
 
     def _capture(self, batch: Batch, noise: torch.Tensor) -> _Captured:
@@ -130,18 +152,19 @@ class ChunkGraphs:
         torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(dev)
         pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(dev)  # capture on the model's device, whichever is current
         cap = _Captured(static=static, x0=x0)
         cap.vision = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cap.vision, pool=pool):
+        with torch.cuda.graph(cap.vision, pool=pool, stream=stream):
             image_tokens = model.encode_images(static)
         cap.prefix = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cap.prefix, pool=pool):
+        with torch.cuda.graph(cap.prefix, pool=pool, stream=stream):
             cache = model.encode_prefix(static, image_tokens)
             model.prepare_steps(cache, times)  # each step graph reads its own t's entry
         xs = [x0]
         for tt in times:
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            with torch.cuda.graph(g, pool=pool, stream=stream):
                 xs.append(model.euler_step(cache, xs[-1], tt, dt, static.state))
             cap.steps.append(g)
         cap.keep = (image_tokens, cache, xs, times)

@@ -352,7 +352,8 @@ class Policy:
     def use_cuda_graphs(self, enabled: bool = True) -> None:
         """Run each chunk as replays of CUDA graphs (captured on the first chunk of each input
         shape; quantvla_core.cuda_graphs) or eagerly. CUDA only: a ValueError names the device
-        otherwise. Same numbers as eager (the same kernels, replayed)."""
+        otherwise. Same numbers as eager (the same kernels, replayed). The graphs keep the
+        weights as captured: after changing them, switch off and on again (a new capture)."""
         if not enabled:
             if self._graphs is not None:
                 self._graphs.release()

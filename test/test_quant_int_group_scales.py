@@ -59,6 +59,26 @@ def test_quantizer_codes_ranges_and_error_match_float_group_scales(n, k, gs, out
     err_i = float((qi.dequantize() - w).pow(2).sum())
     err_f = float((qf.dequantize() - w).pow(2).sum())
     assert err_i <= 1.02 * err_f, (err_i, err_f)
+    # and row by row, the row with an all-zero group included (its placeholder scale must not
+    # set the channel scale)
+    row_i = (qi.dequantize() - w).pow(2).sum(1)
+    row_f = (qf.dequantize() - w).pow(2).sum(1)
+    assert bool((row_i <= 1.3 * row_f + 1e-12).all()), (row_i / row_f.clamp_min(1e-12)).max()
+    assert int(qi.group_mult[3, 0]) == 1
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 1e-2, 1.0])
+def test_a_zero_group_leaves_the_rest_of_its_row_alone(magnitude):
+    """A channel whose first group is all zero (pruned or padded inputs): its other groups are
+    quantized as well as with float group scales, at any weight magnitude."""
+    w = _weights(32, 512, 7) * (magnitude / 0.05)
+    w[:, :128] = 0
+    qi = quantize_weight(w, 4, 128, int_group_scales=True)
+    qf = quantize_weight(w, 4, 128)
+    rel_i = float((qi.dequantize() - w).norm() / w.norm())
+    rel_f = float((qf.dequantize() - w).norm() / w.norm())
+    assert rel_i <= 1.05 * rel_f, (rel_i, rel_f)
+    assert bool((qi.group_mult[:, 0] == 1).all()) and bool((qi.q[:, :128] == 0).all())
 
 
 def test_quantizer_and_layer_reject_what_integer_group_scales_cannot_be():
@@ -222,6 +242,19 @@ def test_pipeline_writes_and_reloads_integer_group_scales(tmp_path):
             assert mod.int_group_scales and torch.equal(mod.wgroup, saved[name].wgroup)
             assert torch.equal(mod.qweight, saved[name].qweight) and torch.equal(mod.wscale, saved[name].wscale)
     assert result.report["fidelity"]["cosine_mean"] > 0.99
+    # multipliers out of range in a file (never written by us) are refused at load, naming them
+    from safetensors.torch import load_file, save_file
+
+    from quantvla_core.checkpoint import CheckpointError
+    from quantvla_core.models import build_model
+    from quantvla_core.quant.artifact import load_quantized
+
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    name = sorted(grouped)[0]
+    tensors[f"{name}.wgroup"][0, 0] = 19
+    save_file(tensors, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{name}.wgroup holds values outside \[1, 18\]"):
+        load_quantized(build_model(teacher.config), tmp_path / "q", verify=False)
     # the same calibration with float group scales: fidelity within a whisker
     floaty = quantize(teacher, QuantConfig(**dict(qc.__dict__, int_group_scales=False)), "synthetic", progress=False)
     assert not any(getattr(m, "int_group_scales", False) for m in floaty.model.modules())

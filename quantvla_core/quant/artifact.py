@@ -33,6 +33,7 @@ from ..checkpoint import (
 )
 from ..fileio import atomic_directory, atomic_write_json
 from .qlinear import QuantLinear
+from .quantizers import GROUP_MULT_MAX
 
 QUANT_FILE = "quantization.json"
 REPORT_FILE = "report.json"
@@ -137,5 +138,12 @@ def load_quantized(model: nn.Module, directory: str | Path, verify: bool = True)
         want = torch.uint8 if spec["w_bits"] == 4 else torch.int8
         if q.dtype != want:
             raise CheckpointError(f"{directory / MODEL_FILE}: {name}.qweight has dtype {q.dtype}, expected {want}")
+        if spec["int_group_scales"]:  # loaded as a buffer, not through set_codes: check here
+            mult = tensors.get(f"{name}.wgroup")
+            if mult is not None and mult.numel() and (int(mult.min()) < 1 or int(mult.max()) > GROUP_MULT_MAX):
+                raise CheckpointError(
+                    f"{directory / MODEL_FILE}: {name}.wgroup holds values outside [1, {GROUP_MULT_MAX}] "
+                    "(integer group scales; larger ones would overflow the int8 codes they multiply)"
+                )
     model.load_state_dict(tensors, strict=True)
     return model, meta

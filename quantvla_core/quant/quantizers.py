@@ -121,9 +121,14 @@ def integer_group_scales(w: torch.Tensor, group_scale: torch.Tensor, group_size:
     m = qmax(4)
     n, k = w.shape
     g = _grouped(w, group_size)  # (N, G, gs)
+    # An all-zero group has a placeholder scale (its codes are 0 whatever it is): it must not set
+    # the channel scale, or every real group of the row would be squeezed onto multiplier 1.
+    zero = g.abs().amax(dim=-1) == 0  # (N, G)
+    live = group_scale.masked_fill(zero, 0.0).amax(dim=1)
+    top = torch.where(live > 0, live, group_scale.amax(dim=1))  # an all-zero row: any scale
     best_err = best_scale = best_mult = None
     for frac in _CHANNEL_GRID:
-        s1 = group_scale.amax(dim=1) * (frac / GROUP_MULT_MAX)  # (N,)
+        s1 = top * (frac / GROUP_MULT_MAX)  # (N,)
         ideal = group_scale / s1[:, None]
         err_c = mult_c = None
         for cand in (torch.floor(ideal), torch.ceil(ideal)):
@@ -144,6 +149,7 @@ def integer_group_scales(w: torch.Tensor, group_scale: torch.Tensor, group_size:
             best_err = torch.where(better, total, best_err)
             best_scale = torch.where(better, s1, best_scale)
             best_mult = torch.where(better[:, None], mult_c, best_mult)
+    best_mult = torch.where(zero, torch.ones_like(best_mult), best_mult)
     s = best_scale[:, None] * best_mult
     q = torch.clamp(torch.round(g / s[..., None]), -m, m).to(torch.int8).reshape(n, k)
     return QuantizedWeight(

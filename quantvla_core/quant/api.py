@@ -205,25 +205,31 @@ def _transform(qc, option, weights, absmax) -> InputTransform:
     return build_transform(names, weights, absmax, strength if strength > 0 else 0.5, qc.rotation, qc.rotation_block)
 
 
+def quantized_linear(lin: nn.Linear, qc, w_bits: int, a_bits: int | None, t: InputTransform | None, act_scale=None):
+    """``lin`` as the QuantLinear ``qc`` deploys: int4 groups of ``qc.group_size`` where K
+    allows (else per channel), with integer group scales when ``qc.int_group_scales``."""
+    gs = qc.group_size if (w_bits == 4 and qc.group_size and lin.in_features % qc.group_size == 0) else None
+    return QuantLinear.from_linear(
+        lin,
+        w_bits=w_bits,
+        a_bits=a_bits,
+        group_size=gs,
+        transform=t,
+        clip_grid=qc.clip_grid,
+        act_scale=act_scale,
+        int_group_scales=bool(gs and qc.int_group_scales),
+    )
+
+
 def group_error(linears: list[nn.Linear], x: torch.Tensor, t: InputTransform, qc, w_bits, a_bits) -> float:
     """Relative output error of the group (float64 reference integer math) on tokens x."""
     num = den = 0.0
     xd = x.double()
     for lin in linears:
-        gs = qc.group_size if (w_bits == 4 and qc.group_size and lin.in_features % qc.group_size == 0) else None
         act = None
         if qc.activation == "static" and a_bits is not None:
             act = static_act_scale(t.apply(xd), qc.percentile, a_bits)
-        ql = QuantLinear.from_linear(
-            _cpu_float_copy(lin),
-            w_bits=w_bits,
-            a_bits=a_bits,
-            group_size=gs,
-            transform=t,
-            clip_grid=qc.clip_grid,
-            act_scale=act,
-            int_group_scales=bool(gs and qc.int_group_scales),
-        )
+        ql = quantized_linear(_cpu_float_copy(lin), qc, w_bits, a_bits, t, act)
         y = xd @ lin.weight.detach().double().cpu().T
         if lin.bias is not None:
             y = y + lin.bias.detach().double().cpu()
@@ -452,23 +458,13 @@ def quantize_core(
     for n in int_names:
         lin = mods_s[n]
         t = transforms.get(n)
-        gs = qc.group_size if (w_bits == 4 and qc.group_size and lin.in_features % qc.group_size == 0) else None
         act_scale = None
         if qc.activation == "static" and a_bits is not None and n in stats.tokens:
             xs = stats.tokens[n].double()
             if n in input_fold:
                 xs = xs * input_fold[n].double()
             act_scale = static_act_scale(t.apply(xs) if t is not None else xs, qc.percentile, a_bits)
-        ql = QuantLinear.from_linear(
-            lin,
-            w_bits=w_bits,
-            a_bits=a_bits,
-            group_size=gs,
-            transform=t,
-            clip_grid=qc.clip_grid,
-            act_scale=act_scale,
-            int_group_scales=bool(gs and qc.int_group_scales),
-        )
+        ql = quantized_linear(lin, qc, w_bits, a_bits, t, act_scale)
         parent, _, child = n.rpartition(".")
         setattr(mods_s[parent] if parent else student, child, ql)
         specs[n] = ql.spec()

@@ -473,3 +473,16 @@ def test_fp32_blas_peer_runs_f_linear_where_fp_runs_onednn():
     assert not any("mkldnn._linear_pointwise" in n for n in runs["fp32-blas"][0])
     np.testing.assert_allclose(runs["fp32-blas"][1], runs["fp"][1], rtol=1e-4, atol=1e-4)
     assert variants.build("fp32-blas").model.action_in_proj.weight is variants.fp().model.action_in_proj.weight
+
+
+def test_model_bytes_counts_tensor_subclass_weights_by_their_inner_tensors():
+    """A peer whose weights are tensor subclasses (torchao) has no plain storage: its bytes are
+    those of the inner tensors (here an fp32 copy: the same as the dense weight)."""
+    from quantvla_bench.chunk_timing import model_bytes
+    from test_models_cpu_linear import _Wrapped
+    from torch import nn
+
+    lin = nn.Linear(64, 32)
+    dense = model_bytes(lin)
+    lin.weight = nn.Parameter(_Wrapped(lin.weight.detach().clone()), requires_grad=False)
+    assert model_bytes(lin) == dense == (64 * 32 + 32) * 4

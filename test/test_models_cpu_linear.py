@@ -113,3 +113,51 @@ def test_cpu_policy_runs_its_float_linears_through_onednn():
     finally:
         set_onednn_linear(True)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _Wrapped(torch.Tensor):
+    """A minimal wrapper tensor subclass, as torchao's quantized weights are: the data lives in
+    an inner tensor, every op unwraps it."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __tensor_flatten__(self):
+        return ["inner"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
+        return _Wrapped(inner_tensors["inner"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func.namespace == "mkldnn":  # as torchao's: only the ops it implements (F.linear's)
+            raise NotImplementedError(f"{func} is not implemented for _Wrapped")
+        unwrap = lambda a: a.inner if isinstance(a, _Wrapped) else a  # noqa: E731
+        out = func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+        if func is torch.ops.aten.detach.default:  # a Parameter needs detach() to keep the type
+            return _Wrapped(out)
+        return out
+
+
+def test_tensor_subclass_weights_keep_their_own_linear_and_are_not_fused():
+    """Weights that are tensor subclasses (torchao's quantized ones) never go to oneDNN's fp32
+    kernel or into a float concatenation: F.linear dispatches them, and fusing steps aside."""
+    from quantvla_core.models.float_fusion import fused_float_linear, fused_float_weights
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(256, 512), nn.Linear(256, 512)
+    dense_a = a.weight.detach().clone()
+    a.weight = nn.Parameter(_Wrapped(dense_a), requires_grad=False)
+    use_onednn_linears(nn.Sequential(a, b))
+    x = torch.randn(17, 256)
+    owner = nn.Module()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), F.linear(x, dense_a, a.bias), rtol=1e-6, atol=1e-6)
+        assert fused_float_weights(owner, "_s", (a, b)) is None
+        assert fused_float_linear(owner, "_s", (a, b), x) is None
+        assert isinstance(a.weight, _Wrapped)  # nothing re-pointed into a concatenation

@@ -198,13 +198,28 @@ class ChunkRunner:
         self._graphs = None
 
 
+def _dense_parts(t: torch.Tensor):
+    """The plain tensors holding ``t``'s data: itself, or a tensor subclass's inner tensors
+    (torchao's quantized weights: codes and scales), recursively."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for n in names:
+            yield from _dense_parts(getattr(t, n))
+    else:
+        yield t
+
+
 def model_bytes(model) -> int:
-    """Device bytes of a model's tensors (parameters and all buffers, shared storage once)."""
+    """Device bytes of a model's tensors (parameters and all buffers, shared storage once;
+    a tensor subclass counted by its inner tensors)."""
     model = getattr(model, "_model", model)  # a torch.compile wrapper shares the FP weights
     seen: dict[int, int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
+    for p in list(model.parameters()) + list(model.buffers()):
+        for t in _dense_parts(p):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
     return int(sum(seen.values()))
 
 

@@ -41,6 +41,9 @@ def onednn_linear_enabled() -> bool:
     return _ONEDNN["on"]
 
 
+_DENSE = (torch.Tensor, nn.Parameter)
+
+
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; fp32 CPU inference through oneDNN (see the module docstring)."""
     if (
@@ -52,6 +55,7 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and not torch.compiler.is_compiling()
         and x.shape[-1] == weight.shape[1]
         and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS  # rows * K * N
+        and type(weight) in _DENSE  # not a tensor subclass (torchao's quantized weights dispatch F.linear)
     ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

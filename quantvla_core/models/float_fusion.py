@@ -38,8 +38,20 @@ def float_fusion_enabled() -> bool:
     return _ENABLED["on"]
 
 
+def _plain_tensor(p: torch.Tensor | None) -> bool:
+    """A dense tensor (or parameter over one): not a tensor subclass such as torchao's quantized
+    weights, which a concatenation would not keep (and their layers compute otherwise)."""
+    return p is None or type(p) in (torch.Tensor, nn.Parameter)
+
+
 def _plain(layer: nn.Module | None) -> bool:
-    return type(layer) in (nn.Linear, OneDNNLinear) and not layer._forward_hooks and not layer._forward_pre_hooks
+    return (
+        type(layer) in (nn.Linear, OneDNNLinear)
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+        and _plain_tensor(layer.weight)
+        and _plain_tensor(layer.bias)
+    )
 
 
 def _addresses(layers: Sequence[nn.Linear]) -> tuple:

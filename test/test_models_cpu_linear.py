@@ -161,3 +161,46 @@ def test_tensor_subclass_weights_keep_their_own_linear_and_are_not_fused():
         assert fused_float_weights(owner, "_s", (a, b)) is None
         assert fused_float_linear(owner, "_s", (a, b), x) is None
         assert isinstance(a.weight, _Wrapped)  # nothing re-pointed into a concatenation
+
+
+def test_few_row_gemms_use_a_prepacked_weight_kept_in_step_with_it():
+    """At most PREPACK_MAX_ROWS rows: a oneDNN-blocked copy of the weight, made once and reused,
+    rebuilt when the weight changes in place or is re-pointed, dropped with the weight; more
+    rows read the plain weight; deepcopy of a used model still works (the copy is not on it)."""
+    import copy
+    import gc
+
+    from quantvla_core.models import cpu_linear as cl
+
+    cl.set_onednn_prepack(False)  # start from an empty registry
+    cl.set_onednn_prepack(True)
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 768)
+    use_onednn_linears(nn.Sequential(lin))
+    ref = lambda x: F.linear(x.double(), lin.weight.double(), lin.bias.double())  # noqa: E731
+    with torch.no_grad():
+        for rows in (1, 17, 64):
+            x = torch.randn(rows, 256)
+            torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=1e-4)
+        assert len(cl._PACKED) == 1 and cl.prepacked_bytes() == 768 * 256 * 4
+        first = cl._PACKED[id(lin.weight)][4]
+        lin(torch.randn(5, 256))
+        assert cl._PACKED[id(lin.weight)][4] is first  # reused
+        lin(torch.randn(200, 256))  # many rows: the plain weight, nothing new kept
+        assert len(cl._PACKED) == 1
+        lin.weight.mul_(2.0)  # in place: a new version
+        x = torch.randn(17, 256)
+        torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=2e-4)
+        assert cl._PACKED[id(lin.weight)][4] is not first
+        lin.weight.data = torch.randn(768, 256)  # re-pointed storage
+        torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=2e-4)
+        twin = copy.deepcopy(nn.Sequential(lin))  # the kept copy is not part of the model
+        torch.testing.assert_close(twin[0](x), lin(x), rtol=0, atol=0)
+        cl.set_onednn_prepack(False)
+        assert not cl._PACKED
+        torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=2e-4)
+        cl.set_onednn_prepack(True)
+        lin(x)
+        lin = twin = None
+        gc.collect()
+    assert not cl._PACKED  # freed with its weight (the deep copy's own was too)

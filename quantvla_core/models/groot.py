@@ -197,8 +197,6 @@ class GR00TModel(FlowMatchingVLA):
         super().__init__(cfg)
         self.backbone = Backbone(cfg)
         self.action_head = ActionHead(cfg)
-        # which per-embodiment projector runs: part of the config, so a rebuilt model picks the same one
-        self.register_buffer("embodiment", torch.tensor(cfg.dit.embodiment_id, dtype=torch.long), persistent=False)
 
     def _cat(self, b: int, device) -> int:
         """The embodiment of every sample: one per model (the config's), so the

@@ -342,3 +342,45 @@ def test_embodiment_linear_reads_one_embodiments_weights_in_place():
     for name in ("tiny-groot",):
         model = build_model(preset(name))
         assert model._cat(2, "cpu") == model.cfg.dit.embodiment_id
+
+
+def test_diffusers_attention_runs_self_attention_qkv_as_one_gemm():
+    """GR00T's / SmolVLA's diffusers-style self-attention: to_q, to_k, to_v read the same x and
+    run as one GEMM (2 GEMMs a call instead of 4), within GEMM rounding of the separate layers;
+    a hook on one of them makes them run one by one again; cross-attention (kv given) keeps to_q."""
+    from quantvla_core.models.layers import Attention
+    from test_models_cpu_linear import OpNames
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4, 16).eval()
+    x = torch.randn(2, 9, 64)
+
+    def separate(x, kv=None):
+        q = attn.split(F.linear(x, attn.to_q.weight, attn.to_q.bias))
+        if kv is None:
+            kv = (
+                attn.split(F.linear(x, attn.to_k.weight, attn.to_k.bias)),
+                attn.split(F.linear(x, attn.to_v.weight, attn.to_v.bias)),
+            )
+        out = F.scaled_dot_product_attention(q, *kv)
+        return attn.to_out[0](out.transpose(1, 2).reshape(2, 9, -1))
+
+    def gemms(names):
+        return sum(n in ("aten.addmm.default", "aten.mm.default", "aten.bmm.default") for n in names)
+
+    with torch.no_grad():
+        with OpNames() as ops:
+            fused = attn(x)
+        torch.testing.assert_close(fused, separate(x), rtol=1e-5, atol=1e-6)
+        assert gemms(ops.names) == 2
+        seen = []
+        h = attn.to_k.register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            with OpNames() as ops:
+                hooked = attn(x)
+        finally:
+            h.remove()
+        assert len(seen) == 1 and gemms(ops.names) == 4
+        torch.testing.assert_close(hooked, fused, rtol=1e-5, atol=1e-6)
+        kv = (torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16))
+        torch.testing.assert_close(attn(x, kv=kv), separate(x, kv), rtol=1e-5, atol=1e-6)

@@ -491,11 +491,27 @@ class Attention(nn.Module):
     def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split(self.to_k(context)), self.split(self.to_v(context))
 
+    def self_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q, k, v of self-attention (all three read x): one GEMM over to_q|to_k|to_v -
+        one activation quantization where they are quantized - or three where that does not apply."""
+        names = ("to_q", "to_k", "to_v")
+        fused = _fused(self, names)
+        y = (
+            fused(x)
+            if fused is not None
+            else fused_float_linear(self, "_float_qkv", tuple(getattr(self, n) for n in names), x)
+        )
+        if y is None:
+            return (self.split(self.to_q(x)), *self.kv(x))
+        return tuple(self.split(t) for t in y.split([getattr(self, n).out_features for n in names], dim=-1))
+
     def forward(
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        q = self.split(self.to_q(x))
-        k, v = kv if kv is not None else self.kv(x)
+        if kv is None:
+            q, k, v = self.self_qkv(x)
+        else:
+            q, (k, v) = self.split(self.to_q(x)), kv
         out = attention(q, k, v, mask, name=self.attn_name)
         b, _, t, _ = out.shape
         return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))

@@ -14,7 +14,7 @@ Graphs are keyed by the input shapes (cameras present, prompt length, batch): a 
 captured once (a few hundred ms: warm-up on a side stream, then capture) and kept, up to
 `max_shapes` sets (least recently used dropped). The output of `run` is the captured output
 buffer: valid until the next `run`. A shape whose capture fails (an op that cannot be captured)
-is logged once and runs eagerly from then on. Graphs hold the weights and the fused layer copies
+is logged and runs eagerly from then on (after running out of memory it is tried again next time). Graphs hold the weights and the fused layer copies
 as they were at capture: after changing the model's weights, `release()` (the Policy's
 `use_cuda_graphs(False)` then `True`).
 """
@@ -103,8 +103,12 @@ class ChunkGraphs:
                     type(exc).__name__,
                     exc,
                 )
-                self._eager.add(key)
-                torch.cuda.synchronize(self.device)
+                if not isinstance(exc, torch.cuda.OutOfMemoryError):  # memory may free up: retry then
+                    self._eager.add(key)
+                try:
+                    torch.cuda.synchronize(self.device)
+                except RuntimeError:
+                    pass
                 return self.model.sample_actions(batch, noise, self.num_steps, on_stage=on_stage)
             self._sets[key] = cap
             while len(self._sets) > self.max_shapes:

@@ -164,9 +164,10 @@ def test_tensor_subclass_weights_keep_their_own_linear_and_are_not_fused():
 
 
 def test_few_row_gemms_use_a_prepacked_weight_kept_in_step_with_it():
-    """At most PREPACK_MAX_ROWS rows: a oneDNN-blocked copy of the weight, made once and reused,
-    rebuilt when the weight changes in place or is re-pointed, dropped with the weight; more
-    rows read the plain weight; deepcopy of a used model still works (the copy is not on it)."""
+    """Under inference mode, at most PREPACK_MAX_ROWS rows: a oneDNN-blocked copy of the weight,
+    made once and reused, rebuilt when the weight changes in place or is re-pointed (also onto
+    a reused address), dropped with the weight; more rows, or no_grad without inference mode
+    (where weights get edited), read the plain weight; deepcopy of a used model still works."""
     import copy
     import gc
 
@@ -179,28 +180,62 @@ def test_few_row_gemms_use_a_prepacked_weight_kept_in_step_with_it():
     use_onednn_linears(nn.Sequential(lin))
     ref = lambda x: F.linear(x.double(), lin.weight.double(), lin.bias.double())  # noqa: E731
     with torch.no_grad():
-        for rows in (1, 17, 64):
+        lin(torch.randn(17, 256))
+    assert not cl._PACKED  # no_grad alone: the plain weight
+    with torch.inference_mode():
+        for rows in (8, 17, 64):  # each far from the last: packed again for its row count
             x = torch.randn(rows, 256)
             torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=1e-4)
+            assert cl._PACKED[id(lin.weight)][4] == rows
         assert len(cl._PACKED) == 1 and cl.prepacked_bytes() == 768 * 256 * 4
-        first = cl._PACKED[id(lin.weight)][4]
-        lin(torch.randn(5, 256))
-        assert cl._PACKED[id(lin.weight)][4] is first  # reused
+        first = cl._PACKED[id(lin.weight)][3]
+        lin(torch.randn(40, 256))  # within half / twice of 64: reused
+        assert cl._PACKED[id(lin.weight)][3] is first
         lin(torch.randn(200, 256))  # many rows: the plain weight, nothing new kept
         assert len(cl._PACKED) == 1
         lin.weight.mul_(2.0)  # in place: a new version
         x = torch.randn(17, 256)
         torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=2e-4)
-        assert cl._PACKED[id(lin.weight)][4] is not first
-        lin.weight.data = torch.randn(768, 256)  # re-pointed storage
-        torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=2e-4)
+        assert cl._PACKED[id(lin.weight)][3] is not first
+        for _ in range(3):  # re-pointed storage, the allocator may hand back the same address
+            lin.weight.data = torch.zeros(1)
+            lin.weight.data = torch.randn(768, 256)
+            torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=2e-4)
+        lin.weight.data.mul_(3.0)  # invisible to the version counter: documented, invalidate
+        cl.invalidate_prepacked()
+        torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=5e-4)
         twin = copy.deepcopy(nn.Sequential(lin))  # the kept copy is not part of the model
         torch.testing.assert_close(twin[0](x), lin(x), rtol=0, atol=0)
         cl.set_onednn_prepack(False)
         assert not cl._PACKED
-        torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=2e-4)
+        torch.testing.assert_close(lin(x).double(), ref(x), rtol=0, atol=5e-4)
         cl.set_onednn_prepack(True)
         lin(x)
         lin = twin = None
         gc.collect()
     assert not cl._PACKED  # freed with its weight (the deep copy's own was too)
+
+
+def test_fused_float_weights_follow_in_place_updates_of_their_layers():
+    """A layer re-pointed into a float concatenation keeps its own version counter: an in-place
+    update through it (loading a state_dict, ATM / OHB scaling) rebuilds the concatenation, so
+    the fused GEMM - and its prepacked copy - compute with the new weights."""
+    from quantvla_core.models.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(256, 4, 64).eval()
+    use_onednn_linears(attn)
+    x = torch.randn(1, 17, 256)
+    with torch.inference_mode():
+        attn(x)  # builds (and prepacks) the q|k|v concatenation
+    fresh = {k: torch.randn_like(v) for k, v in attn.state_dict().items()}
+    attn.load_state_dict(fresh)
+    with torch.no_grad():
+        attn.to_q.weight.mul_(2.0)
+    with torch.inference_mode():
+        got = attn(x)
+    want = Attention(256, 4, 64).eval()
+    want.load_state_dict(fresh)
+    with torch.no_grad():
+        want.to_q.weight.mul_(2.0)
+        torch.testing.assert_close(got, want(x), rtol=1e-4, atol=1e-3)

@@ -117,11 +117,14 @@ def test_fused_float_weights_share_the_layers_storage():
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
     assert m.a.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
     assert _param_bytes(m) <= bytes_before
-    # an in-place update of a layer (load_state_dict, a fold) reaches the fused GEMM
+    # an in-place update of a layer (load_state_dict, a fold) reaches the fused GEMM: it bumps
+    # the layer's version, and the concatenation (and any prepacked copy of it) is rebuilt
     with torch.no_grad():
         m.b.weight.mul_(2.0)
         w2, _ = fused_float_weights(m, "_f", m.layers())
-        assert w2 is w and torch.equal(w2[8:12], m.b.weight)
+        assert w2 is not w and torch.equal(w2[8:12], m.b.weight)
+        assert fused_float_weights(m, "_f", m.layers())[0] is w2  # then reused
+        w = w2
         # a reassigned parameter is seen: the concatenation is rebuilt
         m.c.weight = nn.Parameter(torch.zeros(12, 16))
         w3, _ = fused_float_weights(m, "_f", m.layers())

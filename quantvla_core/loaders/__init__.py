@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from ..checkpoint import CheckpointError, MODEL_FILE, load_tensors, read_json
 from ..models import build_model
@@ -312,7 +311,6 @@ def _load_groot(directory: Path, cfg, tensors, source: str, tokenizer) -> Extern
     )
     model = _build(mcfg)  # variant "n15": the same model build_model gives a saved artifact of it
     load_mapped(model, mapped, source, "lerobot/groot")
-    model.register_buffer("embodiment", torch.tensor(mcfg.dit.embodiment_id), persistent=False)  # not in the file
     _check_materialised(model, source)
     state_dim = cfg.dim("STATE", "observation.state", mcfg.state_dim)
     action_dim = cfg.dim("ACTION", "action", mcfg.action_dim)

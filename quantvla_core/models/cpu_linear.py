@@ -20,12 +20,19 @@ Prepacked weights for few rows: oneDNN reads a plain (N, K) weight through a reo
 call; for GEMMs of at most ``PREPACK_MAX_ROWS`` rows - a denoising step's tokens, called 10x per
 chunk - the weight is reordered once into oneDNN's blocked layout and kept next to it (a second
 copy of that weight: on `small` the action expert's float layers, ~25-50 MiB in fp32). 17x256x768,
-2 threads: 71 -> 44 us a call; whole chunks of `small` (interleaved in-process A/B, 25 each):
-fp32 62.2 -> 51.1 ms, W8A8 41.0 -> 37.4 ms. The copy is kept in a registry keyed by the weight
+2 threads: 71 -> 44 us a call; whole chunks of `small` (interleaved in-process A/B, 25 each,
+prepacking toggled without dropping the copies): fp32 55.5 -> 47.2 ms, W8A8 37.0 -> 34.1 ms. A
+copy is made for the row count of its first use and remade when the rows move beyond half /
+twice of it (a copy made for a fixed 64 rows gained only 11% / 2% in the same A/B). The copy is
+kept in a registry keyed by the weight
 tensor (weakly: freed with it), not on the tensor or module, so deepcopy and pickling of models
-are unaffected (an oneDNN blocked tensor cannot be copied); it is rebuilt when the weight's
-storage or version changes (re-pointing, in-place updates). Prefix and vision GEMMs (hundreds
-of rows, once per chunk) stay on the plain weight. `set_onednn_prepack(False)` turns it off.
+are unaffected (an oneDNN blocked tensor cannot be copied). Only under `torch.inference_mode`
+(`Policy.predict`, the node, the benchmarks): code that edits weights - quantization, folds,
+ATM / OHB, training - runs under `no_grad` or with gradients and never sees a packed copy. The
+copy is rebuilt when the weight's storage, offset, strides, shape or version change (re-pointing,
+`.to()`, in-place updates through the parameter); a write through ``param.data`` is invisible to
+the version counter: call `invalidate_prepacked()` after one (or switch prepacking off and on).
+Prefix and vision GEMMs (hundreds of rows, once per chunk) stay on the plain weight.
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ ONEDNN_MIN_MACS = 1 << 20  # smaller GEMMs stay on F.linear (oneDNN's fixed cost
 
 PREPACK_MAX_ROWS = 64
 _PREPACK = {"on": True}
-_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref, data_ptr, version, shape, packed weight)
+# id(weight) -> (weakref to the weight, weakref to its storage, (offset, strides, shape, version),
+# packed weight, the row count it was packed for)
+_PACKED: dict[int, tuple] = {}
 
 
 def set_onednn_prepack(enabled: bool) -> None:
@@ -58,33 +67,48 @@ def set_onednn_prepack(enabled: bool) -> None:
         _PACKED.clear()
 
 
+def invalidate_prepacked() -> None:
+    """Drop every kept copy (after writing weights through ``param.data``, which the version
+    counter does not see); the next few-row call packs again."""
+    _PACKED.clear()
+
+
 def prepacked_bytes() -> int:
     """Bytes held by the prepacked weight copies of this process."""
-    return int(sum(torch.ops.mkldnn._nbytes(e[4]) for e in _PACKED.values()))
+    return int(sum(torch.ops.mkldnn._nbytes(e[3]) for e in list(_PACKED.values())))
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
     entry = _PACKED.get(key)
     if entry is not None and entry[0] is ref:
-        del _PACKED[key]
+        _PACKED.pop(key, None)
 
 
 def _prepacked(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """The oneDNN-blocked copy of ``weight`` (made on first use, ``rows`` as the layout hint),
-    or None for a tensor without a version counter (an inference tensor: nothing to key on)."""
+    """The oneDNN-blocked copy of ``weight`` for GEMMs of about ``rows`` rows (made on first use,
+    remade when the row count moves beyond half / twice the one it was made for: the layout is
+    chosen for a row count, and a copy made for 1 row ran 17-row GEMMs no faster than the plain
+    weight), or None for a tensor without a version counter (an inference tensor)."""
     try:
-        version = weight._version
+        state = (weight.storage_offset(), weight.stride(), tuple(weight.shape), weight._version)
+        storage = weight.untyped_storage()
     except RuntimeError:
         return None
     key = id(weight)
     entry = _PACKED.get(key)
-    ptr, shape = weight.data_ptr(), tuple(weight.shape)
-    if entry is not None and entry[0]() is weight and entry[1:4] == (ptr, version, shape):
-        return entry[4]
+    if (
+        entry is not None
+        and entry[0]() is weight
+        and entry[1]() is storage
+        and entry[2] == state
+        and entry[4] <= 2 * rows
+        and rows <= 2 * entry[4]
+    ):
+        return entry[3]
     with torch.inference_mode(False), torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
     ref = weakref.ref(weight, lambda r, k=key: _forget(k, r))
-    _PACKED[key] = (ref, ptr, version, shape, packed)
+    _PACKED[key] = (ref, weakref.ref(storage), state, packed, rows)
     return packed
 
 
@@ -114,7 +138,7 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and type(weight) in _DENSE  # not a tensor subclass (torchao's quantized weights dispatch F.linear)
     ):
         rows = x.numel() // x.shape[-1]
-        if _PREPACK["on"] and rows <= PREPACK_MAX_ROWS:
+        if _PREPACK["on"] and rows <= PREPACK_MAX_ROWS and torch.is_inference_mode_enabled():
             packed = _prepacked(weight, rows)
             if packed is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

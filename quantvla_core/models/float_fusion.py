@@ -54,9 +54,23 @@ def _plain(layer: nn.Module | None) -> bool:
     )
 
 
+def _version(p: torch.Tensor) -> int:
+    try:
+        return p._version
+    except RuntimeError:  # an inference tensor has none
+        return -1
+
+
 def _addresses(layers: Sequence[nn.Linear]) -> tuple:
+    """What the concatenation was built from: storage, shape, dtype and version of every
+    parameter. The version matters: a parameter re-pointed into the concatenation keeps its own
+    counter, so an in-place update through it (loading, ATM / OHB scaling) is seen here, and the
+    concatenation - with any prepacked copy of it (cpu_linear) - is rebuilt."""
     return tuple(
-        (p.data_ptr(), tuple(p.shape), p.dtype) for layer in layers for p in (layer.weight, layer.bias) if p is not None
+        (p.data_ptr(), tuple(p.shape), p.dtype, _version(p))
+        for layer in layers
+        for p in (layer.weight, layer.bias)
+        if p is not None
     )
 
 

@@ -140,6 +140,10 @@ def load_quantized(model: nn.Module, directory: str | Path, verify: bool = True)
             raise CheckpointError(f"{directory / MODEL_FILE}: {name}.qweight has dtype {q.dtype}, expected {want}")
         if spec["int_group_scales"]:  # loaded as a buffer, not through set_codes: check here
             mult = tensors.get(f"{name}.wgroup")
+            if mult is not None and mult.dtype != torch.uint8:
+                raise CheckpointError(
+                    f"{directory / MODEL_FILE}: {name}.wgroup has dtype {mult.dtype}, expected torch.uint8"
+                )
             if mult is not None and mult.numel() and (int(mult.min()) < 1 or int(mult.max()) > GROUP_MULT_MAX):
                 raise CheckpointError(
                     f"{directory / MODEL_FILE}: {name}.wgroup holds values outside [1, {GROUP_MULT_MAX}] "

@@ -193,17 +193,17 @@ def fold_smoothing_into_norm(norm: nn.Module, inv_smooth: torch.Tensor, offset: 
             b[:d] = (1 + b[:d]) * inv - 1
             w[d : 2 * d] *= inv[:, None]
             b[d : 2 * d] *= inv
-            dense.weight.data.copy_(w.to(dense.weight.dtype))
+            dense.weight.copy_(w.to(dense.weight.dtype))
             if dense.bias is None:
                 dense.bias = nn.Parameter(b.to(dense.weight.dtype))
             else:
-                dense.bias.data.copy_(b.to(dense.bias.dtype))
+                dense.bias.copy_(b.to(dense.bias.dtype))
             return
         if not hasattr(norm, "weight") or norm.weight is None:
             raise ValueError(f"cannot fold smoothing into {type(norm).__name__}: it has no weight")
         offset = float(getattr(norm, "offset", 0.0)) if offset is None else float(offset)
         w = norm.weight.data.to(torch.float64)
         inv = inv_smooth.detach().to(device=w.device, dtype=torch.float64)
-        norm.weight.data.copy_(((offset + w) * inv - offset).to(norm.weight.dtype))
+        norm.weight.copy_(((offset + w) * inv - offset).to(norm.weight.dtype))
         if getattr(norm, "bias", None) is not None:  # LayerNorm
-            norm.bias.data.copy_((norm.bias.data.to(torch.float64) * inv).to(norm.bias.dtype))
+            norm.bias.copy_((norm.bias.data.to(torch.float64) * inv).to(norm.bias.dtype))

@@ -215,6 +215,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bf16 (CUDA default) or fp32 (CPU default)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--no-graphs", action="store_true", help="kernels only (skip the CUDA-graph policy check)")
+    which.add_argument("--graphs-only", action="store_true", help="only the CUDA-graph policy check (CUDA)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cpu":
@@ -226,8 +229,8 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype] or (
         torch.bfloat16 if device.type == "cuda" else torch.float32
     )
-    ok = check(device, dtype)
-    if device.type == "cuda":
+    ok = True if a.graphs_only else check(device, dtype)
+    if device.type == "cuda" and not a.no_graphs:
         ok = check_cuda_graphs(device) and ok
     print("GPU CHECK PASSED" if ok else "GPU CHECK FAILED")
     return 0 if ok else 1

@@ -70,6 +70,7 @@ class ChunkGraphs:
         self.max_shapes = int(max_shapes)
         self._sets: OrderedDict[tuple, _Captured] = OrderedDict()
         self._eager: set[tuple] = set()  # shapes whose capture failed: sample_actions instead
+        self.last_error: str | None = None  # why the last failed capture failed
 
     @property
     def capture_bytes(self) -> int:
@@ -97,6 +98,7 @@ class ChunkGraphs:
                 with torch.cuda.device(self.device):
                     cap = self._capture(batch, noise)
             except Exception as exc:  # noqa: BLE001 - any op that cannot be captured
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 _log.warning(
                     "CUDA graph capture failed for input shapes %s (%s: %s); this shape runs eagerly",
                     [s for s, _ in key],

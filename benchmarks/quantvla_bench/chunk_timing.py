@@ -165,6 +165,9 @@ class ChunkRunner:
         batch, x = self._inputs()
         self._graphs.run(batch, x)
         torch.cuda.synchronize(self.device)
+        if not self._graphs.shapes:  # the runtime fell back to eager: never time that as "graph"
+            graphs, self._graphs = self._graphs, None
+            raise RuntimeError(f"CUDA graph capture failed: {graphs.last_error}")
         self.capture_bytes = self._graphs.capture_bytes
 
     @torch.inference_mode()

@@ -141,6 +141,16 @@ def test_disabled_extension_is_not_used(fused, monkeypatch):
     assert calls == [1]
 
 
+def _w8a8_layer(k: int, n: int, transform: str, backend: str) -> QuantLinear:
+    """A W8A8 QuantLinear (K -> N), with smoothing + a Hadamard rotation of 64 or no transform."""
+    t = None
+    if transform == "smooth+hadamard":
+        t = InputTransform(inv_smooth=torch.rand(k) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard")
+    ql = QuantLinear.from_linear(nn.Linear(k, n), w_bits=8, a_bits=8, transform=t, clip_grid=(1.0,))
+    ql.backend = backend
+    return ql
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("transform", ["none", "smooth+hadamard"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -159,11 +169,7 @@ def test_rmsnorm_inside_the_quantization_matches_norm_then_layer(fused, backend,
     with torch.no_grad():
         norm.weight.copy_(torch.randn(k) * 0.2)
         norm.weight[7] = 8.0  # an outlier channel the norm creates
-    t = None
-    if transform == "smooth+hadamard":
-        t = InputTransform(inv_smooth=torch.rand(k) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard")
-    ql = QuantLinear.from_linear(nn.Linear(k, n), w_bits=8, a_bits=8, transform=t, clip_grid=(1.0,))
-    ql.backend = backend
+    ql = _w8a8_layer(k, n, transform, backend)
     x = (torch.randn(2, 9, k) * 3).to(dtype)
     with torch.inference_mode():
         y = ql.try_forward_rmsnorm(x, norm.weight, norm.eps, norm.offset)
@@ -196,11 +202,7 @@ def test_adaptive_norm_inside_the_quantization_matches_norm_then_layer(fused, ba
     with torch.no_grad():
         norm.dense.weight.normal_(0, 0.3)
         norm.dense.bias[k + 11] = 5.0  # a large shift on channel 11
-    t = None
-    if transform == "smooth+hadamard":
-        t = InputTransform(inv_smooth=torch.rand(k) + 0.5, rotation=hadamard(64).float(), rotation_kind="hadamard")
-    ql = QuantLinear.from_linear(nn.Linear(k, n), w_bits=8, a_bits=8, transform=t, clip_grid=(1.0,))
-    ql.backend = backend
+    ql = _w8a8_layer(k, n, transform, backend)
     x = (torch.randn(1, 9, k) * 3).to(dtype)
     with torch.inference_mode():
         scale1, shift, _ = norm.terms(cond)

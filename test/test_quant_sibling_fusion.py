@@ -108,69 +108,17 @@ def _policy_and_obs(name: str, scheme: str = "w8a8"):
     return policy, obs
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a8"])
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_rmsnorm_fused_into_quantization_matches_norm_then_layers(name, scheme, backend):
-    """Plain RMSNorms feeding quantized q/k/v or gate/up run inside the activation quantization
-    (CPU: the fused extension's row pass; Triton: rmsnorm_quantize): the path is taken, and the
-    actions stay within quantization rounding of norm-then-layers (not bit for bit: the norm is
-    not rounded to the model dtype and its sum runs in the kernel's order)."""
+def _actions_with_and_without_norm_fusion(policy, obs, backend, adaptive: bool):
+    """(fused actions, plain actions, whether each try_forward_rmsnorm call of the fused run -
+    adaptive ones (norm_shift) or plain ones - took the fused path)."""
     import quantvla_kernels as qk
-    from quantvla_kernels.dispatch import triton_interpreting
 
-    if backend == "triton" and not triton_interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1")
-    policy, obs = _policy_and_obs(name, scheme)
-    taken = []
-    real = QuantLinear.try_forward_rmsnorm
-
-    def spy(self, *a, **kw):
-        y = real(self, *a, **kw)
-        if kw.get("norm_shift") is None:  # plain RMSNorms (adaRMS: the test below)
-            taken.append(y is not None)
-        return y
-
-    QuantLinear.try_forward_rmsnorm = spy
-    try:
-        with qk.backend_scope(None if backend == "auto" else backend):
-            fused = policy.predict(obs, seed=3).actions
-            calls = list(taken)
-            set_norm_fusion(False)
-            try:
-                plain = policy.predict(obs, seed=3).actions
-            finally:
-                set_norm_fusion(True)
-    finally:
-        QuantLinear.try_forward_rmsnorm = real
-    assert calls and all(calls), "a plain RMSNorm before quantized siblings was not fused"
-    assert not np.array_equal(fused, plain) or name == "tiny-pi05"
-    np.testing.assert_allclose(fused, plain, rtol=0, atol=0.05 * np.abs(plain).max())
-
-
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a8"])
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_adarms_fused_into_gate_up_quantization(backend, scheme):
-    """pi0.5's post-attention adaRMS, x * rstd * (1 + scale) + shift, runs inside gate/up's
-    activation quantization (the CPU extension's row pass; Triton's row kernel), the shift
-    added before smoothing and rotation: taken in every expert layer of every step, and the
-    actions stay within quantization rounding of norm-then-layers."""
-    import quantvla_kernels as qk
-    from quantvla_kernels import cpu_fused
-    from quantvla_kernels.dispatch import triton_interpreting
-
-    if backend == "triton" and not triton_interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1")
-    if backend == "cpu" and cpu_fused.module() is None:
-        pytest.skip(f"the fused CPU linear did not build here: {cpu_fused.failure()}")
-    policy, obs = _policy_and_obs("tiny-pi05", scheme)
-    cfg = policy.config
     taken: list[bool] = []
     real = QuantLinear.try_forward_rmsnorm
 
     def spy(self, *a, **kw):
         y = real(self, *a, **kw)
-        if kw.get("norm_shift") is not None:
+        if (kw.get("norm_shift") is not None) == adaptive:
             taken.append(y is not None)
         return y
 
@@ -186,6 +134,47 @@ def test_adarms_fused_into_gate_up_quantization(backend, scheme):
                 set_norm_fusion(True)
     finally:
         QuantLinear.try_forward_rmsnorm = real
+    return fused, plain, calls
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pi05", "tiny-groot"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_rmsnorm_fused_into_quantization_matches_norm_then_layers(name, scheme, backend):
+    """Plain RMSNorms feeding quantized q/k/v or gate/up run inside the activation quantization
+    (CPU: the fused extension's row pass; Triton: rmsnorm_quantize): the path is taken, and the
+    actions stay within quantization rounding of norm-then-layers (not bit for bit: the norm is
+    not rounded to the model dtype and its sum runs in the kernel's order)."""
+    from quantvla_kernels.dispatch import triton_interpreting
+
+    if backend == "triton" and not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    policy, obs = _policy_and_obs(name, scheme)
+    fused, plain, calls = _actions_with_and_without_norm_fusion(
+        policy, obs, None if backend == "auto" else backend, adaptive=False
+    )
+    assert calls and all(calls), "a plain RMSNorm before quantized siblings was not fused"
+    assert not np.array_equal(fused, plain) or name == "tiny-pi05"
+    np.testing.assert_allclose(fused, plain, rtol=0, atol=0.05 * np.abs(plain).max())
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_adarms_fused_into_gate_up_quantization(backend, scheme):
+    """pi0.5's post-attention adaRMS, x * rstd * (1 + scale) + shift, runs inside gate/up's
+    activation quantization (the CPU extension's row pass; Triton's row kernel), the shift
+    added before smoothing and rotation: taken in every expert layer of every step, and the
+    actions stay within quantization rounding of norm-then-layers."""
+    from quantvla_kernels import cpu_fused
+    from quantvla_kernels.dispatch import triton_interpreting
+
+    if backend == "triton" and not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    if backend == "cpu" and cpu_fused.module() is None:
+        pytest.skip(f"the fused CPU linear did not build here: {cpu_fused.failure()}")
+    policy, obs = _policy_and_obs("tiny-pi05", scheme)
+    cfg = policy.config
+    fused, plain, calls = _actions_with_and_without_norm_fusion(policy, obs, backend, adaptive=True)
     assert calls == [True] * (cfg.expert.depth * cfg.num_steps)
     assert not np.array_equal(fused, plain)
     np.testing.assert_allclose(fused, plain, rtol=0, atol=0.05 * np.abs(plain).max())

@@ -23,10 +23,9 @@ copy of that weight: on `small` the action expert's float layers, ~25-50 MiB in 
 2 threads: 71 -> 44 us a call; whole chunks of `small` (interleaved in-process A/B, 25 each,
 prepacking toggled without dropping the copies): fp32 55.5 -> 47.2 ms, W8A8 37.0 -> 34.1 ms. A
 copy is made for the row count of its first use and remade when the rows move beyond half /
-twice of it (a copy made for a fixed 64 rows gained only 11% / 2% in the same A/B). The copy is
-kept in a registry keyed by the weight
-tensor (weakly: freed with it), not on the tensor or module, so deepcopy and pickling of models
-are unaffected (an oneDNN blocked tensor cannot be copied). Only under `torch.inference_mode`
+twice of it (a copy made for a fixed 64 rows gained only 11% / 2% in the same A/B). The copy
+is kept in a registry keyed by the weight tensor (weakly: freed with it), not on the tensor or
+module, so deepcopy and pickling of models are unaffected (an oneDNN blocked tensor cannot be copied). Only under `torch.inference_mode`
 (`Policy.predict`, the node, the benchmarks): code that edits weights - quantization, folds,
 ATM / OHB, training - runs under `no_grad` or with gradients and never sees a packed copy. The
 copy is rebuilt when the weight's storage, offset, strides, shape or version change (re-pointing,
@@ -121,7 +120,11 @@ def onednn_linear_enabled() -> bool:
     return _ONEDNN["on"]
 
 
-_DENSE = (torch.Tensor, nn.Parameter)
+def is_dense(t: torch.Tensor | None) -> bool:
+    """A plain tensor (or a parameter over one), not a tensor subclass such as torchao's
+    quantized weights: those dispatch their own ops, which neither oneDNN's kernel nor a
+    concatenation of weights would keep."""
+    return t is None or type(t) in (torch.Tensor, nn.Parameter)
 
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,7 +138,7 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and not torch.compiler.is_compiling()
         and x.shape[-1] == weight.shape[1]
         and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS  # rows * K * N
-        and type(weight) in _DENSE  # not a tensor subclass (torchao's quantized weights dispatch F.linear)
+        and is_dense(weight)
     ):
         rows = x.numel() // x.shape[-1]
         if _PREPACK["on"] and rows <= PREPACK_MAX_ROWS and torch.is_inference_mode_enabled():

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .cpu_linear import OneDNNLinear, float_linear
+from .cpu_linear import OneDNNLinear, float_linear, is_dense
 
 _ENABLED = {"on": True}
 
@@ -38,19 +38,13 @@ def float_fusion_enabled() -> bool:
     return _ENABLED["on"]
 
 
-def _plain_tensor(p: torch.Tensor | None) -> bool:
-    """A dense tensor (or parameter over one): not a tensor subclass such as torchao's quantized
-    weights, which a concatenation would not keep (and their layers compute otherwise)."""
-    return p is None or type(p) in (torch.Tensor, nn.Parameter)
-
-
 def _plain(layer: nn.Module | None) -> bool:
     return (
         type(layer) in (nn.Linear, OneDNNLinear)
         and not layer._forward_hooks
         and not layer._forward_pre_hooks
-        and _plain_tensor(layer.weight)
-        and _plain_tensor(layer.bias)
+        and is_dense(layer.weight)
+        and is_dense(layer.bias)
     )
 
 

@@ -75,13 +75,18 @@ class N15TimestepEncoder(TimestepEncoder):
         return e.linear_2(F.silu(e.linear_1(x)))
 
 
+def action_time_embedding(t_disc: torch.Tensor, width: int) -> torch.Tensor:
+    """N1.5's action-encoder time embedding (sin first, exponent over width / 2), (B, width) fp32."""
+    half = width // 2
+    freqs = torch.exp(-torch.arange(half, device=t_disc.device, dtype=torch.float32) * (math.log(10000.0) / half))
+    ang = t_disc.float()[:, None] * freqs[None]
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
 class N15ActionEncoder(ActionEncoder):
     def forward(self, actions, t_disc, cat):
         a = self.W1(actions, cat)
-        half = self.width // 2
-        freqs = torch.exp(-torch.arange(half, device=a.device, dtype=torch.float32) * (math.log(10000.0) / half))
-        ang = t_disc.float()[:, None] * freqs[None]
-        temb = torch.cat([ang.sin(), ang.cos()], dim=-1).to(a.dtype)[:, None].expand_as(a)
+        temb = action_time_embedding(t_disc, self.width).to(a.dtype)[:, None].expand_as(a)
         return self.W3(F.silu(self.W2(torch.cat([a, temb], dim=-1), cat)), cat)
 
 
@@ -309,13 +314,10 @@ class GR00TN15Model(GR00TModel):
         ah, cd = self.action_head, self.compute_dtype()
         b = x_t.shape[0]
         cat = self._cat(b, x_t.device)
-        t_disc = (t * self.num_timestep_buckets).floor().clamp(max=self.num_timestep_buckets - 1)
+        t_disc = self._discrete(t)
         enc = ah.action_encoder
         a = csl32(enc.W1, x_t, cat, cd)
-        half = enc.width // 2
-        freqs = torch.exp(-torch.arange(half, device=a.device, dtype=torch.float32) * (math.log(10000.0) / half))
-        ang = t_disc.float()[:, None] * freqs[None]
-        temb_a = torch.cat([ang.sin(), ang.cos()], dim=-1)[:, None].expand_as(a)
+        temb_a = action_time_embedding(t_disc, enc.width)[:, None].expand_as(a)
         actions = csl32(enc.W3, F.silu(csl32(enc.W2, torch.cat([a, temb_a], dim=-1), cat, cd)), cat, cd)
         actions = actions + ah.position_embedding.weight[: actions.shape[1]].float()[None]
         future = ah.future_tokens.weight.float()[None].expand(b, -1, -1)

@@ -27,6 +27,17 @@ def _fused(parent: nn.Module, names: tuple[str, ...]):
     return fused_siblings(parent, names)
 
 
+def _sibling_gemm(parent: nn.Module, names: tuple[str, ...], slot: str, x: torch.Tensor) -> torch.Tensor | None:
+    """``cat([parent.<name>(x) for name in names], -1)`` as one GEMM: where the siblings are
+    quantized one activation quantization and one integer GEMM (quant.qlinear.fused_siblings),
+    where they are float one GEMM over their concatenated weights (float_fusion, cached on
+    ``parent`` under ``slot``); None where neither applies (the caller runs them one by one)."""
+    fused = _fused(parent, names)
+    if fused is not None:
+        return fused(x)
+    return fused_float_linear(parent, slot, tuple(getattr(parent, n) for n in names), x)
+
+
 def _fused_gate_up(mlp: nn.Module):
     """A quantized MLP's gate/up projections as one gated-pairs layer whose GEMM epilogue
     writes act(gate) * up, or None (float model, epilogue fusion off, observed children)."""
@@ -223,11 +234,7 @@ class GatedMLP(nn.Module):
         pairs = _fused_gate_up(self)
         if pairs is not None:
             return pairs(x, act=self.act)
-        fused = _fused(self, ("gate_proj", "up_proj"))
-        if fused is not None:  # quantized: one activation quantization and one GEMM for both
-            y = fused(x)
-        else:
-            y = fused_float_linear(self, "_float_gate_up", (self.gate_proj, self.up_proj), x)
+        y = _sibling_gemm(self, ("gate_proj", "up_proj"), "_float_gate_up", x)
         if y is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
@@ -328,11 +335,8 @@ class DecoderAttention(nn.Module):
     def qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fused = _fused(self, ("q_proj", "k_proj", "v_proj"))
-        if fused is not None:  # quantized: one activation quantization and one GEMM for q, k, v
-            return self.project_heads(fused(x), cos, sin)
-        y = fused_float_linear(self, "_float_qkv", (self.q_proj, self.k_proj, self.v_proj), x)
-        if y is not None:  # float (by model or by layout): one GEMM over q|k|v
+        y = _sibling_gemm(self, ("q_proj", "k_proj", "v_proj"), "_float_qkv", x)
+        if y is not None:
             return self.project_heads(y, cos, sin)
         return self.to_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin)
 
@@ -495,12 +499,7 @@ class Attention(nn.Module):
         """Per-head q, k, v of self-attention (all three read x): one GEMM over to_q|to_k|to_v -
         one activation quantization where they are quantized - or three where that does not apply."""
         names = ("to_q", "to_k", "to_v")
-        fused = _fused(self, names)
-        y = (
-            fused(x)
-            if fused is not None
-            else fused_float_linear(self, "_float_qkv", tuple(getattr(self, n) for n in names), x)
-        )
+        y = _sibling_gemm(self, names, "_float_qkv", x)
         if y is None:
             return (self.split(self.to_q(x)), *self.kv(x))
         return tuple(self.split(t) for t in y.split([getattr(self, n).out_features for n in names], dim=-1))
